@@ -1,0 +1,7 @@
+"""python -m moebench: the same command line as main.py."""
+
+import sys
+
+from moebench.cli.main import main
+
+sys.exit(main())

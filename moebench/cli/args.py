@@ -1,0 +1,264 @@
+"""Run options: one frozen dataclass whose fields (defaults, help, flag names) also build the argparse parser."""
+
+import argparse
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+
+from moebench.errors import MoebenchError
+
+MODES = ("evaluate_single", "evaluate_all", "validate", "generate", "generate_accuracy_baselines")
+SUPPORTED_MODES = ("generate",)
+DEFAULT_PROMPT = "I believe the meaning of life is"
+GUIDE_TOL_MAP = {None: (1e-5, 0.05), 1000: (1e-5, 0.03), 50: (1e-5, 0.03), 5: (1e-5, 0.03)}
+EVALUATE = ("evaluate_single", "evaluate_all", "validate", "generate_accuracy_baselines")
+SCORED = ("evaluate_single", "evaluate_all")
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0/yes/no, got {text!r}")
+
+
+def parse_tol_map(text: str) -> dict:
+    """'{None: (1e-5, 0.05), 50: (1e-5, 0.03)}' -> {None|int: (atol, rtol)}, checked."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"not a Python literal: {text!r}") from None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError("expected a non-empty dict like {None: (1e-5, 0.05), 50: (1e-5, 0.03)}")
+    for k, v in value.items():
+        ok_key = k is None or (isinstance(k, int) and not isinstance(k, bool) and k > 0)
+        ok_val = (isinstance(v, (tuple, list)) and len(v) == 2
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v))
+        if not (ok_key and ok_val):
+            raise argparse.ArgumentTypeError(f"entry {k!r}: {v!r}: keys are None or a positive int top-k, "
+                                             "values (atol, rtol) with non-negative numbers")
+    return {k: (float(v[0]), float(v[1])) for k, v in value.items()}
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _nonneg(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    parse.__name__ = f"non-negative {kind.__name__}"
+    return parse
+
+
+def opt(default, help, *, flags=(), type=None, choices=None, bool_flag=False, append=False, many=False,
+        pending=None, modes=None, no_effect=None):
+    """A run option. pending: the feature is not built yet (an explicit non-default value stops);
+    modes: the modes it affects (elsewhere an explicit value prints a note); no_effect: why it never matters."""
+    return field(default=default, metadata=dict(help=help, flags=flags, type=type, choices=choices,
+                                                bool_flag=bool_flag, append=append, many=many, pending=pending,
+                                                modes=modes, no_effect=no_effect))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Contest-specific
+    mode: str = opt(None, "what to run: generate prints continuations; the others evaluate a submission",
+                    choices=MODES)
+    qwen: str = opt("qwen", "contestant module: NAME.py in the working directory, a module on the Python path, or "
+                            "a .py path (default: ./qwen.py, else moebench's template)", pending="contestant modules")
+    enable_nki: bool = opt(False, "switch the model's building blocks to moebench's registered Triton kernels "
+                                  "(the guide's name; alias --enable-kernels)", flags=("--enable-nki", "--enable-kernels"),
+                           bool_flag=True, pending="custom kernels")
+    base_latency: float = opt(None, "baseline end-to-end p99 latency in ms for the score (default: the reference "
+                                    "measured on this machine)", type=_positive(float), modes=SCORED)
+    base_throughput: float = opt(None, "baseline throughput in tokens/s for the score (default: measured)",
+                                 type=_positive(float), modes=SCORED)
+    team_id: str = opt(None, "team identifier; names the score-records CSV", modes=SCORED)
+    member_id: str = opt(None, "team member identifier, stored in the score records", modes=SCORED)
+    # Model configuration
+    model_path: str = opt(None, "Hugging Face Qwen3-MoE folder, or preset:NAME (moebench-tiny, moebench-speed, "
+                                "qwen3-30b-a3b); default: the embedded moebench-tiny model")
+    compiled_model_path: str = opt("traced_model", "folder for compile artifacts (graphs, compiled code, sharded "
+                                                   "weights)", pending="the compile step")
+    platform_target: str = opt(None, "device to run on: cpu or cuda (default: cuda when present, else cpu); "
+                                     "trn2/trn3 exist only on AWS Trainium", choices=("cpu", "cuda", "trn2", "trn3"))
+    # Evaluation
+    benchmark: bool = opt(False, "also benchmark latency and throughput and write benchmark_report.json",
+                          bool_flag=True, pending="the benchmark")
+    divergence_difference_tol: float = opt(None, "largest allowed logit gap (raw logit units) between the "
+                                                 "expected and the chosen token where greedy choices diverge "
+                                                 "(default: chosen per dtype)", type=_nonneg(float), modes=EVALUATE)
+    tol_map: dict = opt(None, "per-top-k tolerances as a Python dict {k or None: (atol, rtol)} (default: the "
+                              f"guide's {GUIDE_TOL_MAP})", type=parse_tol_map, modes=EVALUATE)
+    num_tokens_to_check: int = opt(None, "validate only the first N generated tokens (default: all)",
+                                   type=_positive(int), modes=EVALUATE)
+    # Generation
+    prompt: tuple = opt((), f"a prompt; repeat the flag for several (default: {DEFAULT_PROMPT!r})", append=True)
+    top_k: int = opt(20, "sample only among the k most likely tokens (0: no limit)", type=_nonneg(int))
+    top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this total probability",
+                       type=_positive(float))
+    temperature: float = opt(0.6, "sampling temperature (0: greedy)", type=_nonneg(float))
+    global_topk: int = opt(None, "on-device sampling: global top-k prefilter", type=_positive(int),
+                           pending="on-device sampling")
+    do_sample: bool = opt(True, "sample (true) or decode greedily (false)", bool_flag=True)
+    dynamic: bool = opt(False, "on-device sampling with per-request parameters", bool_flag=True,
+                        pending="on-device sampling")
+    pad_token_id: int = opt(None, "token id used for padding (default: the tokenizer's pad token)", type=_nonneg(int))
+    # Basic configuration
+    torch_dtype: str = opt("bfloat16", "dtype of weights and activations", choices=("bfloat16", "float16", "float32"))
+    batch_size: int = opt(1, "batch size; always set to the number of prompts, as in the guide", type=_positive(int),
+                          no_effect="the batch is the prompts given")
+    padding_side: str = opt(None, "pad prompts of unequal length on the left or right (default: the tokenizer's)",
+                            choices=("left", "right"))
+    seq_len: int = opt(640, "total length, prompt included; sizes the KV cache", type=_positive(int))
+    n_active_tokens: int = opt(None, "NxDI field, overwritten per submodel there", type=_positive(int),
+                               no_effect="NxDI overwrites it per submodel (context: the prompt, decode: 1)")
+    n_positions: int = opt(None, "NxDI field, reset to the bucket size there", type=_positive(int),
+                           no_effect="the KV cache is sized by --seq-len")
+    max_context_length: int = opt(None, "longest prompt accepted, in tokens (default: --seq-len - 1)",
+                                  type=_positive(int))
+    max_new_tokens: int = opt(None, "new tokens to generate (default: --seq-len minus the prompt; capped by "
+                                    "--seq-len); EOS may then end a sequence early", type=_positive(int))
+    max_length: int = opt(None, "total length to generate to (default: --seq-len; capped by it)", type=_positive(int))
+    rpl_reduce_dtype: str = opt(None, "dtype of tensor-parallel all-reduces of row-parallel outputs",
+                                choices=("bfloat16", "float16", "float32"), pending="tensor parallelism")
+    output_logits: bool = opt(False, "write the raw logits of every generated token to output_logits.pt",
+                              bool_flag=True)
+    vocab_parallel: bool = opt(False, "shard the embedding over the vocabulary", bool_flag=True,
+                               pending="tensor parallelism")
+    skip_compile: bool = opt(False, "reuse the artifacts under --compiled-model-path", bool_flag=True,
+                             pending="the compile step")
+    save_sharded_checkpoint: bool = opt(False, "write one weight file per tensor-parallel rank at compile time",
+                                        flags=("--save_sharded_checkpoint", "--save-sharded-checkpoint"),
+                                        bool_flag=True, pending="the compile step")
+    # Attention
+    fused_qkv: bool = opt(False, "compute q, k and v with one fused matmul", bool_flag=True)
+    sequence_parallel_enabled: bool = opt(False, "shard the context-encoding sequence over tensor-parallel ranks",
+                                          bool_flag=True, pending="tensor parallelism")
+    flash_decoding_enabled: bool = opt(False, "split-K flash decoding over the KV cache", bool_flag=True,
+                                       pending="custom kernels")
+    on_device_sampling: bool = opt(False, "sample inside the compiled decode graph", bool_flag=True,
+                                   pending="on-device sampling")
+    # Bucketing
+    enable_bucketing: bool = opt(False, "pad inputs to the first fitting bucket, one compiled graph per bucket",
+                                 bool_flag=True, pending="bucketing")
+    bucket_n_active_tokens: bool = opt(False, "NxDI field, overwritten per submodel there", bool_flag=True,
+                                       no_effect="NxDI overwrites it per submodel")
+    context_encoding_buckets: tuple = opt(None, "context-encoding bucket sizes", type=_positive(int), many=True,
+                                          pending="bucketing")
+    token_generation_buckets: tuple = opt(None, "token-generation bucket sizes", type=_positive(int), many=True,
+                                          pending="bucketing")
+    # Parallelism
+    tp_degree: int = opt(1, "tensor-parallel ranks (1 on the CPU; the guide's 4 was four NeuronCores)",
+                         type=_positive(int), pending="tensor parallelism")
+    # Kernels
+    qkv_kernel_enabled: bool = opt(False, "fused RMSNorm + QKV + q/k norm + RoPE kernel", bool_flag=True,
+                                   pending="custom kernels")
+    attn_kernel_enabled: bool = opt(False, "flash-attention kernel for context encoding", bool_flag=True,
+                                    pending="custom kernels")
+    mlp_kernel_enabled: bool = opt(False, "fused MoE expert kernel", bool_flag=True, pending="custom kernels")
+    quantized_mlp_kernel_enabled: bool = opt(False, "int8/fp8 expert weights, dequantized in the kernel",
+                                             bool_flag=True, pending="custom kernels")
+    rmsnorm_quantize_kernel_enabled: bool = opt(False, "RMSNorm fused with activation quantization", bool_flag=True,
+                                                pending="custom kernels")
+    quantized_kernel_lower_bound: float = opt(1200.0, "clamp bound of activations before quantization",
+                                              type=_positive(float), pending="custom kernels")
+    mlp_kernel_fuse_residual_add: bool = opt(False, "fuse the residual add into the MoE kernel", bool_flag=True,
+                                             pending="custom kernels")
+    # Added by moebench
+    skip_accuracy: bool = opt(False, "performance only: no accuracy check (records say 'not checked')",
+                              bool_flag=True, modes=SCORED)
+    benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=SCORED)
+    warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark", type=_nonneg(int), modes=SCORED)
+    seed: int = opt(0, "seed for sampling and generated inputs", type=_nonneg(int))
+    explicit: frozenset = field(default=frozenset(), repr=False)  # names of the options given on the command line
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.prompt) or [DEFAULT_PROMPT]
+
+
+def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
+    return f.metadata["flags"] or ("--" + f.name.replace("_", "-"),)
+
+
+OPTIONS = [f for f in dataclasses.fields(RunConfig) if f.name != "explicit"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moebench", argument_default=argparse.SUPPRESS,
+        description="moebench: the NKI-MoE contest driver, on CPUs and NVIDIA GPUs. "
+                    "Every flag of the contest's usage guide is accepted.",
+        epilog="Bool flags accept a bare flag or a value: true/false/1/0/yes/no.")
+    for f in OPTIONS:
+        m = f.metadata
+        shown = "" if f.default in (None, (), False) else f" (default: {f.default})"
+        kw = dict(dest=f.name, help=m["help"] + shown)
+        if m["bool_flag"]:
+            kw.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+        elif m["append"]:
+            kw.update(action="append")
+        else:
+            kw.update(type=m["type"] or str, choices=m["choices"])
+            if m["many"]:
+                kw["nargs"] = "+"
+        if f.name == "mode":
+            kw["required"] = True
+        p.add_argument(*flag_names(f), **kw)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
+    """Command line -> (RunConfig, notes to print). Unsupported values raise MoebenchError."""
+    given = vars(build_parser().parse_args(argv))
+    for name in ("prompt", "context_encoding_buckets", "token_generation_buckets"):
+        if name in given:
+            given[name] = tuple(given[name])
+    run = RunConfig(**given, explicit=frozenset(given))
+    return run, check(run)
+
+
+def check(run: RunConfig) -> list[str]:
+    """Stops on flags whose feature is missing; returns a note for each explicit flag that has no effect here."""
+    notes = []
+    if run.mode not in SUPPORTED_MODES:
+        raise MoebenchError(f"--mode {run.mode} is not supported yet (supported: {', '.join(SUPPORTED_MODES)})")
+    if run.platform_target in ("trn2", "trn3"):
+        raise MoebenchError(f"--platform-target {run.platform_target}: AWS Trainium is not available to moebench; "
+                            "use cpu or cuda")
+    for f in OPTIONS:
+        if f.name not in run.explicit:
+            continue
+        m, value, flag = f.metadata, getattr(run, f.name), flag_names(f)[0]
+        if m["pending"] and value != f.default:
+            raise MoebenchError(f"{flag} is not supported yet ({m['pending']} will come in a later release)")
+        if m["no_effect"]:
+            notes.append(f"note: {flag} has no effect: {m['no_effect']}")
+        elif m["modes"] and run.mode not in m["modes"]:
+            notes.append(f"note: {flag} has no effect in --mode {run.mode}")
+    if run.max_context_length is not None and run.max_context_length >= run.seq_len:
+        raise MoebenchError(f"--max-context-length {run.max_context_length} must be below --seq-len {run.seq_len}")
+    if run.top_p > 1:
+        raise MoebenchError(f"--top-p {run.top_p} must be in (0, 1]")
+    if any(not p.strip() for p in run.prompt):
+        raise MoebenchError("--prompt: a prompt is empty")
+    return notes

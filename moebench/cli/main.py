@@ -1,0 +1,31 @@
+"""The command line: parse, run the mode, turn user errors into one line and an exit code."""
+
+import sys
+
+from moebench.cli.args import parse_args
+from moebench.errors import MoebenchError
+
+
+def run_mode(run) -> int:
+    from moebench.modes.generate import run_generate
+
+    modes = {"generate": run_generate}
+    return modes[run.mode](run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run, notes = parse_args(argv)
+        for note in notes:
+            print(note, file=sys.stderr)
+        return run_mode(run)
+    except MoebenchError as e:
+        print(f"moebench: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("moebench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

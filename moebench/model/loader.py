@@ -1,0 +1,64 @@
+"""Opens a model directory (or a built-in preset) and builds a model class from it."""
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moebench.errors import MoebenchError
+from moebench.model.checkpoint import load_weights
+from moebench.model.config import Qwen3MoeConfig
+from moebench.model.presets import EMBEDDED, IN_MEMORY_ONLY, PRESETS, preset_dir, random_model
+from moebench.model.qwen3_moe import ModelOptions
+from moebench.model.tokenizer import Tokenizer, read_json
+
+PRESET_PREFIX = "preset:"
+
+
+@dataclass
+class ModelSource:
+    """What a --model-path names: config, tokenizer, generation defaults, and where the weights are."""
+
+    name: str  # the model's name in records: the folder name, lower-cased, or the preset's name
+    config: Qwen3MoeConfig
+    tokenizer: Tokenizer
+    generation: dict  # generation_config.json ({} when absent)
+    weights_dir: Path | None  # None: random weights built in memory (the largest preset)
+
+
+def open_model(model_path: str | None) -> ModelSource:
+    """None -> the embedded model; 'preset:NAME' -> a built-in preset; otherwise a Hugging Face folder."""
+    if model_path is None:
+        model_path = PRESET_PREFIX + EMBEDDED
+    if model_path.startswith(PRESET_PREFIX):
+        name = model_path[len(PRESET_PREFIX):]
+        if name not in PRESETS:
+            raise MoebenchError(f"--model-path: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        if name in IN_MEMORY_ONLY:
+            tok_dir = preset_dir(EMBEDDED)
+            return ModelSource(name, PRESETS[name], Tokenizer(tok_dir), read_json(tok_dir / "generation_config.json"),
+                               None)
+        folder = preset_dir(name)
+    else:
+        folder = Path(model_path)
+        if not folder.is_dir():
+            raise MoebenchError(f"--model-path {model_path}: no such directory (or use preset:NAME, "
+                                f"presets: {', '.join(PRESETS)})")
+    name = model_path[len(PRESET_PREFIX):] if model_path.startswith(PRESET_PREFIX) else folder.resolve().name.lower()
+    config = dataclasses.replace(Qwen3MoeConfig.from_file(folder / "config.json"), name=name)
+    return ModelSource(name, config, Tokenizer(folder), read_json(folder / "generation_config.json", False), folder)
+
+
+def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: torch.dtype, device) -> torch.nn.Module:
+    """Construct `model_cls(config, options)` on the meta device and load the weights into it."""
+    if source.weights_dir is None:
+        model = random_model(source.config, seed=0, dtype=dtype, device=device)
+        if model_cls is not type(model) or options != ModelOptions():
+            raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
+                                "default options runs on it")
+        return model
+    with torch.device("meta"):
+        model = model_cls(source.config, options)
+    load_weights(model, source.weights_dir, dtype, device)
+    return model.eval()

@@ -1,0 +1,68 @@
+"""MoE routing and expert dispatch in plain torch: the reference math of the MoE block."""
+
+import torch
+import torch.nn.functional as F
+
+# Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token.
+
+
+def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (topk_ids [T, k], topk_weights [T, k] in the logits' dtype).
+
+    As transformers: softmax in float32 over all experts, top-k of the probabilities, renormalised to sum 1
+    when norm_topk_prob, then cast back."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(router_logits.dtype)
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    # torch's grouped GEMM runs any float dtype on the CPU; on CUDA only bfloat16 (sm90+).
+    return x.device.type == "cpu" or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I] -> [T, D].
+
+    out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]."""
+    T, D = x.shape
+    E, k = w_gate_up.shape[0], topk_ids.shape[1]
+    if T == 1:
+        # One token (batch-1 decode): read only its k experts' weights, as NxDI's selective loading does.
+        out = torch.zeros_like(x)
+        for e, w in zip(topk_ids[0].tolist(), topk_weights[0]):
+            gate, up = F.linear(x, w_gate_up[e]).chunk(2, dim=-1)
+            out += F.linear(F.silu(gate) * up, w_down[e]) * w
+        return out
+    # Sort the T*k (token, expert) pairs by expert, then one grouped GEMM per projection.
+    flat_ids = topk_ids.flatten()  # [T*k]
+    order = flat_ids.argsort(stable=True)
+    token_of = order // k  # source token of each sorted row
+    counts = torch.bincount(flat_ids, minlength=E)
+    xs = x[token_of]  # [T*k, D]
+    if _grouped_mm_supported(x):
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [T*k, D]
+    else:
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                gate, up = F.linear(xs[start:start + n], w_gate_up[e]).chunk(2, dim=-1)
+                ys[start:start + n] = F.linear(F.silu(gate) * up, w_down[e])
+                start += n
+    ys = ys * topk_weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+def experts_forward_loop(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The readable spec: a Python loop over every (token, chosen expert) pair. For tests only."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(topk_ids[t].tolist(), topk_weights[t]):
+            gate, up = F.linear(x[t], w_gate_up[e]).chunk(2, dim=-1)
+            out[t] += F.linear(F.silu(gate) * up, w_down[e]) * w
+    return out

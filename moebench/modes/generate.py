@@ -1,0 +1,51 @@
+"""--mode generate: print each prompt's continuation; with --output-logits, save the raw logits."""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moebench.cli.args import RunConfig
+from moebench.engine.generator import Engine
+from moebench.engine.sampling import SamplingParams
+from moebench.model.loader import build_model, open_model
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from moebench.modes.setup import device_of, dtype_of, make_request
+
+LOGITS_FILE = "output_logits.pt"
+
+
+def run_generate(run: RunConfig) -> int:
+    device, dtype = device_of(run), dtype_of(run)
+    source = open_model(run.model_path)
+    prompts = run.prompts
+    req = make_request(run, source, prompts)
+    model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=run.fused_qkv), dtype, device)
+    print(f"model: {source.name} ({source.config.num_parameters() / 1e6:.1f}M parameters, {run.torch_dtype}, "
+          f"{device.type})", file=sys.stderr)
+    engine = Engine(model, batch=len(prompts), max_len=run.seq_len)
+    sampling = SamplingParams(run.do_sample, run.temperature, run.top_k, run.top_p)
+    generator = torch.Generator().manual_seed(run.seed)
+    bar = tqdm(total=req.max_new_tokens, desc="generate", unit="tok", file=sys.stderr,
+               disable=not sys.stderr.isatty())
+    start = time.perf_counter()
+    out = engine.generate(req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, sampling,
+                          generator, req.eos_ids, req.pad_id, keep_logits=run.output_logits,
+                          on_token=lambda i: bar.update())
+    elapsed = time.perf_counter() - start
+    bar.close()
+    print("Generated outputs:")
+    for b, prompt in enumerate(prompts):
+        tokens = out.tokens[b, :out.lengths[b]].tolist()
+        tokens = [t for t in tokens if t not in req.eos_ids]
+        print(f"Output {b}: {prompt}{source.tokenizer.decode(tokens)}")
+    total = sum(out.lengths)
+    print(f"{total} new tokens in {elapsed:.2f} s ({total / elapsed:.1f} tokens/s, prefill included)",
+          file=sys.stderr)
+    if run.output_logits:
+        path = Path.cwd() / LOGITS_FILE
+        torch.save(out.logits, path)  # [new_tokens, batch, vocab], float32
+        print(f"logits: {path}")
+    return 0

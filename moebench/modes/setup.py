@@ -1,0 +1,71 @@
+"""What every mode does first: pick the device and dtype, open the model, tokenize the prompts, fix the lengths."""
+
+from dataclasses import dataclass
+
+import torch
+
+from moebench.cli.args import RunConfig
+from moebench.errors import MoebenchError
+from moebench.model.loader import ModelSource, open_model
+
+
+def device_of(run: RunConfig) -> torch.device:
+    target = run.platform_target or ("cuda" if torch.cuda.is_available() else "cpu")
+    if target == "cuda" and not torch.cuda.is_available():
+        raise MoebenchError("--platform-target cuda: no CUDA device is visible to torch")
+    return torch.device(target)
+
+
+def dtype_of(run: RunConfig) -> torch.dtype:
+    return getattr(torch, run.torch_dtype)
+
+
+@dataclass
+class Request:
+    """A tokenized batch of prompts and how many tokens to generate for it."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    max_new_tokens: int
+    min_new_tokens: int  # equal to max_new_tokens unless the user capped the length
+    pad_id: int
+    eos_ids: tuple[int, ...]
+
+
+def eos_ids_of(source: ModelSource) -> tuple[int, ...]:
+    ids = set(source.config.eos_token_ids)
+    gen_eos = source.generation.get("eos_token_id")
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    if source.tokenizer.eos_id is not None:
+        ids.add(source.tokenizer.eos_id)
+    return tuple(sorted(ids))
+
+
+def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Request:
+    """The length rules of CONTRACTS.md: --seq-len is the total; new tokens = seq_len - prompt unless capped."""
+    tok = source.tokenizer
+    pad_id = run.pad_token_id
+    if pad_id is None:
+        pad_id = next((i for i in (tok.pad_id, tok.eos_id, source.config.pad_token_id) if i is not None), 0)
+    if pad_id >= source.config.vocab_size:
+        raise MoebenchError(f"--pad-token-id {pad_id} is outside the vocabulary ({source.config.vocab_size})")
+    input_ids, mask = tok.batch(prompts, pad_id, run.padding_side or tok.padding_side)
+    if int(input_ids.max()) >= source.config.vocab_size:
+        raise MoebenchError(f"the tokenizer produced token id {int(input_ids.max())}, outside the model's vocabulary "
+                            f"({source.config.vocab_size}); tokenizer.json does not belong to this model")
+    T = input_ids.shape[1]
+    longest = run.max_context_length or run.seq_len - 1
+    if T > longest:
+        what = f"--max-context-length {run.max_context_length}" if run.max_context_length else \
+               f"--seq-len {run.seq_len} (which includes at least one new token)"
+        raise MoebenchError(f"the prompt is {T} tokens, longer than {what}")
+    room = run.seq_len - T
+    if run.max_new_tokens is not None:
+        new, min_new = min(run.max_new_tokens, room), 0
+    elif run.max_length is not None:
+        if run.max_length <= T:
+            raise MoebenchError(f"--max-length {run.max_length} leaves no room after the {T}-token prompt")
+        new, min_new = min(run.max_length, run.seq_len) - T, 0
+    else:
+        new = min_new = room
+    return Request(input_ids, mask, new, min_new, pad_id, eos_ids_of(source))

@@ -1,0 +1,63 @@
+"""Shared fixtures: small Hugging Face checkpoints that transformers itself writes, and a private cache folder."""
+
+import shutil
+
+import pytest
+import torch
+
+from moebench.model.presets import ASSETS
+
+# Each entry: a checkpoint exercising one config feature that changes the math.
+HF_CONFIGS = {
+    "sharded": dict(norm_topk_prob=True, shard="30KB"),
+    "no_norm_topk": dict(norm_topk_prob=False),
+    "dense_layers": dict(mlp_only_layers=[0], decoder_sparse_step=2, num_hidden_layers=4),
+    "tied": dict(tie_word_embeddings=True),
+    "head_dim": dict(head_dim=24),  # 4 heads x 24 != hidden 32
+    "bias_mha": dict(attention_bias=True, num_key_value_heads=4),
+    "yarn": dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                  "rope_theta": 10000.0}),
+    "linear_rope": dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+    "sliding": dict(use_sliding_window=True, sliding_window=5),
+}
+
+
+def make_hf_checkpoint(path, seed=0, **overrides):
+    """A random Qwen3-MoE saved by transformers' save_pretrained, with moebench's tokenizer beside it."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    shard = overrides.pop("shard", None)
+    fields = dict(vocab_size=4096, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+                  num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, eos_token_id=0, pad_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).eval()
+    with torch.no_grad():  # transformers inits norms to ones; perturb them so a skipped norm weight is caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    shutil.copy(ASSETS / "tokenizer.json", path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text('{"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}')
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """name -> (folder, transformers model) for every entry of HF_CONFIGS."""
+    out = {}
+    for name, overrides in HF_CONFIGS.items():
+        path = tmp_path_factory.mktemp(name)
+        out[name] = (path, make_hf_checkpoint(path, **overrides))
+    return out
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """The embedded model is written into a per-session cache, so tests start from nothing."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MOEBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()

@@ -1,0 +1,59 @@
+"""The reference model against Hugging Face transformers, in float32, on checkpoints transformers saved."""
+
+import pytest
+import torch
+
+from moebench.engine.generator import Engine
+from moebench.model.loader import build_model, open_model
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from tests.conftest import HF_CONFIGS
+
+
+def load(path, fused_qkv=False):
+    return build_model(Qwen3MoeForCausalLM, open_model(str(path)), ModelOptions(fused_qkv=fused_qkv),
+                       torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_logits_match_transformers(hf_checkpoints, name):
+    path, hf = hf_checkpoints[name]
+    ids = torch.randint(1, 4096, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    for fused in (False, True):
+        engine = Engine(load(path, fused), batch=2, max_len=16)
+        got = engine.prefill(ids, torch.ones_like(ids), every_column=True)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sharded", "sliding", "dense_layers"])
+def test_kv_cache_decoding_equals_full_forward(hf_checkpoints, name):
+    model = load(hf_checkpoints[name][0])
+    ids = torch.randint(1, 4096, (2, 14), generator=torch.Generator().manual_seed(2))
+    full = Engine(model, 2, 16).prefill(ids, torch.ones_like(ids), every_column=True)
+    engine = Engine(model, 2, 16)
+    steps = [engine.prefill(ids[:, :6], torch.ones_like(ids[:, :6]))]
+    steps += [engine.decode(ids[:, t]) for t in range(6, 14)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_the_same_logits_as_each_prompt_alone(hf_checkpoints, side):
+    model = load(hf_checkpoints["sharded"][0])
+    prompts = [torch.tensor([5, 17, 301, 44, 9, 12]), torch.tensor([7, 8, 9])]
+    T = 6
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        cols = slice(0, len(p)) if side == "right" else slice(T - len(p), T)
+        ids[b, cols], mask[b, cols] = p, 1
+    engine = Engine(model, 2, 12)
+    batched = [engine.prefill(ids, mask)]
+    nxt = torch.tensor([100, 200])
+    batched += [engine.decode(nxt), engine.decode(nxt + 1)]
+    for b, p in enumerate(prompts):
+        alone = Engine(model, 1, 12)
+        steps = [alone.prefill(p[None], torch.ones(1, len(p), dtype=torch.long))]
+        steps += [alone.decode(nxt[b:b + 1]), alone.decode(nxt[b:b + 1] + 1)]
+        for got, want in zip(batched, steps):
+            torch.testing.assert_close(got[b], want[0], atol=1e-5, rtol=1e-5)
