@@ -68,6 +68,13 @@ def _nonneg(kind):
     return parse
 
 
+def _seed(text):
+    value = _nonneg(int)(text)
+    if value >= 2 ** 64:  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {text}")
+    return value
+
+
 def opt(default, help, *, flags=(), type=None, choices=None, bool_flag=False, append=False, many=False,
         pending=None, modes=None, no_effect=None):
     """A run option. pending: the feature is not built yet (an explicit non-default value stops);
@@ -188,7 +195,7 @@ class RunConfig:
                               bool_flag=True, modes=SCORED)
     benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=SCORED)
     warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark", type=_nonneg(int), modes=SCORED)
-    seed: int = opt(0, "seed for sampling and generated inputs", type=_nonneg(int))
+    seed: int = opt(0, "seed for sampling and generated inputs", type=_seed)
     explicit: frozenset = field(default=frozenset(), repr=False)  # names of the options given on the command line
 
     @property
@@ -205,7 +212,7 @@ OPTIONS = [f for f in dataclasses.fields(RunConfig) if f.name != "explicit"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="moebench", argument_default=argparse.SUPPRESS,
+        prog="moebench", argument_default=argparse.SUPPRESS, allow_abbrev=False,
         description="moebench: the NKI-MoE contest driver, on CPUs and NVIDIA GPUs. "
                     "Every flag of the contest's usage guide is accepted.",
         epilog="Bool flags accept a bare flag or a value: true/false/1/0/yes/no.")

@@ -22,7 +22,7 @@ class Engine:
     next slot, for all rows at once; `valid` records which slots hold real tokens, so left and right padding
     give the same result as running each prompt alone."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = False):
         p = next(model.parameters())
         self.model, self.cfg, self.device = model, model.config, p.device
         self.batch, self.max_len = batch, max_len
@@ -31,6 +31,9 @@ class Engine:
         self.slot_pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.next_slot = 0
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.all_slots = torch.arange(max_len, device=self.device)
+        # Decode steps have static shapes (the mask spans the whole cache), so one compiled graph serves them all.
+        self._decode_step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, S] bool: causal over slots, real keys only (each query always sees itself)."""
@@ -68,11 +71,17 @@ class Engine:
         assert slot < self.max_len, "KV cache full"
         self.valid[:, slot] = True
         self.slot_pos[:, slot] = self.next_pos
-        slots = torch.tensor([slot], device=self.device)
-        step = StepInputs(positions=self.next_pos[:, None], slots=slots, mask=self._mask(slots))
-        logits = self.model(tokens.to(self.device)[:, None], step, self.cache)
+        slots = self.all_slots[slot:slot + 1]
+        mask = self.valid & (self.all_slots <= slot)  # [B, S]: real tokens up to this one
+        if self.cfg.sliding_window is not None:
+            mask &= (self.next_pos[:, None] - self.slot_pos) < self.cfg.sliding_window
+        logits = self._decode_step(tokens.to(self.device)[:, None], self.next_pos[:, None], slots, mask[:, None, None])
         self.next_slot, self.next_pos = slot + 1, self.next_pos + 1
-        return logits[:, -1]
+        return logits
+
+    def _decode_step(self, tokens, positions, slots, mask):
+        step = StepInputs(positions=positions, slots=slots, mask=mask)
+        return self.model(tokens, step, self.cache)[:, -1]
 
     def generate(self, input_ids, attention_mask, max_new_tokens: int, min_new_tokens: int = 0,
                  sampling: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,

@@ -92,13 +92,14 @@ class _Reader:
     """Reads tensors by HF name across files, remembering which names were used."""
 
     def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
         self.where = _open_files(model_dir)
         self.used: set[str] = set()
         self.handles = {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name not in self.where:
-            raise MoebenchError(f"checkpoint has no tensor {name!r} (expected shape {list(shape)})")
+            raise MoebenchError(f"{self.model_dir}: checkpoint has no tensor {name!r} (expected shape {list(shape)})")
         path = self.where[name]
         try:
             if path not in self.handles:

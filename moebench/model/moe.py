@@ -29,6 +29,13 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]."""
     T, D = x.shape
     E, k = w_gate_up.shape[0], topk_ids.shape[1]
+    if T == 1 and torch.compiler.is_compiling():
+        # One token, in a compiled graph: gather the k experts; the compiler fuses the gather into the products.
+        ids, w = topk_ids[0], topk_weights[0]
+        gate, up = (w_gate_up[ids] * x[0][None, None, :]).sum(-1).chunk(2, dim=-1)  # [k, I] each
+        h = F.silu(gate) * up
+        y = (w_down[ids] * h[:, None, :]).sum(-1)  # [k, D]
+        return (y * w[:, None]).sum(0, keepdim=True).to(x.dtype)
     if T == 1:
         # One token (batch-1 decode): read only its k experts' weights, as NxDI's selective loading does.
         out = torch.zeros_like(x)

@@ -8,11 +8,10 @@ import torch
 from tqdm import tqdm
 
 from moebench.cli.args import RunConfig
-from moebench.engine.generator import Engine
 from moebench.engine.sampling import SamplingParams
 from moebench.model.loader import build_model, open_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
-from moebench.modes.setup import device_of, dtype_of, make_request
+from moebench.modes.setup import device_of, dtype_of, make_engine, make_request
 
 LOGITS_FILE = "output_logits.pt"
 
@@ -25,7 +24,7 @@ def run_generate(run: RunConfig) -> int:
     model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=run.fused_qkv), dtype, device)
     print(f"model: {source.name} ({source.config.num_parameters() / 1e6:.1f}M parameters, {run.torch_dtype}, "
           f"{device.type})", file=sys.stderr)
-    engine = Engine(model, batch=len(prompts), max_len=run.seq_len)
+    engine = make_engine(model, run, batch=len(prompts), compile=False)
     sampling = SamplingParams(run.do_sample, run.temperature, run.top_k, run.top_p)
     generator = torch.Generator().manual_seed(run.seed)
     bar = tqdm(total=req.max_new_tokens, desc="generate", unit="tok", file=sys.stderr,

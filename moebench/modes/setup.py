@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from moebench.cli.args import RunConfig
+from moebench.engine.generator import Engine
 from moebench.errors import MoebenchError
 from moebench.model.loader import ModelSource, open_model
 
@@ -30,6 +31,18 @@ class Request:
     min_new_tokens: int  # equal to max_new_tokens unless the user capped the length
     pad_id: int
     eos_ids: tuple[int, ...]
+
+
+def make_engine(model, run: RunConfig, batch: int, compile: bool) -> Engine:
+    """The engine and its KV cache; a cache too large for memory is the user's --seq-len, not a bug."""
+    try:
+        return Engine(model, batch=batch, max_len=run.seq_len, compile=compile)
+    except (RuntimeError, MemoryError) as e:
+        if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+            raise
+        cfg = model.config
+        gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * run.seq_len * next(model.parameters()).itemsize / 1e9
+        raise MoebenchError(f"--seq-len {run.seq_len}: the KV cache needs {gb:.1f} GB, more than is free") from None
 
 
 def eos_ids_of(source: ModelSource) -> tuple[int, ...]:

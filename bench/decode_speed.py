@@ -1,0 +1,123 @@
+"""Batch-1 decode speed: moebench against Hugging Face transformers on the same checkpoint, in the same run.
+
+Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
+roofline: bandwidth (torch.mv over a 1 GiB float32 matrix, measured in this run) / bytes read per token.
+Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both; medians are quoted.
+
+    python bench/decode_speed.py                                   # embedded model and the ~0.3B preset
+    python bench/decode_speed.py --models moebench-tiny --dtypes float32 --repeats 3
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from moebench.engine.generator import Engine
+from moebench.model.loader import build_model, open_model
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from moebench.model.presets import preset_dir
+
+
+def bandwidth_gbs(repeats: int = 5) -> float:
+    """Median GB/s of torch.mv over a 1 GiB float32 matrix: the machine's memory-read speed right now."""
+    w = torch.randn(16384, 16384)
+    v = torch.randn(16384)
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        torch.mv(w, v)
+        times.append(time.perf_counter() - t)
+    return w.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def moebench_decode(engine, prompt, n_tokens) -> float:
+    """Tokens/s of greedy decode steps after the prefill."""
+    tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+    start = time.perf_counter()
+    for _ in range(n_tokens):
+        tok = engine.decode(tok).argmax(-1)
+    return n_tokens / (time.perf_counter() - start)
+
+
+class _StepClock:
+    """A logits processor that only records when each generation step's logits arrive."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_decode(model, prompt, n_tokens) -> float:
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    with torch.inference_mode():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_tokens + 1,
+                       min_new_tokens=n_tokens + 1, do_sample=False, logits_processor=LogitsProcessorList([clock]),
+                       pad_token_id=0)
+    # times[0] follows the prefill; each later entry follows one decode step.
+    return n_tokens / (clock.times[-1] - clock.times[0])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="moebench-tiny,moebench-speed", help="presets, comma-separated")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per run")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--eager", action="store_true", help="moebench without compiled decode steps")
+    ap.add_argument("--out", default="bench/results/decode_speed.json")
+    args = ap.parse_args()
+
+    from transformers import Qwen3MoeForCausalLM as HFModel
+
+    torch.manual_seed(0)
+    rows = []
+    bw = bandwidth_gbs()
+    print(f"memory bandwidth (torch.mv, 1 GiB float32): {bw:.1f} GB/s, {torch.get_num_threads()} threads")
+    for name in args.models.split(","):
+        folder = preset_dir(name)
+        source = open_model(f"preset:{name}")
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            ours = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=True), dtype, "cpu")
+            engine = Engine(ours, batch=1, max_len=args.prompt_len + args.tokens + 1, compile=not args.eager)
+            hf = HFModel.from_pretrained(folder, dtype=dtype).eval()
+            prompt = torch.randint(1, 4000, (1, args.prompt_len))
+            start = time.perf_counter()
+            moebench_decode(engine, prompt, 4)  # warm-up, and compilation of the decode step
+            print(f"moebench warm-up (compile included): {time.perf_counter() - start:.1f} s", flush=True)
+            hf_decode(hf, prompt, 4)
+            a, b = [], []
+            for _ in range(args.repeats):
+                a.append(moebench_decode(engine, prompt, args.tokens))
+                b.append(hf_decode(hf, prompt, args.tokens))
+            bytes_per_token = source.config.active_parameters() * dtype.itemsize
+            roofline = bw * 1e9 / bytes_per_token
+            row = dict(model=name, dtype=dtype_name, moebench_tok_s=statistics.median(a),
+                       transformers_tok_s=statistics.median(b), moebench_best=max(a), transformers_best=max(b),
+                       roofline_tok_s=roofline, bandwidth_gbs=bw, bytes_per_token=bytes_per_token,
+                       hf_experts=getattr(hf.config, "_experts_implementation", "?"))
+            row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]
+            rows.append(row)
+            print(f"{name:15s} {dtype_name:9s} moebench {row['moebench_tok_s']:8.1f} tok/s "
+                  f"({row['moebench_tok_s'] / roofline:4.0%} of roofline)  transformers {row['transformers_tok_s']:7.1f}"
+                  f" ({row['transformers_tok_s'] / roofline:4.0%})  ratio {row['ratio']:.2f}x  "
+                  f"roofline {roofline:.0f} tok/s", flush=True)
+            del ours, engine, hf
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(rows=rows, machine=f"{torch.get_num_threads()} threads CPU"), indent=2))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

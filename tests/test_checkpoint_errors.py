@@ -1,0 +1,144 @@
+"""A damaged or mismatched checkpoint stops --mode generate with exit code 2 and one line naming what is wrong,
+never a traceback."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moebench.cli.main import main
+from tests.conftest import make_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    """Pristine checkpoints written by transformers, copied by each test before damaging them."""
+    plain = tmp_path_factory.mktemp("plain") / "ckpt"
+    sharded = tmp_path_factory.mktemp("sharded") / "ckpt"
+    make_hf_checkpoint(plain)
+    make_hf_checkpoint(sharded, shard="30KB")
+    return {"plain": plain, "sharded": sharded}
+
+
+@pytest.fixture
+def plain(originals, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return shutil.copytree(originals["plain"], tmp_path / "plain")
+
+
+@pytest.fixture
+def sharded(originals, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return shutil.copytree(originals["sharded"], tmp_path / "sharded")
+
+
+def generate(capsys, folder):
+    code = main(["--mode", "generate", "--model-path", str(folder), "--max-new-tokens", "2",
+                 "--torch-dtype", "float32"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(capsys, folder) -> str:
+    code, out, err = generate(capsys, folder)
+    assert code == 2, err
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("moebench: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("which", ["plain", "sharded"])
+def test_intact_copies_run(which, request, capsys):
+    """The control: the undamaged copies generate, so every failure below comes from the damage."""
+    code, out, err = generate(capsys, request.getfixturevalue(which))
+    assert code == 0, err
+    assert "Output 0: " in out
+
+
+def test_missing_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "/nonexistent" in one_error_line(capsys, "/nonexistent")
+
+
+def test_truncated_safetensors(plain, capsys):
+    f = plain / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2])
+    assert str(f) in one_error_line(capsys, plain)
+
+
+def test_sharded_checkpoint_with_a_shard_deleted(sharded, capsys):
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    shards[1].unlink()
+    assert str(shards[1]) in one_error_line(capsys, sharded)
+
+
+def test_sharded_checkpoint_with_a_truncated_shard(sharded, capsys):
+    shard = sorted(sharded.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert str(shard) in one_error_line(capsys, sharded)
+
+
+def test_invalid_index_json(sharded, capsys):
+    (sharded / "model.safetensors.index.json").write_text("{ not json")
+    assert "model.safetensors.index.json" in one_error_line(capsys, sharded)
+
+
+def test_no_weights_at_all(plain, capsys):
+    (plain / "model.safetensors").unlink()
+    assert "model.safetensors" in one_error_line(capsys, plain)
+
+
+def test_invalid_config_json(plain, capsys):
+    (plain / "config.json").write_text('{"vocab_size": 4096,')
+    line = one_error_line(capsys, plain)
+    assert str(plain / "config.json") in line and "JSON" in line
+
+
+def test_missing_config_json(plain, capsys):
+    (plain / "config.json").unlink()
+    assert "config.json" in one_error_line(capsys, plain)
+
+
+def test_missing_tokenizer_json(plain, capsys):
+    (plain / "tokenizer.json").unlink()
+    assert str(plain / "tokenizer.json") in one_error_line(capsys, plain)
+
+
+def test_extra_unexpected_tensor(plain, capsys):
+    f = plain / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.mlp.surprise.weight"] = torch.zeros(3, 4)
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert "model.layers.0.mlp.surprise.weight" in one_error_line(capsys, plain)
+
+
+def test_missing_tensor(plain, capsys):
+    f = plain / "model.safetensors"
+    tensors = load_file(f)
+    del tensors["model.layers.1.self_attn.k_norm.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    assert "model.layers.1.self_attn.k_norm.weight" in one_error_line(capsys, plain)
+
+
+def test_tensor_with_the_wrong_shape(plain, capsys):
+    f = plain / "model.safetensors"
+    tensors = load_file(f)
+    name = "model.layers.2.mlp.experts.3.up_proj.weight"
+    expected = list(tensors[name].shape)
+    tensors[name] = torch.zeros(expected[0] + 1, expected[1])
+    save_file(tensors, f, metadata={"format": "pt"})
+    line = one_error_line(capsys, plain)
+    assert name in line and str(expected) in line and str([expected[0] + 1, expected[1]]) in line
+
+
+def test_config_of_another_model_type(plain, capsys):
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (plain / "config.json").write_text(json.dumps(cfg))
+    assert "llama" in one_error_line(capsys, plain)

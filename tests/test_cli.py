@@ -1,0 +1,410 @@
+"""The command line: every option parses, unsupported features stop with one line, and --mode generate runs
+end to end on the embedded model (its logits equal Hugging Face transformers')."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebench.cli import args as cli_args
+from moebench.cli.args import DEFAULT_PROMPT, MODES, OPTIONS, RunConfig, build_parser, flag_names, parse_args
+from moebench.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+TOL_MAP_TEXT = "{None: (1e-5, 0.05), 50: (1e-5, 0.03)}"
+TOL_MAP = {None: (1e-5, 0.05), 50: (1e-5, 0.03)}
+FAST = ["--mode", "generate", "--torch-dtype", "float32"]  # float32: exact comparisons, and faster on the CPU
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # output_logits.pt and any other file land here
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def prompt_len(text=DEFAULT_PROMPT) -> int:
+    from moebench.model.loader import open_model
+
+    return len(open_model(None).tokenizer.encode(text))
+
+
+def saved_logits(out: str, cwd: Path) -> torch.Tensor:
+    paths = [line.removeprefix("logits: ") for line in out.splitlines() if line.startswith("logits: ")]
+    assert paths == [str(cwd / "output_logits.pt")]
+    return torch.load(paths[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing every option
+
+
+def sample_value(f) -> tuple[list[str], object]:
+    """Command-line words for a valid value of option `f` (not its default where possible), and the parsed value."""
+    m = f.metadata
+    if m["bool_flag"]:
+        return [str(not f.default).lower()], not f.default
+    if m["append"]:
+        return ["a prompt"], ("a prompt",)
+    if m["many"]:
+        return ["16", "32"], (16, 32)
+    if m["choices"]:
+        choice = next(c for c in m["choices"] if c != f.default)
+        return [choice], choice
+    if f.type is dict:
+        return [TOL_MAP_TEXT], TOL_MAP
+    if f.type is int:
+        return ["7"], 7
+    if f.type is float:
+        return ["0.5"], 0.5
+    if f.type is str:
+        return ["some-name"], "some-name"
+    raise AssertionError(f"option {f.name}: no sample value for type {f.type!r}; extend sample_value")
+
+
+def argv_for(f, flag, words):
+    return [flag, *words] if f.name == "mode" else ["--mode", "generate", flag, *words]
+
+
+@pytest.mark.parametrize("f, flag", [pytest.param(f, flag, id=flag.lstrip("-")) for f in OPTIONS
+                                     for flag in flag_names(f)])
+def test_every_option_parses_into_the_run_config(f, flag, monkeypatch):
+    monkeypatch.setattr(cli_args, "check", lambda run: [])  # pending features would stop here; parsing is tested
+    words, expected = sample_value(f)
+    run, _ = parse_args(argv_for(f, flag, words))
+    assert getattr(run, f.name) == expected
+    assert run.explicit == {"mode", f.name}
+    assert isinstance(run, RunConfig)
+
+
+def test_no_flags_gives_the_defaults():
+    run, notes = parse_args(["--mode", "generate"])
+    assert notes == []
+    assert run.explicit == {"mode"}
+    for f in OPTIONS:
+        if f.name != "mode":
+            assert getattr(run, f.name) == f.default, f.name
+    assert run.prompts == [DEFAULT_PROMPT]
+
+
+def test_mode_is_required(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--max-new-tokens", "3"])
+    assert e.value.code == 2
+    assert "--mode" in capsys.readouterr().err
+
+
+def test_prompt_appends():
+    run, _ = parse_args(["--mode", "generate", "--prompt", "first one", "--prompt", "second"])
+    assert run.prompt == ("first one", "second")
+    assert run.prompts == ["first one", "second"]
+
+
+def test_bucket_flags_take_several_ints(monkeypatch):
+    monkeypatch.setattr(cli_args, "check", lambda run: [])
+    run, _ = parse_args(["--mode", "generate", "--context-encoding-buckets", "128", "256", "512",
+                         "--token-generation-buckets", "640"])
+    assert run.context_encoding_buckets == (128, 256, 512)
+    assert run.token_generation_buckets == (640,)
+    with pytest.raises(SystemExit):
+        parse_args(["--mode", "generate", "--context-encoding-buckets", "128", "x"])
+
+
+@pytest.mark.parametrize("flag", ["--save_sharded_checkpoint", "--save-sharded-checkpoint"])
+def test_save_sharded_checkpoint_both_spellings(flag, monkeypatch):
+    monkeypatch.setattr(cli_args, "check", lambda run: [])
+    assert parse_args(["--mode", "generate", flag])[0].save_sharded_checkpoint is True
+    assert parse_args(["--mode", "generate", flag, "false"])[0].save_sharded_checkpoint is False
+
+
+def test_enable_kernels_is_an_alias_of_enable_nki(monkeypatch):
+    monkeypatch.setattr(cli_args, "check", lambda run: [])
+    for argv in (["--enable-kernels"], ["--enable-kernels", "yes"], ["--enable-nki"]):
+        assert parse_args(["--mode", "generate", *argv])[0].enable_nki is True
+    assert parse_args(["--mode", "generate", "--enable-kernels", "0"])[0].enable_nki is False
+    actions = {a.dest: a.option_strings for a in build_parser()._actions}
+    assert set(actions["enable_nki"]) == {"--enable-nki", "--enable-kernels"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bool flags
+
+
+@pytest.mark.parametrize("text, value", [("False", False), ("false", False), ("0", False), ("no", False),
+                                         ("true", True), ("True", True), ("1", True), ("yes", True)])
+def test_bool_flag_values(text, value):
+    run, _ = parse_args(["--mode", "generate", "--do-sample", text, "--output-logits", text])
+    assert run.do_sample is value and run.output_logits is value
+
+
+def test_bare_bool_flag_is_true():
+    run, _ = parse_args(["--mode", "generate", "--output-logits", "--do-sample", "--fused-qkv"])
+    assert run.output_logits is True and run.do_sample is True and run.fused_qkv is True
+
+
+def test_bad_bool_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--mode", "generate", "--do-sample", "maybe"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--do-sample" in err and "maybe" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features not built yet, modes, platform, tol map
+
+
+PENDING = [f for f in OPTIONS if f.metadata["pending"]]
+
+
+@pytest.mark.parametrize("f", PENDING, ids=lambda f: f.name)
+def test_pending_feature_given_explicitly_stops(f, capsys):
+    words, value = sample_value(f)
+    assert value != f.default
+    code, out, err = run(capsys, "--mode", "generate", flag_names(f)[0], *words)
+    assert code == 2
+    line = error_line(err)
+    assert "is not supported yet" in line and flag_names(f)[0] in line
+    assert out == ""
+
+
+def default_words(f) -> list[str]:
+    return [str(f.default).lower()] if f.metadata["bool_flag"] else [str(f.default)]
+
+
+PENDING_WITH_DEFAULT = [f for f in PENDING if f.default is not None]
+
+
+@pytest.mark.parametrize("f", PENDING_WITH_DEFAULT, ids=lambda f: f.name)
+def test_pending_feature_at_its_default_is_accepted(f):
+    run, notes = parse_args(["--mode", "generate", flag_names(f)[0], *default_words(f)])
+    assert getattr(run, f.name) == f.default and f.name in run.explicit
+    assert not any("not supported" in n for n in notes)
+
+
+def test_pending_features_at_their_defaults_generate(capsys):
+    argv = [word for f in PENDING_WITH_DEFAULT for word in (flag_names(f)[0], *default_words(f))]
+    argv += ["--tp-degree", "1", "--quantized-kernel-lower-bound", "1200"]  # int text for a float default
+    code, out, err = run(capsys, *FAST, "--max-new-tokens", "1", *argv)
+    assert code == 0, err
+    assert "Output 0: " + DEFAULT_PROMPT in out
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "generate"])
+def test_other_modes_are_not_supported_yet(mode, capsys):
+    code, out, err = run(capsys, "--mode", mode)
+    assert code == 2
+    line = error_line(err)
+    assert "not supported yet" in line and mode in line
+
+
+@pytest.mark.parametrize("target", ["trn2", "trn3"])
+def test_trainium_target_is_one_clear_line(target, capsys):
+    code, out, err = run(capsys, "--mode", "generate", "--platform-target", target)
+    assert code == 2
+    assert target in error_line(err)
+
+
+def test_tol_map_parses_to_a_dict():
+    run, notes = parse_args(["--mode", "generate", "--tol-map", TOL_MAP_TEXT])
+    assert run.tol_map == TOL_MAP
+    assert any("--tol-map has no effect" in n for n in notes)  # only the evaluate modes use it
+
+
+@pytest.mark.parametrize("text", ["{None: (1e-5, 0.05)", "{None: (1e-5,)}", "[(1e-5, 0.05)]", "{}",
+                                  "{0: (1e-5, 0.05)}", "{None: (-1e-5, 0.05)}", "{'a': (1e-5, 0.05)}",
+                                  "__import__('os')"])
+def test_malformed_tol_map_is_a_usage_error(text, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--mode", "generate", "--tol-map", text])
+    assert e.value.code == 2
+    assert "--tol-map" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--top-p", "1.5"], "--top-p"),
+    (["--max-context-length", "640"], "--max-context-length"),
+    (["--prompt", "  "], "--prompt"),
+])
+def test_invalid_values_stop_with_one_line(argv, words, capsys):
+    code, out, err = run(capsys, "--mode", "generate", *argv)
+    assert code == 2 and words in error_line(err)
+
+
+def test_seed_range():
+    assert parse_args(["--mode", "generate", "--seed", str(2 ** 64 - 1)])[0].seed == 2 ** 64 - 1
+    for bad in (str(2 ** 64), "-1", "x"):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--mode", "generate", "--seed", bad])
+        assert e.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_target_without_cuda_is_one_clear_line(capsys):
+    code, out, err = run(capsys, "--mode", "generate", "--platform-target", "cuda", "--max-new-tokens", 1)
+    assert code == 2 and "cuda" in error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Notes for flags without effect
+
+
+@pytest.mark.parametrize("argv, note", [
+    (["--n-positions", "10"], "--n-positions has no effect"),
+    (["--team-id", "x"], "--team-id has no effect in --mode generate"),
+])
+def test_flags_without_effect_print_a_note(argv, note, capsys):
+    code, out, err = run(capsys, *FAST, "--max-new-tokens", "1", *argv)
+    assert code == 0
+    assert any(line.startswith("note: ") and note in line for line in err.splitlines()), err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate, end to end
+
+
+def test_generate_greedy_writes_logits(capsys, in_tmp):
+    code, out, err = run(capsys, *FAST, "--max-new-tokens", 4, "--do-sample", "false", "--output-logits")
+    assert code == 0, err
+    assert "Output 0: I believe the meaning of life is" in out
+    logits = saved_logits(out, in_tmp)
+    assert logits.shape == (4, 1, 4096) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+def test_generate_two_prompts(capsys, in_tmp):
+    code, out, err = run(capsys, *FAST, "--max-new-tokens", 4, "--do-sample", "false", "--output-logits",
+                         "--prompt", "Hello world", "--prompt", DEFAULT_PROMPT)
+    assert code == 0, err
+    assert "Output 0: Hello world" in out and f"Output 1: {DEFAULT_PROMPT}" in out
+    logits = saved_logits(out, in_tmp)
+    assert logits.shape == (4, 2, 4096)
+    # each row equals that prompt run alone (padding does not change the numbers)
+    code, out, _ = run(capsys, *FAST, "--max-new-tokens", 4, "--do-sample", "false", "--output-logits",
+                       "--prompt", "Hello world")
+    torch.testing.assert_close(logits[:, :1], saved_logits(out, in_tmp), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_side_does_not_change_the_logits(capsys, in_tmp):
+    prompts = ["--prompt", "Hello world", "--prompt", DEFAULT_PROMPT]
+    got = {}
+    for side in ("left", "right"):
+        code, out, err = run(capsys, *FAST, "--max-new-tokens", 3, "--do-sample", "false", "--output-logits",
+                             "--padding-side", side, *prompts)
+        assert code == 0, err
+        got[side] = (generated_text(out), saved_logits(out, in_tmp))
+    assert got["left"][0] == got["right"][0]
+    torch.testing.assert_close(got["left"][1], got["right"][1], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_logits_equal_transformers(capsys, in_tmp):
+    from transformers import Qwen3MoeForCausalLM
+
+    from moebench.model.loader import open_model
+    from moebench.model.presets import preset_dir
+
+    code, out, err = run(capsys, *FAST, "--max-new-tokens", 4, "--do-sample", "false", "--output-logits")
+    assert code == 0, err
+    ours = saved_logits(out, in_tmp)
+
+    tok = open_model(None).tokenizer
+    ids = torch.tensor([tok.encode(DEFAULT_PROMPT)])
+    hf = Qwen3MoeForCausalLM.from_pretrained(preset_dir("moebench-tiny"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        res = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                          output_logits=True, return_dict_in_generate=True)
+    expected = torch.stack(res.logits)  # [new_tokens, batch, vocab], raw (before any logits processor)
+    assert expected.shape == ours.shape == (4, 1, 4096)
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    new_text = tok.decode(res.sequences[0, ids.shape[1]:].tolist())
+    assert f"Output 0: {DEFAULT_PROMPT}{new_text}\n" in out
+
+
+def generated_text(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("Output ")]
+
+
+def test_sampling_is_reproducible_by_seed(capsys):
+    texts = {}
+    for key, seed in (("a", 3), ("b", 3), ("c", 4)):
+        code, out, err = run(capsys, *FAST, "--max-new-tokens", 20, "--seed", seed)
+        assert code == 0, err
+        texts[key] = generated_text(out)
+    assert texts["a"] == texts["b"]
+    assert texts["a"] != texts["c"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Length rules (CONTRACTS.md "Lengths")
+
+
+def test_prompt_longer_than_seq_len_stops(capsys):
+    n = prompt_len()
+    code, out, err = run(capsys, *FAST, "--seq-len", 4)
+    assert code == 2
+    line = error_line(err)
+    assert f"{n} tokens" in line and "--seq-len 4" in line
+
+
+def test_prompt_longer_than_max_context_length_stops(capsys):
+    n = prompt_len()
+    code, out, err = run(capsys, *FAST, "--max-context-length", n - 1)
+    assert code == 2
+    line = error_line(err)
+    assert f"{n} tokens" in line and f"--max-context-length {n - 1}" in line
+
+
+def new_tokens(capsys, in_tmp, *argv) -> int:
+    code, out, err = run(capsys, *FAST, "--do-sample", "false", "--output-logits", *argv)
+    assert code == 0, err
+    return saved_logits(out, in_tmp).shape[0]
+
+
+def test_max_new_tokens_gives_exactly_that_many(capsys, in_tmp):
+    assert new_tokens(capsys, in_tmp, "--max-new-tokens", 3) == 3
+
+
+def test_max_new_tokens_is_capped_by_seq_len(capsys, in_tmp):
+    assert new_tokens(capsys, in_tmp, "--seq-len", prompt_len() + 2, "--max-new-tokens", 10) == 2
+
+
+def test_default_new_tokens_fill_seq_len(capsys, in_tmp):
+    assert new_tokens(capsys, in_tmp, "--seq-len", prompt_len() + 5) == 5
+
+
+def test_explicit_max_length_is_honoured(capsys, in_tmp):
+    n = prompt_len()
+    assert new_tokens(capsys, in_tmp, "--max-length", n + 5) == 5
+    assert new_tokens(capsys, in_tmp, "--seq-len", n + 3, "--max-length", n + 10) == 3  # capped by --seq-len
+
+
+def test_max_length_without_room_stops(capsys):
+    n = prompt_len()
+    code, out, err = run(capsys, *FAST, "--max-length", n)
+    assert code == 2 and "--max-length" in error_line(err)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver script
+
+
+def test_main_py_driver_runs():
+    proc = subprocess.run([sys.executable, "main.py", "--mode", "generate", "--max-new-tokens", "3"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"Output 0: {DEFAULT_PROMPT}" in proc.stdout
+    assert "Traceback" not in proc.stderr
