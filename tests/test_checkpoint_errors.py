@@ -142,3 +142,10 @@ def test_config_of_another_model_type(plain, capsys):
     cfg["model_type"] = "llama"
     (plain / "config.json").write_text(json.dumps(cfg))
     assert "llama" in one_error_line(capsys, plain)
+
+
+def test_unsupported_rope_scaling_type(plain, capsys):
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (plain / "config.json").write_text(json.dumps(cfg))
+    assert "rope type 'dynamic' is not supported" in one_error_line(capsys, plain)

@@ -78,7 +78,7 @@ class Qwen3MoeConfig:
     def active_parameters(self) -> int:
         """Parameters read to decode one token at batch 1 (k experts per MoE layer, one embedding row)."""
         D, L = self.hidden_size, self.num_hidden_layers
-        attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D
+        attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D + 2 * self.dim_head
         total = self.vocab_size * D + D
         for i in range(L):
             mlp = (self.num_experts_per_tok * 3 * D * self.moe_intermediate_size + self.num_experts * D

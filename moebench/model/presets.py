@@ -33,6 +33,12 @@ PRESETS = {
         num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
         norm_topk_prob=True, rope_theta=1_000_000.0, max_position_embeddings=4096, torch_dtype="bfloat16",
         name="moebench-speed", **_TOKENS),
+    # ~0.55B parameters (70M read per decoded token): the larger CPU preset.
+    "moebench-0.5b": Qwen3MoeConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=384, num_hidden_layers=12,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=64, num_experts=32, num_experts_per_tok=4,
+        norm_topk_prob=True, rope_theta=1_000_000.0, max_position_embeddings=4096, torch_dtype="bfloat16",
+        name="moebench-0.5b", **_TOKENS),
     # The real Qwen3-30B-A3B dimensions (random weights): for GPUs only, built in memory, never written.
     "qwen3-30b-a3b": Qwen3MoeConfig(
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
