@@ -63,28 +63,25 @@ class Qwen3MoeConfig:
             return ()
         return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
 
-    def num_parameters(self) -> int:
-        D, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
+    def _count(self, experts: int, vocab_rows: int) -> int:
+        """Parameters with `experts` experts per MoE layer and `vocab_rows` embedding/head rows."""
+        D = self.hidden_size
         attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D + 2 * self.dim_head
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size + D
-        total = V * D * (1 if self.tie_word_embeddings else 2) + D
-        for i in range(L):
-            mlp = (self.num_experts * 3 * D * self.moe_intermediate_size + self.num_experts * D
+        total = vocab_rows * D + D
+        for i in range(self.num_hidden_layers):
+            mlp = (experts * 3 * D * self.moe_intermediate_size + self.num_experts * D
                    if self.is_moe_layer(i) else 3 * D * self.intermediate_size)
             total += attn + mlp + 2 * D
         return total
 
+    def num_parameters(self) -> int:
+        return self._count(self.num_experts, self.vocab_size * (1 if self.tie_word_embeddings else 2))
+
     def active_parameters(self) -> int:
-        """Parameters read to decode one token at batch 1 (k experts per MoE layer, one embedding row)."""
-        D, L = self.hidden_size, self.num_hidden_layers
-        attn = D * (self.q_size + 2 * self.kv_size) + self.q_size * D + 2 * self.dim_head
-        total = self.vocab_size * D + D
-        for i in range(L):
-            mlp = (self.num_experts_per_tok * 3 * D * self.moe_intermediate_size + self.num_experts * D
-                   if self.is_moe_layer(i) else 3 * D * self.intermediate_size)
-            total += attn + mlp + 2 * D
-        return total
+        """Parameters read to decode one token at batch 1 (k experts per MoE layer, the head, one embedding row)."""
+        return self._count(self.num_experts_per_tok, self.vocab_size)
 
     def to_hf_dict(self) -> dict:
         """The config.json that transformers' Qwen3MoeConfig reads back to the same model."""
@@ -138,10 +135,19 @@ class Qwen3MoeConfig:
         path = Path(path)
         if not path.is_file():
             raise MoebenchError(f"{path}: config.json not found; a model directory needs one")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MoebenchError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise MoebenchError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, name=path.parent.name.lower())
+        return cls.from_dict(read_json(path), name=path.parent.name.lower())
+
+
+def read_json(path: Path, required: bool = True) -> dict:
+    """A JSON object from `path`; {} when an optional file is absent; a clear error when malformed."""
+    if not path.is_file():
+        if required:
+            raise MoebenchError(f"{path}: file not found")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoebenchError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MoebenchError(f"{path}: expected a JSON object")
+    return data

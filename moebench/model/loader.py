@@ -8,10 +8,10 @@ import torch
 
 from moebench.errors import MoebenchError
 from moebench.model.checkpoint import load_weights
-from moebench.model.config import Qwen3MoeConfig
+from moebench.model.config import Qwen3MoeConfig, read_json
 from moebench.model.presets import EMBEDDED, IN_MEMORY_ONLY, PRESETS, preset_dir, random_model
 from moebench.model.qwen3_moe import ModelOptions
-from moebench.model.tokenizer import Tokenizer, read_json
+from moebench.model.tokenizer import Tokenizer
 
 PRESET_PREFIX = "preset:"
 

@@ -1,27 +1,12 @@
 """The checkpoint's tokenizer: tokenizer.json plus the special tokens of tokenizer_config.json."""
 
-import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from moebench.errors import MoebenchError
-
-
-def read_json(path: Path, required: bool = True) -> dict:
-    """A JSON object from `path`; {} when an optional file is absent; a clear error when malformed."""
-    if not path.is_file():
-        if required:
-            raise MoebenchError(f"{path}: file not found")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoebenchError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MoebenchError(f"{path}: expected a JSON object")
-    return data
+from moebench.model.config import read_json
 
 
 def _token_text(value) -> str | None:
