@@ -204,14 +204,6 @@ def test_pending_features_at_their_defaults_generate(capsys):
     assert "Output 0: " + DEFAULT_PROMPT in out
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m != "generate"])
-def test_other_modes_are_not_supported_yet(mode, capsys):
-    code, out, err = run(capsys, "--mode", mode)
-    assert code == 2
-    line = error_line(err)
-    assert "not supported yet" in line and mode in line
-
-
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
 def test_trainium_target_is_one_clear_line(target, capsys):
     code, out, err = run(capsys, "--mode", "generate", "--platform-target", target)

@@ -6,13 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from moebench.errors import MoebenchError
+from moebench.evaluation.accuracy import DEFAULT_TOL_MAP
 
 MODES = ("evaluate_single", "evaluate_all", "validate", "generate", "generate_accuracy_baselines")
-SUPPORTED_MODES = ("generate",)
 DEFAULT_PROMPT = "I believe the meaning of life is"
-GUIDE_TOL_MAP = {None: (1e-5, 0.05), 1000: (1e-5, 0.03), 50: (1e-5, 0.03), 5: (1e-5, 0.03)}
 EVALUATE = ("evaluate_single", "evaluate_all", "validate", "generate_accuracy_baselines")
 SCORED = ("evaluate_single", "evaluate_all")
+TIMED = SCORED + ("generate", "generate_accuracy_baselines")
 
 
 def parse_bool(text: str) -> bool:
@@ -86,7 +86,8 @@ class RunConfig:
     mode: str = opt(None, "what to run: generate prints continuations; the others evaluate a submission",
                     choices=MODES)
     qwen: str = opt("qwen", "contestant module: NAME.py in the working directory, a module on the Python path, or "
-                            "a .py path (default: ./qwen.py, else moebench's template)", pending="contestant modules")
+                            "a .py path (default: ./qwen.py, else moebench's template)",
+                modes=("evaluate_single", "evaluate_all", "validate", "generate"))
     enable_nki: bool = opt(False, "switch the model's building blocks to moebench's registered Triton kernels "
                                   "(the guide's name; alias --enable-kernels)", flags=("--enable-nki", "--enable-kernels"),
                            bool_flag=True, pending="custom kernels")
@@ -104,13 +105,13 @@ class RunConfig:
     platform_target: str = opt(None, "device to run on: cpu or cuda (default: cuda when present, else cpu); "
                                      "trn2/trn3 exist only on AWS Trainium", choices=("cpu", "cuda", "trn2", "trn3"))
     # Evaluation
-    benchmark: bool = opt(False, "also benchmark latency and throughput and write benchmark_report.json",
-                          bool_flag=True, pending="the benchmark")
+    benchmark: bool = opt(False, "generate: also benchmark latency and throughput and write benchmark_report.json "
+                                 "(the evaluate modes always do)", bool_flag=True, modes=("generate",))
     divergence_difference_tol: float = opt(None, "largest allowed logit gap (raw logit units) between the "
                                                  "expected and the chosen token where greedy choices diverge "
                                                  "(default: chosen per dtype)", type=_nonneg(float), modes=EVALUATE)
     tol_map: dict = opt(None, "per-top-k tolerances as a Python dict {k or None: (atol, rtol)} (default: the "
-                              f"guide's {GUIDE_TOL_MAP})", type=parse_tol_map, modes=EVALUATE)
+                              f"guide's {DEFAULT_TOL_MAP})", type=parse_tol_map, modes=EVALUATE)
     num_tokens_to_check: int = opt(None, "validate only the first N generated tokens (default: all)",
                                    type=_positive(int), modes=EVALUATE)
     # Generation
@@ -189,8 +190,9 @@ class RunConfig:
     # Added by moebench
     skip_accuracy: bool = opt(False, "performance only: no accuracy check (records say 'not checked')",
                               bool_flag=True, modes=SCORED)
-    benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=SCORED)
-    warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark", type=_nonneg(int), modes=SCORED)
+    benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=TIMED)
+    warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark (compilation happens there)",
+                           type=_nonneg(int), modes=TIMED)
     seed: int = opt(0, "seed for sampling and generated inputs", type=_seed)
     explicit: frozenset = field(default=frozenset(), repr=False)  # names of the options given on the command line
 
@@ -243,11 +245,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
 def check(run: RunConfig) -> list[str]:
     """Stops on flags whose feature is missing; returns a note for each explicit flag that has no effect here."""
     notes = []
-    if run.mode not in SUPPORTED_MODES:
-        raise MoebenchError(f"--mode {run.mode} is not supported yet (supported: {', '.join(SUPPORTED_MODES)})")
     if run.platform_target in ("trn2", "trn3"):
-        raise MoebenchError(f"--platform-target {run.platform_target}: AWS Trainium is not available to moebench; "
-                            "use cpu or cuda")
+        raise MoebenchError(f"--platform-target {run.platform_target}: Trainium needs the AWS Neuron SDK, which "
+                            "moebench does not use; use cpu or cuda")
     for f in OPTIONS:
         if f.name not in run.explicit:
             continue

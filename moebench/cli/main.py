@@ -7,9 +7,12 @@ from moebench.errors import MoebenchError
 
 
 def run_mode(run) -> int:
+    from moebench.modes.evaluate import run_evaluate_all, run_evaluate_single
     from moebench.modes.generate import run_generate
+    from moebench.modes.validate import run_generate_accuracy_baselines, run_validate
 
-    modes = {"generate": run_generate}
+    modes = {"generate": run_generate, "validate": run_validate, "evaluate_single": run_evaluate_single,
+             "evaluate_all": run_evaluate_all, "generate_accuracy_baselines": run_generate_accuracy_baselines}
     return modes[run.mode](run)
 
 

@@ -83,6 +83,16 @@ class Engine:
         step = StepInputs(positions=positions, slots=slots, mask=mask)
         return self.model(tokens, step, self.cache)[:, -1]
 
+    def greedy(self, input_ids, attention_mask, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain argmax decoding of exactly new_tokens tokens, EOS included (evaluation's decoding):
+        (tokens [B, N], raw float32 logits [N, B, V])."""
+        logits = [self.prefill(input_ids, attention_mask)]
+        tokens = [logits[-1].argmax(-1)]
+        for _ in range(new_tokens - 1):
+            logits.append(self.decode(tokens[-1]))
+            tokens.append(logits[-1].argmax(-1))
+        return torch.stack(tokens, 1).cpu(), torch.stack(logits).float().cpu()
+
     def generate(self, input_ids, attention_mask, max_new_tokens: int, min_new_tokens: int = 0,
                  sampling: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
                  eos_ids: tuple[int, ...] = (), pad_id: int = 0, keep_logits: bool = False,

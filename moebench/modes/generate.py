@@ -9,11 +9,13 @@ from tqdm import tqdm
 
 from moebench.cli.args import RunConfig
 from moebench.engine.sampling import SamplingParams
-from moebench.model.loader import build_model, open_model
-from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from moebench.evaluation.submission import load_submission
+from moebench.model.loader import open_model
+from moebench.modes.contest import benchmark, build_submission, write_json
 from moebench.modes.setup import device_of, dtype_of, make_engine, make_request
 
 LOGITS_FILE = "output_logits.pt"
+REPORT_FILE = "benchmark_report.json"
 COMPILE_FROM = 64  # decode steps from which compiling the decode step (seconds, cached on disk) pays off
 
 
@@ -22,9 +24,10 @@ def run_generate(run: RunConfig) -> int:
     source = open_model(run.model_path)
     prompts = run.prompts
     req = make_request(run, source, prompts)
-    model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=run.fused_qkv), dtype, device)
+    sub = load_submission(run.qwen)
+    model = build_submission(run, sub, source, device, dtype, batch=len(prompts))
     print(f"model: {source.name} ({source.config.num_parameters() / 1e6:.1f}M parameters, {run.torch_dtype}, "
-          f"{device.type})", file=sys.stderr)
+          f"{device.type}), module: {sub.path}")
     compile = req.max_new_tokens >= COMPILE_FROM
     if compile:
         print("compiling the decode step (cached for later runs)...", file=sys.stderr)
@@ -56,4 +59,11 @@ def run_generate(run: RunConfig) -> int:
         path = Path.cwd() / LOGITS_FILE
         torch.save(out.logits, path)  # [new_tokens, batch, vocab], float32
         print(f"logits: {path}")
+    if run.benchmark:
+        report = benchmark(run, model, req, "generate")
+        path = Path.cwd() / REPORT_FILE
+        write_json(path, report)
+        e2e = report["e2e_model"]
+        print(f"benchmark: e2e p99 {e2e['latency_ms_p99']:.2f} ms, throughput {e2e['throughput']:.2f} tokens/s "
+              f"({e2e['runs']} runs): {path}")
     return 0

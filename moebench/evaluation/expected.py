@@ -1,0 +1,103 @@
+"""Expected logits: computed by moebench's reference model, stored as expected_logits_{i}.pt + .json, and
+refused when their metadata does not match what is being checked."""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moebench import __version__
+from moebench.engine.generator import Engine
+from moebench.errors import MoebenchError
+from moebench.model.loader import ModelSource, build_model
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+
+def weights_hash(source: ModelSource) -> str:
+    """sha256 over the checkpoint's safetensors files (names and bytes); presets built in memory hash their name."""
+    if source.weights_dir is None:
+        return f"random-weights:{source.name}:seed0"
+    h = hashlib.sha256()
+    for path in sorted(source.weights_dir.glob("*.safetensors")):
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExpectedMeta:
+    model: str
+    weights_hash: str
+    prompt_ids: list  # [B][L] token ids of each prompt row
+    dtype: str  # the dtype the reference ran in: the run's --torch-dtype, as the submission
+    seq_len: int
+    new_tokens: int
+    moebench_version: str = __version__
+
+    def mismatch(self, wanted: "ExpectedMeta") -> str | None:
+        """What makes stored logits (self) unusable for `wanted`, or None."""
+        for name in ("model", "weights_hash", "prompt_ids", "dtype", "moebench_version"):
+            if getattr(self, name) != getattr(wanted, name):
+                return f"{name} differs (stored {str(getattr(self, name))[:60]}, needed {str(getattr(wanted, name))[:60]})"
+        if self.new_tokens < wanted.new_tokens:
+            return f"it holds {self.new_tokens} tokens, {wanted.new_tokens} are needed"
+        return None
+
+
+def compute_expected(source: ModelSource, input_ids, attention_mask, new_tokens: int, seq_len: int,
+                     dtype: torch.dtype, device) -> torch.Tensor:
+    """Greedy decoding of the reference: raw logits [new_tokens, B, vocab], float32, no early stop."""
+    model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device)
+    engine = Engine(model, batch=input_ids.shape[0], max_len=seq_len, compile=new_tokens >= 64)
+    return engine.greedy(input_ids, attention_mask, new_tokens)[1]
+
+
+def save_expected(folder: Path, i: int, logits: torch.Tensor, meta: ExpectedMeta) -> Path:
+    path = folder / f"expected_logits_{i}.pt"
+    torch.save(logits.float().contiguous(), path)
+    (folder / f"expected_logits_{i}.json").write_text(json.dumps(asdict(meta), indent=1))
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ExpectedMeta(**data)
+        return data
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise MoebenchError(f"{path}: not valid expected-logits metadata ({e})") from None
+
+
+def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
+    """Stored logits for prompt i when they match `wanted`; None when absent; an error when they do not match."""
+    pt, meta_path = folder / f"expected_logits_{i}.pt", folder / f"expected_logits_{i}.json"
+    if not pt.exists():
+        return None
+    if not meta_path.is_file():
+        raise MoebenchError(f"{pt} has no metadata file {meta_path.name}; regenerate it with "
+                            "--mode generate_accuracy_baselines")
+    why = ExpectedMeta(**_read_meta(meta_path)).mismatch(wanted)
+    if why:
+        raise MoebenchError(f"{pt} does not match this run: {why}; regenerate it with "
+                            "--mode generate_accuracy_baselines or remove it")
+    try:
+        logits = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MoebenchError(f"{pt}: cannot load ({type(e).__name__}: {e})") from None
+    B = len(wanted.prompt_ids)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[1] != B:
+        raise MoebenchError(f"{pt}: expected a tensor [new_tokens, {B}, vocab]")
+    if logits.shape[0] < wanted.new_tokens:
+        raise MoebenchError(f"{pt}: holds {logits.shape[0]} tokens, {wanted.new_tokens} are needed")
+    return logits[:wanted.new_tokens].float()
+
+
+def find_stored(folder: Path, wanted: ExpectedMeta) -> torch.Tensor | None:
+    """Stored logits for the same prompt under any index (for --prompt runs); None when no file has it."""
+    for meta_path in sorted(folder.glob("expected_logits_*.json")):
+        if _read_meta(meta_path).get("prompt_ids") == wanted.prompt_ids:
+            return load_expected(folder, int(meta_path.stem.rsplit("_", 1)[1]), wanted)
+    return None

@@ -1,0 +1,225 @@
+"""Files the evaluation reads and appends: score records, per-prompt baselines (prompt_data) and prompts.txt."""
+
+import csv
+import fcntl
+import io
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from moebench.errors import MoebenchError
+from moebench.evaluation.score import Score
+
+# ---------------------------------------------------------------- score records
+
+RECORD_COLUMNS = ["team_id", "member_id", "base_latency", "base_throughput", "accuracy", "latency", "throughput",
+                  "nki_flop_ratio", "increased_throughput", "reduced_latency", "final_score", "timestamp"]
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def _csv_line(cells: list) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(cells)
+    return out.getvalue()
+
+
+def records_path(folder: Path, team_id: str | None, model: str) -> Path:
+    """`{team_id}_{model}_score_records.csv`, or `{model}_score_records.csv` without a team."""
+    name = f"{team_id}_{model}_score_records.csv" if team_id else f"{model}_score_records.csv"
+    return Path(folder) / name
+
+
+def record_row(team_id: str | None, member_id: str | None, score: Score, when: datetime | None = None) -> dict:
+    """One score-record row, keyed by RECORD_COLUMNS in order; accuracy is written as 0 or 1."""
+    when = when or datetime.now()
+    return {"team_id": team_id or "", "member_id": member_id or "", "base_latency": score.base_latency,
+            "base_throughput": score.base_throughput, "accuracy": int(score.accuracy), "latency": score.latency,
+            "throughput": score.throughput, "nki_flop_ratio": score.flop_ratio,
+            "increased_throughput": score.increased_throughput, "reduced_latency": score.reduced_latency,
+            "final_score": score.final_score, "timestamp": when.strftime(TIMESTAMP_FORMAT)}
+
+
+def _header_of(first_bytes: bytes) -> list[str] | None:
+    """The CSV cells of the first line, or None when it is not UTF-8 text."""
+    try:
+        line = first_bytes.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        return None
+    return next(csv.reader([line]), [])
+
+
+def append_record(path: Path, row: dict) -> None:
+    """Append one row, writing the header first if the file is empty; safe with many concurrent writers.
+
+    Every writer holds an exclusive flock while it checks the file and writes its whole line with one
+    O_APPEND write, so rows never interleave and the header is written once. Existing content is never
+    rewritten; a file whose header is not RECORD_COLUMNS is refused.
+    """
+    if set(row) != set(RECORD_COLUMNS):
+        raise ValueError(f"a score record has the keys {RECORD_COLUMNS}, got {list(row)}")
+    line = _csv_line([row[c] for c in RECORD_COLUMNS]).encode("utf-8")
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise MoebenchError(f"cannot append a score record to {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size  # read under the lock: another writer may just have written the header
+        if size == 0:
+            data = _csv_line(RECORD_COLUMNS).encode("utf-8") + line
+        else:
+            if _header_of(os.pread(fd, 4096, 0)) != RECORD_COLUMNS:
+                raise MoebenchError(f"{path} is not a moebench score-record file (its header is not "
+                                    f"{','.join(RECORD_COLUMNS)}); move or rename it, nothing was appended")
+            # a hand-edited file may lack its final newline; add one instead of gluing two rows together
+            data = line if os.pread(fd, 1, size - 1) == b"\n" else b"\n" + line
+        written = os.write(fd, data)
+        while written < len(data):  # a short write on a regular file is rare (full disk); finish under the lock
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def read_records(path: Path) -> list[dict]:
+    """All rows of a score-record file as dicts of strings (column -> cell), in file order."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != RECORD_COLUMNS:
+                raise MoebenchError(f"{path} is not a moebench score-record file (its header is not "
+                                    f"{','.join(RECORD_COLUMNS)})")
+            return [dict(r) for r in reader]
+    except FileNotFoundError:
+        raise MoebenchError(f"score-record file {path} not found") from None
+    except UnicodeDecodeError:
+        raise MoebenchError(f"{path} is not UTF-8 text") from None
+
+
+# ---------------------------------------------------------------- per-prompt baselines
+
+PROMPT_DATA_HEADER = ["Prompt ID", "Context Length", "Sequence Length", "Base latency", "Base throughput"]
+
+
+@dataclass(frozen=True)
+class PromptData:
+    """One prompt's baseline: lengths in tokens, latency in ms (e2e p99), throughput in tokens/s."""
+
+    prompt_id: int
+    context_length: int
+    seq_len: int
+    base_latency: float
+    base_throughput: float
+
+
+def prompt_data_path(folder: Path, platform: str) -> Path | None:
+    """`prompt_data_<platform>.csv` in folder, else the guide's `prompt_data_<platform>.txt`, else None."""
+    for suffix in (".csv", ".txt"):
+        path = Path(folder) / f"prompt_data_{platform}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text (a leading BOM dropped), or one-line MoebenchError naming the line of the first bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise MoebenchError(f"{path}:{lineno}: not UTF-8 text; save the file as UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split only at LF, CRLF or CR (not at form feeds etc.), so line numbers match what an editor shows."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+def _parse_prompt_data(path: Path, text: str) -> list[PromptData]:
+    lines = [(i, line) for i, line in enumerate(_lines(text), start=1) if line.strip()]
+    if not lines:
+        raise MoebenchError(f"{path}:1: empty file; expected the header {','.join(PROMPT_DATA_HEADER)}")
+    (lineno, first), rows, seen = lines[0], [], {}
+    if [c.strip() for c in next(csv.reader([first]))] != PROMPT_DATA_HEADER:
+        raise MoebenchError(f"{path}:{lineno}: wrong header {first.strip()!r}; expected "
+                            f"{','.join(PROMPT_DATA_HEADER)}")
+    for lineno, line in lines[1:]:
+        cells = [c.strip() for c in next(csv.reader([line]))]
+        if len(cells) != len(PROMPT_DATA_HEADER):
+            raise MoebenchError(f"{path}:{lineno}: {len(cells)} columns, expected {len(PROMPT_DATA_HEADER)} "
+                                f"({','.join(PROMPT_DATA_HEADER)})")
+        try:
+            ints = [int(c) for c in cells[:3]]
+            floats = [float(c) for c in cells[3:]]
+        except ValueError:
+            raise MoebenchError(f"{path}:{lineno}: expected three integers and two numbers, got {line.strip()!r}") \
+                from None
+        if ints[0] < 0 or min(ints[1:]) <= 0 or not all(math.isfinite(v) and v > 0 for v in floats):
+            raise MoebenchError(f"{path}:{lineno}: prompt id must be >= 0 and lengths, latency and throughput "
+                                f"positive, got {line.strip()!r}")
+        if ints[0] in seen:
+            raise MoebenchError(f"{path}:{lineno}: prompt id {ints[0]} already given on line {seen[ints[0]]}")
+        seen[ints[0]] = lineno
+        rows.append(PromptData(*ints, *floats))
+    return rows
+
+
+def read_prompt_data(path: Path) -> list[PromptData]:
+    """The rows of a prompt_data file in file order; any defect is a one-line MoebenchError naming file and line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
+    return _parse_prompt_data(path, _decode(path, data))
+
+
+def write_prompt_data(path: Path, rows: list[PromptData]) -> None:
+    """Write a prompt_data file atomically (temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    text = _csv_line(PROMPT_DATA_HEADER) + "".join(
+        _csv_line([r.prompt_id, r.context_length, r.seq_len, repr(float(r.base_latency)),
+                   repr(float(r.base_throughput))]) for r in rows)
+    try:
+        _parse_prompt_data(path, text)  # never write a file that read_prompt_data would refuse
+    except MoebenchError as e:
+        raise ValueError(f"refusing to write invalid prompt data: {e}") from None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- prompts.txt
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts separated by one or more blank (empty or whitespace-only) lines; each stripped, inner newlines kept."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoebenchError(f"{path.name} not found in {path.absolute().parent}: "
+                            "evaluate_all and generate_accuracy_baselines need it")
+    text = _decode(path, path.read_bytes())
+    prompts, block = [], []
+    for line in _lines(text) + [""]:
+        if line.strip():
+            block.append(line)
+        elif block:
+            prompts.append("\n".join(block).strip())
+            block = []
+    if not prompts:
+        raise MoebenchError(f"{path} holds no prompt; write prompts separated by blank lines")
+    return prompts

@@ -1,0 +1,74 @@
+"""Contestant modules: find and import `--qwen NAME`, and check the class it defines."""
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moebench.errors import MoebenchError
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "contest" / "qwen.py"
+CLASS_NAME = "Qwen3MoeForCausalLM"
+
+
+@dataclass
+class Submission:
+    name: str  # as given to --qwen
+    path: Path  # the file that was loaded
+    cls: type
+
+    def fail(self, what: str) -> MoebenchError:
+        return MoebenchError(f"--qwen {self.name} ({self.path}): {what}")
+
+
+def find_module_file(name: str, folder: Path) -> Path:
+    """NAME.py in `folder`, else the module NAME on the Python path, else NAME as a .py path; the default
+    `qwen` falls back to moebench's template."""
+    if not name.endswith(".py") and "/" not in name:
+        local = folder / f"{name}.py"
+        if local.is_file():
+            return local
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            return Path(spec.origin)
+        if name == "qwen":
+            return TEMPLATE
+        raise MoebenchError(f"--qwen {name}: no {name}.py in {folder} and no module {name!r} on the Python path")
+    path = Path(name)
+    if not path.is_file():
+        raise MoebenchError(f"--qwen {name}: file not found")
+    return path
+
+
+def load_submission(name: str, folder: Path | None = None) -> Submission:
+    path = find_module_file(name, folder or Path.cwd()).resolve()
+    module_name = f"moebench_submission_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # any error in a contestant's module is the contestant's, reported on one line
+        del sys.modules[module_name]
+        raise MoebenchError(f"--qwen {name} ({path}): import failed: {type(e).__name__}: {e}") from None
+    cls = getattr(module, CLASS_NAME, None)
+    sub = Submission(name, path, cls)
+    if cls is None:
+        raise sub.fail(f"defines no class {CLASS_NAME}")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise sub.fail(f"{CLASS_NAME} is not a torch.nn.Module subclass")
+    return sub
+
+
+def check_logits(sub: Submission, logits, batch: int, vocab: int) -> None:
+    """The forward contract: a float tensor [B, T, vocab]."""
+    if not isinstance(logits, torch.Tensor):
+        raise sub.fail(f"forward returned {type(logits).__name__}, expected the logits tensor")
+    if logits.ndim != 3 or logits.shape[0] != batch or logits.shape[-1] != vocab:
+        raise sub.fail(f"forward returned logits of shape {list(logits.shape)}, expected [{batch}, T, {vocab}]")

@@ -1,0 +1,180 @@
+"""What validate, evaluate_* and generate_accuracy_baselines share: the reference's expected logits and
+baseline timings, and the submission under test (built, checked, validated, benchmarked, its MACs counted)."""
+
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moebench.cli.args import RunConfig
+from moebench.errors import MoebenchError
+from moebench.evaluation.accuracy import DEFAULT_DIVERGENCE_TOL, DEFAULT_TOL_MAP, ValidationReport, validate_logits
+from moebench.evaluation.benchmark import benchmark_report, run_benchmark
+from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
+from moebench.evaluation.flops import flop_ratio, request_macs
+from moebench.evaluation.submission import Submission, check_logits
+from moebench.model.loader import ModelSource, build_model
+from moebench.model.presets import PRESETS
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from moebench.modes.setup import Request, make_engine
+
+WIDE = "qwen3-30b-a3b"
+
+
+def record_model_name(source: ModelSource) -> str:
+    """`qwen3-30b-a3b` for a checkpoint of that model's dimensions, else the checkpoint's name."""
+    same = replace(source.config, name=WIDE, torch_dtype="bfloat16", eos_token_id=None, bos_token_id=None,
+                   pad_token_id=None, max_position_embeddings=40960, rope_scaling=None, sliding_window=None)
+    want = replace(PRESETS[WIDE], eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    return WIDE if same == want else source.name
+
+
+def progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=not sys.stderr.isatty())
+
+
+def options_of(run: RunConfig) -> ModelOptions:
+    return ModelOptions(fused_qkv=run.fused_qkv)
+
+
+def benchmark(run: RunConfig, model, req: Request, what: str) -> dict:
+    """benchmark_report.json's content for `model` on this request (warm-up runs absorb compilation)."""
+    engine = make_engine(model, run, batch=req.input_ids.shape[0], compile=True)
+    bar = progress(run.benchmark_runs, f"benchmark {what}")
+    timings = run_benchmark(engine, req.input_ids, req.attention_mask, req.max_new_tokens, run.benchmark_runs,
+                            run.warmup_runs, on_run=lambda i: bar.update())
+    bar.close()
+    return benchmark_report(timings, req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0])
+
+
+def reference_benchmark(run: RunConfig, source: ModelSource, req: Request, device, dtype) -> dict:
+    model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device)
+    return benchmark(run, model, req, "reference")
+
+
+def prompt_rows(req: Request) -> list[list[int]]:
+    """Each row's real prompt tokens, padding removed."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(req.input_ids, req.attention_mask)]
+
+
+def expected_meta(run: RunConfig, source: ModelSource, req: Request, dtype) -> ExpectedMeta:
+    return ExpectedMeta(model=source.name, weights_hash=weights_hash(source), prompt_ids=prompt_rows(req),
+                        dtype=str(dtype).removeprefix("torch."), seq_len=run.seq_len,
+                        new_tokens=req.max_new_tokens)
+
+
+def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, dtype, index: int | None,
+                    folder: Path) -> tuple[torch.Tensor, ExpectedMeta]:
+    """Stored expected logits when their metadata matches (refused when they do not), else computed now by
+    the reference. index: prompts.txt position; None looks for the same prompt under any index."""
+    meta = expected_meta(run, source, req, dtype)
+    stored = load_expected(folder, index, meta) if index is not None else find_stored(folder, meta)
+    if stored is not None:
+        print(f"expected logits: stored ({folder})", file=sys.stderr)
+        return stored, meta
+    print("expected logits: computed by the reference model", file=sys.stderr)
+    # The reference runs in the submission's dtype (as the original's baseline model did), so honest
+    # rounding differences stay well inside the guide's tolerances.
+    logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
+                              device)
+    return logits, meta
+
+
+@dataclass
+class Validation:
+    report: ValidationReport
+    expected_text: list[str]
+    actual_text: list[str]
+
+
+def build_submission(run: RunConfig, sub: Submission, source: ModelSource, device, dtype, batch: int):
+    """The contestant's model, built exactly like the reference, with a broken forward reported on one line."""
+    try:
+        model = build_model(sub.cls, source, options_of(run), dtype, device)
+    except MoebenchError:
+        raise
+    except Exception as e:
+        raise sub.fail(f"could not be built and loaded: {type(e).__name__}: {e}") from None
+    _check_forward(sub, model, batch, source.config.vocab_size)
+    return model
+
+
+def _check_forward(sub: Submission, model, batch: int, vocab: int) -> None:
+    """One context-encoding and one decode call, eagerly, checking the logits' type and shape."""
+    from moebench.engine.generator import Engine
+
+    engine = Engine(model, batch=batch, max_len=4)
+    original = model.forward
+
+    def checked(*args, **kwargs):
+        try:
+            logits = original(*args, **kwargs)
+        except Exception as e:
+            raise sub.fail(f"forward failed: {type(e).__name__}: {e}") from None
+        check_logits(sub, logits, batch, vocab)
+        return logits
+
+    model.forward = checked
+    try:
+        ids = torch.ones(batch, 2, dtype=torch.long)
+        engine.decode(engine.prefill(ids, torch.ones_like(ids)).argmax(-1))
+    finally:
+        del model.forward  # back to the class's method
+
+
+class UnderTest:
+    """The submission's model and what the harness does with it: validate, benchmark, count MACs."""
+
+    def __init__(self, run: RunConfig, sub: Submission, source: ModelSource, device, dtype, batch: int):
+        self.run, self.sub, self.source, self.batch = run, sub, source, batch
+        self.model = build_submission(run, sub, source, device, dtype, batch)
+        self.engine = make_engine(self.model, run, batch=batch, compile=True)
+
+    def validate(self, expected: torch.Tensor, req: Request, tokenizer) -> Validation:
+        first = []
+
+        def generate_fn(prompts: list[list[int]], n_new: int):
+            L = max(map(len, prompts))
+            ids = torch.full((len(prompts), L), req.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, p in enumerate(prompts):
+                ids[b, :len(p)], mask[b, :len(p)] = torch.tensor(p), 1
+            n_new = min(n_new, self.run.seq_len - L + 1)
+            tokens, logits = self.engine.greedy(ids, mask, n_new)
+            if not first:
+                first.append(tokens)
+            return logits, tokens
+
+        run = self.run
+        tol_map = run.tol_map or DEFAULT_TOL_MAP
+        div_tol = run.divergence_difference_tol
+        if div_tol is None:
+            div_tol = DEFAULT_DIVERGENCE_TOL[run.torch_dtype]
+        report = validate_logits(prompt_rows(req), generate_fn, expected, tol_map, div_tol, run.num_tokens_to_check)
+        n = expected.shape[0] if run.num_tokens_to_check is None else min(run.num_tokens_to_check, expected.shape[0])
+        exp_text = [tokenizer.decode(expected[:n, b].argmax(-1).tolist()) for b in range(expected.shape[1])]
+        act_text = [tokenizer.decode(first[0][b, :n].tolist()) for b in range(expected.shape[1])]
+        return Validation(report, exp_text, act_text)
+
+    def benchmark(self, req: Request) -> dict:
+        return benchmark(self.run, self.model, req, "submission")
+
+    def flop_ratio(self, req: Request) -> tuple[float, dict]:
+        macs, _ = request_macs(self.model, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len)
+        return flop_ratio(macs), {"total_macs": macs.total, "kernel_macs": macs.kernel, "by_op": macs.by_op}
+
+
+def print_validation(v: Validation) -> None:
+    print(v.report.summary())
+    for b, (e, a) in enumerate(zip(v.expected_text, v.actual_text)):
+        print(f"expected text [{b}]: {e!r}")
+        print(f"actual text   [{b}]: {a!r}")
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

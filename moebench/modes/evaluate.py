@@ -1,0 +1,130 @@
+"""--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from moebench.cli.args import RunConfig
+from moebench.errors import CheckFailed, MoebenchError
+from moebench.evaluation.records import (PromptData, append_record, prompt_data_path, read_prompt_data,
+                                         read_prompts, record_row, records_path, write_prompt_data)
+from moebench.evaluation.score import Score, compute_score
+from moebench.evaluation.submission import load_submission
+from moebench.model.loader import open_model
+from moebench.modes.contest import (UnderTest, expected_logits, print_validation, record_model_name,
+                                    reference_benchmark, write_json)
+from moebench.modes.setup import device_of, dtype_of, make_request
+
+REPORT_FILE = "benchmark_report.json"
+
+
+@dataclass
+class Base:
+    latency: float  # ms, end-to-end p99
+    throughput: float  # tokens/s
+    origin: str
+
+
+def base_from_report(report: dict, origin: str) -> Base:
+    return Base(report["e2e_model"]["latency_ms_p99"], report["e2e_model"]["throughput"], origin)
+
+
+def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None, base: Base | None,
+                    report_path: Path) -> Score:
+    """One prompt: the reference first (expected logits, base timings when needed), then the submission."""
+    folder = Path.cwd()
+    device, dtype = device_of(run), dtype_of(run)
+    req = make_request(run, source, [prompt])
+    expected = None
+    if not run.skip_accuracy:
+        expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
+    if run.base_latency is not None and run.base_throughput is not None:
+        base = Base(run.base_latency, run.base_throughput, "given")
+    elif base is None:
+        base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
+    base = Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
+
+    under = UnderTest(run, sub, source, device, dtype, batch=1)
+    accuracy, checked = 1.0, False
+    if expected is not None:
+        v = under.validate(expected, req, source.tokenizer)
+        print_validation(v)
+        accuracy, checked = float(v.report.passed), True
+    report = under.benchmark(req)
+    ratio, macs = under.flop_ratio(req)
+    report["kernel_flops"] = {"nki_flop_ratio": ratio, **macs}
+    write_json(report_path, report)
+    e2e = report["e2e_model"]
+    score = compute_score(accuracy, base.latency, base.throughput, e2e["latency_ms_p99"], e2e["throughput"], ratio)
+    path = records_path(folder, run.team_id, record_model_name(source))
+    append_record(path, record_row(run.team_id, run.member_id, score))
+    print_summary(score, checked, base, report_path, path)
+    return score
+
+
+def print_summary(s: Score, checked: bool, base: Base, report_path: Path, records: Path) -> None:
+    acc = ("PASS" if s.accuracy else "FAIL") if checked else "not checked (--skip-accuracy; counted as 1)"
+    print(f"accuracy:             {acc}")
+    print(f"latency (e2e p99):    {s.latency:.2f} ms   base {s.base_latency:.2f} ms ({base.origin})")
+    print(f"throughput (e2e):     {s.throughput:.2f} tokens/s   base {s.base_throughput:.2f} tokens/s")
+    print(f"reduced latency:      {s.reduced_latency:.4f}")
+    print(f"increased throughput: {s.increased_throughput:.4f}")
+    print(f"kernel FLOP ratio:    {s.flop_ratio:.4f}")
+    print(f"final score:          {s.final_score:.4f}")
+    print(f"report: {report_path}")
+    print(f"records: {records}")
+
+
+def run_evaluate_single(run: RunConfig) -> int:
+    sub = load_submission(run.qwen)
+    print(f"submission: {sub.path}")
+    source = open_model(run.model_path)
+    if len(run.prompts) != 1:
+        raise MoebenchError("--mode evaluate_single takes one --prompt; use evaluate_all for several")
+    score = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
+    if not score.accuracy:
+        raise CheckFailed("accuracy check failed: the evaluation scored 0")
+    return 0
+
+
+def run_evaluate_all(run: RunConfig) -> int:
+    folder = Path.cwd()
+    prompts = read_prompts(folder / "prompts.txt")
+    sub = load_submission(run.qwen)
+    print(f"submission: {sub.path}")
+    source = open_model(run.model_path)
+    platform = device_of(run).type
+    data_path = prompt_data_path(folder, platform)
+    if data_path is None:
+        data_path = folder / f"prompt_data_{platform}.csv"
+        print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")
+        rows = measure_prompt_data(run, source, prompts)
+        write_prompt_data(data_path, rows)
+    rows = read_prompt_data(data_path)
+    if [r.prompt_id for r in rows] != list(range(len(prompts))):
+        raise MoebenchError(f"{data_path}: has prompt ids {[r.prompt_id for r in rows]}, but prompts.txt has "
+                            f"{len(prompts)} prompts (ids 0..{len(prompts) - 1})")
+    total, failed = 0.0, 0
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")
+        prompt_run = dataclasses.replace(run, seq_len=row.seq_len)  # the file's sequence length is used
+        base = Base(row.base_latency, row.base_throughput, data_path.name)
+        score = evaluate_prompt(prompt_run, sub, source, prompt, i, base, folder / f"benchmark_report_{i}.json")
+        total += score.final_score
+        failed += not score.accuracy
+    print(f"total score ({len(prompts)} prompts): {total:.4f}")
+    if failed:
+        raise CheckFailed(f"accuracy check failed on {failed} of {len(prompts)} prompts")
+    return 0
+
+
+def measure_prompt_data(run: RunConfig, source, prompts: list[str]) -> list[PromptData]:
+    """Base latency and throughput of the reference on each prompt, at --seq-len."""
+    device, dtype = device_of(run), dtype_of(run)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        req = make_request(run, source, [prompt])
+        base = base_from_report(reference_benchmark(run, source, req, device, dtype), "measured")
+        rows.append(PromptData(i, int(req.attention_mask.sum()), run.seq_len, base.latency, base.throughput))
+    return rows

@@ -1,0 +1,52 @@
+"""--mode validate (logit validation of the submission) and --mode generate_accuracy_baselines."""
+
+import sys
+from pathlib import Path
+
+from moebench.cli.args import RunConfig
+from moebench.errors import CheckFailed
+from moebench.evaluation.expected import save_expected
+from moebench.evaluation.records import read_prompts, write_prompt_data
+from moebench.evaluation.submission import load_submission
+from moebench.model.loader import open_model
+from moebench.modes.contest import UnderTest, expected_logits, print_validation
+from moebench.modes.evaluate import measure_prompt_data
+from moebench.modes.setup import device_of, dtype_of, make_request
+
+
+def run_validate(run: RunConfig) -> int:
+    """Exit 0 when the submission's logits pass, 1 when they do not, on every platform."""
+    sub = load_submission(run.qwen)
+    print(f"submission: {sub.path}")
+    source = open_model(run.model_path)
+    device, dtype = device_of(run), dtype_of(run)
+    req = make_request(run, source, run.prompts)
+    expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
+    under = UnderTest(run, sub, source, device, dtype, batch=len(run.prompts))
+    v = under.validate(expected, req, source.tokenizer)
+    print_validation(v)
+    if not v.report.passed:
+        raise CheckFailed("validation failed")
+    return 0
+
+
+def run_generate_accuracy_baselines(run: RunConfig) -> int:
+    """For each prompt of prompts.txt: expected_logits_{i}.pt/.json from the reference, and the reference's
+    latency and throughput in prompt_data_<platform>.csv."""
+    folder = Path.cwd()
+    prompts = read_prompts(folder / "prompts.txt")
+    source = open_model(run.model_path)
+    device, dtype = device_of(run), dtype_of(run)
+    for i, prompt in enumerate(prompts):
+        req = make_request(run, source, [prompt])
+        logits, meta = expected_logits(run, source, req, device, dtype, None, folder / ".no-stored-logits")
+        path = save_expected(folder, i, logits, meta)
+        print(f"prompt {i}: {req.attention_mask.sum()} tokens, {logits.shape[0]} expected tokens -> {path.name}")
+    rows = measure_prompt_data(run, source, prompts)
+    data_path = folder / f"prompt_data_{device.type}.csv"
+    write_prompt_data(data_path, rows)
+    for r in rows:
+        print(f"prompt {r.prompt_id}: base latency {r.base_latency:.2f} ms, base throughput "
+              f"{r.base_throughput:.2f} tokens/s")
+    print(f"prompt data: {data_path}")
+    return 0

@@ -1,0 +1,1 @@
+moebench/contest/qwen.py

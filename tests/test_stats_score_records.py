@@ -1,0 +1,289 @@
+"""Stats, score and the evaluation files (records, prompt_data, prompts.txt) against hand-computed values."""
+
+import json
+import math
+import multiprocessing as mp
+import os
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from moebench.errors import MoebenchError
+from moebench.evaluation.records import (PROMPT_DATA_HEADER, RECORD_COLUMNS, PromptData, append_record,
+                                         prompt_data_path, read_prompt_data, read_prompts, read_records,
+                                         record_row, records_path, write_prompt_data)
+from moebench.evaluation.score import compute_score
+from moebench.evaluation.stats import percentile, submodel_report, summarize
+
+# x0..x19, sorted; the tests feed them shuffled.
+X = [10, 11, 13, 16, 20, 25, 31, 38, 46, 55, 65, 76, 88, 101, 115, 130, 146, 163, 181, 200]
+SHUFFLED = X[1::2] + X[::2][::-1]
+# nxdi-semantics §1 for n = 20, by hand:
+P50 = 60.0     # (x9 + x10)/2 = (55 + 65)/2
+P90 = 164.8    # x17 + 0.1(x18 - x17) = 163 + 0.1·18
+P95 = 181.95   # x18 + 0.05(x19 - x18) = 181 + 0.05·19
+P99 = 196.39   # x18 + 0.81(x19 - x18) = 181 + 0.81·19
+P100 = 200.0   # max
+MEAN = 76.5    # 1530 / 20
+
+
+# ---------------------------------------------------------------- stats
+
+def test_percentiles_match_hand_formulas():
+    assert sorted(SHUFFLED) == X and SHUFFLED != X
+    for q, want in [(50, P50), (90, P90), (95, P95), (99, P99), (100, P100), (0, 10.0)]:
+        assert percentile(SHUFFLED, q) == pytest.approx(want, abs=1e-9)
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_summarize():
+    s = summarize(SHUFFLED)
+    assert (s.runs, s.min, s.max, s.mean) == (20, 10.0, 200.0, pytest.approx(MEAN))
+    assert (s.p50, s.p90, s.p95, s.p99, s.p100) == pytest.approx((P50, P90, P95, P99, P100))
+    assert summarize([1.0, 3.0]).std == 1.0  # population std
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_submodel_report_keys_percentiles_and_types():
+    r = submodel_report([v / 1000 for v in SHUFFLED], tokens_per_run=640, batch=1, n_runs=20)
+    assert list(r) == ["latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "latency_ms_p99", "latency_ms_p100",
+                       "latency_ms_avg", "latency_ms_mean", "throughput", "runs"]
+    assert [r[f"latency_ms_p{q}"] for q in (50, 90, 95, 99, 100)] == pytest.approx([P50, P90, P95, P99, P100])
+    assert r["latency_ms_avg"] == r["latency_ms_mean"] == pytest.approx(MEAN)
+    assert r["runs"] == 20 and type(r["runs"]) is int
+    assert all(type(v) is float for k, v in r.items() if k != "runs")
+    assert json.loads(json.dumps(r)) == r
+
+
+def test_submodel_report_throughput():
+    # e2e: 20 runs of 0.5 s, 640 tokens each, batch 1 -> 20·640 / 10 s
+    assert submodel_report([0.5] * 20, 640, 1, 20)["throughput"] == pytest.approx(1280.0)
+    # token generation: 2 requests x 3 decode steps of 10 ms, 4 new tokens, batch 2 -> 2·4·2 / 0.06 s
+    r = submodel_report([0.01] * 6, tokens_per_run=4, batch=2, n_runs=2)
+    assert r["throughput"] == pytest.approx(266.6666667) and r["runs"] == 6
+    assert r["latency_ms_p99"] == pytest.approx(10.0)
+
+
+def test_submodel_report_empty_is_none():
+    assert submodel_report([], 640, 1, 20) is None
+
+
+# ---------------------------------------------------------------- score
+
+def test_score_hand_example():
+    s = compute_score(accuracy=1, base_latency=500.0, base_throughput=100.0, latency=250.0, throughput=200.0,
+                      flop_ratio=0.5)
+    assert (s.reduced_latency, s.increased_throughput, s.final_score) == (2.0, 2.0, 6.0)
+    assert (s.accuracy, s.base_latency, s.base_throughput, s.latency, s.throughput, s.flop_ratio) == \
+           (1.0, 500.0, 100.0, 250.0, 200.0, 0.5)
+
+
+def test_score_accuracy_zero_and_bounds():
+    assert compute_score(0, 500.0, 100.0, 250.0, 200.0, 0.5).final_score == 0.0
+    assert compute_score(True, 100.0, 10.0, 100.0, 10.0, 0.0).final_score == 1.0
+    assert compute_score(1, 100.0, 10.0, 100.0, 10.0, 1.0).final_score == 2.0
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(accuracy=0.5), dict(accuracy=2), dict(accuracy=math.nan),
+    dict(latency=0.0), dict(latency=-1.0), dict(latency=math.inf), dict(latency=math.nan),
+    dict(throughput=0.0), dict(base_latency=0.0), dict(base_throughput=-5.0), dict(base_throughput=math.inf),
+    dict(flop_ratio=-0.01), dict(flop_ratio=1.01), dict(flop_ratio=math.nan),
+])
+def test_score_rejects_invalid(kwargs):
+    args = dict(accuracy=1, base_latency=500.0, base_throughput=100.0, latency=250.0, throughput=200.0,
+                flop_ratio=0.5) | kwargs
+    with pytest.raises(ValueError):
+        compute_score(**args)
+
+
+# ---------------------------------------------------------------- score records
+
+SCORE = compute_score(1, 500.0, 100.0, 250.0, 200.0, 0.5)
+HEADER_LINE = ",".join(RECORD_COLUMNS)
+
+
+def test_records_path(tmp_path):
+    assert records_path(tmp_path, "t7", "qwen3-30b-a3b") == tmp_path / "t7_qwen3-30b-a3b_score_records.csv"
+    assert records_path(tmp_path, None, "tiny") == tmp_path / "tiny_score_records.csv"
+
+
+def test_record_row():
+    row = record_row(None, None, SCORE, when=datetime(2025, 3, 4, 5, 6, 7))
+    assert list(row) == RECORD_COLUMNS == [
+        "team_id", "member_id", "base_latency", "base_throughput", "accuracy", "latency", "throughput",
+        "nki_flop_ratio", "increased_throughput", "reduced_latency", "final_score", "timestamp"]
+    assert row["team_id"] == row["member_id"] == ""
+    assert row["timestamp"] == "2025-03-04 05:06:07"
+    assert (row["accuracy"], row["nki_flop_ratio"], row["final_score"]) == (1, 0.5, 6.0)
+    datetime.strptime(record_row("t", "m", SCORE)["timestamp"], "%Y-%m-%d %H:%M:%S")
+
+
+def test_append_writes_header_once(tmp_path):
+    path = tmp_path / "r.csv"
+    append_record(path, record_row("team, \"A\"", "m1", SCORE, datetime(2025, 1, 1)))
+    append_record(path, record_row(None, None, SCORE, datetime(2025, 1, 2)))
+    lines = path.read_text().splitlines()
+    assert lines[0] == HEADER_LINE and len(lines) == 3
+    rows = read_records(path)
+    assert [list(r) for r in rows] == [RECORD_COLUMNS] * 2
+    assert rows[0]["team_id"] == 'team, "A"' and rows[1]["team_id"] == ""
+    assert float(rows[0]["final_score"]) == 6.0 and rows[1]["timestamp"] == "2025-01-02 00:00:00"
+
+
+def test_append_after_missing_final_newline(tmp_path):
+    path = tmp_path / "r.csv"
+    append_record(path, record_row("a", "1", SCORE))
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))  # as a hand edit might leave it
+    append_record(path, record_row("b", "2", SCORE))
+    assert [r["team_id"] for r in read_records(path)] == ["a", "b"]
+
+
+def _append_rows(path, worker, start):
+    start.wait()
+    for i in range(25):
+        append_record(Path(path), record_row(f"w{worker}", str(i), SCORE))
+
+
+def test_concurrent_appends_do_not_interleave(tmp_path):
+    path = tmp_path / "r.csv"
+    ctx = mp.get_context("fork")
+    start = ctx.Event()
+    procs = [ctx.Process(target=_append_rows, args=(str(path), w, start)) for w in range(8)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 8
+    lines = path.read_text().split("\n")
+    assert lines[-1] == "" and lines[0] == HEADER_LINE
+    body = lines[1:-1]
+    assert len(body) == 200 and HEADER_LINE not in body
+    assert all(len(line.split(",")) == len(RECORD_COLUMNS) for line in body)
+    rows = read_records(path)
+    assert sorted((r["team_id"], int(r["member_id"])) for r in rows) == \
+           sorted((f"w{w}", i) for w in range(8) for i in range(25))
+    assert all(float(r["final_score"]) == 6.0 for r in rows)
+
+
+def test_foreign_header_refused_and_untouched(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_bytes(b"team,score\r\nx,1\r\n")
+    before = path.read_bytes()
+    with pytest.raises(MoebenchError, match="r.csv") as e:
+        append_record(path, record_row("t", "m", SCORE))
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == before
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(MoebenchError):
+        append_record(path, record_row("t", "m", SCORE))
+    assert path.read_bytes() == b"\xff\xfe\x00garbage"
+
+
+def test_read_records_errors(tmp_path):
+    with pytest.raises(MoebenchError, match="missing.csv"):
+        read_records(tmp_path / "missing.csv")
+
+
+# ---------------------------------------------------------------- prompt data
+
+ROWS = [PromptData(0, 18, 64, 12498.0, 51.86), PromptData(1, 126, 256, 9432.19, 70.24),
+        PromptData(2, 402, 640, 3041.923456789, 217.7412345)]
+HEADER = "Prompt ID,Context Length,Sequence Length,Base latency,Base throughput"
+
+
+def test_prompt_data_round_trip(tmp_path):
+    path = tmp_path / "prompt_data_cpu.csv"
+    path.write_text("old content")
+    write_prompt_data(path, ROWS)
+    assert path.read_text().splitlines()[0] == HEADER == ",".join(PROMPT_DATA_HEADER)
+    assert read_prompt_data(path) == ROWS
+    assert sorted(os.listdir(tmp_path)) == ["prompt_data_cpu.csv"]  # no temp file left
+
+
+def test_write_prompt_data_refuses_invalid_rows(tmp_path):
+    path = tmp_path / "prompt_data_cpu.csv"
+    write_prompt_data(path, ROWS)
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        write_prompt_data(path, ROWS + [PromptData(0, 1, 2, 3.0, 4.0)])
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["prompt_data_cpu.csv"]
+
+
+def test_reads_the_original_contest_file(tmp_path):
+    # aws-neuron/nki-moe's prompt_data_trn2.csv: spaces after commas, no final newline
+    path = tmp_path / "prompt_data_trn2.csv"
+    path.write_text("Prompt ID, Context Length, Sequence Length, Base latency, Base throughput\n"
+                    "0,18,64,12498,51.86\n1,126,256,9432.19,70.24\n2,43,128,12089.08,54.40\n"
+                    "3,10,64,12868.67,50.89\n4,402,640,3041.92,217.74")
+    rows = read_prompt_data(path)
+    assert len(rows) == 5 and rows[4] == PromptData(4, 402, 640, 3041.92, 217.74)
+
+
+@pytest.mark.parametrize("content, line", [
+    (b"", 1),
+    (b"\n \n", 1),
+    (b"ID,ctx,seq,lat,thr\n0,18,64,12498,51.86\n", 1),
+    (HEADER.encode() + b"\n0,18,64,12498\n", 2),
+    (HEADER.encode() + b"\n0,18,64,12498,51.86,7\n", 2),
+    (HEADER.encode() + b"\n0,18,64,fast,51.86\n", 2),
+    (HEADER.encode() + b"\n0,18.5,64,12498,51.86\n", 2),
+    (HEADER.encode() + b"\n0,18,64,12498,51.86\n1,18,64,0,51.86\n", 3),
+    (HEADER.encode() + b"\n0,18,64,12498,-1\n", 2),
+    (HEADER.encode() + b"\n0,0,64,12498,51.86\n", 2),
+    (HEADER.encode() + b"\n0,18,64,inf,51.86\n", 2),
+    (HEADER.encode() + b"\n-1,18,64,12498,51.86\n", 2),
+    (HEADER.encode() + b"\n0,18,64,12498,51.86\n1,1\xff8,64,1,1\n", 3),
+    (HEADER.encode() + b"\n0,18,64,12498,51.86\n\n0,18,64,12498,51.86\n", 4),
+])
+def test_malformed_prompt_data(tmp_path, content, line):
+    path = tmp_path / "prompt_data_cpu.csv"
+    path.write_bytes(content)
+    with pytest.raises(MoebenchError) as e:
+        read_prompt_data(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:{line}:") and "\n" not in msg
+
+
+def test_prompt_data_path_txt_fallback(tmp_path):
+    assert prompt_data_path(tmp_path, "cpu") is None
+    (tmp_path / "prompt_data_cpu.txt").write_text(HEADER + "\n0,18,64,12498,51.86\n")
+    assert prompt_data_path(tmp_path, "cpu") == tmp_path / "prompt_data_cpu.txt"
+    assert read_prompt_data(prompt_data_path(tmp_path, "cpu")) == [PromptData(0, 18, 64, 12498.0, 51.86)]
+    (tmp_path / "prompt_data_cpu.csv").write_text(HEADER + "\n")
+    assert prompt_data_path(tmp_path, "cpu") == tmp_path / "prompt_data_cpu.csv"
+    assert prompt_data_path(tmp_path, "cuda") is None
+
+
+# ---------------------------------------------------------------- prompts.txt
+
+def test_prompts_blank_line_separation(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n  I believe the meaning of life is  \n\n"
+                    "Write a poem\n  about the sea,\nin two lines.\n\n\n\n"
+                    "   \n\t\n"
+                    "Last one\n")
+    assert read_prompts(path) == ["I believe the meaning of life is", "Write a poem\n  about the sea,\nin two lines.",
+                                  "Last one"]
+    path.write_bytes(b"\xef\xbb\xbfa\r\nb\r\n \r\nc")  # BOM, CRLF, no final newline
+    assert read_prompts(path) == ["a\nb", "c"]
+
+
+def test_prompts_missing(tmp_path):
+    with pytest.raises(MoebenchError) as e:
+        read_prompts(tmp_path / "prompts.txt")
+    assert str(e.value) == (f"prompts.txt not found in {tmp_path}: "
+                            "evaluate_all and generate_accuracy_baselines need it")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n\t\n", b"a prompt \xff\n"])
+def test_prompts_empty_or_not_utf8(tmp_path, content):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    with pytest.raises(MoebenchError) as e:
+        read_prompts(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
