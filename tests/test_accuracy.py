@@ -132,7 +132,7 @@ def test_returned_ids_replace_the_argmax():
     assert validate_logits(PROMPTS, Impl(expected, 3, ids), expected).calls == 1
     wrong = int(expected[2, 1].topk(2).indices[1])
     ids[1, 2] = wrong  # the implementation says it chose another token than its own logits' argmax
-    report = validate_logits(PROMPTS, Impl(expected, 3, ids), expected)
+    report = validate_logits(PROMPTS, Impl(expected, 3, ids), expected, divergence_tol=1e-3)
     assert not report.passed and report.calls == 2
     bad = report.first_failure
     assert (bad.step, bad.row, bad.actual_id) == (2, 1, wrong) and bad.gap > 0
@@ -166,3 +166,29 @@ def test_generate_fn_returning_no_tokens_is_rejected():
     expected = logits(12, S, B)
     with pytest.raises(ValueError, match="0 tokens"):
         validate_logits(PROMPTS, lambda prompts, n: expected[:0], expected)
+
+
+def test_relative_divergence_tolerance_scales_with_the_top_logit():
+    e = torch.zeros(V, dtype=torch.float64)
+    e[0], e[1] = 16.0, 15.9  # the golden picks token 0
+    a = e.clone()
+    a[1] = 16.3  # the implementation picks token 1, 0.3 above token 0
+    loose = {None: (1e-5, 0.1)}
+    assert check_token(e, a, loose, (0.0, 1 / 16), remove_shift=False)[4] == pytest.approx(0.3)
+    assert check_token(e, a, loose, (0.0, 1 / 16), remove_shift=False)[0]  # 0.3 < 16/16: within 16 bf16 ulps
+    assert not check_token(e, a, loose, (0.0, 1 / 64), remove_shift=False)[0]  # 0.3 >= 16/64
+
+
+def test_a_small_share_of_failed_tokens_is_allowed_but_nan_never():
+    expected = logits(11, S, B)
+    actual = expected.clone()
+    actual[5, 0] += 0.5 * expected[5, 0].abs().max() * torch.randn(V, generator=torch.Generator().manual_seed(1),
+                                                                     dtype=torch.float64)
+    actual[5, 0, expected[5, 0].argmax()] += 100  # keep the greedy token, so no re-run
+    impl = Impl(actual, 3)
+    strict = validate_logits(PROMPTS, impl, expected)
+    assert not strict.passed and strict.failed == 1
+    loose = validate_logits(PROMPTS, impl, expected, allowed_fraction=1 / (S * B))
+    assert loose.passed and "1 of" in loose.summary()
+    actual[6, 1, 3] = float("nan")
+    assert not validate_logits(PROMPTS, Impl(actual, 3), expected, allowed_fraction=0.5).passed

@@ -13,10 +13,18 @@ from moebench.errors import MoebenchError
 
 # k -> (atol, rtol); k=None is the whole vocab. The contest driver's map (NxDI's own default is 50:0.02, 5:0.01).
 DEFAULT_TOL_MAP = {None: (1e-5, 0.05), 1000: (1e-5, 0.03), 50: (1e-5, 0.03), 5: (1e-5, 0.03)}
-# Divergence tolerance in raw logit units, per dtype of the implementation under test: when the greedy token
-# differs from the golden one, the two logits must be closer than this. NxDI's 0.001 is below one bf16 ulp
-# at logits ~18 (0.125), so it demanded exact equality (nki-llama #22/#27). Placeholders, to be calibrated.
-DEFAULT_DIVERGENCE_TOL = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.05}
+# Divergence tolerance per dtype of the implementation under test: where the greedy token differs from the
+# golden one, the two logits must be closer than this. NxDI's absolute 0.001 is below one bf16 ulp at logits ~18
+# (0.125), so it demanded exact equality (nki-llama #22/#27). Defaults: (absolute, relative to the token's largest
+# |expected logit|): float32 keeps 0.001; bfloat16 allows 16 ulps of the top logit (1/16 of it), float16 16 of its
+# finer ulps (1/128). An explicit --divergence-difference-tol is absolute.
+DEFAULT_DIVERGENCE_TOL = {"float32": (1e-3, 0.0), "bfloat16": (0.0, 1 / 16), "float16": (0.0, 1 / 128)}
+# Share of validated tokens allowed outside the tolerances. In an MoE, a router near-tie can pick another expert
+# under rounding alone: in bfloat16 about 2% of the embedded model's tokens flip an expert, and those tokens
+# differ by up to ~6% of the top logit while all others stay within 1% (scripts/calibrate_accuracy.py). So
+# low-precision runs may have up to 5% of tokens outside the map (GPU MODE's MLA check allows 5% mismatches);
+# a wrong implementation (a dropped expert, a wrong RoPE, noise) fails most tokens. NaN or inf always fails.
+DEFAULT_FAILED_FRACTION = {"float32": 0.0, "bfloat16": 0.05, "float16": 0.05}
 
 
 class GenerateOutputError(MoebenchError, ValueError):
@@ -40,7 +48,12 @@ class ValidationReport:
     checks: list[TokenCheck]
     calls: int  # generate_fn calls: 1 + the teacher-forced re-runs
     tol_map: dict
-    divergence_tol: float
+    divergence_tol: tuple  # (absolute, relative to the token's largest |expected logit|)
+    allowed_fraction: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return sum(not c.passed for c in self.checks)
 
     @property
     def first_failure(self) -> TokenCheck | None:
@@ -61,16 +74,23 @@ class ValidationReport:
                  f"({rows} rows, {self.calls} generate calls)"]
         for k, err in self.worst.items():
             lines.append(f"  top-{'all' if k is None else k}: worst error {err:.4g} (rtol {self.tol_map[k][1]:g})")
-        lines.append(f"  max logit gap at a divergent token {self.max_gap:.4g} (tol {self.divergence_tol:g})")
+        lines.append(f"  max logit gap at a divergent token {self.max_gap:.4g} (tol {_tol_text(self.divergence_tol)})")
+        lines.append(f"  tokens outside the tolerances: {self.failed} of {len(self.checks)} "
+                     f"(allowed {self.allowed_fraction:.0%})")
         bad = self.first_failure
         if bad is not None:
             why = [f"top-{'all' if k is None else k} error {bad.errors[k]:.4g} > {self.tol_map[k][1]:g}"
                    for k in self.tol_map if not _within(bad.errors[k], self.tol_map[k][1])]
-            if bad.gap is not None and not bad.gap < self.divergence_tol:
-                why.append(f"logit gap {bad.gap:.4g} >= {self.divergence_tol:g}")
+            if bad.gap is not None and not why:
+                why.append(f"logit gap {bad.gap:.4g} over the divergence tolerance")
             lines.append(f"  first failure: step {bad.step}, row {bad.row}: expected id {bad.expected_id}, "
                          f"actual id {bad.actual_id}; {'; '.join(why)}")
         return "\n".join(lines)
+
+
+def _tol_text(tol: tuple) -> str:
+    absolute, relative = tol
+    return f"{absolute:g}" if not relative else f"{relative:g} x the top logit"
 
 
 def _decimals(rtol: float) -> int:
@@ -83,9 +103,11 @@ def _within(err: float, rtol: float) -> bool:
     return math.isfinite(err) and round(err, _decimals(rtol)) <= rtol
 
 
-def check_token(expected: torch.Tensor, actual: torch.Tensor, tol_map: dict, divergence_tol: float,
+def check_token(expected: torch.Tensor, actual: torch.Tensor, tol_map: dict, divergence_tol,
                 actual_id: int | None = None, remove_shift: bool = True):
-    """One token's logits [V] against the golden [V]. Returns (passed, errors, expected_id, actual_id, gap)."""
+    """One token's logits [V] against the golden [V]. Returns (passed, errors, expected_id, actual_id, gap).
+    divergence_tol: an absolute float, or (absolute, relative to this token's largest |expected logit|)."""
+    absolute, relative = divergence_tol if isinstance(divergence_tol, tuple) else (divergence_tol, 0.0)
     e = expected.detach().to("cpu", torch.float64).reshape(-1).numpy()
     a = actual.detach().to("cpu", torch.float64).reshape(-1).numpy()
     if e.shape != a.shape:
@@ -137,7 +159,8 @@ def check_token(expected: torch.Tensor, actual: torch.Tensor, tol_map: dict, div
         passed &= _within(err, rtol)
 
     gap = gap_of(a - shift)
-    if gap is not None and not gap < divergence_tol:  # strict <, as in NxDI
+    tol = max(absolute, relative * float(np.max(np.abs(e_kept))))
+    if gap is not None and not gap < tol:  # strict <, as in NxDI
         passed = False
     return passed, errors, expected_id, actual_id, gap
 
@@ -159,8 +182,8 @@ def _split_output(out, batch: int, vocab: int):
 
 
 def validate_logits(prompts: list[list[int]], generate_fn, expected: torch.Tensor, tol_map: dict | None = None,
-                    divergence_tol: float = DEFAULT_DIVERGENCE_TOL["bfloat16"],  # moebench's default dtype
-                    num_tokens: int | None = None) -> ValidationReport:
+                    divergence_tol=DEFAULT_DIVERGENCE_TOL["bfloat16"],  # moebench's default dtype
+                    num_tokens: int | None = None, allowed_fraction: float = 0.0) -> ValidationReport:
     """Teacher-forced validation of generate_fn's logits against greedy goldens `expected` [S, B, V].
 
     generate_fn(prompts, n_new) returns logits [n, B, V] (row 0 predicts the token after each prompt) or
@@ -195,4 +218,9 @@ def validate_logits(prompts: list[list[int]], generate_fn, expected: torch.Tenso
                 checks.append(TokenCheck(t, b, ok, errors, eid, aid, gap))
         current = [p + exp_ids[start:div, b].tolist() for b, p in enumerate(current)]  # teacher forcing
         start = div
-    return ValidationReport(all(c.passed for c in checks), checks, calls, dict(tol_map), divergence_tol)
+    tol = divergence_tol if isinstance(divergence_tol, tuple) else (divergence_tol, 0.0)
+    failed = [c for c in checks if not c.passed]
+    broken = any(not math.isfinite(e) for c in failed for e in c.errors.values()) or \
+        any(c.gap is not None and not math.isfinite(c.gap) for c in failed)  # NaN, inf, a forbidden token
+    passed = not broken and len(failed) <= allowed_fraction * len(checks)
+    return ValidationReport(passed, checks, calls, dict(tol_map), tol, allowed_fraction)

@@ -36,6 +36,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     folder = Path.cwd()
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, [prompt])
+    under = UnderTest(run, sub, source, device, dtype, batch=1)  # a broken module fails before any long work
     expected = None
     if not run.skip_accuracy:
         expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
@@ -45,7 +46,6 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
     base = Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
 
-    under = UnderTest(run, sub, source, device, dtype, batch=1)
     accuracy, checked = 1.0, False
     if expected is not None:
         v = under.validate(expected, req, source.tokenizer)

@@ -21,8 +21,8 @@ def run_validate(run: RunConfig) -> int:
     source = open_model(run.model_path)
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, run.prompts)
+    under = UnderTest(run, sub, source, device, dtype, batch=len(run.prompts))  # a broken module fails first
     expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
-    under = UnderTest(run, sub, source, device, dtype, batch=len(run.prompts))
     v = under.validate(expected, req, source.tokenizer)
     print_validation(v)
     if not v.report.passed:

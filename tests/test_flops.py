@@ -1,0 +1,141 @@
+"""The kernel FLOP ratio on known answers: the reference counts exactly the MACs of a hand formula and none in
+kernels; a model run wholly through one registered op has ratio 1; half in a kernel and half in plain matmuls 0.5."""
+
+import pytest
+import torch
+from torch import nn
+
+from moebench.engine.generator import Engine
+from moebench.evaluation.flops import flop_ratio, graph_macs, request_macs
+from moebench.kernels.registry import KERNELS, register_kernel
+from moebench.model.loader import build_model, open_model
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+
+OP = "moebench_test::whole_model"
+
+
+@torch.library.custom_op(OP, mutates_args=())
+def whole_model(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] @ [D, V]: the test's stand-in for a custom kernel."""
+    return x @ w
+
+
+@whole_model.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[1])
+
+
+def kernel_macs(x, w):
+    return x.shape[0] * x.shape[1] * x.shape[2] * w.shape[1]
+
+
+@pytest.fixture
+def kernel_registered():
+    register_kernel(OP, macs=kernel_macs)
+    yield
+    KERNELS.pop(OP)
+
+
+@pytest.fixture(scope="module")
+def source():
+    return open_model(None)
+
+
+def request(source, text: str):
+    ids = torch.tensor([source.tokenizer.encode(text)])
+    return ids, torch.ones_like(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference against a hand formula
+
+
+def reference_macs(cfg, L: int, N: int, S: int) -> tuple[int, int]:
+    """(prefill MACs, MACs of one decode step) of the reference for an L-token prompt, cache of S slots.
+
+    Per token and layer: q, k, v and o projections, the router (D·E) and the k chosen experts (gate, up, down:
+    3·D·I each). Attention: scores plus context, 2·H·Lq·Lk·hd, with Lk = L in the prefill and S (the decode
+    mask spans the whole cache) in each decode step. The LM head runs on one token per step (the prefill keeps
+    only the last column)."""
+    D, V, E, k, I = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    H, Hkv, hd, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    q, kv = H * hd, Hkv * hd
+    per_token = layers * (D * q + 2 * D * kv + q * D + D * E + k * 3 * D * I)
+    head = D * V
+    prefill = L * per_token + layers * 2 * H * L * L * hd + head
+    decode = per_token + layers * 2 * H * 1 * S * hd + head
+    return prefill, decode
+
+
+def test_reference_macs_equal_the_hand_formula(source):
+    cfg = source.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers,
+            cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.vocab_size) == \
+        (128, 4, 2, 64, 3, 8, 2, 64, 4096)
+    assert cfg.mlp_only_layers == () and not cfg.tie_word_embeddings and cfg.sliding_window is None
+    model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), torch.float32, torch.device("cpu"))
+    ids, mask = request(source, "The quick brown fox jumps")
+    L, N, S = ids.shape[1], 5, 24
+    macs, graphs = request_macs(model, ids, mask, N, S)
+    prefill, decode = reference_macs(cfg, L, N, S)
+    assert len(graphs) == 2
+    assert graph_macs(graphs[0]).total == prefill
+    assert graph_macs(graphs[1]).total == decode
+    assert macs.total == prefill + (N - 1) * decode
+    assert macs.kernel == 0 and flop_ratio(macs) == 0.0
+    assert sum(macs.by_op.values()) == macs.total
+    # by hand: 3·(98304 + 1024 + 49152) = 445440 per token, 524288 for the LM head
+    assert reference_macs(cfg, 1, 1, 1) == (445440 + 3 * 512 + 524288,) * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models built on a registered op
+
+
+class KernelModel(nn.Module):
+    """Embeddings, then logits [B, T, V] from the registered op only; with `plain`, plus a plain matmul of the
+    same size."""
+
+    def __init__(self, cfg, plain: bool):
+        super().__init__()
+        self.config, self.plain = cfg, plain
+        g = torch.Generator().manual_seed(0)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.w = nn.Parameter(torch.randn(cfg.hidden_size, cfg.vocab_size, generator=g) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(cfg.hidden_size, cfg.vocab_size, generator=g) * 0.02)
+
+    def forward(self, input_ids, step, cache):
+        x = self.embed(input_ids)
+        logits = whole_model(x, self.w)
+        if self.plain:
+            logits = logits + x @ self.w2
+        return logits
+
+
+@pytest.mark.parametrize("plain, ratio", [(False, 1.0), (True, 0.5)])
+def test_kernel_share(source, kernel_registered, plain, ratio):
+    cfg = source.config
+    model = KernelModel(cfg, plain).eval()
+    ids, mask = request(source, "Hello world")
+    L, N, S = ids.shape[1], 4, 16
+    # the model really runs (its logits have the contract's shape) through an Engine
+    assert Engine(model, batch=1, max_len=S).prefill(ids, mask).shape == (1, cfg.vocab_size)
+    macs, graphs = request_macs(model, ids, mask, N, S)
+    D, V = cfg.hidden_size, cfg.vocab_size
+    kernel = L * D * V + (N - 1) * D * V  # the model returns every column's logits, the prefill's included
+    assert graph_macs(graphs[0]).kernel == L * D * V
+    assert graph_macs(graphs[1]).kernel == D * V
+    assert macs.kernel == kernel
+    assert macs.total == (2 if plain else 1) * kernel
+    assert flop_ratio(macs) == ratio
+    kernel_ops = {name: n for name, n in macs.by_op.items() if "whole_model" in name}
+    assert list(kernel_ops.values()) == [kernel], macs.by_op
+
+
+def test_unregistered_op_counts_nothing(source):
+    """Without the registry entry the same op is an unknown call: no MACs at all (ratio 0 by definition)."""
+    assert OP not in KERNELS
+    model = KernelModel(source.config, plain=False).eval()
+    ids, mask = request(source, "Hello world")
+    macs, _ = request_macs(model, ids, mask, 3, 8)
+    assert macs.total == 0 and macs.kernel == 0 and flop_ratio(macs) == 0.0

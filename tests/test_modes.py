@@ -1,0 +1,300 @@
+"""Every mode end to end on the embedded model, in a temporary working folder: the files each one writes (names,
+headers, keys), the numbers that must agree between them, and the one-line refusals of bad input."""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebench.cli.args import DEFAULT_PROMPT
+from moebench.cli.main import main
+from moebench.model.loader import open_model
+
+TINY = ["--seq-len", "20", "--benchmark-runs", "2", "--warmup-runs", "1"]
+PROMPTS_TXT = "Hello world\n\nThe quick brown fox\njumps over\n\n\nOnce upon a time\n"
+PROMPTS = ["Hello world", "The quick brown fox\njumps over", "Once upon a time"]
+RECORD_COLUMNS = ["team_id", "member_id", "base_latency", "base_throughput", "accuracy", "latency", "throughput",
+                  "nki_flop_ratio", "increased_throughput", "reduced_latency", "final_score", "timestamp"]
+PROMPT_DATA_HEADER = "Prompt ID,Context Length,Sequence Length,Base latency,Base throughput"
+MODEL = "moebench-tiny"
+RECORDS = f"{MODEL}_score_records.csv"
+SECTIONS = ("e2e_model", "context_encoding_model", "token_generation_model")
+LATENCY_KEYS = [f"latency_ms_{k}" for k in ("p50", "p90", "p95", "p99", "p100", "avg", "mean")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from two, and on a busy two-core machine two threads
+    spin at every op's barrier, making each request 100 times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*argv) -> tuple[int, str, str]:
+    """main(argv) in-process; (exit code, stdout, stderr). Works in module-scoped fixtures too (no capsys)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def n_tokens(text: str) -> int:
+    return len(open_model(None).tokenizer.encode(text))
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def check_record(row: dict, team: str = "", member: str = "") -> None:
+    """One score-record row: its own numbers agree with the score formula."""
+    assert row["team_id"] == team and row["member_id"] == member
+    f = {k: float(row[k]) for k in RECORD_COLUMNS[2:-1]}
+    assert f["reduced_latency"] == pytest.approx(f["base_latency"] / f["latency"], rel=1e-12)
+    assert f["increased_throughput"] == pytest.approx(f["throughput"] / f["base_throughput"], rel=1e-12)
+    assert f["final_score"] == pytest.approx(
+        f["accuracy"] * f["reduced_latency"] * f["increased_throughput"] * (1 + f["nki_flop_ratio"]), rel=1e-12)
+    datetime.strptime(row["timestamp"], "%Y-%m-%d %H:%M:%S")
+
+
+def check_report(report: dict, prompt_len: int, seq_len: int, runs: int) -> None:
+    for name in SECTIONS:
+        section = report[name]
+        for key in LATENCY_KEYS + ["throughput", "runs"]:
+            assert key in section, (name, key)
+        assert section["latency_ms_avg"] == section["latency_ms_mean"]
+        p = [section[f"latency_ms_p{q}"] for q in (50, 90, 95, 99, 100)]
+        assert p == sorted(p) and p[0] > 0
+    e2e = report["e2e_model"]
+    for key in ("generated_tokens_per_s", "ttft_ms_p50", "ttft_ms_p99"):
+        assert key in e2e
+    assert e2e["runs"] == report["context_encoding_model"]["runs"] == runs
+    # throughput = runs·tokens·batch / Σlatencies, i.e. tokens / mean latency at batch 1; e2e counts the prompt too
+    assert e2e["throughput"] == pytest.approx(seq_len / (e2e["latency_ms_avg"] / 1000), rel=1e-6)
+    ctx = report["context_encoding_model"]
+    assert ctx["throughput"] == pytest.approx(prompt_len / (ctx["latency_ms_avg"] / 1000), rel=1e-6)
+    assert e2e["generated_tokens_per_s"] == pytest.approx(
+        (seq_len - prompt_len) / (e2e["latency_ms_avg"] / 1000), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate_accuracy_baselines, then evaluate_all on what it wrote
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory):
+    """A folder with prompts.txt (3 prompts, one on two lines) and what generate_accuracy_baselines wrote."""
+    folder = tmp_path_factory.mktemp("baselines")
+    (folder / "prompts.txt").write_text(PROMPTS_TXT)
+    with contextlib.chdir(folder):
+        code, out, err = invoke("--mode", "generate_accuracy_baselines", *TINY)
+    assert code == 0, err
+    return folder, out
+
+
+@pytest.fixture
+def copy_of(tmp_path, monkeypatch):
+    """A copy of the baselines folder, made the working folder."""
+    def make(src: Path) -> Path:
+        dst = tmp_path / "copy"
+        shutil.copytree(src, dst)
+        monkeypatch.chdir(dst)
+        return dst
+    return make
+
+
+def test_generate_accuracy_baselines_writes_logits_and_prompt_data(baselines):
+    folder, out = baselines
+    for i, prompt in enumerate(PROMPTS):
+        L = n_tokens(prompt)
+        logits = torch.load(folder / f"expected_logits_{i}.pt", weights_only=True)
+        assert type(logits) is torch.Tensor and logits.dtype == torch.float32
+        assert logits.shape == (20 - L, 1, 4096)
+        assert torch.isfinite(logits).all()
+        meta = json.loads((folder / f"expected_logits_{i}.json").read_text())
+        assert set(meta) == {"model", "weights_hash", "prompt_ids", "dtype", "seq_len", "new_tokens",
+                             "moebench_version"}
+        assert meta["model"] == MODEL and meta["dtype"] == "bfloat16"
+        assert meta["seq_len"] == 20 and meta["new_tokens"] == 20 - L
+        assert meta["prompt_ids"] == [open_model(None).tokenizer.encode(prompt)]
+    text = (folder / "prompt_data_cpu.csv").read_text()
+    assert text.splitlines()[0] == PROMPT_DATA_HEADER
+    rows = list(csv.reader(text.splitlines()[1:]))
+    assert len(rows) == 3
+    for i, (row, prompt) in enumerate(zip(rows, PROMPTS)):
+        assert [int(c) for c in row[:3]] == [i, n_tokens(prompt), 20]
+        assert float(row[3]) > 0 and float(row[4]) > 0
+    assert "prompt data: " in out
+
+
+def test_evaluate_all_on_the_baselines(baselines, copy_of):
+    folder = copy_of(baselines[0])
+    code, out, err = invoke("--mode", "evaluate_all", *TINY)
+    assert code == 0, err
+    assert "expected logits: stored" in out
+    assert "expected logits: computed" not in err
+    for i, prompt in enumerate(PROMPTS):
+        report = json.loads((folder / f"benchmark_report_{i}.json").read_text())
+        check_report(report, n_tokens(prompt), 20, runs=2)
+        assert report["kernel_flops"]["nki_flop_ratio"] == 0.0
+    header, rows = read_csv(folder / RECORDS)
+    assert header == RECORD_COLUMNS
+    assert len(rows) == 3
+    with open(folder / "prompt_data_cpu.csv", newline="") as f:
+        data = list(csv.DictReader(f))
+    for row, base in zip(rows, data):
+        check_record(row)
+        assert row["accuracy"] == "1"
+        assert float(row["base_latency"]) == float(base["Base latency"])
+        assert float(row["base_throughput"]) == float(base["Base throughput"])
+    totals = [line for line in out.splitlines() if line.startswith("total score")]
+    assert len(totals) == 1
+    printed = float(totals[0].rsplit(":", 1)[1])
+    # printed with 4 decimals: equal to the rows' sum up to that rounding
+    assert abs(printed - sum(float(r["final_score"]) for r in rows)) <= 0.5e-4 + 1e-9
+
+
+def test_stored_logits_of_other_weights_are_refused(baselines, copy_of):
+    folder = copy_of(baselines[0])
+    meta_path = folder / "expected_logits_0.json"
+    meta = json.loads(meta_path.read_text())
+    meta["weights_hash"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    code, out, err = invoke("--mode", "evaluate_all", *TINY)
+    assert code == 2
+    line = error_line(err)
+    assert "expected_logits_0.pt" in line and "weights_hash" in line
+    assert not (folder / RECORDS).exists()
+
+
+def test_stored_logits_of_another_dtype_are_refused(baselines, copy_of):
+    copy_of(baselines[0])
+    code, out, err = invoke("--mode", "evaluate_all", *TINY, "--torch-dtype", "float32")
+    assert code == 2
+    line = error_line(err)
+    assert "expected_logits_0.pt" in line and "dtype" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate_all: prompt_data measured when missing, refusals
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_evaluate_all_measures_missing_prompt_data_and_names_records_by_team(in_tmp):
+    (in_tmp / "prompts.txt").write_text("Hello world\n")
+    code, out, err = invoke("--mode", "evaluate_all", *TINY, "--torch-dtype", "float32", "--skip-accuracy",
+                            "--team-id", "T")
+    assert code == 0, err
+    measuring = [line for line in out.splitlines() if "measuring" in line]
+    assert len(measuring) == 1 and "prompt_data_cpu.csv" in measuring[0] and "writing" in measuring[0]
+    lines = (in_tmp / "prompt_data_cpu.csv").read_text().splitlines()
+    assert lines[0] == PROMPT_DATA_HEADER and len(lines) == 2
+    assert not (in_tmp / RECORDS).exists()
+    header, rows = read_csv(in_tmp / f"T_{RECORDS}")
+    assert header == RECORD_COLUMNS and len(rows) == 1
+    check_record(rows[0], team="T")
+    assert (in_tmp / "benchmark_report_0.json").is_file()
+
+
+def test_evaluate_all_without_prompts_txt_is_one_line(in_tmp):
+    code, out, err = invoke("--mode", "evaluate_all", *TINY)
+    assert code == 2
+    assert "prompts.txt" in error_line(err)
+
+
+def test_evaluate_all_with_prompt_data_of_other_length_is_one_line(in_tmp):
+    (in_tmp / "prompts.txt").write_text(PROMPTS_TXT)
+    (in_tmp / "prompt_data_cpu.csv").write_text(f"{PROMPT_DATA_HEADER}\n0,2,20,10.0,50.0\n1,5,20,10.0,50.0\n")
+    code, out, err = invoke("--mode", "evaluate_all", *TINY)
+    assert code == 2
+    line = error_line(err)
+    assert "prompt_data_cpu.csv" in line and "3 prompts" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate_single
+
+
+def test_evaluate_single_given_base(in_tmp):
+    code, out, err = invoke("--mode", "evaluate_single", *TINY, "--team-id", "a", "--member-id", "b",
+                            "--base-latency", 100, "--base-throughput", 50)
+    assert code == 0, err
+    report = json.loads((in_tmp / "benchmark_report.json").read_text())
+    L = n_tokens(DEFAULT_PROMPT)
+    check_report(report, L, 20, runs=2)
+    header, rows = read_csv(in_tmp / f"a_{RECORDS}")
+    assert header == RECORD_COLUMNS and len(rows) == 1
+    row = rows[0]
+    check_record(row, "a", "b")
+    assert row["accuracy"] == "1" and float(row["nki_flop_ratio"]) == 0.0
+    assert float(row["base_latency"]) == 100 and float(row["base_throughput"]) == 50
+    e2e = report["e2e_model"]
+    assert float(row["latency"]) == e2e["latency_ms_p99"] and float(row["throughput"]) == e2e["throughput"]
+    lines = out.splitlines()
+    assert any(line.startswith("accuracy:") and "PASS" in line for line in lines), out
+    final = [line for line in lines if line.startswith("final score:")]
+    assert len(final) == 1
+    assert float(final[0].split(":")[1]) == pytest.approx(float(row["final_score"]), abs=0.5e-4)
+
+
+def test_evaluate_single_skip_accuracy_measures_the_base(in_tmp):
+    code, out, err = invoke("--mode", "evaluate_single", *TINY, "--torch-dtype", "float32", "--skip-accuracy")
+    assert code == 0, err
+    assert any(line.startswith("accuracy:") and "not checked" in line for line in out.splitlines()), out
+    assert "expected logits" not in err
+    header, rows = read_csv(in_tmp / RECORDS)
+    assert header == RECORD_COLUMNS and len(rows) == 1
+    check_record(rows[0])
+    assert rows[0]["accuracy"] == "1"
+    assert float(rows[0]["base_latency"]) > 0 and float(rows[0]["base_throughput"]) > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validate, generate --benchmark
+
+
+def test_validate_passes(in_tmp):
+    code, out, err = invoke("--mode", "validate", "--seq-len", 16)
+    assert code == 0, err
+    assert "PASS" in out
+
+
+def test_validate_batch_of_two(in_tmp):
+    code, out, err = invoke("--mode", "validate", "--seq-len", 16, "--prompt", "a", "--prompt", "b b")
+    assert code == 0, err
+    assert "PASS" in out
+    assert "expected text [1]" in out
+
+
+def test_generate_benchmark_writes_the_report(in_tmp):
+    code, out, err = invoke("--mode", "generate", "--benchmark", "--max-new-tokens", 4, "--seq-len", 16,
+                            "--benchmark-runs", 2, "--warmup-runs", 1, "--torch-dtype", "float32")
+    assert code == 0, err
+    report = json.loads((in_tmp / "benchmark_report.json").read_text())
+    L = n_tokens(DEFAULT_PROMPT)
+    check_report(report, L, L + 4, runs=2)
+    assert report["config"]["new_tokens"] == 4
+    assert any(line.startswith("benchmark: ") for line in out.splitlines())

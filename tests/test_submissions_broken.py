@@ -1,0 +1,97 @@
+"""Contestant modules that cannot work are refused with one line naming the file (exit 2), and `--qwen` finds the
+module as CONTRACTS.md says: NAME.py in the working folder first, the shipped template for the default `qwen`."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moebench.cli.main import main
+
+SUBMISSIONS = Path(__file__).resolve().parent / "submissions"
+TEMPLATE = Path(__file__).resolve().parents[1] / "moebench" / "contest" / "qwen.py"
+FAST = ["--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from two, and on a busy two-core machine two threads
+    spin at every op's barrier, making each request 100 times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("broken_import", ["import failed", "ImportError"]),
+    ("broken_no_class", ["Qwen3MoeForCausalLM"]),
+    ("broken_shape", ["shape", "4095"]),
+    ("broken_forward", ["forward failed", "RuntimeError", "broken on purpose"]),
+])
+def test_broken_submission_is_one_line_naming_the_file(name, words, capsys):
+    path = SUBMISSIONS / f"{name}.py"
+    code, out, err = run(capsys, "--mode", "validate", "--qwen", path, "--seq-len", 16)
+    assert code == 2, err
+    line = error_line(err)
+    assert str(path) in line
+    for w in words:
+        assert w in line, line
+
+
+def test_missing_module_is_one_line(capsys):
+    code, out, err = run(capsys, *FAST, "--qwen", "does_not_exist")
+    assert code == 2
+    assert "does_not_exist" in error_line(err)
+
+
+@pytest.fixture
+def no_qwen_on_path(monkeypatch):
+    """A Python path without any folder holding a qwen.py (the repository root, on the path under pytest, has one:
+    a link to the template): what a contestant sees from an empty folder with moebench installed."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".") / "qwen.py").is_file()])
+
+
+def submission_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.startswith("submission: ")]
+    assert len(lines) == 1, out
+    return lines[0].removeprefix("submission: ")
+
+
+def test_default_qwen_loads_the_template(capsys, no_qwen_on_path):
+    code, out, err = run(capsys, *FAST)
+    assert code == 0, err
+    assert Path(submission_line(out)) == TEMPLATE
+    assert submission_line(out).endswith("/moebench/contest/qwen.py")
+    assert "PASS" in out
+
+
+def test_qwen_py_in_the_working_folder_is_preferred(capsys, in_tmp, no_qwen_on_path):
+    (in_tmp / "qwen.py").write_text(
+        "from moebench.model.qwen3_moe import Qwen3MoeForCausalLM as Reference\n\n\n"
+        "class Qwen3MoeForCausalLM(Reference):\n"
+        "    pass\n")
+    code, out, err = run(capsys, *FAST)
+    assert code == 0, err
+    assert Path(submission_line(out)) == in_tmp / "qwen.py"
+    assert "PASS" in out
