@@ -61,3 +61,36 @@ def _private_cache(tmp_path_factory):
     mp.setenv("MOEBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tiny model gains nothing from two, and on a busy two-core machine two threads
+    spin at every op's barrier, making each request many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # every file a mode writes lands here
+    return tmp_path
+
+
+def run_cli(capsys, *argv):
+    """moebench's command line in-process: (exit code, stdout, stderr)."""
+    from moebench.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one line a user error prints, checked to be alone and without a traceback."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]

@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from moebench.cli import args as cli_args
-from moebench.cli.args import DEFAULT_PROMPT, MODES, OPTIONS, RunConfig, build_parser, flag_names, parse_args
+from moebench.cli.args import DEFAULT_PROMPT, OPTIONS, RunConfig, build_parser, flag_names, parse_args
 from moebench.cli.main import main
+from tests.conftest import error_line, run_cli as run
+
+pytestmark = pytest.mark.usefixtures("in_tmp")
 
 REPO = Path(__file__).resolve().parents[1]
 TOL_MAP_TEXT = "{None: (1e-5, 0.05), 50: (1e-5, 0.03)}"
@@ -18,23 +21,10 @@ TOL_MAP = {None: (1e-5, 0.05), 50: (1e-5, 0.03)}
 FAST = ["--mode", "generate", "--torch-dtype", "float32"]  # float32: exact comparisons, and faster on the CPU
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # output_logits.pt and any other file land here
-    return tmp_path
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def prompt_len(text=DEFAULT_PROMPT) -> int:

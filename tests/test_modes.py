@@ -5,7 +5,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -16,6 +15,9 @@ import torch
 from moebench.cli.args import DEFAULT_PROMPT
 from moebench.cli.main import main
 from moebench.model.loader import open_model
+from tests.conftest import error_line
+
+pytestmark = pytest.mark.usefixtures("in_tmp", "one_thread")
 
 TINY = ["--seq-len", "20", "--benchmark-runs", "2", "--warmup-runs", "1"]
 PROMPTS_TXT = "Hello world\n\nThe quick brown fox\njumps over\n\n\nOnce upon a time\n"
@@ -29,14 +31,6 @@ SECTIONS = ("e2e_model", "context_encoding_model", "token_generation_model")
 LATENCY_KEYS = [f"latency_ms_{k}" for k in ("p50", "p90", "p95", "p99", "p100", "avg", "mean")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy two-core machine two threads
-    spin at every op's barrier, making each request 100 times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def invoke(*argv) -> tuple[int, str, str]:
@@ -47,11 +41,6 @@ def invoke(*argv) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def n_tokens(text: str) -> int:

@@ -5,42 +5,22 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from moebench.cli.main import main
+from tests.conftest import error_line, run_cli as run
+
+pytestmark = pytest.mark.usefixtures("in_tmp", "one_thread")
 
 SUBMISSIONS = Path(__file__).resolve().parent / "submissions"
 TEMPLATE = Path(__file__).resolve().parents[1] / "moebench" / "contest" / "qwen.py"
 FAST = ["--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy two-core machine two threads
-    spin at every op's barrier, making each request 100 times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.mark.parametrize("name, words", [

@@ -1,7 +1,6 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

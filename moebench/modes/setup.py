@@ -7,7 +7,7 @@ import torch
 from moebench.cli.args import RunConfig
 from moebench.engine.generator import Engine
 from moebench.errors import MoebenchError
-from moebench.model.loader import ModelSource, open_model
+from moebench.model.loader import ModelSource
 
 
 def device_of(run: RunConfig) -> torch.device:

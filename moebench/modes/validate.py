@@ -1,6 +1,5 @@
 """--mode validate (logit validation of the submission) and --mode generate_accuracy_baselines."""
 
-import sys
 from pathlib import Path
 
 from moebench.cli.args import RunConfig
