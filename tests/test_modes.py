@@ -161,6 +161,18 @@ def test_evaluate_all_on_the_baselines(baselines, copy_of):
     assert abs(printed - sum(float(r["final_score"]) for r in rows)) <= 0.5e-4 + 1e-9
 
 
+def test_evaluate_single_uses_the_stored_baseline_of_its_prompt(baselines, copy_of):
+    folder = copy_of(baselines[0])
+    code, out, err = invoke("--mode", "evaluate_single", "--prompt", PROMPTS[1], *TINY)
+    assert code == 0, err
+    assert "expected logits: stored" in out and "prompt_data_cpu.csv, prompt 1" in out
+    with open(folder / "prompt_data_cpu.csv", newline="") as f:
+        stored = list(csv.DictReader(f))[1]
+    _, rows = read_csv(folder / RECORDS)
+    assert float(rows[-1]["base_latency"]) == float(stored["Base latency"])
+    assert float(rows[-1]["base_throughput"]) == float(stored["Base throughput"])
+
+
 def test_stored_logits_of_other_weights_are_refused(baselines, copy_of):
     folder = copy_of(baselines[0])
     meta_path = folder / "expected_logits_0.json"
@@ -184,12 +196,6 @@ def test_stored_logits_of_another_dtype_are_refused(baselines, copy_of):
 
 # ---------------------------------------------------------------------------------------------------------------
 # evaluate_all: prompt_data measured when missing, refusals
-
-
-@pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_evaluate_all_measures_missing_prompt_data_and_names_records_by_team(in_tmp):

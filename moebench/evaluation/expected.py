@@ -95,9 +95,15 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
     return logits[:wanted.new_tokens].float()
 
 
-def find_stored(folder: Path, wanted: ExpectedMeta) -> torch.Tensor | None:
-    """Stored logits for the same prompt under any index (for --prompt runs); None when no file has it."""
+def stored_index(folder: Path, wanted: ExpectedMeta) -> int | None:
+    """The index i of the expected_logits_{i} file made for the same prompt, or None."""
     for meta_path in sorted(folder.glob("expected_logits_*.json")):
         if _read_meta(meta_path).get("prompt_ids") == wanted.prompt_ids:
-            return load_expected(folder, int(meta_path.stem.rsplit("_", 1)[1]), wanted)
+            return int(meta_path.stem.rsplit("_", 1)[1])
     return None
+
+
+def find_stored(folder: Path, wanted: ExpectedMeta) -> torch.Tensor | None:
+    """Stored logits for the same prompt under any index (for --prompt runs); None when no file has it."""
+    i = stored_index(folder, wanted)
+    return None if i is None else load_expected(folder, i, wanted)

@@ -1,6 +1,7 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,11 +9,12 @@ from moebench.cli.args import RunConfig
 from moebench.errors import CheckFailed, MoebenchError
 from moebench.evaluation.records import (PromptData, append_record, prompt_data_path, read_prompt_data,
                                          read_prompts, record_row, records_path, write_prompt_data)
+from moebench.evaluation.expected import ExpectedMeta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.evaluation.submission import load_submission
 from moebench.model.loader import open_model
-from moebench.modes.contest import (UnderTest, expected_logits, print_validation, record_model_name,
-                                    reference_benchmark, write_json)
+from moebench.modes.contest import (UnderTest, expected_logits, expected_meta, print_validation,
+                                    record_model_name, reference_benchmark, write_json)
 from moebench.modes.setup import device_of, dtype_of, make_request
 
 REPORT_FILE = "benchmark_report.json"
@@ -42,6 +44,8 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     if run.base_latency is not None and run.base_throughput is not None:
         base = Base(run.base_latency, run.base_throughput, "given")
     elif base is None:
+        base = stored_base(run, source, req, dtype, folder)
+    if base is None:
         base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
     base = Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
 
@@ -60,6 +64,21 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     append_record(path, record_row(run.team_id, run.member_id, score))
     print_summary(score, checked, base, report_path, path)
     return score
+
+
+def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None:
+    """The baseline stored by generate_accuracy_baselines for this very prompt, model, weights, dtype and
+    sequence length (found through the expected-logits metadata), or None."""
+    meta = expected_meta(run, source, req, dtype)
+    i = stored_index(folder, meta)
+    data_path = prompt_data_path(folder, device_of(run).type)
+    if i is None or data_path is None or not (folder / f"expected_logits_{i}.json").is_file():
+        return None
+    stored = ExpectedMeta(**json.loads((folder / f"expected_logits_{i}.json").read_text(encoding="utf-8")))
+    rows = {r.prompt_id: r for r in read_prompt_data(data_path)}
+    if stored.mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or rows[i].seq_len != run.seq_len:
+        return None
+    return Base(rows[i].base_latency, rows[i].base_throughput, f"{data_path.name}, prompt {i}")
 
 
 def print_summary(s: Score, checked: bool, base: Base, report_path: Path, records: Path) -> None:
