@@ -18,9 +18,14 @@ def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool) -> tuple[to
     return ids, weights.to(router_logits.dtype)
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    # torch's grouped GEMM runs any float dtype on the CPU; on CUDA only bfloat16 (sm90+).
-    return x.device.type == "cpu" or (x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
+def _grouped_mm_supported(x: torch.Tensor, w_down: torch.Tensor) -> bool:
+    # torch's grouped GEMM runs any float dtype on the CPU, on CUDA only bfloat16 (sm90+); every operand's rows
+    # must be 16-byte aligned.
+    D, I = w_down.shape[1:]
+    aligned = all(n * x.element_size() % 16 == 0 for n in (D, I))
+    device_ok = x.device.type == "cpu" or (x.dtype == torch.bfloat16
+                                           and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return aligned and device_ok
 
 
 def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
@@ -49,7 +54,7 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     token_of = order // k  # source token of each sorted row
     counts = torch.bincount(flat_ids, minlength=E)
     xs = x[token_of]  # [T*k, D]
-    if _grouped_mm_supported(x):
+    if _grouped_mm_supported(x, w_down):
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [T*k, D]

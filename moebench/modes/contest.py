@@ -169,11 +169,15 @@ class UnderTest:
         return flop_ratio(macs), {"total_macs": macs.total, "kernel_macs": macs.kernel, "by_op": macs.by_op}
 
 
+def _clip(text: str, n: int = 300) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
 def print_validation(v: Validation) -> None:
     print(v.report.summary())
     for b, (e, a) in enumerate(zip(v.expected_text, v.actual_text)):
-        print(f"expected text [{b}]: {e!r}")
-        print(f"actual text   [{b}]: {a!r}")
+        print(f"expected text [{b}]: {_clip(e)}")
+        print(f"actual text   [{b}]: {_clip(a)}")
 
 
 def write_json(path: Path, data: dict) -> None:

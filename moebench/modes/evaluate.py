@@ -12,10 +12,9 @@ from moebench.evaluation.records import (PromptData, append_record, prompt_data_
 from moebench.evaluation.expected import ExpectedMeta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.evaluation.submission import load_submission
-from moebench.model.loader import open_model
 from moebench.modes.contest import (UnderTest, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, write_json)
-from moebench.modes.setup import device_of, dtype_of, make_request
+from moebench.modes.setup import device_of, dtype_of, make_request, open_source
 
 REPORT_FILE = "benchmark_report.json"
 
@@ -97,7 +96,7 @@ def print_summary(s: Score, checked: bool, base: Base, report_path: Path, record
 def run_evaluate_single(run: RunConfig) -> int:
     sub = load_submission(run.qwen)
     print(f"submission: {sub.path}")
-    source = open_model(run.model_path)
+    source = open_source(run)
     if len(run.prompts) != 1:
         raise MoebenchError("--mode evaluate_single takes one --prompt; use evaluate_all for several")
     score = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
@@ -111,7 +110,7 @@ def run_evaluate_all(run: RunConfig) -> int:
     prompts = read_prompts(folder / "prompts.txt")
     sub = load_submission(run.qwen)
     print(f"submission: {sub.path}")
-    source = open_model(run.model_path)
+    source = open_source(run)
     platform = device_of(run).type
     data_path = prompt_data_path(folder, platform)
     if data_path is None:

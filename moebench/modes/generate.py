@@ -10,9 +10,8 @@ from tqdm import tqdm
 from moebench.cli.args import RunConfig
 from moebench.engine.sampling import SamplingParams
 from moebench.evaluation.submission import load_submission
-from moebench.model.loader import open_model
 from moebench.modes.contest import benchmark, build_submission, write_json
-from moebench.modes.setup import device_of, dtype_of, make_engine, make_request
+from moebench.modes.setup import device_of, dtype_of, make_engine, make_request, open_source
 
 LOGITS_FILE = "output_logits.pt"
 REPORT_FILE = "benchmark_report.json"
@@ -21,7 +20,7 @@ COMPILE_FROM = 64  # decode steps from which compiling the decode step (seconds,
 
 def run_generate(run: RunConfig) -> int:
     device, dtype = device_of(run), dtype_of(run)
-    source = open_model(run.model_path)
+    source = open_source(run)
     prompts = run.prompts
     req = make_request(run, source, prompts)
     sub = load_submission(run.qwen)

@@ -7,7 +7,10 @@ import torch
 from moebench.cli.args import RunConfig
 from moebench.engine.generator import Engine
 from moebench.errors import MoebenchError
-from moebench.model.loader import ModelSource
+from moebench.model.loader import ModelSource, open_model
+
+
+SMALL_MODEL = 50e6  # parameters: below this a CPU run uses one thread
 
 
 def device_of(run: RunConfig) -> torch.device:
@@ -15,6 +18,16 @@ def device_of(run: RunConfig) -> torch.device:
     if target == "cuda" and not torch.cuda.is_available():
         raise MoebenchError("--platform-target cuda: no CUDA device is visible to torch")
     return torch.device(target)
+
+
+def open_source(run: RunConfig) -> ModelSource:
+    """The model of --model-path. On the CPU a small model runs on one thread: it gains nothing from a second,
+    and two threads wait on each other at every op whenever anything else runs on the machine (a busy 2-core
+    box becomes 100x slower). The reference and the submission share the setting."""
+    source = open_model(run.model_path)
+    if device_of(run).type == "cpu" and source.config.num_parameters() < SMALL_MODEL:
+        torch.set_num_threads(1)
+    return source
 
 
 def dtype_of(run: RunConfig) -> torch.dtype:

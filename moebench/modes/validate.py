@@ -7,17 +7,16 @@ from moebench.errors import CheckFailed
 from moebench.evaluation.expected import save_expected
 from moebench.evaluation.records import read_prompts, write_prompt_data
 from moebench.evaluation.submission import load_submission
-from moebench.model.loader import open_model
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
-from moebench.modes.setup import device_of, dtype_of, make_request
+from moebench.modes.setup import device_of, dtype_of, make_request, open_source
 
 
 def run_validate(run: RunConfig) -> int:
     """Exit 0 when the submission's logits pass, 1 when they do not, on every platform."""
     sub = load_submission(run.qwen)
     print(f"submission: {sub.path}")
-    source = open_model(run.model_path)
+    source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, run.prompts)
     under = UnderTest(run, sub, source, device, dtype, batch=len(run.prompts))  # a broken module fails first
@@ -34,7 +33,7 @@ def run_generate_accuracy_baselines(run: RunConfig) -> int:
     latency and throughput in prompt_data_<platform>.csv."""
     folder = Path.cwd()
     prompts = read_prompts(folder / "prompts.txt")
-    source = open_model(run.model_path)
+    source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
     for i, prompt in enumerate(prompts):
         req = make_request(run, source, [prompt])

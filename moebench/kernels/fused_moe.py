@@ -1,0 +1,178 @@
+"""The fused MoE expert MLP: tokens sorted by expert, grouped GEMMs with SiLU·up fused and the weighted combine."""
+
+import torch
+import torch.nn.functional as F
+
+from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
+from moebench.kernels.registry import register_kernel
+
+INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, here or in common
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from moebench.kernels.common import cast, dot  # noqa: E402
+
+# Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token,
+# N = T·k (token, expert) pairs, P rows of the sorted and padded pair list, BM rows per block (one expert each).
+
+
+def fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I], topk_ids/topk_weights [T, k] -> [T, D].
+
+    out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]:
+    a loop over every (token, chosen expert) pair, as moebench.model.moe.experts_forward_loop."""
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e, w in zip(topk_ids[t].tolist(), topk_weights[t]):
+            gate, up = F.linear(x[t], w_gate_up[e]).chunk(2, dim=-1)
+            out[t] += F.linear(F.silu(gate) * up, w_down[e]) * w
+    return out
+
+
+def moe_align(topk_ids: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the N = T·k pairs by expert and pad each expert's run to a multiple of BM (vLLM's moe_align_block_size).
+
+    Returns pairs [P], the pair index t·k + j at each sorted row (N on padding rows), and block_expert [P // BM],
+    the expert of each block of BM rows (-1 for the unused blocks at the end). P is a bound known from the shapes
+    alone, cdiv(N, BM) + min(E, N) blocks, so nothing here waits for the device."""
+    flat = topk_ids.flatten()  # [N]
+    N = flat.numel()
+    n_blocks = triton.cdiv(N, BM) + min(E, N)
+    counts = torch.bincount(flat, minlength=E)  # [E]
+    padded = (counts + BM - 1) // BM * BM  # [E]
+    padded_end = padded.cumsum(0)  # [E]
+    order = flat.argsort(stable=True)  # [N] pair indices, sorted by expert
+    expert = flat[order]
+    rank = torch.arange(N, device=flat.device) - (counts.cumsum(0) - counts)[expert]  # place within its expert's run
+    pairs = torch.full((n_blocks * BM,), N, dtype=torch.int64, device=flat.device)
+    pairs[(padded_end - padded)[expert] + rank] = order
+    block_start = torch.arange(n_blocks, device=flat.device) * BM
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)  # [n_blocks]; E past the last used block
+    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    return pairs, block_expert
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr, N, D, I, k,
+                    stride_xt, stride_we, stride_wi, stride_hp,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Program (m, n): h[rows of block m, columns n] = silu(x W_gate^T) * (x W_up^T), for the block's expert.
+    e = tl.load(block_expert_ptr + tl.program_id(0))
+    if e < 0:
+        return
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)  # [BM] sorted rows
+    pair = tl.load(pairs_ptr + rows)  # [BM]
+    row_ok = pair < N
+    token = pair // k
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN] columns of I
+    col_ok = cols < I
+    w_e = w_ptr + e.to(tl.int64) * stride_we
+    gate = tl.zeros((BM, BN), dtype=tl.float32)
+    up = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BK):
+        d = d0 + tl.arange(0, BK)
+        d_ok = d < D
+        a = tl.load(x_ptr + token[:, None] * stride_xt + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w_mask = col_ok[None, :] & d_ok[:, None]
+        w_gate = tl.load(w_e + cols[None, :] * stride_wi + d[:, None], mask=w_mask, other=0.0)  # [BK, BN]
+        w_up = tl.load(w_e + (I + cols)[None, :] * stride_wi + d[:, None], mask=w_mask, other=0.0)
+        gate = dot(a, w_gate, gate)
+        up = dot(a, w_up, up)
+    # Round where the reference rounds (each product in the activations' dtype), compute in float32.
+    dtype = h_ptr.dtype.element_ty
+    gate = cast(gate, dtype).to(tl.float32)
+    up = cast(up, dtype).to(tl.float32)
+    act = cast(gate / (1.0 + tl.exp(-gate)), dtype).to(tl.float32)  # silu
+    tl.store(h_ptr + rows[:, None] * stride_hp + cols[None, :], cast(act * up, dtype),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, block_expert_ptr, topk_w_ptr, N, D, I,
+                 stride_hp, stride_we, stride_wd, stride_yp,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Program (m, n): y[pair, columns n] = topk_weight[pair] * (h W_down^T), written at each row's own pair.
+    e = tl.load(block_expert_ptr + tl.program_id(0))
+    if e < 0:
+        return
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    pair = tl.load(pairs_ptr + rows)
+    row_ok = pair < N
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN] columns of D
+    col_ok = cols < D
+    w_e = w_ptr + e.to(tl.int64) * stride_we
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for i0 in range(0, I, BK):
+        i = i0 + tl.arange(0, BK)
+        i_ok = i < I
+        a = tl.load(h_ptr + rows[:, None] * stride_hp + i[None, :], mask=row_ok[:, None] & i_ok[None, :], other=0.0)
+        b = tl.load(w_e + cols[None, :] * stride_wd + i[:, None], mask=col_ok[None, :] & i_ok[:, None], other=0.0)
+        acc = dot(a, b, acc)
+    dtype = y_ptr.dtype.element_ty
+    weight = tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
+    y = cast(acc, dtype).to(tl.float32) * weight[:, None]
+    tl.store(y_ptr + pair[:, None] * stride_yp + cols[None, :], cast(y, dtype), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _tiles(N: int, E: int) -> tuple[int, int, int]:
+    """(BM, BN, BK): rows, output columns and reduction depth of one program's tile (tl.dot needs 16 at least)."""
+    if INTERPRETED:
+        return 16, 32, 32  # the interpreter pays per program and per element: small tiles, little padding
+    return (16 if N <= 4 * E else 64), 64, 64  # few rows per expert (decode): small blocks waste less padding
+
+
+def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """Launch wrapper: same arguments and result as fused_moe_ref."""
+    (T, D), (E, I2, D2), k = x.shape, w_gate_up.shape, topk_ids.shape[1]
+    I = I2 // 2
+    if D2 != D or I2 != 2 * I or w_down.shape != (E, D, I):
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)} and w_down "
+                         f"{tuple(w_down.shape)} do not fit [T, D], [E, 2I, D], [E, D, I]")
+    if topk_ids.shape != (T, k) or topk_weights.shape != (T, k):
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [T={T}, k]")
+    if not x.dtype == w_gate_up.dtype == w_down.dtype:
+        raise ValueError(f"fused_moe: x, w_gate_up and w_down must share one dtype; got {x.dtype}, "
+                         f"{w_gate_up.dtype}, {w_down.dtype}")
+    check_device(INTERPRETED, x, w_gate_up, w_down, topk_ids, topk_weights)
+    out = torch.empty_like(x)
+    N = T * k
+    if N == 0:
+        return out.zero_()
+    x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    BM, BN, BK = _tiles(N, E)
+    pairs, block_expert = moe_align(topk_ids, E, BM)
+    n_blocks = block_expert.numel()
+    h = torch.empty(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [P, I] activations, sorted rows
+    _gate_up_kernel[(n_blocks, triton.cdiv(I, BN))](
+        x, w_gate_up, h, pairs, block_expert, N, D, I, k,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), BM=BM, BN=BN, BK=BK)
+    y = torch.empty(N, D, dtype=x.dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
+    _down_kernel[(n_blocks, triton.cdiv(D, BN))](
+        h, w_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
+        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), BM=BM, BN=BN, BK=BK)
+    return out.copy_(y.view(T, k, D).sum(dim=1, dtype=torch.float32))  # the combine over each token's k experts
+
+
+@torch.library.custom_op("moebench::fused_moe", mutates_args=())
+def _fused_moe_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
+                  topk_weights: torch.Tensor) -> torch.Tensor:
+    return fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights)
+
+
+@_fused_moe_op.register_fake
+def _(x, w_gate_up, w_down, topk_ids, topk_weights):
+    return torch.empty_like(x)
+
+
+def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
+    """The kernel as a model calls it: the MoE block's expert output [T, D]."""
+    return torch.ops.moebench.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+
+
+def fused_moe_macs(x, w_gate_up, w_down, topk_ids, *_) -> int:
+    return x.shape[0] * topk_ids.shape[1] * 3 * x.shape[1] * w_down.shape[2]  # T·k·3·D·I: gate+up 2DI, down DI
+
+
+register_kernel("moebench::fused_moe", fused_moe_macs, reference=fused_moe_ref, flag="mlp_kernel_enabled")

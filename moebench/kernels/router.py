@@ -1,0 +1,122 @@
+"""The MoE router fused in one kernel: logits matmul, float32 softmax, top-k, renormalisation."""
+
+import torch
+import torch.nn.functional as F
+
+from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
+from moebench.kernels.registry import register_kernel
+
+INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, here or in common
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from moebench.kernels.common import cast, dot  # noqa: E402
+
+# Legend: T tokens, D hidden size, E experts, k experts per token.
+MAX_EXPERTS, MAX_K = 256, 16  # one program holds a whole [BLOCK_T, E] row block of logits
+
+
+def moe_router_ref(x, w_gate, k: int, norm_topk_prob: bool):
+    """x [T, D], w_gate [E, D] -> (topk_ids int64 [T, k], topk_weights [T, k] in x's dtype).
+
+    As transformers: logits in x's dtype, softmax in float32 over all E experts, the k largest probabilities,
+    renormalised to sum 1 when norm_topk_prob, then cast back to x's dtype."""
+    probs = torch.softmax(F.linear(x, w_gate), dim=-1, dtype=torch.float32)  # [T, E]
+    weights, ids = torch.topk(probs, k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(x.dtype)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, ids_ptr, weights_ptr, T, D, E, stride_xt, stride_we,
+                   K: tl.constexpr, NORM: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per BLOCK_T tokens, holding all E logits of each.
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
+    row_ok, expert_ok = rows < T, experts < E
+
+    logits = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + d[None, :],
+                    mask=row_ok[:, None] & (d[None, :] < D), other=0.0)  # [BLOCK_T, BLOCK_D]
+        w = tl.load(w_ptr + experts[None, :] * stride_we + d[:, None],
+                    mask=expert_ok[None, :] & (d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_E], w_gate transposed
+        logits = dot(x, w, logits)
+    # The reference's logits are a matmul in x's dtype: round them the same way before the softmax.
+    logits = cast(logits, x_ptr.dtype.element_ty).to(tl.float32)
+    logits = tl.where(expert_ok[None, :], logits, float("-inf"))
+
+    p = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]  # [BLOCK_T, BLOCK_E] float32 probabilities, 0 on padded experts
+
+    # Top-k by k rounds of arg-max; rank[t, e] = j when expert e is token t's j-th choice, K when not chosen.
+    rank = tl.full((BLOCK_T, BLOCK_E), K, dtype=tl.int32)
+    left = tl.where(expert_ok[None, :], p, -1.0)  # padded experts are never chosen
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        best = tl.max(left, axis=1)  # [BLOCK_T]
+        # On a tie, the lowest expert index wins.
+        pick = tl.min(tl.where(left == best[:, None], experts[None, :], BLOCK_E), axis=1)  # [BLOCK_T]
+        chosen = experts[None, :] == pick[:, None]
+        rank = tl.where(chosen, j, rank)
+        left = tl.where(chosen, -1.0, left)
+        total += best
+    if not NORM:
+        total = tl.full((BLOCK_T,), 1.0, dtype=tl.float32)
+    for j in tl.static_range(K):
+        chosen = rank == j
+        expert = tl.sum(tl.where(chosen, experts[None, :], 0), axis=1)  # [BLOCK_T]
+        weight = tl.sum(tl.where(chosen, p, 0.0), axis=1) / total
+        tl.store(ids_ptr + rows * K + j, expert.to(tl.int64), mask=row_ok)
+        tl.store(weights_ptr + rows * K + j, cast(weight, weights_ptr.dtype.element_ty), mask=row_ok)
+
+
+def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_prob: bool):
+    """Launch wrapper: same arguments and results as moe_router_ref."""
+    (T, D), E = x.shape, w_gate.shape[0]
+    if w_gate.shape != (E, D):
+        raise ValueError(f"moe_router: w_gate has shape {tuple(w_gate.shape)}, expected (E, {D})")
+    if not 1 <= k <= min(E, MAX_K) or E > MAX_EXPERTS:
+        raise ValueError(f"moe_router: needs 1 <= k <= min(E, {MAX_K}) and E <= {MAX_EXPERTS}; got k={k}, E={E}")
+    if x.dtype != w_gate.dtype:
+        raise ValueError(f"moe_router: x is {x.dtype} but w_gate is {w_gate.dtype}; they must match")
+    check_device(INTERPRETED, x, w_gate)
+    x, w_gate = x.contiguous(), w_gate.contiguous()
+    ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(T, k, dtype=x.dtype, device=x.device)
+    BLOCK_T = 16  # tl.dot's smallest tile
+    BLOCK_E = max(16, triton.next_power_of_2(E))
+    BLOCK_D = max(16, min(64 if INTERPRETED else 128, triton.next_power_of_2(D)))
+    if T:
+        _router_kernel[(triton.cdiv(T, BLOCK_T),)](x, w_gate, ids, weights, T, D, E, x.stride(0), w_gate.stride(0),
+                                                   K=k, NORM=norm_topk_prob,
+                                                   BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D)
+    return ids, weights
+
+
+@torch.library.custom_op("moebench::moe_router", mutates_args=())
+def _moe_router_op(x: torch.Tensor, w_gate: torch.Tensor, k: int,
+                   norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return moe_router_triton(x, w_gate, k, norm_topk_prob)
+
+
+@_moe_router_op.register_fake
+def _(x, w_gate, k, norm_topk_prob):
+    T = x.shape[0]
+    return x.new_empty(T, k, dtype=torch.int64), x.new_empty(T, k)
+
+
+def moe_router(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_prob: bool):
+    """The kernel as a model calls it: (topk_ids [T, k], topk_weights [T, k])."""
+    return torch.ops.moebench.moe_router(x, w_gate, k, norm_topk_prob)
+
+
+def moe_router_macs(x, w_gate, *_) -> int:
+    return x.shape[0] * x.shape[1] * w_gate.shape[0]  # T·D·E: the logits matmul; softmax and top-k count zero
+
+
+register_kernel("moebench::moe_router", moe_router_macs, reference=moe_router_ref)

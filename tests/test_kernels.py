@@ -1,0 +1,240 @@
+"""Every Triton kernel against its torch reference (under Triton's interpreter on the CPU), as a custom op in an
+exported graph, and counted by the FLOP counter through its MAC formula."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module defines its kernels
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("triton", reason="Triton is not installed; the kernel tests need it (pip install triton)")
+
+from moebench.evaluation.flops import graph_macs  # noqa: E402
+from moebench.kernels import interpret  # noqa: E402
+from moebench.kernels.fused_moe import fused_moe, fused_moe_macs, fused_moe_ref, moe_align  # noqa: E402
+from moebench.kernels.registry import KERNELS, Kernel, load_builtin_kernels, register_kernel  # noqa: E402
+from moebench.kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
+from moebench.kernels.router import moe_router, moe_router_ref  # noqa: E402
+from moebench.model.moe import experts_forward, experts_forward_loop, route  # noqa: E402
+
+# Legend: T tokens, D hidden, I expert intermediate, E experts, k experts per token.
+DEVICE = "cuda" if torch.cuda.is_available() and not interpret.interpreting() else "cpu"
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+DTYPES = [torch.float32, torch.bfloat16]
+TOKENS = [1, 5, 17, 129]
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("fuse_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, T, fuse_residual):
+    D = 48  # not a power of two: the kernel's masked tail
+    x, w, r = randn(T, D, dtype=dtype, seed=1), randn(D, dtype=dtype, seed=2), randn(T, D, dtype=dtype, seed=3)
+    if fuse_residual:
+        out, h = rms_norm(x, w, 1e-6, residual=r)
+        want, want_h = rms_norm_ref(x, w, 1e-6, residual=r)
+        torch.testing.assert_close(h, want_h, atol=0, rtol=0)  # the add rounds exactly as torch rounds it
+    else:
+        out, want = rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6)
+    assert out.dtype == want.dtype == dtype
+    torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+def test_rms_norm_reference_is_the_models_rmsnorm():
+    from moebench.model.qwen3_moe import RMSNorm
+
+    norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
+    nn.init.normal_(norm.weight)
+    x = randn(2, 3, 64, dtype=torch.bfloat16).cpu()
+    torch.testing.assert_close(rms_norm_ref(x, norm.weight, norm.eps), norm(x), atol=0, rtol=0)
+
+
+def test_rms_norm_any_leading_dims_and_weight_dtype():
+    x, w = randn(2, 3, 4, 40, dtype=torch.bfloat16), randn(40)  # per-head q/k norm; float32 weight
+    out = rms_norm(x, w, 1e-6)
+    assert out.shape == x.shape and out.dtype == torch.float32  # promoted, as `weight * ...` is
+    torch.testing.assert_close(out, rms_norm_ref(x, w, 1e-6), **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Router
+
+
+def check_routing(ids, weights, x, w_gate, k, norm):
+    """Tie-proof: the probabilities at our ids are the reference's top-k values, in order; ids equal where no tie."""
+    ref_ids, ref_weights = route(F.linear(x, w_gate), k, norm)
+    assert ids.dtype == torch.int64 and weights.dtype == x.dtype and ids.shape == weights.shape == (x.shape[0], k)
+    probs = torch.softmax(F.linear(x, w_gate), dim=-1, dtype=torch.float32)
+    torch.testing.assert_close(probs.gather(1, ids), probs.gather(1, ref_ids), atol=0, rtol=0)
+    torch.testing.assert_close(weights, ref_weights, **TOL[x.dtype])
+    return ref_ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("E,k,norm", [(4, 2, True), (6, 2, False), (60, 8, True)])
+def test_router_matches_reference(dtype, T, E, k, norm):
+    D = 40
+    x, w_gate = randn(T, D, dtype=dtype, seed=4), randn(E, D, dtype=dtype, scale=D**-0.5, seed=5)
+    ids, weights = moe_router(x, w_gate, k, norm)
+    ref_ids = check_routing(ids, weights, x, w_gate, k, norm)
+    if dtype == torch.float32:  # random float32 logits do not tie: the very same ids
+        torch.testing.assert_close(ids, ref_ids, atol=0, rtol=0)
+    ref = moe_router_ref(x, w_gate, k, norm)
+    torch.testing.assert_close(weights, ref[1], **TOL[dtype])
+
+
+def test_router_rejects_too_many_experts_per_token():
+    with pytest.raises(ValueError, match="k <="):
+        moe_router(randn(3, 32), randn(4, 32), 5, True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused MoE
+
+
+def moe_inputs(T, D=48, E=6, k=2, I=24, dtype=torch.float32, seed=6):
+    x = randn(T, D, dtype=dtype, seed=seed)
+    w_gate_up = randn(E, 2 * I, D, dtype=dtype, scale=D**-0.5, seed=seed + 1)
+    w_down = randn(E, D, I, dtype=dtype, scale=I**-0.5, seed=seed + 2)
+    ids, weights = route(randn(T, E, seed=seed + 3), k, True)
+    return x, w_gate_up, w_down, ids, weights.to(dtype)
+
+
+def test_align_sorts_by_expert_and_pads_each_run():
+    ids = torch.tensor([[2, 0], [2, 1], [0, 2], [2, 0]])  # expert 0: 3 pairs, 1: 1, 2: 4; expert 3 unused
+    pairs, block_expert = moe_align(ids, E=4, BM=4)
+    N = ids.numel()
+    assert block_expert.tolist()[:3] == [0, 1, 2] and all(e == -1 for e in block_expert.tolist()[3:])
+    blocks = pairs.view(-1, 4).tolist()
+    assert blocks[0] == [1, 4, 7, N] and blocks[1] == [3, N, N, N] and blocks[2] == [0, 2, 5, 6]
+    assert sorted(p for p in pairs.tolist() if p < N) == list(range(N))  # every pair exactly once
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", TOKENS)
+def test_fused_moe_matches_reference(dtype, T):
+    args = moe_inputs(T, dtype=dtype)
+    out = fused_moe(*args)
+    assert out.shape == args[0].shape and out.dtype == dtype
+    torch.testing.assert_close(out, fused_moe_ref(*args), **TOL[dtype])
+    if T > 1 and dtype == torch.float32:  # and the model's sorted path agrees with the loop it is tested on
+        torch.testing.assert_close(out, experts_forward(*args), **TOL[dtype])
+
+
+def test_fused_moe_reference_is_the_models_loop():
+    args = moe_inputs(5, dtype=torch.bfloat16)
+    torch.testing.assert_close(fused_moe_ref(*args), experts_forward_loop(*args), atol=0, rtol=0)
+
+
+def test_fused_moe_all_tokens_on_one_expert_and_k_larger():
+    x, w_gate_up, w_down, _, _ = moe_inputs(33, E=8, k=4, I=20)  # 33 tokens: three blocks of one expert
+    ids = torch.tensor([[3, 0, 5, 7]] * 33)
+    weights = torch.full((33, 4), 0.25)
+    torch.testing.assert_close(fused_moe(x, w_gate_up, w_down, ids, weights),
+                               fused_moe_ref(x, w_gate_up, w_down, ids, weights), **TOL[torch.float32])
+
+
+def test_fused_moe_rejects_mismatched_weights():
+    x, w_gate_up, w_down, ids, weights = moe_inputs(3)
+    with pytest.raises(ValueError, match="w_down"):
+        fused_moe(x, w_gate_up, w_down[:, :, :-1], ids, weights)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# As custom ops: the registry, the fake impls, exported graphs, MAC counting
+
+
+def test_registry_entries():
+    kernels = load_builtin_kernels()
+    names = {"moebench::rms_norm", "moebench::add_rms_norm", "moebench::moe_router", "moebench::fused_moe"}
+    assert names <= set(kernels)
+    assert kernels["moebench::fused_moe"].flag == "mlp_kernel_enabled"
+    assert kernels["moebench::moe_router"].flag is None and kernels["moebench::rms_norm"].flag is None
+    assert all(kernels[n].reference is not None for n in names)
+    x, w_gate_up, w_down, ids, weights = moe_inputs(5, D=32, E=4, I=16)
+    assert kernels["moebench::fused_moe"].macs(x, w_gate_up, w_down, ids, weights) == 5 * 2 * 3 * 32 * 16
+
+
+def test_register_kernel_stays_backward_compatible():
+    kernel = register_kernel("moebench_test::mine", lambda x: 7)
+    try:
+        assert kernel == Kernel("moebench_test::mine", kernel.macs) and kernel.reference is None and kernel.flag is None
+    finally:
+        KERNELS.pop("moebench_test::mine")
+
+
+def test_interpreter_switched_on_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert interpret.ensure_interpreter_on_cpu() and os.environ["TRITON_INTERPRET"] == "1"
+
+
+@pytest.mark.parametrize("op,args", [
+    ("rms_norm", lambda: (randn(5, 48, dtype=torch.bfloat16), randn(48), 1e-6)),
+    ("add_rms_norm", lambda: (randn(5, 48, dtype=torch.bfloat16), randn(5, 48, dtype=torch.bfloat16),
+                              randn(48, dtype=torch.bfloat16), 1e-6)),
+    ("moe_router", lambda: (randn(5, 32, dtype=torch.bfloat16), randn(6, 32, dtype=torch.bfloat16), 2, True)),
+    ("fused_moe", lambda: moe_inputs(5, D=32, E=4, I=16, dtype=torch.bfloat16)),
+])
+def test_fake_impls_agree_with_the_kernels(op, args):
+    """Schema, fake tensor (shapes, dtypes, devices of the fake impl against the real run) and AOT dispatch."""
+    torch.library.opcheck(getattr(torch.ops.moebench, op), args(),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+class TinyMoeBlock(nn.Module):
+    """Post-attention norm with the residual fused, router, experts: one MoE block made of the three kernels."""
+
+    def __init__(self, D=32, E=4, I=16, k=2):
+        super().__init__()
+        x, w_gate_up, w_down, _, _ = moe_inputs(1, D=D, E=E, I=I)
+        self.norm = nn.Parameter(randn(D, seed=9))
+        self.gate = nn.Parameter(randn(E, D, scale=D**-0.5, seed=10))
+        self.w_gate_up, self.w_down, self.k = nn.Parameter(w_gate_up), nn.Parameter(w_down), k
+
+    def forward(self, x, residual):
+        h, residual = rms_norm(x, self.norm, 1e-6, residual)
+        ids, weights = moe_router(h, self.gate, self.k, True)
+        return residual + fused_moe(h, self.w_gate_up, self.w_down, ids, weights)
+
+    def reference(self, x, residual):
+        h, residual = rms_norm_ref(x, self.norm, 1e-6, residual)
+        ids, weights = route(F.linear(h, self.gate), self.k, True)
+        return residual + experts_forward_loop(h, self.w_gate_up, self.w_down, ids, weights)
+
+
+def test_kernels_are_nodes_of_an_exported_graph_and_count_as_kernel_macs():
+    T, D, E, I, k = 5, 32, 4, 16, 2
+    block = TinyMoeBlock(D, E, I, k).eval()
+    x, residual = randn(T, D, seed=11), randn(T, D, seed=12)
+    with torch.no_grad():
+        ep = torch.export.export(block, (x, residual))
+        targets = {n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"}
+        assert {torch.ops.moebench.add_rms_norm.default, torch.ops.moebench.moe_router.default,
+                torch.ops.moebench.fused_moe.default} <= targets
+        ids_node = next(n for n in ep.graph_module.graph.nodes if n.target == torch.ops.moebench.moe_router.default)
+        ids_val, weights_val = ids_node.meta["val"]
+        assert ids_val.shape == weights_val.shape == (T, k) and ids_val.dtype == torch.int64
+
+        macs = graph_macs(ep.graph_module)
+        router_macs, experts_macs = T * D * E, fused_moe_macs(x, block.w_gate_up, block.w_down, torch.empty(T, k))
+        assert experts_macs == T * k * 3 * D * I
+        assert macs.kernel == macs.total == router_macs + experts_macs  # nothing outside the kernels
+        assert macs.by_op["moebench.moe_router.default"] == router_macs
+        assert macs.by_op["moebench.fused_moe.default"] == experts_macs
+        assert macs.by_op["moebench.add_rms_norm.default"] == 0  # element-wise, as the reference's RMSNorm
+
+        torch.testing.assert_close(ep.module()(x, residual), block.reference(x, residual), **TOL[torch.float32])
