@@ -21,7 +21,7 @@ def fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights):
     """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I], topk_ids/topk_weights [T, k] -> [T, D].
 
     out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]:
-    a loop over every (token, chosen expert) pair, as moebench.model.moe.experts_forward_loop."""
+    a loop over every (token, chosen expert) pair: the readable spec of moebench.model.moe.experts_forward."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for e, w in zip(topk_ids[t].tolist(), topk_weights[t]):

@@ -68,13 +68,3 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
                 start += n
     ys = ys * topk_weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, ys)
-
-
-def experts_forward_loop(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """The readable spec: a Python loop over every (token, chosen expert) pair. For tests only."""
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for e, w in zip(topk_ids[t].tolist(), topk_weights[t]):
-            gate, up = F.linear(x[t], w_gate_up[e]).chunk(2, dim=-1)
-            out[t] += F.linear(F.silu(gate) * up, w_down[e]) * w
-    return out
