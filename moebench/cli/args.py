@@ -90,7 +90,7 @@ class RunConfig:
                 modes=("evaluate_single", "evaluate_all", "validate", "generate"))
     enable_nki: bool = opt(False, "switch the model's building blocks to moebench's registered Triton kernels "
                                   "(the guide's name; alias --enable-kernels)", flags=("--enable-nki", "--enable-kernels"),
-                           bool_flag=True, pending="custom kernels")
+                           bool_flag=True)
     base_latency: float = opt(None, "baseline end-to-end p99 latency in ms for the score (default: the reference "
                                     "measured on this machine)", type=_positive(float), modes=SCORED)
     base_throughput: float = opt(None, "baseline throughput in tokens/s for the score (default: measured)",
@@ -178,7 +178,7 @@ class RunConfig:
                                    pending="custom kernels")
     attn_kernel_enabled: bool = opt(False, "flash-attention kernel for context encoding", bool_flag=True,
                                     pending="custom kernels")
-    mlp_kernel_enabled: bool = opt(False, "fused MoE expert kernel", bool_flag=True, pending="custom kernels")
+    mlp_kernel_enabled: bool = opt(False, "the Triton MoE router and fused expert kernels", bool_flag=True)
     quantized_mlp_kernel_enabled: bool = opt(False, "int8/fp8 expert weights, dequantized in the kernel",
                                              bool_flag=True, pending="custom kernels")
     rmsnorm_quantize_kernel_enabled: bool = opt(False, "RMSNorm fused with activation quantization", bool_flag=True,

@@ -58,6 +58,12 @@ def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: to
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
                                 "default options runs on it")
         return model
+    if options.kernels:
+        # Import the kernel modules (and Triton) here, not under the meta device below: Triton's interpreter
+        # must not create its tensors on the meta device.
+        from moebench.kernels.registry import load_builtin_kernels
+
+        load_builtin_kernels()
     with torch.device("meta"):
         model = model_cls(source.config, options)
     load_weights(model, source.weights_dir, dtype, device)

@@ -18,6 +18,11 @@ class ModelOptions:
     """How the harness builds a model; a contestant's class receives the same object."""
 
     fused_qkv: bool = False  # one qkv_proj matmul instead of three (--fused-qkv)
+    kernels: frozenset = frozenset()  # building blocks switched to moebench's Triton kernels: KERNEL_BLOCKS
+
+
+# Building blocks that can run as registered Triton kernels (--enable-nki: all; --mlp-kernel-enabled: the MoE).
+KERNEL_BLOCKS = ("rms_norm", "moe_router", "fused_moe")
 
 
 @dataclass
@@ -41,12 +46,19 @@ class KVCache(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, opts: ModelOptions = ModelOptions()):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernel = None
+        if "rms_norm" in opts.kernels:
+            from moebench.kernels.rmsnorm import rms_norm  # imports Triton only when asked for
+
+            self.kernel = rms_norm
 
     def forward(self, x):
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps)
         # float32 statistics, result cast back before the weight, exactly as transformers.
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -65,8 +77,8 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.attention_bias)
             self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)  # per head, before RoPE
-        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, opts)  # per head, before RoPE
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, opts)
 
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache):
         B, T, _ = x.shape
@@ -109,17 +121,29 @@ class Experts(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg: Qwen3MoeConfig):
+    def __init__(self, cfg: Qwen3MoeConfig, opts: ModelOptions = ModelOptions()):
         super().__init__()
         self.k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg)
+        self.router_kernel, self.experts_fn = None, experts_forward
+        if "moe_router" in opts.kernels:
+            from moebench.kernels.router import moe_router
+
+            self.router_kernel = moe_router
+        if "fused_moe" in opts.kernels:
+            from moebench.kernels.fused_moe import fused_moe
+
+            self.experts_fn = fused_moe
 
     def forward(self, x):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        ids, weights = route(self.gate(flat), self.k, self.norm_topk_prob)
-        out = experts_forward(flat, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
+        if self.router_kernel is not None:
+            ids, weights = self.router_kernel(flat, self.gate.weight, self.k, self.norm_topk_prob)
+        else:
+            ids, weights = route(self.gate(flat), self.k, self.norm_topk_prob)
+        out = self.experts_fn(flat, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
         return out.view(B, T, D)
 
 
@@ -127,9 +151,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: Qwen3MoeConfig, layer: int, opts: ModelOptions):
         super().__init__()
         self.self_attn = Attention(cfg, layer, opts)
-        self.mlp = SparseMoE(cfg) if cfg.is_moe_layer(layer) else DenseMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SparseMoE(cfg, opts) if cfg.is_moe_layer(layer) else DenseMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
 
     def forward(self, x, cos, sin, step, cache):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
@@ -141,7 +165,7 @@ class Qwen3MoeModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, opts) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
 
 
 class Qwen3MoeForCausalLM(nn.Module):

@@ -19,7 +19,7 @@ from moebench.evaluation.flops import flop_ratio, request_macs
 from moebench.evaluation.submission import Submission, check_logits
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.presets import PRESETS
-from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from moebench.model.qwen3_moe import KERNEL_BLOCKS, ModelOptions, Qwen3MoeForCausalLM
 from moebench.modes.setup import Request, make_engine
 
 WIDE = "qwen3-30b-a3b"
@@ -38,7 +38,12 @@ def progress(total: int, desc: str):
 
 
 def options_of(run: RunConfig) -> ModelOptions:
-    return ModelOptions(fused_qkv=run.fused_qkv)
+    """How the submission is built: --enable-nki switches every block that has a kernel (and implies
+    --fused-qkv, as CONTRACTS says); --mlp-kernel-enabled the MoE router and experts alone."""
+    kernels = set(KERNEL_BLOCKS) if run.enable_nki else set()
+    if run.mlp_kernel_enabled:
+        kernels |= {"moe_router", "fused_moe"}
+    return ModelOptions(fused_qkv=run.fused_qkv or run.enable_nki, kernels=frozenset(kernels))
 
 
 def benchmark(run: RunConfig, model, req: Request, what: str) -> dict:
