@@ -176,8 +176,8 @@ class RunConfig:
     # Kernels
     qkv_kernel_enabled: bool = opt(False, "fused RMSNorm + QKV + q/k norm + RoPE kernel", bool_flag=True,
                                    pending="custom kernels")
-    attn_kernel_enabled: bool = opt(False, "flash-attention kernel for context encoding", bool_flag=True,
-                                    pending="custom kernels")
+    attn_kernel_enabled: bool = opt(False, "the Triton flash-attention kernel (context encoding and decode)",
+                                    bool_flag=True)
     mlp_kernel_enabled: bool = opt(False, "the Triton MoE router and fused expert kernels", bool_flag=True)
     quantized_mlp_kernel_enabled: bool = opt(False, "int8/fp8 expert weights, dequantized in the kernel",
                                              bool_flag=True, pending="custom kernels")

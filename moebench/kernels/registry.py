@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 # The kernels moebench ships, by module under moebench.kernels; importing one registers its ops.
-BUILTIN_MODULES = ("rmsnorm", "router", "fused_moe")
+BUILTIN_MODULES = ("rmsnorm", "attention", "router", "fused_moe")
 
 
 @dataclass(frozen=True)

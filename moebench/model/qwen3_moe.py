@@ -22,7 +22,7 @@ class ModelOptions:
 
 
 # Building blocks that can run as registered Triton kernels (--enable-nki: all; --mlp-kernel-enabled: the MoE).
-KERNEL_BLOCKS = ("rms_norm", "moe_router", "fused_moe")
+KERNEL_BLOCKS = ("rms_norm", "attention", "moe_router", "fused_moe")
 
 
 @dataclass
@@ -79,6 +79,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps, opts)  # per head, before RoPE
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps, opts)
+        self.kernel = None
+        if "attention" in opts.kernels:
+            from moebench.kernels.attention import attention
+
+            self.kernel = attention
 
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache):
         B, T, _ = x.shape
@@ -94,8 +99,11 @@ class Attention(nn.Module):
         cache.v[self.layer].index_copy_(2, step.slots, v)
         S = step.mask.shape[-1]
         keys, values = cache.k[self.layer, :, :, :S], cache.v[self.layer, :, :, :S]  # [B, Hkv, S, hd]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=self.hd**-0.5,
-                                           enable_gqa=self.n_heads != self.n_kv)
+        if self.kernel is not None:
+            o = self.kernel(q, keys, values, step.mask, self.hd**-0.5)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=self.hd**-0.5,
+                                               enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 

@@ -39,10 +39,13 @@ def progress(total: int, desc: str):
 
 def options_of(run: RunConfig) -> ModelOptions:
     """How the submission is built: --enable-nki switches every block that has a kernel (and implies
-    --fused-qkv, as CONTRACTS says); --mlp-kernel-enabled the MoE router and experts alone."""
+    --fused-qkv, as CONTRACTS says); --mlp-kernel-enabled the MoE router and experts, --attn-kernel-enabled
+    attention."""
     kernels = set(KERNEL_BLOCKS) if run.enable_nki else set()
     if run.mlp_kernel_enabled:
         kernels |= {"moe_router", "fused_moe"}
+    if run.attn_kernel_enabled:
+        kernels.add("attention")
     return ModelOptions(fused_qkv=run.fused_qkv or run.enable_nki, kernels=frozenset(kernels))
 
 
