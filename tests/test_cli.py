@@ -255,6 +255,15 @@ def test_flags_without_effect_print_a_note(argv, note, capsys):
     assert any(line.startswith("note: ") and note in line for line in err.splitlines()), err
 
 
+def test_sampling_flags_note_that_evaluation_is_greedy(capsys):
+    code, out, err = run(capsys, "--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32",
+                         "--temperature", "0.8", "--output-logits")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert any("--temperature has no effect in --mode validate" in n for n in notes)
+    assert any("--output-logits has no effect in --mode validate" in n for n in notes)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generate, end to end
 

@@ -10,8 +10,9 @@ from moebench.evaluation.accuracy import DEFAULT_TOL_MAP
 
 MODES = ("evaluate_single", "evaluate_all", "validate", "generate", "generate_accuracy_baselines")
 DEFAULT_PROMPT = "I believe the meaning of life is"
-EVALUATE = ("evaluate_single", "evaluate_all", "validate", "generate_accuracy_baselines")
+VALIDATING = ("evaluate_single", "evaluate_all", "validate")
 SCORED = ("evaluate_single", "evaluate_all")
+SAMPLING = ("generate",)  # evaluation decodes greedily, as the original driver did
 TIMED = SCORED + ("generate", "generate_accuracy_baselines")
 
 
@@ -109,20 +110,22 @@ class RunConfig:
                                  "(the evaluate modes always do)", bool_flag=True, modes=("generate",))
     divergence_difference_tol: float = opt(None, "largest allowed logit gap (raw logit units) between the "
                                                  "expected and the chosen token where greedy choices diverge "
-                                                 "(default: chosen per dtype)", type=_nonneg(float), modes=EVALUATE)
+                                                 "(default: chosen per dtype)", type=_nonneg(float), modes=VALIDATING)
     tol_map: dict = opt(None, "per-top-k tolerances as a Python dict {k or None: (atol, rtol)} (default: the "
-                              f"guide's {DEFAULT_TOL_MAP})", type=parse_tol_map, modes=EVALUATE)
+                              f"guide's {DEFAULT_TOL_MAP})", type=parse_tol_map, modes=VALIDATING)
     num_tokens_to_check: int = opt(None, "validate only the first N generated tokens (default: all)",
-                                   type=_positive(int), modes=EVALUATE)
+                                   type=_positive(int), modes=VALIDATING)
     # Generation
     prompt: tuple = opt((), f"a prompt; repeat the flag for several (default: {DEFAULT_PROMPT!r})", append=True)
-    top_k: int = opt(20, "sample only among the k most likely tokens (0: no limit)", type=_nonneg(int))
+    top_k: int = opt(20, "sample only among the k most likely tokens (0: no limit)", type=_nonneg(int),
+                     modes=SAMPLING)
     top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this total probability",
-                       type=_positive(float))
-    temperature: float = opt(0.6, "sampling temperature (0: greedy)", type=_nonneg(float))
+                       type=_positive(float), modes=SAMPLING)
+    temperature: float = opt(0.6, "sampling temperature (0: greedy)", type=_nonneg(float), modes=SAMPLING)
     global_topk: int = opt(None, "on-device sampling: global top-k prefilter", type=_positive(int),
                            pending="on-device sampling")
-    do_sample: bool = opt(True, "sample (true) or decode greedily (false)", bool_flag=True)
+    do_sample: bool = opt(True, "sample (true) or decode greedily (false); evaluation always decodes greedily",
+                          bool_flag=True, modes=SAMPLING)
     dynamic: bool = opt(False, "on-device sampling with per-request parameters", bool_flag=True,
                         pending="on-device sampling")
     pad_token_id: int = opt(None, "token id used for padding (default: the tokenizer's pad token)", type=_nonneg(int))
@@ -145,7 +148,7 @@ class RunConfig:
     rpl_reduce_dtype: str = opt(None, "dtype of tensor-parallel all-reduces of row-parallel outputs",
                                 choices=("bfloat16", "float16", "float32"), pending="tensor parallelism")
     output_logits: bool = opt(False, "write the raw logits of every generated token to output_logits.pt",
-                              bool_flag=True)
+                              bool_flag=True, modes=SAMPLING)
     vocab_parallel: bool = opt(False, "shard the embedding over the vocabulary", bool_flag=True,
                                pending="tensor parallelism")
     skip_compile: bool = opt(False, "reuse the artifacts under --compiled-model-path", bool_flag=True,
@@ -193,7 +196,7 @@ class RunConfig:
     benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=TIMED)
     warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark (compilation happens there)",
                            type=_nonneg(int), modes=TIMED)
-    seed: int = opt(0, "seed for sampling and generated inputs", type=_seed)
+    seed: int = opt(0, "seed for sampling", type=_seed, modes=SAMPLING)
     explicit: frozenset = field(default=frozenset(), repr=False)  # names of the options given on the command line
 
     @property
