@@ -62,11 +62,10 @@ def save_expected(folder: Path, i: int, logits: torch.Tensor, meta: ExpectedMeta
     return path
 
 
-def _read_meta(path: Path) -> dict:
+def read_meta(path: Path) -> ExpectedMeta:
+    """An expected_logits_{i}.json file, checked; a clear error when malformed."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        ExpectedMeta(**data)
-        return data
+        return ExpectedMeta(**json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise MoebenchError(f"{path}: not valid expected-logits metadata ({e})") from None
 
@@ -79,7 +78,7 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
     if not meta_path.is_file():
         raise MoebenchError(f"{pt} has no metadata file {meta_path.name}; regenerate it with "
                             "--mode generate_accuracy_baselines")
-    why = ExpectedMeta(**_read_meta(meta_path)).mismatch(wanted)
+    why = read_meta(meta_path).mismatch(wanted)
     if why:
         raise MoebenchError(f"{pt} does not match this run: {why}; regenerate it with "
                             "--mode generate_accuracy_baselines or remove it")
@@ -98,7 +97,7 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
 def stored_index(folder: Path, wanted: ExpectedMeta) -> int | None:
     """The index i of the expected_logits_{i} file made for the same prompt, or None."""
     for meta_path in sorted(folder.glob("expected_logits_*.json")):
-        if _read_meta(meta_path).get("prompt_ids") == wanted.prompt_ids:
+        if read_meta(meta_path).prompt_ids == wanted.prompt_ids:
             return int(meta_path.stem.rsplit("_", 1)[1])
     return None
 

@@ -1,7 +1,6 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +8,7 @@ from moebench.cli.args import RunConfig
 from moebench.errors import CheckFailed, MoebenchError
 from moebench.evaluation.records import (PromptData, append_record, prompt_data_path, read_prompt_data,
                                          read_prompts, record_row, records_path, write_prompt_data)
-from moebench.evaluation.expected import ExpectedMeta, stored_index
+from moebench.evaluation.expected import read_meta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.evaluation.submission import load_submission
 from moebench.modes.contest import (UnderTest, expected_logits, expected_meta, print_validation,
@@ -73,7 +72,7 @@ def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None
     data_path = prompt_data_path(folder, device_of(run).type)
     if i is None or data_path is None or not (folder / f"expected_logits_{i}.json").is_file():
         return None
-    stored = ExpectedMeta(**json.loads((folder / f"expected_logits_{i}.json").read_text(encoding="utf-8")))
+    stored = read_meta(folder / f"expected_logits_{i}.json")
     rows = {r.prompt_id: r for r in read_prompt_data(data_path)}
     if stored.mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or rows[i].seq_len != run.seq_len:
         return None
