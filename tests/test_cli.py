@@ -194,6 +194,34 @@ def test_pending_features_at_their_defaults_generate(capsys):
     assert "Output 0: " + DEFAULT_PROMPT in out
 
 
+@pytest.mark.parametrize("flags, needs", [
+    (["--qkv-kernel-enabled"], "needs --fused-qkv"),
+    (["--rmsnorm-quantize-kernel-enabled"], "needs --quantized-mlp-kernel-enabled"),
+    (["--mlp-kernel-fuse-residual-add"], "needs an MoE kernel"),
+    (["--mlp-kernel-enabled", "--quantized-mlp-kernel-enabled", "--mlp-kernel-fuse-residual-add"],
+     "unquantized expert kernel only"),
+])
+def test_kernel_flags_that_cannot_work_together_stop(flags, needs, capsys):
+    code, out, err = run(capsys, "--mode", "validate", *flags)
+    assert code == 2 and out == ""
+    line = error_line(err)
+    assert needs in line and any(f in line for f in flags)
+
+
+@pytest.mark.parametrize("flags", [["--qkv-kernel-enabled", "--fused-qkv"], ["--qkv-kernel-enabled", "--enable-nki"],
+                                   ["--mlp-kernel-enabled", "--mlp-kernel-fuse-residual-add"],
+                                   ["--quantized-mlp-kernel-enabled", "--rmsnorm-quantize-kernel-enabled"]])
+def test_kernel_flags_that_work_together_parse(flags):
+    parse_args(["--mode", "validate", *flags])
+
+
+def test_quantization_settings_without_the_quantized_kernel_get_a_note():
+    _, notes = parse_args(["--mode", "validate", "--quantized-kernel-lower-bound", "100", "--quantized-dtype", "fp8"])
+    assert any("--quantized-kernel-lower-bound has no effect without --quantized-mlp-kernel-enabled" in n
+               for n in notes)
+    assert any("--quantized-dtype has no effect" in n for n in notes)
+
+
 @pytest.mark.parametrize("target", ["trn2", "trn3"])
 def test_trainium_target_is_one_clear_line(target, capsys):
     code, out, err = run(capsys, "--mode", "generate", "--platform-target", target)

@@ -76,8 +76,15 @@ def test_reference_macs_equal_the_hand_formula(source):
     model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), torch.float32, torch.device("cpu"))
     ids, mask = request(source, "The quick brown fox jumps")
     L, N, S = ids.shape[1], 5, 24
-    macs, graphs = request_macs(model, ids, mask, N, S)
+    per_submodel, graphs = request_macs(model, ids, mask, N, S)
+    macs = per_submodel.total
     prefill, decode = reference_macs(cfg, L, N, S)
+    report = per_submodel.report()
+    assert report["by_submodel"] == {
+        "context_encoding_model": dict(runs=1, total_macs_per_run=prefill, kernel_macs_per_run=0, nki_flop_ratio=0.0),
+        "token_generation_model": dict(runs=N - 1, total_macs_per_run=decode, kernel_macs_per_run=0,
+                                       nki_flop_ratio=0.0)}
+    assert report["total_macs"] == macs.total and report["kernel_ops"] == []
     assert len(graphs) == 2
     assert graph_macs(graphs[0]).total == prefill
     assert graph_macs(graphs[1]).total == decode
@@ -121,6 +128,7 @@ def test_kernel_share(source, kernel_registered, plain, ratio):
     # the model really runs (its logits have the contract's shape) through an Engine
     assert Engine(model, batch=1, max_len=S).prefill(ids, mask).shape == (1, cfg.vocab_size)
     macs, graphs = request_macs(model, ids, mask, N, S)
+    macs = macs.total
     D, V = cfg.hidden_size, cfg.vocab_size
     kernel = L * D * V + (N - 1) * D * V  # the model returns every column's logits, the prefill's included
     assert graph_macs(graphs[0]).kernel == L * D * V
@@ -137,5 +145,5 @@ def test_unregistered_op_counts_nothing(source):
     assert OP not in KERNELS
     model = KernelModel(source.config, plain=False).eval()
     ids, mask = request(source, "Hello world")
-    macs, _ = request_macs(model, ids, mask, 3, 8)
+    macs = request_macs(model, ids, mask, 3, 8)[0].total
     assert macs.total == 0 and macs.kernel == 0 and flop_ratio(macs) == 0.0

@@ -15,6 +15,7 @@ pytest.importorskip("triton", reason="Triton is not installed; the kernel tests 
 from moebench.evaluation.flops import graph_macs  # noqa: E402
 from moebench.kernels import interpret  # noqa: E402
 from moebench.kernels.fused_moe import fused_moe, fused_moe_macs, fused_moe_ref, moe_align  # noqa: E402
+from moebench.kernels.linear import linear, linear_ref  # noqa: E402
 from moebench.kernels.registry import KERNELS, Kernel, load_builtin_kernels, register_kernel  # noqa: E402
 from moebench.kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
 from moebench.kernels.router import moe_router, moe_router_ref  # noqa: E402
@@ -157,6 +158,48 @@ def test_fused_moe_rejects_mismatched_weights():
 # As custom ops: the registry, the fake impls, exported graphs, MAC counting
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 17, 129])
+@pytest.mark.parametrize("K", [48, 300])  # 300: more than one reduction block, with a tail
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_linear_matches_reference(dtype, T, K, bias, residual):
+    N = 70
+    x, w = randn(T, K, dtype=dtype, seed=1), randn(N, K, dtype=dtype, scale=K**-0.5, seed=2)
+    b = randn(N, dtype=dtype, seed=3) if bias else None
+    r = randn(T, N, dtype=dtype, seed=4) if residual else None
+    out, want = linear(x, w, b, r), linear_ref(x, w, b, r)
+    assert out.dtype == want.dtype == dtype
+    torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+def test_linear_keeps_leading_dims_and_rejects_mismatches():
+    x, w = randn(2, 3, 32), randn(20, 32, seed=1)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), **TOL[torch.float32])
+    with pytest.raises(ValueError, match="linear: x"):
+        linear(randn(3, 31), w)
+    with pytest.raises(ValueError, match="residual"):
+        linear(x, w, None, randn(2, 3, 21))
+
+
+def test_fused_moe_with_the_residual_fused():
+    x, w_gate_up, w_down, ids, weights = moe_inputs(17, D=48, E=5, I=24, dtype=torch.bfloat16)
+    r = randn(17, 48, dtype=torch.bfloat16, seed=7)
+    out = fused_moe(x, w_gate_up, w_down, ids, weights, r)
+    torch.testing.assert_close(out, fused_moe_ref(x, w_gate_up, w_down, ids, weights, r), **TOL[torch.bfloat16])
+    # the same numbers as adding the residual after the kernel: the sum is rounded first, as the model rounds it
+    torch.testing.assert_close(out, r + fused_moe(x, w_gate_up, w_down, ids, weights), atol=0, rtol=0)
+
+
+def test_kernels_count_in_torchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = randn(5, 48), randn(70, 48, seed=1)
+    with FlopCounterMode(display=False) as counter:
+        linear(x, w)
+        fused_moe(*moe_inputs(5, D=32, E=4, I=16))
+    assert counter.get_total_flops() == 2 * (5 * 48 * 70 + 5 * 2 * 3 * 32 * 16)
+
+
 def test_registry_entries():
     kernels = load_builtin_kernels()
     names = {"moebench::rms_norm", "moebench::add_rms_norm", "moebench::moe_router", "moebench::fused_moe"}
@@ -188,6 +231,11 @@ def test_interpreter_switched_on_without_cuda(monkeypatch):
                               randn(48, dtype=torch.bfloat16), 1e-6)),
     ("moe_router", lambda: (randn(5, 32, dtype=torch.bfloat16), randn(6, 32, dtype=torch.bfloat16), 2, True)),
     ("fused_moe", lambda: moe_inputs(5, D=32, E=4, I=16, dtype=torch.bfloat16)),
+    ("fused_moe", lambda: (*moe_inputs(5, D=32, E=4, I=16, dtype=torch.bfloat16),
+                           randn(5, 32, dtype=torch.bfloat16, seed=8))),
+    ("linear", lambda: (randn(5, 48, dtype=torch.bfloat16), randn(20, 48, dtype=torch.bfloat16, seed=1), None,
+                        randn(5, 20, dtype=torch.bfloat16, seed=2))),
+    ("linear", lambda: (randn(1, 48), randn(20, 48, seed=1), randn(20, seed=2), None)),
 ])
 def test_fake_impls_agree_with_the_kernels(op, args):
     """Schema, fake tensor (shapes, dtypes, devices of the fake impl against the real run) and AOT dispatch."""

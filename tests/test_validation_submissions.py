@@ -27,7 +27,8 @@ def test_honest_reordered_submission_passes(capsys, dtype):
     assert "logit validation PASS" in out
 
 
-@pytest.mark.parametrize("module", ["wrong_noise", "wrong_dropped_expert", "wrong_rope"])
+@pytest.mark.parametrize("module", ["wrong_noise", "wrong_dropped_expert", "wrong_rope", "wrong_kernel_tail",
+                                    "wrong_kernel_scale"])
 def test_wrong_submission_fails(capsys, module):
     code, out, err = validate(capsys, module)
     assert code == 1, out + err

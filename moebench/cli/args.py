@@ -160,8 +160,8 @@ class RunConfig:
     fused_qkv: bool = opt(False, "compute q, k and v with one fused matmul", bool_flag=True)
     sequence_parallel_enabled: bool = opt(False, "shard the context-encoding sequence over tensor-parallel ranks",
                                           bool_flag=True, pending="tensor parallelism")
-    flash_decoding_enabled: bool = opt(False, "split-K flash decoding over the KV cache", bool_flag=True,
-                                       pending="custom kernels")
+    flash_decoding_enabled: bool = opt(False, "the Triton split-K flash-decoding kernel for decode steps",
+                                       bool_flag=True)
     on_device_sampling: bool = opt(False, "sample inside the compiled decode graph", bool_flag=True,
                                    pending="on-device sampling")
     # Bucketing
@@ -177,20 +177,23 @@ class RunConfig:
     tp_degree: int = opt(1, "tensor-parallel ranks (1 on the CPU; the guide's 4 was four NeuronCores)",
                          type=_positive(int), pending="tensor parallelism")
     # Kernels
-    qkv_kernel_enabled: bool = opt(False, "fused RMSNorm + QKV + q/k norm + RoPE kernel", bool_flag=True,
-                                   pending="custom kernels")
+    qkv_kernel_enabled: bool = opt(False, "the Triton kernel fusing the input RMSNorm, QKV projection, q/k norms "
+                                          "and RoPE (needs --fused-qkv)", bool_flag=True)
     attn_kernel_enabled: bool = opt(False, "the Triton flash-attention kernel (context encoding and decode)",
                                     bool_flag=True)
     mlp_kernel_enabled: bool = opt(False, "the Triton MoE router and fused expert kernels", bool_flag=True)
-    quantized_mlp_kernel_enabled: bool = opt(False, "int8/fp8 expert weights, dequantized in the kernel",
-                                             bool_flag=True, pending="custom kernels")
-    rmsnorm_quantize_kernel_enabled: bool = opt(False, "RMSNorm fused with activation quantization", bool_flag=True,
-                                                pending="custom kernels")
-    quantized_kernel_lower_bound: float = opt(1200.0, "clamp bound of activations before quantization",
-                                              type=_positive(float), pending="custom kernels")
-    mlp_kernel_fuse_residual_add: bool = opt(False, "fuse the residual add into the MoE kernel", bool_flag=True,
-                                             pending="custom kernels")
+    quantized_mlp_kernel_enabled: bool = opt(False, "experts with int8/fp8 weights (per-channel scales), "
+                                                    "dequantized in the Triton kernel; changes the numbers, so "
+                                                    "--enable-nki never turns it on", bool_flag=True)
+    rmsnorm_quantize_kernel_enabled: bool = opt(False, "post-attention RMSNorm fused with the activations' "
+                                                       "quantization (needs --quantized-mlp-kernel-enabled)",
+                                                bool_flag=True)
+    quantized_kernel_lower_bound: float = opt(1200.0, "activations are clamped to +-this before quantized matmuls",
+                                              type=_positive(float))
+    mlp_kernel_fuse_residual_add: bool = opt(False, "fuse the residual add into the MoE kernel (needs an MoE "
+                                                    "kernel: --mlp-kernel-enabled or --enable-nki)", bool_flag=True)
     # Added by moebench
+    quantized_dtype: str = opt("int8", "weight dtype of --quantized-mlp-kernel-enabled", choices=("int8", "fp8"))
     skip_accuracy: bool = opt(False, "performance only: no accuracy check (records say 'not checked')",
                               bool_flag=True, modes=SCORED)
     benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=TIMED)
@@ -261,10 +264,34 @@ def check(run: RunConfig) -> list[str]:
             notes.append(f"note: {flag} has no effect: {m['no_effect']}")
         elif m["modes"] and run.mode not in m["modes"]:
             notes.append(f"note: {flag} has no effect in --mode {run.mode}")
+    notes += check_kernel_flags(run)
     if run.max_context_length is not None and run.max_context_length >= run.seq_len:
         raise MoebenchError(f"--max-context-length {run.max_context_length} must be below --seq-len {run.seq_len}")
     if run.top_p > 1:
         raise MoebenchError(f"--top-p {run.top_p} must be in (0, 1]")
     if any(not p.strip() for p in run.prompt):
         raise MoebenchError("--prompt: a prompt is empty")
+    return notes
+
+
+def check_kernel_flags(run: RunConfig) -> list[str]:
+    """Kernel flag combinations that cannot work stop with one line; settings with nothing to act on get a note."""
+    if run.qkv_kernel_enabled and not (run.fused_qkv or run.enable_nki):
+        raise MoebenchError("--qkv-kernel-enabled needs --fused-qkv: the kernel computes the fused qkv_proj "
+                            "(as in the original)")
+    if run.rmsnorm_quantize_kernel_enabled and not run.quantized_mlp_kernel_enabled:
+        raise MoebenchError("--rmsnorm-quantize-kernel-enabled needs --quantized-mlp-kernel-enabled: its quantized "
+                            "activations feed the quantized expert kernel")
+    if run.mlp_kernel_fuse_residual_add and not (run.mlp_kernel_enabled or run.enable_nki):
+        raise MoebenchError("--mlp-kernel-fuse-residual-add needs an MoE kernel to fuse into: add "
+                            "--mlp-kernel-enabled or --enable-nki")
+    if run.mlp_kernel_fuse_residual_add and run.quantized_mlp_kernel_enabled:
+        raise MoebenchError("--mlp-kernel-fuse-residual-add works with the unquantized expert kernel only; "
+                            "drop it or --quantized-mlp-kernel-enabled")
+    notes = []
+    if run.enable_nki and "fused_qkv" in run.explicit and not run.fused_qkv:
+        notes.append("note: --fused-qkv false has no effect: --enable-nki implies --fused-qkv")
+    for name in ("quantized_kernel_lower_bound", "quantized_dtype"):
+        if name in run.explicit and not run.quantized_mlp_kernel_enabled:
+            notes.append(f"note: --{name.replace('_', '-')} has no effect without --quantized-mlp-kernel-enabled")
     return notes

@@ -45,12 +45,14 @@ class MacCount:
     total: int = 0
     kernel: int = 0
     by_op: dict = field(default_factory=dict)  # op name -> MACs
+    kernel_ops: frozenset = frozenset()  # the names in by_op that are registered kernels
 
     def add(self, other: "MacCount", times: int = 1) -> "MacCount":
         by_op = dict(self.by_op)
         for k, v in other.by_op.items():
             by_op[k] = by_op.get(k, 0) + v * times
-        return MacCount(self.total + other.total * times, self.kernel + other.kernel * times, by_op)
+        return MacCount(self.total + other.total * times, self.kernel + other.kernel * times, by_op,
+                        self.kernel_ops | other.kernel_ops)
 
 
 def _kernel_of(target):
@@ -69,6 +71,7 @@ def graph_macs(gm: torch.fx.GraphModule) -> MacCount:
             args = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
             macs = int(kernel.macs(*args))
             count.kernel += macs
+            count.kernel_ops |= {str(node.target)}
         elif node.target in MATMUL_MACS:
             macs = int(MATMUL_MACS[node.target](*node.args))
         else:
@@ -113,7 +116,32 @@ class _Capturing(torch.nn.Module):
         return self.inner(input_ids, step, cache)
 
 
-def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int) -> tuple[MacCount, list]:
+@dataclass
+class RequestMacs:
+    """MACs of one request, per submodel: each graph's count and how many times it ran."""
+
+    context_encoding: MacCount
+    token_generation: MacCount | None  # one decode step; None when a single token is generated
+    decode_steps: int
+
+    @property
+    def total(self) -> MacCount:
+        total = MacCount().add(self.context_encoding)
+        return total.add(self.token_generation, self.decode_steps) if self.token_generation else total
+
+    def report(self) -> dict:
+        """benchmark_report.json's "kernel_flops": the ratio, MACs per op and per submodel."""
+        total = self.total
+        submodels = {"context_encoding_model": (self.context_encoding, 1),
+                     "token_generation_model": (self.token_generation, self.decode_steps)}
+        return {"nki_flop_ratio": flop_ratio(total), "total_macs": total.total, "kernel_macs": total.kernel,
+                "by_op": total.by_op, "kernel_ops": sorted(total.kernel_ops),
+                "by_submodel": {name: {"runs": runs, "total_macs_per_run": c.total, "kernel_macs_per_run": c.kernel,
+                                       "nki_flop_ratio": flop_ratio(c)}
+                                for name, (c, runs) in submodels.items() if c is not None}}
+
+
+def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int) -> tuple[RequestMacs, list]:
     """MACs of one request: the context-encoding graph once plus the token-generation graph for each of the
     new_tokens - 1 decode steps, both captured from `model` running this very input. Returns (count, graphs)."""
     from moebench.engine.generator import Engine
@@ -124,7 +152,4 @@ def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int
     if new_tokens > 1:
         engine.decode(first)
     prefill, *decode = [graph_macs(g) for g in probe.graphs]
-    total = MacCount().add(prefill)
-    if decode:
-        total = total.add(decode[0], times=new_tokens - 1)
-    return total, probe.graphs
+    return RequestMacs(prefill, decode[0] if decode else None, new_tokens - 1), probe.graphs

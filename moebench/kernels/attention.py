@@ -112,7 +112,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     m = mask.expand(B, H, T, S).view(torch.uint8)  # stride 0 over broadcast dims: no copy
     # tl.dot's smallest tile is 16 rows: decode (T = 1) wastes the other 15; context encoding on a GPU takes 64.
     BLOCK_M = block_m or (16 if INTERPRETED or T <= 16 else 64)
-    BLOCK_N = block_n or (16 if INTERPRETED else 64)
+    BLOCK_N = block_n or 64
     BLOCK_D = max(16, triton.next_power_of_2(hd))
     grid = (triton.cdiv(T, BLOCK_M), H, B)
     _attention_kernel[grid](q, k, v, m, out, T, S, H // Hkv, scale * LOG2E,

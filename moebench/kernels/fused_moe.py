@@ -17,17 +17,19 @@ from moebench.kernels.common import cast, dot  # noqa: E402
 # N = T·k (token, expert) pairs, P rows of the sorted and padded pair list, BM rows per block (one expert each).
 
 
-def fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I], topk_ids/topk_weights [T, k] -> [T, D].
+def fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
+    """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I], topk_ids/topk_weights [T, k],
+    residual [T, D] or None -> [T, D].
 
     out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]:
-    a loop over every (token, chosen expert) pair: the readable spec of moebench.model.moe.experts_forward."""
+    a loop over every (token, chosen expert) pair: the readable spec of moebench.model.moe.experts_forward.
+    With a residual: residual + out, both rounded to x's dtype (the layer's `h + mlp(...)`)."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for e, w in zip(topk_ids[t].tolist(), topk_weights[t]):
             gate, up = F.linear(x[t], w_gate_up[e]).chunk(2, dim=-1)
             out[t] += F.linear(F.silu(gate) * up, w_down[e]) * w
-    return out
+    return out if residual is None else residual + out
 
 
 def moe_align(topk_ids: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,14 +117,29 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, block_expert_ptr, topk_w_ptr, N
     tl.store(y_ptr + pair[:, None] * stride_yp + cols[None, :], cast(y, dtype), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Program (t, d): out[t] = sum of token t's K expert rows of y, in float32 (+ residual[t]).
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = cols < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(y_ptr + (t * K + j) * D + cols, mask=ok, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_RESIDUAL:  # round the MoE output first, as the reference adds two tensors of x's dtype
+        acc = cast(acc, dtype).to(tl.float32) + tl.load(r_ptr + t * D + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + cols, cast(acc, dtype), mask=ok)
+
+
 def _tiles(N: int, E: int) -> tuple[int, int, int]:
     """(BM, BN, BK): rows, output columns and reduction depth of one program's tile (tl.dot needs 16 at least)."""
     if INTERPRETED:
-        return 16, 32, 32  # the interpreter pays per program and per element: small tiles, little padding
+        return 16, 64, 128  # the interpreter pays per program and per loop step: few, large tiles
     return (16 if N <= 4 * E else 64), 64, 64  # few rows per expert (decode): small blocks waste less padding
 
 
-def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights):
+def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
     """Launch wrapper: same arguments and result as fused_moe_ref."""
     (T, D), (E, I2, D2), k = x.shape, w_gate_up.shape, topk_ids.shape[1]
     I = I2 // 2
@@ -135,11 +152,13 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights):
     if not x.dtype == w_gate_up.dtype == w_down.dtype:
         raise ValueError(f"fused_moe: x, w_gate_up and w_down must share one dtype; got {x.dtype}, "
                          f"{w_gate_up.dtype}, {w_down.dtype}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"fused_moe: residual {tuple(residual.shape)} and x {tuple(x.shape)} differ")
     check_device(INTERPRETED, x, w_gate_up, w_down, topk_ids, topk_weights)
     out = torch.empty_like(x)
     N = T * k
     if N == 0:
-        return out.zero_()
+        return out.zero_() if residual is None else out.copy_(residual)
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     BM, BN, BK = _tiles(N, E)
     pairs, block_expert = moe_align(topk_ids, E, BM)
@@ -152,23 +171,27 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights):
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, w_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), BM=BM, BN=BN, BK=BK)
-    return out.copy_(y.view(T, k, D).sum(dim=1, dtype=torch.float32))  # the combine over each token's k experts
+    BLOCK_D = min(1024, triton.next_power_of_2(D))
+    _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](y, residual.contiguous() if residual is not None else y, out, D,
+                                                  K=k, HAS_RESIDUAL=residual is not None, BLOCK_D=BLOCK_D)
+    return out
 
 
 @torch.library.custom_op("moebench::fused_moe", mutates_args=())
 def _fused_moe_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_ids: torch.Tensor,
-                  topk_weights: torch.Tensor) -> torch.Tensor:
-    return fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights)
+                  topk_weights: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual)
 
 
 @_fused_moe_op.register_fake
-def _(x, w_gate_up, w_down, topk_ids, topk_weights):
+def _(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
     return torch.empty_like(x)
 
 
-def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights):
-    """The kernel as a model calls it: the MoE block's expert output [T, D]."""
-    return torch.ops.moebench.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
+def fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
+    """The kernel as a model calls it: the MoE block's expert output [T, D], plus residual when given
+    (--mlp-kernel-fuse-residual-add)."""
+    return torch.ops.moebench.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights, residual)
 
 
 def fused_moe_macs(x, w_gate_up, w_down, topk_ids, *_) -> int:

@@ -4,8 +4,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+from torch.utils import flop_counter
+
 # The kernels moebench ships, by module under moebench.kernels; importing one registers its ops.
-BUILTIN_MODULES = ("rmsnorm", "attention", "router", "fused_moe")
+BUILTIN_MODULES = ("rmsnorm", "linear", "qkv", "attention", "flash_decoding", "router", "fused_moe", "quantized_moe")
 
 
 @dataclass(frozen=True)
@@ -23,10 +26,24 @@ def register_kernel(name: str, macs: Callable[..., int], reference: Callable | N
                     flag: str | None = None) -> Kernel:
     """Declare the torch op `name` a custom kernel; its MACs then count as kernel MACs in the FLOP ratio.
 
-    Contestants call it for their own kernels; `flag` is for moebench's kernels switched by a CLI flag."""
+    Contestants call it for their own kernels; `flag` is for moebench's kernels switched by a CLI flag.
+    Once the op is defined, torch.utils.flop_counter.FlopCounterMode counts it too (2 FLOPs per MAC)."""
     kernel = Kernel(name, macs, reference, flag)
     KERNELS[name] = kernel
+    _register_flop_formula(name, macs)
     return kernel
+
+
+def _register_flop_formula(name: str, macs: Callable[..., int]) -> None:
+    namespace, _, op_name = name.partition("::")
+    packet = getattr(getattr(torch.ops, namespace), op_name, None)  # None: the op is not defined (yet)
+    if packet is None:
+        return
+    flop_counter.flop_registry.pop(packet, None)  # registering again (a module re-imported) replaces the formula
+
+    @flop_counter.register_flop_formula(packet, get_raw=True)
+    def flops(*args, out_val=None, **kwargs):
+        return 2 * int(macs(*args, *kwargs.values()))
 
 
 def load_builtin_kernels() -> dict[str, Kernel]:

@@ -90,7 +90,7 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     weights = torch.empty(T, k, dtype=x.dtype, device=x.device)
     BLOCK_T = 16  # tl.dot's smallest tile
     BLOCK_E = max(16, triton.next_power_of_2(E))
-    BLOCK_D = max(16, min(64 if INTERPRETED else 128, triton.next_power_of_2(D)))
+    BLOCK_D = max(16, min(128, triton.next_power_of_2(D)))
     if T:
         _router_kernel[(triton.cdiv(T, BLOCK_T),)](x, w_gate, ids, weights, T, D, E, x.stride(0), w_gate.stride(0),
                                                    K=k, NORM=norm_topk_prob,

@@ -67,4 +67,7 @@ def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: to
     with torch.device("meta"):
         model = model_cls(source.config, options)
     load_weights(model, source.weights_dir, dtype, device)
+    for module in model.modules():  # e.g. the quantized experts quantize their weights once they are loaded
+        if hasattr(module, "after_loading"):
+            module.after_loading()
     return model.eval()

@@ -15,7 +15,7 @@ from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED
                                           ValidationReport, validate_logits)
 from moebench.evaluation.benchmark import benchmark_report, run_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
-from moebench.evaluation.flops import flop_ratio, request_macs
+from moebench.evaluation.flops import request_macs
 from moebench.evaluation.submission import Submission, check_logits
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.presets import PRESETS
@@ -37,16 +37,31 @@ def progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=not sys.stderr.isatty())
 
 
+# The building blocks each per-kernel flag switches to its kernel (moebench.model.qwen3_moe.KERNEL_BLOCKS).
+FLAG_BLOCKS = {
+    "qkv_kernel_enabled": {"qkv"},
+    "attn_kernel_enabled": {"attention"},
+    "flash_decoding_enabled": {"flash_decoding"},
+    "mlp_kernel_enabled": {"moe_router", "fused_moe"},
+    "mlp_kernel_fuse_residual_add": {"moe_residual"},
+    "quantized_mlp_kernel_enabled": {"moe_router", "quantized_moe"},
+    "rmsnorm_quantize_kernel_enabled": {"rms_norm_quantize"},
+}
+QUANTIZED_BLOCKS = {"quantized_moe", "rms_norm_quantize"}  # they change the numbers: only their own flags
+
+
 def options_of(run: RunConfig) -> ModelOptions:
-    """How the submission is built: --enable-nki switches every block that has a kernel (and implies
-    --fused-qkv, as CONTRACTS says); --mlp-kernel-enabled the MoE router and experts, --attn-kernel-enabled
-    attention."""
-    kernels = set(KERNEL_BLOCKS) if run.enable_nki else set()
-    if run.mlp_kernel_enabled:
-        kernels |= {"moe_router", "fused_moe"}
-    if run.attn_kernel_enabled:
-        kernels.add("attention")
-    return ModelOptions(fused_qkv=run.fused_qkv or run.enable_nki, kernels=frozenset(kernels))
+    """How the submission is built: --enable-nki switches every block that has a kernel except the quantized
+    ones (and implies --fused-qkv, as CONTRACTS says); each per-kernel flag adds its blocks. The quantized
+    experts replace the unquantized ones."""
+    kernels = set(KERNEL_BLOCKS) - QUANTIZED_BLOCKS if run.enable_nki else set()
+    for flag, blocks in FLAG_BLOCKS.items():
+        if getattr(run, flag):
+            kernels |= blocks
+    if "quantized_moe" in kernels:
+        kernels.discard("fused_moe")
+    return ModelOptions(fused_qkv=run.fused_qkv or run.enable_nki, kernels=frozenset(kernels),
+                        quant_dtype=run.quantized_dtype, quant_bound=run.quantized_kernel_lower_bound)
 
 
 def benchmark(run: RunConfig, model, req: Request, what: str) -> dict:
@@ -172,9 +187,10 @@ class UnderTest:
     def benchmark(self, req: Request) -> dict:
         return benchmark(self.run, self.model, req, "submission")
 
-    def flop_ratio(self, req: Request) -> tuple[float, dict]:
+    def flop_ratio(self, req: Request) -> dict:
+        """benchmark_report.json's kernel_flops for this request (RequestMacs.report)."""
         macs, _ = request_macs(self.model, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len)
-        return flop_ratio(macs), {"total_macs": macs.total, "kernel_macs": macs.kernel, "by_op": macs.by_op}
+        return macs.report()
 
 
 def _clip(text: str, n: int = 300) -> str:

@@ -53,9 +53,10 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         print_validation(v)
         accuracy, checked = float(v.report.passed), True
     report = under.benchmark(req)
-    ratio, macs = under.flop_ratio(req)
-    report["kernel_flops"] = {"nki_flop_ratio": ratio, **macs}
+    report["kernel_flops"] = flops = under.flop_ratio(req)
+    ratio = flops["nki_flop_ratio"]
     write_json(report_path, report)
+    print_flops(flops)
     e2e = report["e2e_model"]
     score = compute_score(accuracy, base.latency, base.throughput, e2e["latency_ms_p99"], e2e["throughput"], ratio)
     path = records_path(folder, run.team_id, record_model_name(source))
@@ -77,6 +78,17 @@ def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None
     if stored.mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or rows[i].seq_len != run.seq_len:
         return None
     return Base(rows[i].base_latency, rows[i].base_throughput, f"{data_path.name}, prompt {i}")
+
+
+def print_flops(flops: dict) -> None:
+    """The kernel FLOP ratio broken down per op (share of all MACs) and per submodel."""
+    total = flops["total_macs"]
+    print(f"kernel FLOP ratio {flops['nki_flop_ratio']:.4f}: {flops['kernel_macs']:,} of {total:,} MACs per request")
+    for op, macs in sorted(flops["by_op"].items(), key=lambda kv: -kv[1]):
+        kind = "kernel" if op in flops.get("kernel_ops", ()) else ""
+        print(f"  {op:<48} {macs / total if total else 0:7.2%} {kind}")
+    for name, s in flops["by_submodel"].items():
+        print(f"  {name}: {s['runs']} run(s) x {s['total_macs_per_run']:,} MACs, ratio {s['nki_flop_ratio']:.4f}")
 
 
 def print_summary(s: Score, checked: bool, base: Base, report_path: Path, records: Path) -> None:

@@ -1,0 +1,113 @@
+"""A tiled matmul for the model's projections (attention output with the residual add fused, LM head, dense MLP):
+reference, Triton kernel, custom op, MAC formula."""
+
+import torch
+import torch.nn.functional as F
+
+from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
+from moebench.kernels.registry import register_kernel
+
+INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, here or in common
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from moebench.kernels.common import cast, dot  # noqa: E402
+
+# Legend: M rows (tokens), K input features, N output features.
+
+
+def linear_ref(x, weight, bias=None, residual=None):
+    """x [..., K], weight [N, K], bias [N] or None, residual [..., N] or None -> [..., N] in x's dtype.
+
+    F.linear, then residual + that when a residual is given: both rounded to x's dtype, as the model's
+    `residual + o_proj(o)` rounds them."""
+    out = F.linear(x, weight, bias)
+    return out if residual is None else residual + out
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_om,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # Program (m, n): out[rows m, columns n] = x W^T (+ bias) (+ residual), float32 accumulation.
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + k[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN], W transposed
+        acc = dot(a, b, acc)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:  # round the product first, as the reference adds two tensors of x's dtype
+        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc = cast(acc, dtype).to(tl.float32) + r
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast(acc, dtype), mask=mask)
+
+
+def _tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
+    """(BM, BN, BK). tl.dot needs 16 rows at least: decode (M = 1) pays for 16, but the weights, which dominate,
+    are read once per column block whatever BM is."""
+    if INTERPRETED:  # the interpreter pays per program and per loop step, hardly per element: few, large tiles
+        return 16, min(1024, max(16, triton.next_power_of_2(N))), min(256, max(16, triton.next_power_of_2(K)))
+    return (16 if M <= 16 else 64), 64, 64
+
+
+def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch wrapper: same arguments and result as linear_ref."""
+    K, (N, K2) = x.shape[-1], weight.shape
+    out_shape = (*x.shape[:-1], N)
+    if K2 != K:
+        raise ValueError(f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit [..., K], [N, K]")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    if residual is not None and residual.shape != out_shape:
+        raise ValueError(f"linear: residual has shape {tuple(residual.shape)}, expected {out_shape}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"linear: x is {x.dtype} but weight is {weight.dtype}; they must match")
+    check_device(INTERPRETED, x, weight)
+    rows = x.reshape(-1, K).contiguous()  # [M, K]
+    M = rows.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M and N:
+        res = residual.reshape(M, N).contiguous() if residual is not None else out
+        weight = weight.contiguous()
+        BM, BN, BK = _tiles(M, N, K)
+        _linear_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+            rows, weight, bias if bias is not None else weight, res, out, M, N, K,
+            rows.stride(0), weight.stride(0), res.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BM=BM, BN=BN, BK=BK)
+    return out.view(out_shape)
+
+
+@torch.library.custom_op("moebench::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               residual: torch.Tensor | None) -> torch.Tensor:
+    return linear_triton(x, weight, bias, residual)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, residual):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel as a model calls it, in place of F.linear(x, weight, bias) (+ residual)."""
+    return torch.ops.moebench.linear(x, weight, bias, residual)
+
+
+def linear_macs(x, weight, *_) -> int:
+    return x.numel() * weight.shape[0]  # M·K·N
+
+
+register_kernel("moebench::linear", linear_macs, reference=linear_ref)
