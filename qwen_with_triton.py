@@ -48,8 +48,8 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     T, D = x.shape
     V = weight.shape[0]
     out = torch.empty(T, V, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(T, 16), triton.cdiv(V, 64))
-    _lm_head_kernel[grid](x, weight, out, T, D, V, BT=16, BV=64, BD=32)
+    grid = (triton.cdiv(T, 16), triton.cdiv(V, 256))
+    _lm_head_kernel[grid](x, weight, out, T, D, V, BT=16, BV=256, BD=64)
     return out
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="Triton is not installed; the kernel tests 
 
 from moebench.evaluation.flops import graph_macs  # noqa: E402
 from moebench.kernels import interpret  # noqa: E402
-from moebench.kernels.attention import attention, attention_macs, attention_ref  # noqa: E402
+from moebench.kernels.attention import attention, attention_macs, attention_ref, attention_triton  # noqa: E402
 from moebench.kernels.registry import KERNELS  # noqa: E402
 
 # Legend: B batch, H query heads, Hkv key/value heads, T queries, S keys (cache slots), hd head size.
@@ -54,11 +54,12 @@ def make_inputs(B, H, Hkv, T, S, hd, dtype, seed=0):
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 4)])
 @pytest.mark.parametrize("B", [1, 2])
 def test_attention_matches_reference(B, H, Hkv, hd, T, S, case, dtype):
-    # Interpreted, key blocks are 16 wide and query blocks 16 tall: S = 17 and 37 run the online softmax over
-    # 2 and 3 blocks (the last one partial), T = 17 two query blocks.
+    # Key blocks 16 wide and query blocks 16 tall: S = 17 and 37 run the online softmax over 2 and 3 blocks (the
+    # last one partial), T = 17 two query blocks.
     q, k, v, mask = *make_inputs(B, H, Hkv, T, S, hd, dtype), make_mask(B, T, S, case)
     scale = hd**-0.5
-    out, want = attention(q, k, v, mask, scale), attention_ref(q, k, v, mask, scale)
+    out = attention_triton(q, k, v, mask, scale, block_m=16, block_n=16)
+    want = attention_ref(q, k, v, mask, scale)
     assert out.shape == want.shape == (B, H, T, hd) and out.dtype == dtype
 
     # A query row that may attend to no key at all (padding) is defined by the kernel as zeros, where the
@@ -68,6 +69,14 @@ def test_attention_matches_reference(B, H, Hkv, hd, T, S, case, dtype):
         assert not seen.all()
     assert torch.equal(out[~seen], torch.zeros_like(out[~seen]))
     torch.testing.assert_close(out[seen], want[seen], **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [127, 129])
+def test_attention_long_prompts_with_the_default_tiles(T, dtype):
+    """The op as the model calls it, with its default tiles: 127 and 129 causal tokens, tails in both axes."""
+    q, k, v, mask = *make_inputs(1, 4, 2, T, T, 64, dtype), make_mask(1, T, T, "causal")
+    torch.testing.assert_close(attention(q, k, v, mask, 0.125), attention_ref(q, k, v, mask, 0.125), **TOL[dtype])
 
 
 def test_attention_every_row_masked_and_broadcast_mask():

@@ -198,8 +198,6 @@ def test_pending_features_at_their_defaults_generate(capsys):
     (["--qkv-kernel-enabled"], "needs --fused-qkv"),
     (["--rmsnorm-quantize-kernel-enabled"], "needs --quantized-mlp-kernel-enabled"),
     (["--mlp-kernel-fuse-residual-add"], "needs an MoE kernel"),
-    (["--mlp-kernel-enabled", "--quantized-mlp-kernel-enabled", "--mlp-kernel-fuse-residual-add"],
-     "unquantized expert kernel only"),
 ])
 def test_kernel_flags_that_cannot_work_together_stop(flags, needs, capsys):
     code, out, err = run(capsys, "--mode", "validate", *flags)
@@ -210,7 +208,8 @@ def test_kernel_flags_that_cannot_work_together_stop(flags, needs, capsys):
 
 @pytest.mark.parametrize("flags", [["--qkv-kernel-enabled", "--fused-qkv"], ["--qkv-kernel-enabled", "--enable-nki"],
                                    ["--mlp-kernel-enabled", "--mlp-kernel-fuse-residual-add"],
-                                   ["--quantized-mlp-kernel-enabled", "--rmsnorm-quantize-kernel-enabled"]])
+                                   ["--quantized-mlp-kernel-enabled", "--rmsnorm-quantize-kernel-enabled"],
+                                   ["--quantized-mlp-kernel-enabled", "--mlp-kernel-fuse-residual-add"]])
 def test_kernel_flags_that_work_together_parse(flags):
     parse_args(["--mode", "validate", *flags])
 

@@ -33,8 +33,9 @@ def test_enable_nki_validates_and_runs_almost_everything_in_kernels(capsys, in_t
         "qkv_rope", "attention", "flash_decode", "linear", "moe_router", "fused_moe")}
     prompt_len = len(open_model(None).tokenizer.encode("Hello there"))
     decode_steps = 10 - prompt_len - 1  # the first new token comes from context encoding
-    assert flops["by_submodel"]["token_generation_model"]["runs"] == decode_steps
-    assert "moebench.fused_moe.default" in out and f"token_generation_model: {decode_steps} run(s)" in out
+    assert [(g["submodel"], g["bucket"], g["runs"]) for g in flops["by_graph"]] == [
+        ("context_encoding_model", prompt_len, 1), ("token_generation_model", 10, decode_steps)]
+    assert "moebench.fused_moe.default" in out and f"token_generation_model bucket 10: {decode_steps} run(s)" in out
 
 
 def test_mlp_kernel_macs_count_in_the_flop_ratio(capsys, in_tmp):
@@ -76,9 +77,8 @@ def kernel_ops_of(*flags: str) -> set[str]:
     (["--flash-decoding-enabled"], {"flash_decode"}),
     (["--mlp-kernel-enabled"], {"moe_router", "fused_moe"}),
     (["--mlp-kernel-enabled", "--mlp-kernel-fuse-residual-add"], {"moe_router", "fused_moe"}),
-    (["--quantized-mlp-kernel-enabled"], {"moe_router", "quantized_moe"}),
-    (["--quantized-mlp-kernel-enabled", "--rmsnorm-quantize-kernel-enabled"],
-     {"moe_router", "quantized_moe", "rms_norm_quantize"}),
+    (["--quantized-mlp-kernel-enabled"], {"quantized_moe"}),
+    (["--quantized-mlp-kernel-enabled", "--rmsnorm-quantize-kernel-enabled"], {"quantized_moe", "rms_norm_quantize"}),
     (["--enable-nki", "--quantized-mlp-kernel-enabled"],
      {"rms_norm", "qkv_rope", "attention", "flash_decode", "linear", "moe_router", "quantized_moe"}),
 ])
@@ -98,6 +98,8 @@ def test_fused_residual_adds_give_the_unfused_models_logits(dtype):
     # the kernels round the block's output before adding the residual, as the unfused model does: same numbers
     torch.testing.assert_close(logits("moe_router", "fused_moe", "moe_residual"), logits("moe_router", "fused_moe"),
                                atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits("moe_router", "quantized_moe", "moe_residual"),
+                               logits("moe_router", "quantized_moe"), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("qdtype, shrink", [("int8", 4), ("fp8", 4)])
@@ -110,7 +112,7 @@ def test_quantized_experts_keep_one_byte_weights(qdtype, shrink):
         return sum(t.numel() * t.element_size() for t in [*experts.parameters(), *experts.buffers()]), experts
 
     plain, _ = expert_bytes(ModelOptions())
-    quantized, experts = expert_bytes(ModelOptions(kernels=frozenset({"moe_router", "quantized_moe"}),
+    quantized, experts = expert_bytes(ModelOptions(kernels=frozenset({"quantized_moe"}),
                                                    quant_dtype=qdtype))
     assert not list(experts.parameters())  # the float weights are gone
     assert experts.gate_up_proj_q.element_size() == experts.down_proj_q.element_size() == 1
@@ -123,3 +125,20 @@ def test_quantized_bfloat16_passes_validation_and_reports_its_error(capsys):
                              "--rmsnorm-quantize-kernel-enabled", "--seq-len", "12", "--prompt", "Hello there")
     assert code == 0, out + err
     assert "logit validation PASS" in out and "top-5: worst error" in out
+
+
+def test_a_submissions_own_blocks_keep_running_with_kernels_on(capsys, in_tmp):
+    """qwen_with_triton.py replaces the LM head, honest_reordered.py attention and the MoE: with --enable-nki (and
+    the quantized experts) their own code runs there and the output says so."""
+    root = Path(__file__).resolve().parent
+    code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--qwen", root.parent / "qwen_with_triton.py",
+                             "--enable-nki", "--skip-accuracy", "--benchmark-runs", "1", "--warmup-runs", "0", *SHORT)
+    assert code == 0, out + err
+    assert "note: the submission's own TritonLMHead run instead of moebench's kernels" in out
+    flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]
+    assert "qwen_example.lm_head.default" in flops["kernel_ops"] and "moebench.linear.default" in flops["kernel_ops"]
+
+    code, out, err = run_cli(capsys, "--mode", "validate", "--qwen", root / "submissions" / "honest_reordered.py",
+                             "--quantized-mlp-kernel-enabled", *SHORT)
+    assert code == 0, out + err
+    assert "LoopMoE" in out and "ManualAttention" in out and "logit validation PASS" in out

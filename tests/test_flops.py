@@ -80,10 +80,11 @@ def test_reference_macs_equal_the_hand_formula(source):
     macs = per_submodel.total
     prefill, decode = reference_macs(cfg, L, N, S)
     report = per_submodel.report()
-    assert report["by_submodel"] == {
-        "context_encoding_model": dict(runs=1, total_macs_per_run=prefill, kernel_macs_per_run=0, nki_flop_ratio=0.0),
-        "token_generation_model": dict(runs=N - 1, total_macs_per_run=decode, kernel_macs_per_run=0,
-                                       nki_flop_ratio=0.0)}
+    assert report["by_graph"] == [
+        dict(submodel="context_encoding_model", bucket=L, runs=1, total_macs_per_run=prefill, kernel_macs_per_run=0,
+             nki_flop_ratio=0.0),
+        dict(submodel="token_generation_model", bucket=S, runs=N - 1, total_macs_per_run=decode,
+             kernel_macs_per_run=0, nki_flop_ratio=0.0)]
     assert report["total_macs"] == macs.total and report["kernel_ops"] == []
     assert len(graphs) == 2
     assert graph_macs(graphs[0]).total == prefill

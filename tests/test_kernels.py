@@ -25,7 +25,7 @@ from moebench.model.moe import experts_forward, route  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() and not interpret.interpreting() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
-TOKENS = [1, 5, 17, 129]
+TOKENS = [1, 5, 17, 127, 129]
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):

@@ -58,7 +58,7 @@ def check_against_reference(T, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 17, 129])
+@pytest.mark.parametrize("T", [1, 17, 127, 129])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_qkv_rope_matches_reference(dtype, T, shape):
     check_against_reference(T, shape, dtype)

@@ -109,7 +109,7 @@ def test_quantize_rejects_unsupported_dtypes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qdtype", QDTYPES)
-@pytest.mark.parametrize("T", [1, 5, 129])
+@pytest.mark.parametrize("T", [1, 5, 127, 129])
 def test_rms_norm_quantize_matches_reference(dtype, qdtype, T):
     x, norm = randn(T, 48, dtype=dtype, seed=1), randn(48, dtype=dtype, seed=2)
     h, xq, x_scale = rms_norm_quantize(x, norm, EPS, BOUND, qdtype)
@@ -144,6 +144,16 @@ def test_quantized_moe_matches_reference(dtype, qdtype, T, prequantized):
     out = quantized_moe(*args)
     assert out.shape == x.shape and out.dtype == dtype
     torch.testing.assert_close(out, quantized_moe_ref(*args), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_moe_with_the_residual_fused(dtype):
+    x, _, _, _, (wq_gu, s_gu), (wq_d, s_d), ids, weights = moe_inputs(17, torch.int8, dtype=dtype)
+    r = randn(17, 48, dtype=dtype, seed=9)
+    args = (x, wq_gu, s_gu, wq_d, s_d, ids, weights, BOUND, None)
+    out = quantized_moe(*args, r)
+    torch.testing.assert_close(out, quantized_moe_ref(*args, r), **TOL[dtype])
+    torch.testing.assert_close(out, r + quantized_moe(*args), atol=0, rtol=0)  # the sum rounded first, as unfused
 
 
 ERROR_BOUNDS = {torch.int8: (0.015, 0.02), FP8: (0.06, 0.07)}  # relative error: weights only, activations too

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import DEFAULT_TOL_MAP
+from moebench.model.qwen3_moe import QUANT_DTYPES, ModelOptions
 
 MODES = ("evaluate_single", "evaluate_all", "validate", "generate", "generate_accuracy_baselines")
 DEFAULT_PROMPT = "I believe the meaning of life is"
@@ -14,6 +15,7 @@ VALIDATING = ("evaluate_single", "evaluate_all", "validate")
 SCORED = ("evaluate_single", "evaluate_all")
 SAMPLING = ("generate",)  # evaluation decodes greedily, as the original driver did
 TIMED = SCORED + ("generate", "generate_accuracy_baselines")
+BUILDS = VALIDATING + ("generate",)  # the modes that build the submission (--qwen, the kernel flags)
 
 
 def parse_bool(text: str) -> bool:
@@ -88,10 +90,10 @@ class RunConfig:
                     choices=MODES)
     qwen: str = opt("qwen", "contestant module: NAME.py in the working directory, a module on the Python path, or "
                             "a .py path (default: ./qwen.py, else moebench's template)",
-                modes=("evaluate_single", "evaluate_all", "validate", "generate"))
+                modes=BUILDS)
     enable_nki: bool = opt(False, "switch the model's building blocks to moebench's registered Triton kernels "
-                                  "(the guide's name; alias --enable-kernels)", flags=("--enable-nki", "--enable-kernels"),
-                           bool_flag=True)
+                                  "(the guide's name; alias --enable-kernels)",
+                           flags=("--enable-nki", "--enable-kernels"), bool_flag=True, modes=BUILDS)
     base_latency: float = opt(None, "baseline end-to-end p99 latency in ms for the score (default: the reference "
                                     "measured on this machine)", type=_positive(float), modes=SCORED)
     base_throughput: float = opt(None, "baseline throughput in tokens/s for the score (default: measured)",
@@ -122,12 +124,12 @@ class RunConfig:
     top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this total probability",
                        type=_positive(float), modes=SAMPLING)
     temperature: float = opt(0.6, "sampling temperature (0: greedy)", type=_nonneg(float), modes=SAMPLING)
-    global_topk: int = opt(None, "on-device sampling: global top-k prefilter", type=_positive(int),
-                           pending="on-device sampling")
+    global_topk: int = opt(256, "on-device sampling: candidates kept by the first top-k (0: all)",
+                           type=_nonneg(int))
     do_sample: bool = opt(True, "sample (true) or decode greedily (false); evaluation always decodes greedily",
                           bool_flag=True, modes=SAMPLING)
-    dynamic: bool = opt(False, "on-device sampling with per-request parameters", bool_flag=True,
-                        pending="on-device sampling")
+    dynamic: bool = opt(False, "on-device sampling: sampling parameters are inputs of the decode graph (no "
+                               "recompilation when they change)", bool_flag=True)
     pad_token_id: int = opt(None, "token id used for padding (default: the tokenizer's pad token)", type=_nonneg(int))
     # Basic configuration
     torch_dtype: str = opt("bfloat16", "dtype of weights and activations", choices=("bfloat16", "float16", "float32"))
@@ -147,7 +149,8 @@ class RunConfig:
     max_length: int = opt(None, "total length to generate to (default: --seq-len; capped by it)", type=_positive(int))
     rpl_reduce_dtype: str = opt(None, "dtype of tensor-parallel all-reduces of row-parallel outputs",
                                 choices=("bfloat16", "float16", "float32"), pending="tensor parallelism")
-    output_logits: bool = opt(False, "write the raw logits of every generated token to output_logits.pt",
+    output_logits: bool = opt(False, "write the raw logits of every generated token to output_logits.pt (with "
+                                     "--on-device-sampling the decode graph then returns them too)",
                               bool_flag=True, modes=SAMPLING)
     vocab_parallel: bool = opt(False, "shard the embedding over the vocabulary", bool_flag=True,
                                pending="tensor parallelism")
@@ -157,43 +160,51 @@ class RunConfig:
                                         flags=("--save_sharded_checkpoint", "--save-sharded-checkpoint"),
                                         bool_flag=True, pending="the compile step")
     # Attention
-    fused_qkv: bool = opt(False, "compute q, k and v with one fused matmul", bool_flag=True)
+    fused_qkv: bool = opt(False, "compute q, k and v with one fused matmul", bool_flag=True, modes=BUILDS)
     sequence_parallel_enabled: bool = opt(False, "shard the context-encoding sequence over tensor-parallel ranks",
                                           bool_flag=True, pending="tensor parallelism")
     flash_decoding_enabled: bool = opt(False, "the Triton split-K flash-decoding kernel for decode steps",
-                                       bool_flag=True)
-    on_device_sampling: bool = opt(False, "sample inside the compiled decode graph", bool_flag=True,
-                                   pending="on-device sampling")
+                                       bool_flag=True, modes=BUILDS)
+    on_device_sampling: bool = opt(False, "sample inside the compiled decode graph, which returns token ids "
+                                          "(evaluation: its greedy argmax)", bool_flag=True, modes=TIMED)
     # Bucketing
-    enable_bucketing: bool = opt(False, "pad inputs to the first fitting bucket, one compiled graph per bucket",
-                                 bool_flag=True, pending="bucketing")
+    enable_bucketing: bool = opt(False, "pad prompts to the first fitting context-encoding bucket and attend "
+                                        "decode steps over the first fitting token-generation bucket: one graph "
+                                        "per bucket (without: exact prompt lengths, decode over the whole cache)",
+                                 bool_flag=True)
     bucket_n_active_tokens: bool = opt(False, "NxDI field, overwritten per submodel there", bool_flag=True,
                                        no_effect="NxDI overwrites it per submodel")
-    context_encoding_buckets: tuple = opt(None, "context-encoding bucket sizes", type=_positive(int), many=True,
-                                          pending="bucketing")
-    token_generation_buckets: tuple = opt(None, "token-generation bucket sizes", type=_positive(int), many=True,
-                                          pending="bucketing")
+    context_encoding_buckets: tuple = opt(None, "context-encoding bucket sizes (default with --enable-bucketing: "
+                                                "128, 256, ... below the longest prompt, then the longest)",
+                                          type=_positive(int), many=True)
+    token_generation_buckets: tuple = opt(None, "token-generation bucket sizes (default with --enable-bucketing: "
+                                                "128, 256, ... below --seq-len, then --seq-len)",
+                                          type=_positive(int), many=True)
     # Parallelism
     tp_degree: int = opt(1, "tensor-parallel ranks (1 on the CPU; the guide's 4 was four NeuronCores)",
                          type=_positive(int), pending="tensor parallelism")
     # Kernels
     qkv_kernel_enabled: bool = opt(False, "the Triton kernel fusing the input RMSNorm, QKV projection, q/k norms "
-                                          "and RoPE (needs --fused-qkv)", bool_flag=True)
+                                          "and RoPE (needs --fused-qkv)", bool_flag=True, modes=BUILDS)
     attn_kernel_enabled: bool = opt(False, "the Triton flash-attention kernel (context encoding and decode)",
-                                    bool_flag=True)
-    mlp_kernel_enabled: bool = opt(False, "the Triton MoE router and fused expert kernels", bool_flag=True)
+                                    bool_flag=True, modes=BUILDS)
+    mlp_kernel_enabled: bool = opt(False, "the Triton MoE router and fused expert kernels", bool_flag=True,
+                                   modes=BUILDS)
     quantized_mlp_kernel_enabled: bool = opt(False, "experts with int8/fp8 weights (per-channel scales), "
                                                     "dequantized in the Triton kernel; changes the numbers, so "
-                                                    "--enable-nki never turns it on", bool_flag=True)
+                                                    "--enable-nki never turns it on", bool_flag=True, modes=BUILDS)
     rmsnorm_quantize_kernel_enabled: bool = opt(False, "post-attention RMSNorm fused with the activations' "
                                                        "quantization (needs --quantized-mlp-kernel-enabled)",
-                                                bool_flag=True)
-    quantized_kernel_lower_bound: float = opt(1200.0, "activations are clamped to +-this before quantized matmuls",
-                                              type=_positive(float))
+                                                bool_flag=True, modes=BUILDS)
+    quantized_kernel_lower_bound: float = opt(ModelOptions.quant_bound,
+                                              "activations are clamped to +-this before quantized matmuls",
+                                              type=_positive(float), modes=BUILDS)
     mlp_kernel_fuse_residual_add: bool = opt(False, "fuse the residual add into the MoE kernel (needs an MoE "
-                                                    "kernel: --mlp-kernel-enabled or --enable-nki)", bool_flag=True)
+                                                    "kernel: --mlp-kernel-enabled, --quantized-mlp-kernel-enabled "
+                                                    "or --enable-nki)", bool_flag=True, modes=BUILDS)
     # Added by moebench
-    quantized_dtype: str = opt("int8", "weight dtype of --quantized-mlp-kernel-enabled", choices=("int8", "fp8"))
+    quantized_dtype: str = opt(ModelOptions.quant_dtype, "weight dtype of --quantized-mlp-kernel-enabled",
+                               choices=tuple(QUANT_DTYPES), modes=BUILDS)
     skip_accuracy: bool = opt(False, "performance only: no accuracy check (records say 'not checked')",
                               bool_flag=True, modes=SCORED)
     benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=TIMED)
@@ -265,6 +276,16 @@ def check(run: RunConfig) -> list[str]:
         elif m["modes"] and run.mode not in m["modes"]:
             notes.append(f"note: {flag} has no effect in --mode {run.mode}")
     notes += check_kernel_flags(run)
+    for name in ("global_topk", "dynamic"):
+        if name in run.explicit and not run.on_device_sampling:
+            notes.append(f"note: --{name.replace('_', '-')} has no effect without --on-device-sampling")
+    for name in ("context_encoding_buckets", "token_generation_buckets"):
+        sizes = getattr(run, name)
+        if sizes and max(sizes) > run.seq_len:
+            raise MoebenchError(f"--{name.replace('_', '-')}: bucket {max(sizes)} is larger than --seq-len "
+                                f"{run.seq_len}, the KV cache")
+        if sizes and not run.enable_bucketing:
+            notes.append(f"note: --{name.replace('_', '-')} has no effect without --enable-bucketing")
     if run.max_context_length is not None and run.max_context_length >= run.seq_len:
         raise MoebenchError(f"--max-context-length {run.max_context_length} must be below --seq-len {run.seq_len}")
     if run.top_p > 1:
@@ -282,12 +303,10 @@ def check_kernel_flags(run: RunConfig) -> list[str]:
     if run.rmsnorm_quantize_kernel_enabled and not run.quantized_mlp_kernel_enabled:
         raise MoebenchError("--rmsnorm-quantize-kernel-enabled needs --quantized-mlp-kernel-enabled: its quantized "
                             "activations feed the quantized expert kernel")
-    if run.mlp_kernel_fuse_residual_add and not (run.mlp_kernel_enabled or run.enable_nki):
+    if run.mlp_kernel_fuse_residual_add and not (run.mlp_kernel_enabled or run.quantized_mlp_kernel_enabled
+                                                 or run.enable_nki):
         raise MoebenchError("--mlp-kernel-fuse-residual-add needs an MoE kernel to fuse into: add "
-                            "--mlp-kernel-enabled or --enable-nki")
-    if run.mlp_kernel_fuse_residual_add and run.quantized_mlp_kernel_enabled:
-        raise MoebenchError("--mlp-kernel-fuse-residual-add works with the unquantized expert kernel only; "
-                            "drop it or --quantized-mlp-kernel-enabled")
+                            "--mlp-kernel-enabled, --quantized-mlp-kernel-enabled or --enable-nki")
     notes = []
     if run.enable_nki and "fused_qkv" in run.explicit and not run.fused_qkv:
         notes.append("note: --fused-qkv false has no effect: --enable-nki implies --fused-qkv")

@@ -1,10 +1,12 @@
 """Batched generation with a static KV cache, split into context encoding and token generation steps."""
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from moebench.engine.sampling import SamplingParams, sample
+from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
 from moebench.model.qwen3_moe import KVCache, StepInputs
 
 
@@ -15,17 +17,42 @@ class Generation:
     logits: torch.Tensor | None  # [N, B, V] float32 raw logits of each generated token, when asked
 
 
+def auto_buckets(largest: int) -> tuple[int, ...]:
+    """NxDI's automatic bucket rule: powers of two from 128 below the largest size, then the largest itself."""
+    return tuple(2**i for i in range(7, round(math.log2(largest)))) + (largest,)
+
+
+def first_fit(buckets: tuple[int, ...], n: int, kind: str) -> int:
+    """The smallest bucket holding n tokens; a clear error when none does."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} tokens do not fit the largest {kind} bucket ({buckets[-1]})")
+
+
 class Engine:
     """Runs one model over a batch: `prefill` (the whole prompt) then `decode` (one token per row per call).
 
     The cache has `max_len` slots. Every column of the padded prompt takes one slot, and every decode step the
     next slot, for all rows at once; `valid` records which slots hold real tokens, so left and right padding
-    give the same result as running each prompt alone."""
+    give the same result as running each prompt alone.
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = False):
+    Buckets (--enable-bucketing): the prompt is padded on the right to the first context-encoding bucket that
+    fits (the padding columns are masked and their slots reused by decoding), and a decode step attends to the
+    first token-generation bucket of cache slots that holds every token so far, so each bucket has one static
+    shape: one compiled decode graph per bucket. Without buckets the prompt keeps its length and decode steps
+    attend to the whole cache (one bucket at max_len, as the original without bucketing)."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = False,
+                 ctx_buckets: tuple[int, ...] = (), tkg_buckets: tuple[int, ...] = (),
+                 sampling: OnDeviceSampling | None = None):
         p = next(model.parameters())
         self.model, self.cfg, self.device = model, model.config, p.device
         self.batch, self.max_len = batch, max_len
+        if max(ctx_buckets + tkg_buckets, default=0) > max_len:
+            raise ValueError(f"a bucket ({max(ctx_buckets + tkg_buckets)}) is larger than the KV cache ({max_len})")
+        self.ctx_buckets, self.tkg_buckets = tuple(sorted(ctx_buckets)), tuple(sorted(tkg_buckets))
+        self.sampling = sampling
         self.cache = KVCache(self.cfg, batch, max_len, p.dtype, p.device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.slot_pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
@@ -33,6 +60,8 @@ class Engine:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.all_slots = torch.arange(max_len, device=self.device)
         # Decode steps have static shapes (the mask spans the whole cache), so one compiled graph serves them all.
+        if compile and len(self.tkg_buckets) >= torch._dynamo.config.recompile_limit:
+            torch._dynamo.config.recompile_limit = len(self.tkg_buckets) + 1  # one graph per bucket, never a fallback
         self._decode_step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
@@ -53,6 +82,10 @@ class Engine:
         B, T = input_ids.shape
         assert B == self.batch and T <= self.max_len, (B, T)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).bool()
+        if self.ctx_buckets:
+            width = first_fit(self.ctx_buckets, T, "context-encoding")
+            input_ids, attention_mask = F.pad(input_ids, (0, width - T)), F.pad(attention_mask, (0, width - T))
+        real_columns, T = T, input_ids.shape[1]
         self.valid.zero_()
         self.valid[:, :T] = attention_mask
         positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
@@ -61,27 +94,67 @@ class Engine:
         last = (attention_mask.long() * slots).argmax(1)  # [B] last real column, for either padding side
         step = StepInputs(positions=positions, slots=slots, mask=self._mask(slots), last=None if every_column else last)
         logits = self.model(input_ids, step, self.cache)
-        self.next_slot, self.next_pos = T, attention_mask.long().sum(1)
-        return logits if every_column else logits[:, -1]
+        self.next_slot, self.next_pos = real_columns, attention_mask.long().sum(1)  # decoding reuses padding slots
+        return logits[:, :real_columns] if every_column else logits[:, -1]
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token generation: one new token per row [B] -> logits [B, V]."""
+        logits = self._decode_step(*self._decode_inputs(tokens))
+        self.next_slot, self.next_pos = self.next_slot + 1, self.next_pos + 1
+        return logits
+
+    @torch.inference_mode()
+    def decode_sampled(self, tokens: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token generation with on-device sampling: tokens [B] and the draw [B] -> (next token ids [B], logits
+        [B, V] when the sampling config asks for them, else None), all from one graph."""
+        s = self.sampling
+        p = s.params
+        # --dynamic: the parameters are tensor inputs of the graph; otherwise constants of it (a change recompiles)
+        params = self._param_tensors(p) if s.dynamic else (p.top_k, p.top_p, p.temperature)
+        how = (s.global_topk, not p.greedy, s.output_logits)  # plain values: the graph never reads self.sampling
+        out = self._decode_step(*self._decode_inputs(tokens), uniform.to(self.device), params, how)
+        self.next_slot, self.next_pos = self.next_slot + 1, self.next_pos + 1
+        return out
+
+    def _param_tensors(self, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def full(value, dtype):
+            return torch.full((self.batch,), value, dtype=dtype, device=self.device)
+
+        return full(p.top_k, torch.long), full(p.top_p, torch.float32), full(p.temperature, torch.float32)
+
+    def sample_first(self, logits: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """The on-device sampler applied to the context encoding's logits (the first new token)."""
+        s = self.sampling
+        return on_device_sample(logits, *self._param_tensors(s.params), uniform.to(self.device), s.global_topk,
+                                not s.params.greedy)
+
+    def _decode_inputs(self, tokens: torch.Tensor):
         slot = self.next_slot
         assert slot < self.max_len, "KV cache full"
         self.valid[:, slot] = True
         self.slot_pos[:, slot] = self.next_pos
         slots = self.all_slots[slot:slot + 1]
-        mask = self.valid & (self.all_slots <= slot)  # [B, S]: real tokens up to this one
+        S = self.decode_width(slot)
+        mask = (self.valid & (self.all_slots <= slot))[:, :S]  # [B, S]: real tokens up to this one
         if self.cfg.sliding_window is not None:
-            mask &= (self.next_pos[:, None] - self.slot_pos) < self.cfg.sliding_window
-        logits = self._decode_step(tokens.to(self.device)[:, None], self.next_pos[:, None], slots, mask[:, None, None])
-        self.next_slot, self.next_pos = slot + 1, self.next_pos + 1
-        return logits
+            mask &= (self.next_pos[:, None] - self.slot_pos[:, :S]) < self.cfg.sliding_window
+        return tokens.to(self.device)[:, None], self.next_pos[:, None], slots, mask[:, None, None]
 
-    def _decode_step(self, tokens, positions, slots, mask):
+    def decode_width(self, slot: int) -> int:
+        """Cache slots a decode step writing `slot` attends to: its token-generation bucket, or the whole cache."""
+        return first_fit(self.tkg_buckets, slot + 1, "token-generation") if self.tkg_buckets else self.max_len
+
+    def _decode_step(self, tokens, positions, slots, mask, uniform=None, params=None, how=None):
         step = StepInputs(positions=positions, slots=slots, mask=mask)
-        return self.model(tokens, step, self.cache)[:, -1]
+        logits = self.model(tokens, step, self.cache)[:, -1]
+        if uniform is None:
+            return logits
+        global_topk, do_sample, output_logits = how
+        if not isinstance(params[0], torch.Tensor):
+            params = self._param_tensors(SamplingParams(True, params[2], params[0], params[1]))
+        ids = on_device_sample(logits, *params, uniform, global_topk, do_sample)
+        return ids, logits if output_logits else None
 
     def greedy(self, input_ids, attention_mask, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain argmax decoding of exactly new_tokens tokens, EOS included (evaluation's decoding):
@@ -97,21 +170,28 @@ class Engine:
                  sampling: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
                  eos_ids: tuple[int, ...] = (), pad_id: int = 0, keep_logits: bool = False,
                  on_token=None) -> Generation:
-        """Prefill, then decode until every row has max_new_tokens or has emitted EOS (after min_new_tokens)."""
+        """Prefill, then decode until every row has max_new_tokens or has emitted EOS (after min_new_tokens).
+
+        With on-device sampling (the engine's `sampling`, which then replaces `sampling`) each decode step samples
+        inside its graph from a uniform draw of `generator`; an EOS before min_new_tokens is kept, not banned."""
         B, T = input_ids.shape
         assert T + max_new_tokens - 1 <= self.max_len, "prompt + new tokens exceed the KV cache"
+        assert not (keep_logits and self.sampling and not self.sampling.output_logits), "on-device: no logits"
         eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         lengths = torch.zeros(B, dtype=torch.long, device=self.device)
         out, kept = [], []
         logits = self.prefill(input_ids, attention_mask)
+        sampled = None if self.sampling is None else self.sample_first(logits, torch.rand(B, generator=generator))
         for i in range(max_new_tokens):
             if keep_logits:
                 kept.append(logits.float().cpu())
-            scores = logits
-            if i < min_new_tokens and len(eos_ids):
-                scores = logits.index_fill(1, eos, float("-inf"))  # EOS may not end the row yet
-            tok = torch.where(done, pad_id, sample(scores, sampling, generator))
+            if sampled is None:
+                scores = logits
+                if i < min_new_tokens and len(eos_ids):
+                    scores = logits.index_fill(1, eos, float("-inf"))  # EOS may not end the row yet
+                sampled = sample(scores, sampling, generator)
+            tok = torch.where(done, pad_id, sampled)
             lengths += ~done
             if len(eos_ids):
                 done |= torch.isin(tok, eos)
@@ -120,6 +200,9 @@ class Engine:
                 on_token(i)
             if i + 1 == max_new_tokens or bool(done.all()):
                 break
-            logits = self.decode(tok)
+            if self.sampling is None:
+                logits, sampled = self.decode(tok), None
+            else:
+                sampled, logits = self.decode_sampled(tok, torch.rand(B, generator=generator))
         return Generation(tokens=torch.stack(out, 1).cpu(), lengths=lengths.tolist(),
                           logits=torch.stack(kept) if keep_logits else None)

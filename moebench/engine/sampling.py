@@ -36,3 +36,35 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = scores.softmax(dim=-1)
     # Draw on the CPU with the caller's generator: the same seed gives the same tokens on any device.
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+@dataclass(frozen=True)
+class OnDeviceSampling:
+    """--on-device-sampling: the token-generation graph samples and returns token ids (NxDI's in-graph sampler)."""
+
+    params: SamplingParams
+    global_topk: int = 256  # candidates kept by the first top-k (NxDI's distributed prefilter); 0: sort them all
+    dynamic: bool = False  # sampling parameters are tensor inputs of the graph: changing them never recompiles
+    output_logits: bool = False  # the graph also returns the logits
+
+
+def on_device_sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
+                     uniform: torch.Tensor, global_topk: int, do_sample: bool) -> torch.Tensor:
+    """logits [B, V], per-row top_k [B] (0: no limit), top_p [B], temperature [B], a uniform draw [B] in [0, 1)
+    -> token ids [B]. NxDI's sampler math (modules/generation/sampling.py), written to run inside a compiled graph:
+    the global top-k candidates sorted by logit, candidates ranked top_k or lower set to -3000, divided by the
+    temperature, the tail beyond the top_p mass cut (the most likely token always kept), then an inverse-CDF draw
+    at `uniform`. Without do_sample: the argmax."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    V = logits.shape[-1]
+    K = V if global_topk <= 0 else min(global_topk, V)
+    values, ids = torch.topk(logits.float(), K, dim=-1)  # [B, K], sorted: rank 0 is the most likely
+    ranks = torch.arange(K, device=logits.device)
+    limit = torch.where(top_k > 0, top_k, K)[:, None]
+    values = torch.where(ranks >= limit, -3000.0, values) / temperature[:, None]
+    cum = values.softmax(dim=-1).cumsum(dim=-1)
+    cut = (cum > torch.maximum(cum[:, :1], top_p[:, None])) & (ranks > 0)
+    cum = torch.where(cut, -3000.0, values).softmax(dim=-1).cumsum(dim=-1)
+    pick = (cum < uniform[:, None]).sum(dim=-1).clamp(max=K - 1)  # [B]: the first rank whose CDF reaches the draw
+    return ids.gather(1, pick[:, None]).squeeze(1)

@@ -37,9 +37,13 @@ def time_request(engine: Engine, input_ids, attention_mask, new_tokens: int, tim
     _sync(device)
     first = time.perf_counter()
     steps = []
+    draw = torch.zeros(input_ids.shape[0])  # on-device sampling here is greedy: the draw is unused
     for _ in range(new_tokens - 1):
         t = time.perf_counter()
-        tokens.append(engine.decode(tokens[-1]).argmax(-1))
+        if engine.sampling is None:
+            tokens.append(engine.decode(tokens[-1]).argmax(-1))
+        else:  # the token-generation graph returns the token ids itself
+            tokens.append(engine.decode_sampled(tokens[-1], draw)[0])
         _sync(device)
         steps.append(time.perf_counter() - t)
     end = time.perf_counter()

@@ -109,47 +109,63 @@ class _Capturing(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner, self.config = model, model.config
-        self.graphs = []
+        self.graphs, self.widths = [], []  # widths: (input columns, cache slots attended) of each call
 
     def forward(self, input_ids, step, cache):
         self.graphs.append(capture_step(self.inner, input_ids, step, cache))
+        self.widths.append((input_ids.shape[1], step.mask.shape[-1]))
         return self.inner(input_ids, step, cache)
 
 
 @dataclass
-class RequestMacs:
-    """MACs of one request, per submodel: each graph's count and how many times it ran."""
+class GraphRuns:
+    """One captured graph of a request: its submodel, bucket (the static size of its shapes), MACs and runs."""
 
-    context_encoding: MacCount
-    token_generation: MacCount | None  # one decode step; None when a single token is generated
-    decode_steps: int
+    submodel: str  # context_encoding_model or token_generation_model
+    bucket: int  # prompt columns (context encoding) or cache slots attended (token generation)
+    macs: MacCount
+    runs: int
+
+
+@dataclass
+class RequestMacs:
+    """MACs of one request: each distinct graph's count and how many times it ran."""
+
+    graphs: list[GraphRuns]
 
     @property
     def total(self) -> MacCount:
-        total = MacCount().add(self.context_encoding)
-        return total.add(self.token_generation, self.decode_steps) if self.token_generation else total
+        total = MacCount()
+        for g in self.graphs:
+            total = total.add(g.macs, g.runs)
+        return total
 
     def report(self) -> dict:
-        """benchmark_report.json's "kernel_flops": the ratio, MACs per op and per submodel."""
+        """benchmark_report.json's "kernel_flops": the ratio, MACs per op, and per graph (submodel and bucket)."""
         total = self.total
-        submodels = {"context_encoding_model": (self.context_encoding, 1),
-                     "token_generation_model": (self.token_generation, self.decode_steps)}
         return {"nki_flop_ratio": flop_ratio(total), "total_macs": total.total, "kernel_macs": total.kernel,
                 "by_op": total.by_op, "kernel_ops": sorted(total.kernel_ops),
-                "by_submodel": {name: {"runs": runs, "total_macs_per_run": c.total, "kernel_macs_per_run": c.kernel,
-                                       "nki_flop_ratio": flop_ratio(c)}
-                                for name, (c, runs) in submodels.items() if c is not None}}
+                "by_graph": [{"submodel": g.submodel, "bucket": g.bucket, "runs": g.runs,
+                              "total_macs_per_run": g.macs.total, "kernel_macs_per_run": g.macs.kernel,
+                              "nki_flop_ratio": flop_ratio(g.macs)} for g in self.graphs]}
 
 
-def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int) -> tuple[RequestMacs, list]:
-    """MACs of one request: the context-encoding graph once plus the token-generation graph for each of the
-    new_tokens - 1 decode steps, both captured from `model` running this very input. Returns (count, graphs)."""
+def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
+                 tkg_buckets: tuple = ()) -> tuple[RequestMacs, list]:
+    """MACs of one request, on graphs captured from `model` running this very input: the context-encoding graph
+    once, and for each token-generation bucket its graph times the decode steps that fall in it (new_tokens - 1
+    steps in all; without buckets one graph over the whole cache). Returns (count, graphs)."""
     from moebench.engine.generator import Engine
 
     probe = _Capturing(model)
-    engine = Engine(probe, batch=input_ids.shape[0], max_len=max_len)
+    engine = Engine(probe, batch=input_ids.shape[0], max_len=max_len, ctx_buckets=ctx_buckets,
+                    tkg_buckets=tkg_buckets)
     first = engine.prefill(input_ids, attention_mask).argmax(-1)
-    if new_tokens > 1:
+    runs = [GraphRuns("context_encoding_model", probe.widths[0][0], graph_macs(probe.graphs[0]), 1)]
+    slots = range(engine.next_slot, engine.next_slot + new_tokens - 1)  # the decode steps' cache slots
+    buckets = [engine.decode_width(slot) for slot in slots]
+    for S in dict.fromkeys(buckets):  # each bucket once, in order
+        engine.next_slot = slots[buckets.index(S)]  # a step's shapes depend on its slot only: one step per bucket
         engine.decode(first)
-    prefill, *decode = [graph_macs(g) for g in probe.graphs]
-    return RequestMacs(prefill, decode[0] if decode else None, new_tokens - 1), probe.graphs
+        runs.append(GraphRuns("token_generation_model", S, graph_macs(probe.graphs[-1]), buckets.count(S)))
+    return RequestMacs(runs), probe.graphs

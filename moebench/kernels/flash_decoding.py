@@ -4,7 +4,6 @@ Triton kernels, custom op, MAC formula."""
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
 from moebench.kernels.registry import register_kernel
@@ -14,21 +13,14 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.attention import _check  # noqa: E402
+from moebench.kernels.attention import LOG2E, _check, attention_ref  # noqa: E402
 from moebench.kernels.common import cast, dot  # noqa: E402
 
 # Legend: B batch, H query heads, Hkv key/value heads (H = g·Hkv; query head h reads kv head h // g),
 # T queries, S keys (cache slots), hd head size, M = g·T the query rows that share one kv head.
 
-LOG2E = 1.4426950408889634
-
-
-def flash_decode_ref(q, k, v, mask, scale: float):
-    """q [B, H, T, hd], k and v [B, Hkv, S, hd], bool mask [B, 1, T, S] (True = may attend) -> out [B, H, T, hd].
-
-    Exactly the model's attention: scaled_dot_product_attention with grouped-query heads. A query row whose mask
-    is all False has no defined result here (SDPA's backends disagree); the kernel returns zeros for it."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+# The spec is the model's attention, as for the flash-attention kernel: SDPA with grouped-query heads.
+flash_decode_ref = attention_ref
 
 
 @triton.jit
@@ -135,7 +127,8 @@ def _sm_count(device: torch.device) -> int:
 
 def _split_size(S: int, programs: int, block_n: int, device: torch.device) -> int:
     """Keys per split: on a GPU, enough splits that programs × splits fills every SM about twice, each split at
-    least 64 keys and a multiple of the key block; interpreted, 128-key splits (a few programs: the interpreter pays per program)."""
+    least 64 keys and a multiple of the key block; interpreted, 128-key splits (few programs: the interpreter pays
+    per program)."""
     if INTERPRETED:
         return 128
     splits = max(1, min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(S, 64)))

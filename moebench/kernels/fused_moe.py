@@ -171,6 +171,13 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, w_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), BM=BM, BN=BN, BK=BK)
+    return combine(y, out, k, residual)
+
+
+def combine(y: torch.Tensor, out: torch.Tensor, k: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y [T·k, D] weighted expert rows in pair order -> out [T, D]: each token's k rows summed in float32, rounded
+    to out's dtype, plus residual when given (--mlp-kernel-fuse-residual-add). Shared with quantized_moe.py."""
+    T, D = out.shape
     BLOCK_D = min(1024, triton.next_power_of_2(D))
     _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](y, residual.contiguous() if residual is not None else y, out, D,
                                                   K=k, HAS_RESIDUAL=residual is not None, BLOCK_D=BLOCK_D)

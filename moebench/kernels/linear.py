@@ -34,11 +34,12 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stri
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok, col_ok = rows < M, cols < N
+    rows64 = rows.to(tl.int64)  # M·N passes 2^31 for the LM head of a long prompt
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         k_ok = k < K
-        a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + k[None, :],
+        a = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
         b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + k[:, None],
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN], W transposed
@@ -48,9 +49,9 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stri
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RESIDUAL:  # round the product first, as the reference adds two tensors of x's dtype
-        r = tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + rows64[:, None] * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         acc = cast(acc, dtype).to(tl.float32) + r
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], cast(acc, dtype), mask=mask)
+    tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], cast(acc, dtype), mask=mask)
 
 
 def _tiles(M: int, N: int, K: int) -> tuple[int, int, int]:

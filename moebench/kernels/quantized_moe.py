@@ -13,7 +13,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from moebench.kernels.common import cast, dot  # noqa: E402
-from moebench.kernels.fused_moe import _tiles, moe_align  # noqa: E402
+from moebench.kernels.fused_moe import _tiles, combine, moe_align  # noqa: E402
 from moebench.kernels.rmsnorm import rms_norm_ref  # noqa: E402
 
 # Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token, N = T·k (token, expert)
@@ -46,7 +46,8 @@ def quantize_weights(w: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor
     _check_qdtype("quantize_weights", qdtype)
     if w.dim() != 3 or not w.is_floating_point():
         raise ValueError(f"quantize_weights: w must be a float tensor [E, N, K]; got {w.dtype} {tuple(w.shape)}")
-    return _quantize(w.float(), qdtype)
+    pieces = [_quantize(w[e:e + 16].float(), qdtype) for e in range(0, w.shape[0], 16)]  # float32 copies stay small
+    return torch.cat([q for q, _ in pieces]), torch.cat([s for _, s in pieces])
 
 
 def quantize_rows(x: torch.Tensor, qdtype: torch.dtype, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,7 @@ def quantize_rows(x: torch.Tensor, qdtype: torch.dtype, bound: float) -> tuple[t
 
 
 def quantized_moe_ref(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound: float,
-                      x_scale=None):
+                      x_scale=None, residual=None):
     """x [T, D], wq_gate_up [E, 2I, D] (gate rows first) with s_gate_up [E, 2I], wq_down [E, D, I] with s_down [E, D],
     topk_ids/topk_weights [T, k] -> [T, D] in topk_weights' dtype.
 
@@ -66,7 +67,8 @@ def quantized_moe_ref(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_
     ±bound) or int8/fp8 rows from rms_norm_quantize with x_scale [T] (dequantized: x·x_scale in the model's dtype).
     The weights are dequantized to the model's dtype, then it is fused_moe_ref's math: silu(gate)·up, clamped to
     ±bound, down, times the routing weight, summed over the k experts. A loop over the experts, each taking the
-    tokens that chose it (a loop over tokens is as readable, and far slower in bfloat16 on the CPU)."""
+    tokens that chose it (a loop over tokens is as readable, and far slower in bfloat16 on the CPU).
+    With a residual [T, D]: residual + out, as fused_moe_ref."""
     dtype = topk_weights.dtype
     a = x.clamp(-bound, bound) if x_scale is None else (x.float() * x_scale[:, None]).to(dtype)  # [T, D]
     w_gate_up = (wq_gate_up.float() * s_gate_up[..., None]).to(dtype)  # [E, 2I, D]
@@ -77,7 +79,7 @@ def quantized_moe_ref(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_
         gate, up = F.linear(a[t], w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
         h = (F.silu(gate) * up).clamp(-bound, bound)
         out.index_add_(0, t, F.linear(h, w_down[e]) * topk_weights[t, j, None])
-    return out
+    return out if residual is None else residual + out
 
 
 def rms_norm_quantize_ref(x, weight, eps: float, bound: float, qdtype: torch.dtype):
@@ -214,8 +216,9 @@ def _rms_norm_quantize_kernel(x_ptr, w_ptr, h_ptr, q_ptr, scale_ptr, D, eps, bou
     tl.store(h_ptr + row * D + cols, h, mask=mask)
     hf = tl.minimum(tl.maximum(h.to(tl.float32), -bound), bound)  # the rounded h, as quantize_rows reads it
     amax = tl.max(tl.abs(hf), axis=0)  # the padding lanes hold 0
-    scale = tl.where(amax > 0, amax / QMAX, 1.0)
-    q = tl.minimum(tl.maximum(hf / scale, -QMAX), QMAX)
+    # div_rn: a compiled `/` may be 2 ulp off (the interpreter's is exact), and q must round as torch's does
+    scale = tl.where(amax > 0, tl.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)), 1.0)
+    q = tl.minimum(tl.maximum(tl.div_rn(hf, tl.broadcast_to(scale, hf.shape)), -QMAX), QMAX)
     if IS_INT:
         q = _round_half_even(q)  # a float -> int cast truncates
     else:
@@ -258,16 +261,19 @@ def _check_moe_args(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_we
 
 
 def quantized_moe_triton(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound: float,
-                         x_scale=None):
+                         x_scale=None, residual=None):
     """Launch wrapper: same arguments and result as quantized_moe_ref."""
     T, D, E, I, k = _check_moe_args(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound, x_scale)
     check_device(INTERPRETED, x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights,
                  *([] if x_scale is None else [x_scale]))
     dtype = topk_weights.dtype
+    if residual is not None and (residual.shape != (T, D) or residual.dtype != dtype):
+        raise ValueError(f"quantized_moe: residual must be [T={T}, D={D}] in {dtype}, got {tuple(residual.shape)} "
+                         f"{residual.dtype}")
     out = torch.empty(T, D, dtype=dtype, device=x.device)
     N = T * k
     if N == 0:
-        return out.zero_()
+        return out.zero_() if residual is None else out.copy_(residual)
     bound = torch.tensor(bound, dtype=dtype).item()  # as torch clamps a tensor of dtype: at the bound in dtype
     x, wq_gate_up, wq_down = x.contiguous(), wq_gate_up.contiguous(), wq_down.contiguous()
     s_gate_up, s_down = s_gate_up.contiguous(), s_down.contiguous()
@@ -283,7 +289,7 @@ def quantized_moe_triton(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, to
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, wq_down, s_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
         h.stride(0), wq_down.stride(0), wq_down.stride(1), s_down.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK)
-    return out.copy_(y.view(T, k, D).sum(dim=1, dtype=torch.float32))  # the combine over each token's k experts
+    return combine(y, out, k, residual)
 
 
 def rms_norm_quantize_triton(x, weight, eps: float, bound: float, qdtype: torch.dtype):
@@ -311,12 +317,13 @@ def rms_norm_quantize_triton(x, weight, eps: float, bound: float, qdtype: torch.
 @torch.library.custom_op("moebench::quantized_moe", mutates_args=())
 def _quantized_moe_op(x: torch.Tensor, wq_gate_up: torch.Tensor, s_gate_up: torch.Tensor, wq_down: torch.Tensor,
                       s_down: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, bound: float,
-                      x_scale: torch.Tensor | None) -> torch.Tensor:
-    return quantized_moe_triton(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound, x_scale)
+                      x_scale: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    return quantized_moe_triton(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound, x_scale,
+                                residual)
 
 
 @_quantized_moe_op.register_fake
-def _(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound, x_scale):
+def _(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound, x_scale, residual=None):
     return x.new_empty(x.shape, dtype=topk_weights.dtype)
 
 
@@ -332,10 +339,12 @@ def _(x, weight, eps, bound, qdtype):
     return h, x.new_empty(x.shape, dtype=qdtype), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
-def quantized_moe(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound: float, x_scale=None):
-    """The kernel as a model calls it: the MoE block's expert output [T, D] in topk_weights' dtype."""
+def quantized_moe(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights, bound: float, x_scale=None,
+                  residual=None):
+    """The kernel as a model calls it: the MoE block's expert output [T, D] in topk_weights' dtype, plus residual
+    when given (--mlp-kernel-fuse-residual-add)."""
     return torch.ops.moebench.quantized_moe(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, topk_weights,
-                                            bound, x_scale)
+                                            bound, x_scale, residual)
 
 
 def rms_norm_quantize(x, weight, eps: float, bound: float, qdtype: torch.dtype):

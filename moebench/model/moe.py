@@ -19,12 +19,13 @@ def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool) -> tuple[to
 
 
 def _grouped_mm_supported(x: torch.Tensor, w_down: torch.Tensor) -> bool:
-    # torch's grouped GEMM runs any float dtype on the CPU, on CUDA only bfloat16 (sm90+); every operand's rows
-    # must be 16-byte aligned.
+    # torch's grouped GEMM runs any float dtype on the CPU, on CUDA only bfloat16 (sm90+), and in a compiled graph
+    # (whose shape checks insist on bfloat16) only bfloat16; every operand's rows must be 16-byte aligned.
     D, I = w_down.shape[1:]
     aligned = all(n * x.element_size() % 16 == 0 for n in (D, I))
-    device_ok = x.device.type == "cpu" or (x.dtype == torch.bfloat16
-                                           and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    bf16 = x.dtype == torch.bfloat16
+    device_ok = (x.device.type == "cpu" and (bf16 or not torch.compiler.is_compiling())) or (
+        bf16 and torch.cuda.get_device_capability(x.device)[0] >= 9)
     return aligned and device_ok
 
 

@@ -68,6 +68,12 @@ def kernel_of(opts: ModelOptions, block: str, module: str, name: str):
     return getattr(importlib.import_module(f"moebench.kernels.{module}"), name)
 
 
+def untouched(*modules: nn.Module) -> bool:
+    """True when these blocks are still the reference's own (nn.Linear, RMSNorm), not a submission's replacement:
+    only then may a kernel read their weights in their place."""
+    return all(type(m) in (nn.Linear, RMSNorm) for m in modules)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, opts: ModelOptions = ModelOptions()):
         super().__init__()
@@ -111,7 +117,9 @@ class Attention(nn.Module):
         (fused into the QKV kernel when it runs); with `residual`, returns residual + output (fused into the
         output-projection kernel when it runs)."""
         B, T, _ = x.shape
-        if self.qkv_kernel is not None:
+        use_qkv_kernel = (self.qkv_kernel is not None and untouched(self.qkv_proj, self.q_norm, self.k_norm)
+                          and (norm is None or untouched(norm)))
+        if use_qkv_kernel:
             q, k, v = self.qkv_kernel(x.reshape(B * T, -1), None if norm is None else norm.weight,
                                       self.qkv_proj.weight, self.qkv_proj.bias, self.q_norm.weight,
                                       self.k_norm.weight, cos.reshape(B * T, -1), sin.reshape(B * T, -1),
@@ -142,7 +150,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, scale=self.hd**-0.5,
                                                enable_gqa=self.n_heads != self.n_kv)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
-        if self.o_kernel is not None:
+        if self.o_kernel is not None and untouched(self.o_proj):
             return self.o_kernel(o, self.o_proj.weight, self.o_proj.bias, residual)
         out = self.o_proj(o)
         return out if residual is None else residual + out
@@ -161,7 +169,7 @@ class DenseMLP(nn.Module):
         """norm and residual as in Attention.forward."""
         if norm is not None:
             x = norm(x)
-        if self.kernel is not None:
+        if self.kernel is not None and untouched(self.gate_up_proj, self.down_proj):
             gate, up = self.kernel(x, self.gate_up_proj.weight).chunk(2, dim=-1)
             return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -202,10 +210,15 @@ class SparseMoE(nn.Module):
         self.norm_quantize = kernel_of(opts, "rms_norm_quantize", "quantized_moe", "rms_norm_quantize")
         self.fuse_residual = "moe_residual" in opts.kernels
         self.qdtype, self.bound = QUANT_DTYPES[opts.quant_dtype], opts.quant_bound
+        if self.fuse_residual and self.experts_kernel is None and self.quantized_kernel is None:
+            raise ValueError("the fused residual add needs an expert kernel (fused_moe or quantized_moe)")
+        if self.norm_quantize is not None and self.quantized_kernel is None:
+            raise ValueError("rms_norm_quantize feeds the quantized expert kernel: it needs quantized_moe")
 
     def after_loading(self):
-        """Called by the harness once the weights are in: the quantized kernel keeps its weights quantized."""
-        if self.quantized_kernel is not None:
+        """Called by the harness once the weights are in: the quantized kernel keeps its weights quantized (unless a
+        submission's own forward, which reads the float weights, replaced this one)."""
+        if self.quantized_kernel is not None and type(self).forward is SparseMoE.forward:
             self.experts.quantize(self.qdtype)
 
     def forward(self, x, norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
@@ -213,20 +226,20 @@ class SparseMoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         xq = x_scale = None
-        if norm is not None and self.norm_quantize is not None:
+        if norm is not None and self.norm_quantize is not None and untouched(norm):
             flat, xq, x_scale = self.norm_quantize(flat, norm.weight, norm.eps, self.bound, self.qdtype)
         elif norm is not None:
             flat = norm(flat)
-        if self.router_kernel is not None:
+        if self.router_kernel is not None and untouched(self.gate):
             ids, weights = self.router_kernel(flat, self.gate.weight, self.k, self.norm_topk_prob)
         else:
             ids, weights = route(self.gate(flat), self.k, self.norm_topk_prob)
-        fused_add = residual is not None and self.fuse_residual and self.quantized_kernel is None
+        fused_add = residual is not None and self.fuse_residual  # __init__ made sure an expert kernel runs
         res = residual.reshape(B * T, D) if fused_add else None
         if self.quantized_kernel is not None:
             e = self.experts
             out = self.quantized_kernel(flat if xq is None else xq, e.gate_up_proj_q, e.gate_up_proj_scale,
-                                        e.down_proj_q, e.down_proj_scale, ids, weights, self.bound, x_scale)
+                                        e.down_proj_q, e.down_proj_scale, ids, weights, self.bound, x_scale, res)
         elif self.experts_kernel is not None:
             out = self.experts_kernel(flat, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, res)
         else:
@@ -245,16 +258,14 @@ class DecoderLayer(nn.Module):
         self.fuse = bool(opts.kernels)  # kernels may fuse the norms and residual adds into the blocks
 
     def forward(self, x, cos, sin, step, cache):
-        if self.fuse and self._blocks_take_norm_and_residual():
+        # A block whose forward a submission replaced gets the plain call, as without kernels.
+        if self.fuse and type(self.self_attn).forward is Attention.forward:
             h = self.self_attn(x, cos, sin, step, cache, norm=self.input_layernorm, residual=x)
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
+        if self.fuse and type(self.mlp).forward in (SparseMoE.forward, DenseMLP.forward):
             return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
-
-    def _blocks_take_norm_and_residual(self) -> bool:
-        # A submission's own forward (a subclass overriding it) gets the plain call, as without kernels.
-        return (type(self.self_attn).forward is Attention.forward
-                and type(self.mlp).forward in (SparseMoE.forward, DenseMLP.forward))
 
 
 class Qwen3MoeModel(nn.Module):
@@ -292,6 +303,6 @@ class Qwen3MoeForCausalLM(nn.Module):
         if step.last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), step.last][:, None]  # [B, 1, D]
         x = self.model.norm(x)
-        if self.lm_head_kernel is not None:
+        if self.lm_head_kernel is not None and untouched(self.lm_head):
             return self.lm_head_kernel(x, self.lm_head.weight).float()
         return self.lm_head(x).float()

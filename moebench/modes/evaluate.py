@@ -53,7 +53,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         print_validation(v)
         accuracy, checked = float(v.report.passed), True
     report = under.benchmark(req)
-    report["kernel_flops"] = flops = under.flop_ratio(req)
+    report["kernel_flops"] = flops = under.kernel_flops(req)
     ratio = flops["nki_flop_ratio"]
     write_json(report_path, report)
     print_flops(flops)
@@ -85,10 +85,11 @@ def print_flops(flops: dict) -> None:
     total = flops["total_macs"]
     print(f"kernel FLOP ratio {flops['nki_flop_ratio']:.4f}: {flops['kernel_macs']:,} of {total:,} MACs per request")
     for op, macs in sorted(flops["by_op"].items(), key=lambda kv: -kv[1]):
-        kind = "kernel" if op in flops.get("kernel_ops", ()) else ""
+        kind = "kernel" if op in flops["kernel_ops"] else ""
         print(f"  {op:<48} {macs / total if total else 0:7.2%} {kind}")
-    for name, s in flops["by_submodel"].items():
-        print(f"  {name}: {s['runs']} run(s) x {s['total_macs_per_run']:,} MACs, ratio {s['nki_flop_ratio']:.4f}")
+    for g in flops["by_graph"]:
+        print(f"  {g['submodel']} bucket {g['bucket']}: {g['runs']} run(s) x {g['total_macs_per_run']:,} MACs, "
+              f"ratio {g['nki_flop_ratio']:.4f}")
 
 
 def print_summary(s: Score, checked: bool, base: Base, report_path: Path, records: Path) -> None:

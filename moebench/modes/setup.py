@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 
 from moebench.cli.args import RunConfig
-from moebench.engine.generator import Engine
+from moebench.engine.generator import Engine, auto_buckets
+from moebench.engine.sampling import OnDeviceSampling, SamplingParams
 from moebench.errors import MoebenchError
 from moebench.model.loader import ModelSource, open_model
 
@@ -46,10 +47,31 @@ class Request:
     eos_ids: tuple[int, ...]
 
 
+def buckets_of(run: RunConfig) -> dict:
+    """Engine's ctx_buckets and tkg_buckets: none without --enable-bucketing, else the given sizes or NxDI's
+    automatic rule up to the longest prompt and to --seq-len ([128, 256, 640] for the default 640)."""
+    if not run.enable_bucketing:
+        return dict(ctx_buckets=(), tkg_buckets=())
+    ctx = run.context_encoding_buckets or auto_buckets(run.max_context_length or run.seq_len)
+    return dict(ctx_buckets=tuple(sorted(set(ctx))),
+                tkg_buckets=tuple(sorted(set(run.token_generation_buckets or auto_buckets(run.seq_len)))))
+
+
+def on_device_sampling(run: RunConfig) -> OnDeviceSampling | None:
+    """--on-device-sampling: generate samples with the run's parameters in the decode graph; evaluation decodes
+    greedily, so there the graph returns its argmax."""
+    if not run.on_device_sampling:
+        return None
+    params = SamplingParams(run.do_sample, run.temperature, run.top_k, run.top_p) if run.mode == "generate" else \
+        SamplingParams()
+    return OnDeviceSampling(params, run.global_topk, run.dynamic, run.output_logits and run.mode == "generate")
+
+
 def make_engine(model, run: RunConfig, batch: int, compile: bool) -> Engine:
     """The engine and its KV cache; a cache too large for memory is the user's --seq-len, not a bug."""
     try:
-        return Engine(model, batch=batch, max_len=run.seq_len, compile=compile)
+        return Engine(model, batch=batch, max_len=run.seq_len, compile=compile, sampling=on_device_sampling(run),
+                      **buckets_of(run))
     except (RuntimeError, MemoryError) as e:
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
@@ -85,7 +107,16 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
         what = f"--max-context-length {run.max_context_length}" if run.max_context_length else \
                f"--seq-len {run.seq_len} (which includes at least one new token)"
         raise MoebenchError(f"the prompt is {T} tokens, longer than {what}")
+    buckets = buckets_of(run)
+    if buckets["ctx_buckets"] and T > buckets["ctx_buckets"][-1]:
+        raise MoebenchError(f"the prompt is {T} tokens, longer than the largest context-encoding bucket "
+                            f"({buckets['ctx_buckets'][-1]})")
     room = run.seq_len - T
+    if buckets["tkg_buckets"]:
+        room = min(room, buckets["tkg_buckets"][-1] - T)
+        if room < 1:
+            raise MoebenchError(f"the prompt is {T} tokens: the largest token-generation bucket "
+                                f"({buckets['tkg_buckets'][-1]}) leaves no room for a new token")
     if run.max_new_tokens is not None:
         new, min_new = min(run.max_new_tokens, room), 0
     elif run.max_length is not None:

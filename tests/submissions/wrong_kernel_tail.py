@@ -29,7 +29,7 @@ def lm_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x, weight = x.contiguous(), weight.contiguous()
     (T, D), V = x.shape, weight.shape[0]
     out = torch.empty(T, V, dtype=torch.float32, device=x.device)
-    _lm_head_kernel[(triton.cdiv(T, 16), triton.cdiv(V, 64))](x, weight, out, T, D, V, BT=16, BV=64, BD=32)
+    _lm_head_kernel[(triton.cdiv(T, 16), triton.cdiv(V, 512))](x, weight, out, T, D, V, BT=16, BV=512, BD=32)
     return out
 
 

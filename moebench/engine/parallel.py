@@ -1,0 +1,361 @@
+"""Tensor parallelism (--tp-degree): shards a loaded reference model over N ranks, and starts the ranks.
+
+What is split, as NxDI does it (spec/nxdi-semantics.md §3):
+- attention: query heads over ranks; key/value heads too when Hkv >= N, else each rank keeps the one kv head its
+  query heads read (replicated). q/k/v (or the fused qkv_proj) are column-parallel, o_proj row-parallel;
+- experts and dense MLPs: the intermediate dim I (gate and up rows alike, down_proj columns); the router is
+  replicated, so every rank routes every token the same way;
+- lm_head: the vocabulary, logits all-gathered so every rank returns the full [B, T, V]; with vocab_parallel the
+  embedding table too (each rank looks up its id range, zeros elsewhere, then a sum).
+Row-parallel outputs are all-reduced in `reduce_dtype` (--rpl-reduce-dtype; None: the activations' dtype), their
+bias added once after the sum. Norms, RoPE and the residual stream stay replicated. The collectives are
+torch.distributed's functional ones, which torch.compile traces into the graph (no graph break), on gloo and NCCL.
+
+Sequence parallelism (--sequence-parallel-enabled) is not implemented. It would need, for context encoding only:
+the embedding output reduce-scattered over the sequence dim (bucket % N == 0), the norms run on the local sequence
+slice, an all-gather of the sequence before q/k/v and the MoE (the router needs every token), and o_proj / expert
+outputs reduce-scattered instead of all-reduced; then an all-gather before the lm_head.
+"""
+
+import dataclasses
+import os
+import pickle
+import queue
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from moebench.errors import MoebenchError
+from moebench.model.qwen3_moe import Attention, DenseMLP, SparseMoE
+
+# Legend: N ranks, r this rank, H/Hkv query/key-value heads, hd head dim, D hidden, I intermediate, V vocab, E experts.
+
+
+class ShardingError(MoebenchError, ValueError):
+    """The model does not split N ways (a --tp-degree that does not divide its heads, I or vocabulary)."""
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """What a sharded model records about its split (as `model.parallel`)."""
+
+    rank: int
+    world: int
+    group: object = None  # a torch.distributed ProcessGroup; None: the default (WORLD)
+    vocab_parallel: bool = False
+    reduce_dtype: torch.dtype | None = None
+
+
+# ---- collectives: functional, so that torch.compile traces them ----
+
+def _wait(t: torch.Tensor) -> torch.Tensor:
+    # Eager functional collectives return an AsyncCollectiveTensor; the next op needs the data anyway.
+    return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
+
+
+def all_reduce(x: torch.Tensor, group=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of x over the group's ranks, summed in `dtype` (None: x's dtype) and returned in x's dtype."""
+    y = x if dtype is None or dtype == x.dtype else x.to(dtype)
+    y = _wait(funcol.all_reduce(y, "sum", group or dist.group.WORLD))
+    return y.to(x.dtype)
+
+
+_gather0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed in torch 2.10
+
+
+def all_gather_last(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
+    """x [..., n] on each rank -> [..., world * n], rank r's block at [r*n, (r+1)*n)."""
+    g = _wait(_gather0(x.contiguous(), 0, group or dist.group.WORLD))  # [world * x.shape[0], ...]
+    g = g.view(world, *x.shape).movedim(0, -2)  # [..., world, n]
+    return g.reshape(*x.shape[:-1], world * x.shape[-1])
+
+
+# ---- parallel layers ----
+
+def _keep(t: torch.Tensor) -> nn.Parameter:
+    """A parameter owning a copy of the slice t, so that the full tensor can be freed."""
+    return nn.Parameter(t.clone(memory_format=torch.contiguous_format), requires_grad=False)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r @ W_r^T, + bias once: x's last dim (W's columns) is split over ranks."""
+
+    def __init__(self, linear: nn.Linear, cols: slice, tp: TensorParallel):
+        super().__init__()
+        self.weight = _keep(linear.weight[:, cols])  # [out, in / N]
+        self.bias = None if linear.bias is None else _keep(linear.bias)  # [out], whole
+        self.group, self.reduce_dtype = tp.group, tp.reduce_dtype
+
+    def forward(self, x):
+        y = all_reduce(F.linear(x, self.weight), self.group, self.reduce_dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class ReducedBlock(nn.Module):
+    """Wraps a block whose output is this rank's partial sum (the sharded experts): sums it, then adds the residual.
+    Takes the calls of SparseMoE.forward (x, norm=None, residual=None)."""
+
+    def __init__(self, block: nn.Module, tp: TensorParallel):
+        super().__init__()
+        self.block = block
+        self.group, self.reduce_dtype = tp.group, tp.reduce_dtype
+
+    def forward(self, x, norm=None, residual=None):
+        out = all_reduce(self.block(x, norm=norm), self.group, self.reduce_dtype)
+        return out if residual is None else residual + out
+
+
+class ParallelLMHead(nn.Module):
+    """The lm_head split over the vocabulary: local logits [..., V / N], all-gathered to [..., V]."""
+
+    def __init__(self, weight: nn.Parameter, tp: TensorParallel):
+        super().__init__()
+        self.weight = weight  # [V / N, D]
+        self.world, self.group = tp.world, tp.group
+
+    def forward(self, x):
+        return all_gather_last(F.linear(x, self.weight), self.world, self.group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The embedding split over the vocabulary: rows [start, start + V / N) here, zeros for other ids, summed."""
+
+    def __init__(self, weight: nn.Parameter, start: int, tp: TensorParallel):
+        super().__init__()
+        self.weight, self.start, self.group = weight, start, tp.group  # weight [V / N, D]
+
+    def forward(self, ids):
+        local = ids - self.start
+        here = (local >= 0) & (local < self.weight.shape[0])  # [B, T]
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * here[..., None]
+        return all_reduce(x, self.group)  # exactly one rank holds each row: the sum is exact in any dtype
+
+
+# ---- sharding ----
+
+def _heads(cfg, rank: int, world: int) -> tuple[range, range]:
+    """(query heads, key/value heads) that rank keeps."""
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    q = range(rank * H // world, (rank + 1) * H // world)
+    if Hkv >= world:
+        return q, range(rank * Hkv // world, (rank + 1) * Hkv // world)
+    g = H // Hkv  # GQA group: query head h reads kv head h // g; all of this rank's heads are in one group
+    return q, range(q.start // g, q.start // g + 1)
+
+
+def check_shardable(cfg, world: int) -> None:
+    """Raises ShardingError unless the model with config `cfg` splits `world` ways."""
+    if world < 1:
+        raise ShardingError(f"tensor-parallel degree must be >= 1, got {world}")
+    H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if H % world:
+        raise ShardingError(f"--tp-degree {world}: the model's {H} attention heads do not split {world} ways; "
+                            f"use a degree that divides {H}")
+    if Hkv >= world and Hkv % world or Hkv < world and world % Hkv:
+        raise ShardingError(f"--tp-degree {world}: the model's {Hkv} key/value heads neither split {world} ways nor "
+                            f"replicate evenly over {world} ranks; use a degree that divides or is a multiple of {Hkv}")
+    sizes = {"vocabulary": cfg.vocab_size}
+    if any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+        sizes["moe_intermediate_size"] = cfg.moe_intermediate_size
+    if not all(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)):
+        sizes["intermediate_size"] = cfg.intermediate_size
+    for what, n in sizes.items():
+        if n % world:
+            raise ShardingError(f"--tp-degree {world}: the model's {what} ({n}) does not split {world} ways")
+
+
+def _shard_attention(attn: Attention, qh: range, kvh: range, tp: TensorParallel) -> None:
+    hd = attn.hd
+    q_rows, kv_rows = slice(qh.start * hd, qh.stop * hd), slice(kvh.start * hd, kvh.stop * hd)
+    names = ["qkv_proj"] if attn.fused else ["q_proj", "k_proj", "v_proj"]
+    for name in names:
+        lin = getattr(attn, name)
+        if attn.fused:  # rows: q [H*hd] | k [Hkv*hd] | v [Hkv*hd]
+            def rows(t):
+                q, k, v = t.split(attn.sizes, dim=0)
+                return torch.cat([q[q_rows], k[kv_rows], v[kv_rows]])
+        else:
+            def rows(t, s=q_rows if name == "q_proj" else kv_rows):
+                return t[s]
+        new = nn.Linear(lin.in_features, 1, bias=lin.bias is not None, device="meta")  # column-parallel: plain
+        new.weight = _keep(rows(lin.weight))
+        new.bias = None if lin.bias is None else _keep(rows(lin.bias))
+        new.out_features = new.weight.shape[0]
+        setattr(attn, name, new)
+    attn.o_proj = RowParallelLinear(attn.o_proj, q_rows, tp)
+    attn.n_heads, attn.n_kv = len(qh), len(kvh)
+    attn.sizes = [len(qh) * hd, len(kvh) * hd, len(kvh) * hd]
+
+
+def _shard_experts(moe: SparseMoE, rank: int, world: int) -> None:
+    ex = moe.experts
+    quantized = hasattr(ex, "gate_up_proj_q")
+    gate_up = ex.gate_up_proj_q if quantized else ex.gate_up_proj  # [E, 2I, D]
+    I = gate_up.shape[1] // 2
+    cols = slice(rank * I // world, (rank + 1) * I // world)
+
+    def gate_up_rows(t):  # [E, 2I, ...] -> [E, 2I / N, ...], gate rows first, then up
+        return torch.cat([t[:, :I][:, cols], t[:, I:][:, cols]], dim=1)
+
+    if quantized:  # per-output-channel scales: gate_up's follow its rows, down's (over D) stay whole
+        ex.gate_up_proj_q = gate_up_rows(ex.gate_up_proj_q).contiguous()
+        ex.gate_up_proj_scale = gate_up_rows(ex.gate_up_proj_scale).contiguous()
+        ex.down_proj_q = ex.down_proj_q[:, :, cols].contiguous()
+    else:
+        ex.gate_up_proj = _keep(gate_up_rows(ex.gate_up_proj))  # [E, 2I / N, D]
+        ex.down_proj = _keep(ex.down_proj[:, :, cols])  # [E, D, I / N]
+
+
+def _shard_dense(mlp: DenseMLP, rank: int, world: int, tp: TensorParallel) -> None:
+    I = mlp.down_proj.in_features
+    cols = slice(rank * I // world, (rank + 1) * I // world)
+    w = mlp.gate_up_proj.weight  # [2I, D], gate rows first
+    new = nn.Linear(w.shape[1], 1, bias=False, device="meta")
+    new.weight = _keep(torch.cat([w[:I][cols], w[I:][cols]]))  # [2I / N, D]
+    new.out_features = new.weight.shape[0]
+    mlp.gate_up_proj = new
+    mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp)
+
+
+def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_parallel: bool = False,
+                reduce_dtype: torch.dtype | None = None) -> nn.Module:
+    """Turns a loaded reference Qwen3MoeForCausalLM into rank `rank`'s shard of a `world`-way tensor-parallel model,
+    in place, keeping only this rank's slices. Every rank must call it and then run the same forward calls.
+
+    Afterwards model.config holds the local head counts (so Engine builds a local KV cache), model.global_config
+    the whole model's, model.parallel the split. World 1 leaves the layers as they are."""
+    cfg = getattr(model, "global_config", None) or model.config
+    if getattr(model, "parallel", None) is not None and model.parallel.world > 1:
+        raise ShardingError("shard_model: this model is already sharded")
+    check_shardable(cfg, world)
+    if not 0 <= rank < world:
+        raise ShardingError(f"shard_model: rank {rank} is outside 0..{world - 1}")
+    tp = TensorParallel(rank, world, group, vocab_parallel, reduce_dtype)
+    if world == 1:
+        model.global_config, model.parallel = cfg, tp
+        return model
+    if not dist.is_initialized() or dist.get_world_size(group) != world:
+        raise ShardingError(f"shard_model: world {world} needs an initialised process group of that size "
+                            "(run_parallel, init_from_env or torch.distributed.init_process_group)")
+    layers = model.model.layers
+    for layer in layers:
+        for part, kinds in ((layer.self_attn, (Attention,)), (layer.mlp, (SparseMoE, DenseMLP))):
+            if not isinstance(part, kinds):
+                raise ShardingError(f"shard_model: cannot shard {type(part).__name__}; tensor parallelism runs the "
+                                    "reference model's blocks only")
+    model.global_config, model.parallel = cfg, tp
+    qh, kvh = _heads(cfg, rank, world)
+    for layer in layers:
+        _shard_attention(layer.self_attn, qh, kvh, tp)
+        if isinstance(layer.mlp, SparseMoE):
+            _shard_experts(layer.mlp, rank, world)
+            layer.mlp = ReducedBlock(layer.mlp, tp)  # the router stays whole
+        else:
+            _shard_dense(layer.mlp, rank, world, tp)
+    V = cfg.vocab_size
+    vocab = slice(rank * V // world, (rank + 1) * V // world)
+    head = _keep(model.lm_head.weight[vocab])  # [V / N, D]
+    if vocab_parallel:
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        emb = head if tied else _keep(model.model.embed_tokens.weight[vocab])
+        model.model.embed_tokens = VocabParallelEmbedding(emb, vocab.start, tp)
+    model.lm_head = ParallelLMHead(head, tp)
+    model.config = dataclasses.replace(cfg, num_attention_heads=len(qh), num_key_value_heads=len(kvh),
+                                       head_dim=cfg.dim_head)  # head_dim pinned: its default derives from H
+    return model
+
+
+# ---- starting ranks ----
+
+def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Joins the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; LOCAL_RANK
+    picks the GPU): NCCL when CUDA is there, else gloo. Returns (rank, world, this rank's device)."""
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise MoebenchError(f"tensor parallelism: {', '.join(missing)} not set; start the ranks with torchrun")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                                rank=rank, world_size=world)
+    return rank, world, device
+
+
+class RankFailed(RuntimeError):
+    """A rank started by run_parallel raised; the message holds its traceback."""
+
+
+def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
+    try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the cores
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        out = fn(rank, world, *args)
+        # Plain pickle bytes: torch's queue would pass tensors through shared memory that dies with this process.
+        results.put((rank, None, pickle.dumps(out) if rank == 0 else None))
+    except BaseException:
+        results.put((rank, traceback.format_exc(), None))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_parallel(fn, world: int, *args, timeout: float | None = None):
+    """Runs fn(rank, world, *args) in `world` fresh CPU processes joined by a gloo group on 127.0.0.1, and returns
+    rank 0's result. fn must be importable (module level); results must pickle. A rank that raises (or dies) ends
+    the run: the others are stopped and RankFailed carries the failing ranks' tracebacks."""
+    # The store lives here, on a port the OS picks: no race for a "free" port between processes.
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, store.port, fn, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    done, errors, value = set(), [], None
+    waited = 0.0
+    try:
+        while len(done) < world and not errors:
+            try:
+                rank, err, data = results.get(timeout=0.5)
+            except queue.Empty:
+                waited += 0.5
+                dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
+                if dead:
+                    errors = [(r, f"exited with code {procs[r].exitcode} without a result\n") for r in dead]
+                elif timeout is not None and waited > timeout:
+                    errors = [(-1, f"no result after {timeout:g} s\n")]
+                continue
+            done.add(rank)
+            if err is not None:
+                errors.append((rank, err))
+                try:  # a rank's failure usually breaks the others' collectives: keep the first cause, collect a few
+                    while True:
+                        r, e, _ = results.get(timeout=1.0)
+                        if e is not None:
+                            errors.append((r, e))
+                except queue.Empty:
+                    pass
+            elif rank == 0:
+                value = pickle.loads(data)
+    finally:
+        for p in procs:
+            if errors:
+                p.terminate()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if errors:
+        text = "".join(f"--- rank {r} ---\n{e}" for r, e in errors)
+        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}")
+    return value

@@ -1,0 +1,187 @@
+"""Tensor parallelism: 2 and 4 CPU ranks give the logits and tokens of one process, each holding ~1/N of the weights.
+
+Each world size is one spawn whose rank function checks several configurations (starting ranks costs seconds)."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moebench.engine.generator import Engine
+from moebench.engine.parallel import RankFailed, ShardingError, check_shardable, run_parallel, shard_model
+from moebench.model.loader import build_model, open_model
+from moebench.model.presets import EMBEDDED, PRESETS, random_model, write_checkpoint
+from moebench.model.qwen3_moe import DenseMLP, ModelOptions, Qwen3MoeForCausalLM
+
+NEW = 4  # tokens generated: 1 from the prefill, 3 decode steps
+ATOL = 1e-5  # float32: only the order of the sums differs
+
+
+def _model(fused: bool = False, path=None):
+    return build_model(Qwen3MoeForCausalLM, open_model(path), ModelOptions(fused_qkv=fused), torch.float32, "cpu")
+
+
+def _write_variant(path):
+    """The embedded model with attention biases (o_proj's must be added once), tied embeddings and a dense layer."""
+    cfg = dataclasses.replace(PRESETS[EMBEDDED], attention_bias=True, tie_word_embeddings=True, mlp_only_layers=(1,))
+    model = random_model(cfg, seed=1)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # random_model's biases are zeros: a bias added N times would pass
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    write_checkpoint(model, path)
+
+
+def _prompts():
+    """Two rows, the second left-padded: exercises the mask and the cache slots as the harness does."""
+    ids = torch.tensor([[11, 523, 77, 1290, 9, 4000, 31], [0, 0, 45, 8, 2048, 600, 3]])
+    return ids, (ids != 0).long()
+
+
+def _run(model, forced=None, compile=False, batch=2):
+    """Prefill + decode steps of the first `batch` prompts -> (greedy tokens [B, NEW], logits [NEW, B, V]). With
+    `forced` [B, NEW] the decode steps are fed those tokens instead of their own argmax (teacher forcing, for
+    comparisons under bfloat16 noise)."""
+    engine = Engine(model, batch=batch, max_len=16)
+    if compile:
+        # As Engine(compile=True), plus fullgraph: a graph break (a collective dynamo cannot trace) is an error. The
+        # aot_eager backend traces the same graph as inductor; inductor's code generation adds 40-70 s on two cores.
+        engine._decode_step = torch.compile(engine._decode_step, dynamic=False, fullgraph=True, backend="aot_eager")
+    ids, mask = _prompts()
+    logits = [engine.prefill(ids[:batch], mask[:batch])]
+    tokens = [logits[-1].argmax(-1)]
+    for i in range(NEW - 1):
+        logits.append(engine.decode(tokens[-1] if forced is None else forced[:, i]))
+        tokens.append(logits[-1].argmax(-1))
+    return torch.stack(tokens, 1), torch.stack(logits)
+
+
+def _shapes(model) -> dict:
+    layer = model.model.layers[0]
+    attn, experts = layer.self_attn, layer.mlp.block.experts
+    proj = attn.qkv_proj if attn.fused else attn.k_proj
+    q = attn.qkv_proj if attn.fused else attn.q_proj
+    return {"q": tuple(q.weight.shape), "kv_or_qkv": tuple(proj.weight.shape),
+            "o": tuple(attn.o_proj.weight.shape), "gate_up": tuple(experts.gate_up_proj.shape),
+            "down": tuple(experts.down_proj.shape), "lm_head": tuple(model.lm_head.weight.shape),
+            "embed": tuple(model.model.embed_tokens.weight.shape),
+            "local_heads": (model.config.num_attention_heads, model.config.num_key_value_heads),
+            "numel": sum(p.numel() for p in model.parameters())}
+
+
+def _gathered(value, world):
+    """Every rank's `value`, on rank 0 (a list indexed by rank)."""
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _ranks_main(rank, world, forced, variant):
+    """One spawn per world size: plain, fused qkv + vocab-parallel, bf16 reduce, and (world 2) a compiled decode."""
+    torch.set_num_threads(1)
+    out = {}
+    full = _model()
+    k_full = full.model.layers[1].self_attn.k_proj.weight.clone()  # [Hkv * hd, D]
+    gu_full = full.model.layers[1].mlp.experts.gate_up_proj.clone()  # [E, 2I, D]
+    model = shard_model(full, rank, world)
+    out["plain"] = _run(model)
+    # This rank keeps the right rows: the kv head(s) its query heads read, the gate and up rows of its I range.
+    H, Hkv, hd, I = 4, 2, 64, 64
+    kv = rank * Hkv // world if Hkv >= world else (rank * H // world) // (H // Hkv)
+    kv_rows = slice(kv * hd, (kv + max(Hkv // world, 1)) * hd)
+    cols = slice(rank * I // world, (rank + 1) * I // world)
+    ok = (torch.equal(model.model.layers[1].self_attn.k_proj.weight, k_full[kv_rows])
+          and torch.equal(model.model.layers[1].mlp.block.experts.gate_up_proj,
+                          torch.cat([gu_full[:, :I][:, cols], gu_full[:, I:][:, cols]], 1)))
+    out["slices_ok"] = _gathered(ok, world)
+    out["shapes"] = _gathered(_shapes(model), world)
+    model = shard_model(_model(fused=True), rank, world, vocab_parallel=True)
+    out["fused_vocab"] = _run(model)
+    out["fused_vocab_shapes"] = _shapes(model)
+    out["bf16"] = _run(shard_model(_model(), rank, world, reduce_dtype=torch.bfloat16), forced=forced)
+    if world == 2:
+        model = shard_model(_model(path=variant), rank, world, vocab_parallel=True)
+        assert isinstance(model.model.layers[1].mlp, DenseMLP)
+        assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one shared vocabulary slice
+        out["variant"] = _run(model)
+        t = time.perf_counter()
+        # Batch 1: at batch 2 the decode step's experts take the grouped-GEMM path, which torch.compile cannot trace
+        # in float32 on the CPU (the same in one process; not a tensor-parallel matter).
+        out["compiled"] = _run(shard_model(_model(), rank, world), compile=True, batch=1)
+        out["compile_s"] = time.perf_counter() - t
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(one_thread, tmp_path_factory):
+    open_model(None)  # writes the embedded checkpoint once, before the ranks read it
+    full = _model()
+    variant = tmp_path_factory.mktemp("tp-variant")
+    _write_variant(variant)
+    return (_run(full), sum(p.numel() for p in full.parameters()), _run(full, batch=1), str(variant),
+            _run(_model(path=str(variant))))
+
+
+def _close(got, want, atol=ATOL):
+    tokens, logits = got
+    assert torch.equal(tokens, want[0])
+    torch.testing.assert_close(logits, want[1], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_matches_one_process(reference, world):
+    (ref_tokens, ref_logits), full_numel, ref_batch1, variant, ref_variant = reference
+    out = run_parallel(_ranks_main, world, ref_tokens, variant)
+    _close(out["plain"], (ref_tokens, ref_logits))
+    _close(out["fused_vocab"], (ref_tokens, ref_logits))
+    # bfloat16 sums of float32 activations (~3 significant digits per reduce) on logits up to ~1: differences ~4e-3.
+    bf16_diff = (out["bf16"][1] - ref_logits).abs().max()
+    assert 1e-4 < bf16_diff < 1e-2  # close, and the reduces really ran in bfloat16
+    assert out["slices_ok"] == [True] * world
+
+    n = world
+    kv_heads = max(2 // n, 1)  # 2 kv heads: split over 2 ranks, replicated over 4
+    for s in out["shapes"]:
+        assert s["q"] == (4 // n * 64, 128) and s["kv_or_qkv"] == (kv_heads * 64, 128)
+        assert s["o"] == (128, 4 // n * 64)
+        assert s["gate_up"] == (8, 2 * 64 // n, 128) and s["down"] == (8, 128, 64 // n)
+        assert s["lm_head"] == (4096 // n, 128) and s["embed"] == (4096, 128)
+        assert s["local_heads"] == (4 // n, kv_heads)
+        # Everything but the replicated parts (embedding, norms, routers, the replicated kv heads) is split.
+        assert s["numel"] < full_numel * (1 / n + 0.35)
+    fv = out["fused_vocab_shapes"]
+    assert fv["kv_or_qkv"] == ((4 // n + 2 * kv_heads) * 64, 128) and fv["embed"] == (4096 // n, 128)
+    if world == 2:
+        _close(out["variant"], ref_variant)
+        _close(out["compiled"], ref_batch1)
+        print(f"compiled decode (world 2, incl. compile): {out['compile_s']:.1f} s")
+
+
+def test_heads_that_do_not_split_are_a_clear_error(one_thread):
+    model = _model()
+    with pytest.raises(ValueError, match="4 attention heads do not split 3 ways"):
+        shard_model(model, 0, 3)
+    assert model.config.num_attention_heads == 4  # nothing was touched
+    cfg = model.config
+    with pytest.raises(ShardingError, match="4 key/value heads"):
+        check_shardable(dataclasses.replace(cfg, num_attention_heads=12, num_key_value_heads=4), 6)
+    with pytest.raises(ShardingError, match="vocabulary"):
+        check_shardable(dataclasses.replace(cfg, vocab_size=4097), 2)
+    with pytest.raises(ShardingError, match="process group"):
+        shard_model(model, 0, 2)  # no process group in this process
+    assert not hasattr(model, "parallel")  # a refused call leaves the model as it was
+
+
+def _fail_on_rank_1(rank, world):
+    if rank == 1:
+        raise KeyError("rank one broke")
+    dist.barrier()  # rank 0 waits in a collective that never completes: run_parallel must stop it
+    return rank
+
+
+def test_run_parallel_reports_a_failing_rank():
+    with pytest.raises(RankFailed, match="(?s)rank 1.*KeyError: 'rank one broke'"):
+        run_parallel(_fail_on_rank_1, 2)
