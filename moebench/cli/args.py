@@ -148,12 +148,12 @@ class RunConfig:
                                     "--seq-len); EOS may then end a sequence early", type=_positive(int))
     max_length: int = opt(None, "total length to generate to (default: --seq-len; capped by it)", type=_positive(int))
     rpl_reduce_dtype: str = opt(None, "dtype of tensor-parallel all-reduces of row-parallel outputs",
-                                choices=("bfloat16", "float16", "float32"), pending="tensor parallelism")
+                                choices=("bfloat16", "float16", "float32"))
     output_logits: bool = opt(False, "write the raw logits of every generated token to output_logits.pt (with "
                                      "--on-device-sampling the decode graph then returns them too)",
                               bool_flag=True, modes=SAMPLING)
-    vocab_parallel: bool = opt(False, "shard the embedding over the vocabulary", bool_flag=True,
-                               pending="tensor parallelism")
+    vocab_parallel: bool = opt(False, "tensor parallelism: shard the embedding over the vocabulary too",
+                               bool_flag=True)
     skip_compile: bool = opt(False, "reuse the artifacts under --compiled-model-path", bool_flag=True,
                              pending="the compile step")
     save_sharded_checkpoint: bool = opt(False, "write one weight file per tensor-parallel rank at compile time",
@@ -162,7 +162,7 @@ class RunConfig:
     # Attention
     fused_qkv: bool = opt(False, "compute q, k and v with one fused matmul", bool_flag=True, modes=BUILDS)
     sequence_parallel_enabled: bool = opt(False, "shard the context-encoding sequence over tensor-parallel ranks",
-                                          bool_flag=True, pending="tensor parallelism")
+                                          bool_flag=True, pending="sequence parallelism")
     flash_decoding_enabled: bool = opt(False, "the Triton split-K flash-decoding kernel for decode steps",
                                        bool_flag=True, modes=BUILDS)
     on_device_sampling: bool = opt(False, "sample inside the compiled decode graph, which returns token ids "
@@ -181,8 +181,8 @@ class RunConfig:
                                                 "128, 256, ... below --seq-len, then --seq-len)",
                                           type=_positive(int), many=True)
     # Parallelism
-    tp_degree: int = opt(1, "tensor-parallel ranks (1 on the CPU; the guide's 4 was four NeuronCores)",
-                         type=_positive(int), pending="tensor parallelism")
+    tp_degree: int = opt(1, "tensor-parallel ranks, started by moebench (gloo on the CPU) or by torchrun "
+                            "(default 1: one process; the guide's 4 was four NeuronCores)", type=_positive(int))
     # Kernels
     qkv_kernel_enabled: bool = opt(False, "the Triton kernel fusing the input RMSNorm, QKV projection, q/k norms "
                                           "and RoPE (needs --fused-qkv)", bool_flag=True, modes=BUILDS)
@@ -276,6 +276,9 @@ def check(run: RunConfig) -> list[str]:
         elif m["modes"] and run.mode not in m["modes"]:
             notes.append(f"note: {flag} has no effect in --mode {run.mode}")
     notes += check_kernel_flags(run)
+    for name in ("vocab_parallel", "rpl_reduce_dtype"):
+        if name in run.explicit and run.tp_degree == 1:
+            notes.append(f"note: --{name.replace('_', '-')} has no effect with --tp-degree 1")
     for name in ("global_topk", "dynamic"):
         if name in run.explicit and not run.on_device_sampling:
             notes.append(f"note: --{name.replace('_', '-')} has no effect without --on-device-sampling")

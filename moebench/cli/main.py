@@ -2,6 +2,8 @@
 
 import sys
 
+from torch import distributed as dist
+
 from moebench.cli.args import parse_args
 from moebench.errors import MoebenchError
 
@@ -19,6 +21,10 @@ def run_mode(run) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         run, notes = parse_args(argv)
+        if run.tp_degree > 1 and not dist.is_initialized():
+            from moebench.modes.parallel import run_tensor_parallel
+
+            return run_tensor_parallel(run, argv)  # the ranks run main() again, notes included
         for note in notes:
             print(note, file=sys.stderr)
         return run_mode(run)

@@ -273,6 +273,11 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
 
 # ---- starting ranks ----
 
+def writes_files() -> bool:
+    """Only rank 0 writes reports, records and expected logits; the other ranks compute the same and keep quiet."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Joins the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; LOCAL_RANK
     picks the GPU): NCCL when CUDA is there, else gloo. Returns (rank, world, this rank's device)."""

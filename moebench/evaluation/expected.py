@@ -10,6 +10,7 @@ import torch
 
 from moebench import __version__
 from moebench.engine.generator import Engine
+from moebench.engine.parallel import writes_files
 from moebench.errors import MoebenchError
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
@@ -57,6 +58,8 @@ def compute_expected(source: ModelSource, input_ids, attention_mask, new_tokens:
 
 def save_expected(folder: Path, i: int, logits: torch.Tensor, meta: ExpectedMeta) -> Path:
     path = folder / f"expected_logits_{i}.pt"
+    if not writes_files():  # tensor parallelism: rank 0 writes
+        return path
     torch.save(logits.float().contiguous(), path)
     (folder / f"expected_logits_{i}.json").write_text(json.dumps(asdict(meta), indent=1))
     return path

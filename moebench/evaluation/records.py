@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from moebench.engine.parallel import writes_files
 from moebench.errors import MoebenchError
 from moebench.evaluation.score import Score
 
@@ -56,8 +57,10 @@ def append_record(path: Path, row: dict) -> None:
 
     Every writer holds an exclusive flock while it checks the file and writes its whole line with one
     O_APPEND write, so rows never interleave and the header is written once. Existing content is never
-    rewritten; a file whose header is not RECORD_COLUMNS is refused.
+    rewritten; a file whose header is not RECORD_COLUMNS is refused. Under tensor parallelism rank 0 writes.
     """
+    if not writes_files():
+        return
     if set(row) != set(RECORD_COLUMNS):
         raise ValueError(f"a score record has the keys {RECORD_COLUMNS}, got {list(row)}")
     line = _csv_line([row[c] for c in RECORD_COLUMNS]).encode("utf-8")
@@ -182,6 +185,8 @@ def read_prompt_data(path: Path) -> list[PromptData]:
 
 def write_prompt_data(path: Path, rows: list[PromptData]) -> None:
     """Write a prompt_data file atomically (temp file in the same folder, then os.replace)."""
+    if not writes_files():
+        return
     path = Path(path)
     text = _csv_line(PROMPT_DATA_HEADER) + "".join(
         _csv_line([r.prompt_id, r.context_length, r.seq_len, repr(float(r.base_latency)),

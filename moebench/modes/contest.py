@@ -15,12 +15,14 @@ from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED
                                           ValidationReport, validate_logits)
 from moebench.evaluation.benchmark import benchmark_report, run_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
+from moebench.engine.parallel import writes_files
 from moebench.evaluation.flops import request_macs
 from moebench.evaluation.submission import Submission, check_logits
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.presets import PRESETS
 from moebench.model.qwen3_moe import (KERNEL_BLOCKS, Attention, DenseMLP, ModelOptions, Qwen3MoeForCausalLM, RMSNorm,
                                       SparseMoE)
+from moebench.modes.parallel import parallelize
 from moebench.modes.setup import Request, buckets_of, make_engine
 
 WIDE = "qwen3-30b-a3b"
@@ -76,7 +78,7 @@ def benchmark(run: RunConfig, model, req: Request, what: str) -> dict:
 
 
 def reference_benchmark(run: RunConfig, source: ModelSource, req: Request, device, dtype) -> dict:
-    model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device)
+    model = parallelize(build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device), run)
     return benchmark(run, model, req, "reference")
 
 
@@ -118,7 +120,7 @@ class Validation:
 def build_submission(run: RunConfig, sub: Submission, source: ModelSource, device, dtype, batch: int):
     """The contestant's model, built exactly like the reference, with a broken forward reported on one line."""
     try:
-        model = build_model(sub.cls, source, options_of(run), dtype, device)
+        model = parallelize(build_model(sub.cls, source, options_of(run), dtype, device), run)
     except MoebenchError:
         raise
     except Exception as e:
@@ -221,6 +223,8 @@ def print_validation(v: Validation) -> None:
 
 
 def write_json(path: Path, data: dict) -> None:
+    if not writes_files():  # tensor parallelism: rank 0 writes
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(path)

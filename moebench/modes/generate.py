@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from moebench.cli.args import RunConfig
+from moebench.engine.parallel import writes_files
 from moebench.engine.sampling import SamplingParams
 from moebench.evaluation.submission import load_submission
 from moebench.modes.contest import benchmark, build_submission, write_json
@@ -56,7 +57,8 @@ def run_generate(run: RunConfig) -> int:
     print(timing, file=sys.stderr)
     if run.output_logits:
         path = Path.cwd() / LOGITS_FILE
-        torch.save(out.logits, path)  # [new_tokens, batch, vocab], float32
+        if writes_files():
+            torch.save(out.logits, path)  # [new_tokens, batch, vocab], float32
         print(f"logits: {path}")
     if run.benchmark:
         report = benchmark(run, model, req, "generate")

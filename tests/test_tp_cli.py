@@ -1,0 +1,36 @@
+"""--tp-degree N on the command line: moebench starts N ranks (gloo on the CPU), each holding its shard; rank 0
+alone prints and writes; the result validates against the one-process reference; bad degrees stop with one line."""
+
+import csv
+import json
+
+import pytest
+
+from moebench.cli.args import parse_args
+from moebench.cli.main import main
+from tests.conftest import error_line
+
+SHORT = ["--seq-len", "16", "--prompt", "Hello there", "--torch-dtype", "float32", "--benchmark-runs", "1",
+         "--warmup-runs", "0", "--base-latency", "100", "--base-throughput", "100"]
+
+
+@pytest.mark.usefixtures("in_tmp")
+def test_evaluate_single_over_two_ranks(capfd, in_tmp):
+    code = main(["--mode", "evaluate_single", "--tp-degree", "2", "--vocab-parallel", "--team-id", "tp", *SHORT])
+    out, err = capfd.readouterr()  # the ranks are processes: their output reaches the file descriptors
+    assert code == 0, out + err
+    assert out.count("logit validation PASS") == 1  # rank 0 reports, rank 1 keeps quiet
+    rows = list(csv.reader((in_tmp / "tp_moebench-tiny_score_records.csv").open()))
+    assert len(rows) == 2  # the header and one row: rank 1 wrote nothing
+    assert json.loads((in_tmp / "benchmark_report.json").read_text())["e2e_model"]["runs"] == 1
+
+
+def test_a_degree_that_does_not_split_the_heads_is_one_line(capsys):
+    assert main(["--mode", "validate", "--tp-degree", "3"]) == 2
+    assert "the model's 4 attention heads do not split 3 ways" in error_line(capsys.readouterr().err)
+
+
+def test_parallel_only_flags_note_that_one_process_ignores_them():
+    _, notes = parse_args(["--mode", "validate", "--vocab-parallel", "--rpl-reduce-dtype", "float32"])
+    assert any("--vocab-parallel has no effect with --tp-degree 1" in n for n in notes)
+    assert any("--rpl-reduce-dtype has no effect with --tp-degree 1" in n for n in notes)
