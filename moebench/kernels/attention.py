@@ -28,6 +28,25 @@ def attention_ref(q, k, v, mask, scale: float):
 
 
 @triton.jit
+def online_softmax_block(q, kt, v, allowed, m_i, l_i, acc, qk_scale):
+    """One block of keys in flash attention's online softmax: q [M, D], kt [D, N] (k transposed), v [N, D], allowed
+    [M, N]; m_i, l_i [M] the running row maximum (log2 units) and sum of exp2(score - m_i), acc [M, D] float32.
+    qk_scale = scale·log2(e), so exp2 does the exponent. Returns the updated (m_i, l_i, acc)."""
+    s = dot(q, kt, tl.zeros((q.shape[0], kt.shape[1]), dtype=tl.float32)) * qk_scale
+    s = tl.where(allowed, s, float("-inf"))  # [M, N]
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row with no allowed key so far has m_new = -inf: subtract 0 instead, so that exp2(-inf - 0) = 0
+    # rather than exp2(-inf + inf) = NaN. Such a row keeps l_i = 0 and acc = 0.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)  # [M] rescales what came before; 0 when m_i = -inf
+    p = tl.exp2(s - m_safe[:, None])  # [M, N], 0 on masked keys
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # The probabilities meet v in v's dtype (as torch's CPU and GPU flash kernels do), accumulating in float32.
+    acc = dot(cast(p, v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, T, S, GROUP, qk_scale,
                       sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                       smb, smh, smt, sms, sob, soh, sot, sod,
@@ -59,22 +78,9 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, T, S, GROUP, qk_sc
         kt = tl.load(k_base + n[None, :] * sks + d[:, None] * skd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N], k transposed
         allowed = tl.load(m_base + n[None, :] * sms, mask=row_ok[:, None] & n_ok[None, :], other=0) != 0
-        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)) * qk_scale
-        s = tl.where(allowed, s, float("-inf"))  # [BLOCK_M, BLOCK_N]
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with no allowed key so far has m_new = -inf: subtract 0 instead, so that exp2(-inf - 0) = 0
-        # rather than exp2(-inf + inf) = NaN. Such a row keeps l_i = 0 and acc = 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales what came before; 0 when m_i = -inf
-        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], 0 on masked keys
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
         v = tl.load(v_base + n[:, None] * svs + d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        # The probabilities meet v in v's dtype (as torch's CPU and GPU flash kernels do), accumulating in float32.
-        acc = dot(cast(p, v_ptr.dtype.element_ty), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_block(q, kt, v, allowed, m_i, l_i, acc, qk_scale)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: 0, not 0/0
     tl.store(out_ptr + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod,

@@ -13,8 +13,8 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.attention import LOG2E, _check, attention_ref  # noqa: E402
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.attention import LOG2E, _check, attention_ref, online_softmax_block  # noqa: E402
+from moebench.kernels.common import cast  # noqa: E402
 
 # Legend: B batch, H query heads, Hkv key/value heads (H = g·Hkv; query head h reads kv head h // g),
 # T queries, S keys (cache slots), hd head size, M = g·T the query rows that share one kv head.
@@ -62,22 +62,9 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr, T, S
         kt = tl.load(k_base + n[None, :] * sks + d[:, None] * skd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N], k transposed
         allowed = tl.load(m_base + n[None, :] * sms, mask=row_ok[:, None] & n_ok[None, :], other=0) != 0
-        s = dot(q, kt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)) * qk_scale
-        s = tl.where(allowed, s, float("-inf"))  # [BLOCK_M, BLOCK_N]
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row with no allowed key so far has m_new = -inf: subtract 0 instead, so that exp2(-inf - 0) = 0
-        # rather than exp2(-inf + inf) = NaN. Such a row keeps l_i = 0 and acc = 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales what came before; 0 when m_i = -inf
-        p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N], 0 on masked keys
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-
         v = tl.load(v_base + n[:, None] * svs + d[None, :] * svd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        # The probabilities meet v in v's dtype (as torch's CPU and GPU flash kernels do), accumulating in float32.
-        acc = dot(cast(p, v_ptr.dtype.element_ty), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_block(q, kt, v, allowed, m_i, l_i, acc, qk_scale)
 
     row = b * ssb + h * ssh + t * sst + split * sss  # [BLOCK_M] this split's slot of each row
     tl.store(max_ptr + row, m_i, mask=row_ok)  # -inf where the chunk has no allowed key for the row
