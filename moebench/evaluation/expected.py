@@ -15,17 +15,22 @@ from moebench.errors import MoebenchError
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 
+_HASHES: dict[str, str] = {}  # weights folder -> hash: a large checkpoint is read once per process
+
+
 def weights_hash(source: ModelSource) -> str:
     """sha256 over the checkpoint's safetensors files (names and bytes); presets built in memory hash their name."""
     if source.weights_dir is None:
         return f"random-weights:{source.name}:seed0"
+    if str(source.weights_dir) in _HASHES:
+        return _HASHES[str(source.weights_dir)]
     h = hashlib.sha256()
     for path in sorted(source.weights_dir.glob("*.safetensors")):
         h.update(path.name.encode())
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
-    return h.hexdigest()
+    return _HASHES.setdefault(str(source.weights_dir), h.hexdigest())
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Files the evaluation reads and appends: score records, per-prompt baselines (prompt_data) and prompts.txt."""
 
 import csv
+import json
 import fcntl
 import io
 import math
@@ -63,22 +64,51 @@ def append_record(path: Path, row: dict) -> None:
         return
     if set(row) != set(RECORD_COLUMNS):
         raise ValueError(f"a score record has the keys {RECORD_COLUMNS}, got {list(row)}")
-    line = _csv_line([row[c] for c in RECORD_COLUMNS]).encode("utf-8")
-    path = Path(path)
+
+    def check(fd, path):
+        if _header_of(os.pread(fd, 4096, 0)) != RECORD_COLUMNS:
+            raise MoebenchError(f"{path} is not a moebench score-record file (its header is not "
+                                f"{','.join(RECORD_COLUMNS)}); move or rename it, nothing was appended")
+
+    _locked_append(Path(path), _csv_line([row[c] for c in RECORD_COLUMNS]).encode("utf-8"),
+                   _csv_line(RECORD_COLUMNS).encode("utf-8"), check)
+
+
+def append_json_record(path: Path, record: dict) -> None:
+    """Append one evaluation as one JSON line (the JSON-lines twin of the CSV, with provenance), with the CSV's
+    guarantees: one locked O_APPEND write per record, fsync'd; a line torn by a writer killed mid-write stays
+    alone on its line (the next record starts on a new one) and readers skip it."""
+    if writes_files():
+        _locked_append(Path(path), (json.dumps(record, default=str) + "\n").encode("utf-8"), b"", None)
+
+
+def read_json_records(path: Path) -> tuple[list[dict], int]:
+    """(the records of a JSON-lines file in order, the number of torn or unreadable lines skipped)."""
+    records, torn = [], 0
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            torn += bool(line.strip())
+    return records, torn
+
+
+def _locked_append(path: Path, line: bytes, header: bytes, check) -> None:
+    """Append `line` under an exclusive flock, `header` first when the file is empty; check(fd, path) vets a
+    non-empty file first. Existing content is never rewritten."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError as e:
-        raise MoebenchError(f"cannot append a score record to {path}: {e.strerror}") from None
+        raise MoebenchError(f"cannot append a record to {path}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         size = os.fstat(fd).st_size  # read under the lock: another writer may just have written the header
         if size == 0:
-            data = _csv_line(RECORD_COLUMNS).encode("utf-8") + line
+            data = header + line
         else:
-            if _header_of(os.pread(fd, 4096, 0)) != RECORD_COLUMNS:
-                raise MoebenchError(f"{path} is not a moebench score-record file (its header is not "
-                                    f"{','.join(RECORD_COLUMNS)}); move or rename it, nothing was appended")
-            # a hand-edited file may lack its final newline; add one instead of gluing two rows together
+            if check is not None:
+                check(fd, path)
+            # a hand-edited (or torn) file may lack its final newline; add one instead of gluing two lines together
             data = line if os.pread(fd, 1, size - 1) == b"\n" else b"\n" + line
         written = os.write(fd, data)
         while written < len(data):  # a short write on a regular file is rare (full disk); finish under the lock

@@ -1,7 +1,9 @@
 """What validate, evaluate_* and generate_accuracy_baselines share: the reference's expected logits and
 baseline timings, and the submission under test (built, checked, validated, benchmarked, its MACs counted)."""
 
+import hashlib
 import json
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from moebench import __version__
 from moebench.cli.args import RunConfig
 from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED_FRACTION, DEFAULT_TOL_MAP,
@@ -220,6 +223,32 @@ def print_validation(v: Validation) -> None:
     for b, (e, a) in enumerate(zip(v.expected_text, v.actual_text)):
         print(f"expected text [{b}]: {_clip(e)}")
         print(f"actual text   [{b}]: {_clip(a)}")
+
+
+def provenance(run: RunConfig, sub: Submission, source: ModelSource, device) -> dict:
+    """What produced a result, for the JSON-lines records: moebench and its commit, the contestant module's sha256,
+    the model and weights, the device, the library versions and the flags given."""
+    import platform
+
+    import triton
+
+    package = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        device_name = f"{names[0]} x{len(names)}" if names else platform.processor() or "unknown"
+    return {"moebench_version": __version__, "moebench_commit": commit, "module": str(sub.path),
+            "module_sha256": hashlib.sha256(Path(sub.path).read_bytes()).hexdigest(), "model": source.name,
+            "weights_hash": weights_hash(source), "device": f"{device.type}: {device_name}",
+            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+            "flags": {name: getattr(run, name) for name in sorted(run.explicit)}}
 
 
 def write_json(path: Path, data: dict) -> None:

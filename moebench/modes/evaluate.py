@@ -1,17 +1,18 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 from moebench.cli.args import RunConfig
 from moebench.errors import CheckFailed, MoebenchError
-from moebench.evaluation.records import (PromptData, append_record, prompt_data_path, read_prompt_data,
+from moebench.evaluation.records import (PromptData, append_json_record, append_record, prompt_data_path, read_prompt_data,
                                          read_prompts, record_row, records_path, write_prompt_data)
 from moebench.evaluation.expected import read_meta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.evaluation.submission import load_submission
-from moebench.modes.contest import (UnderTest, expected_logits, expected_meta, print_validation,
+from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, write_json)
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source
 
@@ -61,6 +62,11 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     score = compute_score(accuracy, base.latency, base.throughput, e2e["latency_ms_p99"], e2e["throughput"], ratio)
     path = records_path(folder, run.team_id, record_model_name(source))
     append_record(path, record_row(run.team_id, run.member_id, score))
+    append_json_record(path.with_suffix(".jsonl"), {
+        "time": datetime.now().isoformat(timespec="seconds"), "team_id": run.team_id, "member_id": run.member_id,
+        "mode": run.mode, "prompt_index": index, "prompt": prompt, "accuracy_checked": checked,
+        "validation": v.report.summary() if checked else None, "base": asdict(base), "score": asdict(score),
+        "provenance": provenance(run, sub, source, device), "report": report})
     print_summary(score, checked, base, report_path, path)
     return score
 
