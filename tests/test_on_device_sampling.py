@@ -35,6 +35,7 @@ def reference_sample(logits, top_k: int, top_p: float, temperature: float, u: fl
     threshold = max(c[0], top_p)
     vals = [v if r == 0 or c[r] <= threshold else -3000.0 for r, v in enumerate(vals)]
     c = cdf(vals)
+    c = [x / c[-1] for x in c]
     pick = min(sum(1 for x in c if x < u), len(cand) - 1)
     return cand[pick]
 

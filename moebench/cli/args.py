@@ -125,11 +125,11 @@ class RunConfig:
                        type=_positive(float), modes=SAMPLING)
     temperature: float = opt(0.6, "sampling temperature (0: greedy)", type=_nonneg(float), modes=SAMPLING)
     global_topk: int = opt(256, "on-device sampling: candidates kept by the first top-k (0: all)",
-                           type=_nonneg(int))
+                           type=_nonneg(int), modes=SAMPLING)
     do_sample: bool = opt(True, "sample (true) or decode greedily (false); evaluation always decodes greedily",
                           bool_flag=True, modes=SAMPLING)
     dynamic: bool = opt(False, "on-device sampling: sampling parameters are inputs of the decode graph (no "
-                               "recompilation when they change)", bool_flag=True)
+                               "recompilation when they change)", bool_flag=True, modes=SAMPLING)
     pad_token_id: int = opt(None, "token id used for padding (default: the tokenizer's pad token)", type=_nonneg(int))
     # Basic configuration
     torch_dtype: str = opt("bfloat16", "dtype of weights and activations", choices=("bfloat16", "float16", "float32"))
@@ -175,7 +175,8 @@ class RunConfig:
     bucket_n_active_tokens: bool = opt(False, "NxDI field, overwritten per submodel there", bool_flag=True,
                                        no_effect="NxDI overwrites it per submodel")
     context_encoding_buckets: tuple = opt(None, "context-encoding bucket sizes (default with --enable-bucketing: "
-                                                "128, 256, ... below the longest prompt, then the longest)",
+                                                "128, 256, ... below --max-context-length (else --seq-len), "
+                                                "then it)",
                                           type=_positive(int), many=True)
     token_generation_buckets: tuple = opt(None, "token-generation bucket sizes (default with --enable-bucketing: "
                                                 "128, 256, ... below --seq-len, then --seq-len)",
@@ -279,6 +280,17 @@ def check(run: RunConfig) -> list[str]:
     for name in ("vocab_parallel", "rpl_reduce_dtype"):
         if name in run.explicit and run.tp_degree == 1:
             notes.append(f"note: --{name.replace('_', '-')} has no effect with --tp-degree 1")
+    if (run.on_device_sampling and run.mode in SAMPLING and run.do_sample and 0 < run.global_topk < run.top_k):
+        raise MoebenchError(f"--top-k {run.top_k} is larger than --global-topk {run.global_topk}, the candidates "
+                            "on-device sampling keeps (as in the original, an error)")
+    if run.tp_degree > 1:
+        for name in ("mlp_kernel_fuse_residual_add", "rmsnorm_quantize_kernel_enabled"):
+            if getattr(run, name):
+                notes.append(f"note: --{name.replace('_', '-')} has no effect with --tp-degree {run.tp_degree}: the "
+                             "sharded block's sum across ranks comes first")
+        if run.enable_nki:
+            notes.append(f"note: with --tp-degree {run.tp_degree}, --enable-nki's o_proj, dense-MLP and LM-head "
+                         "kernels give way to the row- and vocabulary-parallel layers")
     for name in ("global_topk", "dynamic"):
         if name in run.explicit and not run.on_device_sampling:
             notes.append(f"note: --{name.replace('_', '-')} has no effect without --on-device-sampling")

@@ -60,8 +60,11 @@ class Engine:
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.all_slots = torch.arange(max_len, device=self.device)
         # Decode steps have static shapes (the mask spans the whole cache), so one compiled graph serves them all.
-        if compile and len(self.tkg_buckets) >= torch._dynamo.config.recompile_limit:
-            torch._dynamo.config.recompile_limit = len(self.tkg_buckets) + 1  # one graph per bucket, never a fallback
+        if compile:
+            # Dynamo keeps one cache of graphs for _decode_step across every engine of the process (reference,
+            # submission, each prompt's length, each bucket); past the limit it would fall back to eager silently.
+            limit = max(64, 4 * (len(self.tkg_buckets) + 1))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         self._decode_step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ class Engine:
         B, T = input_ids.shape
         assert B == self.batch and T <= self.max_len, (B, T)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).bool()
-        if self.ctx_buckets:
+        if self.ctx_buckets and T <= self.ctx_buckets[-1]:  # longer (validation's teacher forcing): exact length
             width = first_fit(self.ctx_buckets, T, "context-encoding")
             input_ids, attention_mask = F.pad(input_ids, (0, width - T)), F.pad(attention_mask, (0, width - T))
         real_columns, T = T, input_ids.shape[1]
@@ -193,7 +196,7 @@ class Engine:
                 sampled = sample(scores, sampling, generator)
             tok = torch.where(done, pad_id, sampled)
             lengths += ~done
-            if len(eos_ids):
+            if len(eos_ids) and i >= min_new_tokens:  # (on-device sampling may draw EOS earlier: it is kept)
                 done |= torch.isin(tok, eos)
             out.append(tok)
             if on_token is not None:

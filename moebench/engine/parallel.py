@@ -297,7 +297,12 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
 
 
 class RankFailed(RuntimeError):
-    """A rank started by run_parallel raised; the message holds its traceback."""
+    """A rank started by run_parallel raised; the message holds the tracebacks, `errors` the (rank, traceback)
+    pairs, first cause first."""
+
+    def __init__(self, message: str, errors: list = ()):
+        super().__init__(message)
+        self.errors = list(errors)
 
 
 def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
@@ -362,5 +367,5 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
                 p.join()
     if errors:
         text = "".join(f"--- rank {r} ---\n{e}" for r, e in errors)
-        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}")
+        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}", errors)
     return value

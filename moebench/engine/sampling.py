@@ -66,5 +66,6 @@ def on_device_sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     cum = values.softmax(dim=-1).cumsum(dim=-1)
     cut = (cum > torch.maximum(cum[:, :1], top_p[:, None])) & (ranks > 0)
     cum = torch.where(cut, -3000.0, values).softmax(dim=-1).cumsum(dim=-1)
+    cum = cum / cum[:, -1:]  # as NxDI: the CDF ends at exactly 1, so a draw never falls past the last candidate
     pick = (cum < uniform[:, None]).sum(dim=-1).clamp(max=K - 1)  # [B]: the first rank whose CDF reaches the draw
     return ids.gather(1, pick[:, None]).squeeze(1)

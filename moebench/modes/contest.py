@@ -142,7 +142,8 @@ def replaced_blocks(model) -> list[str]:
     names = {type(m).__name__ for m in model.modules() if isinstance(m, blocks) and type(m) not in blocks}
     linears = ("qkv_proj", "o_proj", "gate", "gate_up_proj", "down_proj", "lm_head")  # kernels read their weights
     names |= {type(m).__name__ for name, m in model.named_modules()
-              if name.rsplit(".", 1)[-1] in linears and type(m) is not torch.nn.Linear}
+              if name.rsplit(".", 1)[-1] in linears and type(m) is not torch.nn.Linear
+              and not type(m).__module__.startswith("moebench.")}  # tensor parallelism's layers are moebench's
     return sorted(names)
 
 
@@ -232,12 +233,17 @@ def provenance(run: RunConfig, sub: Submission, source: ModelSource, device) -> 
 
     import triton
 
-    package = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    package, commit = Path(__file__).resolve().parents[2], None
+    if (package / ".git").exists():  # a checkout of moebench itself, not a package inside someone else's repo
+        try:
+            git = ["git", "-C", str(package)]
+            commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=5).stdout.strip() or None
+            dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, timeout=5).stdout.strip()
+            commit = f"{commit}+dirty" if commit and dirty else commit
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:

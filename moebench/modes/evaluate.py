@@ -135,8 +135,9 @@ def run_evaluate_all(run: RunConfig) -> int:
         data_path = folder / f"prompt_data_{platform}.csv"
         print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")
         rows = measure_prompt_data(run, source, prompts)
-        write_prompt_data(data_path, rows)
-    rows = read_prompt_data(data_path)
+        write_prompt_data(data_path, rows)  # (only rank 0 writes under tensor parallelism: use the rows in hand)
+    else:
+        rows = read_prompt_data(data_path)
     if [r.prompt_id for r in rows] != list(range(len(prompts))):
         raise MoebenchError(f"{data_path}: has prompt ids {[r.prompt_id for r in rows]}, but prompts.txt has "
                             f"{len(prompts)} prompts (ids 0..{len(prompts) - 1})")

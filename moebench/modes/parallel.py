@@ -4,6 +4,7 @@ it is timed against); rank 0 prints and writes, the others compute the same step
 moebench starts the ranks itself (gloo on 127.0.0.1 on the CPU), or joins the group of a `torchrun
 --nproc-per-node N` launch (NCCL on GPUs)."""
 
+import io
 import os
 import sys
 
@@ -21,34 +22,40 @@ def launched_by_torchrun() -> bool:
 def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
     """Runs the mode of `argv` over run.tp_degree ranks; returns rank 0's exit code."""
     from moebench.engine.parallel import RankFailed, check_shardable, init_from_env, run_parallel
-    from moebench.modes.setup import open_source
+    from moebench.modes.setup import device_of, open_source
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     if launched_by_torchrun():
         rank, world, _ = init_from_env()
         if world != run.tp_degree:
             raise MoebenchError(f"--tp-degree {run.tp_degree} but torchrun started {world} ranks")
-        from moebench.cli.main import run_mode
-
-        _quiet_unless_first(rank)
-        return run_mode(run)
+        return _rank_main(rank, world, argv)
+    if device_of(run).type == "cuda":
+        raise MoebenchError(f"--tp-degree {run.tp_degree} on GPUs: start the ranks with torchrun --nproc-per-node "
+                            f"{run.tp_degree} (moebench's own ranks are CPU processes)")
     check_shardable(open_source(run).config, run.tp_degree)  # before any process starts; writes the embedded model
     try:
-        return run_parallel(_rank_main, run.tp_degree, sys.argv[1:] if argv is None else list(argv))
+        return run_parallel(_rank_main, run.tp_degree, argv)
     except RankFailed as e:
-        last = [line for line in str(e).splitlines() if line.strip()][-1]
-        raise MoebenchError(f"--tp-degree {run.tp_degree}: a rank failed: {last}") from None
+        rank, first = e.errors[0]
+        print(first, file=sys.stderr, end="")  # the first cause, in full; the others mostly follow from it
+        last = [line for line in first.splitlines() if line.strip()][-1]
+        raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank} failed: {last}") from None
 
 
 def _rank_main(rank: int, world: int, argv: list[str]) -> int:
+    """One rank: main() again (the process group is up, so it runs the mode here). Rank 0 reports; the others keep
+    quiet, and a user error only they meet becomes their failure, so the launcher can name it."""
     from moebench.cli.main import main
 
-    _quiet_unless_first(rank)
-    return main(argv)  # the process group is up, so main runs the mode here
-
-
-def _quiet_unless_first(rank: int) -> None:
-    if rank:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+    if rank == 0:
+        return main(argv)
+    sys.stdout, sys.stderr = open(os.devnull, "w"), io.StringIO()
+    code = main(argv)
+    if code not in (0, 1):
+        lines = sys.stderr.getvalue().strip().splitlines() or [f"exit code {code}"]
+        raise RuntimeError(lines[-1])
+    return code
 
 
 def parallelize(model: torch.nn.Module, run: RunConfig) -> torch.nn.Module:

@@ -108,6 +108,9 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
                f"--seq-len {run.seq_len} (which includes at least one new token)"
         raise MoebenchError(f"the prompt is {T} tokens, longer than {what}")
     buckets = buckets_of(run)
+    largest = max(buckets["ctx_buckets"] + buckets["tkg_buckets"], default=0)
+    if largest > run.seq_len:  # evaluate_all's sequence length comes from prompt_data: check against it
+        raise MoebenchError(f"bucket {largest} is larger than the sequence length {run.seq_len}, the KV cache")
     if buckets["ctx_buckets"] and T > buckets["ctx_buckets"][-1]:
         raise MoebenchError(f"the prompt is {T} tokens, longer than the largest context-encoding bucket "
                             f"({buckets['ctx_buckets'][-1]})")
@@ -122,7 +125,7 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
     elif run.max_length is not None:
         if run.max_length <= T:
             raise MoebenchError(f"--max-length {run.max_length} leaves no room after the {T}-token prompt")
-        new, min_new = min(run.max_length, run.seq_len) - T, 0
+        new, min_new = min(min(run.max_length, run.seq_len) - T, room), 0
     else:
         new = min_new = room
     return Request(input_ids, mask, new, min_new, pad_id, eos_ids_of(source))
