@@ -159,7 +159,7 @@ def test_fused_moe_rejects_mismatched_weights():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 17, 129])
+@pytest.mark.parametrize("T", [1, 17, 127, 129])
 @pytest.mark.parametrize("K", [48, 300])  # 300: more than one reduction block, with a tail
 @pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
 def test_linear_matches_reference(dtype, T, K, bias, residual):

@@ -133,7 +133,7 @@ def test_rms_norm_quantize_any_leading_dims():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qdtype", QDTYPES)
-@pytest.mark.parametrize("T", [1, 5, 129])
+@pytest.mark.parametrize("T", [1, 5, 127, 129])
 @pytest.mark.parametrize("prequantized", [False, True], ids=["x_model_dtype", "x_quantized"])
 def test_quantized_moe_matches_reference(dtype, qdtype, T, prequantized):
     x, norm, _, _, (wq_gu, s_gu), (wq_d, s_d), ids, weights = moe_inputs(T, qdtype, dtype=dtype)
