@@ -3,6 +3,10 @@ alone prints and writes; the result validates against the one-process reference;
 
 import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +38,15 @@ def test_parallel_only_flags_note_that_one_process_ignores_them():
     _, notes = parse_args(["--mode", "validate", "--vocab-parallel", "--rpl-reduce-dtype", "float32"])
     assert any("--vocab-parallel has no effect with --tp-degree 1" in n for n in notes)
     assert any("--rpl-reduce-dtype has no effect with --tp-degree 1" in n for n in notes)
+
+
+def test_torchrun_starts_the_ranks(tmp_path):
+    """Under torchrun each process joins torchrun's group (gloo on the CPU) and runs the mode; rank 0 reports."""
+    main_py = Path(__file__).resolve().parents[1] / "main.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(main_py),
+                           "--mode", "validate", "--tp-degree", "2", "--seq-len", "10", "--prompt", "Hello there",
+                           "--torch-dtype", "float32"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("logit validation PASS") == 1
