@@ -114,7 +114,7 @@ class Engine:
         s = self.sampling
         p = s.params
         # --dynamic: the parameters are tensor inputs of the graph; otherwise constants of it (a change recompiles)
-        params = self._param_tensors(p) if s.dynamic else (p.top_k, p.top_p, p.temperature)
+        params = self._param_tensors(p) if s.dynamic else p
         how = (s.global_topk, not p.greedy, s.output_logits)  # plain values: the graph never reads self.sampling
         out = self._decode_step(*self._decode_inputs(tokens), uniform.to(self.device), params, how)
         self.next_slot, self.next_pos = self.next_slot + 1, self.next_pos + 1
@@ -154,8 +154,8 @@ class Engine:
         if uniform is None:
             return logits
         global_topk, do_sample, output_logits = how
-        if not isinstance(params[0], torch.Tensor):
-            params = self._param_tensors(SamplingParams(True, params[2], params[0], params[1]))
+        if isinstance(params, SamplingParams):  # not --dynamic: constants of this graph
+            params = self._param_tensors(params)
         ids = on_device_sample(logits, *params, uniform, global_topk, do_sample)
         return ids, logits if output_logits else None
 

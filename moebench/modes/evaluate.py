@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from moebench.cli.args import RunConfig
+from moebench.engine.parallel import writes_files
 from moebench.errors import CheckFailed, MoebenchError
 from moebench.evaluation.records import (PromptData, append_json_record, append_record, prompt_data_path, read_prompt_data,
                                          read_prompts, record_row, records_path, write_prompt_data)
@@ -62,11 +63,13 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     score = compute_score(accuracy, base.latency, base.throughput, e2e["latency_ms_p99"], e2e["throughput"], ratio)
     path = records_path(folder, run.team_id, record_model_name(source))
     append_record(path, record_row(run.team_id, run.member_id, score))
-    append_json_record(path.with_suffix(".jsonl"), {
-        "time": datetime.now().isoformat(timespec="seconds"), "team_id": run.team_id, "member_id": run.member_id,
-        "mode": run.mode, "prompt_index": index, "prompt": prompt, "accuracy_checked": checked,
-        "validation": v.report.summary() if checked else None, "base": asdict(base), "score": asdict(score),
-        "provenance": provenance(run, sub, source, device), "report": report})
+    if writes_files():  # the provenance (git, hashes) only where the record is written: rank 0
+        append_json_record(path.with_suffix(".jsonl"), {
+            "time": datetime.now().isoformat(timespec="seconds"), "team_id": run.team_id,
+            "member_id": run.member_id, "mode": run.mode, "prompt_index": index, "prompt": prompt,
+            "accuracy_checked": checked, "validation": v.report.summary() if checked else None,
+            "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
+            "report": report})
     print_summary(score, checked, base, report_path, path)
     return score
 
