@@ -11,6 +11,7 @@ import torch
 from moebench.cli import args as cli_args
 from moebench.cli.args import DEFAULT_PROMPT, OPTIONS, RunConfig, build_parser, flag_names, parse_args
 from moebench.cli.main import main
+from moebench.errors import MoebenchError
 from tests.conftest import error_line, run_cli as run
 
 pytestmark = pytest.mark.usefixtures("in_tmp")
@@ -73,7 +74,7 @@ def argv_for(f, flag, words):
 @pytest.mark.parametrize("f, flag", [pytest.param(f, flag, id=flag.lstrip("-")) for f in OPTIONS
                                      for flag in flag_names(f)])
 def test_every_option_parses_into_the_run_config(f, flag, monkeypatch):
-    monkeypatch.setattr(cli_args, "check", lambda run: [])  # pending features would stop here; parsing is tested
+    monkeypatch.setattr(cli_args, "check", lambda run: [])  # combinations are checked elsewhere; parsing here
     words, expected = sample_value(f)
     run, _ = parse_args(argv_for(f, flag, words))
     assert getattr(run, f.name) == expected
@@ -158,40 +159,15 @@ def test_bad_bool_value_is_a_usage_error(capsys):
 # Features not built yet, modes, platform, tol map
 
 
-PENDING = [f for f in OPTIONS if f.metadata["pending"]]
-
-
-@pytest.mark.parametrize("f", PENDING, ids=lambda f: f.name)
-def test_pending_feature_given_explicitly_stops(f, capsys):
+@pytest.mark.parametrize("f", OPTIONS, ids=lambda f: f.name)
+def test_no_flag_is_left_unsupported(f):
+    """Every flag of the guide is built: a non-default value is accepted, noted, or refused for a reason of its
+    own (another flag it needs), never for a missing feature."""
     words, value = sample_value(f)
-    assert value != f.default
-    code, out, err = run(capsys, "--mode", "generate", flag_names(f)[0], *words)
-    assert code == 2
-    line = error_line(err)
-    assert "is not supported yet" in line and flag_names(f)[0] in line
-    assert out == ""
-
-
-def default_words(f) -> list[str]:
-    return [str(f.default).lower()] if f.metadata["bool_flag"] else [str(f.default)]
-
-
-PENDING_WITH_DEFAULT = [f for f in PENDING if f.default is not None]
-
-
-@pytest.mark.parametrize("f", PENDING_WITH_DEFAULT, ids=lambda f: f.name)
-def test_pending_feature_at_its_default_is_accepted(f):
-    run, notes = parse_args(["--mode", "generate", flag_names(f)[0], *default_words(f)])
-    assert getattr(run, f.name) == f.default and f.name in run.explicit
-    assert not any("not supported" in n for n in notes)
-
-
-def test_pending_features_at_their_defaults_generate(capsys):
-    argv = [word for f in PENDING_WITH_DEFAULT for word in (flag_names(f)[0], *default_words(f))]
-    argv += ["--tp-degree", "1", "--quantized-kernel-lower-bound", "1200"]  # int text for a float default
-    code, out, err = run(capsys, *FAST, "--max-new-tokens", "1", *argv)
-    assert code == 0, err
-    assert "Output 0: " + DEFAULT_PROMPT in out
+    try:
+        parse_args(argv_for(f, flag_names(f)[0], words))
+    except MoebenchError as e:
+        assert "not supported" not in str(e)
 
 
 @pytest.mark.parametrize("flags, needs", [

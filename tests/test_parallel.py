@@ -79,6 +79,25 @@ def _gathered(value, world):
     return out
 
 
+def _run_sequence_parallel(rank, world):
+    """--sequence-parallel-enabled: the same numbers; in context encoding the norms see ceil(7 / N) rows (7-token
+    prompts: N = 2 and 4 both pad), and each layer reduce-scatters twice (attention, MoE); decode steps never."""
+    import moebench.engine.parallel as par
+
+    model = shard_model(_model(), rank, world, sequence_parallel=True)
+    rows, scatters = [], []
+    norm = model.model.layers[0].layers[0].input_layernorm
+    handle = norm.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    real = par.reduce_scatter_rows
+    par.reduce_scatter_rows = lambda y, *a: scatters.append(y.shape[1]) or real(y, *a)
+    try:
+        result = _run(model)
+    finally:
+        par.reduce_scatter_rows = real
+        handle.remove()
+    return result, rows, scatters
+
+
 def _ranks_main(rank, world, forced, variant):
     """One spawn per world size: plain, fused qkv + vocab-parallel, bf16 reduce, and (world 2) a compiled decode."""
     torch.set_num_threads(1)
@@ -102,11 +121,14 @@ def _ranks_main(rank, world, forced, variant):
     out["fused_vocab"] = _run(model)
     out["fused_vocab_shapes"] = _shapes(model)
     out["bf16"] = _run(shard_model(_model(), rank, world, reduce_dtype=torch.bfloat16), forced=forced)
+    out["sequence"], out["sequence_rows"], out["scatters"] = _run_sequence_parallel(rank, world)
     if world == 2:
         model = shard_model(_model(path=variant), rank, world, vocab_parallel=True)
         assert isinstance(model.model.layers[1].mlp, DenseMLP)
         assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one shared vocabulary slice
         out["variant"] = _run(model)
+        out["variant_sequence"] = _run(shard_model(_model(path=variant), rank, world, vocab_parallel=True,
+                                                   sequence_parallel=True))
         t = time.perf_counter()
         # Batch 1: at batch 2 the decode step's experts take the grouped-GEMM path, which torch.compile cannot trace
         # in float32 on the CPU (the same in one process; not a tensor-parallel matter).
@@ -141,6 +163,10 @@ def test_tensor_parallel_matches_one_process(reference, world):
     bf16_diff = (out["bf16"][1] - ref_logits).abs().max()
     assert 1e-4 < bf16_diff < 1e-2  # close, and the reduces really ran in bfloat16
     assert out["slices_ok"] == [True] * world
+    _close(out["sequence"], (ref_tokens, ref_logits))
+    layers = open_model(None).config.num_hidden_layers
+    assert out["sequence_rows"] == [-(-7 // world)] + [1] * (NEW - 1)  # prefill: local rows; decode: one token
+    assert out["scatters"] == [7] * (2 * layers)  # prefill only
 
     n = world
     kv_heads = max(2 // n, 1)  # 2 kv heads: split over 2 ranks, replicated over 4
@@ -156,6 +182,7 @@ def test_tensor_parallel_matches_one_process(reference, world):
     assert fv["kv_or_qkv"] == ((4 // n + 2 * kv_heads) * 64, 128) and fv["embed"] == (4096 // n, 128)
     if world == 2:
         _close(out["variant"], ref_variant)
+        _close(out["variant_sequence"], ref_variant)
         _close(out["compiled"], ref_batch1)
         print(f"compiled decode (world 2, incl. compile): {out['compile_s']:.1f} s")
 

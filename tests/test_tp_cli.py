@@ -29,6 +29,36 @@ def test_evaluate_single_over_two_ranks(capfd, in_tmp):
     assert json.loads((in_tmp / "benchmark_report.json").read_text())["e2e_model"]["runs"] == 1
 
 
+@pytest.mark.usefixtures("in_tmp")
+def test_compile_then_skip_compile_over_two_ranks(capfd, in_tmp):
+    """The issue's done-when: compile into DIR over two ranks (sequence parallel, sharded checkpoint), then the same
+    command with --skip-compile loads it all without compiling; a run with other flags is refused."""
+    args = ["--mode", "evaluate_single", "--tp-degree", "2", "--sequence-parallel-enabled", "--compiled-model-path",
+            "DIR", *SHORT]
+    assert main(args + ["--save_sharded_checkpoint"]) == 0
+    out, err = capfd.readouterr()
+    assert "compile: exported 2 graphs" in out and "saved the sharded checkpoint" in out, out + err
+    d = in_tmp / "DIR"
+    for r in (0, 1):
+        assert (d / "weights" / f"tp{r}_sharded_checkpoint.safetensors").is_file()
+        assert (d / f"compiled_code_tp{r}.bin").is_file() and len(list((d / "graphs" / f"tp{r}").iterdir())) == 2
+    first = json.loads((in_tmp / "benchmark_report.json").read_text())
+
+    assert main(args + ["--skip-compile"]) == 0
+    out, err = capfd.readouterr()
+    assert "compile: skipped (--skip-compile); reusing 2 graphs (cte 3, tkg 16), compiled code, sharded weights" \
+        in out, out + err
+    assert out.count("logit validation PASS") == 1
+    second = json.loads((in_tmp / "benchmark_report.json").read_text())
+    assert second["compile"]["skipped"] and second["kernel_flops"] == first["kernel_flops"]
+    assert second.keys() == first.keys()
+
+    args.remove("--sequence-parallel-enabled")
+    assert main(args + ["--skip-compile"]) == 2
+    out, err = capfd.readouterr()
+    assert "compiled for other flags (sequence_parallel_enabled" in err
+
+
 def test_a_degree_that_does_not_split_the_heads_is_one_line(capsys):
     assert main(["--mode", "validate", "--tp-degree", "3"]) == 2
     assert "the model's 4 attention heads do not split 3 ways" in error_line(capsys.readouterr().err)
@@ -38,6 +68,8 @@ def test_parallel_only_flags_note_that_one_process_ignores_them():
     _, notes = parse_args(["--mode", "validate", "--vocab-parallel", "--rpl-reduce-dtype", "float32"])
     assert any("--vocab-parallel has no effect with --tp-degree 1" in n for n in notes)
     assert any("--rpl-reduce-dtype has no effect with --tp-degree 1" in n for n in notes)
+    _, notes = parse_args(["--mode", "validate", "--sequence-parallel-enabled"])
+    assert any("--sequence-parallel-enabled has no effect with --tp-degree 1" in n for n in notes)
 
 
 def test_torchrun_starts_the_ranks(tmp_path):

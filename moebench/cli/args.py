@@ -75,12 +75,12 @@ def _seed(text):
 
 
 def opt(default, help, *, flags=(), type=None, choices=None, bool_flag=False, append=False, many=False,
-        pending=None, modes=None, no_effect=None):
-    """A run option. pending: the feature is not built yet (an explicit non-default value stops);
-    modes: the modes it affects (elsewhere an explicit value prints a note); no_effect: why it never matters."""
+        modes=None, no_effect=None):
+    """A run option. modes: the modes it affects (elsewhere an explicit value prints a note); no_effect: why it
+    never matters."""
     return field(default=default, metadata=dict(help=help, flags=flags, type=type, choices=choices,
-                                                bool_flag=bool_flag, append=append, many=many, pending=pending,
-                                                modes=modes, no_effect=no_effect))
+                                                bool_flag=bool_flag, append=append, many=many, modes=modes,
+                                                no_effect=no_effect))
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,9 @@ class RunConfig:
     # Model configuration
     model_path: str = opt(None, "Hugging Face Qwen3-MoE folder, or preset:NAME (moebench-tiny, moebench-speed, "
                                 "qwen3-30b-a3b); default: the embedded moebench-tiny model")
-    compiled_model_path: str = opt("traced_model", "folder for compile artifacts (graphs, compiled code, sharded "
-                                                   "weights)", pending="the compile step")
+    compiled_model_path: str = opt("traced_model", "folder for the compile step's artifacts: exported graphs per "
+                                                   "submodel and bucket, compiled code, tokenizer, manifest, sharded "
+                                                   "weights", modes=BUILDS)
     platform_target: str = opt(None, "device to run on: cpu or cuda (default: cuda when present, else cpu); "
                                      "trn2/trn3 exist only on AWS Trainium", choices=("cpu", "cuda", "trn2", "trn3"))
     # Evaluation
@@ -154,15 +155,18 @@ class RunConfig:
                               bool_flag=True, modes=SAMPLING)
     vocab_parallel: bool = opt(False, "tensor parallelism: shard the embedding over the vocabulary too",
                                bool_flag=True)
-    skip_compile: bool = opt(False, "reuse the artifacts under --compiled-model-path", bool_flag=True,
-                             pending="the compile step")
-    save_sharded_checkpoint: bool = opt(False, "write one weight file per tensor-parallel rank at compile time",
+    skip_compile: bool = opt(False, "reuse the artifacts under --compiled-model-path instead of compiling; "
+                                    "artifacts made for another model, weights, module or flags are refused",
+                             bool_flag=True, modes=BUILDS)
+    save_sharded_checkpoint: bool = opt(False, "write one weight file per tensor-parallel rank at compile time, "
+                                               "read directly (no re-sharding) by --skip-compile",
                                         flags=("--save_sharded_checkpoint", "--save-sharded-checkpoint"),
-                                        bool_flag=True, pending="the compile step")
+                                        bool_flag=True, modes=BUILDS)
     # Attention
     fused_qkv: bool = opt(False, "compute q, k and v with one fused matmul", bool_flag=True, modes=BUILDS)
-    sequence_parallel_enabled: bool = opt(False, "shard the context-encoding sequence over tensor-parallel ranks",
-                                          bool_flag=True, pending="sequence parallelism")
+    sequence_parallel_enabled: bool = opt(False, "tensor parallelism: split the context-encoding sequence over the "
+                                                 "ranks between blocks (norms and residuals on T / N rows each)",
+                                          bool_flag=True)
     flash_decoding_enabled: bool = opt(False, "the Triton split-K flash-decoding kernel for decode steps",
                                        bool_flag=True, modes=BUILDS)
     on_device_sampling: bool = opt(False, "sample inside the compiled decode graph, which returns token ids "
@@ -261,7 +265,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
 
 
 def check(run: RunConfig) -> list[str]:
-    """Stops on flags whose feature is missing; returns a note for each explicit flag that has no effect here."""
+    """Stops on impossible combinations; returns a note for each explicit flag that has no effect here."""
     notes = []
     if run.platform_target in ("trn2", "trn3"):
         raise MoebenchError(f"--platform-target {run.platform_target}: Trainium needs the AWS Neuron SDK, which "
@@ -269,15 +273,13 @@ def check(run: RunConfig) -> list[str]:
     for f in OPTIONS:
         if f.name not in run.explicit:
             continue
-        m, value, flag = f.metadata, getattr(run, f.name), flag_names(f)[0]
-        if m["pending"] and value != f.default:
-            raise MoebenchError(f"{flag} is not supported yet ({m['pending']} will come in a later release)")
+        m, flag = f.metadata, flag_names(f)[0]
         if m["no_effect"]:
             notes.append(f"note: {flag} has no effect: {m['no_effect']}")
         elif m["modes"] and run.mode not in m["modes"]:
             notes.append(f"note: {flag} has no effect in --mode {run.mode}")
     notes += check_kernel_flags(run)
-    for name in ("vocab_parallel", "rpl_reduce_dtype"):
+    for name in ("vocab_parallel", "rpl_reduce_dtype", "sequence_parallel_enabled"):
         if name in run.explicit and run.tp_degree == 1:
             notes.append(f"note: --{name.replace('_', '-')} has no effect with --tp-degree 1")
     if (run.on_device_sampling and run.mode in SAMPLING and run.do_sample and 0 < run.global_topk < run.top_k):
@@ -291,6 +293,9 @@ def check(run: RunConfig) -> list[str]:
         if run.enable_nki:
             notes.append(f"note: with --tp-degree {run.tp_degree}, --enable-nki's o_proj, dense-MLP and LM-head "
                          "kernels give way to the row- and vocabulary-parallel layers")
+    if run.skip_compile and run.save_sharded_checkpoint and run.mode in BUILDS:
+        notes.append("note: --save_sharded_checkpoint has no effect with --skip-compile: the artifacts are reused as "
+                     "they are")
     for name in ("global_topk", "dynamic"):
         if name in run.explicit and not run.on_device_sampling:
             notes.append(f"note: --{name.replace('_', '-')} has no effect without --on-device-sampling")

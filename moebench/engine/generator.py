@@ -65,6 +65,7 @@ class Engine:
             # submission, each prompt's length, each bucket); past the limit it would fall back to eager silently.
             limit = max(64, 4 * (len(self.tkg_buckets) + 1))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        self._eager_decode_step = self._decode_step
         self._decode_step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
@@ -78,27 +79,74 @@ class Engine:
             mask &= (q_pos[:, :, None] - self.slot_pos[:, None, :S]) < self.cfg.sliding_window
         return mask[:, None]
 
+    def prefill_width(self, T: int) -> int:
+        """Columns a T-column prompt runs with: its context-encoding bucket, or T itself (no buckets, or longer than
+        the largest: validation's teacher forcing)."""
+        return first_fit(self.ctx_buckets, T, "context-encoding") if self.ctx_buckets and T <= self.ctx_buckets[-1] \
+            else T
+
+    def _prefill_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_column: bool = False):
+        """Pads the prompt to its width and resets the cache's bookkeeping: (input_ids, StepInputs, mask)."""
+        B, T = input_ids.shape
+        assert B == self.batch and T <= self.max_len, (B, T)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).bool()
+        width = self.prefill_width(T)
+        input_ids, attention_mask = F.pad(input_ids, (0, width - T)), F.pad(attention_mask, (0, width - T))
+        self.valid.zero_()
+        self.valid[:, :width] = attention_mask
+        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
+        self.slot_pos[:, :width] = positions
+        slots = torch.arange(width, device=self.device)
+        last = (attention_mask.long() * slots).argmax(1)  # [B] last real column, for either padding side
+        step = StepInputs(positions=positions, slots=slots, mask=self._mask(slots), last=None if every_column else last)
+        return input_ids, step, attention_mask
+
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_column: bool = False):
         """Context encoding: input_ids, attention_mask [B, T] -> logits of each row's last real token [B, V]
         (of every column [B, T, V] with every_column)."""
-        B, T = input_ids.shape
-        assert B == self.batch and T <= self.max_len, (B, T)
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device).bool()
-        if self.ctx_buckets and T <= self.ctx_buckets[-1]:  # longer (validation's teacher forcing): exact length
-            width = first_fit(self.ctx_buckets, T, "context-encoding")
-            input_ids, attention_mask = F.pad(input_ids, (0, width - T)), F.pad(attention_mask, (0, width - T))
-        real_columns, T = T, input_ids.shape[1]
-        self.valid.zero_()
-        self.valid[:, :T] = attention_mask
-        positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # [B, T]
-        self.slot_pos[:, :T] = positions
-        slots = torch.arange(T, device=self.device)
-        last = (attention_mask.long() * slots).argmax(1)  # [B] last real column, for either padding side
-        step = StepInputs(positions=positions, slots=slots, mask=self._mask(slots), last=None if every_column else last)
+        real_columns = input_ids.shape[1]
+        input_ids, step, attention_mask = self._prefill_inputs(input_ids, attention_mask, every_column)
         logits = self.model(input_ids, step, self.cache)
         self.next_slot, self.next_pos = real_columns, attention_mask.long().sum(1)  # decoding reuses padding slots
         return logits[:, :real_columns] if every_column else logits[:, -1]
+
+    def graph_runs(self, T: int, new_tokens: int) -> list[tuple[str, int, int]]:
+        """The graphs a request of T prompt columns and new_tokens new tokens runs: (submodel, bucket, runs), the
+        context encoding once, then each token-generation bucket as many times as decode steps fall in it."""
+        runs = [("context_encoding_model", self.prefill_width(T), 1)]
+        buckets = [self.decode_width(slot) for slot in range(T, T + new_tokens - 1)]
+        runs += [("token_generation_model", S, buckets.count(S)) for S in dict.fromkeys(buckets)]
+        return runs
+
+    def example_step(self, submodel: str, width: int) -> tuple:
+        """Inputs of one call of the step function `submodel` at `width` (a bucket), for torch.export: the
+        positional arguments of `step_function(submodel)`. Changes the cache's bookkeeping (a prefill resets it)."""
+        if submodel == "context_encoding_model":
+            ids = torch.zeros(self.batch, width, dtype=torch.long)
+            ids, step, _ = self._prefill_inputs(ids, torch.ones_like(ids))
+            return ids, step.positions, step.slots, step.mask, step.last
+        self.next_slot, self.next_pos = width - 1, torch.full_like(self.next_pos, width - 1)  # the bucket's last slot
+        inputs = self._decode_inputs(torch.zeros(self.batch, dtype=torch.long))
+        if self.sampling is None:
+            return inputs
+        p = self.sampling.params
+        params = self._param_tensors(p) if self.sampling.dynamic else p
+        return *inputs, torch.full((self.batch,), 0.5, device=self.device), params, self._how()
+
+    @torch.inference_mode()
+    def warm_decode(self, width: int) -> None:
+        """One decode step in the `width` bucket, so that a compiled engine compiles that bucket's graph now."""
+        self._decode_step(*self.example_step("token_generation_model", width))
+
+    def step_function(self, submodel: str):
+        """What one call of `submodel` computes, uncompiled: the model over a prompt, or a whole decode step
+        (on-device sampling included)."""
+        if submodel == "context_encoding_model":
+            def prefill_step(ids, positions, slots, mask, last):
+                return self.model(ids, StepInputs(positions, slots, mask, last), self.cache)[:, -1]
+            return prefill_step
+        return self._eager_decode_step
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -115,10 +163,13 @@ class Engine:
         p = s.params
         # --dynamic: the parameters are tensor inputs of the graph; otherwise constants of it (a change recompiles)
         params = self._param_tensors(p) if s.dynamic else p
-        how = (s.global_topk, not p.greedy, s.output_logits)  # plain values: the graph never reads self.sampling
-        out = self._decode_step(*self._decode_inputs(tokens), uniform.to(self.device), params, how)
+        out = self._decode_step(*self._decode_inputs(tokens), uniform.to(self.device), params, self._how())
         self.next_slot, self.next_pos = self.next_slot + 1, self.next_pos + 1
         return out
+
+    def _how(self) -> tuple:
+        s = self.sampling  # plain values: the graph never reads self.sampling
+        return s.global_topk, not s.params.greedy, s.output_logits
 
     def _param_tensors(self, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         def full(value, dtype):

@@ -11,10 +11,12 @@ Row-parallel outputs are all-reduced in `reduce_dtype` (--rpl-reduce-dtype; None
 bias added once after the sum. Norms, RoPE and the residual stream stay replicated. The collectives are
 torch.distributed's functional ones, which torch.compile traces into the graph (no graph break), on gloo and NCCL.
 
-Sequence parallelism (--sequence-parallel-enabled) is not implemented. It would need, for context encoding only:
-the embedding output reduce-scattered over the sequence dim (bucket % N == 0), the norms run on the local sequence
-slice, an all-gather of the sequence before q/k/v and the MoE (the router needs every token), and o_proj / expert
-outputs reduce-scattered instead of all-reduced; then an all-gather before the lm_head.
+Sequence parallelism (--sequence-parallel-enabled), in context encoding only (decode steps run as above): the
+embedding output is split over the sequence (each rank keeps T / N rows), the norms and residual adds run on the
+local rows, the normalised rows are all-gathered before attention and before the MoE (the router needs every
+token), and the row-parallel outputs (o_proj, experts, dense MLP) are reduce-scattered over the sequence instead of
+all-reduced; the last layer's rows are all-gathered for the LM head. NxDI needs the bucket to divide by N; here a
+sequence that does not is padded with zero rows to the next multiple, dropped again when gathered.
 """
 
 import dataclasses
@@ -54,6 +56,14 @@ class TensorParallel:
 
 # ---- collectives: functional, so that torch.compile traces them ----
 
+class _SequenceRegion:
+    """Set while a sequence-parallel context encoding runs its layers: T, the sequence length (else None)."""
+
+    T: int | None = None
+
+
+_region = _SequenceRegion()
+
 def _wait(t: torch.Tensor) -> torch.Tensor:
     # Eager functional collectives return an AsyncCollectiveTensor; the next op needs the data anyway.
     return t.wait() if isinstance(t, funcol.AsyncCollectiveTensor) else t
@@ -76,6 +86,42 @@ def all_gather_last(x: torch.Tensor, world: int, group=None) -> torch.Tensor:
     return g.reshape(*x.shape[:-1], world * x.shape[-1])
 
 
+_scatter0 = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
+def _padded(T: int, world: int) -> int:
+    return -(-T // world) * world
+
+
+def local_rows(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """x [B, T, D], the same on every rank -> this rank's rows [B, ceil(T / N), D] (zero rows pad the last)."""
+    T = x.shape[1]
+    n = _padded(T, world) // world
+    return F.pad(x, (0, 0, 0, _padded(T, world) - T))[:, rank * n:(rank + 1) * n]
+
+
+def gather_rows(x: torch.Tensor, T: int, world: int, group=None) -> torch.Tensor:
+    """Each rank's rows [B, n, D] -> the whole sequence [B, T, D] (padding rows dropped)."""
+    g = _wait(_gather0(x.transpose(0, 1).contiguous(), 0, group or dist.group.WORLD))  # [N * n, B, D]
+    return g.transpose(0, 1)[:, :T]
+
+
+def reduce_scatter_rows(y: torch.Tensor, world: int, group=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each rank's partial sum [B, T, D] -> this rank's rows of the sum [B, ceil(T / N), D], summed in `dtype`."""
+    T = y.shape[1]
+    z = F.pad(y, (0, 0, 0, _padded(T, world) - T)).transpose(0, 1)  # [Tp, B, D]
+    z = z if dtype is None or dtype == y.dtype else z.to(dtype)
+    z = _wait(_scatter0(z.contiguous(), "sum", 0, group or dist.group.WORLD))  # [Tp / N, B, D]
+    return z.transpose(0, 1).to(y.dtype)
+
+
+def reduce_rows(y: torch.Tensor, world: int, group=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A row-parallel output's sum over ranks: all of it, or this rank's rows inside a sequence-parallel region."""
+    if _region.T is not None:
+        return reduce_scatter_rows(y, world, group, dtype)
+    return all_reduce(y, group, dtype)
+
+
 # ---- parallel layers ----
 
 def _keep(t: torch.Tensor) -> nn.Parameter:
@@ -90,10 +136,10 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.weight = _keep(linear.weight[:, cols])  # [out, in / N]
         self.bias = None if linear.bias is None else _keep(linear.bias)  # [out], whole
-        self.group, self.reduce_dtype = tp.group, tp.reduce_dtype
+        self.world, self.group, self.reduce_dtype = tp.world, tp.group, tp.reduce_dtype
 
     def forward(self, x):
-        y = all_reduce(F.linear(x, self.weight), self.group, self.reduce_dtype)
+        y = reduce_rows(F.linear(x, self.weight), self.world, self.group, self.reduce_dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -104,10 +150,10 @@ class ReducedBlock(nn.Module):
     def __init__(self, block: nn.Module, tp: TensorParallel):
         super().__init__()
         self.block = block
-        self.group, self.reduce_dtype = tp.group, tp.reduce_dtype
+        self.world, self.group, self.reduce_dtype = tp.world, tp.group, tp.reduce_dtype
 
     def forward(self, x, norm=None, residual=None):
-        out = all_reduce(self.block(x, norm=norm), self.group, self.reduce_dtype)
+        out = reduce_rows(self.block(x, norm=norm), self.world, self.group, self.reduce_dtype)
         return out if residual is None else residual + out
 
 
@@ -135,6 +181,35 @@ class VocabParallelEmbedding(nn.Module):
         here = (local >= 0) & (local < self.weight.shape[0])  # [B, T]
         x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * here[..., None]
         return all_reduce(x, self.group)  # exactly one rank holds each row: the sum is exact in any dtype
+
+
+class SequenceParallelLayers(nn.Module):
+    """The decoder layers with sequence parallelism in context encoding (see the module's docstring); decode steps
+    (one token) run the layers as they are. Takes the place of model.model.layers' contents, called like a layer."""
+
+    def __init__(self, layers: nn.ModuleList, tp: TensorParallel):
+        super().__init__()
+        self.layers = layers
+        self.rank, self.world, self.group = tp.rank, tp.world, tp.group
+
+    def forward(self, x, cos, sin, step, cache):
+        T = x.shape[1]
+        if T == 1:
+            for layer in self.layers:
+                x = layer(x, cos, sin, step, cache)
+            return x
+        x = local_rows(x, self.rank, self.world)  # the embedding's rows, split (its reduce-scatter)
+        _region.T = T
+        try:
+            for layer in self.layers:
+                h = x + layer.self_attn(self._gather(layer.input_layernorm(x), T), cos, sin, step, cache)
+                x = h + layer.mlp(self._gather(layer.post_attention_layernorm(h), T))
+        finally:
+            _region.T = None
+        return self._gather(x, T)
+
+    def _gather(self, x, T):
+        return gather_rows(x, T, self.world, self.group)
 
 
 # ---- sharding ----
@@ -224,7 +299,7 @@ def _shard_dense(mlp: DenseMLP, rank: int, world: int, tp: TensorParallel) -> No
 
 
 def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_parallel: bool = False,
-                reduce_dtype: torch.dtype | None = None) -> nn.Module:
+                reduce_dtype: torch.dtype | None = None, sequence_parallel: bool = False) -> nn.Module:
     """Turns a loaded reference Qwen3MoeForCausalLM into rank `rank`'s shard of a `world`-way tensor-parallel model,
     in place, keeping only this rank's slices. Every rank must call it and then run the same forward calls.
 
@@ -266,6 +341,8 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
         emb = head if tied else _keep(model.model.embed_tokens.weight[vocab])
         model.model.embed_tokens = VocabParallelEmbedding(emb, vocab.start, tp)
     model.lm_head = ParallelLMHead(head, tp)
+    if sequence_parallel:
+        model.model.layers = nn.ModuleList([SequenceParallelLayers(layers, tp)])
     model.config = dataclasses.replace(cfg, num_attention_heads=len(qh), num_key_value_heads=len(kvh),
                                        head_dim=cfg.dim_head)  # head_dim pinned: its default derives from H
     return model

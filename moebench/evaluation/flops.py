@@ -24,8 +24,23 @@ def _attention_macs(q, k, *_):
     return 2 * B * H * L * S * d
 
 
-# MACs of the matmul-like aten ops, from their argument shapes. Element-wise ops and lookups count zero.
+def _matmul_macs(a, b, *_):
+    """torch.matmul with broadcasting: every output element is a dot product over a's last dim."""
+    A, B = _shape(a), _shape(b)
+    if len(B) == 1:
+        return prod(A)
+    batch = torch.broadcast_shapes(A[:-2], B[:-2]) if len(A) > 1 else B[:-2]
+    rows = A[-2] if len(A) > 1 else 1
+    return prod(batch) * rows * A[-1] * B[-1]
+
+
+# MACs of the matmul-like aten ops, from their argument shapes. Element-wise ops and lookups count zero. Graphs
+# traced while running (make_fx) hold the decomposed ops (mm, addmm, the backend's attention); torch.export's
+# graphs (the compile step's) keep linear, matmul and scaled_dot_product_attention whole.
 MATMUL_MACS = {
+    aten.linear.default: lambda x, w, *_: prod(_shape(x)[:-1]) * prod(_shape(w)),
+    aten.matmul.default: _matmul_macs,
+    aten.scaled_dot_product_attention.default: _attention_macs,
     aten.mm.default: lambda a, b, *_: prod(_shape(a)) * _shape(b)[-1],
     aten.addmm.default: lambda bias, a, b, *_: prod(_shape(a)) * _shape(b)[-1],
     aten.bmm.default: lambda a, b, *_: prod(_shape(a)) * _shape(b)[-1],

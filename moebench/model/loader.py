@@ -58,6 +58,13 @@ def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: to
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
                                 "default options runs on it")
         return model
+    model = construct(model_cls, source, options)
+    load_weights(model, source.weights_dir, dtype, device)
+    return after_loading(model).eval()
+
+
+def construct(model_cls, source: ModelSource, options: ModelOptions) -> torch.nn.Module:
+    """`model_cls(config, options)` on the meta device: the structure, no weights yet."""
     if options.kernels:
         # Import the kernel modules (and Triton) here, not under the meta device below: Triton's interpreter
         # must not create its tensors on the meta device.
@@ -66,8 +73,13 @@ def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: to
         load_builtin_kernels()
     with torch.device("meta"):
         model = model_cls(source.config, options)
-    load_weights(model, source.weights_dir, dtype, device)
-    for module in model.modules():  # e.g. the quantized experts quantize their weights once they are loaded
+    return model
+
+
+def after_loading(model: torch.nn.Module) -> torch.nn.Module:
+    """Once the weights are in (or, on the meta device, to give a model the structure it will have then): e.g. the
+    quantized experts quantize their weights."""
+    for module in model.modules():
         if hasattr(module, "after_loading"):
             module.after_loading()
-    return model.eval()
+    return model

@@ -35,14 +35,15 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]."""
     T, D = x.shape
     E, k = w_gate_up.shape[0], topk_ids.shape[1]
-    if T == 1 and torch.compiler.is_compiling():
+    exporting = torch.compiler.is_exporting()
+    if T == 1 and torch.compiler.is_compiling() and not exporting:
         # One token, in a compiled graph: gather the k experts; the compiler fuses the gather into the products.
         ids, w = topk_ids[0], topk_weights[0]
         gate, up = (w_gate_up[ids] * x[0][None, None, :]).sum(-1).chunk(2, dim=-1)  # [k, I] each
         h = F.silu(gate) * up
         y = (w_down[ids] * h[:, None, :]).sum(-1)  # [k, D]
         return (y * w[:, None]).sum(0, keepdim=True).to(x.dtype)
-    if T == 1:
+    if T == 1 and not exporting:
         # One token (batch-1 decode): read only its k experts' weights, as NxDI's selective loading does.
         out = torch.zeros_like(x)
         for e, w in zip(topk_ids[0].tolist(), topk_weights[0]):
@@ -53,13 +54,21 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     flat_ids = topk_ids.flatten()  # [T*k]
     order = flat_ids.argsort(stable=True)
     token_of = order // k  # source token of each sorted row
-    counts = torch.bincount(flat_ids, minlength=E)
     xs = x[token_of]  # [T*k, D]
     if _grouped_mm_supported(x, w_down):
-        offs = counts.cumsum(0).to(torch.int32)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+            0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # tokens per expert, a static shape
+        offs = counts.cumsum(0, dtype=torch.int32)
         gate, up = F.grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
         ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offs)  # [T*k, D]
+    elif exporting:
+        # torch.export (the compile step's graphs): per-expert slices would have data-dependent sizes, so each
+        # row meets its expert's gathered weights in a batched matmul: the same multiply-accumulates.
+        ids = flat_ids[order]
+        gate, up = torch.bmm(w_gate_up[ids], xs[:, :, None])[..., 0].chunk(2, dim=-1)
+        ys = torch.bmm(w_down[ids], (F.silu(gate) * up)[:, :, None])[..., 0]
     else:
+        counts = torch.bincount(flat_ids, minlength=E)
         ys = torch.empty_like(xs)
         start = 0
         for e, n in enumerate(counts.tolist()):

@@ -15,14 +15,15 @@ def _token_text(value) -> str | None:
 
 class Tokenizer:
     def __init__(self, model_dir: Path):
-        path = Path(model_dir) / "tokenizer.json"
+        self.folder = Path(model_dir)
+        path = self.folder / "tokenizer.json"
         if not path.is_file():
             raise MoebenchError(f"{path}: tokenizer.json not found; the model directory needs its tokenizer")
         try:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as e:
             raise MoebenchError(f"{path}: cannot load tokenizer ({e})") from None
-        cfg = read_json(Path(model_dir) / "tokenizer_config.json", required=False)
+        cfg = read_json(self.folder / "tokenizer_config.json", required=False)
         self.bos_id = self._id(_token_text(cfg.get("bos_token")))
         self.eos_id = self._id(_token_text(cfg.get("eos_token")))
         self.pad_id = self._id(_token_text(cfg.get("pad_token")))

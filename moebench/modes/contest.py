@@ -5,6 +5,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,14 +20,15 @@ from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED
 from moebench.evaluation.benchmark import benchmark_report, run_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
 from moebench.engine.parallel import writes_files
-from moebench.evaluation.flops import request_macs
+from moebench.engine.artifacts import Artifacts
 from moebench.evaluation.submission import Submission, check_logits
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.presets import PRESETS
 from moebench.model.qwen3_moe import (KERNEL_BLOCKS, Attention, DenseMLP, ModelOptions, Qwen3MoeForCausalLM, RMSNorm,
                                       SparseMoE)
+from moebench.modes.compiled import build_from_shards, compile_step, kernel_macs, open_artifacts
 from moebench.modes.parallel import parallelize
-from moebench.modes.setup import Request, buckets_of, make_engine
+from moebench.modes.setup import Request, make_engine
 
 WIDE = "qwen3-30b-a3b"
 
@@ -120,10 +122,15 @@ class Validation:
     actual_text: list[str]
 
 
-def build_submission(run: RunConfig, sub: Submission, source: ModelSource, device, dtype, batch: int):
-    """The contestant's model, built exactly like the reference, with a broken forward reported on one line."""
+def build_submission(run: RunConfig, sub: Submission, source: ModelSource, device, dtype, batch: int,
+                     artifacts: Artifacts | None = None):
+    """The contestant's model, built exactly like the reference (or read from the sharded checkpoint of the reused
+    artifacts), with a broken forward reported on one line."""
     try:
-        model = parallelize(build_model(sub.cls, source, options_of(run), dtype, device), run)
+        if artifacts is not None and artifacts.reuse and artifacts.checkpoint_path.is_file():
+            model = build_from_shards(sub.cls, source, options_of(run), run, artifacts.checkpoint_path, device)
+        else:
+            model = parallelize(build_model(sub.cls, source, options_of(run), dtype, device), run)
     except MoebenchError:
         raise
     except Exception as e:
@@ -173,10 +180,15 @@ def _check_forward(sub: Submission, model, batch: int, vocab: int) -> None:
 class UnderTest:
     """The submission's model and what the harness does with it: validate, benchmark, count MACs."""
 
-    def __init__(self, run: RunConfig, sub: Submission, source: ModelSource, device, dtype, batch: int):
-        self.run, self.sub, self.source, self.batch = run, sub, source, batch
-        self.model = build_submission(run, sub, source, device, dtype, batch)
-        self.engine = make_engine(self.model, run, batch=batch, compile=True)
+    def __init__(self, run: RunConfig, sub: Submission, source: ModelSource, device, dtype, req: Request,
+                 artifacts: Artifacts | None = None):
+        """Builds the model and runs the compile step for `req` (artifacts: evaluate_all's, shared by its prompts)."""
+        started = time.perf_counter()
+        self.run, self.sub, self.source, self.batch = run, sub, source, req.input_ids.shape[0]
+        self.artifacts = artifacts or open_artifacts(run, sub.path, source, options_of(run), device)
+        self.model = build_submission(run, sub, source, device, dtype, self.batch, self.artifacts)
+        self.engine = make_engine(self.model, run, batch=self.batch, compile=True)
+        compile_step(run, self.artifacts, self.model, self.engine, req, source, compile_code=True, started=started)
 
     def validate(self, expected: torch.Tensor, req: Request, tokenizer) -> Validation:
         first = []
@@ -209,10 +221,8 @@ class UnderTest:
         return benchmark(self.run, self.model, req, "submission")
 
     def kernel_flops(self, req: Request) -> dict:
-        """benchmark_report.json's kernel_flops for this request (RequestMacs.report)."""
-        macs, _ = request_macs(self.model, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len,
-                               **buckets_of(self.run))
-        return macs.report()
+        """benchmark_report.json's kernel_flops for this request (RequestMacs.report), from the compiled graphs."""
+        return kernel_macs(self.artifacts, self.model, self.engine, req, self.run.seq_len, self.run).report()
 
 
 def _clip(text: str, n: int = 300) -> str:

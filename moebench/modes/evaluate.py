@@ -32,12 +32,13 @@ def base_from_report(report: dict, origin: str) -> Base:
 
 
 def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None, base: Base | None,
-                    report_path: Path) -> Score:
-    """One prompt: the reference first (expected logits, base timings when needed), then the submission."""
+                    report_path: Path, artifacts=None) -> tuple[Score, object]:
+    """One prompt: the reference first (expected logits, base timings when needed), then the submission.
+    artifacts: the compile folder evaluate_all's prompts share (None: this prompt opens it)."""
     folder = Path.cwd()
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, [prompt])
-    under = UnderTest(run, sub, source, device, dtype, batch=1)  # a broken module fails before any long work
+    under = UnderTest(run, sub, source, device, dtype, req, artifacts)  # a broken module fails before long work
     expected = None
     if not run.skip_accuracy:
         expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
@@ -56,6 +57,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         accuracy, checked = float(v.report.passed), True
     report = under.benchmark(req)
     report["kernel_flops"] = flops = under.kernel_flops(req)
+    report["compile"] = under.artifacts.summary()
     ratio = flops["nki_flop_ratio"]
     write_json(report_path, report)
     print_flops(flops)
@@ -71,7 +73,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
             "report": report})
     print_summary(score, checked, base, report_path, path)
-    return score
+    return score, under.artifacts
 
 
 def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None:
@@ -120,7 +122,7 @@ def run_evaluate_single(run: RunConfig) -> int:
     source = open_source(run)
     if len(run.prompts) != 1:
         raise MoebenchError("--mode evaluate_single takes one --prompt; use evaluate_all for several")
-    score = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
+    score, _ = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
     if not score.accuracy:
         raise CheckFailed("accuracy check failed: the evaluation scored 0")
     return 0
@@ -144,12 +146,13 @@ def run_evaluate_all(run: RunConfig) -> int:
     if [r.prompt_id for r in rows] != list(range(len(prompts))):
         raise MoebenchError(f"{data_path}: has prompt ids {[r.prompt_id for r in rows]}, but prompts.txt has "
                             f"{len(prompts)} prompts (ids 0..{len(prompts) - 1})")
-    total, failed = 0.0, 0
+    total, failed, artifacts = 0.0, 0, None
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
         print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")
         prompt_run = dataclasses.replace(run, seq_len=row.seq_len)  # the file's sequence length is used
         base = Base(row.base_latency, row.base_throughput, data_path.name)
-        score = evaluate_prompt(prompt_run, sub, source, prompt, i, base, folder / f"benchmark_report_{i}.json")
+        score, artifacts = evaluate_prompt(prompt_run, sub, source, prompt, i, base,
+                                           folder / f"benchmark_report_{i}.json", artifacts)
         total += score.final_score
         failed += not score.accuracy
     print(f"total score ({len(prompts)} prompts): {total:.4f}")

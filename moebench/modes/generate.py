@@ -11,7 +11,8 @@ from moebench.cli.args import RunConfig
 from moebench.engine.parallel import writes_files
 from moebench.engine.sampling import SamplingParams
 from moebench.evaluation.submission import load_submission
-from moebench.modes.contest import benchmark, build_submission, write_json
+from moebench.modes.compiled import compile_step, open_artifacts
+from moebench.modes.contest import benchmark, build_submission, options_of, write_json
 from moebench.modes.setup import device_of, dtype_of, make_engine, make_request, open_source
 
 LOGITS_FILE = "output_logits.pt"
@@ -25,13 +26,16 @@ def run_generate(run: RunConfig) -> int:
     prompts = run.prompts
     req = make_request(run, source, prompts)
     sub = load_submission(run.qwen)
-    model = build_submission(run, sub, source, device, dtype, batch=len(prompts))
+    started = time.perf_counter()
+    artifacts = open_artifacts(run, sub.path, source, options_of(run), device)
+    model = build_submission(run, sub, source, device, dtype, len(prompts), artifacts)
     print(f"model: {source.name} ({source.config.num_parameters() / 1e6:.1f}M parameters, {run.torch_dtype}, "
           f"{device.type}), module: {sub.path}")
     compile = req.max_new_tokens >= COMPILE_FROM
-    if compile:
-        print("compiling the decode step (cached for later runs)...", file=sys.stderr)
+    if compile and not run.skip_compile:
+        print("compiling the decode step...", file=sys.stderr)
     engine = make_engine(model, run, batch=len(prompts), compile=compile)
+    compile_step(run, artifacts, model, engine, req, source, compile_code=compile, started=started)
     sampling = SamplingParams(run.do_sample, run.temperature, run.top_k, run.top_p)
     generator = torch.Generator().manual_seed(run.seed)
     bar = tqdm(total=req.max_new_tokens, desc="generate", unit="tok", file=sys.stderr,

@@ -66,4 +66,4 @@ def parallelize(model: torch.nn.Module, run: RunConfig) -> torch.nn.Module:
 
     reduce_dtype = getattr(torch, run.rpl_reduce_dtype) if run.rpl_reduce_dtype else None
     return shard_model(model, dist.get_rank(), run.tp_degree, vocab_parallel=run.vocab_parallel,
-                       reduce_dtype=reduce_dtype)
+                       reduce_dtype=reduce_dtype, sequence_parallel=run.sequence_parallel_enabled)

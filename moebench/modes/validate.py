@@ -19,7 +19,7 @@ def run_validate(run: RunConfig) -> int:
     source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, run.prompts)
-    under = UnderTest(run, sub, source, device, dtype, batch=len(run.prompts))  # a broken module fails first
+    under = UnderTest(run, sub, source, device, dtype, req)  # a broken module fails first
     expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
     v = under.validate(expected, req, source.tokenizer)
     print_validation(v)

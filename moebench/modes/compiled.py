@@ -1,0 +1,105 @@
+"""The compile step of the modes that build a submission: what its artifacts are made for, building the model
+from a sharded checkpoint, exporting and compiling per bucket, and the MACs read back from the exported graphs."""
+
+import hashlib
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from moebench.cli.args import RunConfig
+from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_sharded_checkpoint, moebench_source_hash
+from moebench.engine.parallel import writes_files
+from moebench.evaluation.expected import weights_hash
+from moebench.evaluation.flops import GraphRuns, RequestMacs, graph_macs, request_macs
+from moebench.model.loader import ModelSource, after_loading, construct
+from moebench.modes.parallel import parallelize
+from moebench.modes.setup import Request, buckets_of, on_device_sampling
+
+CTE, TKG = "context_encoding_model", "token_generation_model"
+
+
+def compile_flags(run: RunConfig, options) -> dict:
+    """The resolved options that shape the compiled model (the sequence length and buckets are part of each graph's
+    key instead: evaluate_all's prompts may differ there)."""
+    kernels = sorted(options.kernels)
+    quantized = "quantized_moe" in options.kernels
+    ods = on_device_sampling(run)
+    ods = None if ods is None else {**asdict(ods), "params": None if ods.dynamic else asdict(ods.params)}
+    return {"torch_dtype": run.torch_dtype, "fused_qkv": options.fused_qkv, "kernels": kernels,
+            "quant_dtype": options.quant_dtype if quantized else None,
+            "quant_bound": options.quant_bound if quantized else None, "tp_degree": run.tp_degree,
+            "vocab_parallel": run.vocab_parallel, "rpl_reduce_dtype": run.rpl_reduce_dtype,
+            "sequence_parallel_enabled": run.sequence_parallel_enabled, "enable_bucketing": run.enable_bucketing,
+            "on_device_sampling": ods}
+
+
+def open_artifacts(run: RunConfig, module_path: Path, source: ModelSource, options, device) -> Artifacts:
+    """The --compiled-model-path folder of this run: checked against the run when --skip-compile, else cleared."""
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    fp = Fingerprint(moebench_source=moebench_source_hash(), model=f"{source.name}:{config_hash(source.config)}",
+                     weights=weights_hash(source), module=hashlib.sha256(Path(module_path).read_bytes()).hexdigest(),
+                     flags=compile_flags(run, options), torch=torch.__version__, device=device_name)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Artifacts(Path(run.compiled_model_path), fp, reuse=run.skip_compile, rank=rank, writes=writes_files())
+
+
+def build_from_shards(model_cls, source: ModelSource, options, run: RunConfig, path: Path, device):
+    """This rank's model straight from its sharded checkpoint: the structure built on the meta device (quantized
+    and sharded as when it was saved), then every tensor read from the file."""
+    model = parallelize(after_loading(construct(model_cls, source, options)), run)
+    load_sharded_checkpoint(model, path, device)
+    return model.eval()
+
+
+def compiled_buckets(engine, req: Request) -> list[tuple[str, int]]:
+    """What the compile step builds for a request: with bucketing every bucket of both submodels (as NxDI
+    compiles them all), without it the prompt's width and the whole cache."""
+    if engine.ctx_buckets or engine.tkg_buckets:
+        ctx = engine.ctx_buckets or (engine.prefill_width(req.input_ids.shape[1]),)
+        return [(CTE, b) for b in ctx] + [(TKG, b) for b in engine.tkg_buckets or (engine.max_len,)]
+    return [(CTE, engine.prefill_width(req.input_ids.shape[1])), (TKG, engine.max_len)]
+
+
+def compile_step(run: RunConfig, artifacts: Artifacts, model, engine, req: Request, source: ModelSource,
+                 compile_code: bool, started: float) -> None:
+    """Export every graph of the request's buckets, compile the decode step per bucket when the engine compiles,
+    save the sharded checkpoint and the tokenizer; with --skip-compile, load what is there. Prints the time."""
+    buckets = compiled_buckets(engine, req)
+    before = artifacts.compile_seconds
+    artifacts.compile_graphs(engine, buckets)
+    if compile_code:
+        artifacts.compile_code(engine, [b for s, b in buckets if s == TKG])
+    if not artifacts.reuse:
+        if run.save_sharded_checkpoint and not artifacts.checkpoint_path.is_file():
+            artifacts.save_checkpoint(model)
+        artifacts.copy_tokenizer(source.tokenizer.folder)
+        artifacts.write_manifest()
+    names = ", ".join(f"{'cte' if s == CTE else 'tkg'} {b}" for s, b in buckets)
+    if artifacts.reuse:
+        what = [f"{len(buckets)} graphs ({names})"] if not artifacts.export_error else []
+        what += ["compiled code"] * compile_code
+        what += ["sharded weights"] * artifacts.checkpoint_path.is_file()
+        artifacts.load_seconds += time.perf_counter() - started
+        print(f"compile: skipped (--skip-compile); reusing {', '.join(what) or 'the manifest'} from "
+              f"{artifacts.folder}, checked against this run, in {time.perf_counter() - started:.1f} s")
+    else:
+        tkg = sum(s == TKG for s, _ in buckets)
+        done = [f"exported {len(buckets)} graphs ({names})" if not artifacts.export_error else "no graphs exported"]
+        done += [f"compiled the decode step for {tkg} bucket{'s' * (tkg != 1)}"] * compile_code
+        done += ["saved the sharded checkpoint"] * bool(run.save_sharded_checkpoint)
+        print(f"compile: {', '.join(done)} in {artifacts.compile_seconds - before:.1f} s -> {artifacts.folder}")
+
+
+def kernel_macs(artifacts: Artifacts, model, engine, req: Request, seq_len: int, run: RunConfig) -> RequestMacs:
+    """MACs of one request, read from the exported graphs of the buckets it runs, each weighted by its runs;
+    traced while running instead when the model could not be exported."""
+    if artifacts.export_error:
+        return request_macs(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
+                            **buckets_of(run))[0]
+    runs = engine.graph_runs(req.input_ids.shape[1], req.max_new_tokens)
+    return RequestMacs([GraphRuns(submodel, bucket, graph_macs(artifacts.graph((submodel, engine.batch,
+                                                                                engine.max_len, bucket))), n)
+                        for submodel, bucket, n in runs])
