@@ -70,12 +70,12 @@ def test_skip_compile_reuses_everything_without_exporting(compiled, monkeypatch)
     real_load = artifacts_mod.load_sharded_checkpoint
     monkeypatch.setattr("moebench.modes.compiled.load_sharded_checkpoint",
                         lambda *a: loads.append(a[1]) or real_load(*a))
-    code, out, err = invoke(*RUN, "--compiled-model-path", "DIR", "--skip-compile")
+    code, out, err = invoke(*RUN, "--compiled-model-path", "DIR", "--skip-compile", "--isolation", "none")
     assert code == 0, out + err
     assert "compile: skipped (--skip-compile); reusing 2 graphs" in out and "sharded weights" in out
     assert loads == [Path("DIR") / "weights" / "tp0_sharded_checkpoint.safetensors"]
     second = report(folder)
-    assert second.keys() == first.keys()
+    assert first.keys() - {"checks", "measured_by", "inputs"} == second.keys()  # (in one process: no checks)
     assert second["kernel_flops"] == first["kernel_flops"]  # the same graphs, read back
     assert second["compile"]["skipped"] is True and second["compile"]["compile_seconds"] == 0
 

@@ -100,6 +100,15 @@ class RunConfig:
                                  type=_positive(float), modes=SCORED)
     team_id: str = opt(None, "team identifier; names the score-records CSV", modes=SCORED)
     member_id: str = opt(None, "team member identifier, stored in the score records", modes=SCORED)
+    isolation: str = opt("process", "process: the submission runs in its own process, the harness keeps the clock, "
+                                    "the reference and the records (none: one process, for debugging)",
+                         choices=("process", "none"), modes=VALIDATING)
+    phase_time_limit: float = opt(3600.0, "seconds the submission may take for each phase (load and compile, "
+                                          "validation, benchmark, FLOP count) before it is stopped and fails",
+                                  type=_positive(float), modes=VALIDATING)
+    audit_pairs: int = opt(5, "caching audit: pairs of (fresh prompt, repeated prompt) timed after the benchmark; "
+                              "flagged when every repeated run is over 10%% faster (0: no audit)",
+                           type=_nonneg(int), modes=SCORED)
     # Model configuration
     model_path: str = opt(None, "Hugging Face Qwen3-MoE folder, or preset:NAME (moebench-tiny, moebench-speed, "
                                 "qwen3-30b-a3b); default: the embedded moebench-tiny model")

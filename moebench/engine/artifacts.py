@@ -184,6 +184,7 @@ class Artifacts:
     folder: Path
     fingerprint: Fingerprint
     reuse: bool
+    extend: bool = False  # a later prompt of the same run: add to the folder (when it was made for this run)
     rank: int = 0
     writes: bool = True  # this rank writes the shared files (manifest, tokenizer)
     graphs: dict = field(default_factory=dict)  # key -> file name, as in the manifest
@@ -197,11 +198,12 @@ class Artifacts:
     def __post_init__(self):
         if self.folder.exists() and not self.folder.is_dir():
             raise MoebenchError(f"--compiled-model-path {self.folder}: exists and is not a directory")
-        if self.reuse:
+        if self.reuse or self.extend and (self.folder / MANIFEST).is_file():
             self.stored = self._read_manifest()
             self.graphs = {(g["submodel"], g["batch"], g["seq_len"], g["bucket"]): g["file"]
                            for g in self.stored["graphs"]}
             self.export_error = self.stored.get("export_error")
+            self.compile_seconds = 0.0 if self.reuse else self.stored.get("compile_seconds", 0.0)
         else:
             self._clear()
 
@@ -226,7 +228,7 @@ class Artifacts:
 
     def _read_manifest(self) -> dict:
         path = self.folder / MANIFEST
-        if not path.is_file():
+        if not path.is_file():  # (extend: checked before)
             raise MoebenchError(f"--skip-compile: {path} not found; compile first (run without --skip-compile)")
         try:
             stored = json.loads(path.read_text())

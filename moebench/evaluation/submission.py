@@ -46,6 +46,12 @@ def find_module_file(name: str, folder: Path) -> Path:
     return path
 
 
+def locate_submission(name: str, folder: Path | None = None) -> Submission:
+    """The module's file, not imported (cls None): the harness's side of an isolated evaluation never runs
+    contestant code, which could patch anything in the process that imports it."""
+    return Submission(name, find_module_file(name, folder or Path.cwd()).resolve(), None)
+
+
 def load_submission(name: str, folder: Path | None = None) -> Submission:
     path = find_module_file(name, folder or Path.cwd()).resolve()
     module_name = f"moebench_submission_{abs(hash(str(path)))}"

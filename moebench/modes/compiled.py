@@ -36,14 +36,17 @@ def compile_flags(run: RunConfig, options) -> dict:
             "on_device_sampling": ods}
 
 
-def open_artifacts(run: RunConfig, module_path: Path, source: ModelSource, options, device) -> Artifacts:
-    """The --compiled-model-path folder of this run: checked against the run when --skip-compile, else cleared."""
+def open_artifacts(run: RunConfig, module_path: Path, source: ModelSource, options, device,
+                   extend: bool = False) -> Artifacts:
+    """The --compiled-model-path folder of this run: checked against the run when --skip-compile, else cleared
+    (extend: evaluate_all's later prompts add to what its first one compiled)."""
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fp = Fingerprint(moebench_source=moebench_source_hash(), model=f"{source.name}:{config_hash(source.config)}",
                      weights=weights_hash(source), module=hashlib.sha256(Path(module_path).read_bytes()).hexdigest(),
                      flags=compile_flags(run, options), torch=torch.__version__, device=device_name)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Artifacts(Path(run.compiled_model_path), fp, reuse=run.skip_compile, rank=rank, writes=writes_files())
+    return Artifacts(Path(run.compiled_model_path), fp, reuse=run.skip_compile, extend=extend, rank=rank,
+                     writes=writes_files())
 
 
 def build_from_shards(model_cls, source: ModelSource, options, run: RunConfig, path: Path, device):

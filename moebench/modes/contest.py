@@ -177,45 +177,53 @@ def _check_forward(sub: Submission, model, batch: int, vocab: int) -> None:
         del model.forward  # back to the class's method
 
 
+def validate_submission(run: RunConfig, greedy, expected: torch.Tensor, req: Request, tokenizer) -> Validation:
+    """Logit validation of `greedy(ids, mask, n_new) -> (tokens [B, n], logits [n, B, V])` against `expected`."""
+    first = []
+
+    def generate_fn(prompts: list[list[int]], n_new: int):
+        L = max(map(len, prompts))
+        ids = torch.full((len(prompts), L), req.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):
+            ids[b, :len(p)], mask[b, :len(p)] = torch.tensor(p), 1
+        n_new = min(n_new, run.seq_len - L + 1)
+        tokens, logits = greedy(ids, mask, n_new)
+        if not first:
+            first.append(tokens)
+        return logits, tokens
+
+    report = validate_logits(prompt_rows(req), generate_fn, expected, run.tol_map or DEFAULT_TOL_MAP,
+                             divergence_tol(run), run.num_tokens_to_check, DEFAULT_FAILED_FRACTION[run.torch_dtype])
+    n = expected.shape[0] if run.num_tokens_to_check is None else min(run.num_tokens_to_check, expected.shape[0])
+    exp_text = [tokenizer.decode(expected[:n, b].argmax(-1).tolist()) for b in range(expected.shape[1])]
+    act_text = [tokenizer.decode(first[0][b, :n].tolist()) for b in range(expected.shape[1])]
+    return Validation(report, exp_text, act_text)
+
+
+def divergence_tol(run: RunConfig) -> tuple:
+    """(absolute, relative to the top logit): --divergence-difference-tol is absolute, else the dtype's default."""
+    if run.divergence_difference_tol is not None:
+        return run.divergence_difference_tol, 0.0
+    return DEFAULT_DIVERGENCE_TOL[run.torch_dtype]
+
+
 class UnderTest:
     """The submission's model and what the harness does with it: validate, benchmark, count MACs."""
 
     def __init__(self, run: RunConfig, sub: Submission, source: ModelSource, device, dtype, req: Request,
-                 artifacts: Artifacts | None = None):
-        """Builds the model and runs the compile step for `req` (artifacts: evaluate_all's, shared by its prompts)."""
+                 artifacts: Artifacts | None = None, extend: bool = False):
+        """Builds the model and runs the compile step for `req` (artifacts: evaluate_all's, shared by its prompts;
+        extend: a later prompt's, adding to the folder)."""
         started = time.perf_counter()
         self.run, self.sub, self.source, self.batch = run, sub, source, req.input_ids.shape[0]
-        self.artifacts = artifacts or open_artifacts(run, sub.path, source, options_of(run), device)
+        self.artifacts = artifacts or open_artifacts(run, sub.path, source, options_of(run), device, extend)
         self.model = build_submission(run, sub, source, device, dtype, self.batch, self.artifacts)
         self.engine = make_engine(self.model, run, batch=self.batch, compile=True)
         compile_step(run, self.artifacts, self.model, self.engine, req, source, compile_code=True, started=started)
 
     def validate(self, expected: torch.Tensor, req: Request, tokenizer) -> Validation:
-        first = []
-
-        def generate_fn(prompts: list[list[int]], n_new: int):
-            L = max(map(len, prompts))
-            ids = torch.full((len(prompts), L), req.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, p in enumerate(prompts):
-                ids[b, :len(p)], mask[b, :len(p)] = torch.tensor(p), 1
-            n_new = min(n_new, self.run.seq_len - L + 1)
-            tokens, logits = self.engine.greedy(ids, mask, n_new)
-            if not first:
-                first.append(tokens)
-            return logits, tokens
-
-        run = self.run
-        tol_map = run.tol_map or DEFAULT_TOL_MAP
-        div_tol = run.divergence_difference_tol
-        if div_tol is None:
-            div_tol = DEFAULT_DIVERGENCE_TOL[run.torch_dtype]
-        report = validate_logits(prompt_rows(req), generate_fn, expected, tol_map, div_tol, run.num_tokens_to_check,
-                                 DEFAULT_FAILED_FRACTION[run.torch_dtype])
-        n = expected.shape[0] if run.num_tokens_to_check is None else min(run.num_tokens_to_check, expected.shape[0])
-        exp_text = [tokenizer.decode(expected[:n, b].argmax(-1).tolist()) for b in range(expected.shape[1])]
-        act_text = [tokenizer.decode(first[0][b, :n].tolist()) for b in range(expected.shape[1])]
-        return Validation(report, exp_text, act_text)
+        return validate_submission(self.run, self.engine.greedy, expected, req, tokenizer)
 
     def benchmark(self, req: Request) -> dict:
         return benchmark(self.run, self.model, req, "submission")

@@ -12,9 +12,9 @@ from moebench.evaluation.records import (PromptData, append_json_record, append_
                                          read_prompts, record_row, records_path, write_prompt_data)
 from moebench.evaluation.expected import read_meta, stored_index
 from moebench.evaluation.score import Score, compute_score
-from moebench.evaluation.submission import load_submission
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, write_json)
+from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of, SubmissionFault
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source
 
 REPORT_FILE = "benchmark_report.json"
@@ -32,32 +32,44 @@ def base_from_report(report: dict, origin: str) -> Base:
 
 
 def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None, base: Base | None,
-                    report_path: Path, artifacts=None) -> tuple[Score, object]:
-    """One prompt: the reference first (expected logits, base timings when needed), then the submission.
-    artifacts: the compile folder evaluate_all's prompts share (None: this prompt opens it)."""
+                    report_path: Path, artifacts=None, extend: bool = False) -> tuple[Score, object]:
+    """One prompt: the submission is built (in its own process unless --isolation none), the reference gives the
+    expected logits and base timings when needed, then the submission is validated, benchmarked on fresh prompts
+    and its MACs counted; its timed outputs are checked last. A submission that crashes, hangs or is flagged
+    scores 0 and is recorded. artifacts / extend: the compile folder evaluate_all's later prompts add to."""
     folder = Path.cwd()
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, [prompt])
-    under = UnderTest(run, sub, source, device, dtype, req, artifacts)  # a broken module fails before long work
-    expected = None
-    if not run.skip_accuracy:
-        expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
-    if run.base_latency is not None and run.base_throughput is not None:
-        base = Base(run.base_latency, run.base_throughput, "given")
-    elif base is None:
-        base = stored_base(run, source, req, dtype, folder)
-    if base is None:
-        base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
-    base = Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
-
-    accuracy, checked = 1.0, False
-    if expected is not None:
-        v = under.validate(expected, req, source.tokenizer)
-        print_validation(v)
-        accuracy, checked = float(v.report.passed), True
-    report = under.benchmark(req)
-    report["kernel_flops"] = flops = under.kernel_flops(req)
-    report["compile"] = under.artifacts.summary()
+    isolated = isolation(run)
+    under = None
+    try:
+        # the submission first: a broken module fails before any long work
+        under = IsolatedSubmission(run, source, req, extend) if isolated else \
+            UnderTest(run, sub, source, device, dtype, req, artifacts)
+        expected = None
+        if not run.skip_accuracy:
+            expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
+        base = choose_base(run, source, req, device, dtype, base, folder)
+        accuracy, checked, v, problems = 1.0, False, None, []
+        if expected is not None:
+            v = under.validate(expected, req, source.tokenizer)
+            print_validation(v)
+            accuracy, checked = float(v.report.passed), True
+        report = under.benchmark(req)
+        report["kernel_flops"] = flops = under.kernel_flops(req)
+        report["compile"] = under.compile if isolated else under.artifacts.summary()
+        if isolated:
+            report["checks"] = checks = under.finish(device, dtype)
+            problems = check_problems(checks)
+    except SubmissionFault as e:
+        print(f"evaluation failed: {e}")
+        return record_failure(run, sub, source, device, prompt, index, base, str(e)), None
+    finally:
+        if isolated and under is not None:
+            under.close()
+    for problem in problems:
+        print(f"evaluation flagged: {problem}")
+    accuracy = 0.0 if problems else accuracy
     ratio = flops["nki_flop_ratio"]
     write_json(report_path, report)
     print_flops(flops)
@@ -67,13 +79,57 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     append_record(path, record_row(run.team_id, run.member_id, score))
     if writes_files():  # the provenance (git, hashes) only where the record is written: rank 0
         append_json_record(path.with_suffix(".jsonl"), {
-            "time": datetime.now().isoformat(timespec="seconds"), "team_id": run.team_id,
-            "member_id": run.member_id, "mode": run.mode, "prompt_index": index, "prompt": prompt,
-            "accuracy_checked": checked, "validation": v.report.summary() if checked else None,
+            **record_head(run, prompt, index), "accuracy_checked": checked,
+            "validation": v.report.summary() if checked else None, "flagged": problems or None,
             "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
             "report": report})
     print_summary(score, checked, base, report_path, path)
-    return score, under.artifacts
+    return score, None if isolated else under.artifacts
+
+
+def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, folder: Path) -> Base:
+    """Given numbers win, then evaluate_all's prompt data, then stored baselines, else the reference measured now."""
+    if run.base_latency is not None and run.base_throughput is not None:
+        base = Base(run.base_latency, run.base_throughput, "given")
+    elif base is None:
+        base = stored_base(run, source, req, dtype, folder)
+    if base is None:
+        base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
+    return Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
+
+
+def check_problems(checks: dict) -> list[str]:
+    """Why the harness's own checks of the timed runs refuse to score them (empty: they passed)."""
+    problems = []
+    spot = checks.get("spot_check")
+    if spot and not spot["passed"]:
+        problems.append(f"the timed outputs do not match the reference: {spot['message']}")
+    audit = checks.get("caching_audit")
+    if audit and audit["flagged"]:
+        problems.append(f"caching: a repeated prompt ran faster than fresh ones in every pair (median "
+                        f"{audit['repeated_ms_p50']:.2f} ms against {audit['fresh_ms_p50']:.2f} ms)")
+    return problems
+
+
+def record_head(run: RunConfig, prompt: str, index: int | None) -> dict:
+    return {"time": datetime.now().isoformat(timespec="seconds"), "team_id": run.team_id, "member_id": run.member_id,
+            "mode": run.mode, "prompt_index": index, "prompt": prompt}
+
+
+def record_failure(run: RunConfig, sub, source, device, prompt: str, index: int | None, base: Base | None,
+                   error: str) -> Score:
+    """A failed evaluation (crash, hang, fault in the submission): score 0 in both records, with the reason."""
+    base_latency, base_throughput = (base.latency, base.throughput) if base else (float("nan"), float("nan"))
+    score = Score(accuracy=0.0, base_latency=base_latency, base_throughput=base_throughput, latency=float("nan"),
+                  throughput=0.0, flop_ratio=0.0, reduced_latency=0.0, increased_throughput=0.0, final_score=0.0)
+    path = records_path(Path.cwd(), run.team_id, record_model_name(source))
+    append_record(path, record_row(run.team_id, run.member_id, score))
+    if writes_files():
+        append_json_record(path.with_suffix(".jsonl"), {
+            **record_head(run, prompt, index), "error": error, "score": asdict(score),
+            "provenance": provenance(run, sub, source, device)})
+    print(f"records: {path} (a failed evaluation, score 0)")
+    return score
 
 
 def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None:
@@ -117,7 +173,7 @@ def print_summary(s: Score, checked: bool, base: Base, report_path: Path, record
 
 
 def run_evaluate_single(run: RunConfig) -> int:
-    sub = load_submission(run.qwen)
+    sub = submission_of(run)
     print(f"submission: {sub.path}")
     source = open_source(run)
     if len(run.prompts) != 1:
@@ -131,7 +187,7 @@ def run_evaluate_single(run: RunConfig) -> int:
 def run_evaluate_all(run: RunConfig) -> int:
     folder = Path.cwd()
     prompts = read_prompts(folder / "prompts.txt")
-    sub = load_submission(run.qwen)
+    sub = submission_of(run)
     print(f"submission: {sub.path}")
     source = open_source(run)
     platform = device_of(run).type
@@ -152,7 +208,7 @@ def run_evaluate_all(run: RunConfig) -> int:
         prompt_run = dataclasses.replace(run, seq_len=row.seq_len)  # the file's sequence length is used
         base = Base(row.base_latency, row.base_throughput, data_path.name)
         score, artifacts = evaluate_prompt(prompt_run, sub, source, prompt, i, base,
-                                           folder / f"benchmark_report_{i}.json", artifacts)
+                                           folder / f"benchmark_report_{i}.json", artifacts, extend=i > 0)
         total += score.final_score
         failed += not score.accuracy
     print(f"total score ({len(prompts)} prompts): {total:.4f}")

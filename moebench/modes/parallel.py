@@ -38,8 +38,11 @@ def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
         return run_parallel(_rank_main, run.tp_degree, argv)
     except RankFailed as e:
         rank, first = e.errors[0]
-        print(first, file=sys.stderr, end="")  # the first cause, in full; the others mostly follow from it
         last = [line for line in first.splitlines() if line.strip()][-1]
+        if "moebench: error: " in last:  # a user error: its line is the message, no traceback
+            raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank}: "
+                                f"{last.split('moebench: error: ', 1)[1]}") from None
+        print(first, file=sys.stderr, end="")  # the first cause, in full; the others mostly follow from it
         raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank} failed: {last}") from None
 
 

@@ -6,22 +6,28 @@ from moebench.cli.args import RunConfig
 from moebench.errors import CheckFailed
 from moebench.evaluation.expected import save_expected
 from moebench.evaluation.records import read_prompts, write_prompt_data
-from moebench.evaluation.submission import load_submission
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
+from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source
 
 
 def run_validate(run: RunConfig) -> int:
     """Exit 0 when the submission's logits pass, 1 when they do not, on every platform."""
-    sub = load_submission(run.qwen)
+    sub = submission_of(run)
     print(f"submission: {sub.path}")
     source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, run.prompts)
-    under = UnderTest(run, sub, source, device, dtype, req)  # a broken module fails first
-    expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
-    v = under.validate(expected, req, source.tokenizer)
+    isolated = isolation(run)
+    # the submission first: a broken module fails before any long work
+    under = IsolatedSubmission(run, source, req) if isolated else UnderTest(run, sub, source, device, dtype, req)
+    try:
+        expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
+        v = under.validate(expected, req, source.tokenizer)
+    finally:
+        if isolated:
+            under.close()
     print_validation(v)
     if not v.report.passed:
         raise CheckFailed("validation failed")

@@ -1,0 +1,120 @@
+"""Timed runs a submission cannot game (spec/peer-harnesses.md §4-5): every run gets a fresh prompt of the same
+token length, drawn before the clock starts; the clock runs in the harness's process around the whole request;
+every timed output is checked against the reference afterwards; and a caching audit compares a repeated prompt
+with fresh ones."""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moebench.evaluation.benchmark import Timings
+
+AUDIT_FASTER = 0.9  # a repeated prompt this much faster than a fresh one, in every pair, flags caching
+
+
+@dataclass
+class TimedOutput:
+    input_ids: torch.Tensor  # [B, T] the fresh prompt
+    attention_mask: torch.Tensor
+    tokens: torch.Tensor  # [B, N] what the submission returned
+
+
+@dataclass
+class Audit:
+    fresh_ms: list[float] = field(default_factory=list)
+    repeated_ms: list[float] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> bool:
+        """Caching: every repeated run more than 10% faster than the fresh run beside it (MLPerf TEST04's
+        10%, required of every pair so that noise on a busy machine cannot flag an honest submission)."""
+        pairs = list(zip(self.repeated_ms, self.fresh_ms))
+        return bool(pairs) and all(r < AUDIT_FASTER * f for r, f in pairs)
+
+    def report(self) -> dict:
+        med = statistics.median
+        return {"pairs": len(self.fresh_ms), "fresh_ms_p50": med(self.fresh_ms) if self.fresh_ms else None,
+                "repeated_ms_p50": med(self.repeated_ms) if self.repeated_ms else None,
+                "flagged": self.flagged}
+
+
+def fresh_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int, banned: tuple[int, ...],
+                 generator: torch.Generator) -> torch.Tensor:
+    """input_ids with every real token replaced by a random one (never a special token): same shape, same mask."""
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[list(banned)] = False
+    choices = allowed.nonzero().flatten()
+    drawn = choices[torch.randint(len(choices), input_ids.shape, generator=generator)]
+    return torch.where(attention_mask.bool(), drawn, input_ids)
+
+
+def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs: int, warmup: int,
+                      audit_pairs: int, vocab: int, banned: tuple[int, ...], seed: int,
+                      on_run=None) -> tuple[Timings, list[TimedOutput], Audit]:
+    """`request(ids, mask, new_tokens) -> (tokens, timings the submission's process measured)` is called for
+    `warmup` untimed and `runs` timed fresh prompts, then for `audit_pairs` pairs (a fresh prompt, the request's
+    own prompt). End-to-end times come from this process's clock; the per-submodel times the submission's
+    process reports are kept as informational."""
+    g = torch.Generator().manual_seed(seed)
+
+    def fresh():
+        return fresh_prompt(input_ids, attention_mask, vocab, banned, g)
+
+    def timed(ids):
+        start = time.perf_counter()
+        tokens, inner = request(ids, attention_mask, new_tokens)
+        return time.perf_counter() - start, tokens, inner
+
+    for _ in range(warmup):
+        timed(fresh())
+    t, outputs = Timings(), []
+    for i in range(runs):
+        ids = fresh()  # drawn before the clock starts
+        seconds, tokens, inner = timed(ids)
+        t.e2e.append(seconds)
+        t.ttft.append(inner["ttft"])
+        t.context.append(inner["context"])
+        t.steps.append(inner["steps"])
+        outputs.append(TimedOutput(ids, attention_mask, tokens))
+        if on_run is not None:
+            on_run(i)
+    audit = Audit()
+    for _ in range(audit_pairs):
+        ids = fresh()
+        seconds, tokens, _ = timed(ids)
+        outputs.append(TimedOutput(ids, attention_mask, tokens))
+        audit.fresh_ms.append(1e3 * seconds)
+        audit.repeated_ms.append(1e3 * timed(input_ids)[0])
+    return t, outputs, audit
+
+
+def spot_check(engine, outputs: list[TimedOutput], divergence_tol: tuple, allowed_fraction: float) -> dict:
+    """Each output's tokens, teacher-forced through the reference `engine`: a token passes when its reference
+    logit is within the divergence tolerance of the reference's best (the validation's rule where greedy choices
+    differ). Fails when more than `allowed_fraction` of one output's tokens do not pass."""
+    absolute, relative = divergence_tol
+    worst = None
+    for i, out in enumerate(outputs):
+        for b in range(out.input_ids.shape[0]):
+            prompt = out.input_ids[b][out.attention_mask[b].bool()]
+            tokens = out.tokens[b]
+            ids = torch.cat([prompt, tokens[:-1]])[None]
+            logits = engine.prefill(ids, torch.ones_like(ids), every_column=True)[0, len(prompt) - 1:].float()
+            top = logits.max(-1).values
+            gap = top - logits.gather(-1, tokens.to(logits.device)[:, None])[:, 0]
+            tol = torch.clamp(relative * logits.abs().max(-1).values, min=absolute)
+            bad = ~(gap <= tol)  # NaN never passes
+            fraction = float(bad.float().mean())
+            if worst is None or fraction > worst[0]:
+                first = int(bad.nonzero()[0]) if bad.any() else None
+                worst = (fraction, i, b, first, float(gap[first]) if first is not None else 0.0)
+    fraction, i, b, first, gap = worst or (0.0, 0, 0, None, 0.0)
+    passed = fraction <= allowed_fraction
+    summary = {"outputs": len(outputs), "passed": passed, "worst_fraction": fraction, "allowed_fraction":
+               allowed_fraction}
+    if not passed:
+        summary["message"] = (f"timed run {i}: {fraction:.0%} of its tokens are not the reference's choice for the "
+                              f"same fresh prompt (first at token {first}, logit gap {gap:.3g})")
+    return summary

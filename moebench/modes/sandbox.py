@@ -1,0 +1,237 @@
+"""The submission in its own process: the parent (the harness) keeps the reference, the expected logits, the clock,
+the statistics and the records; the child imports the contestant module, builds the model, compiles it and runs
+what the parent asks for over a private pipe, each call under the phase's time limit.
+
+A crash, a hang past the limit or an exception inside the submission is a `SubmissionFault`: the evaluation fails
+and is recorded, and the harness goes on. Errors the user can fix (a module that does not import, a class that
+does not build) stay one-line `MoebenchError`s, as in one process.
+"""
+
+import contextlib
+import io
+import multiprocessing as mp
+import os
+import sys
+import traceback
+
+from moebench.errors import CheckFailed, MoebenchError
+
+
+class SubmissionFault(CheckFailed):
+    """The submission crashed, hung past its time limit or raised while being evaluated: a failed evaluation."""
+
+
+# ---- the child ----
+
+def _captured(fn, *args):
+    """fn(*args) with what it prints kept for the parent, which prints it in order with its own output."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            result = ("ok", fn(*args))
+    except BaseException as e:  # noqa: BLE001  everything goes back to the parent
+        result = _failure(e)
+    return (*result[:2], out.getvalue(), err.getvalue(), *result[2:])
+
+
+def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool) -> None:
+    """Builds the submission (UnderTest) and serves the parent's calls until told to stop."""
+    from moebench.evaluation.benchmark import Timings, time_request
+    from moebench.evaluation.submission import load_submission
+    from moebench.modes.contest import UnderTest
+    from moebench.modes.setup import Request, device_of, dtype_of, open_source
+
+    os.chdir(cwd)
+    req = Request(*req_tensors)
+    built = []
+
+    def build():
+        sub = load_submission(run.qwen)
+        built.append(UnderTest(run, sub, open_source(run), device_of(run), dtype_of(run), req, extend=extend))
+        return {"compile": built[0].artifacts.summary(), "module": str(sub.path)}
+
+    reply = _captured(build)
+    conn.send(reply)
+    if reply[0] != "ok":
+        return
+    under = built[0]
+
+    def request(ids, mask, new_tokens):
+        t = Timings()
+        tokens = time_request(under.engine, ids, mask, new_tokens, t)
+        return tokens.cpu(), {"ttft": t.ttft[0], "context": t.context[0], "steps": t.steps[0]}
+
+    handlers = {"greedy": lambda ids, mask, n: under.engine.greedy(ids, mask, n),
+                "request": request, "flops": lambda: under.kernel_flops(req)}
+    while True:
+        try:
+            cmd, args = conn.recv()
+        except EOFError:
+            return
+        if cmd == "stop":
+            return
+        conn.send(_captured(handlers[cmd], *args))
+
+
+def _failure(e: BaseException) -> tuple:
+    if isinstance(e, MoebenchError):
+        return "user", str(e)
+    line = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    return "fault", line, traceback.format_exc()
+
+
+# ---- the parent's side ----
+
+class Sandbox:
+    """The child process holding the submission. `call(phase, cmd, *args)` sends one request and waits at most
+    `time_limit` seconds for its answer."""
+
+    def __init__(self, run, req, time_limit: float, extend: bool = False):
+        self.time_limit = time_limit
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        req_tensors = (req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, req.pad_id,
+                       req.eos_ids)
+        self.process = ctx.Process(target=_child_main, args=(child_conn, run, req_tensors, os.getcwd(), extend),
+                                   name="moebench-submission")
+        self.process.start()
+        child_conn.close()  # only the child holds its end: a dead child reads as EOF here
+        self.started = self._answer("load and compile")
+
+    def call(self, phase: str, cmd: str, *args):
+        try:
+            self.conn.send((cmd, args))
+        except (BrokenPipeError, OSError):
+            self._died(phase)
+        return self._answer(phase)
+
+    def _answer(self, phase: str):
+        if not self.conn.poll(self.time_limit):
+            self.kill()
+            raise SubmissionFault(f"the submission did not finish {phase} within the time limit of "
+                                  f"{self.time_limit:g} s (--phase-time-limit); it was stopped")
+        try:
+            reply = self.conn.recv()
+        except (EOFError, OSError):
+            self._died(phase)
+        kind, value, out, err = reply[:4]
+        print(out, end="")
+        print(err, end="", file=sys.stderr)
+        if kind == "ok":
+            return value
+        if kind == "user":
+            self.kill()
+            raise MoebenchError(value)
+        print(reply[4], file=sys.stderr, end="")  # the submission's own traceback, for its author
+        self.kill()
+        raise SubmissionFault(f"the submission failed during {phase}: {value}")
+
+    def _died(self, phase: str):
+        self.process.join(5)
+        code = self.process.exitcode
+        self.kill()
+        raise SubmissionFault(f"the submission's process died during {phase} (exit code {code})")
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.conn.send(("stop", ()))
+            except OSError:
+                pass
+            self.process.join(10)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+
+
+def isolates(run) -> bool:
+    return run.isolation == "process" and run.tp_degree == 1
+
+
+def submission_of(run):
+    """The contestant module: only located when it will run isolated (never imported here), else imported."""
+    from moebench.evaluation.submission import load_submission, locate_submission
+
+    return locate_submission(run.qwen) if isolates(run) else load_submission(run.qwen)
+
+
+def isolation(run) -> bool:
+    """Whether this run isolates the submission (--isolation process, one process per rank); says so when not."""
+    if run.isolation == "none":
+        print("isolation: none (--isolation none): the submission runs in the harness's own process")
+        return False
+    if run.tp_degree > 1:
+        print(f"isolation: none under --tp-degree {run.tp_degree}: each rank runs the harness and the submission "
+              "in one process")
+        return False
+    return True
+
+
+class IsolatedSubmission:
+    """UnderTest's interface (validate, benchmark, kernel_flops) with the submission in a Sandbox: the parent draws
+    the fresh prompts, holds the clock, and afterwards checks every timed output against the reference."""
+
+    def __init__(self, run, source, req, extend: bool = False):
+        self.run, self.source = run, source
+        self.box = Sandbox(run, req, run.phase_time_limit, extend)
+        print(f"isolation: the submission runs in its own process (pid {self.box.process.pid}); the clock, the "
+              "reference, the expected logits and the records stay in the harness's. Partial: it runs as this same "
+              "user, so it could read this user's files; its timed outputs are checked on fresh prompts instead")
+        self.compile = self.box.started["compile"]
+        self.outputs, self.audit = [], None
+
+    def validate(self, expected, req, tokenizer):
+        from moebench.modes.contest import validate_submission
+
+        return validate_submission(self.run, lambda ids, mask, n: self.box.call("validation", "greedy", ids, mask, n),
+                                   expected, req, tokenizer)
+
+    def benchmark(self, req) -> dict:
+        from moebench.evaluation.benchmark import benchmark_report
+        from moebench.evaluation.checked import checked_benchmark
+        from moebench.modes.contest import progress
+
+        run, tok = self.run, self.source.tokenizer
+        banned = tuple({*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)})
+        bar = progress(run.benchmark_runs, "benchmark submission")
+        seed = int.from_bytes(os.urandom(4), "little")  # private: the submission cannot predict its prompts
+        timings, self.outputs, self.audit = checked_benchmark(
+            lambda ids, mask, n: self.box.call("benchmark", "request", ids, mask, n), req.input_ids,
+            req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs, run.audit_pairs,
+            self.source.config.vocab_size, banned, seed, on_run=lambda i: bar.update())
+        bar.close()
+        report = benchmark_report(timings, req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0])
+        report["measured_by"] = {"e2e_model": "the harness's process, around each whole request (scored)",
+                                 "context_encoding_model": "the submission's process (informational)",
+                                 "token_generation_model": "the submission's process (informational)"}
+        report["inputs"] = {"fresh_prompts": True, "seed": seed}
+        return report
+
+    def kernel_flops(self, req) -> dict:
+        return self.box.call("the FLOP count", "flops")
+
+    def finish(self, device, dtype) -> dict:
+        """Stops the submission's process, then checks every timed output with the reference (built now, so that
+        the two models never hold the device's memory together) and reads the caching audit."""
+        from moebench.engine.generator import Engine
+        from moebench.evaluation.accuracy import DEFAULT_FAILED_FRACTION
+        from moebench.evaluation.checked import spot_check
+        from moebench.model.loader import build_model
+        from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+        from moebench.modes.contest import divergence_tol
+
+        self.box.stop()
+        checks = {"caching_audit": self.audit.report() if self.audit else None}
+        if self.outputs:
+            ref = build_model(Qwen3MoeForCausalLM, self.source, ModelOptions(), dtype, device)
+            engine = Engine(ref, batch=1, max_len=self.run.seq_len)
+            checks["spot_check"] = spot_check(engine, self.outputs, divergence_tol(self.run),
+                                              DEFAULT_FAILED_FRACTION[self.run.torch_dtype])
+        return checks
+
+    def close(self) -> None:
+        self.box.kill()

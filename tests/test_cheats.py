@@ -1,0 +1,107 @@
+"""The cheat library (tests/cheats/): each cheat of spec/peer-harnesses.md §4 that could work against an LLM
+harness, run through a real evaluation; none raises its score. And the faults a submission can cause (a hang, a
+crash, NaN logits) end in a failed, recorded evaluation while the harness goes on."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_modes import invoke
+
+pytestmark = pytest.mark.usefixtures("in_tmp", "one_thread")
+
+CHEATS = Path(__file__).parent / "cheats"
+RUN = ["--seq-len", "20", "--benchmark-runs", "2", "--warmup-runs", "1", "--base-latency", "100",
+       "--base-throughput", "100", "--prompt", "Hello world"]
+RECORDS = "moebench-tiny_score_records.csv"
+
+
+def evaluate(module: str, *extra) -> tuple[int, str, str]:
+    return invoke("--mode", "evaluate_single", *RUN, "--qwen", CHEATS / f"{module}.py", *extra)
+
+
+def records(folder: Path = Path(".")) -> list[dict]:
+    with open(folder / RECORDS, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def report() -> dict:
+    return json.loads(Path("benchmark_report.json").read_text())
+
+
+def test_memoizing_outputs_is_flagged_by_the_caching_audit():
+    code, out, err = evaluate("memoize")
+    assert code == 1, out + err
+    assert "evaluation flagged: caching" in out
+    assert report()["checks"]["caching_audit"]["flagged"]
+    assert float(records()[-1]["final_score"]) == 0
+
+
+def test_replaying_stale_outputs_fails_the_check_of_the_timed_runs():
+    code, out, err = evaluate("stale_output")
+    assert code == 1, out + err
+    assert "logit validation PASS" in out  # it computed honestly while it was checked
+    assert "evaluation flagged: the timed outputs do not match the reference" in out
+    assert not report()["checks"]["spot_check"]["passed"]
+
+
+def test_less_work_on_timed_runs_fails_the_check_of_the_timed_runs():
+    code, out, err = evaluate("less_work_when_timed")
+    assert code == 1, out + err
+    assert "logit validation PASS" in out
+    assert "evaluation flagged: the timed outputs do not match the reference" in out
+    assert float(records()[-1]["final_score"]) == 0
+
+
+def test_reading_the_expected_logits_gains_nothing(in_tmp):
+    Path("prompts.txt").write_text("Hello world\n")
+    code, out, err = invoke("--mode", "generate_accuracy_baselines", "--seq-len", "20", "--benchmark-runs", "1",
+                            "--warmup-runs", "0")
+    assert code == 0, out + err
+    code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "read_expected.py", "--benchmark-runs", "2")
+    assert code == 1, out + err
+    assert "logit validation PASS" in out  # the stolen logits pass validation...
+    assert "evaluation flagged: the timed outputs do not match the reference" in out  # ...fresh prompts do not
+    assert float(records()[-1]["final_score"]) == 0
+
+
+def test_patching_the_clock_does_not_change_the_measured_latency():
+    code, out, err = evaluate("patch_clock")
+    assert code == 0, out + err
+    cheat = report()
+    code, out, err = invoke("--mode", "evaluate_single", *RUN)  # the honest template
+    assert code == 0, out + err
+    honest = report()
+    # The patch was live in the submission's process: its own (informational) timings shrank a hundredfold...
+    assert cheat["context_encoding_model"]["latency_ms_p50"] < cheat["e2e_model"]["latency_ms_p50"] / 20
+    # ...but the scored latency is the harness's, from its own process.
+    assert cheat["e2e_model"]["latency_ms_p99"] > 0.3 * honest["e2e_model"]["latency_ms_p99"]
+
+
+def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded():
+    code, out, err = evaluate("hang_at_import", "--phase-time-limit", "3")
+    assert code == 1, out + err
+    assert "the submission did not finish load and compile within the time limit of 3 s" in out
+    row = records()[-1]
+    assert float(row["final_score"]) == 0 and row["accuracy"] == "0"
+    jsonl = [json.loads(line) for line in Path(RECORDS).with_suffix(".jsonl").read_text().splitlines()]
+    assert "time limit" in jsonl[-1]["error"]
+
+
+def test_nan_logits_fail_validation():
+    code, out, err = evaluate("nan_logits")
+    assert code == 1, out + err
+    assert "logit validation FAIL" in out
+
+
+def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
+    Path("prompts.txt").write_text("Hello world\n\nOnce upon a time\n")
+    Path("prompt_data_cpu.csv").write_text("Prompt ID,Context Length,Sequence Length,Base latency,Base throughput\n"
+                                           "0,3,16,100,100\n1,4,16,100,100\n")
+    code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "crash_when_timed.py", "--skip-accuracy",
+                            "--benchmark-runs", "1", "--warmup-runs", "0")
+    assert code == 1, out + err
+    assert out.count("the submission's process died during benchmark (exit code 3)") == 2
+    assert [r["final_score"] for r in records()] == ["0.0", "0.0"]
