@@ -51,3 +51,39 @@ def test_evaluate_writes_a_record_with_its_provenance(capsys, in_tmp):
     assert record["score"]["final_score"] > 0 and record["report"]["e2e_model"]["runs"] == 1
     assert "logit validation PASS" in record["validation"]
     json.dumps(record)  # plain JSON all the way down
+
+
+def test_a_killed_evaluation_leaves_every_earlier_record_intact(in_tmp):
+    """evaluate_all over three prompts, killed (SIGKILL, with the submission's process) once the first prompt's
+    records are written: both records files still hold that record whole, and the next evaluation appends."""
+    import csv
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (in_tmp / "prompts.txt").write_text("Hello world\n\nOnce upon a time\n\nThe quick brown fox\n")
+    (in_tmp / "prompt_data_cpu.csv").write_text("Prompt ID,Context Length,Sequence Length,Base latency,"
+                                                "Base throughput\n0,3,14,100,100\n1,4,14,100,100\n2,4,14,100,100\n")
+    argv = [sys.executable, str(Path(__file__).parents[1] / "main.py"), "--mode", "evaluate_all", "--skip-accuracy",
+            "--benchmark-runs", "1", "--warmup-runs", "0", "--audit-pairs", "1"]
+    jsonl, csv_path = in_tmp / "moebench-tiny_score_records.jsonl", in_tmp / "moebench-tiny_score_records.csv"
+    proc = subprocess.Popen(argv, cwd=in_tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (jsonl.is_file() and read_json_records(jsonl)[0]) and time.time() < deadline:
+            assert proc.poll() is None, "the evaluation ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the harness and its submission process
+        proc.wait()
+    records, torn = read_json_records(jsonl)
+    assert len(records) >= 1 and torn == 0 and records[0]["prompt_index"] == 0
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == len(records)
+    assert float(rows[0]["final_score"]) == pytest.approx(records[0]["score"]["final_score"])
+    append_json_record(jsonl, {"after": True})  # the files stay usable
+    assert read_json_records(jsonl)[0][-1] == {"after": True}

@@ -239,8 +239,14 @@ def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
 OPTIONS = [f for f in dataclasses.fields(RunConfig) if f.name != "explicit"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error is one line, as every other error (not the whole usage text)."""
+        self.exit(2, f"moebench: error: {message} (moebench --help lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="moebench", argument_default=argparse.SUPPRESS, allow_abbrev=False,
         description="moebench: the NKI-MoE contest driver, on CPUs and NVIDIA GPUs. "
                     "Every flag of the contest's usage guide is accepted.",

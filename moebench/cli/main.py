@@ -20,7 +20,10 @@ def run_mode(run) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        run, notes = parse_args(argv)
+        try:
+            run, notes = parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error, already printed on one line (2)
+            return e.code if isinstance(e.code, int) else 2
         if run.tp_degree > 1 and not dist.is_initialized():
             from moebench.modes.parallel import run_tensor_parallel
 

@@ -92,8 +92,10 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
                             "--mode generate_accuracy_baselines or remove it")
     try:
         logits = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise MoebenchError(f"{pt}: cannot load ({type(e).__name__}: {e})") from None
+    except Exception as e:  # torch's messages run over several lines: the first says what went wrong
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise MoebenchError(f"{pt}: cannot load it as a tensor file ({type(e).__name__}: {first[:200]}); "
+                            "regenerate it with --mode generate_accuracy_baselines") from None
     B = len(wanted.prompt_ids)
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[1] != B:
         raise MoebenchError(f"{pt}: expected a tensor [new_tokens, {B}, vocab]")

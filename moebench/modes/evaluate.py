@@ -1,6 +1,7 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
 import dataclasses
+import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -202,6 +203,14 @@ def run_evaluate_all(run: RunConfig) -> int:
     if [r.prompt_id for r in rows] != list(range(len(prompts))):
         raise MoebenchError(f"{data_path}: has prompt ids {[r.prompt_id for r in rows]}, but prompts.txt has "
                             f"{len(prompts)} prompts (ids 0..{len(prompts) - 1})")
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):  # every row checked before any long work
+        n = source.tokenizer.batch([prompt], 0, "right")[0].shape[1]
+        if row.seq_len <= n:
+            raise MoebenchError(f"{data_path}: prompt {i} is {n} tokens, but its Sequence Length is {row.seq_len}; "
+                                "it must leave room for at least one new token")
+        if row.context_length != n:
+            print(f"note: {data_path.name}: prompt {i} is {n} tokens, not the {row.context_length} its Context Length "
+                  "says (the prompt itself is used)", file=sys.stderr)
     total, failed, artifacts = 0.0, 0, None
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
         print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")

@@ -1,0 +1,152 @@
+"""Bad input the harness reads, one row per case: each ends in exactly one `moebench: error: ...` line on stderr
+naming the problem, and exit code 2. Only cases no other test file covers are here (docs/bad-input.md maps every
+case to its test)."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import error_line, run_cli
+
+pytestmark = pytest.mark.usefixtures("in_tmp", "one_thread")
+
+HEADER = "Prompt ID,Context Length,Sequence Length,Base latency,Base throughput"
+PROMPT = "Hello world"
+GENERATE = ["--mode", "generate", "--seq-len", "16", "--max-new-tokens", "1"]
+BASELINES = ["--mode", "generate_accuracy_baselines", "--seq-len", "16", "--benchmark-runs", "1",
+             "--warmup-runs", "0"]
+EVALUATE_ALL = ["--mode", "evaluate_all", "--seq-len", "16", "--benchmark-runs", "1", "--warmup-runs", "0"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setups: each writes the bad input into the working folder (a fresh temporary one)
+
+
+def nothing(tmp: Path) -> None:
+    pass
+
+
+def empty_model_folder(tmp: Path) -> None:
+    (tmp / "model").mkdir()
+
+
+def config_not_utf8(tmp: Path) -> None:
+    from moebench.model.presets import preset_dir
+
+    shutil.copytree(preset_dir("moebench-tiny"), tmp / "model")
+    text = (tmp / "model" / "config.json").read_text(encoding="utf-8")
+    (tmp / "model" / "config.json").write_bytes(text.encode("utf-16"))  # a BOM and NUL bytes: not UTF-8
+
+
+def prompts(content: bytes):
+    def setup(tmp: Path) -> None:
+        (tmp / "prompts.txt").write_bytes(content)
+    return setup
+
+
+def prompt_data(csv_text: str, prompts_txt: str = PROMPT + "\n"):
+    def setup(tmp: Path) -> None:
+        (tmp / "prompts.txt").write_text(prompts_txt)
+        (tmp / "prompt_data_cpu.csv").write_text(csv_text)
+    return setup
+
+
+def stored_expected(run_seq_len: int = 8, stored_seq_len: int = 8, damage=None):
+    """prompts.txt (one prompt), its prompt_data_cpu.csv row (Sequence Length run_seq_len), and expected_logits_0.pt
+    and .json saved by save_expected with the metadata evaluate_all computes for a run at stored_seq_len (so they match
+    the run except where run_seq_len asks for more tokens); then damage(tmp)."""
+    def setup(tmp: Path) -> None:
+        from moebench.cli.args import parse_args
+        from moebench.evaluation.expected import save_expected
+        from moebench.modes.contest import expected_meta
+        from moebench.modes.setup import dtype_of, make_request, open_source
+
+        run, _ = parse_args(["--mode", "evaluate_all", "--seq-len", str(stored_seq_len)])
+        source = open_source(run)
+        req = make_request(run, source, [PROMPT])
+        meta = expected_meta(run, source, req, dtype_of(run))
+        save_expected(tmp, 0, torch.zeros(meta.new_tokens, 1, source.config.vocab_size), meta)
+        context = int(req.attention_mask.sum())
+        prompt_data(f"{HEADER}\n0,{context},{run_seq_len},100.0,50.0\n")(tmp)
+        if damage:
+            damage(tmp)
+    return setup
+
+
+def write_file(name: str, content: bytes):
+    def damage(tmp: Path) -> None:
+        (tmp / name).write_bytes(content)
+    return damage
+
+
+def truncate(name: str):
+    def damage(tmp: Path) -> None:
+        data = (tmp / name).read_bytes()
+        (tmp / name).write_bytes(data[:len(data) // 2])
+    return damage
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The table: id, setup, argv, what the one error line must contain
+
+def case(id: str, setup, argv: list[str], words: str):
+    return pytest.param(setup, argv, words, id=id)
+
+
+CASES = [
+    # --model-path
+    case("model-path-empty-folder", empty_model_folder, [*GENERATE, "--model-path", "model"],
+         "model/config.json: config.json not found"),
+    case("config-json-not-utf8", config_not_utf8, [*GENERATE, "--model-path", "model"],
+         "config.json: not valid JSON ('utf-8' codec can't decode"),
+    # prompts.txt
+    case("prompts-txt-missing-baselines", nothing, BASELINES, "prompts.txt not found in"),
+    case("prompts-txt-empty-evaluate-all", prompts(b""), EVALUATE_ALL, "prompts.txt holds no prompt"),
+    case("prompts-txt-empty-baselines", prompts(b"\n  \n\t\n"), BASELINES, "prompts.txt holds no prompt"),
+    case("prompts-txt-not-utf8-evaluate-all", prompts("Hello world\n\nWhat is AI?\n".encode("utf-16")),
+         EVALUATE_ALL, "prompts.txt:1: not UTF-8 text"),
+    case("prompts-txt-not-utf8-baselines", prompts("Hello world\n\nUn café ?\n".encode("latin-1")), BASELINES,
+         "prompts.txt:3: not UTF-8 text"),
+    # prompt_data_cpu.csv (evaluate_all)
+    case("prompt-data-malformed-number", prompt_data(f"{HEADER}\n0,2,16,fast,50.0\n"), EVALUATE_ALL,
+         "prompt_data_cpu.csv:2: expected three integers and two numbers, got '0,2,16,fast,50.0'"),
+    case("prompt-data-wrong-header", prompt_data("id,ctx,seq,latency,throughput\n0,2,16,100.0,50.0\n"),
+         EVALUATE_ALL, "prompt_data_cpu.csv:1: wrong header 'id,ctx,seq,latency,throughput'"),
+    case("prompt-data-seq-len-shorter-than-prompt",
+         prompt_data(f"{HEADER}\n0,2,4,100.0,50.0\n", "A prompt of clearly more than four tokens\n"), EVALUATE_ALL,
+         "prompt_data_cpu.csv"),
+    # expected_logits_{i}.pt / .json (evaluate_all builds and compiles the submission first: seconds each)
+    case("expected-pt-not-a-torch-file",
+         stored_expected(damage=write_file("expected_logits_0.pt", b"not a torch file\n")), EVALUATE_ALL,
+         "expected_logits_0.pt: cannot load it as a tensor file"),
+    case("expected-pt-truncated", stored_expected(damage=truncate("expected_logits_0.pt")), EVALUATE_ALL,
+         "expected_logits_0.pt: cannot load it as a tensor file"),
+    case("expected-json-malformed", stored_expected(damage=write_file("expected_logits_0.json", b"{ not json")),
+         EVALUATE_ALL, "expected_logits_0.json: not valid expected-logits metadata"),
+    case("expected-meta-other-seq-len", stored_expected(run_seq_len=12, stored_seq_len=8), EVALUATE_ALL,
+         "expected_logits_0.pt does not match this run: it holds 4 tokens, 8 are needed"),
+    # flags
+    case("tol-map-malformed", nothing, ["--mode", "validate", "--tol-map", "{None: (1e-5,"],
+         "argument --tol-map: not a Python literal"),
+    case("seq-len-0", nothing, ["--mode", "generate", "--seq-len", "0"],
+         "argument --seq-len: must be > 0, got 0"),
+    case("max-new-tokens-negative", nothing, ["--mode", "generate", "--max-new-tokens", "-1"],
+         "argument --max-new-tokens: must be > 0, got -1"),
+    case("context-encoding-bucket-larger-than-seq-len", nothing,
+         [*GENERATE, "--enable-bucketing", "--context-encoding-buckets", "32"],
+         "--context-encoding-buckets: bucket 32 is larger than --seq-len 16"),
+    case("qwen-missing-py-file", nothing, ["--mode", "validate", "--seq-len", "16", "--qwen", "my_qwen.py"],
+         "--qwen my_qwen.py: file not found"),
+]
+
+
+@pytest.mark.parametrize("setup, argv, words", CASES)
+def test_bad_input_is_one_error_line_and_exit_2(setup, argv, words, capsys, in_tmp):
+    setup(in_tmp)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2, f"exit code {code}\nstderr:\n{err}"
+    line = error_line(err)
+    assert line.startswith("moebench: error: "), line
+    assert words in line, line
