@@ -282,7 +282,6 @@ class Artifacts:
             torch.export.save(_without_weights(ep), self.graph_dir / graph_name(*key))
             self.graphs[key] = graph_name(*key)
         self.compile_seconds += time.perf_counter() - start
-        self.write_manifest()
 
     def graph(self, key: tuple) -> torch.fx.GraphModule:
         """The exported graph of key (submodel, batch, seq_len, bucket), read from the folder once."""
@@ -316,13 +315,11 @@ class Artifacts:
             tmp.write_bytes(saved[0])
             tmp.replace(self.code_path)
         self.compile_seconds += time.perf_counter() - start
-        self.write_manifest()
 
     def save_checkpoint(self, model) -> None:
         start = time.perf_counter()
         save_sharded_checkpoint(model, self.checkpoint_path)
         self.compile_seconds += time.perf_counter() - start
-        self.write_manifest()
 
     def copy_tokenizer(self, tokenizer_folder: Path) -> None:
         if not self.writes:
