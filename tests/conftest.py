@@ -59,6 +59,8 @@ def _private_cache(tmp_path_factory):
     """The embedded model is written into a per-session cache, so tests start from nothing."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MOEBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # The confined submission processes of the tests run trusted modules: one compile cache for all of them.
+    mp.setenv("MOEBENCH_SANDBOX_CACHE", str(tmp_path_factory.mktemp("sandbox-cache")))
     yield
     mp.undo()
 
@@ -89,8 +91,9 @@ def run_cli(capsys, *argv):
 
 
 def error_line(err: str) -> str:
-    """The one line a user error prints, checked to be alone and without a traceback."""
-    lines = [line for line in err.splitlines() if line.strip()]
+    """The one line a user error prints, checked to be alone (but for progress lines of long work done before the
+    problem showed) and without a traceback."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[progress] ")]
     assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
     assert "Traceback" not in err
     return lines[0]

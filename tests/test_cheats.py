@@ -3,7 +3,9 @@ harness, run through a real evaluation; none raises its score. And the faults a 
 crash, NaN logits) end in a failed, recorded evaluation while the harness goes on."""
 
 import csv
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,15 +57,51 @@ def test_less_work_on_timed_runs_fails_the_check_of_the_timed_runs():
     assert float(records()[-1]["final_score"]) == 0
 
 
-def test_reading_the_expected_logits_gains_nothing(in_tmp):
+def baselines() -> None:
     Path("prompts.txt").write_text("Hello world\n")
     code, out, err = invoke("--mode", "generate_accuracy_baselines", "--seq-len", "20", "--benchmark-runs", "1",
                             "--warmup-runs", "0")
     assert code == 0, out + err
-    code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "read_expected.py", "--benchmark-runs", "2")
+
+
+def test_reading_the_expected_logits_gains_nothing():
+    """Even where the submission can read the expected logits (--isolation process: the same user), fresh prompts
+    make them useless."""
+    baselines()
+    code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "read_expected.py", "--benchmark-runs", "2",
+                            "--isolation", "process")
     assert code == 1, out + err
+    assert "Partial: --isolation process" in out
     assert "logit validation PASS" in out  # the stolen logits pass validation...
     assert "evaluation flagged: the timed outputs do not match the reference" in out  # ...fresh prompts do not
+    assert float(records()[-1]["final_score"]) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="confinement needs root (CI runs as root)")
+def test_a_confined_submission_cannot_see_or_forge_the_expected_logits_or_the_records():
+    baselines()
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(".").iterdir() if p.is_file()}
+    code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "forge_records.py", "--benchmark-runs", "1",
+                            "--audit-pairs", "0")
+    assert code == 0, out + err
+    assert "as user 60999 (moebench-sandbox), in a private view of the filesystem" in out
+    assert "forge: uid 60999, sees ['traced_model']" in out  # nothing else of the working directory
+    assert "forge: read expected_logits_0.pt: FileNotFoundError" in out
+    assert "forge: append to moebench-tiny_score_records.csv: PermissionError" in out
+    assert "forge: write to moebench's package: " in out
+    assert "done" not in "".join(line for line in out.splitlines() if line.startswith("forge:"))
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(".").iterdir() if p.is_file()}
+    assert {n: after[n] for n in before if n.startswith(("expected_logits", "prompt"))} == \
+        {n: h for n, h in before.items() if n.startswith(("expected_logits", "prompt"))}
+    assert [r["team_id"] for r in records()] == [""]  # the cheat's own row, no forged one
+    assert "logit validation PASS" in out and float(records()[-1]["accuracy"]) == 1
+
+
+def test_a_pickle_from_the_submission_never_runs_in_the_harness():
+    code, out, err = evaluate("pickle_bomb")
+    assert code == 1, out + err
+    assert "the submission's process sent something other than data during load and compile" in out
+    assert not Path("pickle_bomb_ran_in_the_harness").exists()
     assert float(records()[-1]["final_score"]) == 0
 
 

@@ -100,9 +100,11 @@ class RunConfig:
                                  type=_positive(float), modes=SCORED)
     team_id: str = opt(None, "team identifier; names the score-records CSV", modes=SCORED)
     member_id: str = opt(None, "team member identifier, stored in the score records", modes=SCORED)
-    isolation: str = opt("process", "process: the submission runs in its own process, the harness keeps the clock, "
-                                    "the reference and the records (none: one process, for debugging)",
-                         choices=("process", "none"), modes=VALIDATING)
+    isolation: str = opt("user", "user: the submission runs in its own process, as an unprivileged user in a private "
+                                 "view of the filesystem where the harness runs as root; process: its own process, "
+                                 "this same user; none: one process, for debugging. The harness keeps the clock, "
+                                 "the reference and the records", choices=("user", "process", "none"),
+                         modes=VALIDATING)
     phase_time_limit: float = opt(3600.0, "seconds the submission may take for each phase (load and compile, "
                                           "validation, benchmark, FLOP count) before it is stopped and fails",
                                   type=_positive(float), modes=VALIDATING)

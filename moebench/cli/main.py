@@ -19,7 +19,15 @@ def run_mode(run) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv and argv[0] in ("report", "leaderboard"):
+            from moebench.report.cli import leaderboard_main, report_main
+
+            try:
+                return (report_main if argv[0] == "report" else leaderboard_main)(argv[1:])
+            except SystemExit as e:
+                return e.code if isinstance(e.code, int) else 2
         try:
             run, notes = parse_args(argv)
         except SystemExit as e:  # --help (0) or a usage error, already printed on one line (2)

@@ -254,7 +254,7 @@ class Artifacts:
             shutil.rmtree(self.folder / "tokenizer", ignore_errors=True)
 
     # the compile step
-    def compile_graphs(self, engine, buckets: list[tuple[str, int]]) -> None:
+    def compile_graphs(self, engine, buckets: list[tuple[str, int]], on_step=None) -> None:
         """Export each (submodel, bucket) this folder lacks for the engine's batch; --skip-compile instead checks
         that they are all there."""
         keys = [(submodel, engine.batch, engine.max_len, bucket) for submodel, bucket in buckets]
@@ -281,6 +281,8 @@ class Artifacts:
             self._loaded[key] = ep.graph_module
             torch.export.save(_without_weights(ep), self.graph_dir / graph_name(*key))
             self.graphs[key] = graph_name(*key)
+            if on_step is not None:
+                on_step()
         self.compile_seconds += time.perf_counter() - start
 
     def graph(self, key: tuple) -> torch.fx.GraphModule:
@@ -295,7 +297,7 @@ class Artifacts:
                 raise MoebenchError(f"{path}: cannot load the exported graph ({type(e).__name__}: {e})") from None
         return self._loaded[key]
 
-    def compile_code(self, engine, buckets: list[int]) -> None:
+    def compile_code(self, engine, buckets: list[int], on_step=None) -> None:
         """Compile the engine's decode step for each token-generation bucket now (one real call each), and keep
         torch.compile's caches; --skip-compile loads them instead, before anything compiles."""
         if self.reuse:
@@ -309,6 +311,8 @@ class Artifacts:
             if (engine.max_len, bucket) not in self.warmed:
                 engine.warm_decode(bucket)
                 self.warmed.add((engine.max_len, bucket))
+            if on_step is not None:
+                on_step()
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
             tmp = self.code_path.with_suffix(".tmp")

@@ -68,6 +68,18 @@ class ValidationReport:
     def max_gap(self) -> float:
         return max((c.gap for c in self.checks if c.gap is not None), default=0.0)
 
+    def plot_data(self) -> dict:
+        """benchmark_report.json's "accuracy": each top-k set's worst error per generated token (over rows) and its
+        rtol, for the report's plot."""
+        name = (lambda k: "all" if k is None else str(k))
+        steps = max((c.step for c in self.checks), default=-1) + 1
+        errors = {name(k): [max((c.errors[k] for c in self.checks if c.step == t), default=None) for t in range(steps)]
+                  for k in self.tol_map}
+        return {"passed": self.passed, "tokens": len(self.checks), "failed": self.failed,
+                "rtol": {name(k): tol[1] for k, tol in self.tol_map.items()},
+                "errors_by_step": {k: [v if v is None or math.isfinite(v) else None for v in e]
+                                   for k, e in errors.items()}}
+
     def summary(self) -> str:
         rows = len({c.row for c in self.checks})
         lines = [f"logit validation {'PASS' if self.passed else 'FAIL'}: {len(self.checks)} tokens checked "

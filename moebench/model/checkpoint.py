@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moebench.errors import MoebenchError
+from moebench.progress import Progress
 from moebench.model.config import Qwen3MoeConfig
 from moebench.model.qwen3_moe import ModelOptions
 
@@ -122,7 +123,10 @@ def load_weights(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype, de
     for path in sorted(set(reader.where.values())):
         _keys(path)  # a missing or unreadable shard fails here, naming the file
     state = {}
-    for ours, (groups, stacked) in weight_table(cfg, opts).items():
+    table = weight_table(cfg, opts)
+    bar = Progress(len(table), "loading weights", "tensor")
+    for ours, (groups, stacked) in table.items():
+        bar.update()
         stacked_name = ours if stacked and ours in reader.where else None
         if stacked_name:  # already stacked [E, ...] (transformers' in-memory layout)
             shape = (len(groups), sum(s[0] for _, s in groups[0]), *groups[0][0][1][1:])
@@ -135,6 +139,7 @@ def load_weights(model: torch.nn.Module, model_dir: Path, dtype: torch.dtype, de
         head = reader.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
         if not torch.equal(head.to(dtype), state["model.embed_tokens.weight"].cpu()):
             raise MoebenchError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
+    bar.close()
     unused = sorted(set(reader.where) - reader.used)
     if unused:
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""

@@ -14,6 +14,7 @@ from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.evaluation.flops import GraphRuns, RequestMacs, graph_macs, request_macs
+from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
 from moebench.modes.parallel import parallelize
 from moebench.modes.setup import Request, buckets_of, on_device_sampling
@@ -72,9 +73,12 @@ def compile_step(run: RunConfig, artifacts: Artifacts, model, engine, req: Reque
     save the sharded checkpoint and the tokenizer; with --skip-compile, load what is there. Prints the time."""
     buckets = compiled_buckets(engine, req)
     before = artifacts.compile_seconds
-    artifacts.compile_graphs(engine, buckets)
-    if compile_code:
-        artifacts.compile_code(engine, [b for s, b in buckets if s == TKG])
+    tkg_buckets = [b for s, b in buckets if s == TKG]
+    with Progress(None if artifacts.reuse else len(buckets) + len(tkg_buckets) * compile_code, "compile",
+                  "step") as bar:
+        artifacts.compile_graphs(engine, buckets, bar.update)
+        if compile_code:
+            artifacts.compile_code(engine, tkg_buckets, bar.update)
     if not artifacts.reuse:
         if run.save_sharded_checkpoint and not artifacts.checkpoint_path.is_file():
             artifacts.save_checkpoint(model)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from moebench import __version__
 from moebench.cli.args import RunConfig
@@ -29,6 +28,7 @@ from moebench.model.qwen3_moe import (KERNEL_BLOCKS, Attention, DenseMLP, ModelO
 from moebench.modes.compiled import build_from_shards, compile_step, kernel_macs, open_artifacts
 from moebench.modes.parallel import parallelize
 from moebench.modes.setup import Request, make_engine
+from moebench.progress import Progress
 
 WIDE = "qwen3-30b-a3b"
 
@@ -41,8 +41,8 @@ def record_model_name(source: ModelSource) -> str:
     return WIDE if same == want else source.name
 
 
-def progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, unit="run", file=sys.stderr, disable=not sys.stderr.isatty())
+def progress(total: int, desc: str) -> Progress:
+    return Progress(total, desc, "run")
 
 
 # The building blocks each per-kernel flag switches to its kernel (moebench.model.qwen3_moe.KERNEL_BLOCKS).
@@ -189,12 +189,15 @@ def validate_submission(run: RunConfig, greedy, expected: torch.Tensor, req: Req
             ids[b, :len(p)], mask[b, :len(p)] = torch.tensor(p), 1
         n_new = min(n_new, run.seq_len - L + 1)
         tokens, logits = greedy(ids, mask, n_new)
+        bar.update()
         if not first:
             first.append(tokens)
         return logits, tokens
 
+    bar = Progress(None, "validation", "generate call")  # 1 + a teacher-forced call per divergence
     report = validate_logits(prompt_rows(req), generate_fn, expected, run.tol_map or DEFAULT_TOL_MAP,
                              divergence_tol(run), run.num_tokens_to_check, DEFAULT_FAILED_FRACTION[run.torch_dtype])
+    bar.close()
     n = expected.shape[0] if run.num_tokens_to_check is None else min(run.num_tokens_to_check, expected.shape[0])
     exp_text = [tokenizer.decode(expected[:n, b].argmax(-1).tolist()) for b in range(expected.shape[1])]
     act_text = [tokenizer.decode(first[0][b, :n].tolist()) for b in range(expected.shape[1])]

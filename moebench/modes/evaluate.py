@@ -57,6 +57,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             print_validation(v)
             accuracy, checked = float(v.report.passed), True
         report = under.benchmark(req)
+        report["accuracy"] = v.report.plot_data() if v is not None else None
         report["kernel_flops"] = flops = under.kernel_flops(req)
         report["compile"] = under.compile if isolated else under.artifacts.summary()
         if isolated:
@@ -83,9 +84,15 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             **record_head(run, prompt, index), "accuracy_checked": checked,
             "validation": v.report.summary() if checked else None, "flagged": problems or None,
             "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
-            "report": report})
+            "report": without_samples(report)})
     print_summary(score, checked, base, report_path, path)
     return score, None if isolated else under.artifacts
+
+
+def without_samples(report: dict) -> dict:
+    """The report for the records: every section but its raw samples (those stay in benchmark_report.json)."""
+    return {k: {n: v for n, v in s.items() if n != "samples_ms"} if isinstance(s, dict) else s
+            for k, s in report.items()}
 
 
 def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, folder: Path) -> Base:

@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from moebench.cli.args import RunConfig
 from moebench.engine.parallel import writes_files
@@ -14,6 +13,7 @@ from moebench.evaluation.submission import load_submission
 from moebench.modes.compiled import compile_step, open_artifacts
 from moebench.modes.contest import benchmark, build_submission, options_of, write_json
 from moebench.modes.setup import device_of, dtype_of, make_engine, make_request, open_source
+from moebench.progress import Progress
 
 LOGITS_FILE = "output_logits.pt"
 REPORT_FILE = "benchmark_report.json"
@@ -38,8 +38,7 @@ def run_generate(run: RunConfig) -> int:
     compile_step(run, artifacts, model, engine, req, source, compile_code=compile, started=started)
     sampling = SamplingParams(run.do_sample, run.temperature, run.top_k, run.top_p)
     generator = torch.Generator().manual_seed(run.seed)
-    bar = tqdm(total=req.max_new_tokens, desc="generate", unit="tok", file=sys.stderr,
-               disable=not sys.stderr.isatty())
+    bar = Progress(req.max_new_tokens, "generate", "token")
     stamps = [time.perf_counter()]  # start, then one per token
 
     def on_token(i):

@@ -13,12 +13,27 @@ import multiprocessing as mp
 import os
 import sys
 import traceback
+from pathlib import Path
+
+import torch
 
 from moebench.errors import CheckFailed, MoebenchError
 
 
 class SubmissionFault(CheckFailed):
     """The submission crashed, hung past its time limit or raised while being evaluated: a failed evaluation."""
+
+
+def _send(conn, message) -> None:
+    """Messages are plain data (tuples, dicts, numbers, strings, tensors) in torch.save's format, read back with
+    weights_only: unpickling what the child sends could otherwise run the child's code in the harness."""
+    buffer = io.BytesIO()
+    torch.save(message, buffer)
+    conn.send_bytes(buffer.getvalue())
+
+
+def _receive(conn):
+    return torch.load(io.BytesIO(conn.recv_bytes()), weights_only=True)
 
 
 # ---- the child ----
@@ -34,24 +49,35 @@ def _captured(fn, *args):
     return (*result[:2], out.getvalue(), err.getvalue(), *result[2:])
 
 
-def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool) -> None:
-    """Builds the submission (UnderTest) and serves the parent's calls until told to stop."""
+def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool, view) -> None:
+    """Enters its confinement (where there is one), builds the submission (UnderTest) and serves the parent's calls
+    until told to stop."""
+    os.chdir(cwd)
+    partial = ""
+    if view is not None:
+        from moebench.modes.confine import enter
+
+        try:
+            enter(view)
+        except OSError as e:  # no mount namespaces here (a container without CAP_SYS_ADMIN, say)
+            partial = f"the kernel refused a private view of the filesystem ({e}), so the submission runs as " \
+                      "this same user and could read this user's files"
     from moebench.evaluation.benchmark import Timings, time_request
     from moebench.evaluation.submission import load_submission
     from moebench.modes.contest import UnderTest
     from moebench.modes.setup import Request, device_of, dtype_of, open_source
 
-    os.chdir(cwd)
     req = Request(*req_tensors)
     built = []
 
     def build():
         sub = load_submission(run.qwen)
         built.append(UnderTest(run, sub, open_source(run), device_of(run), dtype_of(run), req, extend=extend))
-        return {"compile": built[0].artifacts.summary(), "module": str(sub.path)}
+        return {"compile": built[0].artifacts.summary(), "module": str(sub.path), "partial": partial,
+                "uid": os.getuid()}
 
     reply = _captured(build)
-    conn.send(reply)
+    _send(conn, reply)
     if reply[0] != "ok":
         return
     under = built[0]
@@ -65,12 +91,12 @@ def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool) -> None:
                 "request": request, "flops": lambda: under.kernel_flops(req)}
     while True:
         try:
-            cmd, args = conn.recv()
+            cmd, args = _receive(conn)
         except EOFError:
             return
         if cmd == "stop":
             return
-        conn.send(_captured(handlers[cmd], *args))
+        _send(conn, _captured(handlers[cmd], *args))
 
 
 def _failure(e: BaseException) -> tuple:
@@ -86,13 +112,13 @@ class Sandbox:
     """The child process holding the submission. `call(phase, cmd, *args)` sends one request and waits at most
     `time_limit` seconds for its answer."""
 
-    def __init__(self, run, req, time_limit: float, extend: bool = False):
+    def __init__(self, run, req, time_limit: float, extend: bool = False, view=None):
         self.time_limit = time_limit
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         req_tensors = (req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, req.pad_id,
                        req.eos_ids)
-        self.process = ctx.Process(target=_child_main, args=(child_conn, run, req_tensors, os.getcwd(), extend),
+        self.process = ctx.Process(target=_child_main, args=(child_conn, run, req_tensors, os.getcwd(), extend, view),
                                    name="moebench-submission")
         self.process.start()
         child_conn.close()  # only the child holds its end: a dead child reads as EOF here
@@ -100,7 +126,7 @@ class Sandbox:
 
     def call(self, phase: str, cmd: str, *args):
         try:
-            self.conn.send((cmd, args))
+            _send(self.conn, (cmd, args))
         except (BrokenPipeError, OSError):
             self._died(phase)
         return self._answer(phase)
@@ -111,9 +137,17 @@ class Sandbox:
             raise SubmissionFault(f"the submission did not finish {phase} within the time limit of "
                                   f"{self.time_limit:g} s (--phase-time-limit); it was stopped")
         try:
-            reply = self.conn.recv()
+            reply = _receive(self.conn)
         except (EOFError, OSError):
             self._died(phase)
+        except Exception as e:  # noqa: BLE001  anything but plain data is refused by weights_only
+            self.kill()
+            raise SubmissionFault(f"the submission's process sent something other than data during {phase} "
+                                  f"({type(e).__name__})") from None
+        if not (isinstance(reply, tuple) and len(reply) in (4, 5) and reply[0] in ("ok", "user", "fault")
+                and all(isinstance(x, str) for x in reply[1 if reply[0] != "ok" else 2:])):
+            self.kill()
+            raise SubmissionFault(f"the submission's process sent a malformed reply during {phase}")
         kind, value, out, err = reply[:4]
         print(out, end="")
         print(err, end="", file=sys.stderr)
@@ -135,7 +169,7 @@ class Sandbox:
     def stop(self) -> None:
         if self.process.is_alive():
             try:
-                self.conn.send(("stop", ()))
+                _send(self.conn, ("stop", ()))
             except OSError:
                 pass
             self.process.join(10)
@@ -149,7 +183,7 @@ class Sandbox:
 
 
 def isolates(run) -> bool:
-    return run.isolation == "process" and run.tp_degree == 1
+    return run.isolation != "none" and run.tp_degree == 1
 
 
 def submission_of(run):
@@ -176,11 +210,36 @@ class IsolatedSubmission:
     the fresh prompts, holds the clock, and afterwards checks every timed output against the reference."""
 
     def __init__(self, run, source, req, extend: bool = False):
+        import hashlib
+
+        from moebench.evaluation.submission import locate_submission
+        from moebench.modes import confine
+
         self.run, self.source = run, source
-        self.box = Sandbox(run, req, run.phase_time_limit, extend)
-        print(f"isolation: the submission runs in its own process (pid {self.box.process.pid}); the clock, the "
-              "reference, the expected logits and the records stay in the harness's. Partial: it runs as this same "
-              "user, so it could read this user's files; its timed outputs are checked on fresh prompts instead")
+        module = locate_submission(run.qwen).path
+        self.artifacts = Path(run.compiled_model_path)
+        folders = [f for f in (source.weights_dir, source.tokenizer.folder) if f is not None]
+        self.view, partial = confine.plan(run, module, hashlib.sha256(module.read_bytes()).hexdigest(), folders,
+                                          self.artifacts, run.skip_compile)
+        if self.view is not None and extend:
+            confine.stage_from(self.view, self.artifacts)
+        try:
+            self.box = Sandbox(run, req, run.phase_time_limit, extend, self.view)
+            confine.publish(self.view, self.artifacts)  # what it compiled, where a compile in one process puts it
+        except BaseException:
+            confine.discard(self.view)
+            raise
+        partial = partial or self.box.started["partial"]
+        where = f"in its own process (pid {self.box.process.pid})"
+        if partial:
+            print(f"isolation: the submission runs {where}; the clock, the reference, the expected logits and the "
+                  f"records stay in the harness's. Partial: {partial}; its timed outputs are checked on fresh "
+                  "prompts instead")
+        else:
+            print(f"isolation: the submission runs {where} as user {self.box.started['uid']} ({confine.USER}), in "
+                  "a private view of the filesystem (the model, its module, moebench, Python; not the expected "
+                  "logits, the records or this user's files), with no network; the clock, the reference and the "
+                  "records stay in the harness's")
         self.compile = self.box.started["compile"]
         self.outputs, self.audit = [], None
 
@@ -234,4 +293,7 @@ class IsolatedSubmission:
         return checks
 
     def close(self) -> None:
+        from moebench.modes.confine import discard
+
         self.box.kill()
+        discard(self.view)

@@ -1,0 +1,229 @@
+"""Confinement of the submission's process (--isolation user, where the harness runs as root).
+
+Before it imports the contestant module, the child enters a private view of the filesystem that holds only what
+building and running the model needs, then becomes an unprivileged user with no capabilities and no way back:
+
+- read-only: the system's folders (/usr, /etc, ...), Python's installation and site-packages, moebench's package,
+  the model folder, the contestant module with the Python files and packages beside it, and the artifacts folder
+  when --skip-compile reuses it;
+- writable: the artifacts folder when the child compiles (a staging copy, published by the harness once the
+  child is done with it), a cache folder of the module's own (Inductor, Triton), an empty /tmp;
+- absent: everything else. The working directory's expected logits, prompt data, reports and records are not in
+  the view, nor is anything the harness writes while the child runs.
+
+The child also gets network and IPC namespaces of its own (no network), a /proc that shows only its user's
+processes, and no-new-privileges (setuid programs stay unprivileged). Its user, UID, is in no passwd file and is
+used by nothing but these children. Elsewhere (not root, or no mount namespaces) isolation is partial and the
+output says why.
+"""
+
+import ctypes
+import os
+import shutil
+import site
+import stat
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+UID = GID = 60999
+USER = "moebench-sandbox"
+SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
+MANAGED = ("manifest.json", "graphs", "weights", "tokenizer")  # an artifacts folder's own entries (+ compiled code)
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = \
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+PR_SET_NO_NEW_PRIVS = 38
+
+
+@dataclass
+class View:
+    """What the child will see: (host path, path in the view, writable) binds, its working directory, its cache."""
+
+    root: str  # the mount point of the view's tmpfs (a folder of the harness's, empty on the host)
+    cwd: str
+    cache: str  # the module's own cache folder, writable by UID
+    binds: list = field(default_factory=list)
+    stage: str | None = None  # host folder the child compiles into, bound at the artifacts folder's place
+
+    def bind(self, path, writable: bool = False, source=None) -> None:
+        path = os.path.abspath(path)
+        source = os.path.realpath(source or path)
+        if os.path.exists(source) and not any(_within(path, b[1]) and not b[2] for b in self.binds if not writable):
+            self.binds.append((source, path, writable))
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Path, reuse: bool,
+         euid: int | None = None) -> tuple[View | None, str]:
+    """The view for this run, or (None, why isolation is partial here)."""
+    import moebench
+
+    if (os.geteuid() if euid is None else euid) != 0:
+        return None, "the harness does not run as root, so the submission runs as this same user and could read " \
+                     "this user's files"
+    if run.isolation == "process":
+        return None, "--isolation process: the submission runs as this same user and could read this user's files"
+    base = _own_folder(Path(tempfile.gettempdir()) / "moebench-sandbox")
+    # One compile cache per module: a cache shared by submissions would let one plant compiled code for another.
+    # MOEBENCH_SANDBOX_CACHE shares one between trusted modules (the test suite's, to compile each graph once).
+    cache = Path(os.environ.get("MOEBENCH_SANDBOX_CACHE") or base / module_sha[:16]).absolute()
+    for folder in (cache, cache / "inductor", cache / "triton"):
+        folder.mkdir(parents=True, exist_ok=True)
+        os.lchown(folder, UID, GID)
+    cache.chmod(0o700)
+    root = base / "view"
+    root.mkdir(mode=0o700, exist_ok=True)
+    view = View(str(root), os.getcwd(), str(cache))
+    for path in (sys.base_prefix, sys.prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages(),
+                 Path(moebench.__file__).parent, *model_folders):
+        view.bind(path)
+    _bind_module(view, module)
+    artifacts = artifacts.absolute()
+    if reuse or artifacts.exists() and not artifacts.is_dir():
+        view.bind(artifacts)  # read only: --skip-compile reads; a file there is the child's error to report
+    else:
+        view.stage = tempfile.mkdtemp(prefix="compiled-", dir=cache)
+        os.lchown(view.stage, UID, GID)
+        view.bind(artifacts, writable=True, source=view.stage)
+    return view, ""
+
+
+def _own_folder(path: Path) -> Path:
+    """path as a root-owned folder nobody else can change, or a fresh one where someone else made it first."""
+    try:
+        path.mkdir(mode=0o755)
+    except FileExistsError:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            return Path(tempfile.mkdtemp(prefix="moebench-sandbox-"))
+    return path
+
+
+def _bind_module(view: View, module: Path) -> None:
+    """The module, and the Python files and packages beside it (its helpers): nothing else of its folder."""
+    view.bind(module)
+    for entry in module.parent.iterdir():
+        if entry.suffix == ".py" or entry.is_dir() and (entry / "__init__.py").is_file():
+            view.bind(entry)
+
+
+def stage_from(view: View, artifacts: Path) -> None:
+    """A later prompt of evaluate_all adds to the folder: the child's staging copy starts from its contents."""
+    if view is None or view.stage is None or not artifacts.is_dir():
+        return
+    for name in (*MANAGED, *(p.name for p in artifacts.glob("compiled_code_tp*.bin"))):
+        _copy(artifacts / name, Path(view.stage) / name, UID, GID)
+
+
+def publish(view: View, artifacts: Path) -> None:
+    """The artifacts the child compiled, from its staging folder to the artifacts folder: moebench's own entries
+    are replaced (as a compile in one process replaces them); only folders and regular files are copied, never a
+    link the child may have planted."""
+    if view is None or view.stage is None:
+        return
+    stage = Path(view.stage)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    for old in (*MANAGED, *(p.name for p in artifacts.glob("compiled_code_tp*.bin"))):
+        target = artifacts / old
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    for entry in stage.iterdir():
+        if entry.name in MANAGED or entry.name.startswith("compiled_code_tp") and entry.suffix == ".bin":
+            _copy(entry, artifacts / entry.name, os.getuid(), os.getgid())
+
+
+def _copy(src: Path, dst: Path, uid: int, gid: int) -> None:
+    st = os.lstat(src) if os.path.lexists(src) else None
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        dst.mkdir(exist_ok=True)
+        os.lchown(dst, uid, gid)
+        for entry in src.iterdir():
+            _copy(entry, dst / entry.name, uid, gid)
+    elif stat.S_ISREG(st.st_mode):
+        shutil.copyfile(src, dst, follow_symlinks=False)
+        os.lchown(dst, uid, gid)
+
+
+def discard(view: View | None) -> None:
+    if view is not None and view.stage is not None:
+        shutil.rmtree(view.stage, ignore_errors=True)
+
+
+# ---- in the child, before anything of the submission runs ----
+
+def enter(view: View) -> None:
+    """Enters the view and becomes UID for good. Raises OSError before anything changed for the worse: where the
+    kernel refuses a namespace the child stays unconfined and the harness says so."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def mount(source, target, fstype, flags, data=None) -> None:
+        enc = (lambda s: None if s is None else str(s).encode())
+        check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
+
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET), "unshare")
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    root = view.root
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    os.makedirs(root + "/dev")
+    mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
+    os.makedirs(root + "/proc")
+    try:
+        mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
+    except OSError:  # an older kernel: the host's /proc (other users' processes are still out of reach)
+        mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
+    os.makedirs(root + "/tmp")
+    mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for path in SYSTEM:
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), root + path)
+        elif os.path.isdir(path):
+            view.binds.insert(0, (path, path, False))
+    view.binds.append((view.cache, view.cache, True))
+    for source, path, writable in sorted(view.binds, key=lambda b: b[1].count("/")):  # outer folders first
+        target = root + path
+        if os.path.isdir(source):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        mount(source, target, None, MS_BIND | MS_REC)
+        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if writable else MS_RDONLY))
+    os.makedirs(root + view.cwd, exist_ok=True)
+    os.chdir(root)
+    os.chroot(root)
+    os.chdir(view.cwd)
+    _close_folders()
+    os.environ.update(TMPDIR="/tmp", USER=USER, LOGNAME=USER, TORCHINDUCTOR_CACHE_DIR=f"{view.cache}/inductor",
+                      TRITON_CACHE_DIR=f"{view.cache}/triton", TRITON_HOME=view.cache)
+    tempfile.tempdir = None
+    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+    os.setgroups([])
+    os.setresgid(GID, GID, GID)
+    os.setresuid(UID, UID, UID)  # the capabilities go with uid 0
+    if os.geteuid() != UID:
+        raise SystemExit("moebench: the submission's process could not drop its privileges")
+
+
+def _close_folders() -> None:
+    """A folder descriptor opened before the chroot would lead back out of it."""
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            pass

@@ -1,0 +1,68 @@
+"""`moebench leaderboard`: every team's JSON-lines score records into an SQLite database, then the best passing
+evaluation per team and member, ranked by final score: a table in the terminal and an HTML page."""
+
+import sqlite3
+from pathlib import Path
+
+from moebench.report.page import page, read_records, table
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS evaluations (
+    source TEXT NOT NULL, line INTEGER NOT NULL, time TEXT, team TEXT NOT NULL, member TEXT NOT NULL,
+    prompt_index INTEGER, passed INTEGER NOT NULL, final_score REAL, latency REAL, throughput REAL,
+    flop_ratio REAL, module_sha256 TEXT, model TEXT, device TEXT, error TEXT,
+    PRIMARY KEY (source, line))"""
+COLUMNS = ["rank", "team", "member", "final score", "latency ms", "throughput", "FLOP ratio", "date", "module",
+           "evaluations"]
+
+
+def load(db: sqlite3.Connection, paths: list[Path]) -> int:
+    """Adds the records of each file (again loading a file replaces its rows); returns how many were read."""
+    db.execute(SCHEMA)
+    n = 0
+    for path in paths:
+        source = str(Path(path).resolve())
+        db.execute("DELETE FROM evaluations WHERE source = ?", (source,))
+        for i, r in enumerate(read_records(path)):
+            score, prov = r["score"], r.get("provenance") or {}
+            passed = bool(score.get("accuracy")) and not r.get("error") and not r.get("flagged")
+            db.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (source, i, r.get("time"), r.get("team_id") or "", r.get("member_id") or "",
+                        r.get("prompt_index"), int(passed), score.get("final_score"), score.get("latency"),
+                        score.get("throughput"), score.get("flop_ratio"), prov.get("module_sha256"),
+                        prov.get("model"), prov.get("device"), r.get("error")))
+            n += 1
+    db.commit()
+    return n
+
+
+def ranking(db: sqlite3.Connection) -> list[list]:
+    """The best passing evaluation of each (team, member), best first; ties go to the earlier run."""
+    rows = db.execute("""
+        WITH best AS (
+            SELECT *, ROW_NUMBER() OVER (PARTITION BY team, member ORDER BY final_score DESC, time ASC) AS k,
+                   COUNT(*) OVER (PARTITION BY team, member) AS runs
+            FROM evaluations WHERE passed = 1 AND final_score IS NOT NULL)
+        SELECT team, member, final_score, latency, throughput, flop_ratio, time, module_sha256, runs
+        FROM best WHERE k = 1 ORDER BY final_score DESC, time ASC""").fetchall()
+    return [[i + 1, team or "(no team)", member, score, latency, throughput, ratio, (time or "")[:19].replace("T", " "),
+             (sha or "")[:12], runs] for i, (team, member, score, latency, throughput, ratio, time, sha, runs)
+            in enumerate(rows)]
+
+
+def terminal_table(rows: list[list]) -> str:
+    cells = [COLUMNS] + [[_text(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i in (1, 2, 7, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _text(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+def leaderboard_page(rows: list[list], evaluations: int, sources: int) -> str:
+    note = (f'<p class="muted">best passing evaluation per team and member, from {evaluations} evaluations in '
+            f'{sources} record files</p>')
+    return page("moebench leaderboard", [note, '<div id="leaderboard">' + table(COLUMNS, rows, left=0) + "</div>"])

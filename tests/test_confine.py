@@ -1,0 +1,67 @@
+"""The confinement's plan (what the submission's process will see) and the publishing of what it compiled; the
+whole confinement runs in tests/test_cheats.py (forge_records, as root)."""
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from moebench.modes import confine
+
+USER_RUN = SimpleNamespace(isolation="user")
+
+
+def test_without_root_isolation_is_partial_and_says_why(tmp_path):
+    view, why = confine.plan(USER_RUN, tmp_path / "qwen.py", "0" * 64, [], tmp_path / "traced_model", False, euid=1000)
+    assert view is None and "does not run as root" in why
+    view, why = confine.plan(SimpleNamespace(isolation="process"), tmp_path / "qwen.py", "0" * 64, [],
+                             tmp_path / "traced_model", False, euid=0)
+    assert view is None and "--isolation process" in why
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the view is planned only as root")
+def test_the_view_holds_the_module_its_python_helpers_the_model_and_nothing_else_of_the_folder(tmp_path):
+    (tmp_path / "qwen.py").write_text("")
+    (tmp_path / "helpers.py").write_text("")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "data").mkdir()  # not a package
+    for name in ("expected_logits_0.pt", "team_score_records.csv", "team_score_records.jsonl", "prompts.txt"):
+        (tmp_path / name).write_text("secret")
+    model = tmp_path / "model"
+    model.mkdir()
+    view, why = confine.plan(USER_RUN, tmp_path / "qwen.py", "ab" * 32, [model], tmp_path / "traced_model", False)
+    try:
+        seen = {path: writable for _, path, writable in view.binds}
+        inside = {Path(p).name for p in seen if Path(p).parent == tmp_path}
+        assert inside == {"qwen.py", "helpers.py", "kernels", "model", "traced_model"}
+        assert seen[str(tmp_path / "traced_model")] and not seen[str(model)]  # compiled into, read only
+        assert [s for s, p, _ in view.binds if p == str(tmp_path / "traced_model")] == [view.stage]
+        assert os.stat(view.stage).st_uid == confine.UID and os.stat(view.cache).st_uid == confine.UID
+        assert view.cwd == os.getcwd()
+    finally:
+        confine.discard(view)
+    reused, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "ab" * 32, [], tmp_path / "traced_model", True)
+    assert reused.stage is None  # --skip-compile: the folder itself, read only
+    assert [w for _, p, w in reused.binds if p == str(tmp_path / "traced_model")] == [False] or \
+        not (tmp_path / "traced_model").exists()
+
+
+def test_publishing_copies_moebench_files_and_folders_never_links_or_other_files(tmp_path):
+    stage, artifacts = tmp_path / "stage", tmp_path / "traced_model"
+    (stage / "graphs" / "tp0").mkdir(parents=True)
+    (stage / "graphs" / "tp0" / "new.pt2").write_text("graph")
+    (stage / "manifest.json").write_text("{}")
+    (stage / "compiled_code_tp0.bin").symlink_to("/etc/passwd")  # planted: would copy a file the child cannot read
+    (stage / "graphs" / "tp0" / "link.pt2").symlink_to("/etc/passwd")
+    (stage / "notes.txt").write_text("not an artifact")
+    (artifacts / "graphs" / "tp0").mkdir(parents=True)
+    (artifacts / "graphs" / "tp0" / "old.pt2").write_text("stale")
+    (artifacts / "compiled_code_tp0.bin").write_text("stale")
+    (artifacts / "mine.txt").write_text("the user's")
+    view = confine.View(str(tmp_path / "root"), str(tmp_path), str(tmp_path), stage=str(stage))
+    confine.publish(view, artifacts)
+    assert sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*")) == \
+        ["graphs", "graphs/tp0", "graphs/tp0/new.pt2", "manifest.json", "mine.txt"]
+    assert (artifacts / "mine.txt").read_text() == "the user's"

@@ -1,0 +1,59 @@
+"""Progress of long work: a bar on a terminal, plain lines with the time left in logs, silence for short work."""
+
+import io
+
+from moebench.progress import Progress
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_a_log_gets_plain_lines_with_the_time_left_and_the_total():
+    out, clock = io.StringIO(), Clock()
+    bar = Progress(20, "benchmark submission", "run", every=10, file=out, clock=clock)
+    for _ in range(20):
+        clock.now += 2.0
+        bar.update()
+    bar.close()
+    lines = [line.removeprefix("[progress] ") for line in out.getvalue().splitlines()]
+    assert lines[0] == "benchmark submission: 5/20 runs (25%), 10 s, about 30 s left"
+    assert lines[1] == "benchmark submission: 10/20 runs (50%), 20 s, about 20 s left"
+    assert lines[-1] == "benchmark submission: 20/20 runs (100%) in 40.0 s"
+    assert len(lines) == 4  # one line per 10 s while unfinished, and the end
+
+
+def test_short_work_prints_nothing_in_a_log_and_unknown_totals_count():
+    out, clock = io.StringIO(), Clock()
+    with Progress(3, "compile", "step", every=10, file=out, clock=clock) as bar:
+        bar.update(3)
+    assert out.getvalue() == ""
+    with Progress(None, "validation", "generate call", every=10, file=out, clock=clock) as bar:
+        clock.now += 11
+        bar.update()
+    assert out.getvalue().splitlines() == ["[progress] validation: 1 generate calls, 11 s",
+                                           "[progress] validation: 1 generate calls in 11.0 s"]
+    out.truncate(0)
+    with Progress(3, "compile", "step", every=10, file=out, clock=clock) as bar:
+        bar.update(2)
+        clock.now += 30
+        bar.update()  # one long last step: no line, nothing said before
+    assert out.getvalue().strip("\0") == ""
+
+
+def test_a_terminal_gets_a_bar_with_the_time_left():
+    out = Terminal()
+    with Progress(4, "generate", "token", file=out) as bar:
+        for _ in range(4):
+            bar.update()
+    text = out.getvalue()
+    assert "generate:" in text and "/4 [00:00<" in text and "token/s" in text  # tqdm: count, elapsed<left, rate

@@ -1,0 +1,173 @@
+"""`moebench report` and `moebench leaderboard`: the pages from a real evaluate_all, checked in headless Chromium
+(skipped, saying why, where no browser is installed; .ci/run installs Debian's chromium)."""
+
+import html.parser
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from moebench.report import svg
+from moebench.report.leaderboard import load, ranking, terminal_table
+from tests.test_modes import invoke
+
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+needs_browser = pytest.mark.skipif(BROWSER is None, reason="no headless browser installed (Debian: apt-get install "
+                                                           "chromium; .ci/run does)")
+
+
+def record(team, member, score, time, passed=True, sha="ab" * 32, **extra) -> dict:
+    return {"time": time, "team_id": team, "member_id": member, "prompt_index": 0,
+            "score": {"accuracy": 1.0 if passed else 0.0, "final_score": score, "latency": 10.0, "throughput": 100.0,
+                      "flop_ratio": 0.5}, "provenance": {"module_sha256": sha, "model": "m", "device": "cpu"}, **extra}
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_charts_count_what_they_draw():
+    assert 'data-marks="3"' in svg.bars([("a", 1.0), ("b", 2.0), ("c", 0.5)], "t", "x")
+    hist = svg.histogram([1.0, 1.1, 1.2, 5.0], "latency", "ms", bins=4)
+    assert 'data-marks="2"' in hist and "p50" in hist and "p99" in hist  # two non-empty bins
+    assert 'data-marks="2"' in svg.lines({"a": [(0, 1), (1, 2)], "b": [(0, 0), (1, 3)]}, "t", "x", "y", {"tol": 2})
+    assert 'data-marks="6"' in svg.lines({"a": [(0, 1), (1, 2)], "b": [(0, 0), (1, 3)]}, "t", "x", "y", points=True)
+    assert 'data-marks="0"' in svg.histogram([], "nothing", "ms") and "no data" in svg.lines({}, "t", "x", "y")
+
+
+def test_leaderboard_ranks_the_best_passing_run_of_each_team_and_member(tmp_path):
+    a = write_jsonl(tmp_path / "alpha_m_score_records.jsonl", [
+        record("alpha", "ann", 1.5, "2026-11-01T10:00:00"),
+        record("alpha", "ann", 3.0, "2026-11-02T10:00:00", sha="cd" * 32),
+        record("alpha", "ann", 9.0, "2026-11-03T10:00:00", passed=False),  # failed validation: never ranked
+        record("alpha", "bob", 2.0, "2026-11-02T11:00:00")])
+    b = write_jsonl(tmp_path / "beta_m_score_records.jsonl", [
+        record("beta", "", 2.5, "2026-11-01T09:00:00"),
+        record("beta", "", 7.0, "2026-11-04T09:00:00", flagged=["caching"]),  # flagged: never ranked
+        record("gamma", "", 4.0, "2026-11-01T09:00:00", error="the submission crashed")])
+    (tmp_path / "beta_m_score_records.jsonl").open("a").write('{"torn": ')  # a writer killed mid-line
+    db = sqlite3.connect(tmp_path / "lb.sqlite")
+    assert load(db, [a, b]) == 7
+    assert load(db, [a]) == 4  # loading a file again replaces its rows
+    load(db, [b])
+    rows = ranking(db)
+    assert [(r[1], r[2], r[3], r[8]) for r in rows] == [
+        ("alpha", "ann", 3.0, "cd" * 6), ("beta", "", 2.5, "ab" * 6), ("alpha", "bob", 2.0, "ab" * 6)]
+    assert [r[0] for r in rows] == [1, 2, 3] and rows[0][9] == 2  # ann's two passing runs
+    assert terminal_table(rows).splitlines()[2].split()[:3] == ["1", "alpha", "ann"]
+
+
+class _Dom(html.parser.HTMLParser):
+    """The plots (their attributes after the page's script ran) and the table rows of a dumped DOM."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.plots, self.rows, self.body, self._row = [], [], {}, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "svg" and "plot" in attrs.get("class", ""):
+            self.plots.append(attrs)
+        elif tag == "body":
+            self.body = attrs
+        elif tag == "tr":
+            self._row = []
+        elif tag == "td" and self._row is not None:
+            self._row.append("")
+
+    def handle_data(self, data):
+        if self._row:
+            self._row[-1] += data
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row:
+            self.rows.append(self._row)
+        if tag == "tr":
+            self._row = None
+
+
+def in_browser(page: Path) -> _Dom:
+    """The page's DOM after Chromium loaded and laid it out and its script measured every plot."""
+    result = subprocess.run(
+        [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={page.parent / '.chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+         page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = _Dom(result.stdout)
+    assert dom.body.get("data-rendered") == "1", "the page's script did not run"
+    return dom
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Two prompts evaluated (with accuracy checks) by evaluate_all, then the two commands."""
+    import os
+
+    folder = tmp_path_factory.mktemp("evaluated")
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        Path("prompts.txt").write_text("Hello world\n\nOnce upon a time\n")
+        code, out, err = invoke("--mode", "generate_accuracy_baselines", "--seq-len", "16", "--benchmark-runs", "2",
+                                "--warmup-runs", "0")
+        assert code == 0, out + err
+        code, out, err = invoke("--mode", "evaluate_all", "--team-id", "alpha", "--member-id", "ann",
+                                "--benchmark-runs", "3", "--warmup-runs", "0", "--audit-pairs", "0")
+        assert code == 0, out + err
+        code, out, err = invoke("report")
+        assert code == 0, out + err
+        assert "report: " in out
+        code, out, err = invoke("leaderboard")
+        assert code == 0, out + err
+        yield folder, out
+    finally:
+        os.chdir(before)
+
+
+def test_report_and_leaderboard_after_evaluate_all(evaluated):
+    folder, out = evaluated
+    text = (folder / "moebench_report.html").read_text()
+    assert text.count('class="plot"') == 2 * 6 + 1  # six per prompt, and the scores over time
+    assert "<script src" not in text and 'href="http' not in text and "<img" not in text  # self-contained
+    assert out.splitlines()[2].split()[:3] == ["1", "alpha", "ann"]
+    assert (folder / "leaderboard.sqlite").is_file() and (folder / "leaderboard.html").is_file()
+
+
+@needs_browser
+def test_the_report_renders_with_every_plot_drawn(evaluated):
+    folder, _ = evaluated
+    dom = in_browser(folder / "moebench_report.html")
+    assert len(dom.plots) == 13
+    for plot in dom.plots:  # laid out at full size, every mark drawn with a real extent
+        assert int(plot["data-rendered-width"]) > 500 and int(plot["data-rendered-height"]) > 50, plot
+        assert int(plot["data-marks"]) > 0 and int(plot["data-drawn"]) >= int(plot["data-marks"]) > 0, plot
+
+
+@needs_browser
+def test_the_leaderboard_page_lists_teams_in_rank_order(tmp_path):
+    write_jsonl(tmp_path / "alpha_m_score_records.jsonl", [record("alpha", "ann", 1.5, "2026-11-01T10:00:00"),
+                                                           record("alpha", "ann", 3.5, "2026-11-02T10:00:00")])
+    write_jsonl(tmp_path / "beta_m_score_records.jsonl", [record("beta", "bo", 2.5, "2026-11-01T09:00:00")])
+    code, out, err = invoke("leaderboard", tmp_path, "--db", tmp_path / "lb.sqlite", "--out", tmp_path / "lb.html")
+    assert code == 0, out + err
+    dom = in_browser(tmp_path / "lb.html")
+    assert [(r[0], r[1], r[2], r[3]) for r in dom.rows] == [("1", "alpha", "ann", "3.5"), ("2", "beta", "bo", "2.5")]
+
+
+def test_bad_input_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke("report")
+    assert code == 2 and err.count("\n") == 1 and "no benchmark report or score records" in err
+    (tmp_path / "benchmark_report.json").write_text("{not json")
+    code, out, err = invoke("report")
+    assert code == 2 and "benchmark_report.json: not a JSON benchmark report" in err
+    code, out, err = invoke("leaderboard", tmp_path / "missing")
+    assert code == 2 and "missing: no such file or folder" in err
+    code, out, err = invoke("report", "--bogus")
+    assert code == 2 and err.count("\n") == 1
