@@ -17,7 +17,8 @@ PROMPT = "Hello world"
 GENERATE = ["--mode", "generate", "--seq-len", "16", "--max-new-tokens", "1"]
 BASELINES = ["--mode", "generate_accuracy_baselines", "--seq-len", "16", "--benchmark-runs", "1",
              "--warmup-runs", "0"]
-EVALUATE_ALL = ["--mode", "evaluate_all", "--seq-len", "16", "--benchmark-runs", "1", "--warmup-runs", "0"]
+EVALUATE_ALL = ["--mode", "evaluate_all", "--seq-len", "16", "--benchmark-runs", "1", "--audit-pairs", "0",
+                "--warmup-runs", "0"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_macs_are_counted_per_bucket(source, model):
 def test_evaluate_with_buckets_reports_each_graph(capsys, in_tmp):
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--enable-bucketing", "--seq-len", "24",
                              "--context-encoding-buckets", "8", "16", "--token-generation-buckets", "12", "24",
-                             "--prompt", "Hello there", "--benchmark-runs", "2", "--warmup-runs", "1",
+                             "--prompt", "Hello there", "--benchmark-runs", "2", "--audit-pairs", "0",
+                             "--warmup-runs", "1",
                              "--torch-dtype", "float32")
     assert code == 0, out + err
     assert "logit validation PASS" in out

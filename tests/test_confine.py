@@ -65,3 +65,23 @@ def test_publishing_copies_moebench_files_and_folders_never_links_or_other_files
     assert sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*")) == \
         ["graphs", "graphs/tp0", "graphs/tp0/new.pt2", "manifest.json", "mine.txt"]
     assert (artifacts / "mine.txt").read_text() == "the user's"
+
+
+def test_under_tensor_parallelism_each_rank_publishes_its_own_entries_and_rank_0_the_shared_ones(tmp_path):
+    artifacts = tmp_path / "traced_model"
+    for rank in (0, 1):
+        stage = tmp_path / f"stage{rank}"
+        (stage / "graphs" / f"tp{rank}").mkdir(parents=True)
+        (stage / "graphs" / f"tp{rank}" / "g.pt2").write_text(f"rank {rank}")
+        (stage / f"compiled_code_tp{rank}.bin").write_text(f"rank {rank}")
+        (stage / "manifest.json").write_text(f"rank {rank}")
+        view = confine.View(str(tmp_path / "root"), str(tmp_path), str(tmp_path), stage=str(stage))
+        confine.publish(view, artifacts, rank)
+    assert (artifacts / "manifest.json").read_text() == "rank 0"  # rank 1 neither removed nor replaced it
+    assert [(artifacts / "graphs" / f"tp{r}" / "g.pt2").read_text() for r in (0, 1)] == ["rank 0", "rank 1"]
+    assert (artifacts / "compiled_code_tp1.bin").read_text() == "rank 1"
+    planted = tmp_path / "stage2"
+    planted.mkdir()
+    (planted / "graphs").symlink_to(tmp_path / "stage0" / "graphs")  # a link above the entry: never followed
+    confine.publish(confine.View("", "", "", stage=str(planted)), artifacts, 0)
+    assert not (artifacts / "graphs" / "tp0").exists() and (artifacts / "graphs" / "tp1").exists()

@@ -24,7 +24,7 @@ SHORT = ["--seq-len", "10", "--prompt", "Hello there", "--torch-dtype", "float32
 
 def test_enable_nki_validates_and_runs_almost_everything_in_kernels(capsys, in_tmp):
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--enable-nki", "--benchmark-runs", "1",
-                             "--warmup-runs", "0", *SHORT)
+                             "--audit-pairs", "0", "--warmup-runs", "0", *SHORT)
     assert code == 0, out + err
     assert "logit validation PASS" in out
     flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]
@@ -40,7 +40,7 @@ def test_enable_nki_validates_and_runs_almost_everything_in_kernels(capsys, in_t
 
 def test_mlp_kernel_macs_count_in_the_flop_ratio(capsys, in_tmp):
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--mlp-kernel-enabled", "--skip-accuracy",
-                             "--benchmark-runs", "1", "--warmup-runs", "0", *SHORT)
+                             "--benchmark-runs", "1", "--audit-pairs", "0", "--warmup-runs", "0", *SHORT)
     assert code == 0, out + err
     flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]
     ops = flops["by_op"]
@@ -53,7 +53,7 @@ def test_example_submission_with_its_own_kernel_passes_and_counts(capsys, in_tmp
     """qwen_with_triton.py: a contestant's own Triton LM head, registered with its MAC formula."""
     example = Path(__file__).resolve().parents[1] / "qwen_with_triton.py"
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--qwen", example, "--benchmark-runs", "1",
-                             "--warmup-runs", "0", *SHORT)
+                             "--audit-pairs", "0", "--warmup-runs", "0", *SHORT)
     assert code == 0, out + err
     assert "logit validation PASS" in out
     flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]
@@ -132,7 +132,8 @@ def test_a_submissions_own_blocks_keep_running_with_kernels_on(capsys, in_tmp):
     the quantized experts) their own code runs there and the output says so."""
     root = Path(__file__).resolve().parent
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--qwen", root.parent / "qwen_with_triton.py",
-                             "--enable-nki", "--skip-accuracy", "--benchmark-runs", "1", "--warmup-runs", "0", *SHORT)
+                             "--enable-nki", "--skip-accuracy", "--benchmark-runs", "1", "--audit-pairs", "0",
+                             "--warmup-runs", "0", *SHORT)
     assert code == 0, out + err
     assert "note: the submission's own TritonLMHead run instead of moebench's kernels" in out
     flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]

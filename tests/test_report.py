@@ -140,13 +140,15 @@ def test_report_and_leaderboard_after_evaluate_all(evaluated):
 
 
 @needs_browser
-def test_the_report_renders_with_every_plot_drawn(evaluated):
+def test_the_pages_of_evaluate_all_render_with_every_plot_drawn(evaluated):
     folder, _ = evaluated
     dom = in_browser(folder / "moebench_report.html")
     assert len(dom.plots) == 13
     for plot in dom.plots:  # laid out at full size, every mark drawn with a real extent
         assert int(plot["data-rendered-width"]) > 500 and int(plot["data-rendered-height"]) > 50, plot
         assert int(plot["data-marks"]) > 0 and int(plot["data-drawn"]) >= int(plot["data-marks"]) > 0, plot
+    board = in_browser(folder / "leaderboard.html")
+    assert [(r[0], r[1], r[2]) for r in board.rows] == [("1", "alpha", "ann")]  # evaluate_all's best prompt
 
 
 @needs_browser

@@ -87,7 +87,8 @@ def benchmark_report(t: Timings, prompt_len: int, new_tokens: int, batch: int) -
         by_step = [1e3 * percentile([run[i] for run in t.steps], 50) for i in range(len(t.steps[0]))]
         report["token_generation_model"]["decode_ms_by_step_p50"] = by_step
         report["token_generation_model"]["decode_ms_per_token_mean"] = 1e3 * sum(steps) / len(steps)
-    for key, samples in (("e2e_model", t.e2e), ("context_encoding_model", t.context), ("token_generation_model", steps)):
+    for key, samples in (("e2e_model", t.e2e), ("context_encoding_model", t.context),
+                         ("token_generation_model", steps)):
         report[key]["samples_ms"] = [round(1e3 * x, 4) for x in samples]  # every timed sample, for the plots
     report["config"] = {"runs": runs, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                         "seq_len": prompt_len + new_tokens}

@@ -11,7 +11,8 @@ building and running the model needs, then becomes an unprivileged user with no 
 - absent: everything else. The working directory's expected logits, prompt data, reports and records are not in
   the view, nor is anything the harness writes while the child runs.
 
-The child also gets network and IPC namespaces of its own (no network), a /proc that shows only its user's
+The child also gets network and IPC namespaces of its own (no network; under --tp-degree the host's loopback, which
+the ranks' submission processes talk over), a /proc that shows only its user's
 processes, and no-new-privileges (setuid programs stay unprivileged). Its user, UID, is in no passwd file and is
 used by nothing but these children. Elsewhere (not root, or no mount namespaces) isolation is partial and the
 output says why.
@@ -30,7 +31,7 @@ from pathlib import Path
 UID = GID = 60999
 USER = "moebench-sandbox"
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
-MANAGED = ("manifest.json", "graphs", "weights", "tokenizer")  # an artifacts folder's own entries (+ compiled code)
+SHARED = ("manifest.json", "tokenizer")  # an artifacts folder's entries rank 0 writes; each rank has its own too
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = \
@@ -47,6 +48,7 @@ class View:
     cache: str  # the module's own cache folder, writable by UID
     binds: list = field(default_factory=list)
     stage: str | None = None  # host folder the child compiles into, bound at the artifacts folder's place
+    network: bool = False  # keep the host's network (loopback): the ranks of a --tp-degree run talk over it
 
     def bind(self, path, writable: bool = False, source=None) -> None:
         path = os.path.abspath(path)
@@ -60,7 +62,7 @@ def _within(path: str, folder: str) -> bool:
 
 
 def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Path, reuse: bool,
-         euid: int | None = None) -> tuple[View | None, str]:
+         euid: int | None = None, network: bool = False) -> tuple[View | None, str]:
     """The view for this run, or (None, why isolation is partial here)."""
     import moebench
 
@@ -79,7 +81,7 @@ def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Pat
     cache.chmod(0o700)
     root = base / "view"
     root.mkdir(mode=0o700, exist_ok=True)
-    view = View(str(root), os.getcwd(), str(cache))
+    view = View(str(root), os.getcwd(), str(cache), network=network)
     for path in (sys.base_prefix, sys.prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages(),
                  Path(moebench.__file__).parent, *model_folders):
         view.bind(path)
@@ -113,31 +115,53 @@ def _bind_module(view: View, module: Path) -> None:
             view.bind(entry)
 
 
-def stage_from(view: View, artifacts: Path) -> None:
-    """A later prompt of evaluate_all adds to the folder: the child's staging copy starts from its contents."""
+def _entries(rank: int, shared: bool) -> list[str]:
+    """The entries of an artifacts folder that rank writes (Artifacts' paths), with the shared ones if it writes
+    those."""
+    own = [f"graphs/tp{rank}", f"compiled_code_tp{rank}.bin", f"weights/tp{rank}_sharded_checkpoint.safetensors"]
+    return own + list(SHARED) * shared
+
+
+def stage_from(view: View, artifacts: Path, rank: int = 0) -> None:
+    """A later prompt of evaluate_all adds to the folder: the child's staging copy starts from its contents (this
+    rank's, and the manifest every rank reads)."""
     if view is None or view.stage is None or not artifacts.is_dir():
         return
-    for name in (*MANAGED, *(p.name for p in artifacts.glob("compiled_code_tp*.bin"))):
+    for name in _entries(rank, True):
+        (Path(view.stage) / name).parent.mkdir(parents=True, exist_ok=True)
         _copy(artifacts / name, Path(view.stage) / name, UID, GID)
+    for folder in Path(view.stage).rglob("*"):
+        if folder.is_dir() and not folder.is_symlink():
+            os.lchown(folder, UID, GID)
 
 
-def publish(view: View, artifacts: Path) -> None:
-    """The artifacts the child compiled, from its staging folder to the artifacts folder: moebench's own entries
-    are replaced (as a compile in one process replaces them); only folders and regular files are copied, never a
-    link the child may have planted."""
+def publish(view: View, artifacts: Path, rank: int = 0) -> None:
+    """The artifacts the child compiled, from its staging folder to the artifacts folder: the entries this rank
+    writes are replaced (as a compile in one process replaces them); only folders and regular files are copied,
+    never a link the child may have planted."""
     if view is None or view.stage is None:
         return
     stage = Path(view.stage)
     artifacts.mkdir(parents=True, exist_ok=True)
-    for old in (*MANAGED, *(p.name for p in artifacts.glob("compiled_code_tp*.bin"))):
-        target = artifacts / old
+    for name in _entries(rank, rank == 0):
+        target = artifacts / name
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists() or target.is_symlink():
             target.unlink()
-    for entry in stage.iterdir():
-        if entry.name in MANAGED or entry.name.startswith("compiled_code_tp") and entry.suffix == ".bin":
-            _copy(entry, artifacts / entry.name, os.getuid(), os.getgid())
+        if _plain(stage, name):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _copy(stage / name, target, os.getuid(), os.getgid())
+
+
+def _plain(root: Path, name: str) -> bool:
+    """root/name exists and no part of it below root is a link (one the child may have planted)."""
+    path = root
+    for part in Path(name).parts:
+        path = path / part
+        if not os.path.lexists(path) or os.path.islink(path):
+            return False
+    return True
 
 
 def _copy(src: Path, dst: Path, uid: int, gid: int) -> None:
@@ -175,7 +199,7 @@ def enter(view: View) -> None:
         enc = (lambda s: None if s is None else str(s).encode())
         check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), f"mount {target}")
 
-    check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET), "unshare")
+    check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | (0 if view.network else CLONE_NEWNET)), "unshare")
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = view.root
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")

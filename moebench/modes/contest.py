@@ -4,7 +4,6 @@ baseline timings, and the submission under test (built, checked, validated, benc
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -49,7 +49,7 @@ def _captured(fn, *args):
     return (*result[:2], out.getvalue(), err.getvalue(), *result[2:])
 
 
-def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool, view) -> None:
+def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool, view, group) -> None:
     """Enters its confinement (where there is one), builds the submission (UnderTest) and serves the parent's calls
     until told to stop."""
     os.chdir(cwd)
@@ -62,6 +62,15 @@ def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool, view) -> 
         except OSError as e:  # no mount namespaces here (a container without CAP_SYS_ADMIN, say)
             partial = f"the kernel refused a private view of the filesystem ({e}), so the submission runs as " \
                       "this same user and could read this user's files"
+    if group is not None:  # --tp-degree N: the N submission processes form their own group, apart from the ranks'
+        from datetime import timedelta
+
+        from torch import distributed as dist
+
+        rank, world, port = group
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=run.phase_time_limit))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=run.phase_time_limit))
     from moebench.evaluation.benchmark import Timings, time_request
     from moebench.evaluation.submission import load_submission
     from moebench.modes.contest import UnderTest
@@ -112,13 +121,14 @@ class Sandbox:
     """The child process holding the submission. `call(phase, cmd, *args)` sends one request and waits at most
     `time_limit` seconds for its answer."""
 
-    def __init__(self, run, req, time_limit: float, extend: bool = False, view=None):
+    def __init__(self, run, req, time_limit: float, extend: bool = False, view=None, group=None):
         self.time_limit = time_limit
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         req_tensors = (req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, req.pad_id,
                        req.eos_ids)
-        self.process = ctx.Process(target=_child_main, args=(child_conn, run, req_tensors, os.getcwd(), extend, view),
+        self.process = ctx.Process(target=_child_main,
+                                   args=(child_conn, run, req_tensors, os.getcwd(), extend, view, group),
                                    name="moebench-submission")
         self.process.start()
         child_conn.close()  # only the child holds its end: a dead child reads as EOF here
@@ -183,7 +193,7 @@ class Sandbox:
 
 
 def isolates(run) -> bool:
-    return run.isolation != "none" and run.tp_degree == 1
+    return run.isolation != "none"
 
 
 def submission_of(run):
@@ -198,11 +208,18 @@ def isolation(run) -> bool:
     if run.isolation == "none":
         print("isolation: none (--isolation none): the submission runs in the harness's own process")
         return False
-    if run.tp_degree > 1:
-        print(f"isolation: none under --tp-degree {run.tp_degree}: each rank runs the harness and the submission "
-              "in one process")
-        return False
     return True
+
+
+def _shared(value):
+    """Rank 0's value on every rank (the harness's own group); the value itself without tensor parallelism."""
+    from torch import distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 class IsolatedSubmission:
@@ -219,18 +236,27 @@ class IsolatedSubmission:
         module = locate_submission(run.qwen).path
         self.artifacts = Path(run.compiled_model_path)
         folders = [f for f in (source.weights_dir, source.tokenizer.folder) if f is not None]
+        self.rank, group, self.store = 0, None, None
+        if run.tp_degree > 1:  # each rank's submission process joins a group of their own, on a port rank 0 picks
+            from torch import distributed as dist
+
+            self.rank = dist.get_rank()
+            if self.rank == 0:
+                self.store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+            group = (self.rank, run.tp_degree, _shared(self.store.port if self.store else None))
         self.view, partial = confine.plan(run, module, hashlib.sha256(module.read_bytes()).hexdigest(), folders,
-                                          self.artifacts, run.skip_compile)
+                                          self.artifacts, run.skip_compile, network=run.tp_degree > 1)
         if self.view is not None and extend:
-            confine.stage_from(self.view, self.artifacts)
+            confine.stage_from(self.view, self.artifacts, self.rank)
         try:
-            self.box = Sandbox(run, req, run.phase_time_limit, extend, self.view)
-            confine.publish(self.view, self.artifacts)  # what it compiled, where a compile in one process puts it
+            self.box = Sandbox(run, req, run.phase_time_limit, extend, self.view, group)
+            confine.publish(self.view, self.artifacts, self.rank)  # where a compile in one process puts it
         except BaseException:
             confine.discard(self.view)
             raise
         partial = partial or self.box.started["partial"]
-        where = f"in its own process (pid {self.box.process.pid})"
+        where = f"in its own process (pid {self.box.process.pid})" if run.tp_degree == 1 else \
+            f"in a process of its own per rank ({run.tp_degree}, joined by their own gloo group)"
         if partial:
             print(f"isolation: the submission runs {where}; the clock, the reference, the expected logits and the "
                   f"records stay in the harness's. Partial: {partial}; its timed outputs are checked on fresh "
@@ -238,8 +264,9 @@ class IsolatedSubmission:
         else:
             print(f"isolation: the submission runs {where} as user {self.box.started['uid']} ({confine.USER}), in "
                   "a private view of the filesystem (the model, its module, moebench, Python; not the expected "
-                  "logits, the records or this user's files), with no network; the clock, the reference and the "
-                  "records stay in the harness's")
+                  "logits, the records or this user's files), " + ("with no network" if run.tp_degree == 1 else
+                                                                    "with the host's loopback for its ranks' group")
+                  + "; the clock, the reference and the records stay in the harness's")
         self.compile = self.box.started["compile"]
         self.outputs, self.audit = [], None
 
@@ -257,7 +284,7 @@ class IsolatedSubmission:
         run, tok = self.run, self.source.tokenizer
         banned = tuple({*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)})
         bar = progress(run.benchmark_runs, "benchmark submission")
-        seed = int.from_bytes(os.urandom(4), "little")  # private: the submission cannot predict its prompts
+        seed = _shared(int.from_bytes(os.urandom(4), "little"))  # private: the submission cannot predict it
         timings, self.outputs, self.audit = checked_benchmark(
             lambda ids, mask, n: self.box.call("benchmark", "request", ids, mask, n), req.input_ids,
             req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs, run.audit_pairs,
