@@ -186,8 +186,9 @@ def discard(view: View | None) -> None:
 # ---- in the child, before anything of the submission runs ----
 
 def enter(view: View) -> None:
-    """Enters the view and becomes UID for good. Raises OSError before anything changed for the worse: where the
-    kernel refuses a namespace the child stays unconfined and the harness says so."""
+    """Enters the view and becomes UID for good. Raises OSError only before the chroot (where the kernel refuses a
+    namespace or a mount, the child stays unconfined and the harness says so); past it, a failure ends the
+    process."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(result: int, what: str) -> None:
@@ -235,10 +236,13 @@ def enter(view: View) -> None:
     os.environ.update(TMPDIR="/tmp", USER=USER, LOGNAME=USER, TORCHINDUCTOR_CACHE_DIR=f"{view.cache}/inductor",
                       TRITON_CACHE_DIR=f"{view.cache}/triton", TRITON_HOME=view.cache)
     tempfile.tempdir = None
-    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
-    os.setgroups([])
-    os.setresgid(GID, GID, GID)
-    os.setresuid(UID, UID, UID)  # the capabilities go with uid 0
+    try:  # past the chroot there is no way back to partial isolation: drop everything or stop
+        check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+        os.setgroups([])
+        os.setresgid(GID, GID, GID)
+        os.setresuid(UID, UID, UID)  # the capabilities go with uid 0
+    except OSError as e:
+        raise SystemExit(f"moebench: the submission's process could not drop its privileges ({e})") from None
     if os.geteuid() != UID:
         raise SystemExit("moebench: the submission's process could not drop its privileges")
 

@@ -67,9 +67,15 @@ def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool, view, gro
 
         from torch import distributed as dist
 
+        from moebench.modes.setup import device_of
+
         rank, world, port = group
+        backend = "gloo"
+        if device_of(run).type == "cuda":  # torchrun's ranks: this process's GPU is its rank's
+            backend = "nccl"
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=run.phase_time_limit))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=run.phase_time_limit))
     from moebench.evaluation.benchmark import Timings, time_request
     from moebench.evaluation.submission import load_submission
