@@ -8,6 +8,7 @@ from html import escape
 from pathlib import Path
 
 from moebench.errors import MoebenchError
+from moebench.evaluation.records import read_json_records
 from moebench.report import svg
 
 SUBMODELS = (("e2e_model", "end to end, per request"), ("context_encoding_model", "context encoding, per request"),
@@ -31,22 +32,12 @@ def read_json(path: Path) -> dict:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON-lines records, skipping a line torn by a writer killed mid-write (as the records' readers do)."""
+    """The JSON-lines score records (read_json_records: a line torn by a writer killed mid-write is skipped)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        records, _ = read_json_records(path)
     except FileNotFoundError:
         raise MoebenchError(f"{path}: not found") from None
-    except UnicodeDecodeError:
-        raise MoebenchError(f"{path}: not UTF-8 text (expected JSON lines of score records)") from None
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("score"), dict):
-            out.append(record)
-    return out
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("score"), dict)]
 
 
 # Once laid out, each chart notes its rendered size and how many of its marks have a real extent (read by the
