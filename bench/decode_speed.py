@@ -1,7 +1,8 @@
 """Batch-1 decode speed: moebench against Hugging Face transformers on the same checkpoint, in the same run.
 
 Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
-roofline: bandwidth (torch.mv over a 1 GiB float32 matrix, measured in this run) / bytes read per token.
+roofline: bandwidth (torch.mv over a 1 GiB float32 matrix, measured in this run) / bytes read per token; and
+moebench's framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both; medians are quoted.
 
     python bench/decode_speed.py                                   # embedded model and the ~0.3B preset
@@ -15,23 +16,22 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
-from moebench.engine.generator import Engine
-from moebench.model.loader import build_model, open_model
-from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
-from moebench.model.presets import preset_dir
+from _common import bandwidth, engines, kernel_seconds
+
+inductor_config.cpp.enable_kernel_profile = True  # Inductor's kernels show in the profiler: the overhead figure
 
 
-def bandwidth_gbs(repeats: int = 5) -> float:
-    """Median GB/s of torch.mv over a 1 GiB float32 matrix: the machine's memory-read speed right now."""
-    w = torch.randn(16384, 16384)
-    v = torch.randn(16384)
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        torch.mv(w, v)
-        times.append(time.perf_counter() - t)
-    return w.numel() * 4 / statistics.median(times[1:]) / 1e9
+def decode_kernel_seconds(engine, prompt, n_tokens) -> float:
+    """Seconds per decode step spent in computing kernels (profiled)."""
+    tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+
+    def step():
+        nonlocal tok
+        tok = engine.decode(tok).argmax(-1)
+
+    return kernel_seconds(step, n_tokens)
 
 
 def moebench_decode(engine, prompt, n_tokens) -> float:
@@ -77,20 +77,15 @@ def main():
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
 
-    from transformers import Qwen3MoeForCausalLM as HFModel
-
     torch.manual_seed(0)
     rows = []
-    bw = bandwidth_gbs()
-    print(f"memory bandwidth (torch.mv, 1 GiB float32): {bw:.1f} GB/s, {torch.get_num_threads()} threads")
+    bw = bandwidth()
+    print(f"memory read, 1 GiB float32: matrix-vector {bw['matvec']:.1f} GB/s (the roofline's), plain sum "
+          f"{bw['stream']:.1f} GB/s; {torch.get_num_threads()} threads", flush=True)
     for name in args.models.split(","):
-        folder = preset_dir(name)
-        source = open_model(f"preset:{name}")
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
-            ours = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=True), dtype, "cpu")
-            engine = Engine(ours, batch=1, max_len=args.prompt_len + args.tokens + 1, compile=not args.eager)
-            hf = HFModel.from_pretrained(folder, dtype=dtype).eval()
+            source, engine, hf = engines(name, dtype, args.prompt_len + args.tokens + 1, compile=not args.eager)
             prompt = torch.randint(1, 4000, (1, args.prompt_len))
             start = time.perf_counter()
             moebench_decode(engine, prompt, 4)  # warm-up, and compilation of the decode step
@@ -100,19 +95,23 @@ def main():
             for _ in range(args.repeats):
                 a.append(moebench_decode(engine, prompt, args.tokens))
                 b.append(hf_decode(hf, prompt, args.tokens))
+            step_s = 1 / statistics.median(a)
+            overhead_s = step_s - decode_kernel_seconds(engine, prompt, args.tokens)
             bytes_per_token = source.config.active_parameters() * dtype.itemsize
-            roofline = bw * 1e9 / bytes_per_token
+            roofline = bw["matvec"] * 1e9 / bytes_per_token
             row = dict(model=name, dtype=dtype_name, moebench_tok_s=statistics.median(a),
                        transformers_tok_s=statistics.median(b), moebench_best=max(a), transformers_best=max(b),
-                       roofline_tok_s=roofline, bandwidth_gbs=bw, bytes_per_token=bytes_per_token,
+                       roofline_tok_s=roofline, bandwidth_gbs=bw["matvec"], stream_gbs=bw["stream"],
+                       bytes_per_token=bytes_per_token, step_ms=step_s * 1e3, overhead_ms=overhead_s * 1e3,
                        hf_experts=getattr(hf.config, "_experts_implementation", "?"))
             row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]
             rows.append(row)
             print(f"{name:15s} {dtype_name:9s} moebench {row['moebench_tok_s']:8.1f} tok/s "
                   f"({row['moebench_tok_s'] / roofline:4.0%} of roofline)  transformers {row['transformers_tok_s']:7.1f}"
                   f" ({row['transformers_tok_s'] / roofline:4.0%})  ratio {row['ratio']:.2f}x  "
-                  f"roofline {roofline:.0f} tok/s", flush=True)
-            del ours, engine, hf
+                  f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of {step_s * 1e3:.2f} "
+                  f"ms/step", flush=True)
+            del engine, hf
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(rows=rows, machine=f"{torch.get_num_threads()} threads CPU"), indent=2))

@@ -3,6 +3,7 @@ never a traceback."""
 
 import json
 import shutil
+import stat
 
 import pytest
 import torch
@@ -149,3 +150,55 @@ def test_unsupported_rope_scaling_type(plain, capsys):
     cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     (plain / "config.json").write_text(json.dumps(cfg))
     assert "rope type 'dynamic' is not supported" in one_error_line(capsys, plain)
+
+
+# ---------------------------------------------------------------- the embedded model's shipped weights
+
+
+def test_embedded_model_is_the_shipped_weights(tmp_path, monkeypatch):
+    """preset_dir copies the trained weights into a folder named after their sha256, readable by everyone."""
+    from moebench.model.presets import EMBEDDED, EMBEDDED_WEIGHTS, embedded_sha256, preset_dir
+
+    monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path))
+    folder = preset_dir(EMBEDDED)
+    sha = embedded_sha256()
+    assert folder.name.endswith(sha[:12])  # new weights, new folder: an old cache is never reused
+    assert (folder / "model.safetensors").read_bytes() == (EMBEDDED_WEIGHTS / "model.safetensors").read_bytes()
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()} == {0o644}
+    assert {f.name for f in folder.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
+                                                   "tokenizer_config.json", "generation_config.json"}
+    assert preset_dir(EMBEDDED) == folder  # reused, after checking the weights again
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # still a readable safetensors file: only the checksum notices
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_cached_embedded_weights(tmp_path, monkeypatch, capsys):
+    from moebench.model.presets import EMBEDDED, preset_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path / "cache"))
+    f = preset_dir(EMBEDDED) / "model.safetensors"
+    flip_last_byte(f)
+    code = main(["--mode", "generate", "--max-new-tokens", "2"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"moebench: error: {f}: sha256 ") and "delete" in lines[0]
+
+
+def test_damaged_shipped_embedded_weights(tmp_path, monkeypatch):
+    from moebench.errors import MoebenchError
+    from moebench.model import presets
+
+    monkeypatch.setenv("MOEBENCH_CACHE", str(tmp_path / "cache"))
+    shipped = shutil.copytree(presets.EMBEDDED_WEIGHTS, tmp_path / "assets")
+    flip_last_byte(shipped / "model.safetensors")
+    monkeypatch.setattr(presets, "EMBEDDED_WEIGHTS", shipped)
+    with pytest.raises(MoebenchError, match="reinstall moebench"):
+        presets.preset_dir(presets.EMBEDDED)
+    assert not list((tmp_path / "cache" / "models").glob("*"))  # no half-written folder left behind

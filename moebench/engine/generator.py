@@ -45,7 +45,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = False,
                  ctx_buckets: tuple[int, ...] = (), tkg_buckets: tuple[int, ...] = (),
-                 sampling: OnDeviceSampling | None = None):
+                 sampling: OnDeviceSampling | None = None, cuda_graphs: bool = False):
         p = next(model.parameters())
         self.model, self.cfg, self.device = model, model.config, p.device
         self.batch, self.max_len = batch, max_len
@@ -65,8 +65,12 @@ class Engine:
             # submission, each prompt's length, each bucket); past the limit it would fall back to eager silently.
             limit = max(64, 4 * (len(self.tkg_buckets) + 1))
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        # cuda_graphs: each bucket's compiled decode step is captured once in a CUDA graph and replayed (Inductor's
+        # "reduce-overhead"): one launch per step instead of one per kernel.
+        self.cuda_graphs = compile and cuda_graphs and self.device.type == "cuda"
         self._eager_decode_step = self._decode_step
-        self._decode_step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        self._decode_step = torch.compile(self._decode_step, dynamic=False, mode=mode) if compile else self._decode_step
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, S] bool: causal over slots, real keys only (each query always sees itself)."""
@@ -137,7 +141,7 @@ class Engine:
     @torch.inference_mode()
     def warm_decode(self, width: int) -> None:
         """One decode step in the `width` bucket, so that a compiled engine compiles that bucket's graph now."""
-        self._decode_step(*self.example_step("token_generation_model", width))
+        self._replay(*self.example_step("token_generation_model", width))
 
     def step_function(self, submodel: str):
         """What one call of `submodel` computes, uncompiled: the model over a prompt, or a whole decode step
@@ -151,9 +155,18 @@ class Engine:
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token generation: one new token per row [B] -> logits [B, V]."""
-        logits = self._decode_step(*self._decode_inputs(tokens))
+        logits = self._replay(*self._decode_inputs(tokens))
         self.next_slot, self.next_pos = self.next_slot + 1, self.next_pos + 1
         return logits
+
+    def _replay(self, *inputs):
+        """The decode step; under CUDA graphs its outputs live in the graph's memory, which the next replay
+        overwrites: they are copied out."""
+        if not self.cuda_graphs:
+            return self._decode_step(*inputs)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = self._decode_step(*inputs)
+        return out.clone() if isinstance(out, torch.Tensor) else tuple(None if t is None else t.clone() for t in out)
 
     @torch.inference_mode()
     def decode_sampled(self, tokens: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -163,7 +176,7 @@ class Engine:
         p = s.params
         # --dynamic: the parameters are tensor inputs of the graph; otherwise constants of it (a change recompiles)
         params = self._param_tensors(p) if s.dynamic else p
-        out = self._decode_step(*self._decode_inputs(tokens), uniform.to(self.device), params, self._how())
+        out = self._replay(*self._decode_inputs(tokens), uniform.to(self.device), params, self._how())
         self.next_slot, self.next_pos = self.next_slot + 1, self.next_pos + 1
         return out
 

@@ -5,6 +5,26 @@ import torch.nn.functional as F
 
 # Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token.
 
+# A CPU without bfloat16 matrix instructions (no AVX512-BF16 or AMX: AVX2 only) runs torch's bfloat16 GEMM about
+# five times slower than its float32 GEMM. There a product of many rows runs in float32 instead: the inputs upcast
+# exactly, float32 accumulation as in the bfloat16 kernel, the result rounded back to bfloat16. (One-row products,
+# decode's, are bound by reading the weights and stay in bfloat16.)
+SLOW_BF16_CPU = not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+WIDE_ROWS = 16  # rows from which the float32 detour pays for converting the weights
+
+
+def in_float32(x: torch.Tensor, rows: int) -> bool:
+    """True when a bfloat16 product of `rows` rows of x should run in float32 on this machine."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and SLOW_BF16_CPU and rows >= WIDE_ROWS
+
+
+def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), in float32 where in_float32 says so."""
+    if not in_float32(x, x.numel() // x.shape[-1]):
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)
+
 
 def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (topk_ids [T, k], topk_weights [T, k] in the logits' dtype).
@@ -55,7 +75,8 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     order = flat_ids.argsort(stable=True)
     token_of = order // k  # source token of each sorted row
     xs = x[token_of]  # [T*k, D]
-    if _grouped_mm_supported(x, w_down):
+    wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
+    if _grouped_mm_supported(x, w_down) and not wide:
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
             0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # tokens per expert, a static shape
         offs = counts.cumsum(0, dtype=torch.int32)
@@ -69,12 +90,15 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
         ys = torch.bmm(w_down[ids], (F.silu(gate) * up)[:, :, None])[..., 0]
     else:
         counts = torch.bincount(flat_ids, minlength=E)
-        ys = torch.empty_like(xs)
+        ys = torch.empty_like(xs, dtype=torch.float32 if wide else x.dtype)
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                gate, up = F.linear(xs[start:start + n], w_gate_up[e]).chunk(2, dim=-1)
-                ys[start:start + n] = F.linear(F.silu(gate) * up, w_down[e])
+                rows, w1, w2 = xs[start:start + n], w_gate_up[e], w_down[e]
+                if wide:
+                    rows, w1, w2 = rows.float(), w1.float(), w2.float()
+                gate, up = F.linear(rows, w1).chunk(2, dim=-1)
+                ys[start:start + n] = F.linear(F.silu(gate) * up, w2)
                 start += n
     ys = ys * topk_weights.flatten()[order, None]
-    return torch.zeros_like(x).index_add_(0, token_of, ys)
+    return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))

@@ -1,5 +1,7 @@
-"""Built-in models: the embedded default checkpoint, written once into a cache folder, and larger random presets."""
+"""Built-in models: the embedded default checkpoint (trained weights shipped in the package), written once into a
+cache folder, and larger random presets."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -10,16 +12,18 @@ import torch
 
 from moebench import __version__
 from moebench.errors import MoebenchError
-from moebench.model.config import Qwen3MoeConfig
+from moebench.model.config import Qwen3MoeConfig, read_json
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = "moebench-tiny"
+# Its trained weights (model.safetensors, bfloat16) and weights.json (their sha256), from scripts/train_embedded.py.
+EMBEDDED_WEIGHTS = ASSETS / EMBEDDED
 SPECIAL = {"eos": "<|endoftext|>", "pad": "<|endoftext|>"}
 _TOKENS = dict(bos_token_id=None, eos_token_id=0, pad_token_id=0)  # <|endoftext|> is id 0 in the shipped vocab
 
 PRESETS = {
-    # The embedded default: every feature that changes the math (experts, top-k, GQA, q/k norm,
+    # The embedded default (trained): every feature that changes the math (experts, top-k, GQA, q/k norm,
     # head_dim != hidden/heads, a dense layer), small enough that per-step overhead dominates.
     EMBEDDED: Qwen3MoeConfig(
         vocab_size=4096, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
@@ -78,12 +82,16 @@ def write_checkpoint(model: Qwen3MoeForCausalLM, out_dir: Path, max_shard_bytes:
     """A genuine Hugging Face checkpoint: config, safetensors, tokenizer and generation config."""
     from moebench.model.checkpoint import save_weights
 
-    cfg = model.config
+    write_model_files(model.config, str(next(model.parameters()).dtype).removeprefix("torch."), out_dir)
+    save_weights(model, out_dir, max_shard_bytes)
+
+
+def write_model_files(cfg: Qwen3MoeConfig, dtype: str, out_dir: Path) -> None:
+    """Everything of a checkpoint but the weights: config.json, the tokenizer's files, generation_config.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
     hf = cfg.to_hf_dict()
-    hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    hf["torch_dtype"] = dtype
     (out_dir / "config.json").write_text(json.dumps(hf, indent=2))
-    save_weights(model, out_dir, max_shard_bytes)
     shutil.copy(ASSETS / "tokenizer.json", out_dir / "tokenizer.json")
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL["eos"], "pad_token": SPECIAL["pad"],
                "bos_token": None, "add_bos_token": False, "padding_side": "right",
@@ -94,20 +102,49 @@ def write_checkpoint(model: Qwen3MoeForCausalLM, out_dir: Path, max_shard_bytes:
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
+def embedded_sha256() -> str:
+    """The sha256 of the shipped trained weights, as scripts/train_embedded.py recorded it."""
+    sha = read_json(EMBEDDED_WEIGHTS / "weights.json").get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise MoebenchError(f"{EMBEDDED_WEIGHTS / 'weights.json'}: no sha256 of the weights; reinstall moebench")
+    return sha
+
+
+def check_weights(path: Path, sha: str, fix: str) -> None:
+    """A one-line MoebenchError unless the file at `path` has this sha256."""
+    if not path.is_file():
+        raise MoebenchError(f"{path}: file not found; {fix}")
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != sha:
+        raise MoebenchError(f"{path}: sha256 {got[:12]}... is not that of the {EMBEDDED} weights shipped with "
+                            f"moebench ({sha[:12]}...); {fix}")
+
+
 def preset_dir(name: str) -> Path:
-    """The folder of a preset's checkpoint, written on first use (atomically: a crash leaves no half folder)."""
+    """The folder of a preset's checkpoint, written on first use (atomically: a crash leaves no half folder). The
+    embedded model's weights are checked against their sha256 each time."""
     if name not in PRESETS:
         raise MoebenchError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     if name in IN_MEMORY_ONLY:
         raise MoebenchError(f"preset {name!r} is too large to write as a checkpoint; it is built in memory")
-    out = cache_root() / "models" / f"{name}-v{__version__}"
+    sha = embedded_sha256() if name == EMBEDDED else None
+    # The weights' hash is in the embedded model's folder name: new weights never reuse an old cache.
+    out = cache_root() / "models" / (f"{name}-v{__version__}" + (f"-{sha[:12]}" if sha else ""))
     if (out / "config.json").is_file():
+        if sha:
+            check_weights(out / "model.safetensors", sha, f"delete {out} and run again to rewrite it")
         return out
+    if sha:
+        check_weights(EMBEDDED_WEIGHTS / "model.safetensors", sha, "reinstall moebench")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
         cfg = PRESETS[name]
-        write_checkpoint(random_model(cfg, seed=0, dtype=getattr(torch, cfg.torch_dtype)), tmp)
+        if sha:
+            write_model_files(cfg, cfg.torch_dtype, tmp)
+            shutil.copy(EMBEDDED_WEIGHTS / "model.safetensors", tmp / "model.safetensors")
+        else:
+            write_checkpoint(random_model(cfg, seed=0, dtype=getattr(torch, cfg.torch_dtype)), tmp)
         for f in tmp.iterdir():
             f.chmod(0o644)  # readable by the unprivileged contestant process too
         tmp.chmod(0o755)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moebench.model.config import Qwen3MoeConfig
-from moebench.model.moe import experts_forward, route
+from moebench.model.moe import experts_forward, linear, route
 from moebench.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # Legend: B batch, T input columns, S cache slots in use, D hidden, H/Hkv query/key-value heads, hd head dim.
@@ -131,9 +131,9 @@ class Attention(nn.Module):
             if norm is not None:
                 x = norm(x)
             if self.fused:
-                q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+                q, k, v = linear(self.qkv_proj, x).split(self.sizes, dim=-1)
             else:
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+                q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
             q = self.q_norm(q.view(B, T, self.n_heads, self.hd)).transpose(1, 2)  # [B, H, T, hd]
             k = self.k_norm(k.view(B, T, self.n_kv, self.hd)).transpose(1, 2)  # [B, Hkv, T, hd]
             v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
@@ -152,7 +152,7 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         if self.o_kernel is not None and untouched(self.o_proj):
             return self.o_kernel(o, self.o_proj.weight, self.o_proj.bias, residual)
-        out = self.o_proj(o)
+        out = linear(self.o_proj, o)
         return out if residual is None else residual + out
 
 
@@ -172,8 +172,8 @@ class DenseMLP(nn.Module):
         if self.kernel is not None and untouched(self.gate_up_proj, self.down_proj):
             gate, up = self.kernel(x, self.gate_up_proj.weight).chunk(2, dim=-1)
             return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        out = self.down_proj(F.silu(gate) * up)
+        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        out = linear(self.down_proj, F.silu(gate) * up)
         return out if residual is None else residual + out
 
 

@@ -1,0 +1,70 @@
+"""What the CPU bench scripts share: this machine's measured limits, the two engines on one checkpoint, timing."""
+
+import re
+import statistics
+import time
+
+import torch
+
+from moebench.engine.generator import Engine
+from moebench.model.loader import build_model, open_model
+from moebench.model.presets import preset_dir
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bandwidth(repeats: int = 5) -> dict:
+    """GB/s (median) of reading 1 GiB of float32 now: `matvec` (torch.mv, a large matrix-vector read: the
+    roofline's bandwidth) and `stream` (torch.sum, the fastest plain read torch has here, for reference)."""
+    w, v = torch.randn(16384, 16384), torch.randn(16384)
+    nbytes = w.numel() * 4
+    out = {name: nbytes / statistics.median(timed(fn, repeats)) / 1e9
+           for name, fn in (("matvec", lambda: torch.mv(w, v)), ("stream", w.sum))}
+    del w
+    return out
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s (median) of an n x n x n matrix product in dtype: the compute roofline of prefill."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, repeats)) / 1e9
+
+
+def engines(name: str, dtype: torch.dtype, max_len: int, compile: bool):
+    """moebench's engine and transformers' model on the same checkpoint (a preset, written on first use)."""
+    from transformers import Qwen3MoeForCausalLM as HFModel
+
+    source = open_model(f"preset:{name}")
+    ours = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=True), dtype, "cpu")
+    hf = HFModel.from_pretrained(preset_dir(name), dtype=dtype).eval()
+    return source, Engine(ours, batch=1, max_len=max_len, compile=compile), hf
+
+
+# Profiler events that only make views or allocate: the framework's, not the math's.
+_BOOKKEEPING = re.compile(r"aten::(empty\w*|as_strided|view\w*|_reshape_alias|alias|detach|lift_fresh\w*|select|slice"
+                          r"|transpose|t|unsqueeze|squeeze|expand|permute|reshape|_unsafe_view|resolve_\w+)$")
+
+
+def kernel_seconds(fn, steps: int) -> float:
+    """Seconds per call of fn spent inside computing kernels (Inductor's generated kernels and the library's
+    operators), from torch.profiler: the step time minus this is the framework's overhead."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import profile
+
+    assert inductor_config.cpp.enable_kernel_profile, "set before compiling, so Inductor's kernels are recorded"
+    with profile() as prof:
+        for _ in range(steps):
+            fn()
+    leaves = [e for e in prof.events() if not e.cpu_children and not _BOOKKEEPING.match(e.name)
+              and not e.name.startswith(("TorchDynamo", "Torch-Compiled", "## ", "Pregraph", "ProfilerStep"))]
+    return sum(e.self_cpu_time_total for e in leaves) / 1e6 / steps

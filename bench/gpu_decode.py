@@ -1,0 +1,241 @@
+"""Batch-1 decode at Qwen3-30B-A3B's dimensions on an NVIDIA GPU: moebench against Hugging Face transformers.
+
+Random bfloat16 weights (no download), made directly on the GPU. In one run it prints and writes:
+  - the GPU's read bandwidth now (a large copy) and the decode roofline: bytes read per token / bandwidth;
+  - the fused MoE layer (router + k experts, one token) in µs, in a CUDA graph, against the roofline of its bytes;
+  - moebench's decode tokens/s (Triton kernels, the whole step in one CUDA graph per bucket) and its share of
+    the roofline, at full size (48 layers);
+  - the contest-shaped request: 402 prompt tokens, 640 in all, end to end (prefill + 238 decode steps), in ms;
+  - transformers (its best experts backend for batch 1, batched_mm, and grouped_mm) against moebench with
+    fewer layers of the same shapes (--hf-layers), since both at full size do not fit one GPU: tokens/s, ratio.
+
+    python bench/gpu_decode.py --out gpu_decode.json
+    python bench/gpu_decode.py --device cpu --layers 2 --hf-layers 1 --small   # smoke run of the script itself
+
+Without a GPU (and without --device cpu) it exits 2 with one line.
+"""
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moebench.engine.generator import Engine
+from moebench.model.presets import PRESETS
+from moebench.model.qwen3_moe import KERNEL_BLOCKS, ModelOptions, Qwen3MoeForCausalLM
+
+QUANTIZED = {"quantized_moe", "rms_norm_quantize"}
+
+
+def random_model(cfg, options: ModelOptions, device, seed: int = 0) -> Qwen3MoeForCausalLM:
+    """The model with normal(0, 0.02) weights made in place on `device` (a 30B model never passes through RAM)."""
+    with torch.device("meta"):
+        model = Qwen3MoeForCausalLM(cfg, options)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if name == "weight" and p.dim() == 1:  # RMSNorm
+                t = torch.ones(p.shape, dtype=torch.bfloat16, device=device)
+            else:
+                t = (torch.randn(p.shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02)
+            setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
+    return model.eval()
+
+
+def hf_model(cfg, device, experts: str):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM as HFModel
+
+    hf_cfg = Qwen3MoeConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")})
+    with torch.device(device):
+        model = HFModel._from_config(hf_cfg, dtype=torch.bfloat16, experts_implementation=experts)
+    return model.eval()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def read_bandwidth(device) -> float:
+    """GB/s of a 4 GiB device-to-device copy now, counting what is read and what is written."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(2**31, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(6):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    return 2 * 2**32 / statistics.median(times[1:]) / 1e9
+
+
+def decode_rate(engine, prompt, steps: int, device) -> float:
+    """Tokens/s of greedy decode steps after the prefill."""
+    tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        tok = engine.decode(tok).argmax(-1)
+    sync(device)
+    return steps / (time.perf_counter() - start)
+
+
+def request_ms(engine, prompt, new_tokens: int, device) -> float:
+    """End-to-end ms of prefill + greedy decoding of new_tokens tokens."""
+    sync(device)
+    start = time.perf_counter()
+    engine.greedy(prompt, torch.ones_like(prompt), new_tokens)
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def hf_rate(model, prompt, steps: int, device) -> float:
+    """Tokens/s of transformers' generate after its prefill (the prefill's time is measured and taken out)."""
+    def run(n):
+        sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - start
+
+    run(2)
+    one, many = statistics.median(run(1) for _ in range(3)), statistics.median(run(steps + 1) for _ in range(3))
+    return steps / (many - one)
+
+
+def moe_layer_us(engine, device) -> float:
+    """µs of the first layer's MoE block (router + experts + combine) on one token, replayed in a CUDA graph."""
+    layer = engine.model.model.layers[0]
+    x = torch.randn(1, 1, engine.cfg.hidden_size, dtype=torch.bfloat16, device=device)
+    if device.type != "cuda":
+        return float("nan")
+    with torch.inference_mode():
+        for _ in range(3):
+            layer.mlp(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                layer.mlp(x)
+        times = []
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / 20)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=48, help="decoder layers of the full-size runs")
+    ap.add_argument("--hf-layers", type=int, default=8, help="layers of the side-by-side run with transformers")
+    ap.add_argument("--small", action="store_true", help="shrink every dimension (a smoke run on the CPU)")
+    ap.add_argument("--prompt-len", type=int, default=402)
+    ap.add_argument("--seq-len", type=int, default=640)
+    ap.add_argument("--steps", type=int, default=128, help="decode steps timed per run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", help="write the results as JSON here")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu_decode.py: no CUDA GPU here (--device cpu --small runs the script on the CPU)",
+              file=sys.stderr)
+        return 2
+    cfg = dataclasses.replace(PRESETS["qwen3-30b-a3b"], num_hidden_layers=args.layers)
+    if args.small:
+        cfg = dataclasses.replace(cfg, vocab_size=4096, hidden_size=256, moe_intermediate_size=64, num_experts=16,
+                                  num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    on_gpu = device.type == "cuda"
+    kernels = frozenset(set(KERNEL_BLOCKS) - QUANTIZED) if on_gpu else frozenset()  # CPU: the interpreter is slow
+    options = ModelOptions(fused_qkv=True, kernels=kernels)
+    name = torch.cuda.get_device_name() if on_gpu else "cpu"
+    print(f"device: {name}  torch {torch.__version__}  bfloat16, batch 1, {cfg.num_hidden_layers} layers", flush=True)
+
+    bw = read_bandwidth(device)
+    bytes_per_token = cfg.active_parameters() * 2
+    roofline = bw * 1e9 / bytes_per_token
+    result = dict(device=name, torch=torch.__version__, layers=cfg.num_hidden_layers, bandwidth_gbs=bw,
+                  bytes_per_token=bytes_per_token, roofline_tok_s=roofline)
+    print(f"read bandwidth {bw:.0f} GB/s; {bytes_per_token / 1e9:.3f} GB per token; roofline {roofline:.0f} tok/s",
+          flush=True)
+
+    torch.manual_seed(0)
+    prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt_len), device=device)
+    buckets = tuple(b for b in (128, 256, 512) if b < args.seq_len) + (args.seq_len,)
+    model = random_model(cfg, options, device)
+    engine = Engine(model, batch=1, max_len=args.seq_len, compile=True, tkg_buckets=buckets, cuda_graphs=True)
+    start = time.perf_counter()
+    for b in buckets:
+        engine.warm_decode(b)
+    print(f"compiled {len(buckets)} decode buckets in {time.perf_counter() - start:.0f} s", flush=True)
+
+    try:
+        moe_us = moe_layer_us(engine, device)
+    except Exception as e:  # a kernel that cannot be captured: said, and the rest still runs
+        print(f"fused MoE layer: not timed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        moe_us = float("nan")
+    moe_bytes = (cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size + cfg.num_experts) * cfg.hidden_size * 2
+    result.update(moe_layer_us=moe_us, moe_layer_bytes=moe_bytes, moe_layer_roofline_us=moe_bytes / bw / 1e3)
+    print(f"fused MoE layer (router + {cfg.num_experts_per_tok} experts, one token): {moe_us:.1f} µs; roofline "
+          f"{moe_bytes / bw / 1e3:.1f} µs", flush=True)
+
+    rates = [decode_rate(engine, prompt, args.steps, device) for _ in range(args.repeats)]
+    result.update(decode_tok_s=statistics.median(rates), decode_best_tok_s=max(rates))
+    print(f"moebench decode: {statistics.median(rates):.0f} tok/s ({statistics.median(rates) / roofline:.0%} of "
+          f"the roofline)", flush=True)
+    new_tokens = args.seq_len - args.prompt_len
+    e2e = [request_ms(engine, prompt, new_tokens, device) for _ in range(args.repeats)]
+    result.update(request_ms=statistics.median(e2e), request_best_ms=min(e2e))
+    print(f"contest-shaped request ({args.prompt_len} prompt + {new_tokens} new tokens): "
+          f"{statistics.median(e2e):.0f} ms", flush=True)
+    del engine, model
+    if on_gpu:
+        torch.cuda.empty_cache()
+
+    # Side by side with transformers, fewer layers of the same shapes (both fit at once).
+    small = dataclasses.replace(cfg, num_hidden_layers=args.hf_layers)
+    engine = Engine(random_model(small, options, device), batch=1, max_len=args.seq_len, compile=True,
+                    tkg_buckets=buckets, cuda_graphs=True)
+    short = prompt[:, :16]
+    decode_rate(engine, short, 4, device)
+    ours = statistics.median(decode_rate(engine, short, args.steps, device) for _ in range(args.repeats))
+    side = dict(layers=args.hf_layers, moebench_tok_s=ours)
+    print(f"{args.hf_layers} layers: moebench {ours:.0f} tok/s", flush=True)
+    del engine
+    for experts in ("batched_mm", "grouped_mm"):
+        try:
+            hf = hf_model(small, device, experts)
+            rate = hf_rate(hf, short, args.steps, device)
+            del hf
+        except Exception as e:  # a backend this transformers or GPU lacks: said, and the others still run
+            print(f"transformers {experts}: not run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        side[f"transformers_{experts}_tok_s"] = rate
+        print(f"{args.hf_layers} layers: transformers ({experts}) {rate:.0f} tok/s; moebench / it = "
+              f"{ours / rate:.2f}x", flush=True)
+    result["side_by_side"] = side
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
