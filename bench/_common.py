@@ -1,8 +1,10 @@
 """What the CPU bench scripts share: this machine's measured limits, the two engines on one checkpoint, timing."""
 
+import json
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,3 +71,11 @@ def kernel_seconds(fn, steps: int) -> float:
     math = [e for e in prof.events() if not _BOOKKEEPING.match(e.name)
             and not e.name.startswith(("TorchDynamo", "Torch-Compiled", "## ", "Pregraph", "ProfilerStep"))]
     return sum(e.self_cpu_time_total for e in math) / 1e6 / steps
+
+
+def write_results(path: str, payload: dict):
+    """Write a bench script's results as JSON (folders made as needed) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"results: {out}")

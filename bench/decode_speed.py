@@ -10,15 +10,13 @@ Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hi
 """
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
 
-from _common import bandwidth, engines, kernel_seconds
+from _common import bandwidth, engines, kernel_seconds, write_results
 
 inductor_config.cpp.enable_kernel_profile = True  # Inductor's kernels show in the profiler: the overhead figure
 
@@ -112,10 +110,7 @@ def main():
                   f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of {step_s * 1e3:.2f} "
                   f"ms/step", flush=True)
             del engine, hf
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(rows=rows, machine=f"{torch.get_num_threads()} threads CPU"), indent=2))
-    print(f"results: {out}")
+    write_results(args.out, dict(rows=rows, machine=f"{torch.get_num_threads()} threads CPU"))
 
 
 if __name__ == "__main__":

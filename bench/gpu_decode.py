@@ -23,7 +23,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moebench.engine.generator import Engine
 from moebench.model.presets import PRESETS

@@ -10,13 +10,11 @@ Both compute the last token's logits only (transformers' `logits_to_keep=1`, as 
 """
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
-from _common import engines, gemm_gflops, timed
+from _common import engines, gemm_gflops, timed, write_results
 
 
 def prefill_flops(cfg, T: int) -> float:
@@ -70,10 +68,7 @@ def main():
               f"({row['roofline_ms'] / row['transformers_ms']:4.0%})  ratio {row['ratio']:.2f}x  roofline "
               f"{row['roofline_ms']:.0f} ms ({flops / 1e9:.1f} GFLOP at {gflops:.0f} GFLOP/s)", flush=True)
         del engine, hf
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(rows=rows, threads=torch.get_num_threads()), indent=2))
-    print(f"results: {out}")
+    write_results(args.out, dict(rows=rows, threads=torch.get_num_threads()))
 
 
 if __name__ == "__main__":

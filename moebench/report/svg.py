@@ -21,7 +21,7 @@ def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
 class _Frame:
