@@ -284,7 +284,8 @@ def test_generate_two_prompts(capsys, in_tmp):
     # each row equals that prompt run alone (padding does not change the numbers)
     code, out, _ = run(capsys, *FAST, "--max-new-tokens", 4, "--do-sample", "false", "--output-logits",
                        "--prompt", "Hello world")
-    torch.testing.assert_close(logits[:, :1], saved_logits(out, in_tmp), atol=1e-5, rtol=1e-5)
+    alone = saved_logits(out, in_tmp)  # fewer steps where that prompt alone reaches the end of text first
+    torch.testing.assert_close(logits[:len(alone), :1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_side_does_not_change_the_logits(capsys, in_tmp):
@@ -331,7 +332,8 @@ def test_sampling_is_reproducible_by_seed(capsys):
     for key, seed in (("a", 3), ("b", 3), ("c", 4)):
         code, out, err = run(capsys, *FAST, "--max-new-tokens", 20, "--seed", seed)
         assert code == 0, err
-        texts[key] = generated_text(out)
+        # the whole continuation: the trained model's often starts on a new line
+        texts[key] = out.split("Generated outputs:", 1)[1].split(" steps in ", 1)[0]
     assert texts["a"] == texts["b"]
     assert texts["a"] != texts["c"]
 

@@ -159,9 +159,10 @@ def test_tensor_parallel_matches_one_process(reference, world):
     out = run_parallel(_ranks_main, world, ref_tokens, variant)
     _close(out["plain"], (ref_tokens, ref_logits))
     _close(out["fused_vocab"], (ref_tokens, ref_logits))
-    # bfloat16 sums of float32 activations (~3 significant digits per reduce) on logits up to ~1: differences ~4e-3.
-    bf16_diff = (out["bf16"][1] - ref_logits).abs().max()
-    assert 1e-4 < bf16_diff < 1e-2  # close, and the reduces really ran in bfloat16
+    # bfloat16 sums of float32 activations (~3 significant digits per reduce): differences ~3e-3 of the largest
+    # logit (the trained embedded model's logits reach ~10, a random model's ~1).
+    bf16_diff = (out["bf16"][1] - ref_logits).abs().max() / ref_logits.abs().max()
+    assert 1e-5 < bf16_diff < 1e-2  # close, and the reduces really ran in bfloat16
     assert out["slices_ok"] == [True] * world
     _close(out["sequence"], (ref_tokens, ref_logits))
     layers = open_model(None).config.num_hidden_layers
