@@ -1,10 +1,11 @@
 """How moebench's accuracy defaults were chosen: validate honest and wrong submissions on every prompt of
 prompts.txt and print the worst error per top-k set and the largest logit gap at divergent tokens.
 
-    python scripts/calibrate_accuracy.py [--seq-len 640] [--dtype bfloat16]
+    python scripts/calibrate_accuracy.py [--seq-len 640] [--dtype bfloat16] [--prompts N] [--submissions PATH ...]
 """
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,26 +27,32 @@ def main():
     ap.add_argument("--seq-len", default="640")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompts", type=int, default=None, help="only the first N prompts")
+    ap.add_argument("--submissions", nargs="+", default=SUBMISSIONS, metavar="PATH",
+                    help="modules to validate (default: the template and the test submissions)")
     args = ap.parse_args()
-    run, _ = parse_args(["--mode", "validate", "--seq-len", args.seq_len, "--torch-dtype", args.dtype])
+    folder = tempfile.mkdtemp(prefix="moebench-calibrate-")
+    run, _ = parse_args(["--mode", "validate", "--seq-len", args.seq_len, "--torch-dtype", args.dtype,
+                         "--compiled-model-path", folder])
     source = open_model(None)
-    dtype = getattr(torch, args.dtype)
+    dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
     prompts = read_prompts(ROOT / "prompts.txt")[:args.prompts]
-    for path in SUBMISSIONS:
+    for path in args.submissions:
         sub = load_submission(str(ROOT / path))
-        worst, gap, calls, passed = {}, 0.0, 0, 0
-        for i, prompt in enumerate(prompts):
+        checks, gap, calls, passed, scales = [], 0.0, 0, 0, []
+        for prompt in prompts:
             req = make_request(run, source, [prompt])
-            expected, _ = expected_logits(run, source, req, "cpu", dtype, None, ROOT / ".none")
-            v = UnderTest(run, sub, source, "cpu", dtype, batch=1).validate(expected, req, source.tokenizer)
-            for k, e in v.report.worst.items():
-                worst[k] = max(worst.get(k, 0.0), e)
+            expected, _ = expected_logits(run, source, req, cpu, dtype, None, ROOT / ".none")
+            v = UnderTest(run, sub, source, cpu, dtype, req).validate(expected, req, source.tokenizer)
+            checks += v.report.checks
             gap, calls, passed = max(gap, v.report.max_gap), calls + v.report.calls, passed + v.report.passed
-            scale = expected.abs().amax(-1).median().item()
+            scales.append(expected.float().abs().amax(-1).median().item())
+        worst = {k: max(c.errors[k] for c in checks) for k in checks[0].errors}
         errs = "  ".join(f"top-{k or 'all'} {e:.4f}" for k, e in worst.items())
-        print(f"{Path(path).stem:22s} passed {passed}/{len(prompts)}  {errs}  max gap {gap:.4f}  calls {calls}  "
-              f"(median max|logit| {scale:.3f})", flush=True)
-
+        over = sum(c.errors[None] > 0.01 for c in checks) / len(checks)
+        failed = sum(not c.passed for c in checks) / len(checks)
+        print(f"{Path(path).stem:22s} passed {passed}/{len(prompts)}  tokens failed {failed:.1%}  "
+              f"top-all error > 1%: {over:.1%}  worst {errs}  max gap {gap:.4f}  calls {calls}  "
+              f"(median max|logit| {sorted(scales)[len(scales) // 2]:.3f})", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,17 @@ def in_float32(x: torch.Tensor, rows: int) -> bool:
 
 
 def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), in float32 where in_float32 says so."""
-    if not in_float32(x, x.numel() // x.shape[-1]):
+    """layer(x): as a reduction for one row in a compiled graph, in float32 where in_float32 says so."""
+    rows = x.numel() // x.shape[-1]
+    if rows == 1 and x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # Decode's one-row products are bound by reading the weights. The CPU library's matrix-vector product
+        # leaves cores idle; as a multiply-and-sum the compiler splits the output rows over every thread and
+        # fuses the bias and the next operations. (Exported graphs keep the linear: the MAC count reads it.)
+        y = (layer.weight * x.reshape(1, -1)).sum(-1)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    if not in_float32(x, rows):
         return layer(x)
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)

@@ -233,7 +233,7 @@ class SparseMoE(nn.Module):
         if self.router_kernel is not None and untouched(self.gate):
             ids, weights = self.router_kernel(flat, self.gate.weight, self.k, self.norm_topk_prob)
         else:
-            ids, weights = route(self.gate(flat), self.k, self.norm_topk_prob)
+            ids, weights = route(linear(self.gate, flat), self.k, self.norm_topk_prob)
         fused_add = residual is not None and self.fuse_residual  # __init__ made sure an expert kernel runs
         res = residual.reshape(B * T, D) if fused_add else None
         if self.quantized_kernel is not None:
@@ -305,4 +305,4 @@ class Qwen3MoeForCausalLM(nn.Module):
         x = self.model.norm(x)
         if self.lm_head_kernel is not None and untouched(self.lm_head):
             return self.lm_head_kernel(x, self.lm_head.weight).float()
-        return self.lm_head(x).float()
+        return linear(self.lm_head, x).float()
