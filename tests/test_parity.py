@@ -73,3 +73,24 @@ def test_compiled_decode_equals_eager():
             steps.append(engine.decode(torch.tensor([t])))
         runs.append(torch.stack(steps))
     torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_linear_in_a_compiled_graph_equals_the_linear(dtype):
+    """moe.linear turns a one-row product into a multiply-and-sum when compiled; layers that are not a plain
+    nn.Linear keep their own forward (a tensor-parallel layer's all-reduce must run)."""
+    from moebench.model.moe import linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 40, bias=True).to(dtype)
+    x = torch.randn(1, 1, 96, dtype=dtype)
+    got = torch.compile(linear, dynamic=False)(layer, x)
+    torch.testing.assert_close(got.float(), layer(x).float(), atol=1e-5 if dtype == torch.float32 else 2e-2,
+                               rtol=1e-5 if dtype == torch.float32 else 2e-2)
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    doubled = Doubled(96, 40).to(dtype)
+    torch.testing.assert_close(torch.compile(linear, dynamic=False)(doubled, x), doubled(x))
