@@ -5,6 +5,7 @@ prompts.txt and print the worst error per top-k set and the largest logit gap at
 """
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def main():
         failed = sum(not c.passed for c in checks) / len(checks)
         print(f"{Path(path).stem:22s} passed {passed}/{len(prompts)}  tokens failed {failed:.1%}  "
               f"top-all error > 1%: {over:.1%}  worst {errs}  max gap {gap:.4f}  calls {calls}  "
-              f"(median max|logit| {sorted(scales)[len(scales) // 2]:.3f})", flush=True)
+              f"(median max|logit| {statistics.median(scales):.3f})", flush=True)
+
 
 if __name__ == "__main__":
     main()
