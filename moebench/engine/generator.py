@@ -69,8 +69,19 @@ class Engine:
         # "reduce-overhead"): one launch per step instead of one per kernel.
         self.cuda_graphs = compile and cuda_graphs and self.device.type == "cuda"
         self._eager_decode_step = self._decode_step
-        mode = "reduce-overhead" if self.cuda_graphs else None
-        self._decode_step = torch.compile(self._decode_step, dynamic=False, mode=mode) if compile else self._decode_step
+        if compile:
+            self._decode_step = torch.compile(self._decode_step, dynamic=False, **self._compile_options())
+
+    def _compile_options(self) -> dict:
+        """How the decode step compiles. On CUDA with cuda_graphs, Inductor's "reduce-overhead" mode. On the CPU,
+        where a small model's step is mostly the host's work: Inductor's C++ wrapper calls the kernels (not its
+        Python one), and the per-input size asserts are left out (Dynamo's guards already check every input's
+        sizes and strides before the graph runs)."""
+        if self.cuda_graphs:
+            return dict(mode="reduce-overhead")
+        if self.device.type == "cpu":
+            return dict(options={"cpp_wrapper": True, "size_asserts": False})
+        return {}
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, S] bool: causal over slots, real keys only (each query always sees itself)."""
