@@ -16,7 +16,9 @@ from moebench.model.presets import EMBEDDED, PRESETS, random_model, write_checkp
 from moebench.model.qwen3_moe import DenseMLP, ModelOptions, Qwen3MoeForCausalLM
 
 NEW = 4  # tokens generated: 1 from the prefill, 3 decode steps
-ATOL = 1e-5  # float32: only the order of the sums differs
+# float32, only the order of the sums differs: a bound relative to the largest logit (~12 in the trained embedded model,
+# where float32's last place is ~1e-6); machines with and without AVX-512 order the sums differently.
+ATOL = 4e-6
 
 
 def _model(fused: bool = False, path=None):
@@ -150,7 +152,7 @@ def reference(one_thread, tmp_path_factory):
 def _close(got, want, atol=ATOL):
     tokens, logits = got
     assert torch.equal(tokens, want[0])
-    torch.testing.assert_close(logits, want[1], atol=atol, rtol=0)
+    torch.testing.assert_close(logits, want[1], atol=atol * want[1].abs().max().item(), rtol=0)
 
 
 @pytest.mark.parametrize("world", [2, 4])

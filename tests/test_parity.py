@@ -75,6 +75,37 @@ def test_compiled_decode_equals_eager():
     torch.testing.assert_close(runs[1], runs[0], atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_decode_falls_back_to_the_python_wrapper():
+    """Where Inductor's C++ wrapper cannot call an operator of the step, the step compiles again with the Python
+    wrapper and gives the eager step's logits; any other compile error still surfaces."""
+    from torch._inductor.exc import InductorError
+
+    from moebench.model.presets import EMBEDDED
+
+    model = build_model(Qwen3MoeForCausalLM, open_model(f"preset:{EMBEDDED}"), ModelOptions(), torch.float32, "cpu")
+    prompt = torch.tensor([[5, 17, 301, 44, 9]])
+
+    def fails_with(error):
+        def step(*inputs):
+            raise InductorError(error, None)
+        return step
+
+    logits = []
+    for compile in (False, True):
+        engine = Engine(model, 1, 12, compile=compile)
+        assert engine.cpp_wrapper == compile
+        engine.prefill(prompt, torch.ones_like(prompt))
+        if compile:
+            engine._decode_step = fails_with(NotImplementedError("arg type Any is not yet supported"))
+        logits.append(engine.decode(torch.tensor([100])))
+    assert not engine.cpp_wrapper
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+    engine._decode_step = fails_with(RuntimeError("a broken kernel"))
+    with pytest.raises(InductorError, match="a broken kernel"):
+        engine.decode(torch.tensor([200]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_linear_in_a_compiled_graph_equals_the_linear(dtype):
     """moe.linear turns a one-row product into a multiply-and-sum when compiled; layers that are not a plain

@@ -4,7 +4,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch._inductor.exc import InductorError
 
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
 from moebench.model.qwen3_moe import KVCache, StepInputs
@@ -69,19 +71,19 @@ class Engine:
         # "reduce-overhead"): one launch per step instead of one per kernel.
         self.cuda_graphs = compile and cuda_graphs and self.device.type == "cuda"
         self._eager_decode_step = self._decode_step
+        # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
+        # the host's work. It cannot call the collectives of tensor parallelism.
+        self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
         if compile:
-            self._decode_step = torch.compile(self._decode_step, dynamic=False, **self._compile_options())
+            self._decode_step = self._compiled()
 
-    def _compile_options(self) -> dict:
-        """How the decode step compiles. On CUDA with cuda_graphs, Inductor's "reduce-overhead" mode. On the CPU,
-        where a small model's step is mostly the host's work: Inductor's C++ wrapper calls the kernels (not its
-        Python one), and the per-input size asserts are left out (Dynamo's guards already check every input's
-        sizes and strides before the graph runs)."""
+    def _compiled(self):
+        """The decode step compiled: Inductor's "reduce-overhead" mode with cuda_graphs; otherwise without the size
+        asserts on every input (Dynamo's guards already check each input's sizes and strides before the graph)."""
         if self.cuda_graphs:
-            return dict(mode="reduce-overhead")
-        if self.device.type == "cpu":
-            return dict(options={"cpp_wrapper": True, "size_asserts": False})
-        return {}
+            return torch.compile(self._eager_decode_step, dynamic=False, mode="reduce-overhead")
+        options = {"cpp_wrapper": self.cpp_wrapper, "size_asserts": False}
+        return torch.compile(self._eager_decode_step, dynamic=False, options=options)
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
         """[B, 1, T, S] bool: causal over slots, real keys only (each query always sees itself)."""
@@ -174,7 +176,16 @@ class Engine:
         """The decode step; under CUDA graphs its outputs live in the graph's memory, which the next replay
         overwrites: they are copied out."""
         if not self.cuda_graphs:
-            return self._decode_step(*inputs)
+            try:
+                return self._decode_step(*inputs)
+            except InductorError as e:
+                # An operator the C++ wrapper cannot call (a submission's custom operator with an untyped argument,
+                # say): the Python wrapper can.
+                if not (self.cpp_wrapper and isinstance(e.inner_exception, NotImplementedError)):
+                    raise
+                self.cpp_wrapper = False
+                self._decode_step = self._compiled()
+                return self._decode_step(*inputs)
         torch.compiler.cudagraph_mark_step_begin()
         out = self._decode_step(*inputs)
         return out.clone() if isinstance(out, torch.Tensor) else tuple(None if t is None else t.clone() for t in out)
