@@ -18,13 +18,19 @@ def in_float32(x: torch.Tensor, rows: int) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and SLOW_BF16_CPU and rows >= WIDE_ROWS
 
 
+def in_compiled_cpu_graph(x: torch.Tensor) -> bool:
+    """True while torch.compile traces x's operations for the CPU (not torch.export: the MAC count reads its graph's
+    library operators)."""
+    return x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """layer(x): as a reduction for one row in a compiled graph, in float32 where in_float32 says so. Layers other
     than a plain nn.Linear (the tensor-parallel ones, a submission's own) run their own forward."""
     if type(layer) is not torch.nn.Linear:
         return layer(x)
     rows = x.numel() // x.shape[-1]
-    if rows == 1 and x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if rows == 1 and in_compiled_cpu_graph(x):
         # Decode's one-row products are bound by reading the weights. The CPU library's matrix-vector product
         # leaves cores idle; as a multiply-and-sum the compiler splits the output rows over every thread and
         # fuses the bias and the next operations. (Exported graphs keep the linear: the MAC count reads it.)
