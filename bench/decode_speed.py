@@ -8,6 +8,7 @@ Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hi
 
     python bench/decode_speed.py                                   # embedded model and the ~0.3B preset
     python bench/decode_speed.py --models moebench-tiny --dtypes float32 --repeats 3
+    python bench/decode_speed.py --cache-len 640                  # as main.py's default request attends
 """
 
 import argparse
@@ -72,9 +73,15 @@ def main():
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per run")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine")
     ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--cache-len", type=int, default=None,
+                    help="moebench's KV cache slots, each attended to by every step (main.py's default request: 640 "
+                         "without bucketing); default prompt-len + tokens + 1, what transformers' cache ends with")
     ap.add_argument("--eager", action="store_true", help="moebench without compiled decode steps")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
+    cache_len = args.cache_len or args.prompt_len + args.tokens + 1
+    if cache_len < args.prompt_len + args.tokens + 1:
+        ap.error(f"--cache-len {cache_len} cannot hold {args.prompt_len} prompt tokens and {args.tokens} new ones")
 
     torch.manual_seed(0)
     rows = []
@@ -86,7 +93,7 @@ def main():
                   f"{bw['mv']:.1f}, compiled multiply-and-sum {bw['compiled']:.1f}); plain sum {bw['stream']:.1f}",
                   flush=True)
             dtype = getattr(torch, dtype_name)
-            source, engine, hf = engines(name, dtype, args.prompt_len + args.tokens + 1, compile=not args.eager)
+            source, engine, hf = engines(name, dtype, cache_len, compile=not args.eager)
             prompt = torch.randint(1, 4000, (1, args.prompt_len))
             start = time.perf_counter()
             moebench_decode(engine, prompt, 4)  # warm-up, and compilation of the decode step
@@ -100,7 +107,7 @@ def main():
             overhead_s = step_s - decode_kernel_seconds(engine, prompt, args.tokens)
             bytes_per_token = source.config.active_parameters() * dtype.itemsize
             roofline = bw["matvec"] * 1e9 / bytes_per_token
-            row = dict(model=name, dtype=dtype_name, moebench_tok_s=statistics.median(a),
+            row = dict(model=name, dtype=dtype_name, cache_len=cache_len, moebench_tok_s=statistics.median(a),
                        transformers_tok_s=statistics.median(b), moebench_best=max(a), transformers_best=max(b),
                        roofline_tok_s=roofline, bandwidth_gbs=bw["matvec"], mv_gbs=bw["mv"],
                        compiled_mv_gbs=bw["compiled"], stream_gbs=bw["stream"],
@@ -108,7 +115,7 @@ def main():
                        hf_experts=getattr(hf.config, "_experts_implementation", "?"))
             row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]
             rows.append(row)
-            print(f"{name:15s} {dtype_name:9s} moebench {row['moebench_tok_s']:8.1f} tok/s "
+            print(f"{name:15s} {dtype_name:9s} cache {cache_len:4d}  moebench {row['moebench_tok_s']:8.1f} tok/s "
                   f"({row['moebench_tok_s'] / roofline:4.0%} of roofline)  transformers {row['transformers_tok_s']:7.1f}"
                   f" ({row['transformers_tok_s'] / roofline:4.0%})  ratio {row['ratio']:.2f}x  "
                   f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of {step_s * 1e3:.2f} "
