@@ -79,8 +79,9 @@ def main():
     ap.add_argument("--eager", action="store_true", help="moebench without compiled decode steps")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()
-    cache_len = args.cache_len or args.prompt_len + args.tokens + 1
-    if cache_len < args.prompt_len + args.tokens + 1:
+    needed = args.prompt_len + args.tokens + 1
+    cache_len = args.cache_len or needed
+    if cache_len < needed:
         ap.error(f"--cache-len {cache_len} cannot hold {args.prompt_len} prompt tokens and {args.tokens} new ones")
 
     torch.manual_seed(0)
