@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from moebench.engine.generator import Engine
+from moebench.model import onednn
 from moebench.model.loader import build_model, open_model
 from moebench.model.presets import preset_dir
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
@@ -26,22 +27,31 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def bandwidth(repeats: int = 5) -> dict:
-    """GB/s (median) of reading 1 GiB of float32 now. `matvec`, the roofline's bandwidth, is the faster of two large
-    matrix-vector reads: `mv` (torch.mv, the BLAS library's) and `compiled` (w * v summed along rows, as Inductor
-    compiles the engine's one-row products). `stream` (torch.sum, a plain read) is for reference."""
+    """GB/s (median) of reading 1 GiB of float32 now. `matvec`, the roofline's bandwidth, is the fastest of three
+    large matrix-vector reads: `mv` (torch.mv, the BLAS library's), `compiled` (w * v summed along rows, as Inductor
+    compiles the engine's one-row products) and `onednn` (oneDNN's product with the matrix packed in its layout,
+    as the engine's eager products run). `stream` (torch.sum, a plain read) is for reference."""
     w, v = torch.randn(16384, 16384), torch.randn(16384)
     nbytes = w.numel() * 4
     summed = torch.compile(lambda w, v: (w * v).sum(-1), dynamic=False)
     reads = {"mv": lambda: torch.mv(w, v), "compiled": lambda: summed(w, v), "stream": w.sum}
+    if onednn.AVAILABLE:
+        packed = onednn.packed(w, torch.float32)
+        reads["onednn"] = lambda: onednn.linear(v[None], packed)
     out = {name: nbytes / statistics.median(timed(fn, repeats)) / 1e9 for name, fn in reads.items()}
-    del w
-    return dict(matvec=max(out["mv"], out["compiled"]), **out)
+    del w, reads
+    return dict(matvec=max(out["mv"], out["compiled"], out.get("onednn", 0.0)), **out)
 
 
 def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s (median) of an n x n x n matrix product in dtype: the compute roofline of prefill."""
+    """GFLOP/s (median) of an n x n x n matrix product in dtype, the faster of torch's and oneDNN's with a packed
+    weight (on AMD CPUs MKL's float32 GEMM reaches less than half of oneDNN's): the compute roofline of prefill."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / statistics.median(timed(lambda: a @ b, repeats)) / 1e9
+    products = [lambda: a @ b]
+    if onednn.AVAILABLE and (dtype == torch.float32 or onednn.NATIVE_BF16):
+        packed = onednn.packed(b, dtype)
+        products.append(lambda: onednn.linear(a, packed))
+    return max(2 * n**3 / statistics.median(timed(fn, repeats)) / 1e9 for fn in products)
 
 
 def engines(name: str, dtype: torch.dtype, max_len: int, compile: bool):

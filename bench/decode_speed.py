@@ -1,8 +1,9 @@
 """Batch-1 decode speed: moebench against Hugging Face transformers on the same checkpoint, in the same run.
 
 Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
-roofline: bandwidth (the faster of two matrix-vector reads of a 1 GiB float32 matrix, torch.mv and a compiled
-multiply-and-sum, measured just before each row) / bytes read per token; and
+roofline: bandwidth (the fastest of three matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
+multiply-and-sum and oneDNN's product with a packed matrix, measured just before each row) / bytes read per token;
+and
 moebench's framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both; medians are quoted.
 
@@ -91,8 +92,8 @@ def main():
         for dtype_name in args.dtypes.split(","):
             bw = bandwidth()  # just before this row's runs: the bandwidth drifts on a shared machine
             print(f"memory read, 1 GiB float32: matrix-vector {bw['matvec']:.1f} GB/s, the roofline's (torch.mv "
-                  f"{bw['mv']:.1f}, compiled multiply-and-sum {bw['compiled']:.1f}); plain sum {bw['stream']:.1f}",
-                  flush=True)
+                  f"{bw['mv']:.1f}, compiled multiply-and-sum {bw['compiled']:.1f}, oneDNN packed "
+                  f"{bw.get('onednn', float('nan')):.1f}); plain sum {bw['stream']:.1f}", flush=True)
             dtype = getattr(torch, dtype_name)
             source, engine, hf = engines(name, dtype, cache_len, compile=not args.eager)
             prompt = torch.randint(1, 4000, (1, args.prompt_len))
@@ -111,7 +112,7 @@ def main():
             row = dict(model=name, dtype=dtype_name, cache_len=cache_len, moebench_tok_s=statistics.median(a),
                        transformers_tok_s=statistics.median(b), moebench_best=max(a), transformers_best=max(b),
                        roofline_tok_s=roofline, bandwidth_gbs=bw["matvec"], mv_gbs=bw["mv"],
-                       compiled_mv_gbs=bw["compiled"], stream_gbs=bw["stream"],
+                       compiled_mv_gbs=bw["compiled"], onednn_mv_gbs=bw.get("onednn"), stream_gbs=bw["stream"],
                        bytes_per_token=bytes_per_token, step_ms=step_s * 1e3, overhead_ms=overhead_s * 1e3,
                        hf_experts=getattr(hf.config, "_experts_implementation", "?"))
             row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]

@@ -7,6 +7,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from moebench.kernels.registry import KERNELS
+from moebench.model import onednn
 from moebench.model.qwen3_moe import StepInputs
 
 aten = torch.ops.aten
@@ -53,6 +54,8 @@ MATMUL_MACS = {
     aten._scaled_dot_product_cudnn_attention.default: _attention_macs,
     aten._scaled_dot_product_attention_math.default: _attention_macs,
 }
+if onednn.AVAILABLE:  # the CPU's eager products (moebench.model.onednn); a packed weight keeps its [N, K] shape
+    MATMUL_MACS[torch.ops.mkldnn._linear_pointwise.default] = lambda x, w, *_: prod(_shape(x)[:-1]) * prod(_shape(w))
 
 
 @dataclass
