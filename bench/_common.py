@@ -1,5 +1,6 @@
 """What the CPU bench scripts share: this machine's measured limits, the two engines on one checkpoint, timing."""
 
+import functools
 import json
 import re
 import statistics
@@ -26,20 +27,25 @@ def timed(fn, repeats: int) -> list[float]:
     return times
 
 
-def bandwidth(repeats: int = 5) -> dict:
-    """GB/s (median) of reading 1 GiB of float32 now. `matvec`, the roofline's bandwidth, is the fastest of three
-    large matrix-vector reads: `mv` (torch.mv, the BLAS library's), `compiled` (w * v summed along rows, as Inductor
-    compiles the engine's one-row products) and `onednn` (oneDNN's product with the matrix packed in its layout,
-    as the engine's eager products run). `stream` (torch.sum, a plain read) is for reference."""
+@functools.cache
+def _reads() -> tuple[int, dict]:
+    """The large matrix-vector reads `bandwidth` times (the 1 GiB matrix made once per process)."""
     w, v = torch.randn(16384, 16384), torch.randn(16384)
-    nbytes = w.numel() * 4
     summed = torch.compile(lambda w, v: (w * v).sum(-1), dynamic=False)
     reads = {"mv": lambda: torch.mv(w, v), "compiled": lambda: summed(w, v), "stream": w.sum}
     if onednn.AVAILABLE:
         packed = onednn.packed(w, torch.float32)
         reads["onednn"] = lambda: onednn.linear(v[None], packed)
+    return w.numel() * 4, reads
+
+
+def bandwidth(repeats: int = 5) -> dict:
+    """GB/s (median) of reading 1 GiB of float32 now. `matvec`, the roofline's bandwidth, is the fastest of three
+    large matrix-vector reads: `mv` (torch.mv, the BLAS library's), `compiled` (w * v summed along rows, as Inductor
+    compiles the engine's one-row products) and `onednn` (oneDNN's product with the matrix packed in its layout,
+    as the engine's eager products run). `stream` (torch.sum, a plain read) is for reference."""
+    nbytes, reads = _reads()
     out = {name: nbytes / statistics.median(timed(fn, repeats)) / 1e9 for name, fn in reads.items()}
-    del w, reads
     return dict(matvec=max(out["mv"], out["compiled"], out.get("onednn", 0.0)), **out)
 
 

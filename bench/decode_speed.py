@@ -2,8 +2,8 @@
 
 Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
 roofline: bandwidth (the fastest of three matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
-multiply-and-sum and oneDNN's product with a packed matrix, measured just before each row) / bytes read per token;
-and
+multiply-and-sum and oneDNN's product with a packed matrix: the median of measurements between the runs) / bytes
+read per token; and
 moebench's framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both; medians are quoted.
 
@@ -90,10 +90,6 @@ def main():
     print(f"{torch.get_num_threads()} threads", flush=True)
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
-            bw = bandwidth()  # just before this row's runs: the bandwidth drifts on a shared machine
-            print(f"memory read, 1 GiB float32: matrix-vector {bw['matvec']:.1f} GB/s, the roofline's (torch.mv "
-                  f"{bw['mv']:.1f}, compiled multiply-and-sum {bw['compiled']:.1f}, oneDNN packed "
-                  f"{bw.get('onednn', float('nan')):.1f}); plain sum {bw['stream']:.1f}", flush=True)
             dtype = getattr(torch, dtype_name)
             source, engine, hf = engines(name, dtype, cache_len, compile=not args.eager)
             prompt = torch.randint(1, 4000, (1, args.prompt_len))
@@ -101,10 +97,19 @@ def main():
             moebench_decode(engine, prompt, 4)  # warm-up, and compilation of the decode step
             print(f"moebench warm-up (compile included): {time.perf_counter() - start:.1f} s", flush=True)
             hf_decode(hf, prompt, 4)
-            a, b = [], []
+            # The bandwidth drifts on a shared machine (50-80 GB/s within minutes here): it is measured between the
+            # runs, and the roofline takes the median of the measurements.
+            a, b, reads = [], [], []
             for _ in range(args.repeats):
+                reads.append(bandwidth(repeats=3))
                 a.append(moebench_decode(engine, prompt, args.tokens))
                 b.append(hf_decode(hf, prompt, args.tokens))
+            reads.append(bandwidth(repeats=3))
+            bw = {key: statistics.median(r[key] for r in reads) for key in reads[0]}
+            print(f"memory read, 1 GiB float32 (medians of {len(reads)}): matrix-vector {bw['matvec']:.1f} GB/s, the "
+                  f"roofline's (torch.mv {bw['mv']:.1f}, compiled multiply-and-sum {bw['compiled']:.1f}, oneDNN packed "
+                  f"{bw.get('onednn', float('nan')):.1f}; each run's {min(r['matvec'] for r in reads):.1f}-"
+                  f"{max(r['matvec'] for r in reads):.1f}); plain sum {bw['stream']:.1f}", flush=True)
             step_s = 1 / statistics.median(a)
             overhead_s = step_s - decode_kernel_seconds(engine, prompt, args.tokens)
             bytes_per_token = source.config.active_parameters() * dtype.itemsize
@@ -113,6 +118,7 @@ def main():
                        transformers_tok_s=statistics.median(b), moebench_best=max(a), transformers_best=max(b),
                        roofline_tok_s=roofline, bandwidth_gbs=bw["matvec"], mv_gbs=bw["mv"],
                        compiled_mv_gbs=bw["compiled"], onednn_mv_gbs=bw.get("onednn"), stream_gbs=bw["stream"],
+                       bandwidth_reads=reads,
                        bytes_per_token=bytes_per_token, step_ms=step_s * 1e3, overhead_ms=overhead_s * 1e3,
                        hf_experts=getattr(hf.config, "_experts_implementation", "?"))
             row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]

@@ -82,7 +82,10 @@ class Engine:
         asserts on every input (Dynamo's guards already check each input's sizes and strides before the graph)."""
         if self.cuda_graphs:
             return torch.compile(self._eager_decode_step, dynamic=False, mode="reduce-overhead")
-        options = {"cpp_wrapper": self.cpp_wrapper, "size_asserts": False}
+        # realize_reads_threshold 1: a value several operations read (a normalised hidden state: the router and the
+        # experts, or q, k and v) is computed once into a buffer, not again inside each product's loop, where it made
+        # the one-row products compute-bound (moebench-speed bfloat16: ~6% faster steps).
+        options = {"cpp_wrapper": self.cpp_wrapper, "size_asserts": False, "realize_reads_threshold": 1}
         return torch.compile(self._eager_decode_step, dynamic=False, options=options)
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:
