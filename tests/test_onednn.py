@@ -28,6 +28,8 @@ def test_packed_copy_follows_in_place_changes_of_its_weight():
     with torch.no_grad():
         layer.weight.mul_(2)  # as load_state_dict's copy_ would: the packed copy must not go stale
     torch.testing.assert_close(linear(layer, x), 2 * first)
+    layer.weight.data = torch.zeros(16, 32)  # new storage under the same parameter
+    assert linear(layer, x).abs().max() == 0
     assert onednn.packed(layer.weight, torch.float32) is onednn.packed(layer.weight, torch.float32)  # packed once
 
 

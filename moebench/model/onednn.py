@@ -27,7 +27,9 @@ def usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def packed(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | list[torch.Tensor]:
     """w [N, K] (a linear's weight) or [E, N, K] (one weight per expert) in `dtype`, in oneDNN's packed layout."""
-    version = 0 if w.is_inference() else w._version  # inference tensors cannot change in place outside inference
+    # In-place changes bump the version; `w.data = other` changes the storage. (A write through `w.data`, which
+    # torch does not track either, would go unseen.)
+    version = (0 if w.is_inference() else w._version, w.data_ptr())
     entry = _packed.get(w)
     if entry is None or entry[0] != version or entry[1] != dtype:
         with torch.no_grad():
