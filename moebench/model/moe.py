@@ -27,7 +27,8 @@ def in_compiled_cpu_graph(x: torch.Tensor) -> bool:
 
 
 def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x): as a reduction for one row in a compiled graph, in float32 where in_float32 says so. Layers other
+    """layer(x): as a reduction for one row in a compiled CPU graph; on the CPU outside compiled graphs through
+    oneDNN with the weight packed once (moebench.model.onednn); in float32 where in_float32 says so. Layers other
     than a plain nn.Linear (the tensor-parallel ones, a submission's own) run their own forward."""
     if type(layer) is not torch.nn.Linear:
         return layer(x)
