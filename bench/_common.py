@@ -33,7 +33,7 @@ def _reads() -> tuple[int, dict]:
     w, v = torch.randn(16384, 16384), torch.randn(16384)
     summed = torch.compile(lambda w, v: (w * v).sum(-1), dynamic=False)
     reads = {"mv": lambda: torch.mv(w, v), "compiled": lambda: summed(w, v), "stream": w.sum}
-    if onednn.AVAILABLE:
+    if onednn.usable(w, torch.float32):
         packed = onednn.packed(w, torch.float32)
         reads["onednn"] = lambda: onednn.linear(v[None], packed)
     return w.numel() * 4, reads
@@ -54,7 +54,7 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     weight (on AMD CPUs MKL's float32 GEMM reaches less than half of oneDNN's): the compute roofline of prefill."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     products = [lambda: a @ b]
-    if onednn.AVAILABLE and (dtype == torch.float32 or onednn.NATIVE_BF16):
+    if onednn.usable(a, dtype):
         packed = onednn.packed(b, dtype)
         products.append(lambda: onednn.linear(a, packed))
     return max(2 * n**3 / statistics.median(timed(fn, repeats)) / 1e9 for fn in products)
