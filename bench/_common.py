@@ -81,7 +81,7 @@ def kernel_seconds(fn, steps: int) -> float:
     import torch._inductor.config as inductor_config
     from torch.profiler import profile
 
-    assert inductor_config.cpp.enable_kernel_profile, "set before compiling, so Inductor's kernels are recorded"
+    assert inductor_config.cpp.enable_kernel_profile, "set while compiling, so Inductor's kernels are recorded"
     with profile() as prof:
         for _ in range(steps):
             fn()
