@@ -14,6 +14,7 @@ from moebench.model import onednn
 from moebench.model.loader import build_model, open_model
 from moebench.model.presets import preset_dir
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from moebench.report import svg
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -91,9 +92,15 @@ def kernel_seconds(fn, steps: int) -> float:
     return sum(e.self_cpu_time_total for e in math) / 1e6 / steps
 
 
-def write_results(path: str, payload: dict):
-    """Write a bench script's results as JSON (folders made as needed) and say where."""
+def write_results(path: str, payload: dict, shares: list[tuple[str, float, float]], title: str):
+    """Write a bench script's results as JSON (folders made as needed), and beside it (.svg) a bar chart of each
+    row's share of the roofline, moebench's and transformers' (shares: (row label, moebench's, transformers'))."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
-    print(f"results: {out}")
+    bars = [(f"{label}: {engine}", 100 * share) for label, *both in shares
+            for engine, share in zip(("moebench", "transformers"), both)]
+    chart = out.with_suffix(".svg")
+    chart.write_text(svg.bars(bars, title, "% of the roofline measured in the same run",
+                              highlight={name for name, _ in bars if name.endswith("moebench")}))
+    print(f"results: {out}, chart: {chart}")

@@ -32,6 +32,8 @@ def test_decode_speed_writes_both_engines_rows_against_the_measured_roofline(tmp
     assert row["roofline_tok_s"] == pytest.approx(row["bandwidth_gbs"] * 1e9 / row["bytes_per_token"])
     assert 0 <= row["overhead_ms"] < row["step_ms"]
     assert "moebench-tiny" in proc.stdout and "of roofline" in proc.stdout
+    chart = out.with_suffix(".svg").read_text()  # each engine's share of the roofline, one bar each
+    assert 'data-marks="2"' in chart and "tiny float32 cache 40: transformers" in chart
 
 
 def test_decode_speed_refuses_a_cache_too_small_for_the_run():
@@ -48,3 +50,7 @@ def test_prefill_speed_writes_both_engines_rows_against_the_compute_roofline(tmp
     (row,) = json.loads(out.read_text())["rows"]
     assert row["prompt_len"] == 24 and row["moebench_ms"] > 0 and row["transformers_ms"] > 0
     assert row["roofline_ms"] == pytest.approx(row["gflop"] * 1e3 / row["gemm_gflops"])
+    share = row["roofline_ms"] / row["moebench_ms"]  # drawn as a percentage
+    chart = out.with_suffix(".svg").read_text()
+    assert 'data-marks="2"' in chart and "tiny float32 24 tokens: moebench" in chart
+    assert f">{100 * share:.4g}<" in chart
