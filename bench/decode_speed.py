@@ -138,8 +138,8 @@ def main():
                   f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of {step_s * 1e3:.2f} "
                   f"ms/step", flush=True)
             del engine, hf
-    shares = [(f"{r['model'].removeprefix('moebench-')} {r['dtype']} cache {r['cache_len']}", r["moebench_tok_s"] / r["roofline_tok_s"],
-               r["transformers_tok_s"] / r["roofline_tok_s"]) for r in rows]
+    shares = [(f"{r['model'].removeprefix('moebench-')} {r['dtype']} cache {r['cache_len']}",
+               r["moebench_tok_s"] / r["roofline_tok_s"], r["transformers_tok_s"] / r["roofline_tok_s"]) for r in rows]
     write_results(args.out, dict(rows=rows, machine=f"{torch.get_num_threads()} threads CPU"), shares,
                   f"Batch-1 decode, {torch.get_num_threads()} threads: tokens/s against the memory-read roofline")
 

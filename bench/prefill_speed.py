@@ -68,8 +68,8 @@ def main():
               f"({row['roofline_ms'] / row['transformers_ms']:4.0%})  ratio {row['ratio']:.2f}x  roofline "
               f"{row['roofline_ms']:.0f} ms ({flops / 1e9:.1f} GFLOP at {gflops:.0f} GFLOP/s)", flush=True)
         del engine, hf
-    shares = [(f"{r['model'].removeprefix('moebench-')} {r['dtype']} {r['prompt_len']} tokens", r["roofline_ms"] / r["moebench_ms"],
-               r["roofline_ms"] / r["transformers_ms"]) for r in rows]
+    shares = [(f"{r['model'].removeprefix('moebench-')} {r['dtype']} {r['prompt_len']} tokens",
+               r["roofline_ms"] / r["moebench_ms"], r["roofline_ms"] / r["transformers_ms"]) for r in rows]
     write_results(args.out, dict(rows=rows, threads=torch.get_num_threads()), shares,
                   f"Prefill, {torch.get_num_threads()} threads: against the compute roofline")
 
