@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch._inductor.exc import InductorError
 
+from moebench.engine import hugepages
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
 from moebench.model.qwen3_moe import KVCache, StepInputs
 
@@ -51,6 +52,8 @@ class Engine:
         p = next(model.parameters())
         self.model, self.cfg, self.device = model, model.config, p.device
         self.batch, self.max_len = batch, max_len
+        if self.device.type == "cpu":
+            hugepages.adopt(model)  # decoding streams the weights: from 2 MiB pages, not 4 KiB ones
         if max(ctx_buckets + tkg_buckets, default=0) > max_len:
             raise ValueError(f"a bucket ({max(ctx_buckets + tkg_buckets)}) is larger than the KV cache ({max_len})")
         self.ctx_buckets, self.tkg_buckets = tuple(sorted(ctx_buckets)), tuple(sorted(tkg_buckets))
