@@ -60,7 +60,10 @@ def adopt(model: torch.nn.Module) -> int:
     sizes = [-(-ts[0].numel() * ts[0].element_size() // 64) * 64 for ts in tensors.values()]  # 64-byte aligned
     if sum(sizes) < MIN_BYTES:
         return 0
-    arena = empty(sum(sizes))
+    try:
+        arena = empty(sum(sizes))
+    except OSError:  # a kernel that refuses the advice or the mapping: the weights stay where they are
+        return 0
     offset = 0
     with torch.no_grad():
         for ts, size in zip(tensors.values(), sizes):
