@@ -3,7 +3,8 @@
 Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
 roofline: bandwidth (the fastest of four matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
 multiply-and-sum, the same with the matrix in huge pages as moebench's weights, and oneDNN's product with a packed
-matrix: the median of measurements between the runs) / bytes read per token; and moebench's framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
+matrix: the median of measurements between the runs) / bytes read per token; and moebench's framework overhead
+per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both, each after a short untimed
 run of the same engine (steady-state decoding, warm caches for both); medians are quoted.
 
@@ -22,10 +23,10 @@ import torch._inductor.config as inductor_config
 from _common import bandwidth, engines, kernel_seconds, write_results
 
 
-def decode_overhead_seconds(engine, prompt, n_tokens) -> float:
-    """Seconds of a decode step outside its computing kernels: the step's time minus its kernels' (profiled). A
-    compiled step is compiled again for this, with Inductor's kernels recorded, and both times are taken on that
-    build (recording costs the embedded model's step ~40%, so the timed runs go without it)."""
+def decode_overhead_seconds(engine, prompt, n_tokens) -> tuple[float, float]:
+    """(seconds of a decode step outside its computing kernels, the step's seconds): the step's time minus its
+    kernels' (profiled). A compiled step is compiled again for this, with Inductor's kernels recorded, and both times
+    are taken on that build (recording costs the embedded model's step ~40%, so the timed runs go without it)."""
     torch._dynamo.reset()
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         moebench_decode(engine, prompt, 4)  # compiles again
@@ -36,7 +37,7 @@ def decode_overhead_seconds(engine, prompt, n_tokens) -> float:
             nonlocal tok
             tok = engine.decode(tok).argmax(-1)
 
-        return step_s - kernel_seconds(step, n_tokens)
+        return step_s - kernel_seconds(step, n_tokens), step_s
 
 
 def moebench_decode(engine, prompt, n_tokens) -> float:
@@ -120,7 +121,7 @@ def main():
                   f"{bw.get('onednn', float('nan')):.1f}; each run's {min(r['matvec'] for r in reads):.1f}-"
                   f"{max(r['matvec'] for r in reads):.1f}); plain sum {bw['stream']:.1f}", flush=True)
             step_s = 1 / statistics.median(a)
-            overhead_s = decode_overhead_seconds(engine, prompt, args.tokens)
+            overhead_s, recorded_step_s = decode_overhead_seconds(engine, prompt, args.tokens)
             bytes_per_token = source.config.active_parameters() * dtype.itemsize
             roofline = bw["matvec"] * 1e9 / bytes_per_token
             row = dict(model=name, dtype=dtype_name, cache_len=cache_len, moebench_tok_s=statistics.median(a),
@@ -130,14 +131,15 @@ def main():
                        onednn_mv_gbs=bw.get("onednn"), stream_gbs=bw["stream"],
                        bandwidth_reads=reads,
                        bytes_per_token=bytes_per_token, step_ms=step_s * 1e3, overhead_ms=overhead_s * 1e3,
+                       recorded_step_ms=recorded_step_s * 1e3,
                        hf_experts=getattr(hf.config, "_experts_implementation", "?"))
             row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]
             rows.append(row)
             print(f"{name:15s} {dtype_name:9s} cache {cache_len:4d}  moebench {row['moebench_tok_s']:8.1f} tok/s "
                   f"({row['moebench_tok_s'] / roofline:4.0%} of roofline)  transformers {row['transformers_tok_s']:7.1f}"
                   f" ({row['transformers_tok_s'] / roofline:4.0%})  ratio {row['ratio']:.2f}x  "
-                  f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of {step_s * 1e3:.2f} "
-                  f"ms/step", flush=True)
+                  f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of "
+                  f"{recorded_step_s * 1e3:.2f} ms/step (a build with its kernels recorded)", flush=True)
             del engine, hf
     shares = [(f"{r['model'].removeprefix('moebench-')} {r['dtype']} cache {r['cache_len']}",
                r["moebench_tok_s"] / r["roofline_tok_s"], r["transformers_tok_s"] / r["roofline_tok_s"]) for r in rows]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from moebench.engine import hugepages
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,11 +28,12 @@ def test_decode_speed_writes_both_engines_rows_against_the_measured_roofline(tmp
     assert row["ratio"] == pytest.approx(row["moebench_tok_s"] / row["transformers_tok_s"])
     runs = row["bandwidth_reads"]  # measured before, between and after the runs
     assert len(runs) == 2
-    for read in runs:  # each time the fastest matrix-vector read
-        assert read["matvec"] == max(read["mv"], read["compiled"], read.get("onednn", 0.0))
+    for read in runs:  # each time the fastest matrix-vector read (huge pages included where the machine has them)
+        assert read["matvec"] == max(v for name, v in read.items() if name not in ("matvec", "stream"))
+        assert ("compiled_hp" in read) == hugepages.SUPPORTED
     assert row["bandwidth_gbs"] == pytest.approx(statistics.median(r["matvec"] for r in runs))
     assert row["roofline_tok_s"] == pytest.approx(row["bandwidth_gbs"] * 1e9 / row["bytes_per_token"])
-    assert 0 <= row["overhead_ms"] < row["step_ms"]
+    assert 0 <= row["overhead_ms"] < row["recorded_step_ms"]  # both on the build with its kernels recorded
     assert "moebench-tiny" in proc.stdout and "of roofline" in proc.stdout
     chart = out.with_suffix(".svg").read_text()  # each engine's share of the roofline, one bar each
     assert 'data-marks="2"' in chart and "tiny float32 cache 40: transformers" in chart
