@@ -3,8 +3,9 @@
 Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
 roofline: bandwidth (the fastest of four matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
 multiply-and-sum, the same with the matrix in huge pages as moebench's weights, and oneDNN's product with a packed
-matrix: the median of measurements between the runs) / bytes read per token; and moebench's framework overhead
-per decode step: the step's time minus the time its kernels compute (profiled).
+matrix: the median of measurements between the runs) / bytes read per token, and the median share run by run
+against the reads beside each run (the bandwidth switches level within minutes on a shared machine); and moebench's
+framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both, each after a short untimed
 run of the same engine (steady-state decoding, warm caches for both); medians are quoted.
 
@@ -134,10 +135,17 @@ def main():
                        recorded_step_ms=recorded_step_s * 1e3,
                        hf_experts=getattr(hf.config, "_experts_implementation", "?"))
             row["ratio"] = row["moebench_tok_s"] / row["transformers_tok_s"]
+            # Each run against the reads beside it (the higher of the one before and the one after): where the
+            # bandwidth switches level between runs, the share the run had at the level it ran at.
+            paired = [max(r0["matvec"], r1["matvec"]) * 1e9 / bytes_per_token for r0, r1 in zip(reads, reads[1:])]
+            row["moebench_share_by_run"] = statistics.median(t / r for t, r in zip(a, paired))
+            row["transformers_share_by_run"] = statistics.median(t / r for t, r in zip(b, paired))
             rows.append(row)
             print(f"{name:15s} {dtype_name:9s} cache {cache_len:4d}  moebench {row['moebench_tok_s']:8.1f} tok/s "
-                  f"({row['moebench_tok_s'] / roofline:4.0%} of roofline)  transformers {row['transformers_tok_s']:7.1f}"
-                  f" ({row['transformers_tok_s'] / roofline:4.0%})  ratio {row['ratio']:.2f}x  "
+                  f"({row['moebench_tok_s'] / roofline:4.0%} of roofline; run by run "
+                  f"{row['moebench_share_by_run']:4.0%})  transformers {row['transformers_tok_s']:7.1f}"
+                  f" ({row['transformers_tok_s'] / roofline:4.0%}; {row['transformers_share_by_run']:4.0%})  "
+                  f"ratio {row['ratio']:.2f}x  "
                   f"roofline {roofline:.0f} tok/s  framework overhead {overhead_s * 1e3:.2f} of "
                   f"{recorded_step_s * 1e3:.2f} ms/step (a build with its kernels recorded)", flush=True)
             del engine, hf

@@ -33,6 +33,8 @@ def test_decode_speed_writes_both_engines_rows_against_the_measured_roofline(tmp
         assert ("compiled_hp" in read) == hugepages.SUPPORTED
     assert row["bandwidth_gbs"] == pytest.approx(statistics.median(r["matvec"] for r in runs))
     assert row["roofline_tok_s"] == pytest.approx(row["bandwidth_gbs"] * 1e9 / row["bytes_per_token"])
+    nearer = max(r["matvec"] for r in runs) * 1e9 / row["bytes_per_token"]  # one run: the reads before and after it
+    assert row["moebench_share_by_run"] == pytest.approx(row["moebench_tok_s"] / nearer)
     assert 0 <= row["overhead_ms"] < row["recorded_step_ms"]  # both on the build with its kernels recorded
     assert "moebench-tiny" in proc.stdout and "of roofline" in proc.stdout
     chart = out.with_suffix(".svg").read_text()  # each engine's share of the roofline, one bar each
