@@ -4,9 +4,9 @@ Decoding on the CPU reads every weight it uses once per token, streaming hundred
 pages each stream crosses a page boundary every 4 KiB: a TLB miss each time, and the hardware prefetchers stop at
 the boundary. In 2 MiB pages both go away: on this repo's Zen 5 VM the moebench-speed decode step got 3-6% faster
 (the same weights in one process: float32 at ~81 GB/s 4.61 -> 4.32 ms a step, bfloat16 at ~48 GB/s 3.28 -> 3.07
-ms). The kernel backs
-memory with huge pages only where the program asks (`enabled` is `madvise` on most distributions): `adopt` copies
-the weights into one anonymous mapping advised MADV_HUGEPAGE, 2 MiB aligned, and points the tensors there.
+ms). The kernel backs memory with huge pages only where the program asks (`enabled` is `madvise` on most
+distributions): `adopt` copies the weights into one anonymous mapping advised MADV_HUGEPAGE, 2 MiB aligned, and
+points the tensors there.
 """
 
 import mmap
