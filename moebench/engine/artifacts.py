@@ -37,11 +37,12 @@ _SOURCE_HASH = []
 
 
 def moebench_source_hash() -> str:
-    """sha256 over moebench's own Python sources: the reference model and the kernels are part of every graph."""
+    """sha256 over moebench's own sources (Python, and the C++ of the CPU decode operators): the reference model and
+    the kernels are part of every graph."""
     if not _SOURCE_HASH:
         root = Path(moebench.__file__).parent
         h = hashlib.sha256()
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted([*root.rglob("*.py"), *root.rglob("*.cpp")]):
             h.update(str(path.relative_to(root)).encode())
             h.update(path.read_bytes())
         _SOURCE_HASH.append(h.hexdigest())

@@ -10,6 +10,7 @@ from torch._inductor.exc import InductorError
 
 from moebench.engine import hugepages
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
+from moebench.model import cpu_decode
 from moebench.model.qwen3_moe import KVCache, StepInputs
 
 
@@ -89,6 +90,8 @@ class Engine:
         # experts, or q, k and v) is computed once into a buffer, not again inside each product's loop, where it made
         # the one-row products compute-bound (moebench-speed bfloat16: ~6% faster steps).
         options = {"cpp_wrapper": self.cpp_wrapper, "size_asserts": False, "realize_reads_threshold": 1}
+        if self.device.type == "cpu":
+            cpu_decode.load()  # one token's experts in C++ (moebench.model.cpu_decode), when it can be built
         return torch.compile(self._eager_decode_step, dynamic=False, options=options)
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,82 @@
+"""moebench_cpu::moe_decode: one token's MoE experts on the CPU, in C++ (cpu_decode.cpp), for compiled decode steps.
+
+Built on first use with the machine's C++ compiler for this CPU (-march=native: AVX512-BF16's dot products where
+the CPU has them), ~5 s, and kept in Inductor's cache folder (a confined submission's own: the only one it may
+write), keyed by the source, the compiler, torch and the CPU's flags. Where it cannot be built (no compiler, say), or with MOEBENCH_CPU_DECODE=0, decode steps keep Inductor's
+compiled loops: the same math, slower in bfloat16 where the memory is fast.
+"""
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+LOADED = False  # set by load(); read while tracing (a plain global, not a call Dynamo would trace)
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str, out: Path) -> None:
+    from torch.utils import cpp_extension
+
+    lib = Path(torch.__file__).parent / "lib"
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(out),
+           f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+@functools.cache
+def load() -> bool:
+    """Loads the operator (built first when this machine has none cached): True when it is there."""
+    global LOADED
+    if os.environ.get("MOEBENCH_CPU_DECODE", "1") == "0" or sys.platform != "linux":
+        return False
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    compiler = os.environ.get("CXX", "g++")
+    try:
+        version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True).stdout
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), version, torch.__version__, _cpu_flags()]).encode())
+        path = Path(cache_dir()) / "moebench_cpu_decode" / f"{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                _build(compiler, Path(tmp) / path.name)
+                os.replace(Path(tmp) / path.name, path)  # whole or not at all, for concurrent builders
+        torch.ops.load_library(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        if isinstance(e, subprocess.CalledProcessError):  # the compiler's first error
+            e = next((line for line in e.stderr.splitlines() if "error" in line), f"{compiler} failed")
+        print(f"moebench: the C++ decode operator was not built ({e}); decode steps run Inductor's loops instead",
+              file=sys.stderr)
+        return False
+    torch.library.register_fake("moebench_cpu::moe_decode")(_moe_decode_fake)
+    torch.library.register_fake("moebench_cpu::linear_row")(_linear_row_fake)
+    LOADED = True
+    return True
+
+
+def _moe_decode_fake(x, ids, weights, w_gate_up, w_down):
+    return torch.empty_like(x)
+
+
+def _linear_row_fake(x, w):
+    return x.new_empty(1, w.shape[0])
+
+
+def usable(x: torch.Tensor, w_gate_up: torch.Tensor) -> bool:
+    """True when one token's experts (x [1, D]) can run through moe_decode here (once load() has loaded it)."""
+    return LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w_gate_up.dtype == x.dtype

@@ -1,0 +1,108 @@
+"""moebench.model.cpu_decode: the C++ operators of compiled CPU decode steps compute the same math as the torch
+reference (the rounding of a compiled bfloat16 graph included), with either way of splitting the experts over the
+threads; compiled decode steps call them; a machine that cannot build them keeps Inductor's loops."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moebench.engine.generator import Engine
+from moebench.model import cpu_decode
+from moebench.model.presets import PRESETS, random_model
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    if not cpu_decode.load():
+        pytest.skip("the C++ decode operators could not be built here")
+
+
+def reference_experts(x, ids, weights, w_gate_up, w_down):
+    """One token's experts in float32, each product rounded to the inputs' dtype as a compiled graph rounds it."""
+    dt = x.dtype
+    I = w_down.shape[2]
+    out = torch.zeros(x.shape[1])
+    for e, w in zip(ids[0].tolist(), weights[0]):
+        gu = (w_gate_up[e].float() @ x[0].float()).to(dt).float()
+        h = (F.silu(gu[:I]) * gu[I:]).to(dt).float()
+        out += (w_down[e].float() @ h).to(dt).float() * w.float()
+    return out.to(dt)[None]
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D, I, E, k", [(64, 32, 8, 2), (96, 48, 6, 3), (72, 40, 5, 4), (128, 96, 16, 6)])
+def test_moe_decode_matches_the_reference(threads, dtype, D, I, E, k):
+    # k % threads == 0: whole experts per thread; otherwise every expert's rows split over the threads. D and I off
+    # the vector widths (72, 40) take the scalar tails.
+    g = torch.Generator().manual_seed(D + k)
+    x = torch.randn(1, D, generator=g).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    w_down = (torch.randn(E, D, I, generator=g) / I**0.5).to(dtype)
+    ids = torch.randperm(E, generator=g)[:k][None]
+    weights = torch.softmax(torch.randn(1, k, generator=g), -1).to(dtype)
+    got = torch.ops.moebench_cpu.moe_decode(x, ids, weights, w_gate_up, w_down)
+    want = reference_experts(x, ids, weights, w_gate_up, w_down)
+    assert got.shape == want.shape and got.dtype == dtype
+    # float32: the sums' order only. bfloat16: a rounding of an intermediate product may land one step apart.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K", [(37, 100), (256, 128), (5, 640)])
+def test_linear_row_matches_f_linear(threads, dtype, N, K):
+    g = torch.Generator().manual_seed(N)
+    x, w = torch.randn(1, K, generator=g).to(dtype), (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    got = torch.ops.moebench_cpu.linear_row(x, w)
+    want = F.linear(x.float(), w.float()).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_bad_inputs_raise_one_clear_error():
+    x, w_gate_up, w_down = torch.randn(1, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
+    with pytest.raises(RuntimeError, match="expert id out of range"):
+        torch.ops.moebench_cpu.moe_decode(x, torch.tensor([[1, 4]]), torch.ones(1, 2), w_gate_up, w_down)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        torch.ops.moebench_cpu.linear_row(x, torch.randn(8, 32).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, dtype):
+    model = random_model(PRESETS["moebench-tiny"], seed=5, dtype=dtype)
+    prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
+    eager = Engine(copy.deepcopy(model), batch=1, max_len=16)
+    compiled = Engine(model, batch=1, max_len=16, compile=True)
+    want_tokens, want_logits = eager.greedy(prompt, mask, 6)
+    compiled.greedy(prompt, mask, 2)  # compiles the decode step
+    with torch.profiler.profile() as prof:
+        tokens, logits = compiled.greedy(prompt, mask, 6)
+    names = {e.name for e in prof.events()}
+    assert {"moebench_cpu::moe_decode", "moebench_cpu::linear_row"} <= names
+    assert torch.equal(tokens, want_tokens)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(logits, want_logits, **tol)
+
+
+def test_without_the_operators_decode_keeps_inductors_loops(monkeypatch, capsys):
+    monkeypatch.setenv("MOEBENCH_CPU_DECODE", "0")
+    assert cpu_decode.load.__wrapped__() is False
+    monkeypatch.setenv("MOEBENCH_CPU_DECODE", "1")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert cpu_decode.load.__wrapped__() is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not built" in err[0] and "/nonexistent/c++" in err[0]
+    monkeypatch.setattr(cpu_decode, "LOADED", False)
+    x, w = torch.randn(1, 32), torch.randn(8, 32)
+    assert not cpu_decode.usable(x, w)  # compiled steps take the multiply-and-sum loops
