@@ -70,6 +70,22 @@ def test_linear_row_matches_f_linear(threads, dtype, N, K):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, Hkv, S, hd", [(1, 4, 2, 7, 64), (2, 6, 3, 40, 24), (1, 12, 4, 130, 128)])
+def test_attend_row_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, S, hd):
+    g = torch.Generator().manual_seed(S)
+    cache = torch.randn(2, B, Hkv, S + 9, hd, generator=g).to(dtype)  # [L, B, Hkv, max_len, hd] as KVCache's
+    keys, values = cache[1, :, :, :S], cache[0, :, :, :S]  # strided views, as the decode step reads them
+    q = torch.randn(B, H, 1, hd, generator=g).to(dtype)
+    mask = torch.rand(B, 1, 1, S, generator=g) < 0.7
+    mask[..., -1] = True  # the query's own slot
+    got = torch.ops.moebench_cpu.attend_row(q, keys, values, mask, hd**-0.5)
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                          scale=hd**-0.5, enable_gqa=True).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
 def test_bad_inputs_raise_one_clear_error():
     x, w_gate_up, w_down = torch.randn(1, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
     with pytest.raises(RuntimeError, match="expert id out of range"):
@@ -89,7 +105,7 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     with torch.profiler.profile() as prof:
         tokens, logits = compiled.greedy(prompt, mask, 6)
     names = {e.name for e in prof.events()}
-    assert {"moebench_cpu::moe_decode", "moebench_cpu::linear_row"} <= names
+    assert {"moebench_cpu::moe_decode", "moebench_cpu::linear_row", "moebench_cpu::attend_row"} <= names
     assert torch.equal(tokens, want_tokens)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(logits, want_logits, **tol)

@@ -1,13 +1,13 @@
-// The MoE experts of one token (batch-1 decode) on the CPU: the operator moebench::moe_decode, built on first use by
-// moebench/model/cpu_decode.py with -march=native.
+// The operators of compiled CPU decode steps (moebench/model/cpu_decode.py builds this file on first use, with
+// -march=native): moebench_cpu::linear_row, moe_decode and attend_row.
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this
 // repo's Zen 5 VM, about what its memory gives at the fast end, so the products stop being memory-bound. Here each
 // row is one run of fused dot-product instructions (AVX512-BF16's vdpbf16ps: 32 bfloat16 pairs into float32 lanes;
-// float32 through AVX-512 FMAs) and reads ~160 GB/s in cache. The rounding follows the compiled graph's: gate and up
-// rounded to the weights' dtype, silu(gate) * up rounded, each expert's output rounded, their weighted sum
-// accumulated in float32 and rounded once.
+// float32 through AVX-512 FMAs) and reads ~160 GB/s in cache. The rounding follows the compiled graph's: each
+// product rounded to the weights' dtype (for the experts: gate and up, silu(gate) * up, each expert's output), the
+// experts' weighted sum accumulated in float32 and rounded once.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -18,7 +18,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -195,9 +197,71 @@ at::Tensor linear_row(const at::Tensor& x_, const at::Tensor& w_) {
   return out;
 }
 
+// One query per row attending to S cache slots: q [B, H, 1, hd], keys and values [B, Hkv, S, hd] (any strides but
+// the last dim's), mask [B, 1, 1, S] -> out [B, H, 1, hd]. Scores, softmax and the weighted sum in float32.
+template <typename T>
+void attend(const T* q, const T* k, const T* v, const bool* mask, int64_t B, int64_t H, int64_t Hkv, int64_t S,
+            int64_t hd, const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* ms, float scale,
+            T* out) {
+#pragma omp parallel
+  {
+    std::vector<float> p(S), acc(hd);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+      const int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);  // g: the key-value head of query head h
+      const T *qh = q + b * qs[0] + h * qs[1], *kh = k + b * ks[0] + g * ks[1], *vh = v + b * vs[0] + g * vs[1];
+      const bool* mb = mask + b * ms[0];
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; s++) {
+        if (!mb[s * ms[3]]) continue;
+        p[s] = dot(kh + s * ks[2], qh, hd) * scale;
+        top = std::max(top, p[s]);
+      }
+      float total = 0;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t s = 0; s < S; s++) {
+        if (!mb[s * ms[3]]) continue;
+        const float e = std::exp(p[s] - top);
+        total += e;
+        const T* vs_ = vh + s * vs[2];
+        for (int64_t d = 0; d < hd; d++) acc[d] += e * load(vs_ + d);
+      }
+      T* o = out + bh * hd;
+      for (int64_t d = 0; d < hd; d++) store(o + d, acc[d] / total);
+    }
+  }
+}
+
+at::Tensor attend_row(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& mask,
+                      double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && keys.dim() == 4 && values.sizes() == keys.sizes() &&
+                  keys.size(0) == q.size(0) && keys.size(3) == q.size(3) && q.size(1) % keys.size(1) == 0,
+              "attend_row: q [B, H, 1, hd], keys and values [B, Hkv, S, hd]");
+  TORCH_CHECK(mask.dim() == 4 && mask.size(0) == q.size(0) && mask.size(3) == keys.size(2) &&
+                  mask.scalar_type() == at::kBool, "attend_row: mask [B, 1, 1, S] bool");
+  TORCH_CHECK(q.scalar_type() == keys.scalar_type() && q.scalar_type() == values.scalar_type(),
+              "attend_row: q, keys and values share one dtype");
+  TORCH_CHECK(q.stride(3) == 1 && keys.stride(3) == 1 && values.stride(3) == 1, "attend_row: rows of hd in a row");
+  const int64_t B = q.size(0), H = q.size(1), Hkv = keys.size(1), S = keys.size(2), hd = q.size(3);
+  auto out = at::empty({B, H, 1, hd}, q.options());
+  const bool* m = mask.data_ptr<bool>();
+  if (q.scalar_type() == at::kBFloat16) {
+    auto p = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+    attend(p(q), p(keys), p(values), m, B, H, Hkv, S, hd, q.strides().data(), keys.strides().data(),
+           values.strides().data(), mask.strides().data(), static_cast<float>(scale), p(out));
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "attend_row: float32 or bfloat16");
+    auto p = [](const at::Tensor& t) { return t.data_ptr<float>(); };
+    attend(p(q), p(keys), p(values), m, B, H, Hkv, S, hd, q.strides().data(), keys.strides().data(),
+           values.strides().data(), mask.strides().data(), static_cast<float>(scale), p(out));
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moebench_cpu, m) {
+  m.def("attend_row(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down) -> Tensor");
   m.def("linear_row(Tensor x, Tensor w) -> Tensor");
 }
@@ -205,4 +269,5 @@ TORCH_LIBRARY(moebench_cpu, m) {
 TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {
   m.impl("moe_decode", &moe_decode);
   m.impl("linear_row", &linear_row);
+  m.impl("attend_row", &attend_row);
 }
