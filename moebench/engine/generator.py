@@ -91,7 +91,7 @@ class Engine:
         # the one-row products compute-bound (moebench-speed bfloat16: ~6% faster steps).
         options = {"cpp_wrapper": self.cpp_wrapper, "size_asserts": False, "realize_reads_threshold": 1}
         if self.device.type == "cpu":
-            cpu_decode.load()  # one token's experts in C++ (moebench.model.cpu_decode), when it can be built
+            cpu_decode.load()  # products, experts and attention in C++ (moebench.model.cpu_decode) if it builds
         return torch.compile(self._eager_decode_step, dynamic=False, options=options)
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:

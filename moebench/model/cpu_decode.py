@@ -31,20 +31,18 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build(compiler: str, out: Path) -> None:
+def _flags() -> list[str]:
     from torch.utils import cpp_extension
 
     lib = Path(torch.__file__).parent / "lib"
-    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(out),
-           f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *(f"-I{p}" for p in cpp_extension.include_paths()), f"-L{lib}", f"-Wl,-rpath,{lib}"]
 
 
 @functools.cache
 def load() -> bool:
-    """Loads the operator (built first when this machine has none cached): True when it is there."""
+    """Loads the operators (built first when this machine has none cached): True when they are there."""
     global LOADED
     if os.environ.get("MOEBENCH_CPU_DECODE", "1") == "0" or sys.platform != "linux":
         return False
@@ -53,18 +51,21 @@ def load() -> bool:
     compiler = os.environ.get("CXX", "g++")
     try:
         version = subprocess.run([compiler, "--version"], check=True, capture_output=True, text=True).stdout
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), version, torch.__version__, _cpu_flags()]).encode())
+        flags = _flags()
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), version, *flags, torch.__version__, _cpu_flags()]).encode())
         path = Path(cache_dir()) / "moebench_cpu_decode" / f"{key.hexdigest()[:16]}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                _build(compiler, Path(tmp) / path.name)
-                os.replace(Path(tmp) / path.name, path)  # whole or not at all, for concurrent builders
+                built = Path(tmp) / path.name
+                subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-ltorch_cpu", "-lc10"], check=True,
+                               capture_output=True, text=True)
+                os.replace(built, path)  # whole or not at all, for concurrent builders
         torch.ops.load_library(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         if isinstance(e, subprocess.CalledProcessError):  # the compiler's first error
             e = next((line for line in e.stderr.splitlines() if "error" in line), f"{compiler} failed")
-        print(f"moebench: the C++ decode operator was not built ({e}); decode steps run Inductor's loops instead",
+        print(f"moebench: the C++ decode operators were not built ({e}); decode steps run Inductor's loops instead",
               file=sys.stderr)
         return False
     torch.library.register_fake("moebench_cpu::moe_decode")(_moe_decode_fake)
@@ -86,6 +87,7 @@ def _attend_row_fake(q, keys, values, mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def usable(x: torch.Tensor, w_gate_up: torch.Tensor) -> bool:
-    """True when one token's experts (x [1, D]) can run through moe_decode here (once load() has loaded it)."""
-    return LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w_gate_up.dtype == x.dtype
+def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when the operators take x (the activations) and w (the weights, or the cache) here: both on the CPU in
+    one dtype, float32 or bfloat16, once load() has loaded them."""
+    return LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
