@@ -100,6 +100,17 @@ inline float dot(const uint16_t* w, const uint16_t* x, int64_t n) {
   return s;
 }
 
+// Calls f(p) with p(tensor) giving the tensor's elements as uint16_t* (bfloat16) or float*, by t's dtype.
+template <typename F>
+void by_dtype(const at::Tensor& t, const char* op, F f) {
+  if (t.scalar_type() == at::kBFloat16) {
+    f([](const at::Tensor& u) { return reinterpret_cast<uint16_t*>(u.data_ptr()); });
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": float32 or bfloat16");
+    f([](const at::Tensor& u) { return u.data_ptr<float>(); });
+  }
+}
+
 inline float silu_mul(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * up; }
 
 // x [D], ids [k], weights [k], w_gate_up [E, 2I, D], w_down [E, D, I] -> out [D]; scratch: k * (3I + D) floats.
@@ -163,14 +174,9 @@ at::Tensor moe_decode(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   for (int64_t j = 0; j < k; j++) TORCH_CHECK(0 <= id[j] && id[j] < E, "moe_decode: expert id out of range");
   auto out = at::empty_like(x);
   auto scratch = at::empty({k * (3 * I + D)}, x.options().dtype(at::kFloat));
-  if (x.scalar_type() == at::kBFloat16) {
-    auto p = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  by_dtype(x, "moe_decode", [&](auto p) {
     moe(p(x), id, p(weights), k, p(w_gate_up), p(w_down), D, I, scratch.data_ptr<float>(), p(out));
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "moe_decode: float32 or bfloat16");
-    auto p = [](const at::Tensor& t) { return t.data_ptr<float>(); };
-    moe(p(x), id, p(weights), k, p(w_gate_up), p(w_down), D, I, scratch.data_ptr<float>(), p(out));
-  }
+  });
   return out;
 }
 
@@ -187,13 +193,7 @@ at::Tensor linear_row(const at::Tensor& x_, const at::Tensor& w_) {
   TORCH_CHECK(x_.scalar_type() == w_.scalar_type(), "linear_row: x and w share one dtype");
   const at::Tensor x = x_.contiguous(), w = w_.contiguous();
   auto out = at::empty({1, w.size(0)}, x.options());
-  if (x.scalar_type() == at::kBFloat16) {
-    auto p = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
-    matvec(p(x), p(w), w.size(0), w.size(1), p(out));
-  } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "linear_row: float32 or bfloat16");
-    matvec(x.data_ptr<float>(), w.data_ptr<float>(), w.size(0), w.size(1), out.data_ptr<float>());
-  }
+  by_dtype(x, "linear_row", [&](auto p) { matvec(p(x), p(w), w.size(0), w.size(1), p(out)); });
   return out;
 }
 
@@ -245,16 +245,10 @@ at::Tensor attend_row(const at::Tensor& q, const at::Tensor& keys, const at::Ten
   const int64_t B = q.size(0), H = q.size(1), Hkv = keys.size(1), S = keys.size(2), hd = q.size(3);
   auto out = at::empty({B, H, 1, hd}, q.options());
   const bool* m = mask.data_ptr<bool>();
-  if (q.scalar_type() == at::kBFloat16) {
-    auto p = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); };
+  by_dtype(q, "attend_row", [&](auto p) {
     attend(p(q), p(keys), p(values), m, B, H, Hkv, S, hd, q.strides().data(), keys.strides().data(),
            values.strides().data(), mask.strides().data(), static_cast<float>(scale), p(out));
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kFloat, "attend_row: float32 or bfloat16");
-    auto p = [](const at::Tensor& t) { return t.data_ptr<float>(); };
-    attend(p(q), p(keys), p(values), m, B, H, Hkv, S, hd, q.strides().data(), keys.strides().data(),
-           values.strides().data(), mask.strides().data(), static_cast<float>(scale), p(out));
-  }
+  });
   return out;
 }
 
