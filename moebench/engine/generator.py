@@ -10,7 +10,7 @@ from torch._inductor.exc import InductorError
 
 from moebench.engine import hugepages
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
-from moebench.model import cpu_decode
+from moebench.model import cpu_ops
 from moebench.model.qwen3_moe import KVCache, StepInputs
 
 
@@ -78,6 +78,8 @@ class Engine:
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
+        if self.device.type == "cpu":
+            cpu_ops.load()  # products, experts and attention in C++ (moebench.model.cpu_ops) if it builds
         if compile:
             self._decode_step = self._compiled()
 
@@ -90,8 +92,6 @@ class Engine:
         # experts, or q, k and v) is computed once into a buffer, not again inside each product's loop, where it made
         # the one-row products compute-bound (moebench-speed bfloat16: ~6% faster steps).
         options = {"cpp_wrapper": self.cpp_wrapper, "size_asserts": False, "realize_reads_threshold": 1}
-        if self.device.type == "cpu":
-            cpu_decode.load()  # products, experts and attention in C++ (moebench.model.cpu_decode) if it builds
         return torch.compile(self._eager_decode_step, dynamic=False, options=options)
 
     def _mask(self, q_slots: torch.Tensor) -> torch.Tensor:

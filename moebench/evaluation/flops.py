@@ -57,6 +57,10 @@ MATMUL_MACS = {
 if onednn.AVAILABLE:  # the CPU's eager products (moebench.model.onednn); a packed weight keeps its [N, K] shape
     MATMUL_MACS[torch.ops.mkldnn._linear_pointwise.default] = lambda x, w, *_: prod(_shape(x)[:-1]) * prod(_shape(w))
 
+# moebench's C++ CPU operators (moebench.model.cpu_ops, loaded at run time: keyed by name), counted as the library
+# operators they stand in for: a prompt's attention over every key, as the library's.
+CPU_OP_MACS = {"moebench_cpu::attend_block": _attention_macs}
+
 
 @dataclass
 class MacCount:
@@ -92,6 +96,8 @@ def graph_macs(gm: torch.fx.GraphModule) -> MacCount:
             count.kernel_ops |= {str(node.target)}
         elif node.target in MATMUL_MACS:
             macs = int(MATMUL_MACS[node.target](*node.args))
+        elif (schema := getattr(node.target, "_schema", None)) is not None and schema.name in CPU_OP_MACS:
+            macs = int(CPU_OP_MACS[schema.name](*node.args))
         else:
             continue
         count.total += macs

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from moebench.model import cpu_decode, onednn
+from moebench.model import cpu_ops, onednn
 
 # Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token.
 
@@ -34,7 +34,7 @@ def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     rows = x.numel() // x.shape[-1]
     if rows == 1 and in_compiled_cpu_graph(x):
-        if cpu_decode.usable(x, layer.weight):  # one C++ loop of dot products, at the memory's speed
+        if cpu_ops.usable(x, layer.weight):  # one C++ loop of dot products, at the memory's speed
             y = torch.ops.moebench_cpu.linear_row(x.reshape(1, -1), layer.weight)
         else:
             # Decode's one-row products are bound by reading the weights. The CPU library's matrix-vector product
@@ -102,7 +102,7 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     E, k = w_gate_up.shape[0], topk_ids.shape[1]
     exporting = torch.compiler.is_exporting()
     if T == 1 and torch.compiler.is_compiling() and not exporting:
-        if cpu_decode.usable(x, w_gate_up):  # the k experts in one C++ operator, at the memory's speed
+        if cpu_ops.usable(x, w_gate_up):  # the k experts in one C++ operator, at the memory's speed
             return torch.ops.moebench_cpu.moe_decode(x, topk_ids, topk_weights.to(x.dtype), w_gate_up, w_down)
         # One token, in a compiled graph: gather the k experts; the compiler fuses the gather into the products.
         ids, w = topk_ids[0], topk_weights[0]

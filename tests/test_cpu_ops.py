@@ -1,6 +1,7 @@
-"""moebench.model.cpu_decode: the C++ operators of compiled CPU decode steps compute the same math as the torch
-reference (the rounding of a compiled bfloat16 graph included), with either way of splitting the experts over the
-threads; compiled decode steps call them; a machine that cannot build them keeps Inductor's loops."""
+"""moebench.model.cpu_ops: the C++ operators of compiled CPU decode steps and of prompts' attention compute the
+same math as the torch reference (the rounding of a compiled bfloat16 graph included), with either way of splitting
+the experts over the threads; compiled decode steps and eager prefills call them; a machine that cannot build them
+keeps Inductor's loops and the library's attention."""
 
 import copy
 
@@ -9,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from moebench.engine.generator import Engine
-from moebench.model import cpu_decode
+from moebench.model import cpu_ops
 from moebench.model.presets import PRESETS, random_model
 
 
 
 @pytest.fixture(autouse=True, scope="module")
 def built():
-    if not cpu_decode.load():
-        pytest.skip("the C++ decode operators could not be built here")
+    if not cpu_ops.load():
+        pytest.skip("the C++ CPU operators could not be built here")
 
 
 def reference_experts(x, ids, weights, w_gate_up, w_down):
@@ -86,12 +87,42 @@ def test_attend_row_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, S, hd
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, H, Hkv, T, S, hd, holes", [
+    (1, 12, 4, 402, 402, 64, False),  # moebench-speed's contest prompt: causal
+    (2, 4, 2, 37, 50, 64, True),  # a cache with earlier slots, padding holes, a query that sees nothing
+    (1, 6, 3, 100, 130, 80, True),  # head dim off the vector widths
+    (1, 2, 1, 3, 5, 24, False),
+])
+def test_attend_block_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, T, S, hd, holes):
+    g = torch.Generator().manual_seed(T)
+    cache = torch.randn(2, B, Hkv, S + 9, hd, generator=g).to(dtype)  # [L, B, Hkv, max_len, hd] as KVCache's
+    keys, values = cache[1, :, :, :S], cache[0, :, :, :S]
+    q = torch.randn(B, T, H, hd, generator=g).to(dtype).transpose(1, 2)  # [B, H, T, hd] as the model's
+    slots = torch.arange(S - T, S)  # the prompt's columns are the cache's last T slots
+    mask = (torch.arange(S)[None, :] <= slots[:, None]).expand(B, 1, T, S).clone()
+    if holes:
+        mask &= torch.rand(B, 1, 1, S, generator=g) < 0.7
+        mask[0, :, 0] = False  # row 0's first query sees no key: zeros, as the library gives
+    got = torch.ops.moebench_cpu.attend_block(q, keys, values, mask, hd**-0.5)
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                          scale=hd**-0.5, enable_gqa=True).to(dtype)
+    assert got.shape == want.shape and got.transpose(1, 2).is_contiguous()  # [B, T, H, hd] underneath
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+    if holes:
+        assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
+
+
 def test_bad_inputs_raise_one_clear_error():
     x, w_gate_up, w_down = torch.randn(1, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
     with pytest.raises(RuntimeError, match="expert id out of range"):
         torch.ops.moebench_cpu.moe_decode(x, torch.tensor([[1, 4]]), torch.ones(1, 2), w_gate_up, w_down)
     with pytest.raises(RuntimeError, match="share one dtype"):
         torch.ops.moebench_cpu.linear_row(x, torch.randn(8, 32).bfloat16())
+    q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match=r"mask \[B, 1, T, S\] bool"):
+        torch.ops.moebench_cpu.attend_block(q, kv, kv, torch.ones(1, 1, 3, 5), 0.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,14 +142,30 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     torch.testing.assert_close(logits, want_logits, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_prefill_calls_attend_block_and_agrees_with_the_library(monkeypatch, dtype):
+    engine = Engine(random_model(PRESETS["moebench-tiny"], seed=6, dtype=dtype), batch=2, max_len=40)
+    prompt = torch.randint(1, 200, (2, 33), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0  # left padding in the second row
+    with torch.profiler.profile() as prof:
+        got = engine.prefill(prompt, mask, every_column=True)
+    assert "moebench_cpu::attend_block" in {e.name for e in prof.events()}
+    monkeypatch.setattr(cpu_ops, "LOADED", False)  # the library's attention
+    want = engine.prefill(prompt, mask, every_column=True)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1, 5:], want[1, 5:], **tol)  # the padding columns' logits mean nothing
+
+
 def test_without_the_operators_decode_keeps_inductors_loops(monkeypatch, capsys):
-    monkeypatch.setenv("MOEBENCH_CPU_DECODE", "0")
-    assert cpu_decode.load.__wrapped__() is False
-    monkeypatch.setenv("MOEBENCH_CPU_DECODE", "1")
+    monkeypatch.setenv("MOEBENCH_CPU_OPS", "0")
+    assert cpu_ops.load.__wrapped__() is False
+    monkeypatch.setenv("MOEBENCH_CPU_OPS", "1")
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert cpu_decode.load.__wrapped__() is False
+    assert cpu_ops.load.__wrapped__() is False
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not built" in err[0] and "/nonexistent/c++" in err[0]
-    monkeypatch.setattr(cpu_decode, "LOADED", False)
+    monkeypatch.setattr(cpu_ops, "LOADED", False)
     x, w = torch.randn(1, 32), torch.randn(8, 32)
-    assert not cpu_decode.usable(x, w)  # compiled steps take the multiply-and-sum loops
+    assert not cpu_ops.usable(x, w)  # compiled steps take the multiply-and-sum loops
