@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moebench.engine.generator import Engine
 from moebench.model import cpu_ops
+from moebench.model.moe import experts_forward
 from moebench.model.presets import PRESETS, random_model
 
 
@@ -114,6 +115,32 @@ def test_attend_block_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, T, 
         assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
 
 
+@pytest.mark.parametrize("M, N, K", [(1, 64, 48), (7, 96, 40), (50, 768, 384)])
+def test_linear_panels_matches_f_linear(threads, M, N, K):
+    g = torch.Generator().manual_seed(M)
+    w, x = torch.randn(2, N, K, generator=g), torch.randn(M, K, generator=g)
+    panels = cpu_ops.panels(w)
+    assert panels is cpu_ops.panels(w)  # packed once
+    torch.testing.assert_close(torch.ops.moebench_cpu.linear_panels(x, panels[1]), x @ w[1].T, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():
+        w.mul_(2)  # an in-place change: packed again
+    torch.testing.assert_close(torch.ops.moebench_cpu.linear_panels(x, cpu_ops.panels(w)[1]), x @ w[1].T,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_float32_prompt_experts_run_on_panels(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    T, D, I, E, k = 45, 64, 48, 8, 2
+    x, w_gate_up, w_down = torch.randn(T, D, generator=g), torch.randn(E, 2 * I, D, generator=g) / 8, \
+        torch.randn(E, D, I, generator=g) / 8
+    ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g)
+    with torch.profiler.profile() as prof:
+        got = experts_forward(x, w_gate_up, w_down, ids, weights)
+    assert "moebench_cpu::linear_panels" in {e.name for e in prof.events()}
+    monkeypatch.setattr(cpu_ops, "panels_usable", lambda x, w: False)  # oneDNN's products (or torch's)
+    torch.testing.assert_close(got, experts_forward(x, w_gate_up, w_down, ids, weights), rtol=1e-5, atol=1e-5)
+
+
 def test_bad_inputs_raise_one_clear_error():
     x, w_gate_up, w_down = torch.randn(1, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
     with pytest.raises(RuntimeError, match="expert id out of range"):
@@ -123,6 +150,8 @@ def test_bad_inputs_raise_one_clear_error():
     q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(RuntimeError, match=r"mask \[B, 1, T, S\] bool"):
         torch.ops.moebench_cpu.attend_block(q, kv, kv, torch.ones(1, 1, 3, 5), 0.25)
+    with pytest.raises(RuntimeError, match=r"linear_panels: x \[M, K\], panels"):
+        torch.ops.moebench_cpu.linear_panels(torch.randn(3, 16), torch.randn(2, 8, 32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,14 +1,16 @@
 """moebench's CPU operators in C++ (cpu_ops.cpp). In compiled decode steps: moebench_cpu::linear_row (a one-row
 product), moebench_cpu::moe_decode (one token's experts) and moebench_cpu::attend_row (one query a head against the
-KV cache); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head).
+KV cache); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
+experts, moebench_cpu::linear_panels (a product of a few dozen rows with the weight packed in panels: `panels`).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
 decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
-library's flash attention (~3x faster for a 402-token prompt). Built on first use with the machine's C++
-compiler for this CPU (-march=native: AVX512-BF16's dot products where the CPU has them), ~5 s, and kept in
-Inductor's cache folder (a confined submission's own: the only one it may write), keyed by the source, the
-compiler, torch and the CPU's flags. Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0,
-decode steps keep Inductor's loops and prompts the library's attention: the same math.
+library's flash attention (~3x faster for a 402-token prompt); linear_panels oneDNN's float32 product (~1.1-1.2x
+on the experts' rows). Built on first use with the machine's C++ compiler for this CPU (-march=native: AVX512-BF16's
+dot products where the CPU has them), ~5 s, and kept in Inductor's cache folder (a confined submission's own: the
+only one it may write), keyed by the source, the compiler, torch and the CPU's flags. Where they cannot be built
+(no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's loops and prompts the library's
+attention and oneDNN's products: the same math.
 """
 
 import functools
@@ -20,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from moebench.engine import hugepages
+from moebench.model.derived import derived
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 LOADED = False  # set by load(); read while tracing (a plain global, not a call Dynamo would trace)
@@ -99,3 +104,25 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """True when the operators take x (the activations) and w (the weights, or the cache) here: both on the CPU in
     one dtype, float32 or bfloat16, once load() has loaded them."""
     return LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
+
+
+def panels_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when linear_panels computes x's float32 products with the weights w [E, N, K] here: eagerly (not while
+    compiling or exporting), on the CPU, N a multiple of the panel width."""
+    return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and not torch.compiler.is_compiling() and w.shape[-2] % torch.ops.moebench_cpu.panel_width() == 0)
+
+
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """w [E, N, K] float32 -> [E, N / NB, K, NB] for linear_panels: each panel NB output columns, K rows of NB weights
+    (NB: panel_width()), made once per weight, in huge pages where the machine has them (moebench.engine.hugepages: a
+    prompt streams every expert's weights once a layer)."""
+    def pack(w):
+        E, N, K = w.shape
+        nb = torch.ops.moebench_cpu.panel_width()
+        layout = w.view(E, N // nb, nb, K).transpose(2, 3)
+        out = torch.empty(layout.shape, dtype=w.dtype)
+        if hugepages.SUPPORTED and w.numel() * 4 >= hugepages.MIN_BYTES:
+            out = hugepages.empty(w.numel() * 4).view(torch.float32).view(layout.shape)
+        return out.copy_(layout)
+    return derived(w, "panels", pack)

@@ -9,12 +9,12 @@ more, for the products that run eagerly (prefill; decode without compilation).
 """
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
+
+from moebench.model.derived import derived
 
 AVAILABLE = torch.backends.mkldnn.is_available()
 # bfloat16 matrix instructions (AVX512-BF16 or AMX); without them (AVX2 only) oneDNN's bfloat16 products are slow.
 NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-_packed = WeakIdKeyDictionary()  # weight -> (its version, dtype, packed copies); dropped with the weight
 
 
 def usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -27,17 +27,10 @@ def usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def packed(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | list[torch.Tensor]:
     """w [N, K] (a linear's weight) or [E, N, K] (one weight per expert) in `dtype`, in oneDNN's packed layout."""
-    # In-place changes bump the version; `w.data = other` changes the storage. (A write through `w.data`, which
-    # torch does not track either, would go unseen.)
-    version = (0 if w.is_inference() else w._version, w.data_ptr())
-    entry = _packed.get(w)
-    if entry is None or entry[0] != version or entry[1] != dtype:
-        with torch.no_grad():
-            mats = w.detach().to(dtype)
-            pack = torch.ops.mkldnn._reorder_linear_weight
-            entry = (version, dtype, pack(mats) if w.dim() == 2 else [pack(m) for m in mats])
-        _packed[w] = entry
-    return entry[2]
+    def pack(w):
+        pack = torch.ops.mkldnn._reorder_linear_weight
+        return pack(w.to(dtype)) if w.dim() == 2 else [pack(m) for m in w.to(dtype)]
+    return derived(w, ("onednn", dtype), pack)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
