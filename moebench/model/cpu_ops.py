@@ -71,9 +71,8 @@ def load() -> bool:
     except (OSError, subprocess.CalledProcessError) as e:
         if isinstance(e, subprocess.CalledProcessError):  # the compiler's first error
             e = next((line for line in e.stderr.splitlines() if "error" in line), f"{compiler} failed")
-        print(f"moebench: the C++ CPU operators were not built ({e}); decode steps run Inductor's loops and prompts "
-              "the library's attention instead",
-              file=sys.stderr)
+        print(f"moebench: the C++ CPU operators were not built ({e}); decode steps run Inductor's loops, prompts "
+              "the library's attention and oneDNN's products instead", file=sys.stderr)
         return False
     torch.library.register_fake("moebench_cpu::moe_decode")(_moe_decode_fake)
     torch.library.register_fake("moebench_cpu::linear_row")(_linear_row_fake)
@@ -121,8 +120,7 @@ def panels(w: torch.Tensor) -> torch.Tensor:
         E, N, K = w.shape
         nb = torch.ops.moebench_cpu.panel_width()
         layout = w.view(E, N // nb, nb, K).transpose(2, 3)
-        out = torch.empty(layout.shape, dtype=w.dtype)
-        if hugepages.SUPPORTED and w.numel() * 4 >= hugepages.MIN_BYTES:
-            out = hugepages.empty(w.numel() * 4).view(torch.float32).view(layout.shape)
-        return out.copy_(layout)
+        huge = hugepages.SUPPORTED and w.numel() * 4 >= hugepages.MIN_BYTES
+        out = hugepages.empty(w.numel() * 4).view(torch.float32) if huge else torch.empty(w.numel())
+        return out.view(layout.shape).copy_(layout)
     return derived(w, "panels", pack)
