@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from moebench.engine.generator import Engine
 from moebench.model import cpu_ops
-from moebench.model.moe import experts_forward
+from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
 
 
@@ -59,6 +59,24 @@ def test_moe_decode_matches_the_reference(threads, dtype, D, I, E, k):
     # float32: the sums' order only. bfloat16: a rounding of an intermediate product may land one step apart.
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_topk", [True, False])
+@pytest.mark.parametrize("D, I, E, k", [(64, 32, 8, 2), (72, 40, 5, 3)])
+def test_moe_route_decode_routes_as_the_torch_router(threads, dtype, norm_topk, D, I, E, k):
+    g = torch.Generator().manual_seed(D + k + norm_topk)
+    x = torch.randn(1, D, generator=g).to(dtype)
+    router = torch.randn(E, D, generator=g).to(dtype)
+    w_gate_up = (torch.randn(E, 2 * I, D, generator=g) / D**0.5).to(dtype)
+    w_down = (torch.randn(E, D, I, generator=g) / I**0.5).to(dtype)
+    got = torch.ops.moebench_cpu.moe_route_decode(x, router, k, norm_topk, w_gate_up, w_down)
+    ids, weights = route(F.linear(x, router), k, norm_topk)  # the router's logits rounded to dtype, as decode's
+    want = reference_experts(x, ids, weights, w_gate_up, w_down)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(RuntimeError, match="1 <= k <= E"):
+        torch.ops.moebench_cpu.moe_route_decode(x, router, E + 1, norm_topk, w_gate_up, w_down)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -165,7 +183,7 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     with torch.profiler.profile() as prof:
         tokens, logits = compiled.greedy(prompt, mask, 6)
     names = {e.name for e in prof.events()}
-    assert {"moebench_cpu::moe_decode", "moebench_cpu::linear_row", "moebench_cpu::attend_row"} <= names
+    assert {"moebench_cpu::moe_route_decode", "moebench_cpu::linear_row", "moebench_cpu::attend_row"} <= names
     assert torch.equal(tokens, want_tokens)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(logits, want_logits, **tol)

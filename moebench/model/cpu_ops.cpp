@@ -1,6 +1,7 @@
 // moebench's CPU operators (moebench/model/cpu_ops.py builds this file on first use, with -march=native): those of
-// compiled decode steps, moebench_cpu::linear_row, moe_decode and attend_row; and attend_block, the attention of a
-// prompt's many queries (below).
+// compiled decode steps, moebench_cpu::linear_row, moe_route_decode (the router, top-k and experts of one token in
+// one parallel region), moe_decode (the experts alone) and attend_row; and attend_block, the attention of a prompt's
+// many queries (below).
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this
@@ -118,48 +119,92 @@ void by_dtype(const at::Tensor& t, const char* op, F f) {
 inline float silu_mul(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * up; }
 
 // x [D], ids [k], weights [k], w_gate_up [E, 2I, D], w_down [E, D, I] -> out [D]; scratch: k * (3I + D) floats.
+// Called by every thread of a parallel region (its loops are shared among them).
 template <typename T>
-void moe(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w_gate_up, const T* w_down,
-         int64_t D, int64_t I, float* scratch, T* out) {
+void experts(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w_gate_up, const T* w_down,
+             int64_t D, int64_t I, float* scratch, T* out) {
   T* gu = reinterpret_cast<T*>(scratch);  // [k, 2I], then h [k, I], in T
   T* h = gu + k * 2 * I;
   float* y = scratch + k * 3 * I;  // [k, D]: each expert's weighted output
+  if (k % omp_get_num_threads() == 0) {
+    // Each thread whole experts, one after the other: no wait between the two products, and each thread reads
+    // its experts' weights front to back (reads ~15% faster than splitting every expert's rows over threads).
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < k; j++) {
+      const T *w1 = w_gate_up + ids[j] * 2 * I * D, *w2 = w_down + ids[j] * D * I;
+      T *g = gu + j * 2 * I, *hj = h + j * I;
+      for (int64_t r = 0; r < 2 * I; r++) store(g + r, dot(w1 + r * D, x, D));
+      for (int64_t i = 0; i < I; i++) store(hj + i, silu_mul(load(g + i), load(g + I + i)));
+      for (int64_t d = 0; d < D; d++) y[j * D + d] = round_to(dot(w2 + d * I, hj, I), out) * load(weights + j);
+    }
+  } else {  // rows of all k experts over the threads, product by product
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < k * 2 * I; r++) {
+      const int64_t j = r / (2 * I);
+      store(gu + r, dot(w_gate_up + (ids[j] * 2 * I + r % (2 * I)) * D, x, D));
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < k * I; r++) {
+      const int64_t j = r / I, i = r % I;
+      store(h + r, silu_mul(load(gu + j * 2 * I + i), load(gu + j * 2 * I + I + i)));
+    }
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < k * D; r++) {
+      const int64_t j = r / D, d = r % D;
+      y[r] = round_to(dot(w_down + (ids[j] * D + d) * I, h + j * I, I), out) * load(weights + j);
+    }
+  }
+#pragma omp for schedule(static)
+  for (int64_t d = 0; d < D; d++) {  // the k experts' sum, in float32
+    float acc = 0;
+    for (int64_t j = 0; j < k; j++) acc += y[j * D + d];
+    store(out + d, acc);
+  }
+}
+
+template <typename T>
+void moe(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w_gate_up, const T* w_down,
+         int64_t D, int64_t I, float* scratch, T* out) {
+#pragma omp parallel
+  experts(x, ids, weights, k, w_gate_up, w_down, D, I, scratch, out);
+}
+
+// The router's choice for one token, as moebench.model.moe.route: logits [E] (already rounded to T) -> the k largest
+// softmax probabilities (float32) in descending order, ties to the lower expert, their ids, renormalised to sum 1
+// with norm_topk; weights rounded to T.
+template <typename T>
+void route(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* ids, T* weights) {
+  float top = -INFINITY, total = 0;
+  for (int64_t e = 0; e < E; e++) top = std::max(top, logits[e]);
+  std::vector<float> p(E);
+  for (int64_t e = 0; e < E; e++) total += p[e] = std::exp(logits[e] - top);
+  std::vector<int64_t> order(E);
+  for (int64_t e = 0; e < E; e++) order[e] = e;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  float chosen = 0;
+  for (int64_t j = 0; j < k; j++) chosen += p[order[j]] / total;
+  for (int64_t j = 0; j < k; j++) {
+    ids[j] = order[j];
+    const float w = p[order[j]] / total;
+    store(weights + j, norm_topk ? w / chosen : w);
+  }
+}
+
+// One token's MoE block: the router's product x [D] . router [E, D], route(), then experts(), in one parallel
+// region (a compiled decode step's router product, softmax, top-k and experts otherwise take four calls).
+template <typename T>
+void moe_routed(const T* x, const T* router, int64_t E, int64_t k, bool norm_topk, const T* w_gate_up,
+                const T* w_down, int64_t D, int64_t I, float* logits, float* scratch, T* out) {
 #pragma omp parallel
   {
-    if (k % omp_get_num_threads() == 0) {
-      // Each thread whole experts, one after the other: no wait between the two products, and each thread reads
-      // its experts' weights front to back (reads ~15% faster than splitting every expert's rows over threads).
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < k; j++) {
-        const T *w1 = w_gate_up + ids[j] * 2 * I * D, *w2 = w_down + ids[j] * D * I;
-        T *g = gu + j * 2 * I, *hj = h + j * I;
-        for (int64_t r = 0; r < 2 * I; r++) store(g + r, dot(w1 + r * D, x, D));
-        for (int64_t i = 0; i < I; i++) store(hj + i, silu_mul(load(g + i), load(g + I + i)));
-        for (int64_t d = 0; d < D; d++) y[j * D + d] = round_to(dot(w2 + d * I, hj, I), out) * load(weights + j);
-      }
-    } else {  // rows of all k experts over the threads, product by product
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < k * 2 * I; r++) {
-        const int64_t j = r / (2 * I);
-        store(gu + r, dot(w_gate_up + (ids[j] * 2 * I + r % (2 * I)) * D, x, D));
-      }
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < k * I; r++) {
-        const int64_t j = r / I, i = r % I;
-        store(h + r, silu_mul(load(gu + j * 2 * I + i), load(gu + j * 2 * I + I + i)));
-      }
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < k * D; r++) {
-        const int64_t j = r / D, d = r % D;
-        y[r] = round_to(dot(w_down + (ids[j] * D + d) * I, h + j * I, I), out) * load(weights + j);
-      }
-    }
-#pragma omp for schedule(static)
-    for (int64_t d = 0; d < D; d++) {  // the k experts' sum, in float32
-      float acc = 0;
-      for (int64_t j = 0; j < k; j++) acc += y[j * D + d];
-      store(out + d, acc);
-    }
+    for (int64_t e = 0; e < E; e++) logits[e] = round_to(dot(router + e * D, x, D), out);
+    // Every thread routes (the same numbers, in its own arrays): no second wait.
+    std::vector<int64_t> ids(k);
+    std::vector<T> weights(k);
+    route(logits, E, k, norm_topk, ids.data(), weights.data());
+    experts(x, ids.data(), weights.data(), k, w_gate_up, w_down, D, I, scratch, out);
   }
 }
 
@@ -180,6 +225,28 @@ at::Tensor moe_decode(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   auto scratch = at::empty({k * (3 * I + D)}, x.options().dtype(at::kFloat));
   by_dtype(x, "moe_decode", [&](auto p) {
     moe(p(x), id, p(weights), k, p(w_gate_up), p(w_down), D, I, scratch.data_ptr<float>(), p(out));
+  });
+  return out;
+}
+
+at::Tensor moe_route_decode(const at::Tensor& x_, const at::Tensor& router_, int64_t k, bool norm_topk,
+                            const at::Tensor& w_gate_up_, const at::Tensor& w_down_) {
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) == 1, "moe_route_decode: one token, x [1, D]");
+  TORCH_CHECK(x_.scalar_type() == router_.scalar_type() && x_.scalar_type() == w_gate_up_.scalar_type() &&
+                  x_.scalar_type() == w_down_.scalar_type(),
+              "moe_route_decode: x, the router and the experts' weights share one dtype");
+  const at::Tensor x = x_.contiguous(), router = router_.contiguous(), w_gate_up = w_gate_up_.contiguous(),
+                   w_down = w_down_.contiguous();  // (no copies in decode)
+  const int64_t D = x.size(1), I = w_down.size(2), E = w_gate_up.size(0);
+  TORCH_CHECK(router.dim() == 2 && router.size(0) == E && router.size(1) == D && w_gate_up.size(1) == 2 * I &&
+                  w_gate_up.size(2) == D && w_down.size(0) == E && w_down.size(1) == D,
+              "moe_route_decode: router [E, D], w_gate_up [E, 2I, D], w_down [E, D, I]");
+  TORCH_CHECK(0 < k && k <= E, "moe_route_decode: 1 <= k <= E experts per token");
+  auto out = at::empty_like(x);
+  auto scratch = at::empty({E + k * (3 * I + D)}, x.options().dtype(at::kFloat));
+  float* logits = scratch.data_ptr<float>();
+  by_dtype(x, "moe_route_decode", [&](auto p) {
+    moe_routed(p(x), p(router), E, k, norm_topk, p(w_gate_up), p(w_down), D, I, logits, logits + E, p(out));
   });
   return out;
 }
@@ -532,6 +599,7 @@ int64_t panel_width() { return NB; }
 TORCH_LIBRARY(moebench_cpu, m) {
   m.def("attend_row(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down) -> Tensor");
+  m.def("moe_route_decode(Tensor x, Tensor router, int k, bool norm_topk, Tensor w_gate_up, Tensor w_down) -> Tensor");
   m.def("linear_row(Tensor x, Tensor w) -> Tensor");
   m.def("attend_block(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("linear_panels(Tensor x, Tensor panels) -> Tensor");
@@ -540,6 +608,7 @@ TORCH_LIBRARY(moebench_cpu, m) {
 
 TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {
   m.impl("moe_decode", &moe_decode);
+  m.impl("moe_route_decode", &moe_route_decode);
   m.impl("linear_row", &linear_row);
   m.impl("attend_row", &attend_row);
   m.impl("attend_block", &attend_block);

@@ -1,6 +1,7 @@
 """moebench's CPU operators in C++ (cpu_ops.cpp). In compiled decode steps: moebench_cpu::linear_row (a one-row
-product), moebench_cpu::moe_decode (one token's experts) and moebench_cpu::attend_row (one query a head against the
-KV cache); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
+product), moebench_cpu::moe_route_decode (one token's router, top-k and experts in one call; moe_decode: the experts
+alone, behind a submission's router kernel) and moebench_cpu::attend_row (one query a head against the KV cache); in
+prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
 experts, moebench_cpu::linear_panels (a product of a few dozen rows with the weight packed in panels: `panels`).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
@@ -75,6 +76,7 @@ def load() -> bool:
               "the library's attention and oneDNN's products instead", file=sys.stderr)
         return False
     torch.library.register_fake("moebench_cpu::moe_decode")(_moe_decode_fake)
+    torch.library.register_fake("moebench_cpu::moe_route_decode")(_moe_route_decode_fake)
     torch.library.register_fake("moebench_cpu::linear_row")(_linear_row_fake)
     torch.library.register_fake("moebench_cpu::attend_row")(_attend_row_fake)
     torch.library.register_fake("moebench_cpu::attend_block")(_attend_block_fake)
@@ -83,6 +85,10 @@ def load() -> bool:
 
 
 def _moe_decode_fake(x, ids, weights, w_gate_up, w_down):
+    return torch.empty_like(x)
+
+
+def _moe_route_decode_fake(x, router, k, norm_topk, w_gate_up, w_down):
     return torch.empty_like(x)
 
 

@@ -244,6 +244,14 @@ class SparseMoE(nn.Module):
         if self.quantized_kernel is not None and type(self).forward is SparseMoE.forward:
             self.experts.quantize(self.qdtype)
 
+    def _routed_in_cpp(self, flat: torch.Tensor) -> bool:
+        """True for one token in a compiled CPU graph with the plain router and experts (no kernels) and the C++
+        operators loaded (moebench.model.cpu_ops)."""
+        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel)
+        return (flat.shape[0] == 1 and all(k is None for k in kernels) and in_compiled_cpu_graph(flat)
+                and type(self.gate) is nn.Linear and self.gate.bias is None and cpu_ops.usable(flat, self.gate.weight)
+                and cpu_ops.usable(flat, self.experts.gate_up_proj))
+
     def forward(self, x, norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
         """x [B, T, D] -> [B, T, D]; norm and residual as in Attention.forward."""
         B, T, D = x.shape
@@ -253,6 +261,11 @@ class SparseMoE(nn.Module):
             flat, xq, x_scale = self.norm_quantize(flat, norm.weight, norm.eps, self.bound, self.qdtype)
         elif norm is not None:
             flat = norm(flat)
+        if self._routed_in_cpp(flat):
+            # One token in a compiled CPU step: the router's product, softmax, top-k and experts in one C++ call.
+            out = torch.ops.moebench_cpu.moe_route_decode(flat, self.gate.weight, self.k, self.norm_topk_prob,
+                                                          self.experts.gate_up_proj, self.experts.down_proj)
+            return residual + out.view(B, T, D) if residual is not None else out.view(B, T, D)
         if self.router_kernel is not None and untouched(self.gate):
             ids, weights = self.router_kernel(flat, self.gate.weight, self.k, self.norm_topk_prob)
         else:
