@@ -13,6 +13,8 @@ from moebench.engine.generator import Engine
 from moebench.model import cpu_ops
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
+from moebench.model.qwen3_moe import RMSNorm
+from moebench.model.rope import apply_rope, rope_cos_sin
 
 
 
@@ -77,6 +79,46 @@ def test_moe_route_decode_routes_as_the_torch_router(threads, dtype, norm_topk, 
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(RuntimeError, match="1 <= k <= E"):
         torch.ops.moebench_cpu.moe_route_decode(x, router, E + 1, norm_topk, w_gate_up, w_down)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, Hkv, hd, S, slot", [(4, 2, 16, 9, 6), (6, 6, 8, 5, 4), (8, 2, 32, 40, 0)])
+def test_attention_decode_matches_the_torch_block(threads, dtype, H, Hkv, hd, S, slot):
+    g = torch.Generator().manual_seed(H + S)
+    D, L, layer, slots = 48, 3, 1, S + 4
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(dtype)
+    x, wq, wk, wv, wo = rand(1, D), rand(H * hd, D), rand(Hkv * hd, D), rand(Hkv * hd, D), rand(D, H * hd)
+    q_norm, k_norm = RMSNorm(hd, 1e-6).to(dtype), RMSNorm(hd, 1e-6).to(dtype)
+    with torch.no_grad():
+        q_norm.weight.uniform_(0.5, 1.5, generator=g)
+        k_norm.weight.uniform_(0.5, 1.5, generator=g)
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, hd, 2).float() / hd))
+    cos, sin = rope_cos_sin(inv_freq, 1.0, torch.tensor([[slot + 3]]), dtype)  # [1, 1, hd]
+    cache_k, cache_v = rand(L, 1, Hkv, slots, hd), rand(L, 1, Hkv, slots, hd)
+    mask = torch.rand(1, 1, 1, S, generator=g) < 0.7
+    mask[..., slot] = True  # the token itself
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    got = torch.ops.moebench_cpu.attention_decode(x, wq, wk, wv, q_norm.weight, k_norm.weight, 1e-6, cos.reshape(-1),
+                                                  sin.reshape(-1), cache_k, cache_v, layer, torch.tensor([slot]),
+                                                  mask, hd**-0.5, wo)
+    with torch.no_grad():  # the model's own blocks, eager
+        q = apply_rope(q_norm(F.linear(x, wq).view(1, 1, H, hd)).transpose(1, 2), cos, sin)
+        k = apply_rope(k_norm(F.linear(x, wk).view(1, 1, Hkv, hd)).transpose(1, 2), cos, sin)
+        want_k[layer, :, :, slot], want_v[layer, :, :, slot] = k[:, :, 0], F.linear(x, wv).view(1, Hkv, hd)
+        keys, values = want_k[layer, :, :, :S].float(), want_v[layer, :, :, :S].float()
+        o = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, scale=hd**-0.5,
+                                           enable_gqa=H != Hkv).to(dtype)
+        want = F.linear(o.transpose(1, 2).reshape(1, H * hd), wo)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(cache_k, want_k, **tol)  # the slot written, the rest untouched
+    torch.testing.assert_close(cache_v, want_v, **tol)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(RuntimeError, match="outside the mask's slots"):
+        torch.ops.moebench_cpu.attention_decode(x, wq, wk, wv, q_norm.weight, k_norm.weight, 1e-6, cos.reshape(-1),
+                                                sin.reshape(-1), cache_k, cache_v, layer, torch.tensor([S]), mask,
+                                                hd**-0.5, wo)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -183,7 +225,7 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     with torch.profiler.profile() as prof:
         tokens, logits = compiled.greedy(prompt, mask, 6)
     names = {e.name for e in prof.events()}
-    assert {"moebench_cpu::moe_route_decode", "moebench_cpu::linear_row", "moebench_cpu::attend_row"} <= names
+    assert {"moebench_cpu::moe_route_decode", "moebench_cpu::linear_row", "moebench_cpu::attention_decode"} <= names
     assert torch.equal(tokens, want_tokens)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(logits, want_logits, **tol)

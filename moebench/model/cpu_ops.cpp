@@ -1,7 +1,7 @@
 // moebench's CPU operators (moebench/model/cpu_ops.py builds this file on first use, with -march=native): those of
 // compiled decode steps, moebench_cpu::linear_row, moe_route_decode (the router, top-k and experts of one token in
-// one parallel region), moe_decode (the experts alone) and attend_row; and attend_block, the attention of a prompt's
-// many queries (below).
+// one parallel region), moe_decode (the experts alone), attention_decode (a token's whole attention block in one
+// parallel region) and attend_row; and attend_block, the attention of a prompt's many queries (below).
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this
@@ -268,8 +268,31 @@ at::Tensor linear_row(const at::Tensor& x_, const at::Tensor& w_) {
   return out;
 }
 
+// One query head against S cache slots (scores, softmax and the weighted sum in float32): qh [hd], the key and value
+// rows kh + s * kstride, vh + s * vstride, mask m[s * mstride] -> o [hd]; p [S], acc [hd]: the caller's scratch.
+template <typename T>
+void attend_head(const T* qh, const T* kh, const T* vh, const bool* m, int64_t S, int64_t hd, int64_t kstride,
+                 int64_t vstride, int64_t mstride, float scale, float* p, float* acc, T* o) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; s++) {
+    if (!m[s * mstride]) continue;
+    p[s] = dot(kh + s * kstride, qh, hd) * scale;
+    top = std::max(top, p[s]);
+  }
+  float total = 0;
+  std::fill(acc, acc + hd, 0.0f);
+  for (int64_t s = 0; s < S; s++) {
+    if (!m[s * mstride]) continue;
+    const float e = std::exp(p[s] - top);
+    total += e;
+    const T* v = vh + s * vstride;
+    for (int64_t d = 0; d < hd; d++) acc[d] += e * load(v + d);
+  }
+  for (int64_t d = 0; d < hd; d++) store(o + d, acc[d] / total);
+}
+
 // One query per row attending to S cache slots: q [B, H, 1, hd], keys and values [B, Hkv, S, hd] (any strides but
-// the last dim's), mask [B, 1, 1, S] -> out [B, H, 1, hd]. Scores, softmax and the weighted sum in float32.
+// the last dim's), mask [B, 1, 1, S] -> out [B, H, 1, hd].
 template <typename T>
 void attend(const T* q, const T* k, const T* v, const bool* mask, int64_t B, int64_t H, int64_t Hkv, int64_t S,
             int64_t hd, const int64_t* qs, const int64_t* ks, const int64_t* vs, const int64_t* ms, float scale,
@@ -280,25 +303,8 @@ void attend(const T* q, const T* k, const T* v, const bool* mask, int64_t B, int
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
       const int64_t b = bh / H, h = bh % H, g = h / (H / Hkv);  // g: the key-value head of query head h
-      const T *qh = q + b * qs[0] + h * qs[1], *kh = k + b * ks[0] + g * ks[1], *vh = v + b * vs[0] + g * vs[1];
-      const bool* mb = mask + b * ms[0];
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; s++) {
-        if (!mb[s * ms[3]]) continue;
-        p[s] = dot(kh + s * ks[2], qh, hd) * scale;
-        top = std::max(top, p[s]);
-      }
-      float total = 0;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t s = 0; s < S; s++) {
-        if (!mb[s * ms[3]]) continue;
-        const float e = std::exp(p[s] - top);
-        total += e;
-        const T* vs_ = vh + s * vs[2];
-        for (int64_t d = 0; d < hd; d++) acc[d] += e * load(vs_ + d);
-      }
-      T* o = out + bh * hd;
-      for (int64_t d = 0; d < hd; d++) store(o + d, acc[d] / total);
+      attend_head(q + b * qs[0] + h * qs[1], k + b * ks[0] + g * ks[1], v + b * vs[0] + g * vs[1], mask + b * ms[0],
+                  S, hd, ks[2], vs[2], ms[3], scale, p.data(), acc.data(), out + bh * hd);
     }
   }
 }
@@ -319,6 +325,103 @@ at::Tensor attend_row(const at::Tensor& q, const at::Tensor& keys, const at::Ten
   by_dtype(q, "attend_row", [&](auto p) {
     attend(p(q), p(keys), p(values), m, B, H, Hkv, S, hd, q.strides().data(), keys.strides().data(),
            values.strides().data(), mask.strides().data(), static_cast<float>(scale), p(out));
+  });
+  return out;
+}
+
+
+// A head's RMSNorm then rotary embedding, rounded as the torch model rounds each operation (T: the weights' dtype):
+// n = x * rsqrt(mean(x^2) + eps) -> T, y = w * n -> T, out = (y * cos -> T) + (rotate_half(y) * sin -> T) -> T.
+template <typename T>
+void norm_rope(const T* x, const T* w, float eps, const T* cos, const T* sin, int64_t hd, float* y, T* out) {
+  float sq = 0;
+  for (int64_t d = 0; d < hd; d++) sq += load(x + d) * load(x + d);
+  const float r = 1.0f / std::sqrt(sq / hd + eps);
+  for (int64_t d = 0; d < hd; d++) y[d] = round_to(load(w + d) * round_to(load(x + d) * r, out), out);
+  const int64_t half = hd / 2;
+  for (int64_t d = 0; d < hd; d++) {
+    const float rot = d < half ? -y[d + half] : y[d - half];
+    store(out + d, round_to(y[d] * load(cos + d), out) + round_to(rot * load(sin + d), out));
+  }
+}
+
+// One token's attention block after its input norm, in one parallel region: q, k, v = x's products with wq, wk, wv;
+// q and k normed per head and rotated; k and v written to the cache's slot; each query head against the cache's
+// first S slots (mask); the heads' outputs through wo -> out [D]. cache_k and cache_v: the layer's [Hkv, slots, hd];
+// qkv: scratch for (H + 2 Hkv) hd elements, o for H hd.
+template <typename T>
+void attention_block(const T* x, const T* wq, const T* wk, const T* wv, const T* q_norm, const T* k_norm, float eps,
+                     const T* cos, const T* sin, T* cache_k, T* cache_v, int64_t slot, int64_t slot_stride,
+                     int64_t head_stride, const bool* mask, int64_t mstride, int64_t S, float scale, const T* wo,
+                     int64_t D, int64_t H, int64_t Hkv, int64_t hd, T* qkv, T* o, T* out) {
+  const int64_t Nq = H * hd, Nkv = Hkv * hd;
+#pragma omp parallel
+  {
+    std::vector<float> p(S), acc(hd);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < Nq + 2 * Nkv; n++) {
+      const T* w = n < Nq ? wq + n * D : n < Nq + Nkv ? wk + (n - Nq) * D : wv + (n - Nq - Nkv) * D;
+      store(qkv + n, dot(w, x, D));
+    }
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < H + 2 * Hkv; j++) {  // each head: q normed and rotated in place, k and v to the cache
+      if (j < H) {
+        norm_rope(qkv + j * hd, q_norm, eps, cos, sin, hd, acc.data(), qkv + j * hd);
+      } else if (j < H + Hkv) {
+        norm_rope(qkv + j * hd, k_norm, eps, cos, sin, hd, acc.data(),
+                  cache_k + (j - H) * head_stride + slot * slot_stride);
+      } else {
+        std::memcpy(cache_v + (j - H - Hkv) * head_stride + slot * slot_stride, qkv + j * hd, hd * sizeof(T));
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t h = 0; h < H; h++) {
+      const int64_t g = h / (H / Hkv);
+      attend_head(qkv + h * hd, cache_k + g * head_stride, cache_v + g * head_stride, mask, S, hd,
+                  slot_stride, slot_stride, mstride, scale, p.data(), acc.data(), o + h * hd);
+    }
+#pragma omp for schedule(static)
+    for (int64_t d = 0; d < D; d++) store(out + d, dot(wo + d * Nq, o, Nq));
+  }
+}
+
+
+at::Tensor attention_decode(const at::Tensor& x_, const at::Tensor& wq_, const at::Tensor& wk_, const at::Tensor& wv_,
+                            const at::Tensor& q_norm_, const at::Tensor& k_norm_, double eps, const at::Tensor& cos_,
+                            const at::Tensor& sin_, at::Tensor& cache_k, at::Tensor& cache_v, int64_t layer,
+                            const at::Tensor& slot, const at::Tensor& mask, double scale, const at::Tensor& wo_) {
+  const char* shapes = "attention_decode: x [1, D], wq [H hd, D], wk and wv [Hkv hd, D], q_norm and k_norm [hd], "
+                       "cos and sin of hd elements, caches [L, 1, Hkv, slots, hd], slot [1], mask [1, 1, 1, S] bool, "
+                       "wo [D, H hd]";
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) == 1 && cache_k.dim() == 5 && cache_k.size(1) == 1 &&
+                  cache_v.sizes() == cache_k.sizes() && slot.numel() == 1 && slot.scalar_type() == at::kLong &&
+                  mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(3) <= cache_k.size(3),
+              shapes);
+  const int64_t D = x_.size(1), hd = cache_k.size(4), Hkv = cache_k.size(2), H = wq_.size(0) / hd;
+  TORCH_CHECK(wq_.dim() == 2 && wq_.size(1) == D && H * hd == wq_.size(0) && H % Hkv == 0 && hd % 2 == 0 &&
+                  wk_.sizes() == wv_.sizes() && wk_.size(0) == Hkv * hd && wk_.size(1) == D && q_norm_.numel() == hd &&
+                  k_norm_.numel() == hd && cos_.numel() == hd && sin_.numel() == hd && wo_.dim() == 2 &&
+                  wo_.size(0) == D && wo_.size(1) == H * hd,
+              shapes);
+  const std::array<const at::Tensor*, 10> same = {&wq_,  &wk_,  &wv_,     &q_norm_, &k_norm_,
+                                                  &cos_, &sin_, &cache_k, &cache_v, &wo_};
+  for (const at::Tensor* t : same)
+    TORCH_CHECK(t->scalar_type() == x_.scalar_type(), "attention_decode: every tensor but slot and mask in x's dtype");
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "attention_decode: contiguous caches");
+  TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "attention_decode: layer out of range");
+  const int64_t s = slot.item<int64_t>();
+  TORCH_CHECK(0 <= s && s < mask.size(3), "attention_decode: the slot lies outside the mask's slots");
+  const at::Tensor x = x_.contiguous(), wq = wq_.contiguous(), wk = wk_.contiguous(), wv = wv_.contiguous(),
+                   q_norm = q_norm_.contiguous(), k_norm = k_norm_.contiguous(), cos = cos_.contiguous(),
+                   sin = sin_.contiguous(), wo = wo_.contiguous();  // (no copies in decode)
+  auto out = at::empty_like(x);
+  auto scratch = at::empty({(2 * H + 2 * Hkv) * hd}, x.options());
+  by_dtype(x, "attention_decode", [&](auto p) {
+    auto qkv = p(scratch);
+    attention_block(p(x), p(wq), p(wk), p(wv), p(q_norm), p(k_norm), static_cast<float>(eps), p(cos), p(sin),
+                    p(cache_k) + layer * cache_k.stride(0), p(cache_v) + layer * cache_v.stride(0), s,
+                    cache_k.stride(3), cache_k.stride(2), mask.data_ptr<bool>(), mask.stride(3), mask.size(3),
+                    static_cast<float>(scale), p(wo), D, H, Hkv, hd, qkv, qkv + (H + 2 * Hkv) * hd, p(out));
   });
   return out;
 }
@@ -600,6 +703,9 @@ TORCH_LIBRARY(moebench_cpu, m) {
   m.def("attend_row(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down) -> Tensor");
   m.def("moe_route_decode(Tensor x, Tensor router, int k, bool norm_topk, Tensor w_gate_up, Tensor w_down) -> Tensor");
+  m.def("attention_decode(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor q_norm, Tensor k_norm, float eps, "
+        "Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slot, Tensor mask, "
+        "float scale, Tensor wo) -> Tensor");
   m.def("linear_row(Tensor x, Tensor w) -> Tensor");
   m.def("attend_block(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("linear_panels(Tensor x, Tensor panels) -> Tensor");
@@ -611,6 +717,7 @@ TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {
   m.impl("moe_route_decode", &moe_route_decode);
   m.impl("linear_row", &linear_row);
   m.impl("attend_row", &attend_row);
+  m.impl("attention_decode", &attention_decode);
   m.impl("attend_block", &attend_block);
   m.impl("linear_panels", &linear_panels);
 }

@@ -1,7 +1,8 @@
 """moebench's CPU operators in C++ (cpu_ops.cpp). In compiled decode steps: moebench_cpu::linear_row (a one-row
 product), moebench_cpu::moe_route_decode (one token's router, top-k and experts in one call; moe_decode: the experts
-alone, behind a submission's router kernel) and moebench_cpu::attend_row (one query a head against the KV cache); in
-prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
+alone, behind a submission's router kernel), moebench_cpu::attention_decode (one token's attention block: projections,
+q/k norms, rotation, the cache's write, attention and output projection in one call) and moebench_cpu::attend_row (one
+query a head against the KV cache, for batches); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
 experts, moebench_cpu::linear_panels (a product of a few dozen rows with the weight packed in panels: `panels`).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
@@ -79,6 +80,7 @@ def load() -> bool:
     torch.library.register_fake("moebench_cpu::moe_route_decode")(_moe_route_decode_fake)
     torch.library.register_fake("moebench_cpu::linear_row")(_linear_row_fake)
     torch.library.register_fake("moebench_cpu::attend_row")(_attend_row_fake)
+    torch.library.register_fake("moebench_cpu::attention_decode")(_attention_decode_fake)
     torch.library.register_fake("moebench_cpu::attend_block")(_attend_block_fake)
     LOADED = True
     return True
@@ -98,6 +100,11 @@ def _linear_row_fake(x, w):
 
 def _attend_row_fake(q, keys, values, mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _attention_decode_fake(x, wq, wk, wv, q_norm, k_norm, eps, cos, sin, cache_k, cache_v, layer, slot, mask, scale,
+                           wo):
+    return torch.empty_like(x)
 
 
 def _attend_block_fake(q, keys, values, mask, scale):

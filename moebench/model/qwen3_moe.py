@@ -123,12 +123,35 @@ class Attention(nn.Module):
         self.decode_kernel = kernel_of(opts, "flash_decoding", "flash_decoding", "flash_decode")
         self.o_kernel = kernel_of(opts, "o_proj", "linear", "linear")
 
+    def _attends_in_cpp(self, x: torch.Tensor, step: StepInputs) -> bool:
+        """True in a compiled CPU graph with the reference's own projections and norms (no kernels, no biases), a
+        boolean mask, and the C++ operators loaded (moebench.model.cpu_ops)."""
+        kernels = (self.qkv_kernel, self.kernel, self.decode_kernel, self.o_kernel, self.q_norm.kernel,
+                   self.k_norm.kernel)
+        projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
+        return (all(k is None for k in kernels) and in_compiled_cpu_graph(x) and step.mask.dtype == torch.bool
+                and untouched(*projections, self.o_proj, self.q_norm, self.k_norm)
+                and all(p.bias is None for p in (*projections, self.o_proj)) and self.q_norm.eps == self.k_norm.eps
+                and cpu_ops.usable(x, self.o_proj.weight))
+
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None):
         """x [B, T, D] -> attention output [B, T, D]. With `norm`, x is the layer's input and is normalised here
         (fused into the QKV kernel when it runs); with `residual`, returns residual + output (fused into the
         output-projection kernel when it runs)."""
         B, T, _ = x.shape
+        if B * T == 1 and self._attends_in_cpp(x, step):
+            # One token in a compiled CPU step: projections, q/k norms, rotation, the cache's write, the attention
+            # and the output projection in one C++ call (moebench.model.cpu_ops).
+            if norm is not None:
+                x = norm(x)
+            wq, wk, wv = (self.qkv_proj.weight.split(self.sizes) if self.fused
+                          else (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+            out = torch.ops.moebench_cpu.attention_decode(
+                x.reshape(1, -1), wq, wk, wv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                cos.reshape(-1), sin.reshape(-1), cache.k, cache.v, self.layer, step.slots, step.mask,
+                self.hd**-0.5, self.o_proj.weight).view(B, T, -1)
+            return out if residual is None else residual + out
         use_qkv_kernel = (self.qkv_kernel is not None and untouched(self.qkv_proj, self.q_norm, self.k_norm)
                           and (norm is None or untouched(norm)))
         if use_qkv_kernel:
