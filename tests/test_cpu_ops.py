@@ -36,6 +36,13 @@ def reference_experts(x, ids, weights, w_gate_up, w_down):
     return out.to(dt)[None]
 
 
+def random_norm(n: int, dtype: torch.dtype, g: torch.Generator) -> RMSNorm:
+    norm = RMSNorm(n, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+    return norm
+
+
 @pytest.fixture(params=[1, 2, 3])
 def threads(request):
     before = torch.get_num_threads()
@@ -66,59 +73,58 @@ def test_moe_decode_matches_the_reference(threads, dtype, D, I, E, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm_topk", [True, False])
 @pytest.mark.parametrize("D, I, E, k", [(64, 32, 8, 2), (72, 40, 5, 3)])
-def test_moe_route_decode_routes_as_the_torch_router(threads, dtype, norm_topk, D, I, E, k):
+def test_moe_route_decode_is_the_torch_moe_block(threads, dtype, norm_topk, D, I, E, k):
     g = torch.Generator().manual_seed(D + k + norm_topk)
     x = torch.randn(1, D, generator=g).to(dtype)
+    norm = random_norm(D, dtype, g)
     router = torch.randn(E, D, generator=g).to(dtype)
     w_gate_up = (torch.randn(E, 2 * I, D, generator=g) / D**0.5).to(dtype)
     w_down = (torch.randn(E, D, I, generator=g) / I**0.5).to(dtype)
-    got = torch.ops.moebench_cpu.moe_route_decode(x, router, k, norm_topk, w_gate_up, w_down)
-    ids, weights = route(F.linear(x, router), k, norm_topk)  # the router's logits rounded to dtype, as decode's
-    want = reference_experts(x, ids, weights, w_gate_up, w_down)
+    got = torch.ops.moebench_cpu.moe_route_decode(x, norm.weight, norm.eps, router, k, norm_topk, w_gate_up, w_down)
+    with torch.no_grad():
+        xn = norm(x)
+        ids, weights = route(F.linear(xn, router), k, norm_topk)  # the router's logits rounded to dtype, as decode's
+        want = x + reference_experts(xn, ids, weights, w_gate_up, w_down)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(RuntimeError, match="1 <= k <= E"):
-        torch.ops.moebench_cpu.moe_route_decode(x, router, E + 1, norm_topk, w_gate_up, w_down)
+        torch.ops.moebench_cpu.moe_route_decode(x, norm.weight, norm.eps, router, E + 1, norm_topk, w_gate_up, w_down)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, Hkv, hd, S, slot", [(4, 2, 16, 9, 6), (6, 6, 8, 5, 4), (8, 2, 32, 40, 0)])
-def test_attention_decode_matches_the_torch_block(threads, dtype, H, Hkv, hd, S, slot):
+def test_attention_decode_is_the_torch_attention_block(threads, dtype, H, Hkv, hd, S, slot):
     g = torch.Generator().manual_seed(H + S)
     D, L, layer, slots = 48, 3, 1, S + 4
 
     def rand(*shape):
         return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(dtype)
-    x, wq, wk, wv, wo = rand(1, D), rand(H * hd, D), rand(Hkv * hd, D), rand(Hkv * hd, D), rand(D, H * hd)
-    q_norm, k_norm = RMSNorm(hd, 1e-6).to(dtype), RMSNorm(hd, 1e-6).to(dtype)
-    with torch.no_grad():
-        q_norm.weight.uniform_(0.5, 1.5, generator=g)
-        k_norm.weight.uniform_(0.5, 1.5, generator=g)
+    x, wq, wk, wv, wo = rand(1, D) * 5, rand(H * hd, D), rand(Hkv * hd, D), rand(Hkv * hd, D), rand(D, H * hd)
+    norm, q_norm, k_norm = random_norm(D, dtype, g), random_norm(hd, dtype, g), random_norm(hd, dtype, g)
     inv_freq = 1.0 / (1e4 ** (torch.arange(0, hd, 2).float() / hd))
     cos, sin = rope_cos_sin(inv_freq, 1.0, torch.tensor([[slot + 3]]), dtype)  # [1, 1, hd]
     cache_k, cache_v = rand(L, 1, Hkv, slots, hd), rand(L, 1, Hkv, slots, hd)
     mask = torch.rand(1, 1, 1, S, generator=g) < 0.7
     mask[..., slot] = True  # the token itself
     want_k, want_v = cache_k.clone(), cache_v.clone()
-    got = torch.ops.moebench_cpu.attention_decode(x, wq, wk, wv, q_norm.weight, k_norm.weight, 1e-6, cos.reshape(-1),
-                                                  sin.reshape(-1), cache_k, cache_v, layer, torch.tensor([slot]),
-                                                  mask, hd**-0.5, wo)
+    args = (x, norm.weight, norm.eps, wq, wk, wv, q_norm.weight, k_norm.weight, 1e-6, cos.reshape(-1), sin.reshape(-1),
+            cache_k, cache_v, layer)
+    got = torch.ops.moebench_cpu.attention_decode(*args, torch.tensor([slot]), mask, hd**-0.5, wo)
     with torch.no_grad():  # the model's own blocks, eager
-        q = apply_rope(q_norm(F.linear(x, wq).view(1, 1, H, hd)).transpose(1, 2), cos, sin)
-        k = apply_rope(k_norm(F.linear(x, wk).view(1, 1, Hkv, hd)).transpose(1, 2), cos, sin)
-        want_k[layer, :, :, slot], want_v[layer, :, :, slot] = k[:, :, 0], F.linear(x, wv).view(1, Hkv, hd)
+        xn = norm(x)
+        q = apply_rope(q_norm(F.linear(xn, wq).view(1, 1, H, hd)).transpose(1, 2), cos, sin)
+        k = apply_rope(k_norm(F.linear(xn, wk).view(1, 1, Hkv, hd)).transpose(1, 2), cos, sin)
+        want_k[layer, :, :, slot], want_v[layer, :, :, slot] = k[:, :, 0], F.linear(xn, wv).view(1, Hkv, hd)
         keys, values = want_k[layer, :, :, :S].float(), want_v[layer, :, :, :S].float()
         o = F.scaled_dot_product_attention(q.float(), keys, values, attn_mask=mask, scale=hd**-0.5,
                                            enable_gqa=H != Hkv).to(dtype)
-        want = F.linear(o.transpose(1, 2).reshape(1, H * hd), wo)
+        want = x + F.linear(o.transpose(1, 2).reshape(1, H * hd), wo)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(cache_k, want_k, **tol)  # the slot written, the rest untouched
     torch.testing.assert_close(cache_v, want_v, **tol)
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(RuntimeError, match="outside the mask's slots"):
-        torch.ops.moebench_cpu.attention_decode(x, wq, wk, wv, q_norm.weight, k_norm.weight, 1e-6, cos.reshape(-1),
-                                                sin.reshape(-1), cache_k, cache_v, layer, torch.tensor([S]), mask,
-                                                hd**-0.5, wo)
+        torch.ops.moebench_cpu.attention_decode(*args, torch.tensor([S]), mask, hd**-0.5, wo)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

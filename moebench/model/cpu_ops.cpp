@@ -1,7 +1,7 @@
 // moebench's CPU operators (moebench/model/cpu_ops.py builds this file on first use, with -march=native): those of
-// compiled decode steps, moebench_cpu::linear_row, moe_route_decode (the router, top-k and experts of one token in
-// one parallel region), moe_decode (the experts alone), attention_decode (a token's whole attention block in one
-// parallel region) and attend_row; and attend_block, the attention of a prompt's many queries (below).
+// compiled decode steps, moebench_cpu::linear_row, moe_route_decode (one token's whole MoE block, its norm and
+// residual add included, in one parallel region), moe_decode (the experts alone), attention_decode (the same for the
+// attention block) and attend_row; and attend_block, the attention of a prompt's many queries (below).
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this
@@ -118,11 +118,12 @@ void by_dtype(const at::Tensor& t, const char* op, F f) {
 
 inline float silu_mul(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * up; }
 
-// x [D], ids [k], weights [k], w_gate_up [E, 2I, D], w_down [E, D, I] -> out [D]; scratch: k * (3I + D) floats.
-// Called by every thread of a parallel region (its loops are shared among them).
+// x [D], ids [k], weights [k], w_gate_up [E, 2I, D], w_down [E, D, I] -> out [D] (plus residual [D] unless null, the
+// experts' sum rounded first); scratch: k * (3I + D) floats. Called by every thread of a parallel region (its loops
+// are shared among them).
 template <typename T>
 void experts(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w_gate_up, const T* w_down,
-             int64_t D, int64_t I, float* scratch, T* out) {
+             int64_t D, int64_t I, float* scratch, T* out, const T* residual = nullptr) {
   T* gu = reinterpret_cast<T*>(scratch);  // [k, 2I], then h [k, I], in T
   T* h = gu + k * 2 * I;
   float* y = scratch + k * 3 * I;  // [k, D]: each expert's weighted output
@@ -158,7 +159,7 @@ void experts(const T* x, const int64_t* ids, const T* weights, int64_t k, const 
   for (int64_t d = 0; d < D; d++) {  // the k experts' sum, in float32
     float acc = 0;
     for (int64_t j = 0; j < k; j++) acc += y[j * D + d];
-    store(out + d, acc);
+    store(out + d, residual == nullptr ? acc : load(residual + d) + round_to(acc, out));
   }
 }
 
@@ -167,6 +168,25 @@ void moe(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w
          int64_t D, int64_t I, float* scratch, T* out) {
 #pragma omp parallel
   experts(x, ids, weights, k, w_gate_up, w_down, D, I, scratch, out);
+}
+
+// RMSNorm of n elements, rounded as the torch model rounds it (T: x's dtype): x * rsqrt(mean(x^2) + eps) -> T, then
+// times w -> T; the result as floats.
+template <typename T>
+void rms_norm(const T* x, const T* w, float eps, int64_t n, float* out) {
+  float sq = 0;
+  for (int64_t i = 0; i < n; i++) sq += load(x + i) * load(x + i);
+  const float r = 1.0f / std::sqrt(sq / n + eps);
+  for (int64_t i = 0; i < n; i++) out[i] = round_to(load(w + i) * round_to(load(x + i) * r, x), x);
+}
+
+// The layer's input x [D] through its RMSNorm (weight w) into this thread's buffer xn, in T.
+template <typename T>
+void normed(const T* x, const T* w, float eps, int64_t D, std::vector<float>& tmp, std::vector<T>& xn) {
+  tmp.resize(D);
+  xn.resize(D);
+  rms_norm(x, w, eps, D, tmp.data());
+  for (int64_t d = 0; d < D; d++) store(xn.data() + d, tmp[d]);
 }
 
 // The router's choice for one token, as moebench.model.moe.route: logits [E] (already rounded to T) -> the k largest
@@ -191,20 +211,24 @@ void route(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* i
   }
 }
 
-// One token's MoE block: the router's product x [D] . router [E, D], route(), then experts(), in one parallel
-// region (a compiled decode step's router product, softmax, top-k and experts otherwise take four calls).
+// One token's MoE block with its norm and residual: xn = rms_norm(x), the router's product xn [D] . router [E, D],
+// route(), then x + experts(xn), in one parallel region (in Inductor's graph: a norm, the router's product, softmax,
+// top-k, the experts and the add).
 template <typename T>
-void moe_routed(const T* x, const T* router, int64_t E, int64_t k, bool norm_topk, const T* w_gate_up,
-                const T* w_down, int64_t D, int64_t I, float* logits, float* scratch, T* out) {
+void moe_routed(const T* x, const T* norm, float eps, const T* router, int64_t E, int64_t k, bool norm_topk,
+                const T* w_gate_up, const T* w_down, int64_t D, int64_t I, float* logits, float* scratch, T* out) {
 #pragma omp parallel
   {
+    std::vector<float> tmp;
+    std::vector<T> xn;
+    normed(x, norm, eps, D, tmp, xn);  // every thread its own copy: no wait
 #pragma omp for schedule(static)
-    for (int64_t e = 0; e < E; e++) logits[e] = round_to(dot(router + e * D, x, D), out);
+    for (int64_t e = 0; e < E; e++) logits[e] = round_to(dot(router + e * D, xn.data(), D), out);
     // Every thread routes (the same numbers, in its own arrays): no second wait.
     std::vector<int64_t> ids(k);
     std::vector<T> weights(k);
     route(logits, E, k, norm_topk, ids.data(), weights.data());
-    experts(x, ids.data(), weights.data(), k, w_gate_up, w_down, D, I, scratch, out);
+    experts(xn.data(), ids.data(), weights.data(), k, w_gate_up, w_down, D, I, scratch, out, x);
   }
 }
 
@@ -229,14 +253,15 @@ at::Tensor moe_decode(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   return out;
 }
 
-at::Tensor moe_route_decode(const at::Tensor& x_, const at::Tensor& router_, int64_t k, bool norm_topk,
-                            const at::Tensor& w_gate_up_, const at::Tensor& w_down_) {
-  TORCH_CHECK(x_.dim() == 2 && x_.size(0) == 1, "moe_route_decode: one token, x [1, D]");
+at::Tensor moe_route_decode(const at::Tensor& x_, const at::Tensor& norm_, double eps, const at::Tensor& router_,
+                            int64_t k, bool norm_topk, const at::Tensor& w_gate_up_, const at::Tensor& w_down_) {
+  TORCH_CHECK(x_.dim() == 2 && x_.size(0) == 1 && norm_.numel() == x_.size(1),
+              "moe_route_decode: one token, x [1, D], norm [D]");
   TORCH_CHECK(x_.scalar_type() == router_.scalar_type() && x_.scalar_type() == w_gate_up_.scalar_type() &&
-                  x_.scalar_type() == w_down_.scalar_type(),
-              "moe_route_decode: x, the router and the experts' weights share one dtype");
-  const at::Tensor x = x_.contiguous(), router = router_.contiguous(), w_gate_up = w_gate_up_.contiguous(),
-                   w_down = w_down_.contiguous();  // (no copies in decode)
+                  x_.scalar_type() == w_down_.scalar_type() && x_.scalar_type() == norm_.scalar_type(),
+              "moe_route_decode: x, the norm, the router and the experts' weights share one dtype");
+  const at::Tensor x = x_.contiguous(), norm = norm_.contiguous(), router = router_.contiguous(),
+                   w_gate_up = w_gate_up_.contiguous(), w_down = w_down_.contiguous();  // (no copies in decode)
   const int64_t D = x.size(1), I = w_down.size(2), E = w_gate_up.size(0);
   TORCH_CHECK(router.dim() == 2 && router.size(0) == E && router.size(1) == D && w_gate_up.size(1) == 2 * I &&
                   w_gate_up.size(2) == D && w_down.size(0) == E && w_down.size(1) == D,
@@ -246,7 +271,8 @@ at::Tensor moe_route_decode(const at::Tensor& x_, const at::Tensor& router_, int
   auto scratch = at::empty({E + k * (3 * I + D)}, x.options().dtype(at::kFloat));
   float* logits = scratch.data_ptr<float>();
   by_dtype(x, "moe_route_decode", [&](auto p) {
-    moe_routed(p(x), p(router), E, k, norm_topk, p(w_gate_up), p(w_down), D, I, logits, logits + E, p(out));
+    moe_routed(p(x), p(norm), static_cast<float>(eps), p(router), E, k, norm_topk, p(w_gate_up), p(w_down), D, I,
+               logits, logits + E, p(out));
   });
   return out;
 }
@@ -334,10 +360,7 @@ at::Tensor attend_row(const at::Tensor& q, const at::Tensor& keys, const at::Ten
 // n = x * rsqrt(mean(x^2) + eps) -> T, y = w * n -> T, out = (y * cos -> T) + (rotate_half(y) * sin -> T) -> T.
 template <typename T>
 void norm_rope(const T* x, const T* w, float eps, const T* cos, const T* sin, int64_t hd, float* y, T* out) {
-  float sq = 0;
-  for (int64_t d = 0; d < hd; d++) sq += load(x + d) * load(x + d);
-  const float r = 1.0f / std::sqrt(sq / hd + eps);
-  for (int64_t d = 0; d < hd; d++) y[d] = round_to(load(w + d) * round_to(load(x + d) * r, out), out);
+  rms_norm(x, w, eps, hd, y);
   const int64_t half = hd / 2;
   for (int64_t d = 0; d < hd; d++) {
     const float rot = d < half ? -y[d + half] : y[d - half];
@@ -345,23 +368,26 @@ void norm_rope(const T* x, const T* w, float eps, const T* cos, const T* sin, in
   }
 }
 
-// One token's attention block after its input norm, in one parallel region: q, k, v = x's products with wq, wk, wv;
-// q and k normed per head and rotated; k and v written to the cache's slot; each query head against the cache's
-// first S slots (mask); the heads' outputs through wo -> out [D]. cache_k and cache_v: the layer's [Hkv, slots, hd];
-// qkv: scratch for (H + 2 Hkv) hd elements, o for H hd.
+// One token's attention block with its norm and residual, in one parallel region: xn = rms_norm(x); q, k, v = xn's
+// products with wq, wk, wv; q and k normed per head and rotated; k and v written to the cache's slot; each query head
+// against the cache's first S slots (mask); out [D] = x + the heads' outputs through wo. cache_k and cache_v: the
+// layer's [Hkv, slots, hd]; qkv: scratch for (H + 2 Hkv) hd elements, o for H hd.
 template <typename T>
-void attention_block(const T* x, const T* wq, const T* wk, const T* wv, const T* q_norm, const T* k_norm, float eps,
-                     const T* cos, const T* sin, T* cache_k, T* cache_v, int64_t slot, int64_t slot_stride,
-                     int64_t head_stride, const bool* mask, int64_t mstride, int64_t S, float scale, const T* wo,
-                     int64_t D, int64_t H, int64_t Hkv, int64_t hd, T* qkv, T* o, T* out) {
+void attention_block(const T* x, const T* norm, float norm_eps, const T* wq, const T* wk, const T* wv,
+                     const T* q_norm, const T* k_norm, float eps, const T* cos, const T* sin, T* cache_k, T* cache_v,
+                     int64_t slot, int64_t slot_stride, int64_t head_stride, const bool* mask, int64_t mstride,
+                     int64_t S, float scale, const T* wo, int64_t D, int64_t H, int64_t Hkv, int64_t hd, T* qkv, T* o,
+                     T* out) {
   const int64_t Nq = H * hd, Nkv = Hkv * hd;
 #pragma omp parallel
   {
-    std::vector<float> p(S), acc(hd);
+    std::vector<float> p(S), acc(hd), tmp;
+    std::vector<T> xn;
+    normed(x, norm, norm_eps, D, tmp, xn);  // every thread its own copy: no wait
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < Nq + 2 * Nkv; n++) {
       const T* w = n < Nq ? wq + n * D : n < Nq + Nkv ? wk + (n - Nq) * D : wv + (n - Nq - Nkv) * D;
-      store(qkv + n, dot(w, x, D));
+      store(qkv + n, dot(w, xn.data(), D));
     }
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < H + 2 * Hkv; j++) {  // each head: q normed and rotated in place, k and v to the cache
@@ -381,18 +407,19 @@ void attention_block(const T* x, const T* wq, const T* wk, const T* wv, const T*
                   slot_stride, slot_stride, mstride, scale, p.data(), acc.data(), o + h * hd);
     }
 #pragma omp for schedule(static)
-    for (int64_t d = 0; d < D; d++) store(out + d, dot(wo + d * Nq, o, Nq));
+    for (int64_t d = 0; d < D; d++) store(out + d, load(x + d) + round_to(dot(wo + d * Nq, o, Nq), out));
   }
 }
 
 
-at::Tensor attention_decode(const at::Tensor& x_, const at::Tensor& wq_, const at::Tensor& wk_, const at::Tensor& wv_,
-                            const at::Tensor& q_norm_, const at::Tensor& k_norm_, double eps, const at::Tensor& cos_,
+at::Tensor attention_decode(const at::Tensor& x_, const at::Tensor& norm_, double norm_eps, const at::Tensor& wq_,
+                            const at::Tensor& wk_, const at::Tensor& wv_, const at::Tensor& q_norm_,
+                            const at::Tensor& k_norm_, double eps, const at::Tensor& cos_,
                             const at::Tensor& sin_, at::Tensor& cache_k, at::Tensor& cache_v, int64_t layer,
                             const at::Tensor& slot, const at::Tensor& mask, double scale, const at::Tensor& wo_) {
-  const char* shapes = "attention_decode: x [1, D], wq [H hd, D], wk and wv [Hkv hd, D], q_norm and k_norm [hd], "
-                       "cos and sin of hd elements, caches [L, 1, Hkv, slots, hd], slot [1], mask [1, 1, 1, S] bool, "
-                       "wo [D, H hd]";
+  const char* shapes = "attention_decode: x [1, D], norm [D], wq [H hd, D], wk and wv [Hkv hd, D], q_norm and "
+                       "k_norm [hd], cos and sin of hd elements, caches [L, 1, Hkv, slots, hd], slot [1], "
+                       "mask [1, 1, 1, S] bool, wo [D, H hd]";
   TORCH_CHECK(x_.dim() == 2 && x_.size(0) == 1 && cache_k.dim() == 5 && cache_k.size(1) == 1 &&
                   cache_v.sizes() == cache_k.sizes() && slot.numel() == 1 && slot.scalar_type() == at::kLong &&
                   mask.dim() == 4 && mask.scalar_type() == at::kBool && mask.size(3) <= cache_k.size(3),
@@ -401,26 +428,27 @@ at::Tensor attention_decode(const at::Tensor& x_, const at::Tensor& wq_, const a
   TORCH_CHECK(wq_.dim() == 2 && wq_.size(1) == D && H * hd == wq_.size(0) && H % Hkv == 0 && hd % 2 == 0 &&
                   wk_.sizes() == wv_.sizes() && wk_.size(0) == Hkv * hd && wk_.size(1) == D && q_norm_.numel() == hd &&
                   k_norm_.numel() == hd && cos_.numel() == hd && sin_.numel() == hd && wo_.dim() == 2 &&
-                  wo_.size(0) == D && wo_.size(1) == H * hd,
+                  wo_.size(0) == D && wo_.size(1) == H * hd && norm_.numel() == D,
               shapes);
-  const std::array<const at::Tensor*, 10> same = {&wq_,  &wk_,  &wv_,     &q_norm_, &k_norm_,
-                                                  &cos_, &sin_, &cache_k, &cache_v, &wo_};
+  const std::array<const at::Tensor*, 11> same = {&norm_, &wq_,     &wk_,     &wv_,     &q_norm_, &k_norm_,
+                                                  &cos_,  &sin_,    &cache_k, &cache_v, &wo_};
   for (const at::Tensor* t : same)
     TORCH_CHECK(t->scalar_type() == x_.scalar_type(), "attention_decode: every tensor but slot and mask in x's dtype");
   TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "attention_decode: contiguous caches");
   TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "attention_decode: layer out of range");
   const int64_t s = slot.item<int64_t>();
   TORCH_CHECK(0 <= s && s < mask.size(3), "attention_decode: the slot lies outside the mask's slots");
-  const at::Tensor x = x_.contiguous(), wq = wq_.contiguous(), wk = wk_.contiguous(), wv = wv_.contiguous(),
-                   q_norm = q_norm_.contiguous(), k_norm = k_norm_.contiguous(), cos = cos_.contiguous(),
-                   sin = sin_.contiguous(), wo = wo_.contiguous();  // (no copies in decode)
+  const at::Tensor x = x_.contiguous(), norm = norm_.contiguous(), wq = wq_.contiguous(), wk = wk_.contiguous(),
+                   wv = wv_.contiguous(), q_norm = q_norm_.contiguous(), k_norm = k_norm_.contiguous(),
+                   cos = cos_.contiguous(), sin = sin_.contiguous(), wo = wo_.contiguous();  // (no copies in decode)
   auto out = at::empty_like(x);
   auto scratch = at::empty({(2 * H + 2 * Hkv) * hd}, x.options());
   by_dtype(x, "attention_decode", [&](auto p) {
     auto qkv = p(scratch);
-    attention_block(p(x), p(wq), p(wk), p(wv), p(q_norm), p(k_norm), static_cast<float>(eps), p(cos), p(sin),
-                    p(cache_k) + layer * cache_k.stride(0), p(cache_v) + layer * cache_v.stride(0), s,
-                    cache_k.stride(3), cache_k.stride(2), mask.data_ptr<bool>(), mask.stride(3), mask.size(3),
+    attention_block(p(x), p(norm), static_cast<float>(norm_eps), p(wq), p(wk), p(wv), p(q_norm), p(k_norm),
+                    static_cast<float>(eps), p(cos), p(sin), p(cache_k) + layer * cache_k.stride(0),
+                    p(cache_v) + layer * cache_v.stride(0), s, cache_k.stride(3), cache_k.stride(2),
+                    mask.data_ptr<bool>(), mask.stride(3), mask.size(3),
                     static_cast<float>(scale), p(wo), D, H, Hkv, hd, qkv, qkv + (H + 2 * Hkv) * hd, p(out));
   });
   return out;
@@ -702,10 +730,11 @@ int64_t panel_width() { return NB; }
 TORCH_LIBRARY(moebench_cpu, m) {
   m.def("attend_row(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor w_gate_up, Tensor w_down) -> Tensor");
-  m.def("moe_route_decode(Tensor x, Tensor router, int k, bool norm_topk, Tensor w_gate_up, Tensor w_down) -> Tensor");
-  m.def("attention_decode(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor q_norm, Tensor k_norm, float eps, "
-        "Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slot, Tensor mask, "
-        "float scale, Tensor wo) -> Tensor");
+  m.def("moe_route_decode(Tensor x, Tensor norm, float eps, Tensor router, int k, bool norm_topk, Tensor w_gate_up, "
+        "Tensor w_down) -> Tensor");
+  m.def("attention_decode(Tensor x, Tensor norm, float norm_eps, Tensor wq, Tensor wk, Tensor wv, Tensor q_norm, "
+        "Tensor k_norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, "
+        "Tensor slot, Tensor mask, float scale, Tensor wo) -> Tensor");
   m.def("linear_row(Tensor x, Tensor w) -> Tensor");
   m.def("attend_block(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("linear_panels(Tensor x, Tensor panels) -> Tensor");

@@ -1,8 +1,8 @@
 """moebench's CPU operators in C++ (cpu_ops.cpp). In compiled decode steps: moebench_cpu::linear_row (a one-row
-product), moebench_cpu::moe_route_decode (one token's router, top-k and experts in one call; moe_decode: the experts
-alone, behind a submission's router kernel), moebench_cpu::attention_decode (one token's attention block: projections,
-q/k norms, rotation, the cache's write, attention and output projection in one call) and moebench_cpu::attend_row (one
-query a head against the KV cache, for batches); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
+product), moebench_cpu::moe_route_decode (one token's MoE block: norm, router, top-k, experts and residual add in one
+call; moe_decode: the experts alone, behind a submission's router kernel), moebench_cpu::attention_decode (one token's
+attention block: norm, projections, q/k norms, rotation, the cache's write, attention, output projection and residual
+add in one call) and moebench_cpu::attend_row (one query a head against the KV cache, for batches); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
 experts, moebench_cpu::linear_panels (a product of a few dozen rows with the weight packed in panels: `panels`).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
@@ -90,7 +90,7 @@ def _moe_decode_fake(x, ids, weights, w_gate_up, w_down):
     return torch.empty_like(x)
 
 
-def _moe_route_decode_fake(x, router, k, norm_topk, w_gate_up, w_down):
+def _moe_route_decode_fake(x, norm, eps, router, k, norm_topk, w_gate_up, w_down):
     return torch.empty_like(x)
 
 
@@ -102,8 +102,8 @@ def _attend_row_fake(q, keys, values, mask, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _attention_decode_fake(x, wq, wk, wv, q_norm, k_norm, eps, cos, sin, cache_k, cache_v, layer, slot, mask, scale,
-                           wo):
+def _attention_decode_fake(x, norm, norm_eps, wq, wk, wv, q_norm, k_norm, eps, cos, sin, cache_k, cache_v, layer, slot,
+                           mask, scale, wo):
     return torch.empty_like(x)
 
 

@@ -123,11 +123,13 @@ class Attention(nn.Module):
         self.decode_kernel = kernel_of(opts, "flash_decoding", "flash_decoding", "flash_decode")
         self.o_kernel = kernel_of(opts, "o_proj", "linear", "linear")
 
-    def _attends_in_cpp(self, x: torch.Tensor, step: StepInputs) -> bool:
-        """True in a compiled CPU graph with the reference's own projections and norms (no kernels, no biases), a
-        boolean mask, and the C++ operators loaded (moebench.model.cpu_ops)."""
+    def _attends_in_cpp(self, x: torch.Tensor, step: StepInputs, norm: RMSNorm | None) -> bool:
+        """True in a compiled CPU graph with the reference's own input norm, projections and q/k norms (no kernels,
+        no biases), a boolean mask, and the C++ operators loaded (moebench.model.cpu_ops)."""
+        if norm is None or type(norm) is not RMSNorm:
+            return False
         kernels = (self.qkv_kernel, self.kernel, self.decode_kernel, self.o_kernel, self.q_norm.kernel,
-                   self.k_norm.kernel)
+                   self.k_norm.kernel, norm.kernel)
         projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
         return (all(k is None for k in kernels) and in_compiled_cpu_graph(x) and step.mask.dtype == torch.bool
                 and untouched(*projections, self.o_proj, self.q_norm, self.k_norm)
@@ -140,18 +142,15 @@ class Attention(nn.Module):
         (fused into the QKV kernel when it runs); with `residual`, returns residual + output (fused into the
         output-projection kernel when it runs)."""
         B, T, _ = x.shape
-        if B * T == 1 and self._attends_in_cpp(x, step):
-            # One token in a compiled CPU step: projections, q/k norms, rotation, the cache's write, the attention
-            # and the output projection in one C++ call (moebench.model.cpu_ops).
-            if norm is not None:
-                x = norm(x)
+        if B * T == 1 and residual is x and self._attends_in_cpp(x, step, norm):
+            # One token in a compiled CPU step: the input norm, projections, q/k norms, rotation, the cache's write,
+            # the attention, the output projection and the residual add in one C++ call (moebench.model.cpu_ops).
             wq, wk, wv = (self.qkv_proj.weight.split(self.sizes) if self.fused
                           else (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-            out = torch.ops.moebench_cpu.attention_decode(
-                x.reshape(1, -1), wq, wk, wv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
-                cos.reshape(-1), sin.reshape(-1), cache.k, cache.v, self.layer, step.slots, step.mask,
-                self.hd**-0.5, self.o_proj.weight).view(B, T, -1)
-            return out if residual is None else residual + out
+            return torch.ops.moebench_cpu.attention_decode(
+                x.reshape(1, -1), norm.weight, norm.eps, wq, wk, wv, self.q_norm.weight, self.k_norm.weight,
+                self.q_norm.eps, cos.reshape(-1), sin.reshape(-1), cache.k, cache.v, self.layer, step.slots,
+                step.mask, self.hd**-0.5, self.o_proj.weight).view(B, T, -1)
         use_qkv_kernel = (self.qkv_kernel is not None and untouched(self.qkv_proj, self.q_norm, self.k_norm)
                           and (norm is None or untouched(norm)))
         if use_qkv_kernel:
@@ -267,10 +266,12 @@ class SparseMoE(nn.Module):
         if self.quantized_kernel is not None and type(self).forward is SparseMoE.forward:
             self.experts.quantize(self.qdtype)
 
-    def _routed_in_cpp(self, flat: torch.Tensor) -> bool:
-        """True for one token in a compiled CPU graph with the plain router and experts (no kernels) and the C++
-        operators loaded (moebench.model.cpu_ops)."""
-        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel)
+    def _routed_in_cpp(self, flat: torch.Tensor, norm: RMSNorm | None) -> bool:
+        """True for one token in a compiled CPU graph with the reference's own norm, router and experts (no kernels)
+        and the C++ operators loaded (moebench.model.cpu_ops)."""
+        if norm is None or type(norm) is not RMSNorm:
+            return False
+        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel, norm.kernel)
         return (flat.shape[0] == 1 and all(k is None for k in kernels) and in_compiled_cpu_graph(flat)
                 and type(self.gate) is nn.Linear and self.gate.bias is None and cpu_ops.usable(flat, self.gate.weight)
                 and cpu_ops.usable(flat, self.experts.gate_up_proj))
@@ -279,16 +280,17 @@ class SparseMoE(nn.Module):
         """x [B, T, D] -> [B, T, D]; norm and residual as in Attention.forward."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
+        if residual is x and self._routed_in_cpp(flat, norm):
+            # One token in a compiled CPU step: the norm, the router's product, softmax, top-k, the experts and the
+            # residual add in one C++ call (moebench.model.cpu_ops).
+            return torch.ops.moebench_cpu.moe_route_decode(
+                flat, norm.weight, norm.eps, self.gate.weight, self.k, self.norm_topk_prob, self.experts.gate_up_proj,
+                self.experts.down_proj).view(B, T, D)
         xq = x_scale = None
         if norm is not None and self.norm_quantize is not None and untouched(norm):
             flat, xq, x_scale = self.norm_quantize(flat, norm.weight, norm.eps, self.bound, self.qdtype)
         elif norm is not None:
             flat = norm(flat)
-        if self._routed_in_cpp(flat):
-            # One token in a compiled CPU step: the router's product, softmax, top-k and experts in one C++ call.
-            out = torch.ops.moebench_cpu.moe_route_decode(flat, self.gate.weight, self.k, self.norm_topk_prob,
-                                                          self.experts.gate_up_proj, self.experts.down_proj)
-            return residual + out.view(B, T, D) if residual is not None else out.view(B, T, D)
         if self.router_kernel is not None and untouched(self.gate):
             ids, weights = self.router_kernel(flat, self.gate.weight, self.k, self.norm_topk_prob)
         else:
@@ -314,15 +316,15 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg, opts) if cfg.is_moe_layer(layer) else DenseMLP(cfg, opts)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts)
-        self.fuse = bool(opts.kernels)  # kernels may fuse the norms and residual adds into the blocks
 
     def forward(self, x, cos, sin, step, cache):
-        # A block whose forward a submission replaced gets the plain call, as without kernels.
-        if self.fuse and type(self.self_attn).forward is Attention.forward:
+        # The reference's blocks apply the norm and residual add themselves (a kernel or a C++ operator may fuse them
+        # in); a block whose forward a submission replaced gets the plain call.
+        if type(self.self_attn).forward is Attention.forward:
             h = self.self_attn(x, cos, sin, step, cache, norm=self.input_layernorm, residual=x)
         else:
             h = x + self.self_attn(self.input_layernorm(x), cos, sin, step, cache)
-        if self.fuse and type(self.mlp).forward in (SparseMoE.forward, DenseMLP.forward):
+        if type(self.mlp).forward in (SparseMoE.forward, DenseMLP.forward):
             return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
         return h + self.mlp(self.post_attention_layernorm(h))
 
