@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moebench.engine.generator import Engine
-from moebench.model import cpu_ops
+from moebench.model import cpu_ops, moe
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
 from moebench.model.qwen3_moe import RMSNorm
@@ -205,6 +205,23 @@ def test_float32_prompt_experts_run_on_panels(monkeypatch):
     assert "moebench_cpu::linear_panels" in {e.name for e in prof.events()}
     monkeypatch.setattr(cpu_ops, "panels_usable", lambda x, w: False)  # oneDNN's products (or torch's)
     torch.testing.assert_close(got, experts_forward(x, w_gate_up, w_down, ids, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_prompt_experts_widened_run_on_float32_panels(monkeypatch):
+    # Where bfloat16 products are slow (onednn.FAST_BF16 false) a prompt's experts run in float32: on panels packed
+    # from the bfloat16 weights, as oneDNN's float32 products of the same upcast weights would.
+    monkeypatch.setattr(moe, "SLOW_BF16_CPU", True)
+    g = torch.Generator().manual_seed(6)
+    T, D, I, E, k = 64, 64, 48, 4, 2
+    x, w_gate_up, w_down = torch.randn(T, D, generator=g).bfloat16(), \
+        (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16(), (torch.randn(E, D, I, generator=g) / 8).bfloat16()
+    ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).bfloat16()
+    assert cpu_ops.panels(w_down).dtype == torch.float32
+    with torch.profiler.profile() as prof:
+        got = experts_forward(x, w_gate_up, w_down, ids, weights)
+    assert got.dtype == torch.bfloat16 and "moebench_cpu::linear_panels" in {e.name for e in prof.events()}
+    monkeypatch.setattr(cpu_ops, "panels_usable", lambda x, w: False)
+    torch.testing.assert_close(got, experts_forward(x, w_gate_up, w_down, ids, weights), rtol=1e-2, atol=1e-2)
 
 
 def test_bad_inputs_raise_one_clear_error():

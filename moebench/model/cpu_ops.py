@@ -2,8 +2,10 @@
 product), moebench_cpu::moe_route_decode (one token's MoE block: norm, router, top-k, experts and residual add in one
 call; moe_decode: the experts alone, behind a submission's router kernel), moebench_cpu::attention_decode (one token's
 attention block: norm, projections, q/k norms, rotation, the cache's write, attention, output projection and residual
-add in one call) and moebench_cpu::attend_row (one query a head against the KV cache, for batches); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for float32
-experts, moebench_cpu::linear_panels (a product of a few dozen rows with the weight packed in panels: `panels`).
+add in one call) and moebench_cpu::attend_row (one query a head against the KV cache, for batches); in prompts
+(context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for experts computed in float32
+(float32 weights, or bfloat16 ones where moe.in_float32 widens them), moebench_cpu::linear_panels (a product of a few
+dozen rows with the weight packed in float32 panels: `panels`).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
 decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
@@ -119,21 +121,23 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def panels_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """True when linear_panels computes x's float32 products with the weights w [E, N, K] here: eagerly (not while
-    compiling or exporting), on the CPU, N a multiple of the panel width."""
-    return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+    """True when linear_panels computes float32 products of x's rows (float32, or bfloat16 widened) with the weights
+    w [E, N, K] (packed once into float32 panels) here: eagerly (not while compiling or exporting), on the CPU, N a
+    multiple of the panel width."""
+    return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.compiler.is_compiling() and w.shape[-2] % torch.ops.moebench_cpu.panel_width() == 0)
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:
-    """w [E, N, K] float32 -> [E, N / NB, K, NB] for linear_panels: each panel NB output columns, K rows of NB weights
-    (NB: panel_width()), made once per weight, in huge pages where the machine has them (moebench.engine.hugepages: a
-    prompt streams every expert's weights once a layer)."""
+    """w [E, N, K] (float32 or bfloat16) -> float32 [E, N / NB, K, NB] for linear_panels: each panel NB output
+    columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the machine has them
+    (moebench.engine.hugepages: a prompt streams every expert's weights once a layer)."""
     def pack(w):
         E, N, K = w.shape
         nb = torch.ops.moebench_cpu.panel_width()
         layout = w.view(E, N // nb, nb, K).transpose(2, 3)
         huge = hugepages.SUPPORTED and w.numel() * 4 >= hugepages.MIN_BYTES
-        out = hugepages.empty(w.numel() * 4).view(torch.float32) if huge else torch.empty(w.numel())
+        out = hugepages.empty(w.numel() * 4) if huge else torch.empty(w.numel() * 4, dtype=torch.uint8)
+        out = out.view(torch.float32)
         return out.view(layout.shape).copy_(layout)
     return derived(w, "panels", pack)

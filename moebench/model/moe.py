@@ -7,11 +7,11 @@ from moebench.model import cpu_ops, onednn
 
 # Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token.
 
-# A CPU without bfloat16 matrix instructions (no AVX512-BF16 or AMX: AVX2 only) runs torch's bfloat16 GEMM about
-# five times slower than its float32 GEMM. There a product of many rows runs in float32 instead: the inputs upcast
-# exactly, float32 accumulation as in the bfloat16 kernel, the result rounded back to bfloat16. (One-row products,
-# decode's, are bound by reading the weights and stay in bfloat16.)
-SLOW_BF16_CPU = not onednn.NATIVE_BF16
+# A CPU without fast bfloat16 matrix instructions (AVX2 only; Intel's AVX512-BF16 without AMX: onednn.FAST_BF16)
+# runs torch's bfloat16 GEMM 2-5 times slower than its float32 GEMM. There a product of many rows runs in float32
+# instead: the inputs upcast exactly, float32 accumulation as in the bfloat16 kernel, the result rounded back to
+# bfloat16. (One-row products, decode's, are bound by reading the weights and stay in bfloat16.)
+SLOW_BF16_CPU = not onednn.FAST_BF16
 WIDE_ROWS = 16  # rows from which the float32 detour pays for converting the weights
 
 
@@ -80,7 +80,7 @@ def _grouped_mm_supported(x: torch.Tensor, w_down: torch.Tensor) -> bool:
 
 def _expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype):
     """mlp(rows, e): expert e's SwiGLU MLP of rows of x, computed in `dtype` (the result stays in it)."""
-    if cpu_ops.panels_usable(x, w_gate_up) and cpu_ops.panels_usable(x, w_down):  # float32 only
+    if dtype == torch.float32 and cpu_ops.panels_usable(x, w_gate_up) and cpu_ops.panels_usable(x, w_down):
         w1, w2, product = cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down), torch.ops.moebench_cpu.linear_panels
     elif onednn.usable(x, dtype):
         w1, w2, product = onednn.packed(w_gate_up, dtype), onednn.packed(w_down, dtype), onednn.linear
@@ -123,9 +123,9 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
     flat_ids = topk_ids.flatten()  # [T*k]
     order = flat_ids.argsort(stable=True)
     token_of = order // k  # source token of each sorted row
-    xs = x[token_of]  # [T*k, D]
     wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
     dtype = torch.float32 if wide else x.dtype
+    xs = x.to(dtype)[token_of]  # [T*k, D], upcast before the gather: T rows, not T*k
     if _grouped_mm_supported(x, w_down) and not wide and not onednn.usable(x, dtype):
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
             0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))  # tokens per expert, a static shape

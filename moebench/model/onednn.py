@@ -13,8 +13,24 @@ import torch
 from moebench.model.derived import derived
 
 AVAILABLE = torch.backends.mkldnn.is_available()
+
+
+def _vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
 # bfloat16 matrix instructions (AVX512-BF16 or AMX); without them (AVX2 only) oneDNN's bfloat16 products are slow.
 NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+# ... and faster than float32 FMAs: AMX, or AVX512-BF16 on AMD cores (Zen 4 and 5: a vdpbf16ps does twice the work of
+# a float32 FMA in the same time). On Intel cores with AVX512-BF16 but no AMX (an Emerald Rapids VM that hides AMX)
+# vdpbf16ps runs at half the rate of FMAs (79 against 153 GFLOP/s a core; 2048^3 products 141 against 266 GFLOP/s):
+# there many-row bfloat16 products are faster in float32 (moebench.model.moe.in_float32).
+FAST_BF16 = torch.cpu._is_amx_tile_supported() or (
+    torch.cpu._is_avx512_bf16_supported() and _vendor() == "AuthenticAMD")
 
 
 def usable(x: torch.Tensor, dtype: torch.dtype) -> bool:
