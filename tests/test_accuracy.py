@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from moebench.evaluation.accuracy import DEFAULT_TOL_MAP, check_token, validate_logits
+from moebench.evaluation.accuracy import DEFAULT_TOL_MAP, allowed_misses, check_token, validate_logits
+from moebench.evaluation.checked import TimedOutput, spot_check
 
 V = 512
 LOOSE = {None: (1e-5, 0.5)}  # only the divergence rule can fail under this map
@@ -192,3 +193,40 @@ def test_a_small_share_of_failed_tokens_is_allowed_but_nan_never():
     assert loose.passed and "1 of" in loose.summary()
     actual[6, 1, 3] = float("nan")
     assert not validate_logits(PROMPTS, Impl(actual, 3), expected, allowed_fraction=0.5).passed
+
+
+def test_the_allowed_share_of_misses_rounds_up_to_whole_tokens():
+    assert [allowed_misses(0.05, n) for n in (16, 20, 21, 40, 41)] == [1, 1, 2, 2, 3]
+    assert allowed_misses(0.0, 1000) == 0 and allowed_misses(0.05, 0) == 0
+
+
+class ReferenceOf:
+    """A stand-in reference engine: prefill returns fixed logits [T, V] for the columns after the prompt."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def prefill(self, ids, mask, every_column):
+        prompt = ids.shape[1] - self.logits.shape[0] + 1
+        return torch.cat([torch.zeros(prompt - 1, V), self.logits])[None]
+
+
+@pytest.mark.parametrize("misses, fraction, passed", [(0, 0.0, True), (1, 0.0, False), (1, 0.05, True),
+                                                      (2, 0.05, False)])
+def test_spot_check_allows_the_dtypes_share_of_misses_in_whole_tokens(misses, fraction, passed):
+    ref = logits(12, 16).float()
+    tokens = ref.argmax(-1)
+    for t in range(misses):  # a token far below the reference's best
+        tokens[3 + 5 * t] = ref[3 + 5 * t].argmin()
+    out = TimedOutput(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), tokens[None])
+    check = spot_check(ReferenceOf(ref), [out], (0.0, 1 / 16), fraction)
+    assert check["passed"] == passed and check["worst_fraction"] == misses / 16
+    assert passed or "first at token 3" in check["message"]
+
+
+def test_spot_check_fails_on_nan_even_within_the_allowed_misses():
+    ref = logits(13, 16).float()
+    tokens = ref.argmax(-1)
+    ref[4] = float("nan")
+    out = TimedOutput(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), tokens[None])
+    assert not spot_check(ReferenceOf(ref), [out], (0.0, 1 / 16), 0.05)["passed"]
