@@ -13,7 +13,7 @@ from moebench.engine.generator import Engine
 from moebench.model import cpu_ops, moe
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
-from moebench.model.qwen3_moe import RMSNorm
+from moebench.model.qwen3_moe import Qwen3MoeForCausalLM, RMSNorm
 from moebench.model.rope import apply_rope, rope_cos_sin
 
 
@@ -252,6 +252,38 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     assert torch.equal(tokens, want_tokens)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(logits, want_logits, **tol)
+
+
+def test_warm_decode_steps_skip_guards_and_each_engine_keeps_its_graph(one_thread):
+    """Engines of moebench's model check only the guards that tell graphs apart once a step of a kind ran: steps of
+    engines with other dtypes and cache sizes (graphs of one code object), alternated, still run their own graphs.
+    A model with a forward of its own keeps every guard."""
+    prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
+    runs = []
+    for dtype, max_len in [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 24)]:
+        model = random_model(PRESETS["moebench-tiny"], seed=5, dtype=dtype)
+        want = Engine(copy.deepcopy(model), batch=1, max_len=max_len).greedy(prompt, mask, 6)[0]
+        runs.append((want, Engine(model, batch=1, max_len=max_len, compile=True)))
+    for _ in range(2):
+        for want, compiled in runs:
+            assert torch.equal(compiled.greedy(prompt, mask, 6)[0], want)
+    assert all(len(compiled._warm) == 1 for _, compiled in runs)
+
+    class Own(Qwen3MoeForCausalLM):
+        def forward(self, input_ids, step, cache):
+            return super().forward(input_ids, step, cache)
+
+    assert Engine(Own(PRESETS["moebench-tiny"]), batch=1, max_len=16, compile=True)._warm is None
+
+
+def test_the_warm_up_compiles_the_graph_later_steps_run(one_thread):
+    """The compile step's warm-up step and a request's steps are one kind of call: no second graph (the tokens the
+    prefill's argmax gives once made the first request's step compile again)."""
+    engine = Engine(random_model(PRESETS["moebench-tiny"], seed=5), batch=1, max_len=16, compile=True)
+    engine.warm_decode(16)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engine.greedy(torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long), 4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
