@@ -4,6 +4,7 @@ the experts over the threads; compiled decode steps and eager prefills call them
 keeps Inductor's loops and the library's attention."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from moebench.engine.generator import Engine
 from moebench.model import cpu_ops, moe
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
-from moebench.model.qwen3_moe import Qwen3MoeForCausalLM, RMSNorm
+from moebench.model.qwen3_moe import Attention, Qwen3MoeForCausalLM, RMSNorm
 from moebench.model.rope import apply_rope, rope_cos_sin
 
 
@@ -128,6 +129,68 @@ def test_attention_decode_is_the_torch_attention_block(threads, dtype, H, Hkv, h
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, T, H, Hkv", [(1, 13, 4, 2), (2, 5, 6, 6)])
+def test_qk_norm_rope_is_the_torch_model_s_norms_rotation_and_cache_write(threads, dtype, B, T, H, Hkv):
+    g = torch.Generator().manual_seed(T)
+    hd, L, layer, slots = 16, 3, 2, T + 7
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * hd, generator=g).to(dtype)
+    q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)  # a fused projection's views: rows of any stride
+    q_norm, k_norm = random_norm(hd, dtype, g), random_norm(hd, dtype, g)
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, hd, 2).float() / hd))
+    positions = torch.arange(T)[None].repeat(B, 1) + torch.arange(B)[:, None]
+    cos, sin = rope_cos_sin(inv_freq, 1.0, positions, dtype)  # [B, T, hd]
+    at = torch.randperm(slots, generator=g)[:T]  # each token's slot
+    cache_k, cache_v = torch.randn(L, B, Hkv, slots, hd, generator=g).to(dtype), torch.zeros(L, B, Hkv, slots, hd, dtype=dtype)
+    want_k, want_v = cache_k.clone(), cache_v.clone()
+    got = torch.ops.moebench_cpu.qk_norm_rope(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, cache_k,
+                                              cache_v, layer, at)
+    with torch.no_grad():  # the torch model's operations (Attention.forward)
+        want = apply_rope(q_norm(q.reshape(B, T, H, hd)).transpose(1, 2), cos, sin)
+        kr = apply_rope(k_norm(k.reshape(B, T, Hkv, hd)).transpose(1, 2), cos, sin)
+        want_k[layer, :, :, at], want_v[layer, :, :, at] = kr, v.reshape(B, T, Hkv, hd).transpose(1, 2)
+    assert got.shape == (B, H, T, hd)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(cache_k, want_k, **tol)  # the prompt's slots written, the others untouched
+    assert torch.equal(cache_v, want_v)
+    with pytest.raises(RuntimeError, match=f"slot {slots} out of range"):
+        torch.ops.moebench_cpu.qk_norm_rope(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, cache_k,
+                                            cache_v, layer, torch.full((T,), slots))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 48), (37, 768), (3, 20)])
+def test_rms_norm_rows_is_the_torch_rms_norm(threads, dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    norm = random_norm(shape[-1], dtype, g)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    with torch.profiler.profile() as prof, torch.no_grad():
+        got = norm(x)  # several rows, eager, on the CPU: the C++ pass
+    assert "moebench_cpu::rms_norm_rows" in {e.name for e in prof.events()}
+    xf = x.float()
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}  # bfloat16: a last-bit flip here and there
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(RuntimeError, match=r"rms_norm_rows: x \[..., D\] and w \[D\] of one dtype"):
+        torch.ops.moebench_cpu.rms_norm_rows(x, norm.weight[1:], norm.eps)
+
+
+def test_a_prompt_s_attention_block_norms_and_rotates_in_cpp(monkeypatch):
+    # The model's prompt (eager, CPU) calls qk_norm_rope; its logits and cache are those of the torch operations.
+    model = random_model(PRESETS["moebench-tiny"], seed=3)
+    prompt = torch.randint(1, 200, (1, 21))
+    engine = Engine(model, batch=1, max_len=32, compile=False)
+    with torch.profiler.profile() as prof:
+        got = engine.prefill(prompt, torch.ones_like(prompt))
+    assert "moebench_cpu::qk_norm_rope" in {e.name for e in prof.events()}
+    cache = engine.cache.k.clone(), engine.cache.v.clone()
+    monkeypatch.setattr(Attention, "_rotates_in_cpp", lambda *a: False)
+    torch.testing.assert_close(got, engine.prefill(prompt, torch.ones_like(prompt)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, (engine.cache.k, engine.cache.v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N, K", [(37, 100), (256, 128), (5, 640)])
 def test_linear_row_matches_f_linear(threads, dtype, N, K):
     g = torch.Generator().manual_seed(N)
@@ -194,34 +257,59 @@ def test_linear_panels_matches_f_linear(threads, M, N, K):
                                rtol=1e-5, atol=1e-4)
 
 
-def test_float32_prompt_experts_run_on_panels(monkeypatch):
-    g = torch.Generator().manual_seed(4)
-    T, D, I, E, k = 45, 64, 48, 8, 2
-    x, w_gate_up, w_down = torch.randn(T, D, generator=g), torch.randn(E, 2 * I, D, generator=g) / 8, \
-        torch.randn(E, D, I, generator=g) / 8
-    ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g)
-    with torch.profiler.profile() as prof:
-        got = experts_forward(x, w_gate_up, w_down, ids, weights)
-    assert "moebench_cpu::linear_panels" in {e.name for e in prof.events()}
-    monkeypatch.setattr(cpu_ops, "panels_usable", lambda x, w: False)  # oneDNN's products (or torch's)
-    torch.testing.assert_close(got, experts_forward(x, w_gate_up, w_down, ids, weights), rtol=1e-5, atol=1e-5)
+def prompt_experts(x, ids, weights, w_gate_up, w_down):
+    """A prompt's experts in float64 (exact for these sizes, to float32's precision), each token's sum as float64."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t, j in itertools.product(range(x.shape[0]), range(ids.shape[1])):
+        e = ids[t, j]
+        gate, up = (w_gate_up[e].double() @ x[t].double()).chunk(2)
+        out[t] += weights[t, j].double() * (w_down[e].double() @ (F.silu(gate) * up))
+    return out
 
 
-def test_bfloat16_prompt_experts_widened_run_on_float32_panels(monkeypatch):
-    # Where bfloat16 products are slow (onednn.FAST_BF16 false) a prompt's experts run in float32: on panels packed
-    # from the bfloat16 weights, as oneDNN's float32 products of the same upcast weights would.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, D, I, E, k", [(45, 64, 64, 8, 2), (70, 96, 32, 6, 3), (3, 32, 32, 5, 1)])
+def test_moe_prompt_is_the_experts_math(threads, dtype, T, D, I, E, k):
+    # Every expert in one call: uneven and empty experts (3 tokens, 5 experts), tiles of fewer rows than a register
+    # tile, gate and up panels paired; against float64, and what experts_forward runs for such a prompt.
+    g = torch.Generator().manual_seed(T * k)
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w_gate_up, w_down = (torch.randn(E, 2 * I, D, generator=g) / 8).to(dtype), (torch.randn(E, D, I, generator=g) / 8).to(dtype)
+    ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).to(dtype)
+    got = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down))
+    assert got.dtype == dtype and got.shape == x.shape
+    want = prompt_experts(x, ids, weights, w_gate_up, w_down)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    if dtype == torch.float32:  # (bfloat16 only where moe.in_float32 widens it: the test below)
+        with torch.profiler.profile() as prof:
+            assert torch.equal(experts_forward(x, w_gate_up, w_down, ids, weights), got)
+        assert "moebench_cpu::moe_prompt" in {e.name for e in prof.events()}
+
+
+def test_prompt_experts_run_in_one_call_and_match_the_torch_loop(monkeypatch):
+    # Where bfloat16 products are slow (onednn.FAST_BF16 false) a bfloat16 prompt's experts run in float32 too, their
+    # weights kept in bfloat16 panels (widened in the cache). Against the torch loop of products (linear_panels for
+    # float32 weights, oneDNN's or torch's float32 products of the upcast bfloat16 ones).
     monkeypatch.setattr(moe, "SLOW_BF16_CPU", True)
     g = torch.Generator().manual_seed(6)
-    T, D, I, E, k = 64, 64, 48, 4, 2
-    x, w_gate_up, w_down = torch.randn(T, D, generator=g).bfloat16(), \
-        (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16(), (torch.randn(E, D, I, generator=g) / 8).bfloat16()
-    ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).bfloat16()
-    assert cpu_ops.panels(w_down).dtype == torch.float32
-    with torch.profiler.profile() as prof:
-        got = experts_forward(x, w_gate_up, w_down, ids, weights)
-    assert got.dtype == torch.bfloat16 and "moebench_cpu::linear_panels" in {e.name for e in prof.events()}
-    monkeypatch.setattr(cpu_ops, "panels_usable", lambda x, w: False)
-    torch.testing.assert_close(got, experts_forward(x, w_gate_up, w_down, ids, weights), rtol=1e-2, atol=1e-2)
+    T, D, I, E, k = 64, 64, 64, 4, 2
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w_gate_up, w_down = torch.randn(T, D, generator=g).to(dtype), \
+            (torch.randn(E, 2 * I, D, generator=g) / 8).to(dtype), (torch.randn(E, D, I, generator=g) / 8).to(dtype)
+        ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).to(dtype)
+        assert cpu_ops.panels(w_down).dtype == dtype
+        with torch.profiler.profile() as prof:
+            got = experts_forward(x, w_gate_up, w_down, ids, weights)
+        names = {e.name for e in prof.events()}
+        assert got.dtype == dtype and "moebench_cpu::moe_prompt" in names and "aten::index_add_" not in names
+        with monkeypatch.context() as m:
+            m.setattr(cpu_ops, "experts_usable", lambda *a: False)
+            with torch.profiler.profile() as prof:
+                loop = experts_forward(x, w_gate_up, w_down, ids, weights)
+            assert ("moebench_cpu::linear_panels" in {e.name for e in prof.events()}) == (dtype == torch.float32)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(got, loop, **tol)
 
 
 def test_bad_inputs_raise_one_clear_error():
@@ -235,6 +323,11 @@ def test_bad_inputs_raise_one_clear_error():
         torch.ops.moebench_cpu.attend_block(q, kv, kv, torch.ones(1, 1, 3, 5), 0.25)
     with pytest.raises(RuntimeError, match=r"linear_panels: x \[M, K\], panels"):
         torch.ops.moebench_cpu.linear_panels(torch.randn(3, 16), torch.randn(2, 8, 32))
+    panels = cpu_ops.panels(torch.randn(4, 64, 32)), cpu_ops.panels(torch.randn(4, 32, 32))
+    with pytest.raises(RuntimeError, match="moe_prompt: expert id out of range: 4"):
+        torch.ops.moebench_cpu.moe_prompt(x, torch.tensor([[1, 4]]), torch.ones(1, 2), *panels)
+    with pytest.raises(RuntimeError, match="moe_prompt: panels gate_up"):
+        torch.ops.moebench_cpu.moe_prompt(x, torch.tensor([[1, 2]]), torch.ones(1, 2), panels[1], panels[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

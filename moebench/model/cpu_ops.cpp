@@ -1,7 +1,8 @@
 // moebench's CPU operators (moebench/model/cpu_ops.py builds this file on first use, with -march=native): those of
 // compiled decode steps, moebench_cpu::linear_row, moe_route_decode (one token's whole MoE block, its norm and
 // residual add included, in one parallel region), moe_decode (the experts alone), attention_decode (the same for the
-// attention block) and attend_row; and attend_block, the attention of a prompt's many queries (below).
+// attention block) and attend_row; for prompts (eager): attend_block (the attention of many queries), moe_prompt
+// (every expert), linear_panels (one product of a few dozen rows), qk_norm_rope and rms_norm_rows (below).
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this
@@ -24,6 +25,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -174,8 +176,12 @@ void moe(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w
 // times w -> T; the result as floats.
 template <typename T>
 void rms_norm(const T* x, const T* w, float eps, int64_t n, float* out) {
-  float sq = 0;
-  for (int64_t i = 0; i < n; i++) sq += load(x + i) * load(x + i);
+  float lanes[16] = {}, sq = 0;  // 16 running sums (one vector's lanes), then their sum
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; j++) lanes[j] += load(x + i + j) * load(x + i + j);
+  for (; i < n; i++) sq += load(x + i) * load(x + i);
+  for (int j = 0; j < 16; j++) sq += lanes[j];
   const float r = 1.0f / std::sqrt(sq / n + eps);
   for (int64_t i = 0; i < n; i++) out[i] = round_to(load(w + i) * round_to(load(x + i) * r, x), x);
 }
@@ -455,6 +461,86 @@ at::Tensor attention_decode(const at::Tensor& x_, const at::Tensor& norm_, doubl
 }
 
 
+// A prompt's q, k and v after their products: q and k normed per head and rotated (norm_rope: the torch model's
+// roundings), k and v written into the layer's cache at their slots; q returned as [B, H, T, hd] (a view of
+// [B, T, H, hd], as the torch model's). In the torch model that is ~20 operations a layer (two norms of ~7, the
+// rotations, the cache's index_put_), each a pass over the prompt's q or k.
+at::Tensor qk_norm_rope(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& q_norm_,
+                        const at::Tensor& k_norm_, double eps, const at::Tensor& cos_, const at::Tensor& sin_,
+                        at::Tensor& cache_k, at::Tensor& cache_v, int64_t layer, const at::Tensor& slots_) {
+  const char* shapes = "qk_norm_rope: q [B, T, H hd], k and v [B, T, Hkv hd] (rows of any stride), q_norm and k_norm "
+                       "[hd], cos and sin [B, T, hd], caches [L, B, Hkv, slots, hd], slots [T] int64";
+  TORCH_CHECK(q_.dim() == 3 && k_.dim() == 3 && v_.sizes() == k_.sizes() && cache_k.dim() == 5 &&
+                  cache_v.sizes() == cache_k.sizes() && slots_.dim() == 1 && slots_.scalar_type() == at::kLong,
+              shapes);
+  const int64_t B = q_.size(0), T = q_.size(1), Hkv = cache_k.size(2), hd = cache_k.size(4),
+                H = q_.size(2) / hd;
+  TORCH_CHECK(k_.size(0) == B && k_.size(1) == T && cache_k.size(1) == B && k_.size(2) == Hkv * hd &&
+                  q_.size(2) == H * hd && hd % 2 == 0 && q_norm_.numel() == hd && k_norm_.numel() == hd &&
+                  cos_.numel() == B * T * hd && sin_.numel() == B * T * hd && slots_.size(0) == T &&
+                  q_.stride(2) == 1 && k_.stride(2) == 1 && v_.stride(2) == 1,
+              shapes);
+  const std::array<const at::Tensor*, 8> same = {&k_, &v_, &q_norm_, &k_norm_, &cos_, &sin_, &cache_k, &cache_v};
+  for (const at::Tensor* t : same)
+    TORCH_CHECK(t->scalar_type() == q_.scalar_type(), "qk_norm_rope: every tensor but slots in q's dtype");
+  TORCH_CHECK(cache_k.is_contiguous() && cache_v.is_contiguous(), "qk_norm_rope: contiguous caches");
+  TORCH_CHECK(0 <= layer && layer < cache_k.size(0), "qk_norm_rope: layer out of range");
+  const at::Tensor slots = slots_.contiguous(), q_norm = q_norm_.contiguous(), k_norm = k_norm_.contiguous(),
+                   cos = cos_.contiguous(), sin = sin_.contiguous();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; t++)
+    TORCH_CHECK(0 <= sp[t] && sp[t] < cache_k.size(3), "qk_norm_rope: slot ", sp[t], " out of range");
+  auto out = at::empty({B, T, H, hd}, q_.options());
+  by_dtype(q_, "qk_norm_rope", [&](auto p) {
+    const auto *q = p(q_), *k = p(k_), *v = p(v_), *qn = p(q_norm), *kn = p(k_norm), *c = p(cos), *sn = p(sin);
+    auto *ck = p(cache_k) + layer * cache_k.stride(0), *cv = p(cache_v) + layer * cache_v.stride(0), *o = p(out);
+    const int64_t cb = cache_k.stride(1), ch = cache_k.stride(2), cs = cache_k.stride(3);
+#pragma omp parallel
+    {
+      std::vector<float> y(hd);
+#pragma omp for schedule(static)
+      for (int64_t bt = 0; bt < B * T; bt++) {
+        const int64_t b = bt / T, t = bt % T;
+        const auto *cr = c + bt * hd, *sr = sn + bt * hd;
+        for (int64_t h = 0; h < H; h++)
+          norm_rope(q + b * q_.stride(0) + t * q_.stride(1) + h * hd, qn, static_cast<float>(eps), cr, sr, hd,
+                    y.data(), o + (bt * H + h) * hd);
+        for (int64_t h = 0; h < Hkv; h++) {
+          const int64_t at = b * cb + h * ch + sp[t] * cs;
+          norm_rope(k + b * k_.stride(0) + t * k_.stride(1) + h * hd, kn, static_cast<float>(eps), cr, sr, hd,
+                    y.data(), ck + at);
+          std::memcpy(cv + at, v + b * v_.stride(0) + t * v_.stride(1) + h * hd, hd * sizeof(*cv));
+        }
+      }
+    }
+  });
+  return out.transpose(1, 2);
+}
+
+// RMSNorm of each row of x [..., D] (a prompt's, eager): the torch model's RMSNorm.forward in one pass (~7 operations
+// there), rows shared among the threads.
+at::Tensor rms_norm_rows(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  TORCH_CHECK(x_.dim() >= 1 && w_.dim() == 1 && x_.size(-1) == w_.size(0) && x_.scalar_type() == w_.scalar_type(),
+              "rms_norm_rows: x [..., D] and w [D] of one dtype");
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  const int64_t D = w.size(0), rows = D == 0 ? 0 : x.numel() / D;
+  auto out = at::empty_like(x);
+  by_dtype(x, "rms_norm_rows", [&](auto p) {
+    const auto *px = p(x), *pw = p(w);
+    auto* po = p(out);
+#pragma omp parallel
+    {
+      std::vector<float> y(D);
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < rows; r++) {
+        rms_norm(px + r * D, pw, static_cast<float>(eps), D, y.data());
+        for (int64_t d = 0; d < D; d++) store(po + r * D + d, y[d]);
+      }
+    }
+  });
+  return out;
+}
+
 // ---- Attention of many queries (context encoding) -------------------------------------------------------------
 // The library's CPU flash attention runs its tiles through MKL (~160 GFLOP/s on the Zen 5 VM for a 402-token
 // prompt, counting every key; half of them are masked). Here each work item is one head's block of MQ queries
@@ -502,14 +588,19 @@ constexpr int PV_C = 4 * W;              // output columns of a tile (the values
 constexpr int MQ = 48;                   // queries per work item, a multiple of QK_R and PV_R
 
 // out[r][0:2W] = sum_k x[r][k] w[k][0:2W] for R rows of x (row stride K) and rows of w (stride ws): R x 2W sums in
-// registers. With `next` (rows of the same stride), asks the cache for next's row k as it reads w's.
+// registers. With `ahead`, asks the L2 cache for its first `lines` cache lines, evenly over the K steps (16.16
+// fixed point: no division or branch in the loop).
 template <int R>
-void tile_2w(const float* x, int64_t K, const float* w, int64_t ws, const float* next, float* out, int64_t os) {
+void tile_2w(const float* x, int64_t K, const float* w, int64_t ws, const char* ahead, int64_t lines, float* out,
+             int64_t os) {
   vf acc[R][2] = {};
+  uint64_t at = 0;
+  const uint64_t step = (static_cast<uint64_t>(lines) << 16) / K;
   for (int64_t k = 0; k < K; k++) {
-    if (next != nullptr)
-      for (int64_t b = 0; b < 2 * W * 4; b += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(next + k * ws) + b, _MM_HINT_T0);
+    if (ahead != nullptr) {
+      _mm_prefetch(ahead + ((at >> 16) << 6), _MM_HINT_T1);
+      at += step;
+    }
     const vf w0 = vload(w + k * ws), w1 = vload(w + k * ws + W);
     for (int r = 0; r < R; r++) {
       const vf xr = vbroadcast(x + r * K + k);
@@ -630,7 +721,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
       const int64_t rows_qk = (rows + QK_R - 1) / QK_R * QK_R;
       for (int64_t r = 0; r < rows_qk; r += QK_R)
         for (int64_t j = j0; j < j1; j += KB)
-          tile_2w<QK_R>(qb.data() + r * hd, hd, ktg + j, Sp, nullptr, sc.data() + r * Sp + j, Sp);
+          tile_2w<QK_R>(qb.data() + r * hd, hd, ktg + j, Sp, nullptr, 0, sc.data() + r * Sp + j, Sp);
       for (int64_t r = 0; r < MQ; r++) {  // softmax of each row over its keys, in place: sc -> e^(s - max)
         float* s = sc.data() + r * Sp;
         if (r >= rows) {
@@ -709,6 +800,31 @@ constexpr auto tiles(std::integer_sequence<int, R...>) {
   return std::array{tile_2w<R + 1>...};
 }
 
+// out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32: a bfloat16 panel is widened into buf (K NB
+// floats) first, so that every tile of rows reads it from the cache as float32. The tiles ask the L2 cache for
+// `next` (the next panel of the same shape, or null), each for its share, so that the next panel's reads from
+// memory spread over the whole of this panel's arithmetic (the first tile alone asking for all of it stalled on
+// the memory: ~75 against ~110 GFLOP/s a core on the Xeon VM).
+template <typename P>
+void panel_product(const float* x, int64_t M, int64_t K, const P* panel, const P* next, float* buf, float* out,
+                   int64_t os) {
+  static constexpr auto tile = tiles(std::make_integer_sequence<int, LR>{});
+  const float* w = reinterpret_cast<const float*>(panel);
+  if constexpr (!std::is_same_v<P, float>) {
+    for (int64_t i = 0; i < K * NB; i++) buf[i] = bf16_to_float(panel[i]);
+    w = buf;
+  }
+  // Tiles of rows as equal as can be (50 rows: six of 7 and one of 8, not six of 8 and one of 2: a tile of 2 rows
+  // has too few sums in flight to keep the multiply-add units busy).
+  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(P)) / 64;
+  for (int64_t i = 0; i < tiles_; i++) {
+    const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
+                  l1 = lines * (i + 1) / tiles_;
+    const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
+    tile[rows - 1](x + r * K, K, w, NB, ahead, l1 - l0, out + r * os, os);
+  }
+}
+
 // x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32.
 at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
   TORCH_CHECK(x_.dim() == 2 && panels_.dim() == 3 && panels_.size(1) == x_.size(1) && panels_.size(2) == NB,
@@ -719,7 +835,6 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
   auto out = at::empty({M, N}, x.options());
   const float *xp = x.data_ptr<float>(), *wp = panels.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  static constexpr auto tile = tiles(std::make_integer_sequence<int, LR>{});
 #pragma omp parallel
   {
     // Each thread its share of the panels, in order: the next one is its own.
@@ -727,14 +842,117 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
     const int64_t p0 = P * t / threads, p1 = P * (t + 1) / threads;
     for (int64_t p = p0; p < p1; p++) {
       const float *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
-      for (int64_t r = 0; r < M; r += LR)
-        tile[std::min<int64_t>(LR, M - r) - 1](xp + r * K, K, panel, NB, r ? nullptr : next, op + r * N + p * NB, N);
+      panel_product(xp, M, K, panel, next, nullptr, op + p * NB, N);
     }
   }
   return out;
 }
 
 int64_t panel_width() { return NB; }
+
+// ---- A prompt's experts in one call (moe_prompt) ----------------------------------------------------------------
+// The MoE block's experts for T tokens, float32 arithmetic, as moebench.model.moe.experts_forward computes them with
+// one linear_panels product at a time (and the torch operations between them): the T k (token, expert) pairs sorted
+// by expert (stable); each expert's rows gathered (bfloat16 widened), gate and up products panel by panel with
+// silu(gate) * up done while both are in the cache, the down product; each pair's output times its weight, rounded
+// to x's dtype, then summed per token in float32 in the sorted order and rounded once (as torch's index_add_ of the
+// rounded rows: its CPU kernel sums bfloat16 in float32).
+// The experts are shared among the threads, the largest first; each is computed by one thread alone, so the result
+// does not depend on the number of threads. Gone: two products per expert and the torch operations around them
+// (their dispatch and their buffers' page faults); and bfloat16 weights stay bfloat16 until the cache (half the bytes
+// read from memory).
+
+// g * sigmoid(g) * u on W lanes: e^-|g| from exp_nonpositive, so that no lane overflows.
+inline vf silu_times(vf g, vf u) {
+  const vf zero = {}, z = exp_nonpositive(g > zero ? zero - g : g);
+  return (g >= zero ? g : g * z) / (1.0f + z) * u;
+}
+
+template <typename T, typename P>
+void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t* ids, const T* weights,
+                     const P* gate_up, const P* down, int64_t E, int64_t I, T* out) {
+  const int64_t pairs = Tn * k, P1 = I / NB, P2 = D / NB;
+  std::vector<int64_t> start(E + 1, 0), order(pairs), pos(pairs), experts(E);
+  for (int64_t i = 0; i < pairs; i++) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "moe_prompt: expert id out of range: ", ids[i]);
+    start[ids[i] + 1]++;
+  }
+  for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < pairs; i++) order[pos[i] = fill[ids[i]]++] = i;
+  for (int64_t e = 0; e < E; e++) experts[e] = e;
+  std::stable_sort(experts.begin(), experts.end(),
+                   [&](int64_t a, int64_t b) { return start[a + 1] - start[a] > start[b + 1] - start[b]; });
+  thread_local std::vector<float> ys_;  // each pair's weighted output, in the sorted order
+  ys_.resize(pairs * D);
+  float* ys = ys_.data();
+#pragma omp parallel
+  {
+    thread_local std::vector<float> xe, gu, h, buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < E; i++) {
+      const int64_t e = experts[i], s = start[e], n = start[e + 1] - s;
+      if (n == 0) continue;
+      xe.resize(n * D), gu.resize(n * 2 * NB), h.resize(n * I), buf.resize(std::max(D, I) * NB);
+      for (int64_t r = 0; r < n; r++)
+        for (int64_t d = 0; d < D; d++) xe[r * D + d] = load(x + order[s + r] / k * D + d);
+      const P *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
+      for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q: h's columns q NB ...
+        const P *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
+        panel_product(xe.data(), n, D, gate, up, buf.data(), gu.data(), 2 * NB);
+        panel_product(xe.data(), n, D, up, q + 1 < P1 ? gate + D * NB : w2, buf.data(), gu.data() + NB, 2 * NB);
+        for (int64_t r = 0; r < n; r++)
+          for (int c = 0; c < NB; c += W)
+            vstore(h.data() + r * I + q * NB + c,
+                   silu_times(vload(gu.data() + r * 2 * NB + c), vload(gu.data() + r * 2 * NB + NB + c)));
+      }
+      float* ye = ys + s * D;
+      for (int64_t p = 0; p < P2; p++)
+        panel_product(h.data(), n, I, w2 + p * I * NB, p + 1 < P2 ? w2 + (p + 1) * I * NB : nullptr, buf.data(),
+                      ye + p * NB, D);
+      for (int64_t r = 0; r < n; r++) {
+        const float wr = load(weights + order[s + r]);
+        for (int64_t d = 0; d < D; d++) ye[r * D + d] = round_to(ye[r * D + d] * wr, x);
+      }
+    }
+#pragma omp for
+    for (int64_t t = 0; t < Tn; t++) {
+      int64_t at[64];  // the token's pairs by their place in the sorted order
+      for (int64_t j = 0; j < k; j++) at[j] = pos[t * k + j];
+      std::sort(at, at + k);
+      for (int64_t d = 0; d < D; d++) {
+        float acc = 0;
+        for (int64_t j = 0; j < k; j++) acc += ys[at[j] * D + d];
+        store(out + t * D + d, acc);
+      }
+    }
+  }
+}
+
+// x [T, D] (float32 or bfloat16), ids [T, k] (int64), weights [T, k] (x's dtype), gate_up [E, 2I / NB, D, NB] and
+// down [E, D / NB, I, NB]: each expert's weights as panels (float32, or bfloat16: widened panel by panel) -> [T, D].
+at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
+                      const at::Tensor& gate_up_, const at::Tensor& down_) {
+  TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
+                  ids_.size(1) <= 64 && ids_.scalar_type() == at::kLong && weights_.scalar_type() == x_.scalar_type(),
+              "moe_prompt: x [T, D], ids [T, k] int64 (k <= 64), weights [T, k] in x's dtype");
+  TORCH_CHECK(gate_up_.dim() == 4 && down_.dim() == 4 && gate_up_.size(0) == down_.size(0) &&
+                  gate_up_.size(2) == x_.size(1) && gate_up_.size(3) == NB && down_.size(3) == NB &&
+                  down_.size(1) * NB == x_.size(1) && gate_up_.size(1) * NB == 2 * down_.size(2) &&
+                  down_.size(2) % NB == 0 && gate_up_.scalar_type() == down_.scalar_type(),
+              "moe_prompt: panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
+              "] of one dtype, I a multiple of ", NB);
+  const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),
+                   gate_up = gate_up_.contiguous(), down = down_.contiguous();
+  auto out = at::empty_like(x);
+  by_dtype(x, "moe_prompt", [&](auto px) {
+    by_dtype(gate_up, "moe_prompt", [&](auto pw) {
+      moe_prompt_impl(px(x), x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(), px(weights), pw(gate_up),
+                      pw(down), gate_up.size(0), down.size(2), px(out));
+    });
+  });
+  return out;
+}
 
 }  // namespace
 
@@ -747,8 +965,12 @@ TORCH_LIBRARY(moebench_cpu, m) {
         "Tensor k_norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, "
         "Tensor slot, Tensor mask, float scale, Tensor wo) -> Tensor");
   m.def("linear_row(Tensor x, Tensor w) -> Tensor");
+  m.def("rms_norm_rows(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("qk_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_norm, Tensor k_norm, float eps, Tensor cos, Tensor sin, "
+        "Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slots) -> Tensor");
   m.def("attend_block(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("linear_panels(Tensor x, Tensor panels) -> Tensor");
+  m.def("moe_prompt(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
   m.def("panel_width() -> int", &panel_width);
 }
 
@@ -756,8 +978,11 @@ TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {
   m.impl("moe_decode", &moe_decode);
   m.impl("moe_route_decode", &moe_route_decode);
   m.impl("linear_row", &linear_row);
+  m.impl("rms_norm_rows", &rms_norm_rows);
+  m.impl("qk_norm_rope", &qk_norm_rope);
   m.impl("attend_row", &attend_row);
   m.impl("attention_decode", &attention_decode);
   m.impl("attend_block", &attend_block);
   m.impl("linear_panels", &linear_panels);
+  m.impl("moe_prompt", &moe_prompt);
 }

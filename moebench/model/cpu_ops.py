@@ -3,9 +3,11 @@ product), moebench_cpu::moe_route_decode (one token's MoE block: norm, router, t
 call; moe_decode: the experts alone, behind a submission's router kernel), moebench_cpu::attention_decode (one token's
 attention block: norm, projections, q/k norms, rotation, the cache's write, attention, output projection and residual
 add in one call) and moebench_cpu::attend_row (one query a head against the KV cache, for batches); in prompts
-(context encoding, eager): moebench_cpu::attend_block (many queries a head) and, for experts computed in float32
-(float32 weights, or bfloat16 ones where moe.in_float32 widens them), moebench_cpu::linear_panels (a product of a few
-dozen rows with the weight packed in float32 panels: `panels`).
+(context encoding, eager): moebench_cpu::attend_block (many queries a head), moebench_cpu::qk_norm_rope (q/k norms,
+rotation and the cache's write), moebench_cpu::rms_norm_rows (RMSNorm of many rows) and, for experts computed in
+float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens them), moebench_cpu::moe_prompt (all of a
+prompt's experts in one call, each weight packed in panels: `panels`) or moebench_cpu::linear_panels (one product of
+a few dozen rows with a float32 weight in panels).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
 decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
@@ -128,16 +130,23 @@ def panels_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and w.shape[-2] % torch.ops.moebench_cpu.panel_width() == 0)
 
 
+def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
+    """True when moe_prompt computes a prompt's experts here (as panels_usable says for both weights, and the
+    experts' intermediate size I a multiple of the panel width: gate's and up's panels pair up)."""
+    return (panels_usable(x, w_gate_up) and panels_usable(x, w_down)
+            and w_down.shape[-1] % torch.ops.moebench_cpu.panel_width() == 0)
+
+
 def panels(w: torch.Tensor) -> torch.Tensor:
-    """w [E, N, K] (float32 or bfloat16) -> float32 [E, N / NB, K, NB] for linear_panels: each panel NB output
-    columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the machine has them
-    (moebench.engine.hugepages: a prompt streams every expert's weights once a layer)."""
+    """w [E, N, K] -> [E, N / NB, K, NB] in w's dtype, for linear_panels (float32) and moe_prompt: each panel NB
+    output columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the machine
+    has them (moebench.engine.hugepages: a prompt streams every expert's weights once a layer)."""
     def pack(w):
         E, N, K = w.shape
         nb = torch.ops.moebench_cpu.panel_width()
         layout = w.view(E, N // nb, nb, K).transpose(2, 3)
-        huge = hugepages.SUPPORTED and w.numel() * 4 >= hugepages.MIN_BYTES
-        out = hugepages.empty(w.numel() * 4) if huge else torch.empty(w.numel() * 4, dtype=torch.uint8)
-        out = out.view(torch.float32)
-        return out.view(layout.shape).copy_(layout)
+        nbytes = w.numel() * w.element_size()
+        huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
+        out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+        return out.view(w.dtype).view(layout.shape).copy_(layout)
     return derived(w, "panels", pack)

@@ -80,7 +80,8 @@ def _grouped_mm_supported(x: torch.Tensor, w_down: torch.Tensor) -> bool:
 
 def _expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype):
     """mlp(rows, e): expert e's SwiGLU MLP of rows of x, computed in `dtype` (the result stays in it)."""
-    if dtype == torch.float32 and cpu_ops.panels_usable(x, w_gate_up) and cpu_ops.panels_usable(x, w_down):
+    if (dtype == w_gate_up.dtype == torch.float32 and cpu_ops.panels_usable(x, w_gate_up)
+            and cpu_ops.panels_usable(x, w_down)):
         w1, w2, product = cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down), torch.ops.moebench_cpu.linear_panels
     elif onednn.usable(x, dtype):
         w1, w2, product = onednn.packed(w_gate_up, dtype), onednn.packed(w_down, dtype), onednn.linear
@@ -119,12 +120,16 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
         for e, w in zip(topk_ids[0].tolist(), topk_weights[0]):
             out += mlp(x, e) * w
         return out
+    wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
+    dtype = torch.float32 if wide else x.dtype
+    if dtype == torch.float32 and not exporting and cpu_ops.experts_usable(x, w_gate_up, w_down):
+        # The same math in one C++ call: the sort, the products (weights in panels), silu, weighting and sum.
+        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), cpu_ops.panels(w_gate_up),
+                                                 cpu_ops.panels(w_down))
     # Sort the T*k (token, expert) pairs by expert, then one grouped GEMM per projection.
     flat_ids = topk_ids.flatten()  # [T*k]
     order = flat_ids.argsort(stable=True)
     token_of = order // k  # source token of each sorted row
-    wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
-    dtype = torch.float32 if wide else x.dtype
     xs = x.to(dtype)[token_of]  # [T*k, D], upcast before the gather: T rows, not T*k
     if _grouped_mm_supported(x, w_down) and not wide and not onednn.usable(x, dtype):
         counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(

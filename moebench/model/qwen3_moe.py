@@ -96,6 +96,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if self.kernel is not None:
             return self.kernel(x, self.weight, self.eps)
+        if x.numel() > x.shape[-1] and not torch.compiler.is_compiling() and cpu_ops.usable(x, self.weight):
+            # Many rows on the CPU (a prompt, eager): the same math in one C++ pass (moebench.model.cpu_ops).
+            return torch.ops.moebench_cpu.rms_norm_rows(x, self.weight, self.eps)
         # float32 statistics, result cast back before the weight, exactly as transformers.
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -136,6 +139,13 @@ class Attention(nn.Module):
                 and all(p.bias is None for p in (*projections, self.o_proj)) and self.q_norm.eps == self.k_norm.eps
                 and cpu_ops.usable(x, self.o_proj.weight))
 
+    def _rotates_in_cpp(self, q: torch.Tensor, cache: KVCache) -> bool:
+        """True outside compiled and exported graphs on the CPU, with the reference's own q/k norms (no kernels) and
+        the C++ operators loaded (moebench.model.cpu_ops)."""
+        return (q.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_ops.usable(q, cache.k)
+                and untouched(self.q_norm, self.k_norm) and self.q_norm.kernel is None and self.k_norm.kernel is None
+                and self.q_norm.eps == self.k_norm.eps)
+
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None):
         """x [B, T, D] -> attention output [B, T, D]. With `norm`, x is the layer's input and is normalised here
@@ -168,11 +178,19 @@ class Attention(nn.Module):
                 q, k, v = linear(self.qkv_proj, x).split(self.sizes, dim=-1)
             else:
                 q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
-            q = self.q_norm(q.view(B, T, self.n_heads, self.hd)).transpose(1, 2)  # [B, H, T, hd]
-            k = self.k_norm(k.view(B, T, self.n_kv, self.hd)).transpose(1, 2)  # [B, Hkv, T, hd]
-            v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(self.layer, step.slots, k, v)
+            if T > 1 and self._rotates_in_cpp(q, cache):
+                # A prompt on the CPU: the q/k norms, the rotation and the cache's write in one C++ call.
+                q = torch.ops.moebench_cpu.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight,
+                                                        self.q_norm.eps, cos, sin, cache.k, cache.v, self.layer,
+                                                        step.slots)
+                k = None
+            else:
+                q = self.q_norm(q.view(B, T, self.n_heads, self.hd)).transpose(1, 2)  # [B, H, T, hd]
+                k = self.k_norm(k.view(B, T, self.n_kv, self.hd)).transpose(1, 2)  # [B, Hkv, T, hd]
+                v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k is not None:  # (None: already in the cache)
+            cache.write(self.layer, step.slots, k, v)
         S = step.mask.shape[-1]
         keys, values = cache.k[self.layer, :, :, :S], cache.v[self.layer, :, :, :S]  # [B, Hkv, S, hd]
         if self.decode_kernel is not None and T == 1:
