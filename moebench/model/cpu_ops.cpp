@@ -469,13 +469,13 @@ at::Tensor qk_norm_rope(const at::Tensor& q_, const at::Tensor& k_, const at::Te
                         const at::Tensor& k_norm_, double eps, const at::Tensor& cos_, const at::Tensor& sin_,
                         at::Tensor& cache_k, at::Tensor& cache_v, int64_t layer, const at::Tensor& slots_) {
   const char* shapes = "qk_norm_rope: q [B, T, H hd], k and v [B, T, Hkv hd] (rows of any stride), q_norm and k_norm "
-                       "[hd], cos and sin [B, T, hd], caches [L, B, Hkv, slots, hd], slots [T] int64";
+                       "[hd], cos and sin [B, T, hd], caches [L, >= B, Hkv, slots, hd], slots [T] int64";
   TORCH_CHECK(q_.dim() == 3 && k_.dim() == 3 && v_.sizes() == k_.sizes() && cache_k.dim() == 5 &&
                   cache_v.sizes() == cache_k.sizes() && slots_.dim() == 1 && slots_.scalar_type() == at::kLong,
               shapes);
   const int64_t B = q_.size(0), T = q_.size(1), Hkv = cache_k.size(2), hd = cache_k.size(4),
                 H = q_.size(2) / hd;
-  TORCH_CHECK(k_.size(0) == B && k_.size(1) == T && cache_k.size(1) == B && k_.size(2) == Hkv * hd &&
+  TORCH_CHECK(k_.size(0) == B && k_.size(1) == T && cache_k.size(1) >= B && k_.size(2) == Hkv * hd &&
                   q_.size(2) == H * hd && hd % 2 == 0 && q_norm_.numel() == hd && k_norm_.numel() == hd &&
                   cos_.numel() == B * T * hd && sin_.numel() == B * T * hd && slots_.size(0) == T &&
                   q_.stride(2) == 1 && k_.stride(2) == 1 && v_.stride(2) == 1,

@@ -139,12 +139,13 @@ class Attention(nn.Module):
                 and all(p.bias is None for p in (*projections, self.o_proj)) and self.q_norm.eps == self.k_norm.eps
                 and cpu_ops.usable(x, self.o_proj.weight))
 
-    def _rotates_in_cpp(self, q: torch.Tensor, cache: KVCache) -> bool:
-        """True outside compiled and exported graphs on the CPU, with the reference's own q/k norms (no kernels) and
-        the C++ operators loaded (moebench.model.cpu_ops)."""
+    def _rotates_in_cpp(self, q: torch.Tensor, cos: torch.Tensor, cache: KVCache) -> bool:
+        """True outside compiled and exported graphs on the CPU, with the reference's own q/k norms (no kernels), q,
+        the norms' weights, the rotation and the cache in one dtype, and the C++ operators loaded (cpu_ops)."""
         return (q.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_ops.usable(q, cache.k)
                 and untouched(self.q_norm, self.k_norm) and self.q_norm.kernel is None and self.k_norm.kernel is None
-                and self.q_norm.eps == self.k_norm.eps)
+                and self.q_norm.eps == self.k_norm.eps
+                and self.q_norm.weight.dtype == self.k_norm.weight.dtype == cos.dtype == q.dtype)
 
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None):
@@ -178,7 +179,7 @@ class Attention(nn.Module):
                 q, k, v = linear(self.qkv_proj, x).split(self.sizes, dim=-1)
             else:
                 q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
-            if T > 1 and self._rotates_in_cpp(q, cache):
+            if T > 1 and self._rotates_in_cpp(q, cos, cache):
                 # A prompt on the CPU: the q/k norms, the rotation and the cache's write in one C++ call.
                 q = torch.ops.moebench_cpu.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight,
                                                         self.q_norm.eps, cos, sin, cache.k, cache.v, self.layer,
