@@ -144,9 +144,12 @@ def test_qk_norm_rope_is_the_torch_model_s_norms_rotation_and_cache_write(thread
     want_k, want_v = cache_k.clone(), cache_v.clone()
     got = torch.ops.moebench_cpu.qk_norm_rope(q, k, v, q_norm.weight, k_norm.weight, q_norm.eps, cos, sin, cache_k,
                                               cache_v, layer, at)
+    def torch_norm(norm, x):  # RMSNorm.forward's torch operations (for many rows it calls rms_norm_rows)
+        xf = x.float()
+        return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
     with torch.no_grad():  # the torch model's operations (Attention.forward)
-        want = apply_rope(q_norm(q.reshape(B, T, H, hd)).transpose(1, 2), cos, sin)
-        kr = apply_rope(k_norm(k.reshape(B, T, Hkv, hd)).transpose(1, 2), cos, sin)
+        want = apply_rope(torch_norm(q_norm, q.reshape(B, T, H, hd)).transpose(1, 2), cos, sin)
+        kr = apply_rope(torch_norm(k_norm, k.reshape(B, T, Hkv, hd)).transpose(1, 2), cos, sin)
         want_k[layer, :, :, at], want_v[layer, :, :, at] = kr, v.reshape(B, T, Hkv, hd).transpose(1, 2)
     assert got.shape == (B, H, T, hd)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -172,6 +175,9 @@ def test_rms_norm_rows_is_the_torch_rms_norm(threads, dtype, shape):
     assert got.dtype == dtype and got.shape == x.shape
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}  # bfloat16: a last-bit flip here and there
     torch.testing.assert_close(got, want, **tol)
+    with torch.profiler.profile() as prof:  # with autograd: the torch operations (the C++ pass has no gradient)
+        norm(x).sum().backward()
+    assert "moebench_cpu::rms_norm_rows" not in {e.name for e in prof.events()} and norm.weight.grad is not None
     with pytest.raises(RuntimeError, match=r"rms_norm_rows: x \[..., D\] and w \[D\] of one dtype"):
         torch.ops.moebench_cpu.rms_norm_rows(x, norm.weight[1:], norm.eps)
 

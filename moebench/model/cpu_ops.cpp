@@ -595,7 +595,7 @@ void tile_2w(const float* x, int64_t K, const float* w, int64_t ws, const char* 
              int64_t os) {
   vf acc[R][2] = {};
   uint64_t at = 0;
-  const uint64_t step = (static_cast<uint64_t>(lines) << 16) / K;
+  const uint64_t step = ahead != nullptr && K > 0 ? (static_cast<uint64_t>(lines) << 16) / K : 0;
   for (int64_t k = 0; k < K; k++) {
     if (ahead != nullptr) {
       _mm_prefetch(ahead + ((at >> 16) << 6), _MM_HINT_T1);
@@ -939,7 +939,7 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   TORCH_CHECK(gate_up_.dim() == 4 && down_.dim() == 4 && gate_up_.size(0) == down_.size(0) &&
                   gate_up_.size(2) == x_.size(1) && gate_up_.size(3) == NB && down_.size(3) == NB &&
                   down_.size(1) * NB == x_.size(1) && gate_up_.size(1) * NB == 2 * down_.size(2) &&
-                  down_.size(2) % NB == 0 && gate_up_.scalar_type() == down_.scalar_type(),
+                  down_.size(2) % NB == 0 && down_.size(2) > 0 && gate_up_.scalar_type() == down_.scalar_type(),
               "moe_prompt: panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
               "] of one dtype, I a multiple of ", NB);
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),

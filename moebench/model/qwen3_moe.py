@@ -96,8 +96,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         if self.kernel is not None:
             return self.kernel(x, self.weight, self.eps)
-        if x.numel() > x.shape[-1] and not torch.compiler.is_compiling() and cpu_ops.usable(x, self.weight):
-            # Many rows on the CPU (a prompt, eager): the same math in one C++ pass (moebench.model.cpu_ops).
+        if (x.numel() > x.shape[-1] and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+                and cpu_ops.usable(x, self.weight)):
+            # Many rows on the CPU (a prompt, eager, no autograd): the same math in one C++ pass (cpu_ops).
             return torch.ops.moebench_cpu.rms_norm_rows(x, self.weight, self.eps)
         # float32 statistics, result cast back before the weight, exactly as transformers.
         xf = x.float()
