@@ -130,11 +130,11 @@ def panels_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and w.shape[-2] % torch.ops.moebench_cpu.panel_width() == 0)
 
 
-def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
-    """True when moe_prompt computes a prompt's experts here (as panels_usable says for both weights, and the
-    experts' intermediate size I a multiple of the panel width: gate's and up's panels pair up)."""
-    return (panels_usable(x, w_gate_up) and panels_usable(x, w_down)
-            and w_down.shape[-1] % torch.ops.moebench_cpu.panel_width() == 0)
+def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor) -> bool:
+    """True when moe_prompt computes a prompt's experts here (as panels_usable says for both weights, the experts'
+    intermediate size I a multiple of the panel width: gate's and up's panels pair up; ids [T, k] int64, k <= 64)."""
+    return (panels_usable(x, w_gate_up) and panels_usable(x, w_down) and ids.dtype == torch.int64
+            and ids.shape[-1] <= 64 and w_down.shape[-1] % torch.ops.moebench_cpu.panel_width() == 0)
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,7 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
         return out
     wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
     dtype = torch.float32 if wide else x.dtype
-    if (dtype == torch.float32 and not exporting and topk_ids.dtype == torch.int64 and k <= 64
-            and cpu_ops.experts_usable(x, w_gate_up, w_down)):
+    if dtype == torch.float32 and not exporting and cpu_ops.experts_usable(x, w_gate_up, w_down, topk_ids):
         # The same math in one C++ call: the sort, the products (weights in panels), silu, weighting and sum.
         return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), cpu_ops.panels(w_gate_up),
                                                  cpu_ops.panels(w_down))

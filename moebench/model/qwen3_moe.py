@@ -143,7 +143,7 @@ class Attention(nn.Module):
     def _rotates_in_cpp(self, q: torch.Tensor, cos: torch.Tensor, cache: KVCache) -> bool:
         """True outside compiled and exported graphs on the CPU, with the reference's own q/k norms (no kernels), q,
         the norms' weights, the rotation and the cache in one dtype, and the C++ operators loaded (cpu_ops)."""
-        return (q.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_ops.usable(q, cache.k)
+        return (not torch.compiler.is_compiling() and cpu_ops.usable(q, cache.k)
                 and untouched(self.q_norm, self.k_norm) and self.q_norm.kernel is None and self.k_norm.kernel is None
                 and self.q_norm.eps == self.k_norm.eps
                 and self.q_norm.weight.dtype == self.k_norm.weight.dtype == cos.dtype == q.dtype)
