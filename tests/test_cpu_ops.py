@@ -250,7 +250,7 @@ def test_attend_block_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, T, 
         assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
 
 
-@pytest.mark.parametrize("M, N, K", [(1, 64, 48), (7, 96, 40), (50, 768, 384)])
+@pytest.mark.parametrize("M, N, K", [(1, 64, 48), (7, 96, 40), (9, 64, 21), (50, 768, 384)])
 def test_linear_panels_matches_f_linear(threads, M, N, K):
     g = torch.Generator().manual_seed(M)
     w, x = torch.randn(2, N, K, generator=g), torch.randn(M, K, generator=g)
