@@ -293,6 +293,20 @@ def test_moe_prompt_is_the_experts_math(threads, dtype, T, D, I, E, k):
         assert "moebench_cpu::moe_prompt" in {e.name for e in prof.events()}
 
 
+def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
+    # One expert a token: a bfloat16 prompt's output is its float32 twin's (same values, float32 panels) rounded to
+    # bfloat16 as torch rounds (nearest even; the vectorised rounding of the weighted outputs and of the sums).
+    g = torch.Generator().manual_seed(3)
+    T, D, I, E = 70, 96, 64, 5
+    x = torch.randn(T, D, generator=g).bfloat16()
+    w_gate_up, w_down = (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16(), (torch.randn(E, D, I, generator=g) / 8).bfloat16()
+    ids, weights = torch.randint(0, E, (T, 1), generator=g), torch.rand(T, 1, generator=g).bfloat16()
+    got = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down))
+    wide = torch.ops.moebench_cpu.moe_prompt(x.float(), ids, weights.float(), cpu_ops.panels(w_gate_up.float()),
+                                             cpu_ops.panels(w_down.float()))
+    assert torch.equal(got, wide.bfloat16())
+
+
 def test_prompt_experts_run_in_one_call_and_match_the_torch_loop(monkeypatch):
     # Where bfloat16 products are slow (onednn.FAST_BF16 false) a bfloat16 prompt's experts run in float32 too, their
     # weights kept in bfloat16 panels (widened in the cache). Against the torch loop of products (linear_panels for

@@ -870,6 +870,24 @@ int64_t panel_width() { return NB; }
 // (their dispatch and their buffers' page faults); and bfloat16 weights stay bfloat16 until the cache (half the bytes
 // read from memory).
 
+// W lanes rounded to bfloat16 as float_to_bf16 rounds one (nearest even, NaN to 0x7fc0): the bits, in the upper
+// halves of the lanes; vround(v, p) gives them as floats (v itself where p is float32), vstore_to(p, v) stores v in
+// p's dtype.
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+inline vu bf16_bits(vf v) {
+  const vu u = (vu)v, nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return nan ? vu{} + 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+inline vf vround(vf v, const float*) { return v; }
+inline vf vround(vf v, const uint16_t*) { return (vf)bf16_bits(v); }
+inline void vstore_to(float* p, vf v) { vstore(p, v); }
+inline void vstore_to(uint16_t* p, vf v) {
+  const vh h = __builtin_convertvector(bf16_bits(v) >> 16, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+
 // g * sigmoid(g) * u on W lanes: e^-|g| from exp_nonpositive, so that no lane overflows.
 inline vf silu_times(vf g, vf u) {
   const vf zero = {}, z = exp_nonpositive(g > zero ? zero - g : g);
@@ -919,8 +937,8 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
         panel_product(h.data(), n, I, w2 + p * I * NB, p + 1 < P2 ? w2 + (p + 1) * I * NB : nullptr, buf.data(),
                       ye + p * NB, D);
       for (int64_t r = 0; r < n; r++) {
-        const float wr = load(weights + order[s + r]);
-        for (int64_t d = 0; d < D; d++) ye[r * D + d] = round_to(ye[r * D + d] * wr, x);
+        const vf wr = vf{} + load(weights + order[s + r]);
+        for (int64_t d = 0; d < D; d += W) vstore(ye + r * D + d, vround(vload(ye + r * D + d) * wr, x));
       }
     }
 #pragma omp for
@@ -928,10 +946,10 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
       int64_t at[64];  // the token's pairs by their place in the sorted order
       for (int64_t j = 0; j < k; j++) at[j] = pos[t * k + j];
       std::sort(at, at + k);
-      for (int64_t d = 0; d < D; d++) {
-        float acc = 0;
-        for (int64_t j = 0; j < k; j++) acc += ys[at[j] * D + d];
-        store(out + t * D + d, acc);
+      for (int64_t d = 0; d < D; d += W) {
+        vf acc = {};
+        for (int64_t j = 0; j < k; j++) acc += vload(ys + at[j] * D + d);
+        vstore_to(out + t * D + d, acc);
       }
     }
   }
