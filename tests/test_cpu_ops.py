@@ -294,12 +294,13 @@ def test_moe_prompt_is_the_experts_math(threads, dtype, T, D, I, E, k):
 
 
 def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
-    # One expert a token: a bfloat16 prompt's output is its float32 twin's (same values, float32 panels) rounded to
-    # bfloat16 as torch rounds (nearest even; the vectorised rounding of the weighted outputs and of the sums).
+    # One expert a token: a bfloat16 prompt's output is its float32 twin's (the same values) rounded to bfloat16 as
+    # torch rounds (nearest even; the vectorised rounding of the weighted outputs and of the sums).
     g = torch.Generator().manual_seed(3)
     T, D, I, E = 70, 96, 64, 5
     x = torch.randn(T, D, generator=g).bfloat16()
-    w_gate_up, w_down = (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16(), (torch.randn(E, D, I, generator=g) / 8).bfloat16()
+    w_gate_up = (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16()
+    w_down = (torch.randn(E, D, I, generator=g) / 8).bfloat16()
     ids, weights = torch.randint(0, E, (T, 1), generator=g), torch.rand(T, 1, generator=g).bfloat16()
     got = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down))
     wide = torch.ops.moebench_cpu.moe_prompt(x.float(), ids, weights.float(), cpu_ops.panels(w_gate_up.float()),
@@ -309,8 +310,8 @@ def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
 
 def test_prompt_experts_run_in_one_call_and_match_the_torch_loop(monkeypatch):
     # Where bfloat16 products are slow (onednn.FAST_BF16 false) a bfloat16 prompt's experts run in float32 too, their
-    # weights kept in bfloat16 panels (widened in the cache). Against the torch loop of products (linear_panels for
-    # float32 weights, oneDNN's or torch's float32 products of the upcast bfloat16 ones).
+    # weights widened into float32 panels. Against the torch loop of products (linear_panels for float32 weights,
+    # oneDNN's or torch's float32 products of the upcast bfloat16 ones).
     monkeypatch.setattr(moe, "SLOW_BF16_CPU", True)
     g = torch.Generator().manual_seed(6)
     T, D, I, E, k = 64, 64, 64, 4, 2
@@ -318,7 +319,7 @@ def test_prompt_experts_run_in_one_call_and_match_the_torch_loop(monkeypatch):
         x, w_gate_up, w_down = torch.randn(T, D, generator=g).to(dtype), \
             (torch.randn(E, 2 * I, D, generator=g) / 8).to(dtype), (torch.randn(E, D, I, generator=g) / 8).to(dtype)
         ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).to(dtype)
-        assert cpu_ops.panels(w_down).dtype == dtype
+        assert cpu_ops.panels(w_down).dtype == torch.float32
         with torch.profiler.profile() as prof:
             got = experts_forward(x, w_gate_up, w_down, ids, weights)
         names = {e.name for e in prof.events()}
@@ -346,7 +347,7 @@ def test_bad_inputs_raise_one_clear_error():
     panels = cpu_ops.panels(torch.randn(4, 64, 32)), cpu_ops.panels(torch.randn(4, 32, 32))
     with pytest.raises(RuntimeError, match="moe_prompt: expert id out of range: 4"):
         torch.ops.moebench_cpu.moe_prompt(x, torch.tensor([[1, 4]]), torch.ones(1, 2), *panels)
-    with pytest.raises(RuntimeError, match="moe_prompt: panels gate_up"):
+    with pytest.raises(RuntimeError, match="moe_prompt: float32 panels gate_up"):
         torch.ops.moebench_cpu.moe_prompt(x, torch.tensor([[1, 2]]), torch.ones(1, 2), panels[1], panels[0])
 
 

@@ -808,28 +808,21 @@ constexpr auto tiles(std::integer_sequence<int, R...>) {
   return std::array{tile_2w<R + 1>...};
 }
 
-// out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32: a bfloat16 panel is widened into buf (K NB
-// floats) first, so that every tile of rows reads it from the cache as float32. The tiles ask the L2 cache for
-// `next` (the next panel of the same shape, or null), each for its share, so that the next panel's reads from
-// memory spread over the whole of this panel's arithmetic (the first tile alone asking for all of it stalled on
-// the memory: ~75 against ~110 GFLOP/s a core on the Xeon VM).
-template <typename P>
-void panel_product(const float* x, int64_t M, int64_t K, const P* panel, const P* next, float* buf, float* out,
+// out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32. The tiles ask the L2 cache for `next` (the next
+// panel of the same shape, or null), each for its share, so that the next panel's reads from memory spread over the
+// whole of this panel's arithmetic (the first tile alone asking for all of it stalled on the memory: ~75 against
+// ~110 GFLOP/s a core on the Xeon VM).
+void panel_product(const float* x, int64_t M, int64_t K, const float* panel, const float* next, float* out,
                    int64_t os) {
   static constexpr auto tile = tiles(std::make_integer_sequence<int, LR>{});
-  const float* w = reinterpret_cast<const float*>(panel);
-  if constexpr (!std::is_same_v<P, float>) {
-    for (int64_t i = 0; i < K * NB; i++) buf[i] = bf16_to_float(panel[i]);
-    w = buf;
-  }
   // Tiles of rows as equal as can be (50 rows: six of 7 and one of 8, not six of 8 and one of 2: a tile of 2 rows
   // has too few sums in flight to keep the multiply-add units busy).
-  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(P)) / 64;
+  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(float)) / 64;
   for (int64_t i = 0; i < tiles_; i++) {
     const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
                   l1 = lines * (i + 1) / tiles_;
     const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
-    tile[rows - 1](x + r * K, K, w, NB, ahead, l1 - l0, out + r * os, os);
+    tile[rows - 1](x + r * K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
   }
 }
 
@@ -850,7 +843,7 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
     const int64_t p0 = P * t / threads, p1 = P * (t + 1) / threads;
     for (int64_t p = p0; p < p1; p++) {
       const float *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
-      panel_product(xp, M, K, panel, next, nullptr, op + p * NB, N);
+      panel_product(xp, M, K, panel, next, op + p * NB, N);
     }
   }
   return out;
@@ -867,8 +860,8 @@ int64_t panel_width() { return NB; }
 // rounded rows: its CPU kernel sums bfloat16 in float32).
 // The experts are shared among the threads, the largest first; each is computed by one thread alone, so the result
 // does not depend on the number of threads. Gone: two products per expert and the torch operations around them
-// (their dispatch and their buffers' page faults); and bfloat16 weights stay bfloat16 until the cache (half the bytes
-// read from memory).
+// (their dispatch and their buffers' page faults). The panels are float32 for bfloat16 weights too: widened in the
+// cache, panel by panel, a bfloat16 prompt's experts ran 7-12% slower on the Xeon VM, for all they read half the bytes.
 
 // W lanes rounded to bfloat16 as float_to_bf16 rounds one (nearest even, NaN to 0x7fc0): the bits, in the upper
 // halves of the lanes; vround(v, p) gives them as floats (v itself where p is float32), vstore_to(p, v) stores v in
@@ -894,9 +887,9 @@ inline vf silu_times(vf g, vf u) {
   return (g >= zero ? g : g * z) / (1.0f + z) * u;
 }
 
-template <typename T, typename P>
+template <typename T>
 void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t* ids, const T* weights,
-                     const P* gate_up, const P* down, int64_t E, int64_t I, T* out) {
+                     const float* gate_up, const float* down, int64_t E, int64_t I, T* out) {
   const int64_t pairs = Tn * k, P1 = I / NB, P2 = D / NB;
   std::vector<int64_t> start(E + 1, 0), order(pairs), pos(pairs), experts(E);
   for (int64_t i = 0; i < pairs; i++) {
@@ -914,19 +907,19 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
   float* ys = ys_.data();
 #pragma omp parallel
   {
-    thread_local std::vector<float> xe, gu, h, buf;
+    thread_local std::vector<float> xe, gu, h;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < E; i++) {
       const int64_t e = experts[i], s = start[e], n = start[e + 1] - s;
       if (n == 0) continue;
-      xe.resize(n * D), gu.resize(n * 2 * NB), h.resize(n * I), buf.resize(std::max(D, I) * NB);
+      xe.resize(n * D), gu.resize(n * 2 * NB), h.resize(n * I);
       for (int64_t r = 0; r < n; r++)
         for (int64_t d = 0; d < D; d++) xe[r * D + d] = load(x + order[s + r] / k * D + d);
-      const P *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
+      const float *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
       for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q: h's columns q NB ...
-        const P *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
-        panel_product(xe.data(), n, D, gate, up, buf.data(), gu.data(), 2 * NB);
-        panel_product(xe.data(), n, D, up, q + 1 < P1 ? gate + D * NB : w2, buf.data(), gu.data() + NB, 2 * NB);
+        const float *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
+        panel_product(xe.data(), n, D, gate, up, gu.data(), 2 * NB);
+        panel_product(xe.data(), n, D, up, q + 1 < P1 ? gate + D * NB : w2, gu.data() + NB, 2 * NB);
         for (int64_t r = 0; r < n; r++)
           for (int c = 0; c < NB; c += W)
             vstore(h.data() + r * I + q * NB + c,
@@ -934,8 +927,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
       }
       float* ye = ys + s * D;
       for (int64_t p = 0; p < P2; p++)
-        panel_product(h.data(), n, I, w2 + p * I * NB, p + 1 < P2 ? w2 + (p + 1) * I * NB : nullptr, buf.data(),
-                      ye + p * NB, D);
+        panel_product(h.data(), n, I, w2 + p * I * NB, p + 1 < P2 ? w2 + (p + 1) * I * NB : nullptr, ye + p * NB, D);
       for (int64_t r = 0; r < n; r++) {
         const vf wr = vf{} + load(weights + order[s + r]);
         for (int64_t d = 0; d < D; d += W) vstore(ye + r * D + d, vround(vload(ye + r * D + d) * wr, x));
@@ -956,7 +948,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
 }
 
 // x [T, D] (float32 or bfloat16), ids [T, k] (int64), weights [T, k] (x's dtype), gate_up [E, 2I / NB, D, NB] and
-// down [E, D / NB, I, NB]: each expert's weights as panels (float32, or bfloat16: widened panel by panel) -> [T, D].
+// down [E, D / NB, I, NB]: each expert's weights as float32 panels -> [T, D].
 at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
                       const at::Tensor& gate_up_, const at::Tensor& down_) {
   TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
@@ -965,17 +957,16 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   TORCH_CHECK(gate_up_.dim() == 4 && down_.dim() == 4 && gate_up_.size(0) == down_.size(0) &&
                   gate_up_.size(2) == x_.size(1) && gate_up_.size(3) == NB && down_.size(3) == NB &&
                   down_.size(1) * NB == x_.size(1) && gate_up_.size(1) * NB == 2 * down_.size(2) &&
-                  down_.size(2) % NB == 0 && down_.size(2) > 0 && gate_up_.scalar_type() == down_.scalar_type(),
-              "moe_prompt: panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
-              "] of one dtype, I a multiple of ", NB);
+                  down_.size(2) % NB == 0 && down_.size(2) > 0 && gate_up_.scalar_type() == at::kFloat &&
+                  down_.scalar_type() == at::kFloat,
+              "moe_prompt: float32 panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
+              "], I a multiple of ", NB);
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),
                    gate_up = gate_up_.contiguous(), down = down_.contiguous();
   auto out = at::empty_like(x);
-  by_dtype(x, "moe_prompt", [&](auto px) {
-    by_dtype(gate_up, "moe_prompt", [&](auto pw) {
-      moe_prompt_impl(px(x), x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(), px(weights), pw(gate_up),
-                      pw(down), gate_up.size(0), down.size(2), px(out));
-    });
+  by_dtype(x, "moe_prompt", [&](auto p) {
+    moe_prompt_impl(p(x), x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(), p(weights),
+                    gate_up.data_ptr<float>(), down.data_ptr<float>(), gate_up.size(0), down.size(2), p(out));
   });
   return out;
 }

@@ -6,8 +6,8 @@ add in one call) and moebench_cpu::attend_row (one query a head against the KV c
 (context encoding, eager): moebench_cpu::attend_block (many queries a head), moebench_cpu::qk_norm_rope (q/k norms,
 rotation and the cache's write), moebench_cpu::rms_norm_rows (RMSNorm of many rows) and, for experts computed in
 float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens them), moebench_cpu::moe_prompt (all of a
-prompt's experts in one call, each weight packed in panels: `panels`) or moebench_cpu::linear_panels (one product of
-a few dozen rows with a float32 weight in panels).
+prompt's experts in one call, each weight packed in float32 panels: `panels`) or moebench_cpu::linear_panels (one
+product of a few dozen rows with a float32 weight in panels).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
 decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
@@ -138,15 +138,17 @@ def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:
-    """w [E, N, K] -> [E, N / NB, K, NB] in w's dtype, for linear_panels (float32) and moe_prompt: each panel NB
-    output columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the machine
-    has them (moebench.engine.hugepages: a prompt streams every expert's weights once a layer)."""
+    """w [E, N, K] -> [E, N / NB, K, NB] in float32 (bfloat16 weights widened), for linear_panels and moe_prompt: each
+    panel NB output columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the
+    machine has them (moebench.engine.hugepages: a prompt streams every expert's weights once a layer). Float32 for
+    bfloat16 weights too: twice the memory of bfloat16 panels, but widened in the cache panel by panel a prompt's
+    experts ran 7-12% slower (Xeon VM)."""
     def pack(w):
         E, N, K = w.shape
         nb = torch.ops.moebench_cpu.panel_width()
         layout = w.view(E, N // nb, nb, K).transpose(2, 3)
-        nbytes = w.numel() * w.element_size()
+        nbytes = w.numel() * 4
         huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
         out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
-        return out.view(w.dtype).view(layout.shape).copy_(layout)
+        return out.view(torch.float32).view(layout.shape).copy_(layout)
     return derived(w, "panels", pack)
