@@ -250,7 +250,7 @@ def test_attend_block_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, T, 
         assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
 
 
-@pytest.mark.parametrize("M, N, K", [(1, 64, 48), (7, 96, 40), (9, 64, 21), (50, 768, 384)])
+@pytest.mark.parametrize("M, N, K", [(1, 64, 48), (7, 128, 40), (9, 64, 21), (50, 768, 384)])
 def test_linear_panels_matches_f_linear(threads, M, N, K):
     g = torch.Generator().manual_seed(M)
     w, x = torch.randn(2, N, K, generator=g), torch.randn(M, K, generator=g)
@@ -274,7 +274,7 @@ def prompt_experts(x, ids, weights, w_gate_up, w_down):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T, D, I, E, k", [(45, 64, 64, 8, 2), (70, 96, 32, 6, 3), (3, 32, 32, 5, 1)])
+@pytest.mark.parametrize("T, D, I, E, k", [(45, 64, 64, 8, 2), (70, 128, 64, 6, 3), (3, 64, 128, 5, 1)])
 def test_moe_prompt_is_the_experts_math(threads, dtype, T, D, I, E, k):
     # Every expert in one call: uneven and empty experts (3 tokens, 5 experts), tiles of fewer rows than a register
     # tile, gate and up panels paired; against float64, and what experts_forward runs for such a prompt.
@@ -297,7 +297,7 @@ def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
     # One expert a token: a bfloat16 prompt's output is its float32 twin's (the same values) rounded to bfloat16 as
     # torch rounds (nearest even; the vectorised rounding of the weighted outputs and of the sums).
     g = torch.Generator().manual_seed(3)
-    T, D, I, E = 70, 96, 64, 5
+    T, D, I, E = 70, 128, 64, 5
     x = torch.randn(T, D, generator=g).bfloat16()
     w_gate_up = (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16()
     w_down = (torch.randn(E, D, I, generator=g) / 8).bfloat16()
@@ -344,7 +344,7 @@ def test_bad_inputs_raise_one_clear_error():
         torch.ops.moebench_cpu.attend_block(q, kv, kv, torch.ones(1, 1, 3, 5), 0.25)
     with pytest.raises(RuntimeError, match=r"linear_panels: x \[M, K\], panels"):
         torch.ops.moebench_cpu.linear_panels(torch.randn(3, 16), torch.randn(2, 8, 32))
-    panels = cpu_ops.panels(torch.randn(4, 64, 32)), cpu_ops.panels(torch.randn(4, 32, 32))
+    x, panels = torch.randn(1, 64), (cpu_ops.panels(torch.randn(4, 128, 64)), cpu_ops.panels(torch.randn(4, 64, 64)))
     with pytest.raises(RuntimeError, match="moe_prompt: expert id out of range: 4"):
         torch.ops.moebench_cpu.moe_prompt(x, torch.tensor([[1, 4]]), torch.ones(1, 2), *panels)
     with pytest.raises(RuntimeError, match="moe_prompt: float32 panels gate_up"):
