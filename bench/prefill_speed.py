@@ -1,7 +1,8 @@
 """Prefill (context encoding) of a 402-token prompt, the contest's longest: moebench against Hugging Face
 transformers on the same checkpoint, in the same run, interleaved; medians, the ratio, and each one's share of the
-compute roofline (FLOPs of the prompt / a large matrix product's GFLOP/s measured now: the faster of float32 and
-the dtype itself, since either may carry the dtype's products).
+compute roofline (FLOPs of the prompt / a large matrix product's GFLOP/s: the faster of float32 and the dtype itself,
+since either may carry the dtype's products, measured between the runs and the best taken, as the machine's speed
+moves within a run).
 
 Both compute the last token's logits only (transformers' `logits_to_keep=1`, as its `generate` does).
 
@@ -40,7 +41,6 @@ def main():
     print(f"{torch.get_num_threads()} threads; prompt {args.prompt_len} tokens", flush=True)
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        gflops = max(gemm_gflops(torch.float32), gemm_gflops(dtype))
         source, engine, hf = engines(args.model, dtype, args.prompt_len + 1, compile=False)
         prompt = torch.randint(1, 4000, (1, args.prompt_len))
         mask = torch.ones_like(prompt)
@@ -52,10 +52,12 @@ def main():
         def theirs():
             hf(prompt, attention_mask=mask, logits_to_keep=1, use_cache=True)
 
-        a, b = [], []
+        a, b, g = [], [], []
         for _ in range(args.repeats):
             a += timed(ours, 1)
             b += timed(theirs, 1)
+            g.append(max(gemm_gflops(torch.float32, repeats=2), gemm_gflops(dtype, repeats=2)))
+        gflops = max(g)
         flops = prefill_flops(source.config, args.prompt_len)
         row = dict(model=args.model, dtype=dtype_name, prompt_len=args.prompt_len, moebench_ms=statistics.median(a) * 1e3,
                    transformers_ms=statistics.median(b) * 1e3, moebench_best_ms=min(a) * 1e3,
