@@ -53,6 +53,65 @@ inline void store(uint16_t* p, float v) { *p = float_to_bf16(v); }
 inline float round_to(float v, const float*) { return v; }
 inline float round_to(float v, const uint16_t*) { return bf16_to_float(float_to_bf16(v)); }
 
+// ---- Vectors of W floats (GCC's vector extensions) -----------------------------------------------------------
+#ifdef __AVX512F__
+constexpr int W = 16;  // floats per vector register
+#else
+constexpr int W = 8;
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// p[0] in every lane, straight from memory: a broadcast from a register would take a slot on one of the two FMA
+// ports of Intel cores (vbroadcastss zmm, xmm runs on port 5), a third of the ports' time in the tiles below.
+inline vf vbroadcast(const float* p) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(*p);
+#elif defined(__AVX__)
+  return _mm256_broadcast_ss(p);
+#else
+  return vf{} + *p;
+#endif
+}
+inline vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#elif defined(__FMA__)
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// W lanes rounded to bfloat16 as float_to_bf16 rounds one (nearest even, NaN to 0x7fc0): the bits, in the upper
+// halves of the lanes; vround(v, p) gives them as floats (v itself where p is float32), vstore_to(p, v) stores v in
+// p's dtype.
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+
+inline vu bf16_bits(vf v) {
+  const vu u = (vu)v, nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return nan ? vu{} + 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+inline vf vround(vf v, const float*) { return v; }
+inline vf vround(vf v, const uint16_t*) { return (vf)bf16_bits(v); }
+inline void vstore_to(float* p, vf v) { vstore(p, v); }
+inline void vstore_to(uint16_t* p, vf v) {
+  const vh h = __builtin_convertvector(bf16_bits(v) >> 16, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+inline vf vload_as(const float* p) { return vload(p); }  // W elements as floats (bfloat16 widened)
+inline vf vload_as(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
 // Bytes ahead of the weight row being read that the dot products ask the cache for (the hardware's prefetchers
 // alone: experts ~10% slower, each expert's weights are a few short streams).
 constexpr int64_t kPrefetch = 2048;
@@ -183,7 +242,8 @@ void rms_norm(const T* x, const T* w, float eps, int64_t n, float* out) {
   for (; i < n; i++) sq += load(x + i) * load(x + i);
   for (int j = 0; j < 16; j++) sq += lanes[j];
   const float r = 1.0f / std::sqrt(sq / n + eps);
-  for (int64_t i = 0; i < n; i++) out[i] = round_to(load(w + i) * round_to(load(x + i) * r, x), x);
+  for (i = 0; i + W <= n; i += W) vstore(out + i, vround(vload_as(w + i) * vround(vload_as(x + i) * r, x), x));
+  for (; i < n; i++) out[i] = round_to(load(w + i) * round_to(load(x + i) * r, x), x);
 }
 
 // The layer's input x [D] through its RMSNorm (weight w) into this thread's buffer xn, in T.
@@ -368,6 +428,13 @@ template <typename T>
 void norm_rope(const T* x, const T* w, float eps, const T* cos, const T* sin, int64_t hd, float* y, T* out) {
   rms_norm(x, w, eps, hd, y);
   const int64_t half = hd / 2;
+  if (half % W == 0) {  // in vectors: each one's lanes all in one half
+    for (int64_t d = 0; d < hd; d += W) {
+      const vf rot = d < half ? -vload(y + d + half) : vload(y + d - half);
+      vstore_to(out + d, vround(vload(y + d) * vload_as(cos + d), out) + vround(rot * vload_as(sin + d), out));
+    }
+    return;
+  }
   for (int64_t d = 0; d < hd; d++) {
     const float rot = d < half ? -y[d + half] : y[d - half];
     store(out + d, round_to(y[d] * load(cos + d), out) + round_to(rot * load(sin + d), out));
@@ -547,39 +614,6 @@ at::Tensor rms_norm_rows(const at::Tensor& x_, const at::Tensor& w_, double eps)
 // against the key range its mask lets it see: scores by register tiles (the keys transposed once per call),
 // softmax in float32, the weighted sum of values by register tiles. bfloat16 inputs are widened to float32 as they
 // are packed; the arithmetic is float32 throughout, the output rounded once.
-#ifdef __AVX512F__
-constexpr int W = 16;  // floats per vector register
-#else
-constexpr int W = 8;
-#endif
-typedef float vf __attribute__((vector_size(W * 4)));
-
-inline vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-// p[0] in every lane, straight from memory: a broadcast from a register would take a slot on one of the two FMA
-// ports of Intel cores (vbroadcastss zmm, xmm runs on port 5), a third of the ports' time in the tiles below.
-inline vf vbroadcast(const float* p) {
-#if defined(__AVX512F__)
-  return _mm512_set1_ps(*p);
-#elif defined(__AVX__)
-  return _mm256_broadcast_ss(p);
-#else
-  return vf{} + *p;
-#endif
-}
-inline vf vfma(vf a, vf b, vf c) {
-#if defined(__AVX512F__)
-  return _mm512_fmadd_ps(a, b, c);
-#elif defined(__FMA__)
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 constexpr int KB = 2 * W;                // keys per block of scores
 constexpr int QK_R = W == 16 ? 8 : 6;    // query rows of a score tile: QK_R x KB scores in registers
@@ -870,23 +904,6 @@ int64_t panel_width() { return NB; }
 // (their dispatch and their buffers' page faults). The panels are float32 for bfloat16 weights too: widened in the
 // cache, panel by panel, a bfloat16 prompt's experts ran 7-12% slower on the Xeon VM, for all they read half the bytes.
 
-// W lanes rounded to bfloat16 as float_to_bf16 rounds one (nearest even, NaN to 0x7fc0): the bits, in the upper
-// halves of the lanes; vround(v, p) gives them as floats (v itself where p is float32), vstore_to(p, v) stores v in
-// p's dtype.
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-
-inline vu bf16_bits(vf v) {
-  const vu u = (vu)v, nan = (u & 0x7fffffffu) > 0x7f800000u;
-  return nan ? vu{} + 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-}
-inline vf vround(vf v, const float*) { return v; }
-inline vf vround(vf v, const uint16_t*) { return (vf)bf16_bits(v); }
-inline void vstore_to(float* p, vf v) { vstore(p, v); }
-inline void vstore_to(uint16_t* p, vf v) {
-  const vh h = __builtin_convertvector(bf16_bits(v) >> 16, vh);
-  std::memcpy(p, &h, sizeof h);
-}
 
 // g * sigmoid(g) * u on W lanes: e^-|g| from exp_nonpositive, so that no lane overflows.
 inline vf silu_times(vf g, vf u) {
