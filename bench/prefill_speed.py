@@ -56,7 +56,7 @@ def main():
         for _ in range(args.repeats):
             a += timed(ours, 1)
             b += timed(theirs, 1)
-            g.append(max(gemm_gflops(torch.float32, repeats=2), gemm_gflops(dtype, repeats=2)))
+            g.append(max(gemm_gflops(d, repeats=2) for d in {torch.float32, dtype}))
         gflops = max(g)
         flops = prefill_flops(source.config, args.prompt_len)
         row = dict(model=args.model, dtype=dtype_name, prompt_len=args.prompt_len, moebench_ms=statistics.median(a) * 1e3,

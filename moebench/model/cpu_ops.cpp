@@ -837,10 +837,12 @@ at::Tensor attend_block(const at::Tensor& q, const at::Tensor& keys, const at::T
 // A 402-token prompt gives each of moebench-speed's 32 experts ~50 rows: oneDNN's float32 product reaches ~400
 // GFLOP/s on them with the weights in the cache, ~330 with them read from memory (Zen 5 VM, 2 threads). Here the
 // weights are packed into panels of NB output columns ([N / NB, K, NB], by the caller, into huge pages); each panel
-// is read from memory once, by the first register tile of rows, which also asks the cache for the thread's next
-// panel; the other tiles find it in the L2 cache: ~430 and ~360-400 GFLOP/s.
-// A register tile: LR rows x NB columns (6 x 64 with AVX-512: 24 sums, 4 weight vectors and a broadcast of the 32
-// registers; ~5% faster than 8 x 32 on the Xeon VM, with 10 loads every 24 multiply-adds instead of 10 every 16).
+// is read from memory once, while the tiles of rows of the panel before it ask the L2 cache for it, and the tiles
+// find it there: ~430 and ~360-400 GFLOP/s.
+// A register tile: LR rows x NB columns (6 x 64 with AVX-512: 24 sums, 4 weight vectors and a broadcast, 29 of the
+// 32 registers (GCC 12 still reads two sums from the stack now and then); ~5% faster than 8 x 32 on the Xeon VM,
+// with 10 loads every 24 multiply-adds instead of 10 every 16). Weights whose dims are not multiples of NB take the
+// torch loop instead (every preset's are).
 constexpr int NB = W == 16 ? 4 * W : 2 * W;  // output columns of a panel
 constexpr int LR = W == 16 ? 6 : 4;          // rows of a register tile
 
@@ -903,7 +905,6 @@ int64_t panel_width() { return NB; }
 // does not depend on the number of threads. Gone: two products per expert and the torch operations around them
 // (their dispatch and their buffers' page faults). The panels are float32 for bfloat16 weights too: widened in the
 // cache, panel by panel, a bfloat16 prompt's experts ran 7-12% slower on the Xeon VM, for all they read half the bytes.
-
 
 // g * sigmoid(g) * u on W lanes: e^-|g| from exp_nonpositive, so that no lane overflows.
 inline vf silu_times(vf g, vf u) {
