@@ -246,13 +246,21 @@ void rms_norm(const T* x, const T* w, float eps, int64_t n, float* out) {
   for (; i < n; i++) out[i] = round_to(load(w + i) * round_to(load(x + i) * r, x), x);
 }
 
+// RMSNorm of x [n] (rms_norm) into out [n] in T; tmp: n floats of scratch.
+template <typename T>
+void rms_norm_to(const T* x, const T* w, float eps, int64_t n, float* tmp, T* out) {
+  rms_norm(x, w, eps, n, tmp);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore_to(out + i, vload(tmp + i));
+  for (; i < n; i++) store(out + i, tmp[i]);
+}
+
 // The layer's input x [D] through its RMSNorm (weight w) into this thread's buffer xn, in T.
 template <typename T>
 void normed(const T* x, const T* w, float eps, int64_t D, std::vector<float>& tmp, std::vector<T>& xn) {
   tmp.resize(D);
   xn.resize(D);
-  rms_norm(x, w, eps, D, tmp.data());
-  for (int64_t d = 0; d < D; d++) store(xn.data() + d, tmp[d]);
+  rms_norm_to(x, w, eps, D, tmp.data(), xn.data());
 }
 
 // The router's choice for one token, as moebench.model.moe.route: logits [E] (already rounded to T) -> the k largest
@@ -600,8 +608,7 @@ at::Tensor rms_norm_rows(const at::Tensor& x_, const at::Tensor& w_, double eps)
       std::vector<float> y(D);
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < rows; r++) {
-        rms_norm(px + r * D, pw, static_cast<float>(eps), D, y.data());
-        for (int64_t d = 0; d < D; d++) store(po + r * D + d, y[d]);
+        rms_norm_to(px + r * D, pw, static_cast<float>(eps), D, y.data(), po + r * D);
       }
     }
   });
