@@ -80,8 +80,7 @@ def _grouped_mm_supported(x: torch.Tensor, w_down: torch.Tensor) -> bool:
 
 def _expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, dtype: torch.dtype):
     """mlp(rows, e): expert e's SwiGLU MLP of rows of x, computed in `dtype` (the result stays in it)."""
-    if (dtype == w_gate_up.dtype == torch.float32 and cpu_ops.panels_usable(x, w_gate_up)
-            and cpu_ops.panels_usable(x, w_down)):
+    if dtype == torch.float32 and cpu_ops.panels_usable(x, w_gate_up) and cpu_ops.panels_usable(x, w_down):
         w1, w2, product = cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down), torch.ops.moebench_cpu.linear_panels
     elif onednn.usable(x, dtype):
         w1, w2, product = onednn.packed(w_gate_up, dtype), onednn.packed(w_down, dtype), onednn.linear
