@@ -2,7 +2,8 @@
 transformers on the same checkpoint, in the same run, interleaved; medians, the ratio, and each one's share of the
 compute roofline (FLOPs of the prompt / a large matrix product's GFLOP/s: the faster of float32 and the dtype itself,
 since either may carry the dtype's products, measured between the runs and the best taken, as the machine's speed
-moves within a run).
+moves within a run). The ratio of the medians, and the median of each round's ratio (the two runs of a round back to
+back, so a slow minute slows both).
 
 Both compute the last token's logits only (transformers' `logits_to_keep=1`, as its `generate` does).
 
@@ -64,10 +65,13 @@ def main():
                    transformers_best_ms=min(b) * 1e3, gemm_gflops=gflops, gflop=flops / 1e9,
                    roofline_ms=flops / gflops / 1e6)
         row["ratio"] = row["transformers_ms"] / row["moebench_ms"]
+        # Each round's two runs back to back: their ratio moves less with the machine's speed than the medians do.
+        row["paired_ratio"] = statistics.median(t / o for o, t in zip(a, b))
         rows.append(row)
         print(f"{args.model} {dtype_name:9s} moebench {row['moebench_ms']:7.0f} ms ({row['roofline_ms'] / row['moebench_ms']:4.0%}"
               f" of roofline)  transformers {row['transformers_ms']:7.0f} ms "
-              f"({row['roofline_ms'] / row['transformers_ms']:4.0%})  ratio {row['ratio']:.2f}x  roofline "
+              f"({row['roofline_ms'] / row['transformers_ms']:4.0%})  ratio {row['ratio']:.2f}x (round by round "
+              f"{row['paired_ratio']:.2f}x)  roofline "
               f"{row['roofline_ms']:.0f} ms ({flops / 1e9:.1f} GFLOP at {gflops:.0f} GFLOP/s)", flush=True)
         del engine, hf
     shares = [(f"{r['model'].removeprefix('moebench-')} {r['dtype']} {r['prompt_len']} tokens",
