@@ -96,14 +96,15 @@ def kernel_seconds(fn, steps: int) -> float:
     return sum(e.self_cpu_time_total for e in math) / 1e6 / steps
 
 
-def write_results(path: str, payload: dict, shares: list[tuple[str, float, float]], title: str):
+def write_results(path: str, payload: dict, shares: list[tuple[str, float, float]], title: str,
+                  competitor: str = "transformers"):
     """Write a bench script's results as JSON (folders made as needed), and beside it (.svg) a bar chart of each
-    row's share of the roofline, moebench's and transformers' (shares: (row label, moebench's, transformers'))."""
+    row's share of the roofline, moebench's and the competitor's (shares: (row label, moebench's, the other's))."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
     bars = [(f"{label}: {engine}", 100 * share) for label, *both in shares
-            for engine, share in zip(("moebench", "transformers"), both)]
+            for engine, share in zip(("moebench", competitor), both)]
     chart = out.with_suffix(".svg")
     chart.write_text(svg.bars(bars, title, "% of the roofline measured in the same run",
                               highlight={name for name, _ in bars if name.endswith("moebench")}))

@@ -55,7 +55,60 @@ def test_prefill_speed_writes_both_engines_rows_against_the_compute_roofline(tmp
     (row,) = json.loads(out.read_text())["rows"]
     assert row["prompt_len"] == 24 and row["moebench_ms"] > 0 and row["transformers_ms"] > 0
     assert row["roofline_ms"] == pytest.approx(row["gflop"] * 1e3 / row["gemm_gflops"])
+    assert row["paired_ratio"] == pytest.approx(row["ratio"])  # one round: the same two runs
     share = row["roofline_ms"] / row["moebench_ms"]  # drawn as a percentage
     chart = out.with_suffix(".svg").read_text()
     assert 'data-marks="2"' in chart and "tiny float32 24 tokens: moebench" in chart
     assert f">{100 * share:.4g}<" in chart
+
+
+def fake_llamacpp(tree: Path, tok_s: float) -> Path:
+    """A llama.cpp tree whose converter writes a stand-in GGUF and whose llama-bench reports tok_s, each logging its
+    arguments."""
+    (tree / "conversion").mkdir(parents=True)
+    (tree / "gguf-py").mkdir()
+    (tree / "conversion" / "__init__.py").write_text("")
+    (tree / "conversion" / "base.py").write_text("class TextModel:\n    pass\n")
+    (tree / "convert_hf_to_gguf.py").write_text(
+        "import sys\nfrom pathlib import Path\nimport conversion.base\n\ndef main():\n"
+        "    assert conversion.base.TextModel.get_vocab_base_pre(None, None) == 'qwen2'\n"
+        "    Path(sys.argv[sys.argv.index('--outfile') + 1]).write_text(' '.join(sys.argv[1:]))\n")
+    bench_bin = tree / "build" / "bin" / "llama-bench"
+    bench_bin.parent.mkdir(parents=True)
+    bench_bin.write_text(f'#!/bin/sh\necho "$@" >> "{tree}/calls.txt"\necho \'[{{"avg_ts": {tok_s}}}]\'\n')
+    bench_bin.chmod(0o755)
+    return tree
+
+
+def test_llamacpp_decode_converts_each_checkpoint_once(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from llamacpp_decode import gguf
+
+    tree = fake_llamacpp(tmp_path / "llama.cpp", 250.0)
+    first = gguf(tree, "moebench-tiny", "bfloat16", tmp_path / "gguf")
+    assert first.name.endswith("-bf16.gguf") and "--outtype bf16" in first.read_text()
+    first.write_text("kept")
+    assert gguf(tree, "moebench-tiny", "bfloat16", tmp_path / "gguf") == first and first.read_text() == "kept"
+    assert gguf(tree, "moebench-tiny", "float32", tmp_path / "gguf").name.endswith("-f32.gguf")
+
+
+def test_llamacpp_decode_interleaves_both_engines_against_the_measured_roofline(tmp_path):
+    tree, out = fake_llamacpp(tmp_path / "llama.cpp", 250.0), tmp_path / "l.json"
+    proc = bench("llamacpp_decode.py", "--llama-cpp", str(tree), "--model", "moebench-tiny", "--dtypes", "bfloat16",
+                 "--tokens", "4", "--repeats", "2", "--gguf-dir", str(tmp_path / "gguf"), out=out)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["llamacpp_runs"] == [250.0, 250.0] and len(row["moebench_runs"]) == 2
+    assert row["ratio"] == pytest.approx(row["moebench_tok_s"] / 250.0)
+    assert row["roofline_tok_s"] == pytest.approx(row["bandwidth_gbs"] * 1e9 / row["bytes_per_token"])
+    assert len(row["bandwidth_reads"]) == 3  # before, between and after the rounds
+    calls = (tree / "calls.txt").read_text().splitlines()  # the warm-up, then one run per round
+    assert len(calls) == 3 and all("-bf16.gguf -p 0 -n 4 -d 16 -t " in c for c in calls)
+    assert "llama.cpp" in proc.stdout and "tiny bfloat16: llama.cpp" in out.with_suffix(".svg").read_text()
+
+
+def test_llamacpp_decode_without_a_built_tree_says_how_to_build_one(tmp_path):
+    proc = bench("llamacpp_decode.py", "--llama-cpp", str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"llamacpp_decode: no llama.cpp tree with a built llama-bench at {tmp_path} (build one with: bash "
+        "scripts/build_llamacpp.sh)"]
