@@ -12,7 +12,9 @@ if [ ! -d "$tree" ]; then
     python -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$dir"
     tar xzf "$dir/llama_cpp_python-$version.tar.gz" -C "$dir"
 fi
-cmake -S "$tree" -B "$tree/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-cmake --build "$tree/build" --target llama-bench -j "$(nproc)" >/dev/null
+log="$dir/build.log"  # the compiler's output (its warnings too); its end is shown if the build fails
+{ cmake -S "$tree" -B "$tree/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DLLAMA_CURL=OFF \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF &&
+  cmake --build "$tree/build" --target llama-bench -j "$(nproc)"; } >"$log" 2>&1 || {
+    tail -20 "$log" >&2; echo "build_llamacpp: the build failed (the whole log: $log)" >&2; exit 1; }
 echo "$tree"
