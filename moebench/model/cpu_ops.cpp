@@ -112,13 +112,18 @@ inline vf vload_as(const uint16_t* p) {
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
-// Bytes ahead of the weight row being read that the dot products ask the cache for (the hardware's prefetchers
-// alone: experts ~10% slower, each expert's weights are a few short streams).
-constexpr int64_t kPrefetch = 2048;
+// Bytes ahead of the weight row being read that the dot products ask the cache for: two lines kPrefetch bytes on
+// into L1, two more kPrefetchL2 bytes on into L2 (the hardware's prefetchers alone: experts ~10% slower, each
+// expert's weights are a few short streams; the lines into L2 as well: decode steps 5-15% faster on the Xeon VM,
+// float32 and bfloat16, whose two cores kept too few reads in flight to draw the memory's bandwidth).
+constexpr int64_t kPrefetch = 2048, kPrefetchL2 = 8192;
 
-inline void prefetch(const void* p) {  // the two cache lines kPrefetch bytes after p
-  _mm_prefetch(static_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-  _mm_prefetch(static_cast<const char*>(p) + kPrefetch + 64, _MM_HINT_T0);
+inline void prefetch(const void* p) {
+  const char* c = static_cast<const char*>(p);
+  _mm_prefetch(c + kPrefetch, _MM_HINT_T0);
+  _mm_prefetch(c + kPrefetch + 64, _MM_HINT_T0);
+  _mm_prefetch(c + kPrefetchL2, _MM_HINT_T1);
+  _mm_prefetch(c + kPrefetchL2 + 64, _MM_HINT_T1);
 }
 
 // Dot products of n elements, the weights' row w against the activations x.
