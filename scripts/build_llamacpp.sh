@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's llama-bench for bench/llamacpp_decode.py, from the only source these machines can reach: the
 # llama.cpp tree vendored in llama-cpp-python's source package on PyPI (pinned). CPU only, -march=native, OpenMP;
-# ~10 minutes on 2 cores. Prints the tree's path (pass it as --llama-cpp).
+# ~5 minutes on 2 cores. Prints the tree's path (pass it as --llama-cpp).
 # Usage: bash scripts/build_llamacpp.sh [DIR]        (default ~/.cache/moebench/llama.cpp)
 set -euo pipefail
 version=0.3.36
