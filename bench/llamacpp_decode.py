@@ -108,8 +108,9 @@ def main():
         row["ratio"] = row["moebench_tok_s"] / row["llamacpp_tok_s"]
         row["paired_ratio"] = statistics.median(x / y for x, y in zip(a, b))
         rows.append(row)
-        print(f"{args.model} {dtype_name:9s} moebench {row['moebench_tok_s']:7.1f} tok/s ({row['moebench_tok_s'] / roofline:4.0%}"
-              f" of roofline)  llama.cpp {row['llamacpp_tok_s']:7.1f} ({row['llamacpp_tok_s'] / roofline:4.0%})  ratio "
+        ours, theirs = row["moebench_tok_s"], row["llamacpp_tok_s"]
+        print(f"{args.model} {dtype_name:9s} moebench {ours:7.1f} tok/s ({ours / roofline:4.0%} of roofline)  "
+              f"llama.cpp {theirs:7.1f} ({theirs / roofline:4.0%})  ratio "
               f"{row['ratio']:.2f}x (round by round {row['paired_ratio']:.2f}x)  roofline {roofline:.0f} tok/s at "
               f"{row['bandwidth_gbs']:.1f} GB/s", flush=True)
         del engine

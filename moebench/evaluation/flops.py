@@ -58,11 +58,12 @@ if onednn.AVAILABLE:  # the CPU's eager products (moebench.model.onednn); a pack
     MATMUL_MACS[torch.ops.mkldnn._linear_pointwise.default] = lambda x, w, *_: prod(_shape(x)[:-1]) * prod(_shape(w))
 
 # moebench's C++ CPU operators (moebench.model.cpu_ops, loaded at run time: keyed by name), counted as the library
-# operators they stand in for: a prompt's attention over every key, a product against a weight in panels, the
-# experts' products.
+# operators they stand in for: a prompt's attention over every key, a product against a weight in panels or of one
+# row, the experts' products.
 CPU_OP_MACS = {
     "moebench_cpu::attend_block": _attention_macs,
     "moebench_cpu::linear_panels": lambda x, panels: prod(_shape(x)[:-1]) * prod(_shape(panels)),
+    "moebench_cpu::linear_row": lambda x, w: prod(_shape(x)[:-1]) * prod(_shape(w)),  # a prompt's LM head, eager
     # A prompt's experts: each (token, expert) pair through one expert's gate, up and down products.
     "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down: prod(_shape(ids)) * (
         prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:])),
