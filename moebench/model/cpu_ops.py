@@ -1,13 +1,13 @@
 """moebench's CPU operators in C++ (cpu_ops.cpp). In compiled decode steps: moebench_cpu::linear_row (a one-row
-product), moebench_cpu::moe_route_decode (one token's MoE block: norm, router, top-k, experts and residual add in one
-call; moe_decode: the experts alone, behind a submission's router kernel), moebench_cpu::attention_decode (one token's
-attention block: norm, projections, q/k norms, rotation, the cache's write, attention, output projection and residual
-add in one call) and moebench_cpu::attend_row (one query a head against the KV cache, for batches); in prompts
-(context encoding, eager): moebench_cpu::attend_block (many queries a head), moebench_cpu::qk_norm_rope (q/k norms,
-rotation and the cache's write), moebench_cpu::rms_norm_rows (RMSNorm of many rows) and, for experts computed in
-float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens them), moebench_cpu::moe_prompt (all of a
-prompt's experts in one call, each weight packed in float32 panels: `panels`) or moebench_cpu::linear_panels (one
-product of a few dozen rows with a float32 weight in panels).
+product; eagerly too: a prompt's LM head), moebench_cpu::moe_route_decode (one token's MoE block: norm, router,
+top-k, experts and residual add in one call; moe_decode: the experts alone, behind a submission's router kernel),
+moebench_cpu::attention_decode (one token's attention block: norm, projections, q/k norms, rotation, the cache's
+write, attention, output projection and residual add in one call) and moebench_cpu::attend_row (one query a head
+against the KV cache, for batches); in prompts (context encoding, eager): moebench_cpu::attend_block (many queries a
+head), moebench_cpu::qk_norm_rope (q/k norms, rotation and the cache's write), moebench_cpu::rms_norm_rows (RMSNorm
+of many rows) and, for experts computed in float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens
+them), moebench_cpu::moe_prompt (all of a prompt's experts in one call, each weight packed in float32 panels:
+`panels`) or moebench_cpu::linear_panels (one product of a few dozen rows with a float32 weight in panels).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
 decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
