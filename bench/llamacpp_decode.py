@@ -37,9 +37,12 @@ convert_hf_to_gguf.main()
 """
 
 
+OUTTYPES = {"float32": "f32", "bfloat16": "bf16"}  # GGUF's names of the dtypes the converter keeps as they are
+
+
 def gguf(tree: Path, name: str, dtype_name: str, folder: Path) -> Path:
     """The preset's checkpoint as GGUF in `dtype_name` (converted once into `folder`)."""
-    outtype = {"float32": "f32", "bfloat16": "bf16"}[dtype_name]
+    outtype = OUTTYPES[dtype_name]
     src = preset_dir(name)
     out = folder / f"{src.name}-{outtype}.gguf"
     if not out.exists():
@@ -73,6 +76,9 @@ def main():
                     help="where the converted checkpoints are kept")
     ap.add_argument("--out", default="bench/results/llamacpp_decode.json")
     args = ap.parse_args()
+    for dtype_name in args.dtypes.split(","):
+        if dtype_name not in OUTTYPES:
+            ap.error(f"--dtypes: {dtype_name!r} is not one of {', '.join(OUTTYPES)}")
     bench = args.llama_cpp / "build" / "bin" / "llama-bench"
     if not bench.is_file() or not (args.llama_cpp / "convert_hf_to_gguf.py").is_file():
         sys.exit(f"llamacpp_decode: no llama.cpp tree with a built llama-bench at {args.llama_cpp} "

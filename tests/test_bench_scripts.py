@@ -112,3 +112,8 @@ def test_llamacpp_decode_without_a_built_tree_says_how_to_build_one(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"llamacpp_decode: no llama.cpp tree with a built llama-bench at {tmp_path} (build one with: bash "
         "scripts/build_llamacpp.sh)"]
+
+
+def test_llamacpp_decode_refuses_a_dtype_it_cannot_convert(tmp_path):
+    proc = bench("llamacpp_decode.py", "--llama-cpp", str(tmp_path), "--dtypes", "float32,float16")
+    assert proc.returncode == 2 and "--dtypes: 'float16' is not one of float32, bfloat16" in proc.stderr
