@@ -65,14 +65,19 @@ def gemm_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return max(2 * n**3 / statistics.median(timed(fn, repeats)) / 1e9 for fn in products)
 
 
+def moebench_engine(name: str, dtype: torch.dtype, max_len: int, compile: bool):
+    """(the preset's source, moebench's engine on it): the preset's checkpoint is written on first use."""
+    source = open_model(f"preset:{name}")
+    ours = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=True), dtype, "cpu")
+    return source, Engine(ours, batch=1, max_len=max_len, compile=compile)
+
+
 def engines(name: str, dtype: torch.dtype, max_len: int, compile: bool):
     """moebench's engine and transformers' model on the same checkpoint (a preset, written on first use)."""
     from transformers import Qwen3MoeForCausalLM as HFModel
 
-    source = open_model(f"preset:{name}")
-    ours = build_model(Qwen3MoeForCausalLM, source, ModelOptions(fused_qkv=True), dtype, "cpu")
-    hf = HFModel.from_pretrained(preset_dir(name), dtype=dtype).eval()
-    return source, Engine(ours, batch=1, max_len=max_len, compile=compile), hf
+    source, engine = moebench_engine(name, dtype, max_len, compile)
+    return source, engine, HFModel.from_pretrained(preset_dir(name), dtype=dtype).eval()
 
 
 # Profiler events that only make views or allocate: the framework's, not the math's.

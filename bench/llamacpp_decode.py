@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import bandwidth, engines, write_results
+from _common import bandwidth, moebench_engine, write_results
 from decode_speed import moebench_decode
 from moebench.model.presets import preset_dir
 
@@ -76,7 +76,8 @@ def main():
                     help="where the converted checkpoints are kept")
     ap.add_argument("--out", default="bench/results/llamacpp_decode.json")
     args = ap.parse_args()
-    for dtype_name in args.dtypes.split(","):
+    dtype_names = args.dtypes.split(",")
+    for dtype_name in dtype_names:
         if dtype_name not in OUTTYPES:
             ap.error(f"--dtypes: {dtype_name!r} is not one of {', '.join(OUTTYPES)}")
     bench = args.llama_cpp / "build" / "bin" / "llama-bench"
@@ -88,11 +89,10 @@ def main():
     threads = torch.get_num_threads()
     rows = []
     print(f"{threads} threads; {args.tokens} tokens after {args.prompt_len} of context", flush=True)
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in dtype_names:
         dtype = getattr(torch, dtype_name)
         model = gguf(args.llama_cpp, args.model, dtype_name, args.gguf_dir)
-        source, engine, hf = engines(args.model, dtype, args.prompt_len + args.tokens + 1, compile=True)
-        del hf
+        source, engine = moebench_engine(args.model, dtype, args.prompt_len + args.tokens + 1, compile=True)
         prompt = torch.randint(1, 4000, (1, args.prompt_len))
         start = time.perf_counter()
         moebench_decode(engine, prompt, 4)  # compiles the decode step

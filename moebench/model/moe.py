@@ -34,9 +34,10 @@ def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if type(layer) is not torch.nn.Linear:
         return layer(x)
     rows, compiled, y = x.numel() // x.shape[-1], in_compiled_cpu_graph(x), None
-    if rows == 1 and (compiled or not torch.compiler.is_compiling()) and cpu_ops.usable(x, layer.weight):
+    if rows == 1 and not torch.compiler.is_exporting() and cpu_ops.usable(x, layer.weight):
         # One C++ loop of dot products, at the memory's speed: in compiled decode steps, and eagerly (a prompt's LM
-        # head: ~1 ms faster than oneDNN's product in bfloat16, ~0.4 ms in float32, on the Xeon VM).
+        # head: ~1 ms faster than oneDNN's product in bfloat16, ~0.4 ms in float32, on the Xeon VM). Exported
+        # graphs keep the linear (below): the MAC count reads it.
         y = torch.ops.moebench_cpu.linear_row(x.reshape(1, -1), layer.weight)
     elif rows == 1 and compiled:
         # Decode's one-row products are bound by reading the weights. The CPU library's matrix-vector product
