@@ -1,13 +1,15 @@
 """Batch-1 decode at Qwen3-30B-A3B's dimensions on an NVIDIA GPU: moebench against Hugging Face transformers.
 
-Random bfloat16 weights (no download), made directly on the GPU. In one run it prints and writes:
+Random bfloat16 weights (no download), made directly on the GPU. In one run it prints and writes (the JSON after
+each part, so that a run cut short keeps what it measured):
   - the GPU's read bandwidth now (a large copy) and the decode roofline: bytes read per token / bandwidth;
-  - the fused MoE layer (router + k experts, one token) in µs, in a CUDA graph, against the roofline of its bytes;
-  - moebench's decode tokens/s (Triton kernels, the whole step in one CUDA graph per bucket) and its share of
-    the roofline, at full size (48 layers);
-  - the contest-shaped request: 402 prompt tokens, 640 in all, end to end (prefill + 238 decode steps), in ms;
-  - transformers (its best experts backend for batch 1, batched_mm, and grouped_mm) against moebench with
-    fewer layers of the same shapes (--hf-layers), since both at full size do not fit one GPU: tokens/s, ratio.
+  - with fewer layers of the same shapes (--hf-layers): the kernels' engine (compiled, CUDA graphs) against the
+    plain torch model of the same weights (prefill logits, greedy tokens), then its tokens/s against transformers'
+    (batched_mm, its best experts backend for batch 1, and grouped_mm): both at full size do not fit one GPU;
+  - at full size (48 layers): the fused MoE layer (router + k experts, one token) in µs, replayed in a CUDA graph,
+    against the roofline of its bytes; decode tokens/s (the whole step in one CUDA graph per bucket) and its share
+    of the roofline; the contest-shaped request: 402 prompt tokens, 640 in all, end to end (prefill + 238 decode
+    steps), in ms.
 
     python bench/gpu_decode.py --out gpu_decode.json
     python bench/gpu_decode.py --device cpu --layers 2 --hf-layers 1 --small   # smoke run of the script itself
@@ -23,6 +25,7 @@ import sys
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
 from moebench.model.presets import PRESETS
@@ -91,12 +94,23 @@ def decode_rate(engine, prompt, steps: int, device) -> float:
 
 
 def request_ms(engine, prompt, new_tokens: int, device) -> float:
-    """End-to-end ms of prefill + greedy decoding of new_tokens tokens."""
+    """End-to-end ms of prefill + greedy decoding of new_tokens tokens (no logits kept, as the benchmark times)."""
     sync(device)
     start = time.perf_counter()
-    engine.greedy(prompt, torch.ones_like(prompt), new_tokens)
+    engine.generate(prompt, torch.ones_like(prompt), new_tokens, min_new_tokens=new_tokens)
     sync(device)
     return (time.perf_counter() - start) * 1e3
+
+
+def agreement(engine, reference, prompt, new_tokens: int) -> dict:
+    """How the kernels' engine (compiled, CUDA graphs) agrees with the plain torch model of the same weights, eager:
+    the prefill logits' largest difference against the largest logit, and the greedy tokens that match."""
+    ours, ours_logits = engine.greedy(prompt, torch.ones_like(prompt), new_tokens)
+    theirs, theirs_logits = reference.greedy(prompt, torch.ones_like(prompt), new_tokens)
+    scale = theirs_logits[0].abs().max().item()
+    same = (ours == theirs).float().cumprod(1).sum().item()  # tokens equal before the first difference
+    return dict(prefill_max_diff=(ours_logits[0] - theirs_logits[0]).abs().max().item(), logit_scale=scale,
+                tokens_equal_before_first_difference=int(same), tokens=new_tokens)
 
 
 def hf_rate(model, prompt, steps: int, device) -> float:
@@ -143,19 +157,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=48, help="decoder layers of the full-size runs")
-    ap.add_argument("--hf-layers", type=int, default=8, help="layers of the side-by-side run with transformers")
+    ap.add_argument("--hf-layers", type=int, default=8,
+                    help="layers of the side-by-side run with transformers (0: no side-by-side part)")
     ap.add_argument("--small", action="store_true", help="shrink every dimension (a smoke run on the CPU)")
     ap.add_argument("--prompt-len", type=int, default=402)
     ap.add_argument("--seq-len", type=int, default=640)
     ap.add_argument("--steps", type=int, default=128, help="decode steps timed per run")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--out", help="write the results as JSON here (after each part, so a run cut short keeps them)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/gpu_decode.py: no CUDA GPU here (--device cpu --small runs the script on the CPU)",
               file=sys.stderr)
         return 2
+    if args.prompt_len + args.steps >= args.seq_len:
+        ap.error(f"--prompt-len {args.prompt_len} + --steps {args.steps} must stay below --seq-len {args.seq_len}")
     cfg = dataclasses.replace(PRESETS["qwen3-30b-a3b"], num_hidden_layers=args.layers)
     if args.small:
         cfg = dataclasses.replace(cfg, vocab_size=4096, hidden_size=256, moe_intermediate_size=64, num_experts=16,
@@ -164,76 +181,114 @@ def main() -> int:
     kernels = frozenset(set(KERNEL_BLOCKS) - QUANTIZED) if on_gpu else frozenset()  # CPU: the interpreter is slow
     options = ModelOptions(fused_qkv=True, kernels=kernels)
     name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print(f"device: {name}  torch {torch.__version__}  bfloat16, batch 1, {cfg.num_hidden_layers} layers", flush=True)
+    began = time.perf_counter()
 
+    def say(line: str) -> None:
+        print(f"[{time.perf_counter() - began:5.0f} s] {line}", flush=True)
+
+    say(f"device: {name}  torch {torch.__version__}  bfloat16, batch 1, {cfg.num_hidden_layers} layers")
     bw = read_bandwidth(device)
     bytes_per_token = cfg.active_parameters() * 2
     roofline = bw * 1e9 / bytes_per_token
     result = dict(device=name, torch=torch.__version__, layers=cfg.num_hidden_layers, bandwidth_gbs=bw,
-                  bytes_per_token=bytes_per_token, roofline_tok_s=roofline)
-    print(f"read bandwidth {bw:.0f} GB/s; {bytes_per_token / 1e9:.3f} GB per token; roofline {roofline:.0f} tok/s",
-          flush=True)
+                  bytes_per_token=bytes_per_token, roofline_tok_s=roofline, kernels=sorted(kernels))
 
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+
+    save()
+    say(f"read bandwidth {bw:.0f} GB/s; {bytes_per_token / 1e9:.3f} GB per token; roofline {roofline:.0f} tok/s")
     torch.manual_seed(0)
     prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt_len), device=device)
-    buckets = tuple(b for b in (128, 256, 512) if b < args.seq_len) + (args.seq_len,)
-    model = random_model(cfg, options, device)
-    engine = Engine(model, batch=1, max_len=args.seq_len, compile=True, tkg_buckets=buckets, cuda_graphs=True)
-    start = time.perf_counter()
-    for b in buckets:
-        engine.warm_decode(b)
-    print(f"compiled {len(buckets)} decode buckets in {time.perf_counter() - start:.0f} s", flush=True)
+    # One bucket, the whole cache: a decode step reads ~6 GB of weights and 1.3 MB of KV cache a layer at most, so
+    # smaller buckets would save nothing measurable and cost a compilation each (minutes of a short lease).
+    buckets = (args.seq_len,)
+    short = prompt[:, :16]
+    failed = 0
 
-    try:
-        moe_us = moe_layer_us(engine, device)
-    except Exception as e:  # a kernel that cannot be captured: said, and the rest still runs
-        print(f"fused MoE layer: not timed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-        moe_us = float("nan")
-    moe_bytes = (cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size + cfg.num_experts) * cfg.hidden_size * 2
-    result.update(moe_layer_us=moe_us, moe_layer_bytes=moe_bytes, moe_layer_roofline_us=moe_bytes / bw / 1e3)
-    print(f"fused MoE layer (router + {cfg.num_experts_per_tok} experts, one token): {moe_us:.1f} µs; roofline "
-          f"{moe_bytes / bw / 1e3:.1f} µs", flush=True)
-
-    rates = [decode_rate(engine, prompt, args.steps, device) for _ in range(args.repeats)]
-    result.update(decode_tok_s=statistics.median(rates), decode_best_tok_s=max(rates))
-    print(f"moebench decode: {statistics.median(rates):.0f} tok/s ({statistics.median(rates) / roofline:.0%} of "
-          f"the roofline)", flush=True)
-    new_tokens = args.seq_len - args.prompt_len
-    e2e = [request_ms(engine, prompt, new_tokens, device) for _ in range(args.repeats)]
-    result.update(request_ms=statistics.median(e2e), request_best_ms=min(e2e))
-    print(f"contest-shaped request ({args.prompt_len} prompt + {new_tokens} new tokens): "
-          f"{statistics.median(e2e):.0f} ms", flush=True)
-    del engine, model
+    # 1. Fewer layers of the same shapes: the kernels against plain torch on the same weights, then the speed
+    #    against transformers (both fit one GPU at once).
+    if args.hf_layers:
+        try:
+            small = dataclasses.replace(cfg, num_hidden_layers=args.hf_layers)
+            engine = Engine(random_model(small, options, device), batch=1, max_len=args.seq_len, compile=True,
+                            tkg_buckets=buckets, cuda_graphs=True)
+            plain_options = dataclasses.replace(options, kernels=frozenset())  # the same parameters, drawn alike
+            plain = Engine(random_model(small, plain_options, device), batch=1, max_len=args.seq_len)
+            check = agreement(engine, plain, prompt, 16)
+            del plain
+            result["agreement"] = check
+            say(f"{args.hf_layers} layers, kernels (compiled, CUDA graphs) against plain torch (eager), same weights: "
+                f"prefill logits differ by at most {check['prefill_max_diff']:.3g} (largest logit "
+                f"{check['logit_scale']:.3g}); greedy tokens equal for {check['tokens_equal_before_first_difference']} "
+                f"of {check['tokens']}")
+            decode_rate(engine, short, 4, device)
+            ours = statistics.median(decode_rate(engine, short, args.steps, device) for _ in range(args.repeats))
+            side = result["side_by_side"] = dict(layers=args.hf_layers, moebench_tok_s=ours)
+            say(f"{args.hf_layers} layers: moebench {ours:.0f} tok/s")
+            del engine
+            save()
+            for experts in ("batched_mm", "grouped_mm"):
+                try:
+                    hf = hf_model(small, device, experts)
+                    rate = hf_rate(hf, short, args.steps, device)
+                    del hf
+                except Exception as e:  # a backend this transformers or GPU lacks: said, and the others still run
+                    say(f"transformers {experts}: not run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    continue
+                side[f"transformers_{experts}_tok_s"] = rate
+                say(f"{args.hf_layers} layers: transformers ({experts}) {rate:.0f} tok/s; moebench / it = "
+                    f"{ours / rate:.2f}x")
+                save()
+        except Exception as e:  # said, and the full-size part still runs
+            failed += 1
+            say(f"side-by-side part failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     if on_gpu:
         torch.cuda.empty_cache()
 
-    # Side by side with transformers, fewer layers of the same shapes (both fit at once).
-    small = dataclasses.replace(cfg, num_hidden_layers=args.hf_layers)
-    engine = Engine(random_model(small, options, device), batch=1, max_len=args.seq_len, compile=True,
-                    tkg_buckets=buckets, cuda_graphs=True)
-    short = prompt[:, :16]
-    decode_rate(engine, short, 4, device)
-    ours = statistics.median(decode_rate(engine, short, args.steps, device) for _ in range(args.repeats))
-    side = dict(layers=args.hf_layers, moebench_tok_s=ours)
-    print(f"{args.hf_layers} layers: moebench {ours:.0f} tok/s", flush=True)
-    del engine
-    for experts in ("batched_mm", "grouped_mm"):
+    # 2. Full size: the fused MoE layer, decode tokens/s and the contest-shaped request.
+    try:
+        model = random_model(cfg, options, device)
+        engine = Engine(model, batch=1, max_len=args.seq_len, compile=True, tkg_buckets=buckets, cuda_graphs=True)
+        start = time.perf_counter()
+        for b in buckets:
+            engine.warm_decode(b)
+        result["compile_s"] = time.perf_counter() - start
+        skips = dict(counters["inductor"]).get("cudagraph_skips", 0)  # a graph Inductor could not capture runs bare
+        result["cudagraph_skips"] = skips
+        say(f"compiled {len(buckets)} decode bucket(s) {buckets} in {result['compile_s']:.0f} s; CUDA graphs "
+            f"skipped: {skips}")
         try:
-            hf = hf_model(small, device, experts)
-            rate = hf_rate(hf, short, args.steps, device)
-            del hf
-        except Exception as e:  # a backend this transformers or GPU lacks: said, and the others still run
-            print(f"transformers {experts}: not run ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            continue
-        side[f"transformers_{experts}_tok_s"] = rate
-        print(f"{args.hf_layers} layers: transformers ({experts}) {rate:.0f} tok/s; moebench / it = "
-              f"{ours / rate:.2f}x", flush=True)
-    result["side_by_side"] = side
+            moe_us = moe_layer_us(engine, device)
+        except Exception as e:  # a kernel that cannot be captured: said, and the rest still runs
+            say(f"fused MoE layer: not timed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+            moe_us = float("nan")
+        moe_bytes = (cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size + cfg.num_experts) * cfg.hidden_size * 2
+        result.update(moe_layer_us=moe_us, moe_layer_bytes=moe_bytes, moe_layer_roofline_us=moe_bytes / bw / 1e3)
+        say(f"fused MoE layer (router + {cfg.num_experts_per_tok} experts, one token): {moe_us:.1f} µs; roofline "
+            f"{moe_bytes / bw / 1e3:.1f} µs")
+        save()
+        decode_rate(engine, prompt, 4, device)
+        rates = [decode_rate(engine, prompt, args.steps, device) for _ in range(args.repeats)]
+        result.update(decode_tok_s=statistics.median(rates), decode_best_tok_s=max(rates),
+                      decode_share_of_roofline=statistics.median(rates) / roofline)
+        say(f"moebench decode, {cfg.num_hidden_layers} layers, {args.prompt_len}-token prompt: "
+            f"{statistics.median(rates):.0f} tok/s ({statistics.median(rates) / roofline:.0%} of the roofline)")
+        save()
+        new_tokens = args.seq_len - args.prompt_len
+        e2e = [request_ms(engine, prompt, new_tokens, device) for _ in range(args.repeats)]
+        result.update(request_ms=statistics.median(e2e), request_best_ms=min(e2e))
+        say(f"contest-shaped request ({args.prompt_len} prompt + {new_tokens} new tokens): "
+            f"{statistics.median(e2e):.0f} ms")
+        save()
+    except Exception as e:
+        failed += 1
+        say(f"full-size part failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"results: {args.out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Micro-benchmark of moebench's Triton kernels on an NVIDIA GPU at Qwen3-30B-A3B's shapes, batch-1 decode.
 
-For each kernel: median time (triton.testing.do_bench, CUDA-graph free, L2 flushed between runs), the bytes it must
-read and write, the achieved GB/s, and the same for the plain torch path it replaces, side by side with the ratio.
+For each kernel: its time in a CUDA graph as a decode step replays it (no launch overhead; the L2 cache emptied
+before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch path it replaces, side by side with the ratio.
+With --sweep, also the decode-shaped launches of the expert and projection kernels over tile sizes, warps and
+pipeline stages (each output checked against the default launch's), the fastest first: what their _tiles should pick.
 
-    python bench/gpu_kernels.py [--out results.json] [--cache-len 640]
+    python bench/gpu_kernels.py [--out results.json] [--cache-len 640] [--sweep]
 
 Needs a CUDA GPU (exits 2 with one line without one); scripts/gpu_check.sh runs it after the kernel tests.
 """
 
 import argparse
 import json
+import statistics
 import sys
 
 import torch
@@ -19,31 +22,115 @@ import torch.nn.functional as F
 D, H, HKV, HD, E, K, I, V = 2048, 32, 4, 128, 128, 8, 768, 151936
 
 
-def bench(fn) -> float:
+_flush = None
+
+
+def bench(fn, n: int = 10) -> float:
+    """µs of one call of fn as a decode step makes it: replayed in a CUDA graph (no launch overhead), with the L2
+    cache emptied before each call. The graph of n (emptying, call) pairs is timed against the graph of the n
+    emptyings alone (medians of 15 replays each); the difference, / n."""
+    global _flush
+    if _flush is None:
+        _flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # 4x the L2 cache
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles, and the allocator's first blocks, outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+    def replay_ms(with_fn: bool) -> float:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                _flush.zero_()
+                if with_fn:
+                    fn()
+        times = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    return (replay_ms(True) - replay_ms(False)) * 1e3 / n
+
+
+# Launch options tried by --sweep (each is ~1 s of compilation): the tl.dot kernels' tiles, warps and stages, and
+# for the projections also BM = 1, their kernel without tl.dot (one row a program).
+DOT_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
+             for w, st in ((4, 3), (4, 5), (8, 4))]
+ROW_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]
+
+
+def sweep(name: str, module, call, nbytes: int, choices: list) -> list:
+    """Times call() with each choice merged into module._tiles' answer; each output must match the default
+    launch's (within 2% of its largest value: other tiles sum in another order). Fastest first."""
+    default = module._tiles
+    expected = call().float()
+    rows = [dict(options="default", us=bench(call))]
+    try:
+        for opts in choices:
+            module._tiles = lambda *shape, opts=opts: default(*shape) | opts
+            try:
+                err = (call().float() - expected).abs().max().item()
+                if err > 0.02 * expected.abs().max().item():
+                    rows.append(dict(options=opts, error=f"output off by {err:.3g}"))
+                    continue
+                rows.append(dict(options=opts, us=bench(call)))
+            except Exception as e:  # a choice this GPU or Triton rejects (shared memory, say): said, the rest run
+                rows.append(dict(options=opts, error=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+    finally:
+        module._tiles = default
+    timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+    for r in timed[:5]:
+        print(f"  sweep {name:<28} {r['us']:8.1f} µs {nbytes / r['us'] / 1e3:7.0f} GB/s  {r['options']}", flush=True)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"  sweep {name}: {len(failed)} choices failed, e.g. {failed[0]}", flush=True)
+    return timed + failed
+
+
+def eager_bench(fn) -> float:
+    """µs of one call of fn launched from Python (launch overhead included), L2 emptied between calls."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # µs
+    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
-def row(name: str, nbytes: int, ours, theirs, results: list) -> None:
-    ours_us, theirs_us = bench(ours), bench(theirs)
+def row(name: str, nbytes: int, ours, theirs, results: list, theirs_in_graph: bool = True) -> None:
+    """One kernel against the torch path it replaces; a torch path that reads a value back to the host (the
+    experts' loop over the chosen ids) cannot be captured in a graph: it is timed as launched, and marked so."""
+    try:
+        ours_us = bench(ours)
+        theirs_us = bench(theirs) if theirs_in_graph else eager_bench(theirs)
+    except Exception as e:  # one that cannot be captured (it waits for the device): said, the other rows run
+        print(f"{name:<34} not timed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        torch.cuda.synchronize()
+        return
     r = dict(kernel=name, bytes=nbytes, triton_us=ours_us, triton_gbs=nbytes / ours_us / 1e3, torch_us=theirs_us,
-             torch_gbs=nbytes / theirs_us / 1e3, speedup=theirs_us / ours_us)
+             torch_gbs=nbytes / theirs_us / 1e3, speedup=theirs_us / ours_us, torch_in_graph=theirs_in_graph)
     results.append(r)
     print(f"{name:<34} {ours_us:9.1f} µs {r['triton_gbs']:8.0f} GB/s | torch {theirs_us:9.1f} µs "
-          f"{r['torch_gbs']:8.0f} GB/s | {r['speedup']:5.2f}x", flush=True)
+          f"{r['torch_gbs']:8.0f} GB/s{'' if theirs_in_graph else ' (launched)'} | {r['speedup']:5.2f}x", flush=True)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--cache-len", type=int, default=640, help="KV-cache length for decode attention (default 640)")
+    p.add_argument("--sweep", action="store_true", help="also time the decode launches over tiles, warps and stages")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_kernels.py: no CUDA GPU here; the kernels' CPU checks are the tests (pytest)",
               file=sys.stderr)
         return 2
 
+    from moebench.kernels import fused_moe as fused_moe_module
+    from moebench.kernels import linear as linear_module
     from moebench.kernels.attention import attention
     from moebench.kernels.flash_decoding import flash_decode
     from moebench.kernels.fused_moe import fused_moe
@@ -70,14 +157,14 @@ def main() -> int:
     row("router (T=1)", E * D * 2, lambda: moe_router(x, w_gate, K, True),
         lambda: route(F.linear(x, w_gate), K, True), results)
     row("fused MoE experts (T=1)", expert_bytes, lambda: fused_moe(x, w_gate_up, w_down, ids, weights),
-        lambda: experts_forward(x, w_gate_up, w_down, ids, weights), results)
+        lambda: experts_forward(x, w_gate_up, w_down, ids, weights), results, False)
     row("MoE layer: router + experts", expert_bytes + E * D * 2,
         lambda: fused_moe(x, w_gate_up, w_down, *moe_router(x, w_gate, K, True)),
-        lambda: experts_forward(x, w_gate_up, w_down, *route(F.linear(x, w_gate), K, True)), results)
+        lambda: experts_forward(x, w_gate_up, w_down, *route(F.linear(x, w_gate), K, True)), results, False)
     (qgu, sgu), (qd, sd) = quantize_weights(w_gate_up, torch.int8), quantize_weights(w_down, torch.int8)
     row("quantized int8 experts (T=1)", expert_bytes // 2,
         lambda: quantized_moe(x, qgu, sgu, qd, sd, ids, weights, 1200.0),
-        lambda: experts_forward(x, w_gate_up, w_down, ids, weights), results)
+        lambda: experts_forward(x, w_gate_up, w_down, ids, weights), results, False)
 
     q, k, v = randn(1, H, 1, HD), randn(1, HKV, S, HD), randn(1, HKV, S, HD)
     mask = torch.ones(1, 1, 1, S, dtype=torch.bool, device=dev)
@@ -100,10 +187,19 @@ def main() -> int:
     w_lm = randn(V, D, scale=D**-0.5)
     row("LM head", w_lm.numel() * 2, lambda: linear(x, w_lm), lambda: F.linear(x, w_lm), results)
 
+    sweeps = {}
+    if args.sweep:
+        sweeps["fused MoE experts (T=1)"] = sweep("fused MoE experts (T=1)", fused_moe_module,
+                                                  lambda: fused_moe(x, w_gate_up, w_down, ids, weights), expert_bytes,
+                                                  DOT_TILES)
+        projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
+        sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
+                                            w_o.numel() * 2, projection)
+        sweeps["LM head"] = sweep("LM head", linear_module, lambda: linear(x, w_lm), w_lm.numel() * 2, projection)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cache_len=S,
-                           results=results), f, indent=2)
+                           results=results, sweeps=sweeps), f, indent=2)
         print(f"results: {args.out}")
     return 0
 

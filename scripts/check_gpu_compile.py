@@ -81,6 +81,10 @@ def launch_everything(dtype):
         rmsnorm.rms_norm_triton(x, w, 1e-6, x)
         linear.linear_triton(x, randn(D, D), randn(D), x)
         linear.linear_triton(x, randn(4096, D))
+        tiles = linear._tiles  # and the kernel without tl.dot that BM = 1 picks (bench/gpu_kernels.py --sweep)
+        linear._tiles = lambda M, N, K: dict(BM=1, BN=16, BK=512, num_warps=4)
+        linear.linear_triton(x, randn(D, D), None, x)
+        linear._tiles = tiles
         cs = randn(T, HD)
         hd1 = randn(HD)
         qkv.qkv_rope_triton(x, w, randn((H + 2 * HKV) * HD, D), None, hd1, hd1, cs, cs, H, HKV, 1e-6)

@@ -1,17 +1,29 @@
 #!/usr/bin/env bash
-# The device check of the kernels, for a lent NVIDIA GPU: the kernel tests compiled on the GPU (not interpreted),
-# then the micro-benchmark at Qwen3-30B-A3B's shapes and the full-size decode benchmark. Results go under ${OUT:-gpu_results}/.
-# Usage: bash scripts/gpu_check.sh        (on a machine with CUDA; set-up included)
+# The device check of the kernels, for a lent NVIDIA GPU, in one run that fits a short lease (about 9 minutes):
+# the GPU's name and clocks, the kernel micro-benchmark at Qwen3-30B-A3B's shapes with the sweep of the decode
+# launches, the decode benchmark (the kernels against plain torch on the same weights, transformers side by side,
+# then the full-size model), and the kernel tests compiled on the GPU (not interpreted). Each part has its own time
+# limit, so one that hangs leaves the others their time. Results go under ${OUT:-gpu_results}/.
+# Usage: bash scripts/gpu_check.sh     (on a machine with CUDA, torch, triton and pytest; moebench runs from the tree)
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || {
-    python -m pip install -q -e ".[test]" >"$out/pip.log" 2>&1; }
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" \
+py="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_INTERPRET=0  # the tests default to the interpreter when it is unset: compiled kernels here
+"$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" \
     | tee "$out/device.txt" || exit 2
-unset TRITON_INTERPRET
-python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_attention_kernel.py \
-    tests/test_flash_decoding.py tests/test_qkv_kernel.py tests/test_quantized_moe.py 2>&1 | tail -40 \
-    | tee "$out/kernel_tests.txt"
-python bench/gpu_kernels.py --out "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.txt"
-python bench/gpu_decode.py --out "$out/gpu_decode.json" 2>&1 | tee "$out/gpu_decode.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv >>"$out/device.txt" 2>&1
+"$py" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+      'transformers', transformers.__version__)" | tee -a "$out/device.txt"
+timeout "${KERNELS_S:-150}" "$py" bench/gpu_kernels.py --sweep --out "$out/gpu_kernels.json" 2>&1 \
+    | tee "$out/gpu_kernels.txt"
+TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-300}" "$py" bench/gpu_decode.py \
+    --out "$out/gpu_decode.json" 2>&1 | tee "$out/gpu_decode.txt"
+workers=()
+"$py" -c "import xdist" 2>/dev/null && workers=(-n 8)
+timeout "${TESTS_S:-100}" "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -o addopts="" \
+    tests/test_kernels.py tests/test_attention_kernel.py tests/test_flash_decoding.py tests/test_qkv_kernel.py \
+    tests/test_quantized_moe.py >"$out/kernel_tests.txt" 2>&1
+echo "kernel tests: exit $?"
+tail -25 "$out/kernel_tests.txt"

@@ -142,8 +142,8 @@ def test_models_sorted_dispatch_matches_the_reference_loop():
 
 def test_fused_moe_all_tokens_on_one_expert_and_k_larger():
     x, w_gate_up, w_down, _, _ = moe_inputs(33, E=8, k=4, I=20)  # 33 tokens: three blocks of one expert
-    ids = torch.tensor([[3, 0, 5, 7]] * 33)
-    weights = torch.full((33, 4), 0.25)
+    ids = torch.tensor([[3, 0, 5, 7]] * 33, device=DEVICE)
+    weights = torch.full((33, 4), 0.25, device=DEVICE)
     torch.testing.assert_close(fused_moe(x, w_gate_up, w_down, ids, weights),
                                fused_moe_ref(x, w_gate_up, w_down, ids, weights), **TOL[torch.float32])
 
@@ -169,6 +169,26 @@ def test_linear_matches_reference(dtype, T, K, bias, residual):
     r = randn(T, N, dtype=dtype, seed=4) if residual else None
     out, want = linear(x, w, b, r), linear_ref(x, w, b, r)
     assert out.dtype == want.dtype == dtype
+    torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, True)])
+def test_linear_rows_kernel_matches_reference(monkeypatch, dtype, T, bias, residual):
+    """Launch options with BM = 1 (what a GPU's decode may pick) run the kernel without tl.dot, one row a program."""
+    from moebench.kernels import linear as module
+
+    monkeypatch.setattr(module, "_tiles", lambda M, N, K: dict(BM=1, BN=16, BK=128))
+    N, K = 70, 300  # column blocks and reduction blocks, each with a tail
+    x, w = randn(T, K, dtype=dtype, seed=1), randn(N, K, dtype=dtype, scale=K**-0.5, seed=2)
+    b = randn(N, dtype=dtype, seed=3) if bias else None
+    r = randn(T, N, dtype=dtype, seed=4) if residual else None
+    launched = []
+    real = module._rows_kernel.run
+    monkeypatch.setattr(module._rows_kernel, "run", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    out, want = linear(x, w, b, r), linear_ref(x, w, b, r)
+    assert launched and out.dtype == want.dtype == dtype
     torch.testing.assert_close(out, want, **TOL[dtype])
 
 

@@ -89,8 +89,8 @@ def test_quantize_rows_clamps_first(qdtype):
     x[0, 5], x[2] = 1e5, 0  # an outlier beyond the bound; an all-zero row
     xq, x_scale = quantize_rows(x, qdtype, bound=8.0)
     qmax = 127 if qdtype == torch.int8 else 448
-    torch.testing.assert_close(x_scale, torch.stack([torch.tensor(8.0 / qmax), x[1].abs().max() / qmax,
-                                                     torch.tensor(1.0)]).to(x.device))
+    torch.testing.assert_close(x_scale, torch.tensor([8.0 / qmax, x[1].abs().max().item() / qmax, 1.0],
+                                                     device=x.device))
     torch.testing.assert_close(xq[0, 5].float(), torch.tensor(float(qmax), device=x.device))
 
 

@@ -87,6 +87,9 @@ class Engine:
         # cuda_graphs: each bucket's compiled decode step is captured once in a CUDA graph and replayed (Inductor's
         # "reduce-overhead"): one launch per step instead of one per kernel.
         self.cuda_graphs = compile and cuda_graphs and self.device.type == "cuda"
+        if self.cuda_graphs:  # the step writes the cache in place: a graph may only mutate inputs at fixed addresses
+            for t in (self.cache.k, self.cache.v):
+                torch._dynamo.mark_static_address(t)
         self._eager_decode_step = self._decode_step
         # Dynamo checks ~a hundred guards before each compiled step (~0.3-0.5 ms a moebench-speed step on the 2-core
         # Intel VM). Where the model's Python is moebench's own code, nothing but the inputs' shapes and the step's
@@ -334,7 +337,7 @@ class Engine:
             out.append(tok)
             if on_token is not None:
                 on_token(i)
-            if i + 1 == max_new_tokens or bool(done.all()):
+            if i + 1 == max_new_tokens or (len(eos_ids) and bool(done.all())):  # no EOS: no wait for the device
                 break
             if self.sampling is None:
                 logits, sampled = self.decode(tok), None

@@ -41,7 +41,8 @@ def moe_align(topk_ids: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, to
     flat = topk_ids.flatten()  # [N]
     N = flat.numel()
     n_blocks = triton.cdiv(N, BM) + min(E, N)
-    counts = torch.bincount(flat, minlength=E)  # [E]
+    # [E] pairs per expert; not torch.bincount, which on CUDA reads the largest id back to the host (no CUDA graph)
+    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + BM - 1) // BM * BM  # [E]
     padded_end = padded.cumsum(0)  # [E]
     order = flat.argsort(stable=True)  # [N] pair indices, sorted by expert
@@ -132,11 +133,15 @@ def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.
     tl.store(out_ptr + t * D + cols, cast(acc, dtype), mask=ok)
 
 
-def _tiles(N: int, E: int) -> tuple[int, int, int]:
-    """(BM, BN, BK): rows, output columns and reduction depth of one program's tile (tl.dot needs 16 at least)."""
+def _tiles(N: int, E: int) -> dict:
+    """The expert kernels' launch options: BM, BN, BK (rows, output columns and reduction depth of one program's tile;
+    tl.dot needs 16 at least), and num_warps / num_stages where Triton's defaults are not kept.
+    bench/gpu_kernels.py --sweep times other choices on a GPU."""
     if INTERPRETED:
-        return 16, 64, 128  # the interpreter pays per program and per loop step: few, large tiles
-    return (16 if N <= 4 * E else 64), 64, 64  # few rows per expert (decode): small blocks waste less padding
+        return dict(BM=16, BN=64, BK=128)  # the interpreter pays per program and per loop step: few, large tiles
+    if N <= 4 * E:  # few rows per expert (decode): small blocks pad less; deeper pipelining (H200,
+        return dict(BM=16, BN=32, BK=64, num_stages=5)  # bench/gpu_kernels.py --sweep: 91.2 -> 83.5 µs)
+    return dict(BM=64, BN=64, BK=64)
 
 
 def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
@@ -160,17 +165,18 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
     if N == 0:
         return out.zero_() if residual is None else out.copy_(residual)
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
-    BM, BN, BK = _tiles(N, E)
+    tiles = _tiles(N, E)
+    BM, BN = tiles["BM"], tiles["BN"]
     pairs, block_expert = moe_align(topk_ids, E, BM)
     n_blocks = block_expert.numel()
     h = torch.empty(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [P, I] activations, sorted rows
     _gate_up_kernel[(n_blocks, triton.cdiv(I, BN))](
         x, w_gate_up, h, pairs, block_expert, N, D, I, k,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), BM=BM, BN=BN, BK=BK)
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **tiles)
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, w_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
-        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), BM=BM, BN=BN, BK=BK)
+        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **tiles)
     return combine(y, out, k, residual)
 
 

@@ -54,12 +54,44 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stri
     tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], cast(acc, dtype), mask=mask)
 
 
-def _tiles(M: int, N: int, K: int) -> tuple[int, int, int]:
-    """(BM, BN, BK). tl.dot needs 16 rows at least: decode (M = 1) pays for 16, but the weights, which dominate,
-    are read once per column block whatever BM is."""
+@triton.jit
+def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_om,
+                 HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    # Program (m, n): one row m, BN columns, without tl.dot (which pads a row to 16): products summed along K in
+    # float32. For a few rows (decode), where the weights are read once whatever the tile and small BN gives the
+    # GPU many programs to keep its reads in flight. BM is 1 (the launch options' mark of this kernel).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + tl.arange(0, BK)
+        k_ok = k < K
+        a = tl.load(x_ptr + row * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BN, BK]
+        acc += tl.sum(w * a[None, :], axis=1)
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # round the product first, as the reference adds two tensors of x's dtype
+        acc = cast(acc, dtype).to(tl.float32) + tl.load(r_ptr + row * stride_rm + cols, mask=col_ok,
+                                                        other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, cast(acc, dtype), mask=col_ok)
+
+
+def _tiles(M: int, N: int, K: int) -> dict:
+    """Launch options: BM, BN, BK, and num_warps / num_stages where Triton's defaults are not kept. tl.dot needs 16
+    rows at least: decode (M = 1) pays for 16, but the weights, which dominate, are read once per column block
+    whatever BM is. BM = 1 launches _rows_kernel instead (no tl.dot, one row a program). bench/gpu_kernels.py
+    --sweep times other choices on a GPU."""
     if INTERPRETED:  # the interpreter pays per program and per loop step, hardly per element: few, large tiles
-        return 16, min(1024, max(16, triton.next_power_of_2(N))), min(256, max(16, triton.next_power_of_2(K)))
-    return (16 if M <= 16 else 64), 64, 64
+        return dict(BM=16, BN=min(1024, max(16, triton.next_power_of_2(N))),
+                    BK=min(256, max(16, triton.next_power_of_2(K))))
+    if M <= 16:  # decode: narrow, deep tiles, twice the programs (H200, bench/gpu_kernels.py --sweep: o_proj
+        return dict(BM=16, BN=32, BK=256)  # 30.3 -> 12.7 µs, the LM head 153.7 -> 149.5 µs)
+    return dict(BM=64, BN=64, BK=64)
 
 
 def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -82,11 +114,12 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if M and N:
         res = residual.reshape(M, N).contiguous() if residual is not None else out
         weight = weight.contiguous()
-        BM, BN, BK = _tiles(M, N, K)
-        _linear_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+        tiles = _tiles(M, N, K)
+        kernel = _rows_kernel if tiles["BM"] == 1 else _linear_kernel
+        kernel[(triton.cdiv(M, tiles["BM"]), triton.cdiv(N, tiles["BN"]))](
             rows, weight, bias if bias is not None else weight, res, out, M, N, K,
             rows.stride(0), weight.stride(0), res.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BM=BM, BN=BN, BK=BK)
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **tiles)
     return out.view(out_shape)
 
 

@@ -34,7 +34,9 @@ def _quantize(xf: torch.Tensor, qdtype: torch.dtype) -> tuple[torch.Tensor, torc
     """float32 [..., K] -> (q [..., K] in qdtype, scale [...] float32), one symmetric scale per row of K."""
     qmax = QMAX[qdtype]
     amax = xf.abs().amax(dim=-1)  # [...]
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))  # an all-zero row: scale 1, not 0 / 0
+    # A tensor divisor: CUDA divides by a Python number as a product with its reciprocal (1 ulp off at times),
+    # by a tensor exactly, as the CPU always does and the kernels do (div_rn).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))  # 0 row: scale 1
     q = (xf / scale.unsqueeze(-1)).clamp(-qmax, qmax)
     return (q.round() if qdtype == torch.int8 else q).to(qdtype), scale  # int8: nearest, ties to even
 
@@ -277,18 +279,19 @@ def quantized_moe_triton(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, to
     bound = torch.tensor(bound, dtype=dtype).item()  # as torch clamps a tensor of dtype: at the bound in dtype
     x, wq_gate_up, wq_down = x.contiguous(), wq_gate_up.contiguous(), wq_down.contiguous()
     s_gate_up, s_down = s_gate_up.contiguous(), s_down.contiguous()
-    BM, BN, BK = _tiles(N, E)  # the unquantized kernels' tiles
+    tiles = _tiles(N, E)  # the unquantized kernels' launch options
+    BM, BN = tiles["BM"], tiles["BN"]
     pairs, block_expert = moe_align(topk_ids, E, BM)
     n_blocks = block_expert.numel()
     h = torch.empty(pairs.numel(), I, dtype=dtype, device=x.device)  # [P, I] activations, sorted rows
     _gate_up_kernel[(n_blocks, triton.cdiv(I, BN))](
         x, x_scale if x_scale is not None else s_gate_up, wq_gate_up, s_gate_up, h, pairs, block_expert,
         N, D, I, k, bound, x.stride(0), wq_gate_up.stride(0), wq_gate_up.stride(1), s_gate_up.stride(0),
-        h.stride(0), X_QUANTIZED=x_scale is not None, BM=BM, BN=BN, BK=BK)
+        h.stride(0), X_QUANTIZED=x_scale is not None, **tiles)
     y = torch.empty(N, D, dtype=dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, wq_down, s_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
-        h.stride(0), wq_down.stride(0), wq_down.stride(1), s_down.stride(0), y.stride(0), BM=BM, BN=BN, BK=BK)
+        h.stride(0), wq_down.stride(0), wq_down.stride(1), s_down.stride(0), y.stride(0), **tiles)
     return combine(y, out, k, residual)
 
 
