@@ -1,13 +1,14 @@
 """Micro-benchmark of moebench's Triton kernels on an NVIDIA GPU at Qwen3-30B-A3B's shapes, batch-1 decode.
 
 For each kernel: its time in a CUDA graph as a decode step replays it (no launch overhead; the L2 cache emptied
-before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch path it replaces, side by side with the ratio.
+before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch
+path it replaces, side by side with the ratio.
 With --sweep, also the decode-shaped launches of the expert and projection kernels over tile sizes, warps and
 pipeline stages (each output checked against the default launch's), the fastest first: what their _tiles should pick.
 
     python bench/gpu_kernels.py [--out results.json] [--cache-len 640] [--sweep]
 
-Needs a CUDA GPU (exits 2 with one line without one); scripts/gpu_check.sh runs it after the kernel tests.
+Needs a CUDA GPU (exits 2 with one line without one); scripts/gpu_check.sh runs it first.
 """
 
 import argparse
@@ -59,11 +60,13 @@ def bench(fn, n: int = 10) -> float:
     return (replay_ms(True) - replay_ms(False)) * 1e3 / n
 
 
-# Launch options tried by --sweep (each is ~1 s of compilation): the tl.dot kernels' tiles, warps and stages, and
-# for the projections also BM = 1, their kernel without tl.dot (one row a program).
+# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200): the tl.dot kernels'
+# tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a program).
 DOT_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
              for w, st in ((4, 3), (4, 5), (8, 4))]
 ROW_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]
+# and for the experts BM = 1 too: the pair kernels (no sort of the (token, expert) pairs, no tl.dot)
+PAIR_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
 
 
 def sweep(name: str, module, call, nbytes: int, choices: list) -> list:
@@ -191,7 +194,7 @@ def main() -> int:
     if args.sweep:
         sweeps["fused MoE experts (T=1)"] = sweep("fused MoE experts (T=1)", fused_moe_module,
                                                   lambda: fused_moe(x, w_gate_up, w_down, ids, weights), expert_bytes,
-                                                  DOT_TILES)
+                                                  DOT_TILES + PAIR_TILES)
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
         sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
                                             w_o.numel() * 2, projection)

@@ -99,6 +99,10 @@ def launch_everything(dtype):
         w_gate_up, w_down = randn(E, 2 * I, D), randn(E, D, I)
         fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights)
         fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)
+        tiles = fused_moe._tiles  # and the pair kernels that BM = 1 picks (bench/gpu_kernels.py --sweep)
+        fused_moe._tiles = lambda N, E: dict(BM=1, BN=16, BK=256, num_warps=4)
+        fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)
+        fused_moe._tiles = tiles
         for qdtype in (torch.int8, torch.float8_e4m3fn):
             (qgu, sgu), (qd, sd) = (quantized_moe.quantize_weights(w_gate_up, qdtype),
                                     quantized_moe.quantize_weights(w_down, qdtype))

@@ -148,6 +148,20 @@ def test_fused_moe_all_tokens_on_one_expert_and_k_larger():
                                fused_moe_ref(x, w_gate_up, w_down, ids, weights), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, residual", [(1, False), (1, True), (3, True)])
+def test_fused_moe_pair_kernels_match_reference(monkeypatch, dtype, T, residual):
+    """Launch options with BM = 1 (what a GPU's decode may pick): one program per (token, expert) pair, no sort."""
+    from moebench.kernels import fused_moe as module
+
+    monkeypatch.setattr(module, "_tiles", lambda N, E: dict(BM=1, BN=16, BK=32))
+    monkeypatch.setattr(module, "moe_align", None)  # the pair kernels need no sort
+    x, w_gate_up, w_down, ids, weights = moe_inputs(T, D=48, E=6, k=2, I=40, dtype=dtype)  # tails in D, I, BN
+    r = randn(T, 48, dtype=dtype, seed=7) if residual else None
+    out = fused_moe(x, w_gate_up, w_down, ids, weights, r)
+    torch.testing.assert_close(out, fused_moe_ref(x, w_gate_up, w_down, ids, weights, r), **TOL[dtype])
+
+
 def test_fused_moe_rejects_mismatched_weights():
     x, w_gate_up, w_down, ids, weights = moe_inputs(3)
     with pytest.raises(ValueError, match="w_down"):

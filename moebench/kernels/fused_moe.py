@@ -119,6 +119,57 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, block_expert_ptr, topk_w_ptr, N
 
 
 @triton.jit
+def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, D, I, k, stride_xt, stride_we, stride_wi, stride_hp,
+                         BN: tl.constexpr, BK: tl.constexpr):
+    # Program (p, n): pair p = t·k + j, unsorted: h[p, columns n] = silu(x[t] W_gate^T) * (x[t] W_up^T) for expert
+    # ids[p], products summed along D without tl.dot (one row). For a few pairs (decode) each with its own expert:
+    # no sort, and every program streams weights.
+    p = tl.program_id(0)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    token = p // k
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = cols < I
+    w_e = w_ptr + e * stride_we
+    gate = tl.zeros((BN,), dtype=tl.float32)
+    up = tl.zeros((BN,), dtype=tl.float32)
+    for d0 in range(0, D, BK):
+        d = d0 + tl.arange(0, BK)
+        d_ok = d < D
+        a = tl.load(x_ptr + token * stride_xt + d, mask=d_ok, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+        w_mask = col_ok[:, None] & d_ok[None, :]
+        w_gate = tl.load(w_e + cols[:, None] * stride_wi + d[None, :], mask=w_mask, other=0.0)  # [BN, BK]
+        w_up = tl.load(w_e + (I + cols)[:, None] * stride_wi + d[None, :], mask=w_mask, other=0.0)
+        gate += tl.sum(w_gate.to(tl.float32) * a, axis=1)
+        up += tl.sum(w_up.to(tl.float32) * a, axis=1)
+    dtype = h_ptr.dtype.element_ty  # rounded where the reference rounds, as _gate_up_kernel
+    gate = cast(gate, dtype).to(tl.float32)
+    up = cast(up, dtype).to(tl.float32)
+    act = cast(gate / (1.0 + tl.exp(-gate)), dtype).to(tl.float32)
+    tl.store(h_ptr + p * stride_hp + cols, cast(act * up, dtype), mask=col_ok)
+
+
+@triton.jit
+def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, D, I, stride_hp, stride_we, stride_wd, stride_yp,
+                      BN: tl.constexpr, BK: tl.constexpr):
+    # Program (p, n): y[p, columns n] = topk_weight[p] * (h[p] W_down^T) for expert ids[p].
+    p = tl.program_id(0)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = cols < D
+    w_e = w_ptr + e * stride_we
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for i0 in range(0, I, BK):
+        i = i0 + tl.arange(0, BK)
+        i_ok = i < I
+        a = tl.load(h_ptr + p * stride_hp + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_e + cols[:, None] * stride_wd + i[None, :], mask=col_ok[:, None] & i_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a, axis=1)
+    dtype = y_ptr.dtype.element_ty
+    y = cast(acc, dtype).to(tl.float32) * tl.load(topk_w_ptr + p).to(tl.float32)
+    tl.store(y_ptr + p * stride_yp + cols, cast(y, dtype), mask=col_ok)
+
+
+@triton.jit
 def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (t, d): out[t] = sum of token t's K expert rows of y, in float32 (+ residual[t]).
     t = tl.program_id(0).to(tl.int64)
@@ -135,8 +186,8 @@ def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.
 
 def _tiles(N: int, E: int) -> dict:
     """The expert kernels' launch options: BM, BN, BK (rows, output columns and reduction depth of one program's tile;
-    tl.dot needs 16 at least), and num_warps / num_stages where Triton's defaults are not kept.
-    bench/gpu_kernels.py --sweep times other choices on a GPU."""
+    tl.dot needs 16 at least), and num_warps / num_stages where Triton's defaults are not kept. BM = 1 launches the
+    pair kernels instead (no sort, no tl.dot). bench/gpu_kernels.py --sweep times other choices on a GPU."""
     if INTERPRETED:
         return dict(BM=16, BN=64, BK=128)  # the interpreter pays per program and per loop step: few, large tiles
     if N <= 4 * E:  # few rows per expert (decode): small blocks pad less; deeper pipelining (H200,
@@ -167,6 +218,8 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     tiles = _tiles(N, E)
     BM, BN = tiles["BM"], tiles["BN"]
+    if BM == 1:  # one program per (token, expert) pair and column block: no sort
+        return _pairs(x, w_gate_up, w_down, topk_ids, topk_weights, out, residual, tiles)
     pairs, block_expert = moe_align(topk_ids, E, BM)
     n_blocks = block_expert.numel()
     h = torch.empty(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [P, I] activations, sorted rows
@@ -177,6 +230,22 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, w_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
         h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **tiles)
+    return combine(y, out, k, residual)
+
+
+def _pairs(x, w_gate_up, w_down, topk_ids, topk_weights, out, residual, tiles):
+    """fused_moe_triton with BM = 1: the pair kernels, then the combine."""
+    (T, D), (E, _, I), k = x.shape, w_down.shape, topk_ids.shape[1]
+    N, BN = T * k, tiles["BN"]
+    options = {key: v for key, v in tiles.items() if key != "BM"}
+    ids = topk_ids.contiguous().flatten()
+    h = torch.empty(N, I, dtype=x.dtype, device=x.device)  # [N, I] activations, pair order
+    _pair_gate_up_kernel[(N, triton.cdiv(I, BN))](
+        x, w_gate_up, h, ids, D, I, k, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **options)
+    y = torch.empty(N, D, dtype=x.dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
+    _pair_down_kernel[(N, triton.cdiv(D, BN))](
+        h, w_down, y, ids, topk_weights.contiguous().flatten(), D, I, h.stride(0), w_down.stride(0),
+        w_down.stride(1), y.stride(0), **options)
     return combine(y, out, k, residual)
 
 
