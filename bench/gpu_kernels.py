@@ -60,8 +60,9 @@ def bench(fn, n: int = 10) -> float:
     return (replay_ms(True) - replay_ms(False)) * 1e3 / n
 
 
-# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200): the tl.dot kernels'
-# tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a program).
+# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 110 now): the tl.dot
+# kernels' tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a
+# program).
 DOT_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
              for w, st in ((4, 3), (4, 5), (8, 4))]
 ROW_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]
@@ -134,6 +135,7 @@ def main() -> int:
 
     from moebench.kernels import fused_moe as fused_moe_module
     from moebench.kernels import linear as linear_module
+    from moebench.kernels import router as router_module
     from moebench.kernels.attention import attention
     from moebench.kernels.flash_decoding import flash_decode
     from moebench.kernels.fused_moe import fused_moe
@@ -195,6 +197,8 @@ def main() -> int:
         sweeps["fused MoE experts (T=1)"] = sweep("fused MoE experts (T=1)", fused_moe_module,
                                                   lambda: fused_moe(x, w_gate_up, w_down, ids, weights), expert_bytes,
                                                   DOT_TILES + PAIR_TILES)
+        sweeps["router (T=1)"] = sweep("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1],
+                                       E * D * 2, [dict(SPLIT_D=sd) for sd in (0, 32, 64, 128, 256)])
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
         sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
                                             w_o.numel() * 2, projection)

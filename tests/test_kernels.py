@@ -86,7 +86,11 @@ def check_routing(ids, weights, x, w_gate, k, norm):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("E,k,norm", [(4, 2, True), (6, 2, False), (60, 8, True)])
-def test_router_matches_reference(dtype, T, E, k, norm):
+@pytest.mark.parametrize("split_d", [0, 16], ids=["one_pass", "split_logits"])  # 16: three slices of D, a tail
+def test_router_matches_reference(monkeypatch, dtype, T, E, k, norm, split_d):
+    from moebench.kernels import router
+
+    monkeypatch.setattr(router, "_tiles", lambda T, D: dict(SPLIT_D=split_d))
     D = 40
     x, w_gate = randn(T, D, dtype=dtype, seed=4), randn(E, D, dtype=dtype, scale=D**-0.5, seed=5)
     ids, weights = moe_router(x, w_gate, k, norm)
