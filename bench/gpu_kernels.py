@@ -60,7 +60,7 @@ def bench(fn, n: int = 10) -> float:
     return (replay_ms(True) - replay_ms(False)) * 1e3 / n
 
 
-# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 110 now): the tl.dot
+# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 119 now): the tl.dot
 # kernels' tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a
 # program).
 DOT_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
@@ -135,6 +135,7 @@ def main() -> int:
 
     from moebench.kernels import fused_moe as fused_moe_module
     from moebench.kernels import linear as linear_module
+    from moebench.kernels import qkv as qkv_module
     from moebench.kernels import router as router_module
     from moebench.kernels.attention import attention
     from moebench.kernels.flash_decoding import flash_decode
@@ -199,6 +200,10 @@ def main() -> int:
                                                   DOT_TILES + PAIR_TILES)
         sweeps["router (T=1)"] = sweep("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1],
                                        E * D * 2, [dict(SPLIT_D=sd) for sd in (0, 32, 64, 128, 256)])
+        sweeps["QKV + norms + RoPE"] = sweep(
+            "QKV + norms + RoPE", qkv_module,
+            lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,
+            [dict(BK=bk, num_warps=w, num_stages=st) for bk in (64, 128, 256) for w, st in ((4, 3), (4, 5), (8, 4))])
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
         sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
                                             w_o.numel() * 2, projection)

@@ -126,12 +126,13 @@ def _qkv_rope_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_p
         tl.store(out1 + HALF, cast(r2, dtype), mask=mask)
 
 
-def _tiles(T: int) -> tuple[int, int]:
-    """(BT, BK). tl.dot needs 16 rows at least: decode pays for 16, but the weights, which dominate, are read once
-    per token block whatever BT is."""
+def _tiles(T: int) -> dict:
+    """Launch options: BT, BK, and num_warps / num_stages where Triton's defaults are not kept. tl.dot needs 16 rows
+    at least: decode pays for 16, but the weights, which dominate, are read once per token block whatever BT is.
+    bench/gpu_kernels.py --sweep times other choices on a GPU."""
     if INTERPRETED:
-        return 16, 128  # the interpreter pays per program and per loop step: few, large tiles
-    return (16 if T <= 16 else 64), 64
+        return dict(BT=16, BK=128)  # the interpreter pays per program and per loop step: few, large tiles
+    return dict(BT=16 if T <= 16 else 64, BK=64)
 
 
 def _check(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, cos, sin, n_heads, n_kv_heads) -> int:
@@ -170,13 +171,13 @@ def qkv_rope_triton(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, c
     if T == 0:
         return q, k, v
     x, w_qkv = x.contiguous(), w_qkv.contiguous()
-    BT, BK = _tiles(T)
-    _qkv_rope_kernel[(triton.cdiv(T, BT), n_heads + 2 * n_kv_heads)](
+    tiles = _tiles(T)
+    _qkv_rope_kernel[(triton.cdiv(T, tiles["BT"]), n_heads + 2 * n_kv_heads)](
         x, (norm_weight if norm_weight is not None else x).contiguous(), w_qkv,
         (bias if bias is not None else w_qkv).contiguous(),
         q_norm_weight.contiguous(), k_norm_weight.contiguous(), cos.contiguous(), sin.contiguous(), q, k, v,
         T, D, eps, H=n_heads, HKV=n_kv_heads, HD=hd, HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None,
-        BT=BT, BK=BK, BH=max(16, triton.next_power_of_2(hd // 2)))
+        BH=max(16, triton.next_power_of_2(hd // 2)), **tiles)
     return q, k, v
 
 
