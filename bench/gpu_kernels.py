@@ -63,7 +63,7 @@ def bench(fn, n: int = 10) -> float:
 # Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 119 now): the tl.dot
 # kernels' tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a
 # program).
-DOT_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
+DOT_TILES = [dict(BM=16, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
              for w, st in ((4, 3), (4, 5), (8, 4))]
 ROW_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]
 # and for the experts BM = 1 too: the pair kernels (no sort of the (token, expert) pairs, no tl.dot)

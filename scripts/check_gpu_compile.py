@@ -99,8 +99,8 @@ def launch_everything(dtype):
         w_gate_up, w_down = randn(E, 2 * I, D), randn(E, D, I)
         fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights)
         fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)
-        tiles = fused_moe._tiles  # and the pair kernels that BM = 1 picks (bench/gpu_kernels.py --sweep)
-        fused_moe._tiles = lambda N, E: dict(BM=1, BN=16, BK=256, num_warps=4)
+        tiles = fused_moe._tiles  # and the sorted kernels' decode tiles (one token runs the pair kernels)
+        fused_moe._tiles = fused_moe.sorted_tiles
         fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)
         fused_moe._tiles = tiles
         for qdtype in (torch.int8, torch.float8_e4m3fn):

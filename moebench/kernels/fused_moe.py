@@ -188,10 +188,22 @@ def _tiles(N: int, E: int) -> dict:
     """The expert kernels' launch options: BM, BN, BK (rows, output columns and reduction depth of one program's tile;
     tl.dot needs 16 at least), and num_warps / num_stages where Triton's defaults are not kept. BM = 1 launches the
     pair kernels instead (no sort, no tl.dot). bench/gpu_kernels.py --sweep times other choices on a GPU."""
+    if N <= 16 and not INTERPRETED:
+        # A token or two (decode): the pair kernels, no sort. On the H200 every tile of the sorted kernels took
+        # 84-90 µs for one token's 8 experts (75 MB: 0.9 TB/s), the time outside the products, in the ~20 small
+        # kernels of moe_align; the kernel of this design for the LM head (linear._rows_kernel) read at 4.2 TB/s, and
+        # 8-wide, 512-deep tiles were the fastest of its choices on o_proj. Not yet timed here: the next lent GPU's
+        # bench/gpu_kernels.py --sweep times this choice against the sorted kernels'.
+        return dict(BM=1, BN=8, BK=512, num_warps=8)
+    return sorted_tiles(N, E)
+
+
+def sorted_tiles(N: int, E: int) -> dict:
+    """Launch options of the kernels over pairs sorted by expert (_gate_up_kernel, _down_kernel; quantized_moe's)."""
     if INTERPRETED:
         return dict(BM=16, BN=64, BK=128)  # the interpreter pays per program and per loop step: few, large tiles
-    if N <= 4 * E:  # few rows per expert (decode): small blocks pad less; deeper pipelining (H200,
-        return dict(BM=16, BN=32, BK=64, num_stages=5)  # bench/gpu_kernels.py --sweep: 91.2 -> 83.5 µs)
+    if N <= 4 * E:  # few rows per expert: small blocks pad less; deeper pipelining (H200,
+        return dict(BM=16, BN=32, BK=64, num_stages=5)  # bench/gpu_kernels.py --sweep: 91.2 -> 83.5 µs at T = 1)
     return dict(BM=64, BN=64, BK=64)
 
 

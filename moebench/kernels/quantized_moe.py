@@ -13,7 +13,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from moebench.kernels.common import cast, dot  # noqa: E402
-from moebench.kernels.fused_moe import _tiles, combine, moe_align  # noqa: E402
+from moebench.kernels.fused_moe import combine, moe_align, sorted_tiles  # noqa: E402
 from moebench.kernels.rmsnorm import rms_norm_ref  # noqa: E402
 
 # Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token, N = T·k (token, expert)
@@ -279,7 +279,7 @@ def quantized_moe_triton(x, wq_gate_up, s_gate_up, wq_down, s_down, topk_ids, to
     bound = torch.tensor(bound, dtype=dtype).item()  # as torch clamps a tensor of dtype: at the bound in dtype
     x, wq_gate_up, wq_down = x.contiguous(), wq_gate_up.contiguous(), wq_down.contiguous()
     s_gate_up, s_down = s_gate_up.contiguous(), s_down.contiguous()
-    tiles = _tiles(N, E)  # the unquantized kernels' launch options
+    tiles = sorted_tiles(N, E)  # the unquantized sorted kernels' launch options
     BM, BN = tiles["BM"], tiles["BN"]
     pairs, block_expert = moe_align(topk_ids, E, BM)
     n_blocks = block_expert.numel()
