@@ -60,7 +60,7 @@ def bench(fn, n: int = 10) -> float:
     return (replay_ms(True) - replay_ms(False)) * 1e3 / n
 
 
-# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 119 now): the tl.dot
+# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 127 now): the tl.dot
 # kernels' tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a
 # program).
 DOT_TILES = [dict(BM=16, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
@@ -71,14 +71,16 @@ PAIR_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk
 
 
 def sweep(name: str, module, call, nbytes: int, choices: list) -> list:
-    """Times call() with each choice merged into module._tiles' answer; each output must match the default
+    """Times call() with each choice merged into module._tiles' answer (a None value leaves its key out); each output
+    must match the default
     launch's (within 2% of its largest value: other tiles sum in another order). Fastest first."""
     default = module._tiles
     expected = call().float()
     rows = [dict(options="default", us=bench(call))]
     try:
         for opts in choices:
-            module._tiles = lambda *shape, opts=opts: default(*shape) | opts
+            module._tiles = lambda *shape, opts=opts: {key: v for key, v in (default(*shape) | opts).items()
+                                                       if v is not None}  # None: the key left out
             try:
                 err = (call().float() - expected).abs().max().item()
                 if err > 0.02 * expected.abs().max().item():
@@ -203,7 +205,10 @@ def main() -> int:
         sweeps["QKV + norms + RoPE"] = sweep(
             "QKV + norms + RoPE", qkv_module,
             lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,
-            [dict(BK=bk, num_warps=w, num_stages=st) for bk in (64, 128, 256) for w, st in ((4, 3), (4, 5), (8, 4))])
+            [dict(SPLIT_D=None, BT=16, BK=bk, num_warps=w, num_stages=st) for bk in (64, 128, 256)
+             for w, st in ((4, 3), (4, 5), (8, 4))]  # one program per head
+            + [dict(SPLIT_D=sd, BK=bk, num_warps=w) for sd, bk in ((128, 64), (256, 64), (256, 128), (512, 128))
+               for w in (4, 8)])  # split over D
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
         sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
                                             w_o.numel() * 2, projection)

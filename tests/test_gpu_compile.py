@@ -25,7 +25,8 @@ def test_every_kernel_compiles_for_sm90():
     n = int(last.split()[0])
     assert last == f"{n} of {n} kernel configurations compile for sm_90" and n >= 30, done.stdout
     for kernel in ("rmsnorm._rms_norm_kernel", "linear._linear_kernel", "linear._rows_kernel",
-                   "qkv._qkv_rope_kernel", "attention._attention_kernel", "flash_decoding._split_kernel",
+                   "qkv._qkv_rope_kernel", "qkv._qkv_partial_kernel", "qkv._qkv_finish_kernel",
+                   "attention._attention_kernel", "flash_decoding._split_kernel",
                    "flash_decoding._combine_kernel", "router._router_kernel", "router._router_partial_kernel",
                    "fused_moe._gate_up_kernel", "fused_moe._down_kernel",
                    "fused_moe._pair_gate_up_kernel", "fused_moe._pair_down_kernel",

@@ -71,6 +71,19 @@ def test_qkv_rope_matches_reference_norm_and_bias_apart(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("shape", {**SHAPES, **MORE_SHAPES}.values(), ids={**SHAPES, **MORE_SHAPES}.keys())
+def test_qkv_rope_split_over_d_matches_reference(monkeypatch, dtype, T, shape):
+    """Launch options with SPLIT_D (a GPU's decode): partial products over slices of D (32 columns: a tail in each
+    shape), then the sum, norms and RoPE in a second kernel."""
+    from moebench.kernels import qkv
+
+    monkeypatch.setattr(qkv, "_tiles", lambda T: dict(SPLIT_D=32, BK=16))
+    monkeypatch.setattr(qkv, "_qkv_rope_kernel", None)  # the one-pass kernel must not run
+    check_against_reference(T, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_reference_is_the_models_attention(dtype):
     """input_layernorm, then Attention with fused_qkv: q from its own modules, k and v as it writes the cache."""
     B, T = 2, 5
