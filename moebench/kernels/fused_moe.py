@@ -247,7 +247,7 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
 
 def _pairs(x, w_gate_up, w_down, topk_ids, topk_weights, out, residual, tiles):
     """fused_moe_triton with BM = 1: the pair kernels, then the combine."""
-    (T, D), (E, _, I), k = x.shape, w_down.shape, topk_ids.shape[1]
+    (T, D), I, k = x.shape, w_down.shape[2], topk_ids.shape[1]
     N, BN = T * k, tiles["BN"]
     options = {key: v for key, v in tiles.items() if key != "BM"}
     ids = topk_ids.contiguous().flatten()
