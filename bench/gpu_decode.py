@@ -8,7 +8,8 @@ each part, so that a run cut short keeps what it measured):
     (batched_mm, its best experts backend for batch 1, and grouped_mm): both at full size do not fit one GPU;
   - at full size (48 layers): the fused MoE layer (router + k experts, one token) in µs, replayed in a CUDA graph,
     against the roofline of its bytes; decode tokens/s (the whole step in one CUDA graph per bucket) and its share
-    of the roofline; the contest-shaped request: 402 prompt tokens, 640 in all, end to end (prefill + 238 decode
+    of the roofline; the kernels of one decode step (torch.profiler: launches and µs per step, longest first, and
+    their sum against the step's time); the contest-shaped request: 402 prompt tokens, 640 in all, end to end (prefill + 238 decode
     steps), in ms.
 
     python bench/gpu_decode.py --out gpu_decode.json
@@ -153,6 +154,27 @@ def moe_layer_us(engine, device) -> float:
     return statistics.median(times)
 
 
+def step_kernels(engine, prompt, steps: int, device) -> list[dict]:
+    """The device kernels of a decode step, by torch.profiler over `steps` greedy steps after the prefill: per kernel
+    name its launches and µs per step, longest first (CUDA graph replays included: CUPTI sees their kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    sync(device)
+    with profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            tok = engine.decode(tok).argmax(-1)
+        sync(device)
+    rows = []
+    for ev in prof.key_averages():
+        if device.type == "cuda" and ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.device_time_total if device.type == "cuda" else ev.self_cpu_time_total
+        rows.append(dict(kernel=ev.key, launches_per_step=ev.count / steps, us_per_step=us / steps))
+    return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -277,6 +299,18 @@ def main() -> int:
         say(f"moebench decode, {cfg.num_hidden_layers} layers, {args.prompt_len}-token prompt: "
             f"{statistics.median(rates):.0f} tok/s ({statistics.median(rates) / roofline:.0%} of the roofline)")
         save()
+        try:  # where a step's time goes: its kernels, and the gaps between them
+            kernels = step_kernels(engine, prompt, 8, device)
+            step_us = 1e6 / statistics.median(rates)
+            busy = sum(r["us_per_step"] for r in kernels)
+            result.update(step_us=step_us, kernels_us_per_step=busy, step_kernels=kernels)
+            say(f"one decode step: {sum(r['launches_per_step'] for r in kernels):.0f} kernel launches, {busy:.0f} µs "
+                f"of kernels in a {step_us:.0f} µs step; the longest:")
+            for r in kernels[:14]:
+                print(f"    {r['us_per_step']:8.1f} µs  {r['launches_per_step']:5.0f} x  {r['kernel'][:90]}", flush=True)
+            save()
+        except Exception as e:  # a profiler this build lacks: said, and the request is still timed
+            say(f"decode step not profiled ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
         new_tokens = args.seq_len - args.prompt_len
         e2e = [request_ms(engine, prompt, new_tokens, device) for _ in range(args.repeats)]
         result.update(request_ms=statistics.median(e2e), request_best_ms=min(e2e))

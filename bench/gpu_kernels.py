@@ -60,14 +60,19 @@ def bench(fn, n: int = 10) -> float:
     return (replay_ms(True) - replay_ms(False)) * 1e3 / n
 
 
-# Launch options tried by --sweep (~1 s of compilation each; 87 of them took ~100 s on an H200, 127 now): the tl.dot
+# Launch options tried by --sweep (~1 s of compilation each; 127 of them took ~150 s on an H200): the tl.dot
 # kernels' tiles, warps and stages, and for the projections also BM = 1, their kernel without tl.dot (one row a
 # program).
 DOT_TILES = [dict(BM=16, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
              for w, st in ((4, 3), (4, 5), (8, 4))]
 ROW_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]
-# and for the experts BM = 1 too: the pair kernels (no sort of the (token, expert) pairs, no tl.dot)
-PAIR_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (4, 8)]
+# The experts: the sorted kernels' decode tile (every sorted tile took 83-94 µs on the H200, the pair kernels 34-68),
+# the pair kernels' tiles, the down kernel with its own, and the down kernel summing each token's k experts itself.
+PAIR_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (4, 8, 16) for bk in (128, 256) for w in (4, 8)]
+EXPERT_TILES = ([dict(BM=16, BN=32, BK=64, num_warps=4, num_stages=5)] + PAIR_TILES
+                + [dict(down=dict(BN=bn, BK=bk, num_warps=w)) for bn in (4, 16) for bk in (128, 256) for w in (4, 8)]
+                + [dict(down=dict(BN=bn, BK=bk, num_warps=w, SUM_K=True)) for bn in (2, 4, 8) for bk in (64, 128)
+                   for w in (4, 8)])
 
 
 def sweep(name: str, module, call, nbytes: int, choices: list) -> list:
@@ -199,16 +204,15 @@ def main() -> int:
     if args.sweep:
         sweeps["fused MoE experts (T=1)"] = sweep("fused MoE experts (T=1)", fused_moe_module,
                                                   lambda: fused_moe(x, w_gate_up, w_down, ids, weights), expert_bytes,
-                                                  DOT_TILES + PAIR_TILES)
+                                                  EXPERT_TILES)
         sweeps["router (T=1)"] = sweep("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1],
-                                       E * D * 2, [dict(SPLIT_D=sd) for sd in (0, 32, 64, 128, 256)])
+                                       E * D * 2, [dict(SPLIT_D=sd) for sd in (0, 16, 32, 64, 128)])
         sweeps["QKV + norms + RoPE"] = sweep(
             "QKV + norms + RoPE", qkv_module,
             lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,
-            [dict(SPLIT_D=None, BT=16, BK=bk, num_warps=w, num_stages=st) for bk in (64, 128, 256)
-             for w, st in ((4, 3), (4, 5), (8, 4))]  # one program per head
-            + [dict(SPLIT_D=sd, BK=bk, num_warps=w) for sd, bk in ((128, 64), (256, 64), (256, 128), (512, 128))
-               for w in (4, 8)])  # split over D
+            [dict(SPLIT_D=None, BT=16, BK=128, num_warps=8, num_stages=4)]  # one program per head: its best
+            + [dict(SPLIT_D=sd, BK=bk, num_warps=w) for sd, bk in ((128, 128), (256, 128), (256, 256), (512, 128),
+                                                                   (512, 256)) for w in (2, 4, 8)])  # split over D
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
         sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
                                             w_o.numel() * 2, projection)

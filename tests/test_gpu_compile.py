@@ -29,7 +29,7 @@ def test_every_kernel_compiles_for_sm90():
                    "attention._attention_kernel", "flash_decoding._split_kernel",
                    "flash_decoding._combine_kernel", "router._router_kernel", "router._router_partial_kernel",
                    "fused_moe._gate_up_kernel", "fused_moe._down_kernel",
-                   "fused_moe._pair_gate_up_kernel", "fused_moe._pair_down_kernel",
+                   "fused_moe._pair_gate_up_kernel", "fused_moe._pair_down_kernel", "fused_moe._token_down_kernel",
                    "fused_moe._combine_kernel", "quantized_moe._gate_up_kernel", "quantized_moe._down_kernel",
                    "quantized_moe._rms_norm_quantize_kernel"):
         assert kernel in done.stdout

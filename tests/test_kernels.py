@@ -152,15 +152,22 @@ def test_fused_moe_all_tokens_on_one_expert_and_k_larger():
                                fused_moe_ref(x, w_gate_up, w_down, ids, weights), **TOL[torch.float32])
 
 
+PAIR_TILES = {"pairs": dict(BM=1, BN=16, BK=32), "own down": dict(BM=1, BN=16, BK=32, down=dict(BN=8, BK=16)),
+              "summed down": dict(BM=1, BN=16, BK=32, down=dict(BN=16, BK=16, SUM_K=True))}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, residual", [(1, False), (1, True), (3, True)])
-def test_fused_moe_pair_kernels_match_reference(monkeypatch, dtype, T, residual):
-    """Launch options with BM = 1 (what a GPU's decode may pick): one program per (token, expert) pair, no sort."""
+@pytest.mark.parametrize("T, k, residual", [(1, 2, False), (1, 2, True), (3, 3, True)])
+@pytest.mark.parametrize("tiles", list(PAIR_TILES))
+def test_fused_moe_pair_kernels_match_reference(monkeypatch, dtype, T, k, residual, tiles):
+    """Launch options with BM = 1 (what a GPU's decode may pick): one program per (token, expert) pair, no sort;
+    the down kernel with its own options, or summing each token's k experts itself (no combine)."""
     from moebench.kernels import fused_moe as module
 
-    monkeypatch.setattr(module, "_tiles", lambda N, E: dict(BM=1, BN=16, BK=32))
+    monkeypatch.setattr(module, "_tiles", lambda N, E: PAIR_TILES[tiles])
     monkeypatch.setattr(module, "moe_align", None)  # the pair kernels need no sort
-    x, w_gate_up, w_down, ids, weights = moe_inputs(T, D=48, E=6, k=2, I=40, dtype=dtype)  # tails in D, I, BN
+    monkeypatch.setattr(module, "combine", None if "SUM_K" in PAIR_TILES[tiles].get("down", {}) else module.combine)
+    x, w_gate_up, w_down, ids, weights = moe_inputs(T, D=48, E=6, k=k, I=40, dtype=dtype)  # tails in D, I, BN
     r = randn(T, 48, dtype=dtype, seed=7) if residual else None
     out = fused_moe(x, w_gate_up, w_down, ids, weights, r)
     torch.testing.assert_close(out, fused_moe_ref(x, w_gate_up, w_down, ids, weights, r), **TOL[dtype])

@@ -170,6 +170,41 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, D, I, stride_hp,
 
 
 @triton.jit
+def _token_down_kernel(h_ptr, w_ptr, out_ptr, r_ptr, ids_ptr, topk_w_ptr, D, I, stride_hp, stride_we, stride_wd,
+                       K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
+    # Program (t, n): out[t, columns n] = sum over token t's K pairs of topk_weight * (h[pair] W_down^T) (+ residual):
+    # _pair_down_kernel and the combine in one, with the same roundings and the same order of the sum. The K experts'
+    # [BN, BK] weight tiles are loaded together, one [BLOCK_K, BN, BK] load a step.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    col_ok = cols < D
+    j = tl.arange(0, BLOCK_K)
+    j_ok = j < K
+    pair = t * K + j  # [BLOCK_K]
+    e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
+    w_rows = w_ptr + e[:, None, None] * stride_we + cols[None, :, None] * stride_wd  # [BLOCK_K, BN, 1]
+    row_ok = j_ok[:, None, None] & col_ok[None, :, None]
+    acc = tl.zeros((BLOCK_K, BN), dtype=tl.float32)
+    for i0 in range(0, I, BK):
+        i = i0 + tl.arange(0, BK)
+        i_ok = i < I
+        a = tl.load(h_ptr + pair[:, None] * stride_hp + i[None, :], mask=j_ok[:, None] & i_ok[None, :],
+                    other=0.0).to(tl.float32)  # [BLOCK_K, BK]
+        w = tl.load(w_rows + i[None, None, :], mask=row_ok & i_ok[None, None, :], other=0.0)  # [BLOCK_K, BN, BK]
+        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+    dtype = out_ptr.dtype.element_ty
+    weight = tl.load(topk_w_ptr + pair, mask=j_ok, other=0.0).to(tl.float32)
+    y = cast(cast(acc, dtype).to(tl.float32) * weight[:, None], dtype).to(tl.float32)  # [BLOCK_K, BN]
+    total = tl.zeros((BN,), dtype=tl.float32)
+    for jj in tl.static_range(K):  # pair order, as _combine_kernel (a sum with zeros picks one row exactly)
+        total += tl.sum(tl.where(j[:, None] == jj, y, 0.0), axis=0)
+    if HAS_RESIDUAL:
+        total = cast(total, dtype).to(tl.float32) + tl.load(r_ptr + t * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * D + cols, cast(total, dtype), mask=col_ok)
+
+
+@triton.jit
 def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
     # Program (t, d): out[t] = sum of token t's K expert rows of y, in float32 (+ residual[t]).
     t = tl.program_id(0).to(tl.int64)
@@ -187,14 +222,14 @@ def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.
 def _tiles(N: int, E: int) -> dict:
     """The expert kernels' launch options: BM, BN, BK (rows, output columns and reduction depth of one program's tile;
     tl.dot needs 16 at least), and num_warps / num_stages where Triton's defaults are not kept. BM = 1 launches the
-    pair kernels instead (no sort, no tl.dot). bench/gpu_kernels.py --sweep times other choices on a GPU."""
+    pair kernels instead (no sort, no tl.dot); their `down` dict, when given, holds the down kernel's own options,
+    and SUM_K=True in it has one program sum a token's k experts (_token_down_kernel: no combine).
+    bench/gpu_kernels.py --sweep times other choices on a GPU."""
     if N <= 16 and not INTERPRETED:
         # A token or two (decode): the pair kernels, no sort. On the H200 every tile of the sorted kernels took
-        # 84-90 µs for one token's 8 experts (75 MB: 0.9 TB/s), the time outside the products, in the ~20 small
-        # kernels of moe_align; the kernel of this design for the LM head (linear._rows_kernel) read at 4.2 TB/s, and
-        # 8-wide, 512-deep tiles were the fastest of its choices on o_proj. Not yet timed here: the next lent GPU's
-        # bench/gpu_kernels.py --sweep times this choice against the sorted kernels'.
-        return dict(BM=1, BN=8, BK=512, num_warps=8)
+        # 83-94 µs for one token's 8 experts (75 MB: 0.9 TB/s), the time outside the products, in the ~20 small
+        # kernels of moe_align; the pair kernels 34.2 µs with these options (2.2 TB/s; 512 deep: 45.9 µs).
+        return dict(BM=1, BN=8, BK=256, num_warps=8)
     return sorted_tiles(N, E)
 
 
@@ -246,18 +281,25 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
 
 
 def _pairs(x, w_gate_up, w_down, topk_ids, topk_weights, out, residual, tiles):
-    """fused_moe_triton with BM = 1: the pair kernels, then the combine."""
+    """fused_moe_triton with BM = 1: the pair kernels, then the combine (or the down kernel summing each token's k)."""
     (T, D), I, k = x.shape, w_down.shape[2], topk_ids.shape[1]
-    N, BN = T * k, tiles["BN"]
-    options = {key: v for key, v in tiles.items() if key != "BM"}
+    N = T * k
+    options = {key: v for key, v in tiles.items() if key not in ("BM", "down")}
+    down = dict(tiles.get("down", options))
     ids = topk_ids.contiguous().flatten()
     h = torch.empty(N, I, dtype=x.dtype, device=x.device)  # [N, I] activations, pair order
-    _pair_gate_up_kernel[(N, triton.cdiv(I, BN))](
+    _pair_gate_up_kernel[(N, triton.cdiv(I, options["BN"]))](
         x, w_gate_up, h, ids, D, I, k, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **options)
+    weights = topk_weights.contiguous().flatten()
+    if down.pop("SUM_K", False):
+        _token_down_kernel[(T, triton.cdiv(D, down["BN"]))](
+            h, w_down, out, residual.contiguous() if residual is not None else out, ids, weights, D, I, h.stride(0),
+            w_down.stride(0), w_down.stride(1), K=k, BLOCK_K=triton.next_power_of_2(k),
+            HAS_RESIDUAL=residual is not None, **down)
+        return out
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
-    _pair_down_kernel[(N, triton.cdiv(D, BN))](
-        h, w_down, y, ids, topk_weights.contiguous().flatten(), D, I, h.stride(0), w_down.stride(0),
-        w_down.stride(1), y.stride(0), **options)
+    _pair_down_kernel[(N, triton.cdiv(D, down["BN"]))](
+        h, w_down, y, ids, weights, D, I, h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **down)
     return combine(y, out, k, residual)
 
 
