@@ -66,11 +66,13 @@ def bench(fn, n: int = 10) -> float:
 DOT_TILES = [dict(BM=16, BN=bn, BK=bk, num_warps=w, num_stages=st) for bn in (32, 64, 128) for bk in (64, 128, 256)
              for w, st in ((4, 3), (4, 5), (8, 4))]
 ROW_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (8, 16, 32) for bk in (256, 512) for w in (4, 8)]
-# The experts: the sorted kernels' decode tile (every sorted tile took 83-94 µs on the H200, the pair kernels 34-68),
-# the pair kernels' tiles, the down kernel with its own, and the down kernel summing each token's k experts itself.
+# The experts: the sorted kernels' decode tile (every sorted tile took 83-94 µs on the H200, the pair kernels 33-68),
+# the pair gate/up kernel's tiles (the down kernel keeps its default), the down kernel's, and the down kernel summing
+# each token's k experts itself.
 PAIR_TILES = [dict(BM=1, BN=bn, BK=bk, num_warps=w) for bn in (4, 8, 16) for bk in (128, 256) for w in (4, 8)]
-EXPERT_TILES = ([dict(BM=16, BN=32, BK=64, num_warps=4, num_stages=5)] + PAIR_TILES
-                + [dict(down=dict(BN=bn, BK=bk, num_warps=w)) for bn in (4, 16) for bk in (128, 256) for w in (4, 8)]
+EXPERT_TILES = ([dict(BM=16, BN=32, BK=64, num_warps=4, num_stages=5, down=None)] + PAIR_TILES
+                + [dict(down=dict(BN=bn, BK=bk, num_warps=w)) for bn in (8, 16, 32) for bk in (128, 256)
+                   for w in (4, 8)]
                 + [dict(down=dict(BN=bn, BK=bk, num_warps=w, SUM_K=True)) for bn in (2, 4, 8) for bk in (64, 128)
                    for w in (4, 8)])
 
@@ -206,7 +208,9 @@ def main() -> int:
                                                   lambda: fused_moe(x, w_gate_up, w_down, ids, weights), expert_bytes,
                                                   EXPERT_TILES)
         sweeps["router (T=1)"] = sweep("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1],
-                                       E * D * 2, [dict(SPLIT_D=sd) for sd in (0, 16, 32, 64, 128)])
+                                       E * D * 2, [dict(SPLIT_D=0)] + [dict(SPLIT_D=sd, BLOCK_T=bt, num_warps=w)
+                                                                       for sd in (16, 32, 64)
+                                                                       for bt, w in ((1, 1), (1, 2), (16, 4))])
         sweeps["QKV + norms + RoPE"] = sweep(
             "QKV + norms + RoPE", qkv_module,
             lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,

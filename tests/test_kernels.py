@@ -86,11 +86,26 @@ def check_routing(ids, weights, x, w_gate, k, norm):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("E,k,norm", [(4, 2, True), (6, 2, False), (60, 8, True)])
-@pytest.mark.parametrize("split_d", [0, 16], ids=["one_pass", "split_logits"])  # 16: three slices of D, a tail
-def test_router_matches_reference(monkeypatch, dtype, T, E, k, norm, split_d):
+@pytest.mark.parametrize("tiles", [dict(SPLIT_D=0), dict(SPLIT_D=16)],  # 16: three slices of D, a tail
+                         ids=["one_pass", "split_logits"])
+def test_router_matches_reference(monkeypatch, dtype, T, E, k, norm, tiles):
+    check_router(monkeypatch, dtype, T, E, k, norm, tiles)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("E,k,norm", [(6, 2, False), (60, 8, True)])
+@pytest.mark.parametrize("tiles", [dict(SPLIT_D=16, BLOCK_T=1, num_warps=1), dict(SPLIT_D=16, BLOCK_T=2)],
+                         ids=["one_row", "two_rows"])
+def test_router_split_logits_few_rows_a_program(monkeypatch, dtype, T, E, k, norm, tiles):
+    """The decode launch: partial logits summed by programs of one or two tokens (T = 5: a half-empty last one)."""
+    check_router(monkeypatch, dtype, T, E, k, norm, tiles)
+
+
+def check_router(monkeypatch, dtype, T, E, k, norm, tiles):
     from moebench.kernels import router
 
-    monkeypatch.setattr(router, "_tiles", lambda T, D: dict(SPLIT_D=split_d))
+    monkeypatch.setattr(router, "_tiles", lambda T, D: tiles)
     D = 40
     x, w_gate = randn(T, D, dtype=dtype, seed=4), randn(E, D, dtype=dtype, scale=D**-0.5, seed=5)
     ids, weights = moe_router(x, w_gate, k, norm)

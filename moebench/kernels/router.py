@@ -111,11 +111,15 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     x, w_gate = x.contiguous(), w_gate.contiguous()
     ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
     weights = torch.empty(T, k, dtype=x.dtype, device=x.device)
-    BLOCK_T = 16  # tl.dot's smallest tile
     BLOCK_E = max(16, triton.next_power_of_2(E))
     BLOCK_D = max(16, min(128, triton.next_power_of_2(D)))
-    split_d = _tiles(T, D)["SPLIT_D"]
+    tiles = _tiles(T, D)
+    split_d = tiles["SPLIT_D"]
     splits = triton.cdiv(D, split_d) if split_d else 0
+    # Tokens a program: 16 for tl.dot's smallest tile; the sum of partial logits needs no tl.dot (fewer rows, warps).
+    BLOCK_T, options = 16, {}
+    if splits:
+        BLOCK_T, options = tiles.get("BLOCK_T", 16), {key: tiles[key] for key in ("num_warps",) if key in tiles}
     part = torch.empty(T, splits, BLOCK_E, dtype=torch.float32, device=x.device) if splits else ids
     if T and splits:
         _router_partial_kernel[(T, splits)](x, w_gate, part, D, E, x.stride(0), w_gate.stride(0), BLOCK_E=BLOCK_E,
@@ -123,7 +127,7 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     if T:
         _router_kernel[(triton.cdiv(T, BLOCK_T),)](x, w_gate, part, ids, weights, T, D, E, x.stride(0),
                                                    w_gate.stride(0), K=k, NORM=norm_topk_prob, SPLITS=splits,
-                                                   BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D)
+                                                   BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, **options)
     return ids, weights
 
 
@@ -131,8 +135,15 @@ def _tiles(T: int, D: int) -> dict:
     """SPLIT_D: 0, one program per 16 tokens computes their logits (prompts); else the logits are first summed in
     slices of SPLIT_D columns of D by T x D / SPLIT_D programs (decode: one program alone would read all of w_gate,
     E x D, at the speed one GPU multiprocessor reads; 16.7 µs for Qwen3-30B-A3B's 0.5 MB on an H200; in slices of
-    32 columns 12.0 µs, of 64 13.8). bench/gpu_kernels.py --sweep times other choices on a GPU."""
-    return dict(SPLIT_D=32 if T <= 16 and not INTERPRETED else 0)
+    32 columns 12.0 µs, of 64 13.8), then _router_kernel adds them, BLOCK_T tokens a program, with num_warps warps.
+    bench/gpu_kernels.py --sweep times other choices on a GPU."""
+    if T > 16 or INTERPRETED:
+        return dict(SPLIT_D=0)
+    # The top-k program took 14.6 µs of a decode layer's ~72 on the H200 (torch.profiler, bench/gpu_decode.py) with
+    # 16 rows (15 of them masked) and 4 warps: ~40 reductions over [16, E], each through shared memory and barriers.
+    # One warp on one token's row reduces by shuffles alone. Not yet timed on a GPU.
+    bt = triton.next_power_of_2(T)
+    return dict(SPLIT_D=32, BLOCK_T=bt, num_warps=1 if bt <= 2 else 4)
 
 
 @torch.library.custom_op("moebench::moe_router", mutates_args=())
