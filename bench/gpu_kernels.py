@@ -218,8 +218,10 @@ def main() -> int:
             + [dict(SPLIT_D=sd, BK=bk, num_warps=w) for sd, bk in ((128, 128), (256, 128), (256, 256), (512, 128),
                                                                    (512, 256)) for w in (2, 4, 8)])  # split over D
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
+        split_k = [dict(BM=1, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w) for bn in (8, 16)
+                   for sk, bk in ((512, 256), (1024, 256), (1024, 512)) for w in (4, 8)]  # o_proj: 64 column blocks
         sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
-                                            w_o.numel() * 2, projection)
+                                            w_o.numel() * 2, projection + split_k)
         sweeps["LM head"] = sweep("LM head", linear_module, lambda: linear(x, w_lm), w_lm.numel() * 2, projection)
     if args.out:
         with open(args.out, "w") as f:

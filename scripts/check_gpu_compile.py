@@ -84,6 +84,8 @@ def launch_everything(dtype):
         tiles = linear._tiles  # and the kernel without tl.dot that BM = 1 picks (bench/gpu_kernels.py --sweep)
         linear._tiles = lambda M, N, K: dict(BM=1, BN=16, BK=512, num_warps=4)
         linear.linear_triton(x, randn(D, D), None, x)
+        linear._tiles = lambda M, N, K: dict(BM=1, BN=8, BK=256, SPLIT_K=1024, num_warps=4)  # and split over K
+        linear.linear_triton(randn(T, 4096), randn(D, 4096), None, x)
         linear._tiles = tiles
         cs = randn(T, HD)
         hd1 = randn(HD)

@@ -25,6 +25,7 @@ def test_every_kernel_compiles_for_sm90():
     n = int(last.split()[0])
     assert last == f"{n} of {n} kernel configurations compile for sm_90" and n >= 30, done.stdout
     for kernel in ("rmsnorm._rms_norm_kernel", "linear._linear_kernel", "linear._rows_kernel",
+                   "linear._rows_partial_kernel", "linear._rows_finish_kernel",
                    "qkv._qkv_rope_kernel", "qkv._qkv_partial_kernel", "qkv._qkv_finish_kernel",
                    "attention._attention_kernel", "flash_decoding._split_kernel",
                    "flash_decoding._combine_kernel", "router._router_kernel", "router._router_partial_kernel",

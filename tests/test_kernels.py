@@ -215,18 +215,21 @@ def test_linear_matches_reference(dtype, T, K, bias, residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("bias, residual", [(False, False), (True, True)])
-def test_linear_rows_kernel_matches_reference(monkeypatch, dtype, T, bias, residual):
-    """Launch options with BM = 1 (what a GPU's decode may pick) run the kernel without tl.dot, one row a program."""
+@pytest.mark.parametrize("split_k", [None, 128], ids=["one_pass", "split_k"])  # 128: three slices of K, a tail
+def test_linear_rows_kernel_matches_reference(monkeypatch, dtype, T, bias, residual, split_k):
+    """Launch options with BM = 1 (what a GPU's decode may pick) run the kernel without tl.dot, one row a program;
+    with SPLIT_K, its products over slices of K first (o_proj's few output columns still make many programs)."""
     from moebench.kernels import linear as module
 
-    monkeypatch.setattr(module, "_tiles", lambda M, N, K: dict(BM=1, BN=16, BK=128))
+    monkeypatch.setattr(module, "_tiles", lambda M, N, K: dict(BM=1, BN=16, BK=64, SPLIT_K=split_k))
     N, K = 70, 300  # column blocks and reduction blocks, each with a tail
     x, w = randn(T, K, dtype=dtype, seed=1), randn(N, K, dtype=dtype, scale=K**-0.5, seed=2)
     b = randn(N, dtype=dtype, seed=3) if bias else None
     r = randn(T, N, dtype=dtype, seed=4) if residual else None
     launched = []
-    real = module._rows_kernel.run
-    monkeypatch.setattr(module._rows_kernel, "run", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    kernel = module._rows_partial_kernel if split_k else module._rows_kernel
+    real = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **kw: launched.append(1) or real(*a, **kw))
     out, want = linear(x, w, b, r), linear_ref(x, w, b, r)
     assert launched and out.dtype == want.dtype == dtype
     torch.testing.assert_close(out, want, **TOL[dtype])

@@ -63,15 +63,56 @@ def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride
     # GPU many programs to keep its reads in flight. BM is 1 (the launch options' mark of this kernel).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = _row_products(x_ptr, w_ptr, row, cols, 0, K, N, K, stride_xm, stride_wn, BN, BK)
+    _row_epilogue(acc, b_ptr, r_ptr, out_ptr, row, cols, N, stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def _rows_partial_kernel(x_ptr, w_ptr, part_ptr, N, K, stride_xm, stride_wn, SPLIT_K: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr):
+    # Program (m, n, s): _rows_kernel's products over the s-th SPLIT_K columns of K only, float32, into
+    # part[m, s, columns n]: split over K, a matrix with few output columns (o_proj) still gets many programs.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    s = tl.program_id(2)
+    acc = _row_products(x_ptr, w_ptr, row, cols, s * SPLIT_K, (s + 1) * SPLIT_K, N, K, stride_xm, stride_wn,
+                         BN, BK)
+    tl.store(part_ptr + (row * tl.num_programs(2) + s) * N + cols, acc, mask=cols < N)
+
+
+@triton.jit
+def _rows_finish_kernel(part_ptr, b_ptr, r_ptr, out_ptr, N, stride_rm, stride_om, SPLITS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr):
+    # Program (m, n): the SPLITS partial products of _rows_partial_kernel summed in a fixed order, then the epilogue.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part_ptr + (row * SPLITS + s) * N + cols, mask=cols < N, other=0.0)
+    _row_epilogue(acc, b_ptr, r_ptr, out_ptr, row, cols, N, stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def _row_products(x_ptr, w_ptr, row, cols, k_start, k_end, N, K, stride_xm, stride_wn, BN: tl.constexpr,
+                  BK: tl.constexpr):
+    """[BN] float32: x[row, k_start:k_end] · W[cols, k_start:k_end]; columns past N or K count 0."""
     col_ok = cols < N
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         k = k0 + tl.arange(0, BK)
         k_ok = k < K
         a = tl.load(x_ptr + row * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
         w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BN, BK]
         acc += tl.sum(w * a[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _row_epilogue(acc, b_ptr, r_ptr, out_ptr, row, cols, N, stride_rm, stride_om, HAS_BIAS: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr):
+    """Row `row`'s columns of out = acc (+ bias) (+ residual), rounded to out's dtype."""
+    col_ok = cols < N
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -84,8 +125,9 @@ def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride
 def _tiles(M: int, N: int, K: int) -> dict:
     """Launch options: BM, BN, BK, and num_warps / num_stages where Triton's defaults are not kept. tl.dot needs 16
     rows at least: decode (M = 1) pays for 16, but the weights, which dominate, are read once per column block
-    whatever BM is. BM = 1 launches _rows_kernel instead (no tl.dot, one row a program). bench/gpu_kernels.py
-    --sweep times other choices on a GPU."""
+    whatever BM is. BM = 1 launches _rows_kernel instead (no tl.dot, one row a program), and with SPLIT_K (a
+    multiple of BK) _rows_partial_kernel over slices of K then _rows_finish_kernel. bench/gpu_kernels.py --sweep
+    times other choices on a GPU."""
     if INTERPRETED:  # the interpreter pays per program and per loop step, hardly per element: few, large tiles
         return dict(BM=16, BN=min(1024, max(16, triton.next_power_of_2(N))),
                     BK=min(256, max(16, triton.next_power_of_2(K))))
@@ -114,12 +156,23 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if M and N:
         res = residual.reshape(M, N).contiguous() if residual is not None else out
         weight = weight.contiguous()
-        tiles = _tiles(M, N, K)
-        kernel = _rows_kernel if tiles["BM"] == 1 else _linear_kernel
-        kernel[(triton.cdiv(M, tiles["BM"]), triton.cdiv(N, tiles["BN"]))](
-            rows, weight, bias if bias is not None else weight, res, out, M, N, K,
-            rows.stride(0), weight.stride(0), res.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **tiles)
+        tiles = dict(_tiles(M, N, K))
+        b = bias if bias is not None else weight
+        epilogue = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
+        split_k = tiles.pop("SPLIT_K", None)
+        grid = (triton.cdiv(M, tiles["BM"]), triton.cdiv(N, tiles["BN"]))
+        if split_k and split_k < K:  # BM = 1 only: the products split over K, then summed with the epilogue
+            splits = triton.cdiv(K, split_k)
+            part = torch.empty(M, splits, N, dtype=torch.float32, device=x.device)
+            tiles.pop("BM")
+            _rows_partial_kernel[(*grid, splits)](rows, weight, part, N, K, rows.stride(0), weight.stride(0),
+                                                  SPLIT_K=split_k, **tiles)
+            _rows_finish_kernel[(M, triton.cdiv(N, 256))](part, b, res, out, N, res.stride(0), out.stride(0),
+                                                          SPLITS=splits, BN=256, **epilogue)
+        else:
+            kernel = _rows_kernel if tiles["BM"] == 1 else _linear_kernel
+            kernel[grid](rows, weight, b, res, out, M, N, K, rows.stride(0), weight.stride(0), res.stride(0),
+                         out.stride(0), **epilogue, **tiles)
     return out.view(out_shape)
 
 
