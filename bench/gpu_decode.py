@@ -9,18 +9,21 @@ each part, so that a run cut short keeps what it measured):
   - at full size (48 layers): the fused MoE layer (router + k experts, one token) in µs, replayed in a CUDA graph,
     against the roofline of its bytes; decode tokens/s (the whole step in one CUDA graph per bucket) and its share
     of the roofline; the kernels of one decode step (torch.profiler: launches and µs per step, longest first, and
-    their sum against the step's time); the contest-shaped request: 402 prompt tokens, 640 in all, end to end (prefill + 238 decode
-    steps), in ms.
+    their sum against the step's time); the contest-shaped request: 402 prompt tokens, 640 in all, end to end
+    (prefill + 238 decode steps), in ms.
 
     python bench/gpu_decode.py --out gpu_decode.json
     python bench/gpu_decode.py --device cpu --layers 2 --hf-layers 1 --small   # smoke run of the script itself
 
-Without a GPU (and without --device cpu) it exits 2 with one line.
+With MOEBENCH_TUNED=FILE (written by bench/gpu_kernels.py --sweep --tune FILE on this GPU) the kernels launch with
+that file's options; scripts/gpu_check.sh runs it so. Without a GPU (and without --device cpu) it exits 2 with one
+line.
 """
 
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,6 +32,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
+from moebench.kernels import tuning
 from moebench.model.presets import PRESETS
 from moebench.model.qwen3_moe import KERNEL_BLOCKS, ModelOptions, Qwen3MoeForCausalLM
 
@@ -213,7 +217,8 @@ def main() -> int:
     bytes_per_token = cfg.active_parameters() * 2
     roofline = bw * 1e9 / bytes_per_token
     result = dict(device=name, torch=torch.__version__, layers=cfg.num_hidden_layers, bandwidth_gbs=bw,
-                  bytes_per_token=bytes_per_token, roofline_tok_s=roofline, kernels=sorted(kernels))
+                  bytes_per_token=bytes_per_token, roofline_tok_s=roofline, kernels=sorted(kernels),
+                  tuned=os.environ.get(tuning.ENV))
 
     def save():
         if args.out:
@@ -222,6 +227,9 @@ def main() -> int:
 
     save()
     say(f"read bandwidth {bw:.0f} GB/s; {bytes_per_token / 1e9:.3f} GB per token; roofline {roofline:.0f} tok/s")
+    if result["tuned"]:
+        say(f"{tuning.ENV}={result['tuned']}: {len(tuning._table())} tuned launches in use, built-in defaults for "
+            f"the rest")
     torch.manual_seed(0)
     prompt = torch.randint(1, cfg.vocab_size, (1, args.prompt_len), device=device)
     # One bucket, the whole cache: a decode step reads ~6 GB of weights and 1.3 MB of KV cache a layer at most, so
@@ -307,7 +315,7 @@ def main() -> int:
             say(f"one decode step: {sum(r['launches_per_step'] for r in kernels):.0f} kernel launches, {busy:.0f} µs "
                 f"of kernels in a {step_us:.0f} µs step; the longest:")
             for r in kernels[:14]:
-                print(f"    {r['us_per_step']:8.1f} µs  {r['launches_per_step']:5.0f} x  {r['kernel'][:90]}", flush=True)
+                print(f"    {r['us_per_step']:8.1f} µs {r['launches_per_step']:5.0f} x  {r['kernel'][:90]}", flush=True)
             save()
         except Exception as e:  # a profiler this build lacks: said, and the request is still timed
             say(f"decode step not profiled ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")

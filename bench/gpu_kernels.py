@@ -4,9 +4,11 @@ For each kernel: its time in a CUDA graph as a decode step replays it (no launch
 before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch
 path it replaces, side by side with the ratio.
 With --sweep, also the decode-shaped launches of the expert and projection kernels over tile sizes, warps and
-pipeline stages (each output checked against the default launch's), the fastest first: what their _tiles should pick.
+pipeline stages (each output checked against the default launch's), the fastest first: what their _tiles should pick;
+with --tune FILE, each launch's fastest options written to FILE, which MOEBENCH_TUNED=FILE makes the kernels use on
+a GPU of the same name (moebench/kernels/tuning.py).
 
-    python bench/gpu_kernels.py [--out results.json] [--cache-len 640] [--sweep]
+    python bench/gpu_kernels.py [--out results.json] [--cache-len 640] [--sweep [--tune tuned.json]]
 
 Needs a CUDA GPU (exits 2 with one line without one); scripts/gpu_check.sh runs it first.
 """
@@ -18,6 +20,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from moebench.kernels.tuning import launch_key
 
 # Qwen3-30B-A3B: hidden 2048, 32 query / 4 key-value heads of 128, 128 experts of 768, top 8, vocab 151936.
 D, H, HKV, HD, E, K, I, V = 2048, 32, 4, 128, 128, 8, 768, 151936
@@ -79,23 +83,36 @@ EXPERT_TILES = ([dict(BM=16, BN=32, BK=64, num_warps=4, num_stages=5, down=None)
 
 def sweep(name: str, module, call, nbytes: int, choices: list) -> list:
     """Times call() with each choice merged into module._tiles' answer (a None value leaves its key out); each output
-    must match the default
-    launch's (within 2% of its largest value: other tiles sum in another order). Fastest first."""
+    must match the default launch's (within 2% of its largest value: other tiles sum in another order). Each row
+    names its launch (moebench.kernels.tuning.launch_key: the module and its _tiles arguments) and the whole options
+    it ran with. Fastest first."""
     default = module._tiles
-    expected = call().float()
-    rows = [dict(options="default", us=bench(call))]
+    seen = {}
+
+    def tiles_with(opts: dict):
+        def _tiles(*shape):
+            seen.update(launch=launch_key(module.__name__.rsplit(".", 1)[-1], shape),
+                        run={key: v for key, v in (default(*shape) | opts).items() if v is not None})
+            return dict(seen["run"])
+        return _tiles
+
+    rows, expected = [], None
     try:
-        for opts in choices:
-            module._tiles = lambda *shape, opts=opts: {key: v for key, v in (default(*shape) | opts).items()
-                                                       if v is not None}  # None: the key left out
+        for opts in [{}] + choices:  # {}: the default
+            module._tiles = tiles_with(opts)
+            entry = dict(options=opts or "default")
             try:
-                err = (call().float() - expected).abs().max().item()
+                out = call().float()
+                expected = out if expected is None else expected
+                err = (out - expected).abs().max().item()
                 if err > 0.02 * expected.abs().max().item():
-                    rows.append(dict(options=opts, error=f"output off by {err:.3g}"))
+                    rows.append(entry | dict(error=f"output off by {err:.3g}"))
                     continue
-                rows.append(dict(options=opts, us=bench(call)))
+                rows.append(entry | dict(us=bench(call), launch=seen["launch"], run=seen["run"]))
             except Exception as e:  # a choice this GPU or Triton rejects (shared memory, say): said, the rest run
-                rows.append(dict(options=opts, error=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
+                if expected is None:
+                    raise
+                rows.append(entry | dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"))
     finally:
         module._tiles = default
     timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
@@ -105,6 +122,11 @@ def sweep(name: str, module, call, nbytes: int, choices: list) -> list:
     if failed:
         print(f"  sweep {name}: {len(failed)} choices failed, e.g. {failed[0]}", flush=True)
     return timed + failed
+
+
+def fastest(sweeps: dict) -> dict:
+    """Each swept launch's fastest options, by launch key: a tuned file's `launches`."""
+    return {rows[0]["launch"]: rows[0]["run"] for rows in sweeps.values() if rows and "us" in rows[0]}
 
 
 def eager_bench(fn) -> float:
@@ -136,11 +158,17 @@ def main() -> int:
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--cache-len", type=int, default=640, help="KV-cache length for decode attention (default 640)")
     p.add_argument("--sweep", action="store_true", help="also time the decode launches over tiles, warps and stages")
+    p.add_argument("--tune", metavar="FILE", help="with --sweep: write each launch's fastest options to FILE, for "
+                   "MOEBENCH_TUNED=FILE (moebench/kernels/tuning.py)")
     args = p.parse_args()
+    if args.tune and not args.sweep:
+        p.error("--tune needs --sweep")
     if not torch.cuda.is_available():
         print("bench/gpu_kernels.py: no CUDA GPU here; the kernels' CPU checks are the tests (pytest)",
               file=sys.stderr)
         return 2
+
+    import triton
 
     from moebench.kernels import fused_moe as fused_moe_module
     from moebench.kernels import linear as linear_module
@@ -228,6 +256,12 @@ def main() -> int:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cache_len=S,
                            results=results, sweeps=sweeps), f, indent=2)
         print(f"results: {args.out}")
+    if args.tune:
+        launches = fastest(sweeps)
+        with open(args.tune, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           launches=launches), f, indent=2)
+        print(f"tuned launch options ({len(launches)}): {args.tune}; use them with MOEBENCH_TUNED={args.tune}")
     return 0
 
 

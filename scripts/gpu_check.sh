@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check of the kernels, for a lent NVIDIA GPU, in one run that fits a short lease (about 5 minutes on an H200):
 # the GPU's name and clocks, the kernel micro-benchmark at Qwen3-30B-A3B's shapes with the sweep of the decode
-# launches, the decode benchmark (the kernels against plain torch on the same weights, transformers side by side,
+# launches (their fastest options written to tuned.json), the decode benchmark with those options (the kernels against plain torch on the same weights, transformers side by side,
 # then the full-size model), and the kernel tests compiled on the GPU (not interpreted). Each part has its own time
 # limit, so one that hangs leaves the others their time. Results go under ${OUT:-gpu_results}/.
 # Usage: bash scripts/gpu_check.sh     (on a machine with CUDA, torch, triton and pytest; moebench runs from the tree)
@@ -16,9 +16,12 @@ export TRITON_INTERPRET=0  # the tests default to the interpreter when it is uns
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv >>"$out/device.txt" 2>&1
 "$py" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
       'transformers', transformers.__version__)" | tee -a "$out/device.txt"
-timeout "${KERNELS_S:-170}" "$py" bench/gpu_kernels.py --sweep --out "$out/gpu_kernels.json" 2>&1 \
-    | tee "$out/gpu_kernels.txt"
-TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-300}" "$py" bench/gpu_decode.py \
+timeout "${KERNELS_S:-200}" "$py" bench/gpu_kernels.py --sweep --tune "$out/tuned.json" \
+    --out "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.txt"
+# The decode with the sweep's fastest launch options (when it finished; else the built-in defaults).
+tuned=()
+[ -s "$out/tuned.json" ] && tuned=(MOEBENCH_TUNED="$out/tuned.json")
+env "${tuned[@]}" TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-300}" "$py" bench/gpu_decode.py \
     --out "$out/gpu_decode.json" 2>&1 | tee "$out/gpu_decode.txt"
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n 8)

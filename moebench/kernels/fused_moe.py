@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
 from moebench.kernels.registry import register_kernel
+from moebench.kernels.tuning import tuned
 
 INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, here or in common
 
@@ -231,7 +232,7 @@ def _tiles(N: int, E: int) -> dict:
         # kernels of moe_align; the pair kernels 34.2 µs with these options (2.2 TB/s; 512 deep: 45.9 µs), and with
         # 16-wide, 128-deep down tiles 32.7 (the fastest of 33 choices; the down kernel summing a token's 8 experts
         # itself, no combine: 33.3).
-        return dict(BM=1, BN=8, BK=256, num_warps=8, down=dict(BN=16, BK=128, num_warps=8))
+        return tuned("fused_moe", (N, E), dict(BM=1, BN=8, BK=256, num_warps=8, down=dict(BN=16, BK=128, num_warps=8)))
     return sorted_tiles(N, E)
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
 from moebench.kernels.registry import register_kernel
+from moebench.kernels.tuning import tuned
 
 INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, here or in common
 
@@ -212,7 +213,7 @@ def _tiles(T: int) -> dict:
         # Decode: one program per head left most of the GPU idle (40 programs: 27.4 µs on the H200 against 10.1 for
         # torch's bare product). Split over D (SPLIT_D a multiple of BK), 8x the programs: 13.4 µs on the H200, the
         # fastest of the sweep's 18 choices (BK=64: 23.8 µs; one program per head at best 16.1).
-        return dict(SPLIT_D=256, BK=128, num_warps=4)
+        return tuned("qkv", (T,), dict(SPLIT_D=256, BK=128, num_warps=4))
     return dict(BT=64, BK=64)
 
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from moebench.kernels.interpret import check_device, ensure_interpreter_on_cpu
 from moebench.kernels.registry import register_kernel
+from moebench.kernels.tuning import tuned
 
 INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, here or in common
 
@@ -143,7 +144,7 @@ def _tiles(T: int, D: int) -> dict:
     # 16 rows (15 of them masked) and 4 warps: ~40 reductions over [16, E], each through shared memory and barriers.
     # One warp on one token's row reduces by shuffles alone. Not yet timed on a GPU.
     bt = triton.next_power_of_2(T)
-    return dict(SPLIT_D=32, BLOCK_T=bt, num_warps=1 if bt <= 2 else 4)
+    return tuned("router", (T, D), dict(SPLIT_D=32, BLOCK_T=bt, num_warps=1 if bt <= 2 else 4))
 
 
 @torch.library.custom_op("moebench::moe_router", mutates_args=())
