@@ -231,37 +231,44 @@ def main() -> int:
     row("LM head", w_lm.numel() * 2, lambda: linear(x, w_lm), lambda: F.linear(x, w_lm), results)
 
     sweeps = {}
+
+    def save():  # after each part: a run cut short keeps what it measured
+        device = torch.cuda.get_device_name()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, cache_len=S, results=results, sweeps=sweeps),
+                          f, indent=2)
+        if args.tune:
+            with open(args.tune, "w") as f:
+                json.dump(dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                               launches=fastest(sweeps)), f, indent=2)
+
+    save()
     if args.sweep:
-        sweeps["fused MoE experts (T=1)"] = sweep("fused MoE experts (T=1)", fused_moe_module,
-                                                  lambda: fused_moe(x, w_gate_up, w_down, ids, weights), expert_bytes,
-                                                  EXPERT_TILES)
-        sweeps["router (T=1)"] = sweep("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1],
-                                       E * D * 2, [dict(SPLIT_D=0)] + [dict(SPLIT_D=sd, BLOCK_T=bt, num_warps=w)
-                                                                       for sd in (16, 32, 64)
-                                                                       for bt, w in ((1, 1), (1, 2), (16, 4))])
-        sweeps["QKV + norms + RoPE"] = sweep(
-            "QKV + norms + RoPE", qkv_module,
-            lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,
-            [dict(SPLIT_D=None, BT=16, BK=128, num_warps=8, num_stages=4)]  # one program per head: its best
-            + [dict(SPLIT_D=sd, BK=bk, num_warps=w) for sd, bk in ((128, 128), (256, 128), (256, 256), (512, 128),
-                                                                   (512, 256)) for w in (2, 4, 8)])  # split over D
         projection = [t for t in DOT_TILES if t["num_stages"] != 5] + ROW_TILES
         split_k = [dict(BM=1, BN=bn, BK=bk, SPLIT_K=sk, num_warps=w) for bn in (8, 16)
                    for sk, bk in ((512, 256), (1024, 256), (1024, 512)) for w in (4, 8)]  # o_proj: 64 column blocks
-        sweeps["o_proj + residual"] = sweep("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x),
-                                            w_o.numel() * 2, projection + split_k)
-        sweeps["LM head"] = sweep("LM head", linear_module, lambda: linear(x, w_lm), w_lm.numel() * 2, projection)
+        for name, module, call, nbytes, choices in [
+            ("fused MoE experts (T=1)", fused_moe_module, lambda: fused_moe(x, w_gate_up, w_down, ids, weights),
+             expert_bytes, EXPERT_TILES),
+            ("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1], E * D * 2,
+             [dict(SPLIT_D=0)] + [dict(SPLIT_D=sd, BLOCK_T=bt, num_warps=w) for sd in (16, 32, 64)
+                                  for bt, w in ((1, 1), (1, 2), (16, 4))]),
+            ("QKV + norms + RoPE", qkv_module,
+             lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,
+             [dict(SPLIT_D=None, BT=16, BK=128, num_warps=8, num_stages=4)]  # one program per head: its best
+             + [dict(SPLIT_D=sd, BK=bk, num_warps=w) for sd, bk in ((128, 128), (256, 128), (256, 256), (512, 128),
+                                                                    (512, 256)) for w in (2, 4, 8)]),  # split over D
+            ("o_proj + residual", linear_module, lambda: linear(o, w_o, None, x), w_o.numel() * 2,
+             projection + split_k),
+            ("LM head", linear_module, lambda: linear(x, w_lm), w_lm.numel() * 2, projection),
+        ]:
+            sweeps[name] = sweep(name, module, call, nbytes, choices)
+            save()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cache_len=S,
-                           results=results, sweeps=sweeps), f, indent=2)
         print(f"results: {args.out}")
     if args.tune:
-        launches = fastest(sweeps)
-        with open(args.tune, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                           launches=launches), f, indent=2)
-        print(f"tuned launch options ({len(launches)}): {args.tune}; use them with MOEBENCH_TUNED={args.tune}")
+        print(f"tuned launch options ({len(fastest(sweeps))}): {args.tune}; use them with MOEBENCH_TUNED={args.tune}")
     return 0
 
 

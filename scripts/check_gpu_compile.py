@@ -44,6 +44,9 @@ def arg_type(value) -> str:
     raise TypeError(f"unexpected kernel argument {value!r}")
 
 
+LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl"}
+
+
 def capture_launches():
     """Replace JITFunction.run: record (kernel, signature, constexprs) and launch nothing."""
     from triton.runtime.jit import JITFunction
@@ -51,6 +54,9 @@ def capture_launches():
     launches = {}
 
     def run(self, *args, grid, warmup, **kwargs):
+        unknown = set(kwargs) - set(self.arg_names) - LAUNCH_OPTIONS
+        if unknown:  # what Triton itself would refuse at the launch
+            raise TypeError(f"{self.__name__}: unknown launch arguments {sorted(unknown)}")
         values = dict(zip(self.arg_names, args)) | kwargs
         signature, constexprs = {}, {}
         for p in self.params:
@@ -104,8 +110,9 @@ def launch_everything(dtype):
         tiles = fused_moe._tiles  # and the sorted kernels' decode tiles (one token runs the pair kernels)
         fused_moe._tiles = fused_moe.sorted_tiles
         fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)
-        fused_moe._tiles = lambda N, E: tiles(N, E) | dict(down=dict(BN=8, BK=128, num_warps=8, SUM_K=True))
-        fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)  # the down kernel summing k experts
+        summed = dict(down=dict(BN=8, BK=128, num_warps=8, SUM_K=True))  # the down kernel summing k experts
+        fused_moe._tiles = lambda N, E: tiles(N, E) | (summed if tiles(N, E)["BM"] == 1 else {})
+        fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, x)
         fused_moe._tiles = tiles
         for qdtype in (torch.int8, torch.float8_e4m3fn):
             (qgu, sgu), (qd, sd) = (quantized_moe.quantize_weights(w_gate_up, qdtype),

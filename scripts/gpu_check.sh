@@ -16,6 +16,7 @@ export TRITON_INTERPRET=0  # the tests default to the interpreter when it is uns
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv >>"$out/device.txt" 2>&1
 "$py" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
       'transformers', transformers.__version__)" | tee -a "$out/device.txt"
+rm -f "$out/tuned.json"  # never an earlier run's
 timeout "${KERNELS_S:-200}" "$py" bench/gpu_kernels.py --sweep --tune "$out/tuned.json" \
     --out "$out/gpu_kernels.json" 2>&1 | tee "$out/gpu_kernels.txt"
 # The decode with the sweep's fastest launch options (when it finished; else the built-in defaults).

@@ -108,7 +108,8 @@ def check_router(monkeypatch, dtype, T, E, k, norm, tiles):
     monkeypatch.setattr(router, "_tiles", lambda T, D: tiles)
     D = 40
     x, w_gate = randn(T, D, dtype=dtype, seed=4), randn(E, D, dtype=dtype, scale=D**-0.5, seed=5)
-    ids, weights = moe_router(x, w_gate, k, norm)
+    seen, (ids, weights) = launches(monkeypatch, router._router_kernel, lambda: moe_router(x, w_gate, k, norm))
+    assert seen["BLOCK_T"] == (tiles.get("BLOCK_T", 16) if tiles["SPLIT_D"] else 16)
     ref_ids = check_routing(ids, weights, x, w_gate, k, norm)
     if dtype == torch.float32:  # random float32 logits do not tie: the very same ids
         torch.testing.assert_close(ids, ref_ids, atol=0, rtol=0)
@@ -184,8 +185,20 @@ def test_fused_moe_pair_kernels_match_reference(monkeypatch, dtype, T, k, residu
     monkeypatch.setattr(module, "combine", None if "SUM_K" in PAIR_TILES[tiles].get("down", {}) else module.combine)
     x, w_gate_up, w_down, ids, weights = moe_inputs(T, D=48, E=6, k=k, I=40, dtype=dtype)  # tails in D, I, BN
     r = randn(T, 48, dtype=dtype, seed=7) if residual else None
-    out = fused_moe(x, w_gate_up, w_down, ids, weights, r)
+    down = PAIR_TILES[tiles].get("down", PAIR_TILES[tiles])
+    kernel = module._token_down_kernel if down.get("SUM_K") else module._pair_down_kernel
+    seen, out = launches(monkeypatch, kernel, lambda: fused_moe(x, w_gate_up, w_down, ids, weights, r))
+    assert (seen["BN"], seen["BK"]) == (down["BN"], down["BK"])  # the down kernel's own options
     torch.testing.assert_close(out, fused_moe_ref(x, w_gate_up, w_down, ids, weights, r), **TOL[dtype])
+
+
+def launches(monkeypatch, kernel, call) -> tuple[dict, object]:
+    """The keyword arguments `kernel` was launched with by call(), and call()'s result."""
+    seen, real = {}, kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    result = call()
+    monkeypatch.setattr(kernel, "run", real)
+    return seen, result
 
 
 def test_fused_moe_rejects_mismatched_weights():
@@ -233,6 +246,15 @@ def test_linear_rows_kernel_matches_reference(monkeypatch, dtype, T, bias, resid
     out, want = linear(x, w, b, r), linear_ref(x, w, b, r)
     assert launched and out.dtype == want.dtype == dtype
     torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("tiles", [dict(BM=1, BN=16, BK=64, SPLIT_K=100), dict(BM=16, BN=16, BK=64, SPLIT_K=128)])
+def test_linear_split_k_needs_one_row_a_program_and_whole_reduction_blocks(monkeypatch, tiles):
+    from moebench.kernels import linear as module
+
+    monkeypatch.setattr(module, "_tiles", lambda M, N, K: tiles)
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        linear(randn(1, 300), randn(70, 300, seed=1))
 
 
 def test_linear_keeps_leading_dims_and_rejects_mismatches():

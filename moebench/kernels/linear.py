@@ -162,7 +162,9 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         epilogue = dict(HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None)
         split_k = tiles.pop("SPLIT_K", None)
         grid = (triton.cdiv(M, tiles["BM"]), triton.cdiv(N, tiles["BN"]))
-        if split_k and split_k < K:  # BM = 1 only: the products split over K, then summed with the epilogue
+        if split_k and (tiles["BM"] != 1 or split_k % tiles["BK"]):
+            raise ValueError(f"linear: SPLIT_K={split_k} needs BM=1 and a multiple of BK; got {tiles}")
+        if split_k and split_k < K:  # the products split over K, then summed with the epilogue
             splits = triton.cdiv(K, split_k)
             part = torch.empty(M, splits, N, dtype=torch.float32, device=x.device)
             tiles.pop("BM")
