@@ -252,8 +252,9 @@ def main() -> int:
             ("fused MoE experts (T=1)", fused_moe_module, lambda: fused_moe(x, w_gate_up, w_down, ids, weights),
              expert_bytes, EXPERT_TILES),
             ("router (T=1)", router_module, lambda: moe_router(x, w_gate, K, True)[1], E * D * 2,
-             [dict(SPLIT_D=0)] + [dict(SPLIT_D=sd, BLOCK_T=bt, num_warps=w) for sd in (16, 32, 64)
-                                  for bt, w in ((1, 1), (1, 2), (16, 4))]),
+             [dict(SPLIT_D=0, BLOCK_T=None, num_warps=None)]  # one pass, tl.dot: Triton's warps
+             + [dict(SPLIT_D=sd, BLOCK_T=bt, num_warps=w) for sd in (16, 32, 64)
+                for bt, w in ((1, 1), (1, 2), (16, 4))]),
             ("QKV + norms + RoPE", qkv_module,
              lambda: qkv_rope(x, ones, w_qkv, None, hd_ones, hd_ones, cs, cs, H, HKV, 1e-6)[0], w_qkv.numel() * 2,
              [dict(SPLIT_D=None, BT=16, BK=128, num_warps=8, num_stages=4)]  # one program per head: its best

@@ -117,10 +117,9 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     tiles = _tiles(T, D)
     split_d = tiles["SPLIT_D"]
     splits = triton.cdiv(D, split_d) if split_d else 0
-    # Tokens a program: 16 for tl.dot's smallest tile; the sum of partial logits needs no tl.dot (fewer rows, warps).
-    BLOCK_T, options = 16, {}
-    if splits:
-        BLOCK_T, options = tiles.get("BLOCK_T", 16), {key: tiles[key] for key in ("num_warps",) if key in tiles}
+    # Tokens a program: 16 for tl.dot's smallest tile; the sum of partial logits needs no tl.dot (fewer rows).
+    BLOCK_T = tiles.get("BLOCK_T", 16) if splits else 16
+    options = {"num_warps": tiles["num_warps"]} if "num_warps" in tiles else {}
     part = torch.empty(T, splits, BLOCK_E, dtype=torch.float32, device=x.device) if splits else ids
     if T and splits:
         _router_partial_kernel[(T, splits)](x, w_gate, part, D, E, x.stride(0), w_gate.stride(0), BLOCK_E=BLOCK_E,
