@@ -10,7 +10,10 @@ each part, so that a run cut short keeps what it measured):
     against the roofline of its bytes; decode tokens/s (the whole step in one CUDA graph per bucket) and its share
     of the roofline; the kernels of one decode step (torch.profiler: launches and µs per step, longest first, and
     their sum against the step's time); the contest-shaped request: 402 prompt tokens, 640 in all, end to end
-    (prefill + 238 decode steps), in ms.
+    (prefill + 238 decode steps), in ms;
+  - on compute capability 9.0 and later, the same model's decode captured again with programmatic dependent launch
+    switched the other way (MOEBENCH_PDL, moebench/kernels/common.py): logits compared, then decode tokens/s, the
+    request and the MoE layer with it on and off, measured in turns.
 
     python bench/gpu_decode.py --out gpu_decode.json
     python bench/gpu_decode.py --device cpu --layers 2 --hf-layers 1 --small   # smoke run of the script itself
@@ -32,7 +35,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
-from moebench.kernels import tuning
+from moebench.kernels import common, tuning
 from moebench.model.presets import PRESETS
 from moebench.model.qwen3_moe import KERNEL_BLOCKS, ModelOptions, Qwen3MoeForCausalLM
 
@@ -179,6 +182,51 @@ def step_kernels(engine, prompt, steps: int, device) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
+def pdl_side_by_side(engine, prompt, args, device, say) -> dict:
+    """The same model's decode captured a second time with programmatic dependent launch switched the other way
+    (moebench/kernels/common.py): its logits against the first engine's (16 greedy steps), the fused MoE layer, and
+    tokens/s and the contest-shaped request of both, measured in turns."""
+    first = common.pdl()["USE_GDC"]
+    engines = {first: engine}
+    common.set_pdl(not first)
+    try:
+        engines[not first] = other = Engine(engine.model, batch=1, max_len=args.seq_len, compile=True,
+                                            tkg_buckets=(args.seq_len,), cuda_graphs=True)
+        other.warm_decode(args.seq_len)
+        moe_us = {not first: moe_layer_us(other, device)}
+    finally:
+        common.set_pdl(None)
+    moe_us[first] = moe_layer_us(engine, device)
+
+    def run(on: bool, fn, *fn_args):  # eager launches (the prefill) with the engine's own setting too
+        common.set_pdl(on)
+        try:
+            return fn(engines[on], *fn_args)
+        finally:
+            common.set_pdl(None)
+
+    tokens = {on: run(on, Engine.greedy, prompt, torch.ones_like(prompt), 16) for on in (False, True)}
+    diff = (tokens[True][1] - tokens[False][1]).abs().max().item()
+    same = int((tokens[True][0] == tokens[False][0]).float().cumprod(1).sum().item())
+    say(f"PDL on against off, same weights, 16 greedy steps: logits differ by at most {diff:.3g}; tokens equal for "
+        f"{same} of 16; fused MoE layer {moe_us[True]:.1f} against {moe_us[False]:.1f} µs")
+    rates, e2e = {False: [], True: []}, {False: [], True: []}
+    new_tokens = args.seq_len - args.prompt_len
+    for _ in range(args.repeats):  # in turns: the GPU's clocks and neighbours drift alike for both
+        for on in (False, True):
+            rates[on].append(run(on, lambda e: decode_rate(e, prompt, args.steps, device)))
+            e2e[on].append(run(on, lambda e: request_ms(e, prompt, new_tokens, device)))
+    out = dict(first_engine_pdl=first, logits_max_diff=diff, tokens_equal_before_first_difference=same)
+    for on in (False, True):
+        key = "on" if on else "off"
+        out.update({f"decode_tok_s_{key}": statistics.median(rates[on]),
+                    f"request_ms_{key}": statistics.median(e2e[on]), f"moe_layer_us_{key}": moe_us[on]})
+    say(f"PDL on / off: decode {out['decode_tok_s_on']:.0f} / {out['decode_tok_s_off']:.0f} tok/s "
+        f"({out['decode_tok_s_on'] / out['decode_tok_s_off']:.3f}x); request {out['request_ms_on']:.0f} / "
+        f"{out['request_ms_off']:.0f} ms")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -279,6 +327,7 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     # 2. Full size: the fused MoE layer, decode tokens/s and the contest-shaped request.
+    engine = None
     try:
         model = random_model(cfg, options, device)
         engine = Engine(model, batch=1, max_len=args.seq_len, compile=True, tkg_buckets=buckets, cuda_graphs=True)
@@ -328,6 +377,13 @@ def main() -> int:
     except Exception as e:
         failed += 1
         say(f"full-size part failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    if engine is not None and on_gpu and torch.cuda.get_device_capability(device)[0] >= 9:
+        try:
+            result["pdl"] = pdl_side_by_side(engine, prompt, args, device, say)
+            save()
+        except Exception as e:  # a Triton or driver without it: said
+            failed += 1
+            say(f"PDL side by side failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     if args.out:
         print(f"results: {args.out}")
     return 1 if failed else 0

@@ -71,7 +71,7 @@ def capture_launches():
     return launches
 
 
-def launch_everything(dtype):
+def launch_everything(dtype, tokens=(1, 17)):
     """Each kernel's wrapper at Qwen3-30B-A3B's widths (8 experts instead of 128), decode and prefill shapes."""
     from moebench.kernels import attention, flash_decoding, fused_moe, linear, qkv, quantized_moe, rmsnorm, router
 
@@ -81,7 +81,7 @@ def launch_everything(dtype):
         return torch.randn(*shape, generator=g).to(dt)
 
     D, H, HKV, HD, E, K, I, S = 2048, 32, 4, 128, 8, 8, 768, 640
-    for T in (1, 17):
+    for T in tokens:
         x, w = randn(T, D), randn(D)
         rmsnorm.rms_norm_triton(x, w, 1e-6)
         rmsnorm.rms_norm_triton(x, w, 1e-6, x)
@@ -137,8 +137,14 @@ def main() -> int:
     from moebench.kernels import flash_decoding
 
     flash_decoding._sm_count = lambda device: 132  # an H100's SMs: the split heuristic's input
-    for dtype in args.dtype or ("bfloat16", "float32"):
+    dtypes = args.dtype or ("bfloat16", "float32")
+    for dtype in dtypes:
         launch_everything(getattr(torch, dtype))
+    from moebench.kernels import common
+
+    common.set_pdl(True)  # and the decode launches with programmatic dependent launch: their waits compiled in
+    launch_everything(getattr(torch, dtypes[0]), tokens=(1,))
+    common.set_pdl(None)
     target, failed = GPUTarget("cuda", args.arch, 32), 0
     for fn, signature, constexprs in launches.values():
         shown = ", ".join(f"{k}={v}" for k, v in constexprs.items())
@@ -146,6 +152,8 @@ def main() -> int:
         start = time.perf_counter()
         try:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target)
+            if constexprs.get("USE_GDC") and "griddepcontrol.wait" not in compiled.asm["ptx"]:
+                raise RuntimeError("USE_GDC=True but no griddepcontrol.wait in the PTX")
             status = f"ok  {time.perf_counter() - start:4.1f} s, {len(compiled.asm['cubin'])} B cubin"
         except Exception as e:  # report every failure, then fail
             failed += 1

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check of the kernels, for a lent NVIDIA GPU, in one run that fits a short lease (about 5 minutes on an H200):
 # the GPU's name and clocks, the kernel micro-benchmark at Qwen3-30B-A3B's shapes with the sweep of the decode
-# launches (their fastest options written to tuned.json), the decode benchmark with those options (the kernels against plain torch on the same weights, transformers side by side,
-# then the full-size model), and the kernel tests compiled on the GPU (not interpreted). Each part has its own time
+# launches (their fastest options written to tuned.json), the decode benchmark with those options (the kernels against
+# plain torch on the same weights, transformers side by side, then the full-size model, with programmatic dependent
+# launch off and on), and the kernel tests compiled on the GPU (not interpreted). Each part has its own time
 # limit, so one that hangs leaves the others their time. Results go under ${OUT:-gpu_results}/.
 # Usage: bash scripts/gpu_check.sh     (on a machine with CUDA, torch, triton and pytest; moebench runs from the tree)
 set -uo pipefail
@@ -22,12 +23,12 @@ timeout "${KERNELS_S:-200}" "$py" bench/gpu_kernels.py --sweep --tune "$out/tune
 # The decode with the sweep's fastest launch options (when it finished; else the built-in defaults).
 tuned=()
 [ -s "$out/tuned.json" ] && tuned=(MOEBENCH_TUNED="$out/tuned.json")
-env "${tuned[@]}" TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-300}" "$py" bench/gpu_decode.py \
+env "${tuned[@]}" TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-360}" "$py" bench/gpu_decode.py \
     --out "$out/gpu_decode.json" 2>&1 | tee "$out/gpu_decode.txt"
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n 8)
 timeout "${TESTS_S:-100}" "$py" -m pytest -q -p no:cacheprovider "${workers[@]}" -o addopts="" \
     tests/test_kernels.py tests/test_attention_kernel.py tests/test_flash_decoding.py tests/test_qkv_kernel.py \
-    tests/test_quantized_moe.py >"$out/kernel_tests.txt" 2>&1
+    tests/test_quantized_moe.py tests/test_pdl.py >"$out/kernel_tests.txt" 2>&1
 echo "kernel tests: exit $?"
 tail -25 "$out/kernel_tests.txt"

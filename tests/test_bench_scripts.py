@@ -117,3 +117,57 @@ def test_llamacpp_decode_without_a_built_tree_says_how_to_build_one(tmp_path):
 def test_llamacpp_decode_refuses_a_dtype_it_cannot_convert(tmp_path):
     proc = bench("llamacpp_decode.py", "--llama-cpp", str(tmp_path), "--dtypes", "float32,float16")
     assert proc.returncode == 2 and "--dtypes: 'float16' is not one of float32, bfloat16" in proc.stderr
+
+
+def test_gpu_decode_pdl_side_by_side_measures_each_engine_with_its_own_setting(monkeypatch):
+    """bench/gpu_decode.py's PDL part, its GPU work replaced by recorders: the second engine is built and captured
+    with PDL switched the other way, every measurement of an engine runs with that engine's setting, and the
+    setting is given back to MOEBENCH_PDL after each (the real run is on a lent GPU only)."""
+    import argparse
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import gpu_decode
+
+    state = {"set": None}
+    monkeypatch.setattr(gpu_decode.common, "set_pdl", lambda on: state.update(set=on))
+    monkeypatch.setattr(gpu_decode.common, "pdl", lambda: dict(USE_GDC=bool(state["set"])))
+    seen = []
+
+    class FakeEngine:
+        def __init__(self, model, **kwargs):
+            self.model, self.pdl = model, bool(state["set"])
+            assert not kwargs or (kwargs["compile"] and kwargs["cuda_graphs"])
+
+        def warm_decode(self, width):
+            assert state["set"] is self.pdl
+
+        def greedy(self, prompt, mask, n):
+            seen.append(("greedy", self.pdl, state["set"]))
+            return torch.zeros(1, n, dtype=torch.long), torch.full((n, 1, 4), 1.0 + self.pdl)
+
+    def measure(kind, value):
+        def fn(engine, *args):
+            seen.append((kind, engine.pdl, state["set"]))
+            return value[engine.pdl]
+        return fn
+
+    monkeypatch.setattr(gpu_decode, "Engine", FakeEngine)
+    monkeypatch.setattr(gpu_decode, "moe_layer_us", measure("moe", {False: 40.0, True: 30.0}))
+    monkeypatch.setattr(gpu_decode, "decode_rate", measure("decode", {False: 250.0, True: 300.0}))
+    monkeypatch.setattr(gpu_decode, "request_ms", measure("request", {False: 1000.0, True: 900.0}))
+    first = FakeEngine("model")  # built with MOEBENCH_PDL's setting (None here: off)
+    lines = []
+    args = argparse.Namespace(seq_len=640, repeats=3, steps=8, prompt_len=402)
+    out = gpu_decode.pdl_side_by_side(first, torch.zeros(1, 4, dtype=torch.long), args, torch.device("cpu"),
+                                      lines.append)
+    assert state["set"] is None  # given back
+    for kind, engine_pdl, setting in seen:  # the first engine's measurements ran with PDL off, the other's on
+        assert setting is engine_pdl or (setting is None and not engine_pdl), (kind, engine_pdl, setting)
+    assert sum(kind == "decode" for kind, *_ in seen) == 6 and sum(kind == "request" for kind, *_ in seen) == 6
+    assert out["first_engine_pdl"] is False and out["logits_max_diff"] == 1.0
+    assert out["tokens_equal_before_first_difference"] == 16
+    assert (out["decode_tok_s_on"], out["decode_tok_s_off"], out["request_ms_on"], out["moe_layer_us_off"]) == \
+        (300.0, 250.0, 900.0, 40.0)
+    assert "PDL on / off: decode 300 / 250 tok/s (1.200x); request 900 / 1000 ms" in lines[-1]

@@ -34,3 +34,12 @@ def test_every_kernel_compiles_for_sm90():
                    "fused_moe._combine_kernel", "quantized_moe._gate_up_kernel", "quantized_moe._down_kernel",
                    "quantized_moe._rms_norm_quantize_kernel"):
         assert kernel in done.stdout
+    # The decode launches with programmatic dependent launch: compiled with their wait (griddepcontrol.wait in the
+    # PTX, which the script checks for every USE_GDC=True configuration).
+    waiting = {line.split(" [")[0] for line in done.stdout.splitlines() if "USE_GDC=True" in line and ": ok" in line}
+    assert waiting >= {"rmsnorm._rms_norm_kernel", "linear._linear_kernel", "linear._rows_kernel",
+                       "linear._rows_partial_kernel", "linear._rows_finish_kernel", "qkv._qkv_partial_kernel",
+                       "qkv._qkv_finish_kernel", "flash_decoding._split_kernel", "flash_decoding._combine_kernel",
+                       "router._router_partial_kernel", "router._router_kernel", "fused_moe._pair_gate_up_kernel",
+                       "fused_moe._pair_down_kernel", "fused_moe._token_down_kernel", "fused_moe._combine_kernel"}, \
+        done.stdout

@@ -1,4 +1,11 @@
-"""Small Triton helpers shared by the kernels, papering over two faults of Triton's CPU interpreter."""
+"""Small Triton helpers shared by the kernels: two that paper over faults of Triton's CPU interpreter, and the
+switch and wait of programmatic dependent launch."""
+
+import functools
+import os
+import sys
+
+import torch
 
 from moebench.kernels.interpret import ensure_interpreter_on_cpu
 
@@ -31,3 +38,55 @@ else:
     def dot(a, b, acc):
         """acc + a @ b, float32 accumulation; float32 operands multiplied exactly (no TF32 rounding)."""
         return tl.dot(a, b, acc, input_precision="ieee")
+
+
+# Programmatic dependent launch (PDL; NVIDIA compute capability 9.0 and later): a kernel launched with it may start
+# while the kernel before it in the stream still runs. Its programs first do what depends on nothing that kernel
+# writes (address arithmetic, the first tile of weights), then `wait_for_inputs`: griddepcontrol.wait returns once
+# the kernel before has finished and its writes are visible; then griddepcontrol.launch_dependents lets the kernel
+# after start in turn. A kernel thus overlaps only its own prologue with the tail of the one before, so what it reads
+# before its wait may come from the weights or from kernels two or more launches back (the one before had itself
+# waited for those before letting this one start), never from the one just before.
+# A decode step of batch 1 is ~11 kernels a layer of a few µs each: their starts and first loads add up.
+# MOEBENCH_PDL=1 turns it on for every moebench kernel that waits; bench/gpu_decode.py measures decode with it off
+# and on in one run (set_pdl). Off by default until a GPU has shown it faster.
+PDL_ENV = "MOEBENCH_PDL"
+_pdl: list[bool] = []  # [on] once decided
+
+
+@functools.cache
+def _pdl_from_env() -> bool:
+    value = os.environ.get(PDL_ENV, "")
+    if value in ("", "0"):
+        return False
+    if value != "1":
+        print(f"moebench: {PDL_ENV}={value!r} not used: 0 or 1", file=sys.stderr)
+        return False
+    if INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        here = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRETED else "no GPU"
+        print(f"moebench: {PDL_ENV}=1 not used: needs a CUDA GPU of compute capability 9.0 or later ({here})",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def set_pdl(on: bool | None) -> None:
+    """Launch the kernels from now on with PDL (True), without (False), or as MOEBENCH_PDL says (None). A CUDA graph
+    keeps the launches it captured."""
+    if on and INTERPRETED:
+        raise ValueError("programmatic dependent launch needs compiled kernels on a GPU, not Triton's interpreter")
+    _pdl[:] = [] if on is None else [bool(on)]
+
+
+def pdl() -> dict:
+    """The launch arguments of a kernel that takes USE_GDC: with PDL, its wait compiled in and the launch flag."""
+    on = _pdl[0] if _pdl else _pdl_from_env()
+    return dict(USE_GDC=True, launch_pdl=True) if on else dict(USE_GDC=False)
+
+
+@triton.jit
+def wait_for_inputs(USE_GDC: tl.constexpr):
+    """With PDL: wait for the kernel before (finished, its writes visible), then let the kernel after start."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -14,7 +14,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from moebench.kernels.attention import LOG2E, _check, attention_ref, online_softmax_block  # noqa: E402
-from moebench.kernels.common import cast  # noqa: E402
+from moebench.kernels.common import cast, pdl, wait_for_inputs  # noqa: E402
 
 # Legend: B batch, H query heads, Hkv key/value heads (H = g·Hkv; query head h reads kv head h // g),
 # T queries, S keys (cache slots), hd head size, M = g·T the query rows that share one kv head.
@@ -27,12 +27,14 @@ flash_decode_ref = attention_ref
 def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr, T, S, GROUP, SPLIT, M_BLOCKS, qk_scale,
                   sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                   smb, smh, smt, sms, sab, sah, sat, sas, sad, ssb, ssh, sst, sss,
-                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  USE_GDC: tl.constexpr):
     # Stage 1. One program per (split, kv head × row block, batch): the rows of its tile are the g query heads
     # of one kv head times the T queries (row r = j·T + t is query t of head hk·g + j), so each key block is
     # loaded once for the whole group, and decode (T = 1) fills g rows of the tile rather than 1. It runs an
     # online softmax over its chunk of SPLIT keys, BLOCK_N at a time, and leaves the unnormalised accumulator,
     # the row maximum and the row sum (log2 units, float32) for the combine.
+    wait_for_inputs(USE_GDC)
     split = tl.program_id(0)
     hk = (tl.program_id(1) // M_BLOCKS).to(tl.int64)
     m_blk = tl.program_id(1) % M_BLOCKS
@@ -75,10 +77,12 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, max_ptr, sum_ptr, T, S
 
 @triton.jit
 def _combine_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, R, SPLITS, sar, sas, sad, ssr, sss, sor, sod,
-                    HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_GDC: tl.constexpr):
     # Stage 2. One program per BLOCK_R rows of the R = B·H·T rows (the partials and out are contiguous over
     # [B, H, T], so a row is one stride): the splits BLOCK_S at a time, each rescaled by exp2(its max - the max
     # so far) as the online softmax rescales key blocks; then out = acc / sum.
+    wait_for_inputs(USE_GDC)
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # [BLOCK_R]
     c = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
@@ -152,7 +156,7 @@ def flash_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     _split_kernel[(splits, Hkv * M_BLOCKS, B)](
         q, k, v, m, acc, row_max, row_sum, T, S, H // Hkv, SPLIT, M_BLOCKS, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *m.stride(), *acc.stride(), *row_max.stride(),
-        HD=hd, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        HD=hd, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **pdl())
     R = B * H * T
     # Decode has few rows: on a GPU one program each, all its splits in one tile; interpreted, fewer programs.
     BLOCK_R = 16 if INTERPRETED else 1
@@ -160,7 +164,7 @@ def flash_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     _combine_kernel[(triton.cdiv(R, BLOCK_R),)](acc, row_max, row_sum, out, R, splits, acc.stride(2),
                                                 *acc.stride()[3:], row_max.stride(2), row_max.stride(3),
                                                 out.stride(2), out.stride(3),
-                                                HD=hd, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
+                                                HD=hd, BLOCK_R=BLOCK_R, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, **pdl())
     return out
 
 

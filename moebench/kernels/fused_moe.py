@@ -12,7 +12,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.common import cast, dot, pdl, wait_for_inputs  # noqa: E402
 
 # Legend: T tokens, D hidden size, I expert intermediate size, E experts, k experts per token,
 # N = T·k (token, expert) pairs, P rows of the sorted and padded pair list, BM rows per block (one expert each).
@@ -60,8 +60,9 @@ def moe_align(topk_ids: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, to
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr, N, D, I, k,
                     stride_xt, stride_we, stride_wi, stride_hp,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, n): h[rows of block m, columns n] = silu(x W_gate^T) * (x W_up^T), for the block's expert.
+    wait_for_inputs(USE_GDC)
     e = tl.load(block_expert_ptr + tl.program_id(0))
     if e < 0:
         return
@@ -95,8 +96,9 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, pairs_ptr, block_expert_ptr, N, D, I, k
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, block_expert_ptr, topk_w_ptr, N, D, I,
                  stride_hp, stride_we, stride_wd, stride_yp,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, n): y[pair, columns n] = topk_weight[pair] * (h W_down^T), written at each row's own pair.
+    wait_for_inputs(USE_GDC)
     e = tl.load(block_expert_ptr + tl.program_id(0))
     if e < 0:
         return
@@ -121,10 +123,11 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, pairs_ptr, block_expert_ptr, topk_w_ptr, N
 
 @triton.jit
 def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, D, I, k, stride_xt, stride_we, stride_wi, stride_hp,
-                         BN: tl.constexpr, BK: tl.constexpr):
+                         BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (p, n): pair p = t·k + j, unsorted: h[p, columns n] = silu(x[t] W_gate^T) * (x[t] W_up^T) for expert
     # ids[p], products summed along D without tl.dot (one row). For a few pairs (decode) each with its own expert:
-    # no sort, and every program streams weights.
+    # no sort, and every program streams weights. (The router, just before, writes ids: nothing before the wait.)
+    wait_for_inputs(USE_GDC)
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
     token = p // k
@@ -151,19 +154,30 @@ def _pair_gate_up_kernel(x_ptr, w_ptr, h_ptr, ids_ptr, D, I, k, stride_xt, strid
 
 @triton.jit
 def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, D, I, stride_hp, stride_we, stride_wd, stride_yp,
-                      BN: tl.constexpr, BK: tl.constexpr):
-    # Program (p, n): y[p, columns n] = topk_weight[p] * (h[p] W_down^T) for expert ids[p].
+                      BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
+    # Program (p, n): y[p, columns n] = topk_weight[p] * (h[p] W_down^T) for expert ids[p]. With programmatic
+    # dependent launch, ids and the first tile of weights are read before the wait (common.py): the router wrote ids
+    # two launches back, the gate/up kernel lies between.
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_ok = cols < D
-    w_e = w_ptr + e * stride_we
+    w_rows = w_ptr + e * stride_we + cols[:, None] * stride_wd  # [BN, 1]
+    h_row = h_ptr + p * stride_hp
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for i0 in range(0, I, BK):
+    start = 0
+    if USE_GDC:
+        i = tl.arange(0, BK)
+        w = tl.load(w_rows + i[None, :], mask=col_ok[:, None] & (i < I)[None, :], other=0.0)
+        wait_for_inputs(USE_GDC)
+        a = tl.load(h_row + i, mask=i < I, other=0.0).to(tl.float32)[None, :]
+        acc += tl.sum(w.to(tl.float32) * a, axis=1)
+        start = BK
+    for i0 in range(start, I, BK):
         i = i0 + tl.arange(0, BK)
         i_ok = i < I
-        a = tl.load(h_ptr + p * stride_hp + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
-        w = tl.load(w_e + cols[:, None] * stride_wd + i[None, :], mask=col_ok[:, None] & i_ok[None, :], other=0.0)
+        a = tl.load(h_row + i, mask=i_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(w_rows + i[None, :], mask=col_ok[:, None] & i_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * a, axis=1)
     dtype = y_ptr.dtype.element_ty
     y = cast(acc, dtype).to(tl.float32) * tl.load(topk_w_ptr + p).to(tl.float32)
@@ -173,10 +187,11 @@ def _pair_down_kernel(h_ptr, w_ptr, y_ptr, ids_ptr, topk_w_ptr, D, I, stride_hp,
 @triton.jit
 def _token_down_kernel(h_ptr, w_ptr, out_ptr, r_ptr, ids_ptr, topk_w_ptr, D, I, stride_hp, stride_we, stride_wd,
                        K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr):
+                       BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (t, n): out[t, columns n] = sum over token t's K pairs of topk_weight * (h[pair] W_down^T) (+ residual):
     # _pair_down_kernel and the combine in one, with the same roundings and the same order of the sum. The K experts'
-    # [BN, BK] weight tiles are loaded together, one [BLOCK_K, BN, BK] load a step.
+    # [BN, BK] weight tiles are loaded together, one [BLOCK_K, BN, BK] load a step. Before the wait: as
+    # _pair_down_kernel.
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     col_ok = cols < D
@@ -186,12 +201,20 @@ def _token_down_kernel(h_ptr, w_ptr, out_ptr, r_ptr, ids_ptr, topk_w_ptr, D, I, 
     e = tl.load(ids_ptr + pair, mask=j_ok, other=0).to(tl.int64)
     w_rows = w_ptr + e[:, None, None] * stride_we + cols[None, :, None] * stride_wd  # [BLOCK_K, BN, 1]
     row_ok = j_ok[:, None, None] & col_ok[None, :, None]
+    h_rows = h_ptr + pair[:, None] * stride_hp  # [BLOCK_K, 1]
     acc = tl.zeros((BLOCK_K, BN), dtype=tl.float32)
-    for i0 in range(0, I, BK):
+    start = 0
+    if USE_GDC:
+        i = tl.arange(0, BK)
+        w = tl.load(w_rows + i[None, None, :], mask=row_ok & (i < I)[None, None, :], other=0.0)
+        wait_for_inputs(USE_GDC)
+        a = tl.load(h_rows + i[None, :], mask=j_ok[:, None] & (i < I)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
+        start = BK
+    for i0 in range(start, I, BK):
         i = i0 + tl.arange(0, BK)
         i_ok = i < I
-        a = tl.load(h_ptr + pair[:, None] * stride_hp + i[None, :], mask=j_ok[:, None] & i_ok[None, :],
-                    other=0.0).to(tl.float32)  # [BLOCK_K, BK]
+        a = tl.load(h_rows + i[None, :], mask=j_ok[:, None] & i_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_K, BK]
         w = tl.load(w_rows + i[None, None, :], mask=row_ok & i_ok[None, None, :], other=0.0)  # [BLOCK_K, BN, BK]
         acc += tl.sum(w.to(tl.float32) * a[:, None, :], axis=2)
     dtype = out_ptr.dtype.element_ty
@@ -206,8 +229,10 @@ def _token_down_kernel(h_ptr, w_ptr, out_ptr, r_ptr, ids_ptr, topk_w_ptr, D, I, 
 
 
 @triton.jit
-def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(y_ptr, r_ptr, out_ptr, D, K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+                    USE_GDC: tl.constexpr):
     # Program (t, d): out[t] = sum of token t's K expert rows of y, in float32 (+ residual[t]).
+    wait_for_inputs(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = cols < D
@@ -275,11 +300,11 @@ def fused_moe_triton(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None
     h = torch.empty(pairs.numel(), I, dtype=x.dtype, device=x.device)  # [P, I] activations, sorted rows
     _gate_up_kernel[(n_blocks, triton.cdiv(I, BN))](
         x, w_gate_up, h, pairs, block_expert, N, D, I, k,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **tiles)
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **tiles, **pdl())
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
     _down_kernel[(n_blocks, triton.cdiv(D, BN))](
         h, w_down, y, pairs, block_expert, topk_weights.contiguous().flatten(), N, D, I,
-        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **tiles)
+        h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **tiles, **pdl())
     return combine(y, out, k, residual)
 
 
@@ -292,17 +317,18 @@ def _pairs(x, w_gate_up, w_down, topk_ids, topk_weights, out, residual, tiles):
     ids = topk_ids.contiguous().flatten()
     h = torch.empty(N, I, dtype=x.dtype, device=x.device)  # [N, I] activations, pair order
     _pair_gate_up_kernel[(N, triton.cdiv(I, options["BN"]))](
-        x, w_gate_up, h, ids, D, I, k, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **options)
+        x, w_gate_up, h, ids, D, I, k, x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), h.stride(0), **options,
+        **pdl())
     weights = topk_weights.contiguous().flatten()
     if down.pop("SUM_K", False):
         _token_down_kernel[(T, triton.cdiv(D, down["BN"]))](
             h, w_down, out, residual.contiguous() if residual is not None else out, ids, weights, D, I, h.stride(0),
             w_down.stride(0), w_down.stride(1), K=k, BLOCK_K=triton.next_power_of_2(k),
-            HAS_RESIDUAL=residual is not None, **down)
+            HAS_RESIDUAL=residual is not None, **down, **pdl())
         return out
     y = torch.empty(N, D, dtype=x.dtype, device=x.device)  # [N, D] weighted expert outputs, pair order
     _pair_down_kernel[(N, triton.cdiv(D, down["BN"]))](
-        h, w_down, y, ids, weights, D, I, h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **down)
+        h, w_down, y, ids, weights, D, I, h.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0), **down, **pdl())
     return combine(y, out, k, residual)
 
 
@@ -312,7 +338,7 @@ def combine(y: torch.Tensor, out: torch.Tensor, k: int, residual: torch.Tensor |
     T, D = out.shape
     BLOCK_D = min(1024, triton.next_power_of_2(D))
     _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](y, residual.contiguous() if residual is not None else y, out, D,
-                                                  K=k, HAS_RESIDUAL=residual is not None, BLOCK_D=BLOCK_D)
+                                                  K=k, HAS_RESIDUAL=residual is not None, BLOCK_D=BLOCK_D, **pdl())
     return out
 
 

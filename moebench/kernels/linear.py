@@ -13,7 +13,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.common import cast, dot, pdl, wait_for_inputs  # noqa: E402
 
 # Legend: M rows (tokens), K input features, N output features.
 
@@ -30,20 +30,27 @@ def linear_ref(x, weight, bias=None, residual=None):
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_om,
                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, n): out[rows m, columns n] = x W^T (+ bias) (+ residual), float32 accumulation.
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     row_ok, col_ok = rows < M, cols < N
     rows64 = rows.to(tl.int64)  # M·N passes 2^31 for the LM head of a long prompt
+    x_rows = x_ptr + rows64[:, None] * stride_xm  # [BM, 1]
+    w_cols = w_ptr + cols[None, :].to(tl.int64) * stride_wn  # [1, BN]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    start = 0
+    if USE_GDC:  # the first tile of weights before the wait for x (common.py: programmatic dependent launch)
+        k = tl.arange(0, BK)
+        b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & (k < K)[:, None], other=0.0)
+        wait_for_inputs(USE_GDC)
+        acc = dot(tl.load(x_rows + k[None, :], mask=row_ok[:, None] & (k < K)[None, :], other=0.0), b, acc)
+        start = BK
+    for k0 in range(start, K, BK):
         k = k0 + tl.arange(0, BK)
         k_ok = k < K
-        a = tl.load(x_ptr + rows64[:, None] * stride_xm + k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * stride_wn + k[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN], W transposed
+        a = tl.load(x_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        b = tl.load(w_cols + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BK, BN], W transposed
         acc = dot(a, b, acc)
     dtype = out_ptr.dtype.element_ty
     if HAS_BIAS:
@@ -58,33 +65,35 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stri
 @triton.jit
 def _rows_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_rm, stride_om,
                  HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr):
+                 BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, n): one row m, BN columns, without tl.dot (which pads a row to 16): products summed along K in
     # float32. For a few rows (decode), where the weights are read once whatever the tile and small BN gives the
     # GPU many programs to keep its reads in flight. BM is 1 (the launch options' mark of this kernel).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = _row_products(x_ptr, w_ptr, row, cols, 0, K, N, K, stride_xm, stride_wn, BN, BK)
+    acc = _row_products(x_ptr, w_ptr, row, cols, 0, K, N, K, stride_xm, stride_wn, BN, BK, USE_GDC)
     _row_epilogue(acc, b_ptr, r_ptr, out_ptr, row, cols, N, stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL)
 
 
 @triton.jit
 def _rows_partial_kernel(x_ptr, w_ptr, part_ptr, N, K, stride_xm, stride_wn, SPLIT_K: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr):
+                         BN: tl.constexpr, BK: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, n, s): _rows_kernel's products over the s-th SPLIT_K columns of K only, float32, into
     # part[m, s, columns n]: split over K, a matrix with few output columns (o_proj) still gets many programs.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     s = tl.program_id(2)
     acc = _row_products(x_ptr, w_ptr, row, cols, s * SPLIT_K, (s + 1) * SPLIT_K, N, K, stride_xm, stride_wn,
-                         BN, BK)
+                         BN, BK, USE_GDC)
     tl.store(part_ptr + (row * tl.num_programs(2) + s) * N + cols, acc, mask=cols < N)
 
 
 @triton.jit
 def _rows_finish_kernel(part_ptr, b_ptr, r_ptr, out_ptr, N, stride_rm, stride_om, SPLITS: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr,
+                        USE_GDC: tl.constexpr):
     # Program (m, n): the SPLITS partial products of _rows_partial_kernel summed in a fixed order, then the epilogue.
+    wait_for_inputs(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     acc = tl.zeros((BN,), dtype=tl.float32)
@@ -95,16 +104,27 @@ def _rows_finish_kernel(part_ptr, b_ptr, r_ptr, out_ptr, N, stride_rm, stride_om
 
 @triton.jit
 def _row_products(x_ptr, w_ptr, row, cols, k_start, k_end, N, K, stride_xm, stride_wn, BN: tl.constexpr,
-                  BK: tl.constexpr):
-    """[BN] float32: x[row, k_start:k_end] · W[cols, k_start:k_end]; columns past N or K count 0."""
+                  BK: tl.constexpr, USE_GDC: tl.constexpr):
+    """[BN] float32: x[row, k_start:k_end] · W[cols, k_start:k_end]; columns past N or K count 0. With USE_GDC, the
+    first tile of weights is loaded before the wait for x (common.py: programmatic dependent launch)."""
     col_ok = cols < N
+    x_row = x_ptr + row * stride_xm
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wn  # [BN, 1]
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BK):
+    start = k_start
+    if USE_GDC:
+        k = k_start + tl.arange(0, BK)
+        k_ok = (k < K) & (k < k_end)
+        w_first = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        wait_for_inputs(USE_GDC)
+        a = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc += tl.sum(w_first.to(tl.float32) * a[None, :], axis=1)
+        start = k_start + BK
+    for k0 in range(start, k_end, BK):
         k = k0 + tl.arange(0, BK)
         k_ok = k < K
-        a = tl.load(x_ptr + row * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
-        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
-                    mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BN, BK]
+        a = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)  # [BK]
+        w = tl.load(w_rows + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)  # [BN, BK]
         acc += tl.sum(w * a[None, :], axis=1)
     return acc
 
@@ -169,13 +189,13 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             part = torch.empty(M, splits, N, dtype=torch.float32, device=x.device)
             tiles.pop("BM")
             _rows_partial_kernel[(*grid, splits)](rows, weight, part, N, K, rows.stride(0), weight.stride(0),
-                                                  SPLIT_K=split_k, **tiles)
+                                                  SPLIT_K=split_k, **tiles, **pdl())
             _rows_finish_kernel[(M, triton.cdiv(N, 256))](part, b, res, out, N, res.stride(0), out.stride(0),
-                                                          SPLITS=splits, BN=256, **epilogue)
+                                                          SPLITS=splits, BN=256, **epilogue, **pdl())
         else:
             kernel = _rows_kernel if tiles["BM"] == 1 else _linear_kernel
             kernel[grid](rows, weight, b, res, out, M, N, K, rows.stride(0), weight.stride(0), res.stride(0),
-                         out.stride(0), **epilogue, **tiles)
+                         out.stride(0), **epilogue, **tiles, **pdl())
     return out.view(out_shape)
 
 

@@ -13,7 +13,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.common import cast, dot, pdl, wait_for_inputs  # noqa: E402
 from moebench.kernels.rmsnorm import rms_norm_ref  # noqa: E402
 
 # Legend: T tokens, D hidden size, H query heads, Hkv key/value heads, hd head size (even), h = hd/2 half a head,
@@ -47,9 +47,10 @@ def qkv_rope_ref(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, cos,
 def _qkv_rope_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                      T, D, eps, H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
                      HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BT: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+                     BT: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, j): head j (q heads, then k, then v) of tokens block m. The head's two halves are accumulated
     # apart, so RoPE's rotate-half pairs column c with column c + hd/2 without moving data between lanes.
+    wait_for_inputs(USE_GDC)
     dtype = x_ptr.dtype.element_ty
     HALF: tl.constexpr = HD // 2
     head = tl.program_id(1)
@@ -142,15 +143,23 @@ def _store_head(a1, a2, rows, c, row_ok, c_ok, head, qn_ptr, kn_ptr, cos_ptr, si
 
 @triton.jit
 def _qkv_partial_kernel(x_ptr, nw_ptr, w_ptr, part_ptr, D, eps, HD: tl.constexpr, HAS_NORM: tl.constexpr,
-                        SPLIT_D: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr):
+                        SPLIT_D: tl.constexpr, BK: tl.constexpr, BHD: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (t, j, s): token t's products for head j over the s-th SPLIT_D columns of D, float32, into
     # part[t, j, s, :hd]. For a few tokens (decode) the weights are read by (H + 2·Hkv)·D / SPLIT_D programs, not by
     # one per head. Without tl.dot (one row).
-    dtype = x_ptr.dtype.element_ty
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.program_id(2)
     x_row = x_ptr + t * D
+    cols = tl.arange(0, BHD)
+    col_ok = cols < HD
+    w_rows = w_ptr + (head * HD + cols).to(tl.int64)[:, None] * D  # [BHD, 1]
+    start = s * SPLIT_D
+    if USE_GDC:  # the first tile of weights before the wait for x (common.py: programmatic dependent launch)
+        d = start + tl.arange(0, BK)
+        w_first = tl.load(w_rows + d[None, :], mask=col_ok[:, None] & (d < D)[None, :], other=0.0)
+        wait_for_inputs(USE_GDC)
+    inv_rms = 1.0
     if HAS_NORM:  # the row's inverse RMS over all of D (the row is small and shared: from the L2 cache)
         ss = tl.zeros((BK,), dtype=tl.float32)
         for d0 in range(0, D, BK):
@@ -158,28 +167,39 @@ def _qkv_partial_kernel(x_ptr, nw_ptr, w_ptr, part_ptr, D, eps, HD: tl.constexpr
             xf = tl.load(x_row + d, mask=d < D, other=0.0).to(tl.float32)
             ss += xf * xf
         inv_rms = tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
-    cols = tl.arange(0, BHD)
-    col_ok = cols < HD
-    w_rows = w_ptr + (head * HD + cols).to(tl.int64)[:, None] * D  # [BHD, 1]
     acc = tl.zeros((BHD,), dtype=tl.float32)
-    for d0 in range(s * SPLIT_D, (s + 1) * SPLIT_D, BK):
+    if USE_GDC:
+        a = _qkv_input(x_row, nw_ptr, start + tl.arange(0, BK), D, inv_rms, HAS_NORM)
+        acc += tl.sum(w_first.to(tl.float32) * a[None, :], axis=1)
+        start += BK
+    for d0 in range(start, (s + 1) * SPLIT_D, BK):
         d = d0 + tl.arange(0, BK)
-        d_ok = d < D
-        a = tl.load(x_row + d, mask=d_ok, other=0.0)
-        if HAS_NORM:  # rounded as the reference rounds the norm's output
-            g = tl.load(nw_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-            a = cast(cast(a.to(tl.float32) * inv_rms, dtype).to(tl.float32) * g, dtype)
-        w = tl.load(w_rows + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BHD, BK]
-        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        a = _qkv_input(x_row, nw_ptr, d, D, inv_rms, HAS_NORM)
+        w = tl.load(w_rows + d[None, :], mask=col_ok[:, None] & (d < D)[None, :], other=0.0)  # [BHD, BK]
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     tl.store(part_ptr + ((t * tl.num_programs(1) + head) * tl.num_programs(2) + s) * HD + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _qkv_input(x_row, nw_ptr, d, D, inv_rms, HAS_NORM: tl.constexpr):
+    """[BK] float32: the row's columns d (0 past D), normalised and rounded as the reference rounds the norm's output
+    when HAS_NORM."""
+    dtype = x_row.dtype.element_ty
+    d_ok = d < D
+    a = tl.load(x_row + d, mask=d_ok, other=0.0)
+    if HAS_NORM:
+        g = tl.load(nw_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        a = cast(cast(a.to(tl.float32) * inv_rms, dtype).to(tl.float32) * g, dtype)
+    return a.to(tl.float32)
 
 
 @triton.jit
 def _qkv_finish_kernel(part_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, eps,
                        H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SPLITS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+                       SPLITS: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (m, j): head j of tokens block m from _qkv_partial_kernel's SPLITS partial products, summed in a fixed
     # order, then as _qkv_rope_kernel: bias, rounding, q/k norm, RoPE.
+    wait_for_inputs(USE_GDC)
     dtype = q_ptr.dtype.element_ty
     HALF: tl.constexpr = HD // 2
     head = tl.program_id(1)
@@ -262,14 +282,15 @@ def qkv_rope_triton(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, c
         splits = triton.cdiv(D, tiles["SPLIT_D"])
         part = torch.empty(T, heads, splits, hd, dtype=torch.float32, device=x.device)
         _qkv_partial_kernel[(T, heads, splits)](x, nw, w_qkv, part, D, eps, HD=hd, HAS_NORM=norm_weight is not None,
-                                                BHD=triton.next_power_of_2(hd), **tiles)
+                                                BHD=triton.next_power_of_2(hd), **tiles, **pdl())
         BT = min(16, triton.next_power_of_2(T))
         _qkv_finish_kernel[(triton.cdiv(T, BT), heads)](part, b.contiguous(), *outputs, T, eps, **shape,
-                                                        HAS_BIAS=bias is not None, SPLITS=splits, BT=BT, BH=BH)
+                                                        HAS_BIAS=bias is not None, SPLITS=splits, BT=BT, BH=BH,
+                                                        **pdl())
         return q, k, v
     _qkv_rope_kernel[(triton.cdiv(T, tiles["BT"]), heads)](
         x, nw, w_qkv, b.contiguous(), *outputs, T, D, eps, **shape, HAS_NORM=norm_weight is not None,
-        HAS_BIAS=bias is not None, BH=BH, **tiles)
+        HAS_BIAS=bias is not None, BH=BH, **tiles, **pdl())
     return q, k, v
 
 

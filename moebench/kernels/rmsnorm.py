@@ -10,7 +10,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast  # noqa: E402
+from moebench.kernels.common import cast, pdl, wait_for_inputs  # noqa: E402
 
 # Legend: T rows (tokens, or tokens x heads for the q/k norms), D normalised size.
 
@@ -29,8 +29,9 @@ def rms_norm_ref(x, weight, eps: float, residual=None):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr, D, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
     # One program per row; all arithmetic in float32 (the interpreter cannot add bfloat16 directly).
+    wait_for_inputs(USE_GDC)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
@@ -61,7 +62,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     h = torch.empty_like(rows) if residual is not None else rows
     if T:
         _rms_norm_kernel[(T,)](rows, res, weight.contiguous(), out, h, D, eps,
-                               HAS_RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(D))
+                               HAS_RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(D), **pdl())
     return out if residual is None else (out, h.view(x.shape))
 
 

@@ -13,7 +13,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.common import cast, dot, pdl, wait_for_inputs  # noqa: E402
 
 # Legend: T tokens, D hidden size, E experts, k experts per token.
 MAX_EXPERTS, MAX_K = 256, 16  # one program holds a whole [BLOCK_T, E] row block of logits
@@ -33,26 +33,29 @@ def moe_router_ref(x, w_gate, k: int, norm_topk_prob: bool):
 
 @triton.jit
 def _router_partial_kernel(x_ptr, w_ptr, part_ptr, D, E, stride_xt, stride_we,
-                           BLOCK_E: tl.constexpr, SPLIT_D: tl.constexpr):
+                           BLOCK_E: tl.constexpr, SPLIT_D: tl.constexpr, USE_GDC: tl.constexpr):
     # Program (t, s): token t's float32 logits over the s-th SPLIT_D columns of D, into part[t, s, :]. For a few
-    # tokens (decode) the logits' weights are read by many programs, not by one.
+    # tokens (decode) the logits' weights are read by many programs, not by one; with programmatic dependent launch,
+    # before the wait for x (common.py).
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     experts = tl.arange(0, BLOCK_E)
     d = s * SPLIT_D + tl.arange(0, SPLIT_D)
     d_ok = d < D
-    x = tl.load(x_ptr + t * stride_xt + d, mask=d_ok, other=0.0).to(tl.float32)  # [SPLIT_D]
     w = tl.load(w_ptr + experts[:, None] * stride_we + d[None, :], mask=(experts < E)[:, None] & d_ok[None, :],
                 other=0.0).to(tl.float32)  # [BLOCK_E, SPLIT_D]
+    wait_for_inputs(USE_GDC)
+    x = tl.load(x_ptr + t * stride_xt + d, mask=d_ok, other=0.0).to(tl.float32)  # [SPLIT_D]
     tl.store(part_ptr + (t * tl.num_programs(1) + s) * BLOCK_E + experts, tl.sum(w * x[None, :], axis=1))
 
 
 @triton.jit
 def _router_kernel(x_ptr, w_ptr, part_ptr, ids_ptr, weights_ptr, T, D, E, stride_xt, stride_we,
                    K: tl.constexpr, NORM: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, USE_GDC: tl.constexpr):
     # One program per BLOCK_T tokens, holding all E logits of each: computed here, or with SPLITS the sum, in a fixed
     # order, of the SPLITS partial logits _router_partial_kernel wrote.
+    wait_for_inputs(USE_GDC)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
     experts = tl.arange(0, BLOCK_E)  # [BLOCK_E]
     row_ok, expert_ok = rows < T, experts < E
@@ -123,11 +126,12 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     part = torch.empty(T, splits, BLOCK_E, dtype=torch.float32, device=x.device) if splits else ids
     if T and splits:
         _router_partial_kernel[(T, splits)](x, w_gate, part, D, E, x.stride(0), w_gate.stride(0), BLOCK_E=BLOCK_E,
-                                            SPLIT_D=split_d)
+                                            SPLIT_D=split_d, **pdl())
     if T:
         _router_kernel[(triton.cdiv(T, BLOCK_T),)](x, w_gate, part, ids, weights, T, D, E, x.stride(0),
                                                    w_gate.stride(0), K=k, NORM=norm_topk_prob, SPLITS=splits,
-                                                   BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, **options)
+                                                   BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, **options,
+                                                   **pdl())
     return ids, weights
 
 
