@@ -46,7 +46,8 @@ else:
 # the kernel before has finished and its writes are visible; then griddepcontrol.launch_dependents lets the kernel
 # after start in turn. A kernel thus overlaps only its own prologue with the tail of the one before, so what it reads
 # before its wait may come from the weights or from kernels two or more launches back (the one before had itself
-# waited for those before letting this one start), never from the one just before.
+# waited for those before letting this one start), never from the one just before: a kernel's weights must not be
+# written by the kernel launched just before it (the model's weights never are).
 # A decode step of batch 1 is ~11 kernels a layer of a few µs each: their starts and first loads add up.
 # MOEBENCH_PDL=1 turns it on for every moebench kernel that waits; bench/gpu_decode.py measures decode with it off
 # and on in one run (set_pdl). Off by default until a GPU has shown it faster.
