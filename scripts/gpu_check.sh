@@ -23,7 +23,7 @@ timeout "${KERNELS_S:-200}" "$py" bench/gpu_kernels.py --sweep --tune "$out/tune
 # The decode with the sweep's fastest launch options (when it finished; else the built-in defaults).
 tuned=()
 [ -s "$out/tuned.json" ] && tuned=(MOEBENCH_TUNED="$out/tuned.json")
-env "${tuned[@]}" TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-360}" "$py" bench/gpu_decode.py \
+env "${tuned[@]}" TORCH_LOGS="${TORCH_LOGS:-perf_hints}" timeout "${DECODE_S:-300}" "$py" bench/gpu_decode.py \
     --out "$out/gpu_decode.json" 2>&1 | tee "$out/gpu_decode.txt"
 workers=()
 "$py" -c "import xdist" 2>/dev/null && workers=(-n 8)
