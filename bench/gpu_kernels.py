@@ -1,7 +1,7 @@
 """Micro-benchmark of moebench's Triton kernels on an NVIDIA GPU at Qwen3-30B-A3B's shapes, batch-1 decode.
 
-For each kernel: its time in a CUDA graph as a decode step replays it (no launch overhead; the L2 cache emptied
-before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch
+For each kernel: its time in a CUDA graph as a decode step replays it (no launch overhead; the L2 cache filled with
+other data, read, before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch
 path it replaces, side by side with the ratio.
 With --sweep, also the decode-shaped launches of the expert and projection kernels over tile sizes, warps and
 pipeline stages (each output checked against the default launch's), the fastest first: what their _tiles should pick;
@@ -32,11 +32,14 @@ _flush = None
 
 def bench(fn, n: int = 10) -> float:
     """µs of one call of fn as a decode step makes it: replayed in a CUDA graph (no launch overhead), with the L2
-    cache emptied before each call. The graph of n (emptying, call) pairs is timed against the graph of the n
-    emptyings alone (medians of 15 replays each); the difference, / n."""
+    cache holding none of its data: before each call a 256 MB buffer is read (a sum), so the cache is full of clean
+    lines, as a decode step's streamed weights leave it. (Zeroing the buffer, as triton.testing.do_bench does, leaves
+    the cache full of dirty lines whose write-back then halves a small memory-bound call's read bandwidth.) The graph
+    of n (emptying, call) pairs is timed against the graph of the n emptyings alone (medians of 15 replays each);
+    the difference, / n."""
     global _flush
     if _flush is None:
-        _flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # 4x the L2 cache
+        _flush = torch.zeros(256 * 2**20, dtype=torch.int8, device="cuda")  # 4x the L2 cache
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # compiles, and the allocator's first blocks, outside the capture
@@ -48,7 +51,7 @@ def bench(fn, n: int = 10) -> float:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for _ in range(n):
-                _flush.zero_()
+                _flush.sum()
                 if with_fn:
                     fn()
         times = []
