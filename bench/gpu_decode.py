@@ -182,17 +182,20 @@ def step_kernels(engine, prompt, steps: int, device) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_step"])
 
 
-def pdl_side_by_side(engine, prompt, args, device, say) -> dict:
+def pdl_side_by_side(engine, prompt, args, device, say, out: dict, save) -> None:
     """The same model's decode captured a second time with programmatic dependent launch switched the other way
     (moebench/kernels/common.py): its logits against the first engine's (16 greedy steps), the fused MoE layer, and
-    tokens/s and the contest-shaped request of both, measured in turns."""
-    first = common.pdl()["USE_GDC"]
+    tokens/s and the contest-shaped request of both, measured in turns; into `out`, saved after each part."""
+    first = common.pdl_on()
     engines = {first: engine}
     common.set_pdl(not first)
     try:
         engines[not first] = other = Engine(engine.model, batch=1, max_len=args.seq_len, compile=True,
                                             tkg_buckets=(args.seq_len,), cuda_graphs=True)
-        other.warm_decode(args.seq_len)
+        step = other.example_step("token_generation_model", args.seq_len)
+        with torch.inference_mode():  # eager first: Triton compiles and loads these launches outside any capture
+            other.step_function("token_generation_model")(*step)
+        other.warm_decode(args.seq_len)  # (the engines share one compiled step: this one's graph is recorded now)
         moe_us = {not first: moe_layer_us(other, device)}
     finally:
         common.set_pdl(None)
@@ -208,23 +211,25 @@ def pdl_side_by_side(engine, prompt, args, device, say) -> dict:
     tokens = {on: run(on, Engine.greedy, prompt, torch.ones_like(prompt), 16) for on in (False, True)}
     diff = (tokens[True][1] - tokens[False][1]).abs().max().item()
     same = int((tokens[True][0] == tokens[False][0]).float().cumprod(1).sum().item())
+    out.update(first_engine_pdl=first, logits_max_diff=diff, tokens_equal_before_first_difference=same,
+               moe_layer_us_on=moe_us[True], moe_layer_us_off=moe_us[False])
+    save()
     say(f"PDL on against off, same weights, 16 greedy steps: logits differ by at most {diff:.3g}; tokens equal for "
         f"{same} of 16; fused MoE layer {moe_us[True]:.1f} against {moe_us[False]:.1f} µs")
     rates, e2e = {False: [], True: []}, {False: [], True: []}
     new_tokens = args.seq_len - args.prompt_len
-    for _ in range(args.repeats):  # in turns: the GPU's clocks and neighbours drift alike for both
+    for _ in range(min(args.repeats, 3)):  # in turns: the GPU's clocks and neighbours drift alike for both
         for on in (False, True):
+            run(on, lambda e: decode_rate(e, prompt, 2, device))  # untimed: a graph replayed again after a switch
             rates[on].append(run(on, lambda e: decode_rate(e, prompt, args.steps, device)))
             e2e[on].append(run(on, lambda e: request_ms(e, prompt, new_tokens, device)))
-    out = dict(first_engine_pdl=first, logits_max_diff=diff, tokens_equal_before_first_difference=same)
-    for on in (False, True):
-        key = "on" if on else "off"
-        out.update({f"decode_tok_s_{key}": statistics.median(rates[on]),
-                    f"request_ms_{key}": statistics.median(e2e[on]), f"moe_layer_us_{key}": moe_us[on]})
+            key = "on" if on else "off"
+            out.update({f"decode_tok_s_{key}": statistics.median(rates[on]),
+                        f"request_ms_{key}": statistics.median(e2e[on]), f"rounds_{key}": len(rates[on])})
+            save()
     say(f"PDL on / off: decode {out['decode_tok_s_on']:.0f} / {out['decode_tok_s_off']:.0f} tok/s "
         f"({out['decode_tok_s_on'] / out['decode_tok_s_off']:.3f}x); request {out['request_ms_on']:.0f} / "
         f"{out['request_ms_off']:.0f} ms")
-    return out
 
 
 def main() -> int:
@@ -379,8 +384,8 @@ def main() -> int:
         say(f"full-size part failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     if engine is not None and on_gpu and torch.cuda.get_device_capability(device)[0] >= 9:
         try:
-            result["pdl"] = pdl_side_by_side(engine, prompt, args, device, say)
-            save()
+            result["pdl"] = {}
+            pdl_side_by_side(engine, prompt, args, device, say, result["pdl"], save)
         except Exception as e:  # a Triton or driver without it: said
             failed += 1
             say(f"PDL side by side failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")

@@ -132,16 +132,25 @@ def test_gpu_decode_pdl_side_by_side_measures_each_engine_with_its_own_setting(m
 
     state = {"set": None}
     monkeypatch.setattr(gpu_decode.common, "set_pdl", lambda on: state.update(set=on))
-    monkeypatch.setattr(gpu_decode.common, "pdl", lambda: dict(USE_GDC=bool(state["set"])))
+    monkeypatch.setattr(gpu_decode.common, "pdl_on", lambda: bool(state["set"]))
     seen = []
 
     class FakeEngine:
         def __init__(self, model, **kwargs):
-            self.model, self.pdl = model, bool(state["set"])
+            self.model, self.pdl, self.eager_steps = model, bool(state["set"]), 0
             assert not kwargs or (kwargs["compile"] and kwargs["cuda_graphs"])
 
-        def warm_decode(self, width):
-            assert state["set"] is self.pdl
+        def example_step(self, submodel, width):
+            return (submodel, width)
+
+        def step_function(self, submodel):
+            def step(*inputs):
+                assert state["set"] is self.pdl and inputs == (submodel, 640)
+                self.eager_steps += 1
+            return step
+
+        def warm_decode(self, width):  # captures: the kernels must have run eagerly before, with the same setting
+            assert state["set"] is self.pdl and self.eager_steps == 1
 
         def greedy(self, prompt, mask, n):
             seen.append(("greedy", self.pdl, state["set"]))
@@ -158,14 +167,16 @@ def test_gpu_decode_pdl_side_by_side_measures_each_engine_with_its_own_setting(m
     monkeypatch.setattr(gpu_decode, "decode_rate", measure("decode", {False: 250.0, True: 300.0}))
     monkeypatch.setattr(gpu_decode, "request_ms", measure("request", {False: 1000.0, True: 900.0}))
     first = FakeEngine("model")  # built with MOEBENCH_PDL's setting (None here: off)
-    lines = []
-    args = argparse.Namespace(seq_len=640, repeats=3, steps=8, prompt_len=402)
-    out = gpu_decode.pdl_side_by_side(first, torch.zeros(1, 4, dtype=torch.long), args, torch.device("cpu"),
-                                      lines.append)
+    lines, out, saved = [], {}, []
+    args = argparse.Namespace(seq_len=640, repeats=5, steps=8, prompt_len=402)
+    gpu_decode.pdl_side_by_side(first, torch.zeros(1, 4, dtype=torch.long), args, torch.device("cpu"), lines.append,
+                                out, lambda: saved.append(dict(out)))
     assert state["set"] is None  # given back
     for kind, engine_pdl, setting in seen:  # the first engine's measurements ran with PDL off, the other's on
         assert setting is engine_pdl or (setting is None and not engine_pdl), (kind, engine_pdl, setting)
-    assert sum(kind == "decode" for kind, *_ in seen) == 6 and sum(kind == "request" for kind, *_ in seen) == 6
+    # 3 rounds at most, each engine's timed decode after an untimed one; saved after the comparison and each turn
+    assert sum(kind == "decode" for kind, *_ in seen) == 12 and sum(kind == "request" for kind, *_ in seen) == 6
+    assert len(saved) == 7 and saved[0]["logits_max_diff"] == 1.0 and saved[-1] == out
     assert out["first_engine_pdl"] is False and out["logits_max_diff"] == 1.0
     assert out["tokens_equal_before_first_difference"] == 16
     assert (out["decode_tok_s_on"], out["decode_tok_s_off"], out["request_ms_on"], out["moe_layer_us_off"]) == \

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton", reason="Triton is not installed; the kernel tests need it (pip install triton)")
 
-from moebench.kernels import common, fused_moe, linear  # noqa: E402
+from moebench.kernels import common, flash_decoding, fused_moe, linear, qkv, rmsnorm, router  # noqa: E402
 
 HOPPER = (torch.cuda.is_available() and not common.INTERPRETED and torch.cuda.get_device_capability()[0] >= 9)
 
@@ -45,11 +45,76 @@ def test_pdl_said_not_used_without_a_hopper_gpu():
 
 @pytest.mark.skipif(not common.INTERPRETED, reason="the interpreter's refusal")
 def test_set_pdl_refused_by_the_interpreter():
-    with pytest.raises(ValueError, match="not Triton's interpreter"):
+    with pytest.raises(ValueError, match="cannot run: Triton's interpreter runs the kernels"):
         common.set_pdl(True)
     common.set_pdl(False)
     assert common.pdl() == dict(USE_GDC=False)
     common.set_pdl(None)
+
+
+def randn(*shape, seed, dtype=torch.bfloat16, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def linear_case(tiles):
+    def run():
+        x, w, r = randn(3, 300, seed=1), randn(40, 300, seed=2, scale=0.05), randn(3, 40, seed=3)
+        return linear.linear_triton(x, w, None, r), linear.linear_triton(x[:1], w)
+    return {linear: tiles}, run
+
+
+def qkv_case(norm: bool):
+    def run():  # D = 96 in slices of 64, 32 deep: a first tile, a loop and a tail in D
+        x, w = randn(1, 96, seed=1), randn((2 + 2) * 32, 96, seed=2, scale=0.1)
+        hd1, cs = randn(32, seed=3), randn(1, 32, seed=4)
+        return qkv.qkv_rope_triton(x, randn(96, seed=5) if norm else None, w, None, hd1, hd1, cs, cs, 2, 1, 1e-6)
+    return {qkv: lambda T: dict(SPLIT_D=64, BK=32)}, run
+
+
+def moe_case(down):
+    def run():  # I = 40 in 16-deep steps: a first tile, a loop and a tail
+        x, r = randn(1, 48, seed=1), randn(1, 48, seed=2)
+        w_gate_up, w_down = randn(6, 80, 48, seed=3, scale=0.2), randn(6, 48, 40, seed=4, scale=0.2)
+        ids, weights = torch.tensor([[4, 1, 3]]), randn(1, 3, seed=5).abs()
+        return (fused_moe.fused_moe_triton(x, w_gate_up, w_down, ids, weights, r),
+                router.moe_router_triton(x, randn(6, 48, seed=6), 2, True)[1])
+    return {fused_moe: lambda N, E: dict(BM=1, BN=16, BK=32, down=down),
+            router: lambda T, D: dict(SPLIT_D=16, BLOCK_T=1, num_warps=1)}, run
+
+
+def attention_case():
+    def run():
+        x, w = randn(2, 48, seed=1), randn(48, seed=2)
+        q, k = randn(1, 4, 1, 32, seed=3), randn(1, 2, 150, 32, seed=4)
+        mask = torch.ones(1, 1, 1, 150, dtype=torch.bool)
+        return rmsnorm.rms_norm_triton(x, w, 1e-6), flash_decoding.flash_decode_triton(q, k, k, mask, 0.2)
+    return {}, run
+
+
+GDC_CASES = {"linear dot": linear_case(None), "linear rows": linear_case(lambda M, N, K: dict(BM=1, BN=16, BK=64)),
+             "linear split-K": linear_case(lambda M, N, K: dict(BM=1, BN=16, BK=64, SPLIT_K=128)),
+             "qkv split, norm": qkv_case(True), "qkv split, no norm": qkv_case(False),
+             "experts own down, router": moe_case(dict(BN=8, BK=16)),
+             "experts summed down": moe_case(dict(BN=16, BK=16, SUM_K=True)), "norm, flash decoding": attention_case()}
+
+
+@pytest.mark.skipif(not common.INTERPRETED, reason="the kernels' USE_GDC paths run under the interpreter here")
+@pytest.mark.parametrize("case", list(GDC_CASES))
+def test_use_gdc_paths_give_the_same_bits(case, monkeypatch):
+    """Each kernel's PDL path (its first tile of weights loaded before the wait, the loop then starting one tile on)
+    against its plain path, bit for bit: under the interpreter, whose wait is a no-op, with USE_GDC=True."""
+    tiles, run = GDC_CASES[case]
+    for module, choose in tiles.items():
+        if choose is not None:
+            monkeypatch.setattr(module, "_tiles", choose)
+    plain = run()
+    for module in (linear, qkv, router, fused_moe, rmsnorm, flash_decoding):
+        monkeypatch.setattr(module, "pdl", lambda early_reads=True: dict(USE_GDC=True))
+    early = run()
+    flat = [(a, b) for x, y in zip(plain, early) for a, b in zip(*(t if isinstance(t, tuple) else (t,)
+                                                                   for t in (x, y)))]
+    assert flat and all(torch.equal(a, b) for a, b in flat)
 
 
 def decode_layer(x, w, cache_k, cache_v, mask, slot):
@@ -76,6 +141,8 @@ def decode_layer(x, w, cache_k, cache_v, mask, slot):
 @pytest.mark.skipif(not HOPPER, reason="needs an NVIDIA GPU of compute capability 9.0 or later")
 @pytest.mark.parametrize("variant", ["defaults", "split-K rows, summed down"])
 def test_decode_chain_bit_equal_with_pdl(variant, monkeypatch):
+    """Eager (the kernels really overlapping on the stream) and in a CUDA graph replayed for two tokens in turn (a
+    kernel reading before its wait what the one before writes would see the other token's data)."""
     if variant != "defaults":
         monkeypatch.setattr(linear, "_tiles", lambda M, N, K: dict(BM=1, BN=8, BK=256, SPLIT_K=1024, num_warps=4))
         tiles = fused_moe._tiles
@@ -84,32 +151,37 @@ def test_decode_chain_bit_equal_with_pdl(variant, monkeypatch):
     D, H, HKV, HD, E, I, S, V = 2048, 32, 4, 128, 16, 768, 640, 4096
     g = torch.Generator(device="cuda").manual_seed(0)
 
-    def randn(*shape, scale=0.02):
+    def rand(*shape, scale=0.02):
         return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
 
-    w = dict(in_norm=randn(D, scale=1.0), qkv=randn((H + 2 * HKV) * HD, D), q_norm=randn(HD, scale=1.0),
-             k_norm=randn(HD, scale=1.0), cos=randn(1, HD, scale=1.0), sin=randn(1, HD, scale=1.0), o=randn(D, H * HD),
-             post_norm=randn(D, scale=1.0), gate=randn(E, D), gate_up=randn(E, 2 * I, D), down=randn(E, D, I),
-             lm=randn(V, D))
-    x = randn(1, D, scale=1.0)
+    w = dict(in_norm=rand(D, scale=1.0), qkv=rand((H + 2 * HKV) * HD, D), q_norm=rand(HD, scale=1.0),
+             k_norm=rand(HD, scale=1.0), cos=rand(1, HD, scale=1.0), sin=rand(1, HD, scale=1.0), o=rand(D, H * HD),
+             post_norm=rand(D, scale=1.0), gate=rand(E, D), gate_up=rand(E, 2 * I, D), down=rand(E, D, I),
+             lm=rand(V, D))
+    tokens = [rand(1, D, scale=1.0) for _ in range(2)]
     mask = torch.zeros(1, 1, 1, S, dtype=torch.bool, device="cuda")
     mask[..., :401] = True
-    caches = randn(1, HKV, S, HD, scale=1.0), randn(1, HKV, S, HD, scale=1.0)
+    caches = rand(1, HKV, S, HD, scale=1.0), rand(1, HKV, S, HD, scale=1.0)
     outputs = {}
     for on in (False, True):
+        x = tokens[0].clone()
         cache_k, cache_v = (c.clone() for c in caches)
         common.set_pdl(on)
         try:
-            decode_layer(x, w, cache_k.clone(), cache_v.clone(), mask, 400)  # compiles, outside the capture
+            eager_k = cache_k.clone()
+            runs = [(*decode_layer(x, w, eager_k, cache_v.clone(), mask, 400), eager_k)]  # compiles too
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out, logits = decode_layer(x, w, cache_k, cache_v, mask, 400)
         finally:
             common.set_pdl(None)
-        graph.replay()
-        graph.replay()
-        torch.cuda.synchronize()
-        outputs[on] = (out.clone(), logits.clone(), cache_k.clone())
-    for a, b in zip(outputs[False], outputs[True]):
-        assert torch.equal(a, b)
+        for token in tokens:
+            x.copy_(token)
+            graph.replay()
+            torch.cuda.synchronize()
+            runs.append((out.clone(), logits.clone(), cache_k.clone()))
+        outputs[on] = runs
+    assert not torch.equal(outputs[False][1][0], outputs[False][2][0])  # the two tokens differ
+    for plain, early in zip(outputs[False], outputs[True]):
+        assert all(torch.equal(a, b) for a, b in zip(plain, early))

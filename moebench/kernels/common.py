@@ -52,7 +52,17 @@ else:
 # MOEBENCH_PDL=1 turns it on for every moebench kernel that waits; bench/gpu_decode.py measures decode with it off
 # and on in one run (set_pdl). Off by default until a GPU has shown it faster.
 PDL_ENV = "MOEBENCH_PDL"
-_pdl: list[bool] = []  # [on] once decided
+_pdl: bool | None = None  # set_pdl's choice; None: MOEBENCH_PDL's
+
+
+def unable_to_pdl() -> str | None:
+    """Why PDL cannot run here, or None."""
+    if INTERPRETED:
+        return "Triton's interpreter runs the kernels"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    return None if major >= 9 else f"{torch.cuda.get_device_name()} is of compute capability {major}.{minor}"
 
 
 @functools.cache
@@ -63,31 +73,44 @@ def _pdl_from_env() -> bool:
     if value != "1":
         print(f"moebench: {PDL_ENV}={value!r} not used: 0 or 1", file=sys.stderr)
         return False
-    if INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        here = torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRETED else "no GPU"
-        print(f"moebench: {PDL_ENV}=1 not used: needs a CUDA GPU of compute capability 9.0 or later ({here})",
+    why = unable_to_pdl()
+    if why:
+        print(f"moebench: {PDL_ENV}=1 not used: needs a CUDA GPU of compute capability 9.0 or later ({why})",
               file=sys.stderr)
-        return False
-    return True
+    return why is None
 
 
 def set_pdl(on: bool | None) -> None:
     """Launch the kernels from now on with PDL (True), without (False), or as MOEBENCH_PDL says (None). A CUDA graph
     keeps the launches it captured."""
-    if on and INTERPRETED:
-        raise ValueError("programmatic dependent launch needs compiled kernels on a GPU, not Triton's interpreter")
-    _pdl[:] = [] if on is None else [bool(on)]
+    global _pdl
+    why = unable_to_pdl() if on else None
+    if why:
+        raise ValueError(f"programmatic dependent launch cannot run: {why}")
+    _pdl = on
 
 
-def pdl() -> dict:
-    """The launch arguments of a kernel that takes USE_GDC: with PDL, its wait compiled in and the launch flag."""
-    on = _pdl[0] if _pdl else _pdl_from_env()
-    return dict(USE_GDC=True, launch_pdl=True) if on else dict(USE_GDC=False)
+def pdl_on() -> bool:
+    return _pdl_from_env() if _pdl is None else _pdl
 
 
-@triton.jit
-def wait_for_inputs(USE_GDC: tl.constexpr):
-    """With PDL: wait for the kernel before (finished, its writes visible), then let the kernel after start."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def pdl(early_reads: bool = True) -> dict:
+    """The launch arguments of a kernel that takes USE_GDC: with PDL, its wait compiled in and the launch flag.
+    early_reads=False (the wrapper has just written the weights the kernel reads before its wait, say by making them
+    contiguous): this launch without PDL."""
+    return dict(USE_GDC=True, launch_pdl=True) if early_reads and pdl_on() else dict(USE_GDC=False)
+
+
+if INTERPRETED:
+    @triton.jit
+    def wait_for_inputs(USE_GDC: tl.constexpr):
+        """The interpreter runs one program after another, one kernel after another: nothing to wait for (the
+        tests run the kernels' USE_GDC paths so, without launch_pdl)."""
+        pass
+else:
+    @triton.jit
+    def wait_for_inputs(USE_GDC: tl.constexpr):
+        """With PDL: wait for the kernel before (finished, its writes visible), then let the kernel after start."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

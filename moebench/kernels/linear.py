@@ -176,6 +176,7 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M and N:
         res = residual.reshape(M, N).contiguous() if residual is not None else out
+        early = pdl(early_reads=weight.is_contiguous())  # a copy just made is no weight to read before the wait
         weight = weight.contiguous()
         tiles = dict(_tiles(M, N, K))
         b = bias if bias is not None else weight
@@ -189,13 +190,13 @@ def linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             part = torch.empty(M, splits, N, dtype=torch.float32, device=x.device)
             tiles.pop("BM")
             _rows_partial_kernel[(*grid, splits)](rows, weight, part, N, K, rows.stride(0), weight.stride(0),
-                                                  SPLIT_K=split_k, **tiles, **pdl())
+                                                  SPLIT_K=split_k, **tiles, **early)
             _rows_finish_kernel[(M, triton.cdiv(N, 256))](part, b, res, out, N, res.stride(0), out.stride(0),
                                                           SPLITS=splits, BN=256, **epilogue, **pdl())
         else:
             kernel = _rows_kernel if tiles["BM"] == 1 else _linear_kernel
             kernel[grid](rows, weight, b, res, out, M, N, K, rows.stride(0), weight.stride(0), res.stride(0),
-                         out.stride(0), **epilogue, **tiles, **pdl())
+                         out.stride(0), **epilogue, **tiles, **early)
     return out.view(out_shape)
 
 
@@ -212,7 +213,8 @@ def _(x, weight, bias, residual):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The kernel as a model calls it, in place of F.linear(x, weight, bias) (+ residual)."""
+    """The kernel as a model calls it, in place of F.linear(x, weight, bias) (+ residual). With MOEBENCH_PDL=1 the
+    weight must not be written by the kernel launched just before (moebench/kernels/common.py)."""
     return torch.ops.moebench.linear(x, weight, bias, residual)
 
 

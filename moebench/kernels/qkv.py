@@ -272,6 +272,7 @@ def qkv_rope_triton(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, c
     v = torch.empty_like(k)
     if T == 0:
         return q, k, v
+    early = pdl(early_reads=w_qkv.is_contiguous())  # a copy just made is no weight to read before the wait
     x, w_qkv = x.contiguous(), w_qkv.contiguous()
     tiles, heads = _tiles(T), n_heads + 2 * n_kv_heads
     nw, b = (norm_weight if norm_weight is not None else x).contiguous(), (bias if bias is not None else w_qkv)
@@ -282,7 +283,7 @@ def qkv_rope_triton(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, c
         splits = triton.cdiv(D, tiles["SPLIT_D"])
         part = torch.empty(T, heads, splits, hd, dtype=torch.float32, device=x.device)
         _qkv_partial_kernel[(T, heads, splits)](x, nw, w_qkv, part, D, eps, HD=hd, HAS_NORM=norm_weight is not None,
-                                                BHD=triton.next_power_of_2(hd), **tiles, **pdl())
+                                                BHD=triton.next_power_of_2(hd), **tiles, **early)
         BT = min(16, triton.next_power_of_2(T))
         _qkv_finish_kernel[(triton.cdiv(T, BT), heads)](part, b.contiguous(), *outputs, T, eps, **shape,
                                                         HAS_BIAS=bias is not None, SPLITS=splits, BT=BT, BH=BH,
@@ -313,7 +314,8 @@ def qkv_rope(x: torch.Tensor, norm_weight: torch.Tensor | None, w_qkv: torch.Ten
              q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              n_heads: int, n_kv_heads: int, eps: float):
     """The kernel as a model calls it: (q [T, H, hd], k [T, Hkv, hd], v [T, Hkv, hd]), q and k normalised and
-    rotated, in place of input_layernorm, qkv_proj, the split, q_norm/k_norm and apply_rope."""
+    rotated, in place of input_layernorm, qkv_proj, the split, q_norm/k_norm and apply_rope. With MOEBENCH_PDL=1,
+    w_qkv must not be written by the kernel launched just before (moebench/kernels/common.py)."""
     return torch.ops.moebench.qkv_rope(x, norm_weight, w_qkv, bias, q_norm_weight, k_norm_weight, cos, sin,
                                        n_heads, n_kv_heads, eps)
 

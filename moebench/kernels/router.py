@@ -112,6 +112,7 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     if x.dtype != w_gate.dtype:
         raise ValueError(f"moe_router: x is {x.dtype} but w_gate is {w_gate.dtype}; they must match")
     check_device(INTERPRETED, x, w_gate)
+    early = pdl(early_reads=w_gate.is_contiguous())  # a copy just made is no weight to read before the wait
     x, w_gate = x.contiguous(), w_gate.contiguous()
     ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
     weights = torch.empty(T, k, dtype=x.dtype, device=x.device)
@@ -126,7 +127,7 @@ def moe_router_triton(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_p
     part = torch.empty(T, splits, BLOCK_E, dtype=torch.float32, device=x.device) if splits else ids
     if T and splits:
         _router_partial_kernel[(T, splits)](x, w_gate, part, D, E, x.stride(0), w_gate.stride(0), BLOCK_E=BLOCK_E,
-                                            SPLIT_D=split_d, **pdl())
+                                            SPLIT_D=split_d, **early)
     if T:
         _router_kernel[(triton.cdiv(T, BLOCK_T),)](x, w_gate, part, ids, weights, T, D, E, x.stride(0),
                                                    w_gate.stride(0), K=k, NORM=norm_topk_prob, SPLITS=splits,
@@ -163,7 +164,8 @@ def _(x, w_gate, k, norm_topk_prob):
 
 
 def moe_router(x: torch.Tensor, w_gate: torch.Tensor, k: int, norm_topk_prob: bool):
-    """The kernel as a model calls it: (topk_ids [T, k], topk_weights [T, k])."""
+    """The kernel as a model calls it: (topk_ids [T, k], topk_weights [T, k]). With MOEBENCH_PDL=1, w_gate must not
+    be written by the kernel launched just before (moebench/kernels/common.py)."""
     return torch.ops.moebench.moe_router(x, w_gate, k, norm_topk_prob)
 
 
