@@ -230,6 +230,12 @@ def pdl_side_by_side(engine, prompt, args, device, say, out: dict, save) -> None
     say(f"PDL on / off: decode {out['decode_tok_s_on']:.0f} / {out['decode_tok_s_off']:.0f} tok/s "
         f"({out['decode_tok_s_on'] / out['decode_tok_s_off']:.3f}x); request {out['request_ms_on']:.0f} / "
         f"{out['request_ms_off']:.0f} ms")
+    kernels = run(True, lambda e: step_kernels(e, prompt, 8, device))  # with PDL, kernels overlap their neighbours
+    out["step_kernels_on"] = kernels
+    save()
+    say(f"one decode step with PDL: {sum(r['launches_per_step'] for r in kernels):.0f} kernel launches, "
+        f"{sum(r['us_per_step'] for r in kernels):.0f} µs of kernels; the longest: " + ", ".join(
+            f"{r['kernel'][:40]} {r['us_per_step']:.0f} µs" for r in kernels[:6]))
 
 
 def main() -> int:

@@ -166,6 +166,8 @@ def test_gpu_decode_pdl_side_by_side_measures_each_engine_with_its_own_setting(m
     monkeypatch.setattr(gpu_decode, "moe_layer_us", measure("moe", {False: 40.0, True: 30.0}))
     monkeypatch.setattr(gpu_decode, "decode_rate", measure("decode", {False: 250.0, True: 300.0}))
     monkeypatch.setattr(gpu_decode, "request_ms", measure("request", {False: 1000.0, True: 900.0}))
+    profile = [dict(kernel="_pair_gate_up_kernel", launches_per_step=48, us_per_step=700.0)]
+    monkeypatch.setattr(gpu_decode, "step_kernels", measure("profile", {False: None, True: profile}))
     first = FakeEngine("model")  # built with MOEBENCH_PDL's setting (None here: off)
     lines, out, saved = [], {}, []
     args = argparse.Namespace(seq_len=640, repeats=5, steps=8, prompt_len=402)
@@ -176,9 +178,11 @@ def test_gpu_decode_pdl_side_by_side_measures_each_engine_with_its_own_setting(m
         assert setting is engine_pdl or (setting is None and not engine_pdl), (kind, engine_pdl, setting)
     # 3 rounds at most, each engine's timed decode after an untimed one; saved after the comparison and each turn
     assert sum(kind == "decode" for kind, *_ in seen) == 12 and sum(kind == "request" for kind, *_ in seen) == 6
-    assert len(saved) == 7 and saved[0]["logits_max_diff"] == 1.0 and saved[-1] == out
+    assert len(saved) == 8 and saved[0]["logits_max_diff"] == 1.0 and saved[-1] == out
+    assert ("profile", True, True) in seen and out["step_kernels_on"] == profile
     assert out["first_engine_pdl"] is False and out["logits_max_diff"] == 1.0
     assert out["tokens_equal_before_first_difference"] == 16
     assert (out["decode_tok_s_on"], out["decode_tok_s_off"], out["request_ms_on"], out["moe_layer_us_off"]) == \
         (300.0, 250.0, 900.0, 40.0)
-    assert "PDL on / off: decode 300 / 250 tok/s (1.200x); request 900 / 1000 ms" in lines[-1]
+    assert "PDL on / off: decode 300 / 250 tok/s (1.200x); request 900 / 1000 ms" in lines[-2]
+    assert "with PDL: 48 kernel launches, 700 µs of kernels; the longest: _pair_gate_up_kernel 700 µs" in lines[-1]
