@@ -388,7 +388,7 @@ def main() -> int:
     except Exception as e:
         failed += 1
         say(f"full-size part failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-    if engine is not None and on_gpu and torch.cuda.get_device_capability(device)[0] >= 9:
+    if engine is not None and on_gpu and common.unable_to_pdl() is None:
         try:
             result["pdl"] = {}
             pdl_side_by_side(engine, prompt, args, device, say, result["pdl"], save)

@@ -1,8 +1,8 @@
 """Micro-benchmark of moebench's Triton kernels on an NVIDIA GPU at Qwen3-30B-A3B's shapes, batch-1 decode.
 
 For each kernel: its time in a CUDA graph as a decode step replays it (no launch overhead; the L2 cache filled with
-other data, read, before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for the plain torch
-path it replaces, side by side with the ratio.
+other data, read, before each call; medians), the bytes it must read and write, the achieved GB/s, and the same for
+the plain torch path it replaces, side by side with the ratio.
 With --sweep, also the decode-shaped launches of the expert and projection kernels over tile sizes, warps and
 pipeline stages (each output checked against the default launch's), the fastest first: what their _tiles should pick;
 with --tune FILE, each launch's fastest options written to FILE, which MOEBENCH_TUNED=FILE makes the kernels use on
