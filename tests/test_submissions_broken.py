@@ -15,6 +15,14 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "moebench" / "contest" / "qwen.
 FAST = ["--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32"]
 
 
+def test_each_submission_process_has_the_environment_of_its_start(capsys, monkeypatch):
+    """Without CUDA the submission's processes fork from a server that started with the first of them: each one
+    still gets the harness's environment as it is when that process starts, as a spawned one would."""
+    for value in ("first", "second"):
+        monkeypatch.setenv("MOEBENCH_TEST_ECHO", value)
+        code, out, err = run(capsys, *FAST, "--qwen", SUBMISSIONS / "broken_env_echo.py")
+        assert code == 2 and "Qwen3MoeForCausalLM" in error_line(err), err
+        assert f"echo: {value}" in out, out
 
 
 

@@ -49,9 +49,11 @@ def _captured(fn, *args):
     return (*result[:2], out.getvalue(), err.getvalue(), *result[2:])
 
 
-def _child_main(conn, run, req_tensors: tuple, cwd: str, extend: bool, view, group) -> None:
+def _child_main(conn, run, req_tensors: tuple, cwd: str, env: dict, extend: bool, view, group) -> None:
     """Enters its confinement (where there is one), builds the submission (UnderTest) and serves the parent's calls
     until told to stop."""
+    os.environ.clear()  # the parent's environment now, not the fork server's from when it started
+    os.environ.update(env)
     os.chdir(cwd)
     partial = ""
     if view is not None:
@@ -123,18 +125,38 @@ def _failure(e: BaseException) -> tuple:
 
 # ---- the parent's side ----
 
+# What the submission's process imports before it reads the submission: the fork server imports it once.
+PRELOAD = ("moebench.modes.sandbox", "moebench.modes.confine", "moebench.modes.contest", "moebench.modes.setup",
+           "moebench.evaluation.benchmark", "moebench.evaluation.submission")
+
+
+def _start_method():
+    """Where the submission's process comes from. Spawned, each one starts a fresh interpreter that imports torch,
+    Dynamo, Inductor and moebench anew: ~3.5 s on 2 cores, for every prompt of evaluate_all and every process of a
+    test suite. Without CUDA a fork server pays that once: a fresh interpreter too, started (spawned) the first time
+    it is needed, holding nothing of the harness's (no reference, no expected logits), which imports PRELOAD and
+    then forks each submission process from itself. With CUDA, spawn: importing moebench initialises the CUDA
+    driver, which a forked process cannot use."""
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))
+    return ctx
+
+
 class Sandbox:
     """The child process holding the submission. `call(phase, cmd, *args)` sends one request and waits at most
     `time_limit` seconds for its answer."""
 
     def __init__(self, run, req, time_limit: float, extend: bool = False, view=None, group=None):
         self.time_limit = time_limit
-        ctx = mp.get_context("spawn")
+        ctx = _start_method()
         self.conn, child_conn = ctx.Pipe()
         req_tensors = (req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, req.pad_id,
                        req.eos_ids)
         self.process = ctx.Process(target=_child_main,
-                                   args=(child_conn, run, req_tensors, os.getcwd(), extend, view, group),
+                                   args=(child_conn, run, req_tensors, os.getcwd(), dict(os.environ), extend, view,
+                                         group),
                                    name="moebench-submission")
         self.process.start()
         child_conn.close()  # only the child holds its end: a dead child reads as EOF here
