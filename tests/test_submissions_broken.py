@@ -18,6 +18,11 @@ FAST = ["--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32"]
 def test_each_submission_process_has_the_environment_of_its_start(capsys, monkeypatch):
     """Without CUDA the submission's processes fork from a server that started with the first of them: each one
     still gets the harness's environment as it is when that process starts, as a spawned one would."""
+    import torch
+
+    from moebench.modes.sandbox import _start_method
+
+    assert _start_method().get_start_method() == ("spawn" if torch.cuda.is_available() else "forkserver")
     for value in ("first", "second"):
         monkeypatch.setenv("MOEBENCH_TEST_ECHO", value)
         code, out, err = run(capsys, *FAST, "--qwen", SUBMISSIONS / "broken_env_echo.py")

@@ -136,8 +136,12 @@ def _start_method():
     test suite. Without CUDA a fork server pays that once: a fresh interpreter too, started (spawned) the first time
     it is needed, holding nothing of the harness's (no reference, no expected logits), which imports PRELOAD and
     then forks each submission process from itself. With CUDA, spawn: importing moebench initialises the CUDA
-    driver, which a forked process cannot use."""
-    if torch.cuda.is_available():
+    driver, which a forked process cannot use. Spawn too where the server would listen on an abstract socket, which
+    any process in the network namespace reaches (Pythons before 3.10.9 and 3.11.1: CVE-2022-42919); elsewhere its
+    socket is a file only the harness's user can open, outside a confined child's view."""
+    from multiprocessing import connection
+
+    if torch.cuda.is_available() or connection.arbitrary_address("AF_UNIX").startswith("\0"):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
