@@ -15,19 +15,24 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "moebench" / "contest" / "qwen.
 FAST = ["--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32"]
 
 
-def test_each_submission_process_has_the_environment_of_its_start(capsys, monkeypatch):
+def test_each_submission_process_starts_clean_with_the_environment_of_its_start(capsys, monkeypatch):
     """Without CUDA the submission's processes fork from a server that started with the first of them: each one
-    still gets the harness's environment as it is when that process starts, as a spawned one would."""
+    still gets the harness's environment as it is when that process starts, as a spawned one would, holds no tensor
+    of the harness's in shared memory (its request came as bytes) and no descriptor but its pipe (not the resource
+    tracker's, not the fork server's)."""
+    from multiprocessing import connection
+
     import torch
 
     from moebench.modes.sandbox import _start_method
 
-    assert _start_method().get_start_method() == ("spawn" if torch.cuda.is_available() else "forkserver")
+    forks = not torch.cuda.is_available() and not connection.arbitrary_address("AF_UNIX").startswith("\0")
+    assert _start_method().get_start_method() == ("forkserver" if forks else "spawn")
     for value in ("first", "second"):
         monkeypatch.setenv("MOEBENCH_TEST_ECHO", value)
         code, out, err = run(capsys, *FAST, "--qwen", SUBMISSIONS / "broken_env_echo.py")
         assert code == 2 and "Qwen3MoeForCausalLM" in error_line(err), err
-        assert f"echo: {value}" in out, out
+        assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
 
 
 

@@ -24,16 +24,24 @@ class SubmissionFault(CheckFailed):
     """The submission crashed, hung past its time limit or raised while being evaluated: a failed evaluation."""
 
 
-def _send(conn, message) -> None:
+def _encode(message) -> bytes:
     """Messages are plain data (tuples, dicts, numbers, strings, tensors) in torch.save's format, read back with
     weights_only: unpickling what the child sends could otherwise run the child's code in the harness."""
     buffer = io.BytesIO()
     torch.save(message, buffer)
-    conn.send_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _decode(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def _send(conn, message) -> None:
+    conn.send_bytes(_encode(message))
 
 
 def _receive(conn):
-    return torch.load(io.BytesIO(conn.recv_bytes()), weights_only=True)
+    return _decode(conn.recv_bytes())
 
 
 # ---- the child ----
@@ -49,9 +57,27 @@ def _captured(fn, *args):
     return (*result[:2], out.getvalue(), err.getvalue(), *result[2:])
 
 
-def _child_main(conn, run, req_tensors: tuple, cwd: str, env: dict, extend: bool, view, group) -> None:
+def _close_inherited(conn) -> None:
+    """Closes every descriptor but the standard ones and the pipe to the parent: the resource tracker's (through which
+    a confined child could have the harness's tracker unlink shared memory as root) and the fork server's liveness
+    pipe (a byte written there stops the server, and with it the harness's view of whether this process lives)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    keep = {0, 1, 2, conn.fileno()}
+    for fd in map(int, os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ()):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:  # the listing's own descriptor, already gone
+                pass
+    resource_tracker._resource_tracker._fd = None  # one of the child's own, should it ever need one
+    forkserver._forkserver._forkserver_alive_fd = None
+
+
+def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, view, group) -> None:
     """Enters its confinement (where there is one), builds the submission (UnderTest) and serves the parent's calls
     until told to stop."""
+    _close_inherited(conn)
     os.environ.clear()  # the parent's environment now, not the fork server's from when it started
     os.environ.update(env)
     os.chdir(cwd)
@@ -84,7 +110,7 @@ def _child_main(conn, run, req_tensors: tuple, cwd: str, env: dict, extend: bool
     from moebench.modes.contest import UnderTest
     from moebench.modes.setup import Request, device_of, dtype_of, open_source
 
-    req = Request(*req_tensors)
+    req = Request(*_decode(request))
     built = []
 
     def build():
@@ -156,13 +182,18 @@ class Sandbox:
         self.time_limit = time_limit
         ctx = _start_method()
         self.conn, child_conn = ctx.Pipe()
-        req_tensors = (req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, req.pad_id,
-                       req.eos_ids)
+        # The request as bytes: a tensor among a process's arguments goes to shared memory, which the child could
+        # then write into the harness's own request (the prompts the reference and the timed runs use).
+        request = _encode((req.input_ids, req.attention_mask, req.max_new_tokens, req.min_new_tokens, req.pad_id,
+                           req.eos_ids))
         self.process = ctx.Process(target=_child_main,
-                                   args=(child_conn, run, req_tensors, os.getcwd(), dict(os.environ), extend, view,
-                                         group),
+                                   args=(child_conn, run, request, os.getcwd(), dict(os.environ),
+                                         extend, view, group),
                                    name="moebench-submission")
-        self.process.start()
+        try:
+            self.process.start()
+        except (OSError, EOFError) as e:  # the fork server gone, say
+            raise SubmissionFault(f"the submission's process could not start ({type(e).__name__}: {e})") from None
         child_conn.close()  # only the child holds its end: a dead child reads as EOF here
         self.started = self._answer("load and compile")
 
