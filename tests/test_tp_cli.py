@@ -81,7 +81,7 @@ def test_torchrun_starts_the_ranks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(main_py), "--mode", "validate", "--tp-degree", "2", "--seq-len", "10", "--prompt",
-                           "Hello there", "--torch-dtype", "float32"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "Hello there", "--torch-dtype", "float32"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("logit validation PASS") == 1
