@@ -35,12 +35,6 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
 
 
-
-
-
-
-
-
 @pytest.mark.parametrize("name, words", [
     ("broken_import", ["import failed", "ImportError"]),
     ("broken_no_class", ["Qwen3MoeForCausalLM"]),
