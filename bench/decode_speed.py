@@ -30,7 +30,7 @@ def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, 
     are taken on that build (recording costs the embedded model's step ~40%, so the timed runs go without it). Timed
     and profiled runs alternate for a few rounds and each side keeps its fastest: one noisy run on a shared machine
     (a neighbour's burst during the profiled one) would otherwise show more kernel time than step time."""
-    torch._dynamo.reset()
+    engine.recompile()
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         moebench_decode(engine, prompt, 4)  # compiles again
         tok = None

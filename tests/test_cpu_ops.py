@@ -5,6 +5,7 @@ keeps Inductor's loops and the library's attention."""
 
 import copy
 import itertools
+import types
 
 import pytest
 import torch
@@ -369,10 +370,11 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     torch.testing.assert_close(logits, want_logits, **tol)
 
 
-def test_warm_decode_steps_skip_guards_and_each_engine_keeps_its_graph(one_thread):
-    """Engines of moebench's model check only the guards that tell graphs apart once a step of a kind ran: steps of
-    engines with other dtypes and cache sizes (graphs of one code object), alternated, still run their own graphs.
-    A model with a forward of its own keeps every guard."""
+def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_graph(one_thread):
+    """Engines of moebench's model call the code Dynamo compiled for a kind of step directly (no guards) once a step
+    of that kind ran: steps of engines with other dtypes and cache sizes, alternated, still run their own graphs,
+    and a step of another kind (another bucket) gets its own. A model with a forward of its own keeps every
+    guard."""
     prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
     runs = []
     for dtype, max_len in [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 24)]:
@@ -382,13 +384,20 @@ def test_warm_decode_steps_skip_guards_and_each_engine_keeps_its_graph(one_threa
     for _ in range(2):
         for want, compiled in runs:
             assert torch.equal(compiled.greedy(prompt, mask, 6)[0], want)
-    assert all(len(compiled._warm) == 1 for _, compiled in runs)
+    assert all(len(compiled._steps) == 1 for _, compiled in runs)
+    assert all(type(step) is types.FunctionType for _, compiled in runs for step in compiled._steps.values())
+
+    model = random_model(PRESETS["moebench-tiny"], seed=5)
+    want = Engine(copy.deepcopy(model), batch=1, max_len=24, tkg_buckets=(8, 24)).greedy(prompt, mask, 6)[0]
+    bucketed = Engine(model, batch=1, max_len=24, compile=True, tkg_buckets=(8, 24))
+    assert torch.equal(bucketed.greedy(prompt, mask, 6)[0], want)  # slots 6-7 in the 8 bucket, then 24
+    assert sorted(kind[3][2][-1] for kind in bucketed._steps) == [8, 24]  # the mask's slots
 
     class Own(Qwen3MoeForCausalLM):
         def forward(self, input_ids, step, cache):
             return super().forward(input_ids, step, cache)
 
-    assert Engine(Own(PRESETS["moebench-tiny"]), batch=1, max_len=16, compile=True)._warm is None
+    assert Engine(Own(PRESETS["moebench-tiny"]), batch=1, max_len=16, compile=True)._steps is None
 
 
 def test_the_warm_up_compiles_the_graph_later_steps_run(one_thread):

@@ -1,11 +1,14 @@
 """Batched generation with a static KV cache, split into context encoding and token generation steps."""
 
+import inspect
 import math
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._inductor.exc import InductorError
 
 from moebench.engine import hugepages
@@ -33,10 +36,24 @@ def moebench_code(model: torch.nn.Module) -> bool:
 
 
 def _kind(x):
-    """A step's arguments as their kind: tensors as dtype and shape, plain values as themselves."""
+    """A step's arguments as their kind: tensors as device, dtype, shape and strides, plain values as themselves."""
     if isinstance(x, torch.Tensor):
-        return x.dtype, tuple(x.shape)
+        return x.device, x.dtype, tuple(x.shape), x.stride()
     return tuple(_kind(y) for y in x) if isinstance(x, tuple) else x
+
+
+def _compiled_code(fn, *args):
+    """The function Dynamo compiled from fn whose guards pass for these arguments (its code calls the compiled graph:
+    no frame hook, no guards), or None (none passes, or this torch keeps its cache otherwise)."""
+    try:
+        bound = inspect.signature(fn).bind(*args)
+        bound.apply_defaults()
+        for entry in _debug_get_cache_entry_list(fn.__code__):
+            if entry.guard_manager.check(dict(bound.arguments)):
+                return types.FunctionType(entry.code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    except Exception:  # a torch whose cache entries read otherwise: the guarded step serves
+        pass
+    return None
 
 
 def first_fit(buckets: tuple[int, ...], n: int, kind: str) -> int:
@@ -91,11 +108,11 @@ class Engine:
             for t in (self.cache.k, self.cache.v):
                 torch._dynamo.mark_static_address(t)
         self._eager_decode_step = self._decode_step
-        # Dynamo checks ~a hundred guards before each compiled step (~0.3-0.5 ms a moebench-speed step on the 2-core
-        # Intel VM). Where the model's Python is moebench's own code, nothing but the inputs' shapes and the step's
-        # plain arguments picks a graph: once a step of that kind ran with every guard checked, its next steps check
-        # only the guards that tell the compiled graphs apart (torch.compiler.set_stance's skip_guard_eval_unsafe).
-        self._warm = set() if compile and not cuda_graphs and moebench_code(model) else None
+        # Dynamo's frame hook and its ~a hundred guards cost ~0.1 ms of the embedded model's ~0.4 ms step on the
+        # 2-core AMD VM. Where the model's Python is moebench's own code, nothing but the step's arguments (their
+        # kinds: devices, dtypes, shapes, strides, plain values) picks a graph: once a step of a kind ran with every
+        # guard checked, the code Dynamo compiled for it is called directly (_compiled_code).
+        self._steps = {} if compile and not cuda_graphs and moebench_code(model) else None
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
@@ -206,10 +223,8 @@ class Engine:
         """The decode step; under CUDA graphs its outputs live in the graph's memory, which the next replay
         overwrites: they are copied out."""
         if not self.cuda_graphs:
-            kind = None if self._warm is None else _kind(inputs)  # (a submission's own code: every guard, always)
-            warm = kind is not None and kind in self._warm
             try:
-                out = self._guarded_step(inputs, skip=warm)
+                return self._run_step(inputs)
             except InductorError as e:
                 # An operator the C++ wrapper cannot call (a submission's custom operator with an untyped argument,
                 # say): the Python wrapper can.
@@ -217,26 +232,34 @@ class Engine:
                     raise
                 self.cpp_wrapper = False
                 self._decode_step = self._compiled()
-                out = self._decode_step(*inputs)
-            if kind is not None:
-                self._warm.add(kind)
-            return out
+                if self._steps is not None:
+                    self._steps.clear()
+                return self._run_step(inputs)
         torch.compiler.cudagraph_mark_step_begin()
         out = self._decode_step(*inputs)
         return out.clone() if isinstance(out, torch.Tensor) else tuple(None if t is None else t.clone() for t in out)
 
-    def _guarded_step(self, inputs: tuple, skip: bool):
-        """The compiled step; with `skip`, checking only the guards that tell its graphs apart. Where those pass no
-        graph (a tensor input of another kind than before), Dynamo refuses to compile: the step runs again with
-        every guard checked, compiling what it needs."""
-        if skip:
-            try:
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return self._decode_step(*inputs)
-            except RuntimeError as e:
-                if "skip_guard_eval_unsafe" not in str(e):
-                    raise
+    def _run_step(self, inputs: tuple):
+        """The compiled step: Dynamo's, every guard checked (a submission's own code, the first step of each kind),
+        then for moebench's model the code Dynamo compiled for this kind of arguments, called directly."""
+        if self._steps is None:
+            return self._decode_step(*inputs)
+        kind = _kind(inputs)
+        step = self._steps.get(kind)
+        if step is not None:
+            return step(self, *inputs)
+        out = self._decode_step(*inputs)
+        self._steps[kind] = _compiled_code(type(self)._decode_step, self, *inputs) or self._guarded
+        return out
+
+    def _guarded(self, _, *inputs):
         return self._decode_step(*inputs)
+
+    def recompile(self) -> None:
+        """Forget every compiled step (Dynamo's too): the next steps compile again, under the settings of then."""
+        torch._dynamo.reset()
+        if self._steps is not None:
+            self._steps.clear()
 
     @torch.inference_mode()
     def decode_sampled(self, tokens: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
