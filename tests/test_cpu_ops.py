@@ -371,10 +371,9 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
 
 
 def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_graph(one_thread):
-    """Engines of moebench's model call the code Dynamo compiled for a kind of step directly (no guards) once a step
-    of that kind ran: steps of engines with other dtypes and cache sizes, alternated, still run their own graphs,
-    and a step of another kind (another bucket) gets its own. A model with a forward of its own keeps every
-    guard."""
+    """Once a step of a kind ran through Dynamo, every guard checked, the next steps of that kind call the code Dynamo
+    compiled for it directly (no guards): steps of engines with other dtypes and cache sizes, alternated, still run
+    their own graphs, and a step of another kind (another bucket) gets its own."""
     prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
     runs = []
     for dtype, max_len in [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 24)]:
@@ -393,11 +392,35 @@ def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_gr
     assert torch.equal(bucketed.greedy(prompt, mask, 6)[0], want)  # slots 6-7 in the 8 bucket, then 24
     assert sorted(kind[3][2][-1] for kind in bucketed._steps) == [8, 24]  # the mask's slots
 
+
     class Own(Qwen3MoeForCausalLM):
         def forward(self, input_ids, step, cache):
             return super().forward(input_ids, step, cache)
 
     assert Engine(Own(PRESETS["moebench-tiny"]), batch=1, max_len=16, compile=True)._steps is None
+
+
+def test_only_a_step_compiled_whole_is_called_directly():
+    """_compiled_code gives the code Dynamo made of a function for these arguments when it calls one graph, and
+    nothing when the function has a graph break (the code after it is compiled only under Dynamo's hook)."""
+    from moebench.engine.generator import _compiled_code
+
+    def whole(x, scale=2.0):
+        return (x * scale).sin()
+
+    def broken(x, scale=2.0):
+        y = (x * scale).sin()
+        torch._dynamo.graph_break()
+        return y.cos()
+
+    x = torch.randn(8)
+    for fn, direct in ((whole, True), (broken, False)):
+        torch.compile(fn, dynamic=False, backend="eager")(x)
+        code = _compiled_code(fn, x)
+        assert (code is not None) == direct, fn.__name__
+        if code is not None:
+            torch.testing.assert_close(code(x), fn(x))
+            assert _compiled_code(fn, torch.randn(8, 2)) is None  # no entry's guards pass for another shape
 
 
 def test_the_warm_up_compiles_the_graph_later_steps_run(one_thread):

@@ -43,13 +43,17 @@ def _kind(x):
 
 
 def _compiled_code(fn, *args):
-    """The function Dynamo compiled from fn whose guards pass for these arguments (its code calls the compiled graph:
-    no frame hook, no guards), or None (none passes, or this torch keeps its cache otherwise)."""
+    """The function Dynamo made of fn for these arguments (the cache entry whose guards pass), when all it does is
+    call one compiled graph; else None (a graph break: the code after it is compiled only under Dynamo's hook)."""
     try:
         bound = inspect.signature(fn).bind(*args)
         bound.apply_defaults()
         for entry in _debug_get_cache_entry_list(fn.__code__):
             if entry.guard_manager.check(dict(bound.arguments)):
+                names = entry.code.co_names
+                graphs = sum(n.startswith("__compiled_fn") for n in names)
+                if graphs != 1 or any(n.startswith("__resume") for n in names):
+                    return None
                 return types.FunctionType(entry.code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     except Exception:  # a torch whose cache entries read otherwise: the guarded step serves
         pass
@@ -110,8 +114,9 @@ class Engine:
         self._eager_decode_step = self._decode_step
         # Dynamo's frame hook and its ~a hundred guards cost ~0.1 ms of the embedded model's ~0.4 ms step on the
         # 2-core AMD VM. Where the model's Python is moebench's own code, nothing but the step's arguments (their
-        # kinds: devices, dtypes, shapes, strides, plain values) picks a graph: once a step of a kind ran with every
-        # guard checked, the code Dynamo compiled for it is called directly (_compiled_code).
+        # kinds: devices, dtypes, shapes, strides, plain values: the bucket, the sampling settings) picks a graph:
+        # once a step of a kind ran with every guard checked, the next ones call the code Dynamo compiled for it
+        # directly (_compiled_code). A submission's own forward may read state of its own: every guard, always.
         self._steps = {} if compile and not cuda_graphs and moebench_code(model) else None
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
@@ -240,8 +245,8 @@ class Engine:
         return out.clone() if isinstance(out, torch.Tensor) else tuple(None if t is None else t.clone() for t in out)
 
     def _run_step(self, inputs: tuple):
-        """The compiled step: Dynamo's, every guard checked (a submission's own code, the first step of each kind),
-        then for moebench's model the code Dynamo compiled for this kind of arguments, called directly."""
+        """The compiled step: the first of each kind through Dynamo, every guard checked; the next ones call the code
+        Dynamo compiled for that kind directly (or through Dynamo again, where the step has a graph break)."""
         if self._steps is None:
             return self._decode_step(*inputs)
         kind = _kind(inputs)
