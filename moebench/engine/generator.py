@@ -128,7 +128,8 @@ class Engine:
 
     def _compiled(self):
         """The decode step compiled: Inductor's "reduce-overhead" mode with cuda_graphs; otherwise without the size
-        asserts on every input (Dynamo's guards already check each input's sizes and strides before the graph)."""
+        asserts on every input (Dynamo's guards, or the step's kind in _run_step, check each input's sizes and strides
+        before the graph)."""
         if self.cuda_graphs:
             return torch.compile(self._eager_decode_step, dynamic=False, mode="reduce-overhead")
         # realize_reads_threshold 1: a value several operations read (a normalised hidden state: the router and the
