@@ -392,7 +392,6 @@ def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_gr
     assert torch.equal(bucketed.greedy(prompt, mask, 6)[0], want)  # slots 6-7 in the 8 bucket, then 24
     assert sorted(kind[3][2][-1] for kind in bucketed._steps) == [8, 24]  # the mask's slots
 
-
     class Own(Qwen3MoeForCausalLM):
         def forward(self, input_ids, step, cache):
             return super().forward(input_ids, step, cache)
