@@ -371,9 +371,9 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
 
 
 def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_graph(one_thread):
-    """Once a step of a kind ran through Dynamo, every guard checked, the next steps of that kind call the code Dynamo
-    compiled for it directly (no guards): steps of engines with other dtypes and cache sizes, alternated, still run
-    their own graphs, and a step of another kind (another bucket) gets its own."""
+    """Once a step of a kind ran through Dynamo, the next step checks the guards of its graph and, from then on, the
+    steps of that kind call the code Dynamo compiled for it directly: steps of engines with other dtypes and cache
+    sizes, alternated, still run their own graphs, and a step of another kind (another bucket) gets its own."""
     prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
     runs = []
     for dtype, max_len in [(torch.float32, 16), (torch.bfloat16, 16), (torch.bfloat16, 24)]:
@@ -384,7 +384,9 @@ def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_gr
         for want, compiled in runs:
             assert torch.equal(compiled.greedy(prompt, mask, 6)[0], want)
     assert all(len(compiled._steps) == 1 for _, compiled in runs)
-    assert all(type(step) is types.FunctionType for _, compiled in runs for step in compiled._steps.values())
+    for _, compiled in runs:
+        (guards, code), = compiled._steps.values()
+        assert guards is None and type(code) is types.FunctionType
 
     model = random_model(PRESETS["moebench-tiny"], seed=5)
     want = Engine(copy.deepcopy(model), batch=1, max_len=24, tkg_buckets=(8, 24)).greedy(prompt, mask, 6)[0]
@@ -392,16 +394,51 @@ def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_gr
     assert torch.equal(bucketed.greedy(prompt, mask, 6)[0], want)  # slots 6-7 in the 8 bucket, then 24
     assert sorted(kind[3][2][-1] for kind in bucketed._steps) == [8, 24]  # the mask's slots
 
-    class Own(Qwen3MoeForCausalLM):
-        def forward(self, input_ids, step, cache):
-            return super().forward(input_ids, step, cache)
 
-    assert Engine(Own(PRESETS["moebench-tiny"]), batch=1, max_len=16, compile=True)._steps is None
+def test_a_models_python_state_is_seen_until_its_steps_graph_is_fixed(one_thread):
+    """A submission's forward may read Python state: a step whose guards fail goes through Dynamo (which compiles
+    again), so a counter that changes every step is always seen, and so is a value changed before the first step
+    whose guards pass; from that step on the kind's graph is fixed, unchecked, as NxDI traces a bucket once."""
+    prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
+
+    class Counting(Qwen3MoeForCausalLM):
+        count = 0
+
+        def forward(self, input_ids, step, cache):
+            self.count += 1
+            return super().forward(input_ids, step, cache) + self.count
+
+    class Scaled(Qwen3MoeForCausalLM):
+        scale = 3.0
+
+        def forward(self, input_ids, step, cache):
+            return super().forward(input_ids, step, cache) * self.scale
+
+    models = []
+    for cls in (Counting, Scaled):
+        model = random_model(PRESETS["moebench-tiny"], seed=5)
+        model.__class__ = cls
+        models.append(model)
+    eager = Engine(copy.deepcopy(models[0]), batch=1, max_len=16).greedy(prompt, mask, 4)[1]
+    counting = Engine(models[0], batch=1, max_len=16, compile=True)
+    torch.testing.assert_close(counting.greedy(prompt, mask, 4)[1], eager, atol=1e-4, rtol=1e-4)
+    assert counting._steps == {}  # after each step the counter matches none of the graphs
+
+    eager, compiled = Engine(copy.deepcopy(models[1]), batch=1, max_len=16), Engine(models[1], 1, 16, compile=True)
+    tokens = [engine.prefill(prompt, mask).argmax(-1) for engine in (eager, compiled)]
+    for scale, seen in ((3.0, 3.0), (5.0, 5.0), (5.0, 5.0), (7.0, 5.0)):  # the third step's guards pass
+        eager.model.scale = compiled.model.scale = scale
+        want, got = eager.decode(tokens[0]), compiled.decode(tokens[1])
+        torch.testing.assert_close(got, want * seen / scale, atol=1e-4, rtol=1e-4)
+        tokens = [want.argmax(-1), got.argmax(-1)]
+    (guards, code), = compiled._steps.values()
+    assert guards is None and type(code) is types.FunctionType
 
 
 def test_only_a_step_compiled_whole_is_called_directly():
-    """_compiled_code gives the code Dynamo made of a function for these arguments when it calls one graph, and
-    nothing when the function has a graph break (the code after it is compiled only under Dynamo's hook)."""
+    """_compiled_code gives the guards and the code Dynamo made of a function for these arguments when it calls one
+    graph, and no code when the function has a graph break (the code after it is compiled only under Dynamo's
+    hook)."""
     from moebench.engine.generator import _compiled_code
 
     def whole(x, scale=2.0):
@@ -415,9 +452,10 @@ def test_only_a_step_compiled_whole_is_called_directly():
     x = torch.randn(8)
     for fn, direct in ((whole, True), (broken, False)):
         torch.compile(fn, dynamic=False, backend="eager")(x)
-        code = _compiled_code(fn, x)
+        guards, code = _compiled_code(fn, x)
         assert (code is not None) == direct, fn.__name__
-        if code is not None:
+        if direct:
+            assert guards({"x": x, "scale": 2.0}) and not guards({"x": x, "scale": 3.0})
             torch.testing.assert_close(code(x), fn(x))
             assert _compiled_code(fn, torch.randn(8, 2)) is None  # no entry's guards pass for another shape
 

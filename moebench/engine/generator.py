@@ -1,6 +1,5 @@
 """Batched generation with a static KV cache, split into context encoding and token generation steps."""
 
-import inspect
 import math
 import types
 from dataclasses import dataclass
@@ -29,12 +28,6 @@ def auto_buckets(largest: int) -> tuple[int, ...]:
     return tuple(2**i for i in range(7, round(math.log2(largest)))) + (largest,)
 
 
-def moebench_code(model: torch.nn.Module) -> bool:
-    """True when every module's forward is moebench's model code or torch's own (the reference, the template
-    unchanged): its Python takes the same path for every step of one shape."""
-    return all(type(m).forward.__module__.startswith(("moebench.model.", "torch.nn.")) for m in model.modules())
-
-
 def _kind(x):
     """A step's arguments as their kind: tensors as device, dtype, shape and strides, plain values as themselves."""
     if isinstance(x, torch.Tensor):
@@ -42,21 +35,29 @@ def _kind(x):
     return tuple(_kind(y) for y in x) if isinstance(x, tuple) else x
 
 
+def _arguments(fn, args: tuple) -> dict:
+    """fn's local variables on entry when called with these positional arguments (what Dynamo's guards read)."""
+    code = fn.__code__
+    missing = code.co_argcount - len(args)
+    return dict(zip(code.co_varnames, args + (fn.__defaults__[len(fn.__defaults__) - missing:] if missing else ())))
+
+
 def _compiled_code(fn, *args):
-    """The function Dynamo made of fn for these arguments (the cache entry whose guards pass), when all it does is
-    call one compiled graph; else None (a graph break: the code after it is compiled only under Dynamo's hook)."""
+    """(guards, function) of the code Dynamo made of fn for these arguments (the cache entry whose guards pass, taking
+    fn's local variables on entry: _arguments), when all that code does is call one compiled graph; (None, None) when
+    it does more (a graph break: the code after it is compiled only under Dynamo's hook); None when no entry's guards
+    pass (the call changed state they read)."""
     try:
-        bound = inspect.signature(fn).bind(*args)
-        bound.apply_defaults()
         for entry in _debug_get_cache_entry_list(fn.__code__):
-            if entry.guard_manager.check(dict(bound.arguments)):
+            if entry.guard_manager.check(_arguments(fn, args)):
                 names = entry.code.co_names
                 graphs = sum(n.startswith("__compiled_fn") for n in names)
                 if graphs != 1 or any(n.startswith("__resume") for n in names):
-                    return None
-                return types.FunctionType(entry.code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    except Exception:  # a torch whose cache entries read otherwise: the guarded step serves
-        pass
+                    return None, None
+                code = types.FunctionType(entry.code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+                return entry.guard_manager.check, code
+    except Exception:  # a torch whose cache entries read otherwise: Dynamo serves
+        return None, None
     return None
 
 
@@ -112,12 +113,13 @@ class Engine:
             for t in (self.cache.k, self.cache.v):
                 torch._dynamo.mark_static_address(t)
         self._eager_decode_step = self._decode_step
-        # Dynamo's frame hook and its ~a hundred guards cost ~0.1 ms of the embedded model's ~0.4 ms step on the
-        # 2-core AMD VM. Where the model's Python is moebench's own code, nothing but the step's arguments (their
-        # kinds: devices, dtypes, shapes, strides, plain values: the bucket, the sampling settings) picks a graph:
-        # once a step of a kind ran with every guard checked, the next ones call the code Dynamo compiled for it
-        # directly (_compiled_code). A submission's own forward may read state of its own: every guard, always.
-        self._steps = {} if compile and not cuda_graphs and moebench_code(model) else None
+        # A call through Dynamo costs its frame hook, cache lookup and guards, ~0.1 ms of the embedded model's
+        # ~0.4 ms step on the 2-core AMD VM. As NxDI traces a bucket's graph once, a kind of step (its inputs'
+        # devices, dtypes, shapes and strides, the bucket, the sampling arguments) gets one graph: its first step
+        # runs through Dynamo, the next ones check the guards of the graph Dynamo picked until one passes (Python
+        # state of a model's own, a lazily packed weight or a step counter, may make Dynamo compile again), and from
+        # then on call the code Dynamo compiled for it directly (_run_step), the reference and a submission alike.
+        self._steps = {} if compile and not cuda_graphs else None
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
@@ -246,20 +248,28 @@ class Engine:
         return out.clone() if isinstance(out, torch.Tensor) else tuple(None if t is None else t.clone() for t in out)
 
     def _run_step(self, inputs: tuple):
-        """The compiled step: the first of each kind through Dynamo, every guard checked; the next ones call the code
-        Dynamo compiled for that kind directly (or through Dynamo again, where the step has a graph break)."""
+        """The compiled step: the first of each kind through Dynamo; the next ones check the guards of the graph Dynamo
+        picked for that kind (through Dynamo again when they fail) until they pass once: from then on its code is
+        called directly, unchecked. A step with a graph break always goes through Dynamo."""
         if self._steps is None:
             return self._decode_step(*inputs)
         kind = _kind(inputs)
         step = self._steps.get(kind)
         if step is not None:
-            return step(self, *inputs)
+            guards, code = step
+            args = (self, *inputs)
+            if code is None:  # a graph break
+                return self._decode_step(*inputs)
+            if guards is None:
+                return code(*args)
+            if guards(_arguments(code, args)):
+                self._steps[kind] = None, code  # the kind's graph from now on
+                return code(*args)
         out = self._decode_step(*inputs)
-        self._steps[kind] = _compiled_code(type(self)._decode_step, self, *inputs) or self._guarded
+        found = _compiled_code(type(self)._decode_step, self, *inputs)
+        if found is not None:
+            self._steps[kind] = found
         return out
-
-    def _guarded(self, _, *inputs):
-        return self._decode_step(*inputs)
 
     def recompile(self) -> None:
         """Forget every compiled step (Dynamo's too): the next steps compile again, under the settings of then."""
