@@ -105,7 +105,7 @@ def test_compiled_decode_falls_back_to_the_python_wrapper():
     assert not engine.cpp_wrapper
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
 
-    engine._steps.clear()  # the next step is the first of its kind again: it calls _decode_step
+    engine._forget_steps()  # the next step is the first of its kind again: it calls _decode_step
     engine._decode_step = fails_with(RuntimeError("a broken kernel"))
     with pytest.raises(InductorError, match="a broken kernel"):
         engine.decode(torch.tensor([200]))

@@ -1,5 +1,6 @@
 """Batched generation with a static KV cache, split into context encoding and token generation steps."""
 
+import collections
 import math
 import types
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ class Engine:
         # state of a model's own, a lazily packed weight or a step counter, may make Dynamo compile again), and from
         # then on call the code Dynamo compiled for it directly (_run_step), the reference and a submission alike.
         self._steps = {} if compile and not cuda_graphs else None
+        self._lookups = collections.Counter()
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
@@ -240,8 +242,7 @@ class Engine:
                     raise
                 self.cpp_wrapper = False
                 self._decode_step = self._compiled()
-                if self._steps is not None:
-                    self._steps.clear()
+                self._forget_steps()
                 return self._run_step(inputs)
         torch.compiler.cudagraph_mark_step_begin()
         out = self._decode_step(*inputs)
@@ -250,7 +251,8 @@ class Engine:
     def _run_step(self, inputs: tuple):
         """The compiled step: the first of each kind through Dynamo; the next ones check the guards of the graph Dynamo
         picked for that kind (through Dynamo again when they fail) until they pass once: from then on its code is
-        called directly, unchecked. A step with a graph break always goes through Dynamo."""
+        called directly, unchecked. A step with a graph break, or of a kind whose guards failed for three steps, always
+        goes through Dynamo."""
         if self._steps is None:
             return self._decode_step(*inputs)
         kind = _kind(inputs)
@@ -266,7 +268,8 @@ class Engine:
                 self._steps[kind] = None, code  # the kind's graph from now on
                 return code(*args)
         out = self._decode_step(*inputs)
-        found = _compiled_code(type(self)._decode_step, self, *inputs)
+        self._lookups[kind] += 1  # a kind not fixed after a few steps (its state changes every step): Dynamo's
+        found = _compiled_code(type(self)._decode_step, self, *inputs) if self._lookups[kind] <= 3 else (None, None)
         if found is not None:
             self._steps[kind] = found
         return out
@@ -274,8 +277,12 @@ class Engine:
     def recompile(self) -> None:
         """Forget every compiled step (Dynamo's too): the next steps compile again, under the settings of then."""
         torch._dynamo.reset()
+        self._forget_steps()
+
+    def _forget_steps(self) -> None:
         if self._steps is not None:
             self._steps.clear()
+        self._lookups.clear()
 
     @torch.inference_mode()
     def decode_sampled(self, tokens: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
