@@ -29,7 +29,8 @@ def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, 
     kernels' (profiled). A compiled step is compiled again for this, with Inductor's kernels recorded, and both times
     are taken on that build (recording costs the embedded model's step ~40%, so the timed runs go without it). Timed
     and profiled runs alternate for a few rounds and each side keeps its fastest: one noisy run on a shared machine
-    (a neighbour's burst during the profiled one) would otherwise show more kernel time than step time."""
+    (a neighbour's burst during the profiled one) would otherwise show more kernel time than step time; while they
+    still do, more rounds (up to four times as many)."""
     engine.recompile()
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         moebench_decode(engine, prompt, 4)  # compiles again
@@ -40,7 +41,7 @@ def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, 
             tok = engine.decode(tok).argmax(-1)
 
         steps, kernels = [], []
-        for _ in range(rounds):
+        while len(steps) < rounds or (min(steps) < min(kernels) and len(steps) < 4 * rounds):  # noise: again
             steps.append(1 / moebench_decode(engine, prompt, n_tokens))
             tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
             kernels.append(kernel_seconds(step, n_tokens))

@@ -1,6 +1,7 @@
 """The bench scripts run end to end on the embedded model (tiny runs: what they print is checked, not the speed)."""
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -13,15 +14,17 @@ from moebench.engine import hugepages
 REPO = Path(__file__).resolve().parents[1]
 
 
-def bench(script: str, *args: str, out: Path | None = None) -> subprocess.CompletedProcess:
+def bench(script: str, *args: str, out: Path | None = None, threads: int | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, f"bench/{script}", *args] + ([] if out is None else ["--out", str(out)])
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    env = os.environ | ({} if threads is None else {"OMP_NUM_THREADS": str(threads)})
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_decode_speed_writes_both_engines_rows_against_the_measured_roofline(tmp_path):
     out = tmp_path / "decode.json"
+    # one thread: with two, a test running beside this one makes the profiled kernels wait on each other at random
     proc = bench("decode_speed.py", "--models", "moebench-tiny", "--dtypes", "float32", "--tokens", "4",
-                 "--repeats", "1", "--cache-len", "40", out=out)
+                 "--repeats", "1", "--cache-len", "40", out=out, threads=1)
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(out.read_text())["rows"]
     assert row["cache_len"] == 40 and row["moebench_tok_s"] > 0 and row["transformers_tok_s"] > 0
