@@ -259,9 +259,9 @@ class Engine:
         step = self._steps.get(kind)
         if step is not None:
             guards, code = step
-            args = (self, *inputs)
             if code is None:  # a graph break
                 return self._decode_step(*inputs)
+            args = (self, *inputs)
             if guards is None:
                 return code(*args)
             if guards(_arguments(code, args)):
