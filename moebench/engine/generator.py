@@ -201,6 +201,7 @@ class Engine:
             ids, step, _ = self._prefill_inputs(ids, torch.ones_like(ids))
             return ids, step.positions, step.slots, step.mask, step.last
         self.next_slot, self.next_pos = width - 1, torch.full_like(self.next_pos, width - 1)  # the bucket's last slot
+        self.valid[:, width:] = False  # none past the step's slot
         inputs = self._decode_inputs(torch.zeros(self.batch, dtype=torch.long))
         if self.sampling is None:
             return inputs
@@ -313,18 +314,20 @@ class Engine:
                                 not s.params.greedy)
 
     def _decode_inputs(self, tokens: torch.Tensor):
+        """The step writing the next slot: tokens [B, 1], positions [B, 1], slots [1], mask [B, 1, 1, S]. No slot past
+        it is valid (a prefill clears them, decode steps fill them in order): the mask is `valid`'s first S."""
         slot = self.next_slot
         assert slot < self.max_len, "KV cache full"
-        self.valid[:, slot] = True
+        self.valid.select(1, slot).fill_(True)
         self.slot_pos[:, slot] = self.next_pos
-        slots = self.all_slots[slot:slot + 1]
         S = self.decode_width(slot)
-        mask = (self.valid & (self.all_slots <= slot))[:, :S]  # [B, S]: real tokens up to this one
+        mask = self.valid[:, None, None, :S].clone()  # a copy: the step's, whatever a model does with it
         if self.cfg.sliding_window is not None:
-            mask &= (self.next_pos[:, None] - self.slot_pos[:, :S]) < self.cfg.sliding_window
+            mask &= ((self.next_pos[:, None] - self.slot_pos[:, :S]) < self.cfg.sliding_window)[:, None, None]
         # A copy: made here (in inference mode, as the warm-up's), the step's graph sees the same kind of tensor
         # whether the tokens came from a graph or from the caller (one graph a bucket, not two).
-        return tokens.to(self.device, copy=True)[:, None], self.next_pos[:, None], slots, mask[:, None, None]
+        tokens = tokens.clone() if tokens.device == self.device else tokens.to(self.device)
+        return tokens[:, None], self.next_pos[:, None], self.all_slots[slot:slot + 1], mask
 
     def decode_width(self, slot: int) -> int:
         """Cache slots a decode step writing `slot` attends to: its token-generation bucket, or the whole cache."""
