@@ -118,3 +118,20 @@ def test_requests_that_fit_no_bucket_stop_with_one_line(capsys, flags, words):
 def test_buckets_without_bucketing_get_a_note():
     _, notes = parse_args(["--mode", "validate", "--context-encoding-buckets", "128"])
     assert any("--context-encoding-buckets has no effect without --enable-bucketing" in n for n in notes)
+
+
+def test_a_decode_steps_mask_shows_its_own_requests_tokens_only(source, model):
+    """The decode mask is the engine's record of real slots up to the step's own: a longer request before it, or a
+    warm-up step at a bucket's last slot, leaves nothing visible past the step's slot."""
+    engine = Engine(model, 2, 40, tkg_buckets=(12, 24, 40))
+    long_ids, long_mask = request(source, "A longer prompt about experts and routers", "and a second row")
+    engine.greedy(long_ids, long_mask, 12)  # slots past 20 hold real tokens now
+    engine.example_step("token_generation_model", 40)  # a warm-up at the cache's last slot
+    ids, mask = request(source, "Hello", "Hi there")
+    T = ids.shape[1]
+    engine.prefill(ids, mask)
+    *_, step_mask = engine._decode_inputs(torch.zeros(2, dtype=torch.long))
+    expected = torch.zeros(2, 12, dtype=torch.bool)
+    expected[:, :T] = mask.bool()
+    expected[:, T] = True  # the step's own token
+    assert torch.equal(step_mask[:, 0, 0], expected)
