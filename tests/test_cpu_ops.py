@@ -399,7 +399,7 @@ def test_a_models_python_state_is_seen_until_its_steps_graph_is_fixed(one_thread
     """A submission's forward may read Python state: a step whose guards fail goes through Dynamo (which compiles
     again), so a counter that changes every step is always seen, and so is a value changed before the first step
     whose guards pass; from that step on the kind's graph is fixed, unchecked, as NxDI traces a bucket once. A kind
-    whose guards fail for three steps goes through Dynamo from then on."""
+    whose steps keep making Dynamo compile runs eagerly from the fourth such step on."""
     prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
 
     class Counting(Qwen3MoeForCausalLM):
@@ -420,11 +420,13 @@ def test_a_models_python_state_is_seen_until_its_steps_graph_is_fixed(one_thread
         model = random_model(PRESETS["moebench-tiny"], seed=5)
         model.__class__ = cls
         models.append(model)
-    eager = Engine(copy.deepcopy(models[0]), batch=1, max_len=16).greedy(prompt, mask, 5)[1]
+    eager = Engine(copy.deepcopy(models[0]), batch=1, max_len=16).greedy(prompt, mask, 7)[1]
     counting = Engine(models[0], batch=1, max_len=16, compile=True)
-    torch.testing.assert_close(counting.greedy(prompt, mask, 5)[1], eager, atol=1e-4, rtol=1e-4)
-    # after each step the counter matched none of the graphs: from the fourth step on, Dynamo's every time
-    assert list(counting._steps.values()) == [(None, None)]
+    torch.testing.assert_close(counting.greedy(prompt, mask, 7)[1], eager, atol=1e-4, rtol=1e-4)
+    # after each step the counter matched none of the graphs and Dynamo compiled again: the fifth and sixth steps
+    # ran eagerly, without compiling
+    assert list(counting._steps.values()) == [(None, Engine._decode_step)]
+    assert list(counting._compiles.values()) == [4]
 
     eager, compiled = Engine(copy.deepcopy(models[1]), batch=1, max_len=16), Engine(models[1], 1, 16, compile=True)
     tokens = [engine.prefill(prompt, mask).argmax(-1) for engine in (eager, compiled)]

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
 from torch._inductor.exc import InductorError
 
 from moebench.engine import hugepages
@@ -121,7 +122,7 @@ class Engine:
         # state of a model's own, a lazily packed weight or a step counter, may make Dynamo compile again), and from
         # then on call the code Dynamo compiled for it directly (_run_step), the reference and a submission alike.
         self._steps = {} if compile and not cuda_graphs else None
-        self._lookups = collections.Counter()
+        self._lookups, self._compiles = collections.Counter(), collections.Counter()
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
@@ -252,27 +253,33 @@ class Engine:
     def _run_step(self, inputs: tuple):
         """The compiled step: the first of each kind through Dynamo; the next ones check the guards of the graph Dynamo
         picked for that kind (through Dynamo again when they fail) until they pass once: from then on its code is
-        called directly, unchecked. A step with a graph break, or of a kind whose guards failed for three steps, always
-        goes through Dynamo."""
+        called directly, unchecked. A step with a graph break, or of a kind whose guards failed for three steps, goes
+        through Dynamo; a kind whose steps keep making Dynamo compile (a model's state that changes every step) runs
+        eagerly from its fourth such step on, as a model NxDI could not trace into one graph would."""
         if self._steps is None:
             return self._decode_step(*inputs)
         kind = _kind(inputs)
         step = self._steps.get(kind)
-        if step is not None:
+        if step is not None and step[1] is not None:  # not a graph break
             guards, code = step
-            if code is None:  # a graph break
-                return self._decode_step(*inputs)
             args = (self, *inputs)
             if guards is None:
                 return code(*args)
             if guards(_arguments(code, args)):
                 self._steps[kind] = None, code  # the kind's graph from now on
                 return code(*args)
+        frames = counters["frames"]["total"]  # the frames Dynamo has compiled
         out = self._decode_step(*inputs)
-        self._lookups[kind] += 1  # a kind not fixed after a few steps (its state changes every step): Dynamo's
-        found = _compiled_code(type(self)._decode_step, self, *inputs) if self._lookups[kind] <= 3 else (None, None)
-        if found is not None:
-            self._steps[kind] = found
+        if counters["frames"]["total"] != frames:
+            self._compiles[kind] += 1
+            if self._compiles[kind] > 3:
+                self._steps[kind] = None, type(self)._decode_step  # the step as written, without Dynamo
+                return out
+        if step is None or step[1] is not None:
+            self._lookups[kind] += 1  # a kind not fixed after a few steps (its state changes every step): Dynamo's
+            found = _compiled_code(type(self)._decode_step, self, *inputs) if self._lookups[kind] <= 3 else (None, None)
+            if found is not None:
+                self._steps[kind] = found
         return out
 
     def recompile(self) -> None:
@@ -284,6 +291,7 @@ class Engine:
         if self._steps is not None:
             self._steps.clear()
         self._lookups.clear()
+        self._compiles.clear()
 
     @torch.inference_mode()
     def decode_sampled(self, tokens: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
