@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
 from moebench.model import cpu_ops, moe
@@ -437,6 +438,29 @@ def test_a_models_python_state_is_seen_until_its_steps_graph_is_fixed(one_thread
         tokens = [want.argmax(-1), got.argmax(-1)]
     (guards, code), = compiled._steps.values()
     assert guards is None and type(code) is types.FunctionType
+
+
+def test_a_kind_that_keeps_compiling_behind_a_graph_break_runs_eagerly(one_thread):
+    """A forward with a graph break whose code after it reads state that changes every step (the step's slot, as the
+    memoizing cheat's sequence so far) makes Dynamo compile at every step: from the fourth such step the kind runs
+    eagerly, with the same outputs, and Dynamo compiles nothing more."""
+    prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
+
+    class Breaking(Qwen3MoeForCausalLM):
+        def forward(self, input_ids, step, cache):
+            slot = int(step.slots[-1])  # a graph break; the code after it holds the slot as a constant
+            return super().forward(input_ids, step, cache) * (1 + 0 * slot)
+
+    model = random_model(PRESETS["moebench-tiny"], seed=5)
+    model.__class__ = Breaking
+    eager = Engine(copy.deepcopy(model), batch=1, max_len=16).greedy(prompt, mask, 8)[1]
+    compiled = Engine(model, batch=1, max_len=16, compile=True)
+    torch.testing.assert_close(compiled.greedy(prompt, mask, 8)[1], eager, atol=1e-4, rtol=1e-4)
+    assert list(compiled._steps.values()) == [(None, Engine._decode_step)]
+    assert list(compiled._compiles.values()) == [4]  # the first four of seven steps
+    frames = counters["frames"]["total"]
+    torch.testing.assert_close(compiled.greedy(prompt, mask, 8)[1], eager, atol=1e-4, rtol=1e-4)
+    assert counters["frames"]["total"] == frames  # eagerly: Dynamo compiled nothing
 
 
 def test_only_a_step_compiled_whole_is_called_directly():
