@@ -463,6 +463,42 @@ def test_a_kind_that_keeps_compiling_behind_a_graph_break_runs_eagerly(one_threa
     assert counters["frames"]["total"] == frames  # eagerly: Dynamo compiled nothing
 
 
+def test_a_fixed_steps_graph_is_called_with_what_its_code_read_since_the_last_prefill(one_thread):
+    """From the second step of a fixed kind after a prefill the engine calls the graph itself with the tensors
+    Dynamo's code read (_graph_call): a tensor a model's prompt sets (a new one each request) is read again after the
+    next prefill; a step whose code stores into the model (after its graph) keeps running that code."""
+    prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
+
+    class Biased(Qwen3MoeForCausalLM):
+        def forward(self, input_ids, step, cache):
+            if input_ids.shape[1] > 1:  # a prompt: its own tensor, read by its decode steps
+                self.bias = input_ids[:, :1].float() / 10
+            return super().forward(input_ids, step, cache) + self.bias
+
+    class Keeping(Qwen3MoeForCausalLM):
+        def forward(self, input_ids, step, cache):
+            logits = super().forward(input_ids, step, cache)
+            self.last = logits[..., :4] * 1  # a store after the graph: in the code Dynamo made
+            return logits
+
+    for cls in (Biased, Keeping):
+        model = random_model(PRESETS["moebench-tiny"], seed=5)
+        model.__class__ = cls
+        eager, compiled = Engine(copy.deepcopy(model), 1, 16), Engine(model, 1, 16, compile=True)
+        for first in (5, 60, 5):  # each request's bias differs from the one before
+            prompt[0, 0] = first
+            got, want = compiled.greedy(prompt, mask, 7)[1], eager.greedy(prompt, mask, 7)[1]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        (kind, (guards, code)), = compiled._steps.items()
+        assert guards is None and type(code) is types.FunctionType
+        call = compiled._calls[kind]
+        if cls is Biased:
+            assert call.__name__ == "step" and torch.equal(model.bias, eager.model.bias)
+        else:  # the code itself, which stores the step's logits
+            torch.testing.assert_close(model.last, eager.model.last, atol=1e-4, rtol=1e-4)
+            assert call.func is code
+
+
 def test_only_a_step_compiled_whole_is_called_directly():
     """_compiled_code gives the guards and the code Dynamo made of a function for these arguments when it calls one
     graph, and no code when the function has a graph break (the code after it is compiled only under Dynamo's
