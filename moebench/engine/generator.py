@@ -73,6 +73,18 @@ _READING = frozenset({"RESUME", "NOP", "LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD"
                       "PRECALL", "CALL", "BUILD_LIST", "BUILD_TUPLE", "LIST_EXTEND", "POP_TOP", "RETURN_VALUE"})
 
 
+@functools.cache
+def _graph_name(code: types.CodeType) -> str | None:
+    """The global name of the one graph that code calls, when all it does is read its arguments and call it
+    (_READING); else None. (Once a code object: reading its instructions takes ~1 ms.)"""
+    names = [n for n in code.co_names if n.startswith("__compiled_fn")]
+    ops = list(dis.get_instructions(code))
+    marks = sum(i.opname in ("LOAD_ATTR", "LOAD_METHOD") and str(i.argval).startswith("record_pregraph") for i in ops)
+    calls = sum(i.opname == "CALL" for i in ops)
+    pure = len(names) == 1 and calls == 1 + marks and all(i.opname in _READING for i in ops)
+    return names[0] if pure else None
+
+
 def _graph_call(code, args: tuple):
     """Runs code(*args), code a step's function Dynamo compiled (_compiled_code), and returns (its output, a function
     that runs the next steps given their inputs (args but the engine)). Where code only reads its arguments and
@@ -80,20 +92,16 @@ def _graph_call(code, args: tuple):
     step's own inputs replaced by the next step's, without the ~300 instructions fetching the weights (the embedded
     model's step on the 2-core AMD VM: 275 -> 255 us). The tensors it holds are those the code read now: right until
     the model's own code runs again (a prefill), which may change its attributes."""
-    run = functools.partial(code, args[0])
-    names = [n for n in code.__code__.co_names if n.startswith("__compiled_fn")]
-    ops = list(dis.get_instructions(code))
-    marks = sum(i.opname in ("LOAD_ATTR", "LOAD_METHOD") and str(i.argval).startswith("record_pregraph") for i in ops)
-    calls = sum(i.opname == "CALL" for i in ops)
-    if len(names) != 1 or calls != 1 + marks or any(i.opname not in _READING for i in ops):
+    run, name = functools.partial(code, args[0]), _graph_name(code.__code__)
+    if name is None:
         return code(*args), run
-    graph, seen = code.__globals__[names[0]], []
+    graph, seen = code.__globals__[name], []
 
     def record(*graph_args):
         seen[:] = graph_args, graph(*graph_args)
         return seen[1]
 
-    out = types.FunctionType(code.__code__, {**code.__globals__, names[0]: record}, code.__name__, code.__defaults__,
+    out = types.FunctionType(code.__code__, {**code.__globals__, name: record}, code.__name__, code.__defaults__,
                              code.__closure__)(*args)
     graph_args, results = list(seen[0]), seen[1]
     where = []  # (graph argument, step input, item of a tuple input or None): each of the step's tensors
