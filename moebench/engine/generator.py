@@ -399,15 +399,15 @@ class Engine:
         slot = self.next_slot
         assert slot < self.max_len, "KV cache full"
         self.valid.select(1, slot).fill_(True)
-        self.slot_pos[:, slot] = self.next_pos
         S = self.decode_width(slot)
         mask = self.valid[:, None, None, :S].clone()  # a copy: the step's, whatever a model does with it
-        if self.cfg.sliding_window is not None:
+        if self.cfg.sliding_window is not None:  # (slot_pos: read by sliding windows only)
+            self.slot_pos[:, slot] = self.next_pos
             mask &= ((self.next_pos[:, None] - self.slot_pos[:, :S]) < self.cfg.sliding_window)[:, None, None]
         # A copy: made here (in inference mode, as the warm-up's), the step's graph sees the same kind of tensor
         # whether the tokens came from a graph or from the caller (one graph a bucket, not two).
         tokens = tokens.clone() if tokens.device == self.device else tokens.to(self.device)
-        return tokens[:, None], self.next_pos[:, None], self.all_slots[slot:slot + 1], mask
+        return tokens.unsqueeze(1), self.next_pos.unsqueeze(1), self.all_slots[slot:slot + 1], mask
 
     def decode_width(self, slot: int) -> int:
         """Cache slots a decode step writing `slot` attends to: its token-generation bucket, or the whole cache."""
