@@ -326,14 +326,14 @@ class Engine:
         if self._steps is None:
             return self._decode_step(*inputs)
         kind = _kind(inputs)
+        call = self._calls.get(kind)
+        if call is not None:
+            return call(*inputs)
         step = self._steps.get(kind)
         if step is not None and step[1] is not None:  # not a graph break
             guards, code = step
             args = (self, *inputs)
             if guards is None:
-                call = self._calls.get(kind)
-                if call is not None:
-                    return call(*inputs)
                 out, self._calls[kind] = _graph_call(code, args)
                 return out
             if guards(_arguments(code, args)):
