@@ -390,10 +390,14 @@ def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_gr
         assert guards is None and type(code) is types.FunctionType
 
     model = random_model(PRESETS["moebench-tiny"], seed=5)
-    want = Engine(copy.deepcopy(model), batch=1, max_len=24, tkg_buckets=(8, 24)).greedy(prompt, mask, 6)[0]
+    short, short_mask = prompt[:, :2], mask[:, :2]
+    want = Engine(copy.deepcopy(model), batch=1, max_len=24, tkg_buckets=(8, 24)).greedy(short, short_mask, 10)[0]
     bucketed = Engine(model, batch=1, max_len=24, compile=True, tkg_buckets=(8, 24))
-    assert torch.equal(bucketed.greedy(prompt, mask, 6)[0], want)  # slots 6-7 in the 8 bucket, then 24
+    assert torch.equal(bucketed.greedy(short, short_mask, 10)[0], want)  # slots 2-7 in the 8 bucket, then 24
     assert sorted(kind[3][2][-1] for kind in bucketed._steps) == [8, 24]  # the mask's slots
+    # the 8 bucket's graph was called directly from its third step; the 24 bucket's first step ran through Dynamo,
+    # which dropped that call
+    assert [kind[3][2][-1] for kind in bucketed._calls] == [24]
 
 
 def test_a_models_python_state_is_seen_until_its_steps_graph_is_fixed(one_thread):
@@ -464,9 +468,9 @@ def test_a_kind_that_keeps_compiling_behind_a_graph_break_runs_eagerly(one_threa
 
 
 def test_a_fixed_steps_graph_is_called_with_what_its_code_read_since_the_last_prefill(one_thread):
-    """From the second step of a fixed kind after a prefill the engine calls the graph itself with the tensors
-    Dynamo's code read (_graph_call): a tensor a model's prompt sets (a new one each request) is read again after the
-    next prefill; a step whose code stores into the model (after its graph) keeps running that code."""
+    """From the second step of a fixed kind the engine calls the graph itself with the tensors Dynamo's code read
+    (_graph_call): a tensor a model's prompt sets (a new one each request) is read again after the next prefill; a
+    step whose code stores into the model (after its graph) keeps running that code."""
     prompt, mask = torch.tensor([[5, 17, 42, 9, 100, 3]]), torch.ones(1, 6, dtype=torch.long)
 
     class Biased(Qwen3MoeForCausalLM):
@@ -491,12 +495,11 @@ def test_a_fixed_steps_graph_is_called_with_what_its_code_read_since_the_last_pr
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         (kind, (guards, code)), = compiled._steps.items()
         assert guards is None and type(code) is types.FunctionType
-        call = compiled._calls[kind]
         if cls is Biased:
-            assert call.__name__ == "step" and torch.equal(model.bias, eager.model.bias)
+            assert compiled._calls[kind].__name__ == "step" and torch.equal(model.bias, eager.model.bias)
         else:  # the code itself, which stores the step's logits
             torch.testing.assert_close(model.last, eager.model.last, atol=1e-4, rtol=1e-4)
-            assert call.func is code
+            assert kind not in compiled._calls and compiled._graphs[kind] is None
 
 
 def test_only_a_step_compiled_whole_is_called_directly():

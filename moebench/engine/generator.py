@@ -2,7 +2,6 @@
 
 import collections
 import dis
-import functools
 import math
 import types
 from dataclasses import dataclass
@@ -73,10 +72,9 @@ _READING = frozenset({"RESUME", "NOP", "LOAD_GLOBAL", "LOAD_ATTR", "LOAD_METHOD"
                       "PRECALL", "CALL", "BUILD_LIST", "BUILD_TUPLE", "LIST_EXTEND", "POP_TOP", "RETURN_VALUE"})
 
 
-@functools.cache
 def _graph_name(code: types.CodeType) -> str | None:
     """The global name of the one graph that code calls, when all it does is read its arguments and call it
-    (_READING); else None. (Once a code object: reading its instructions takes ~1 ms.)"""
+    (_READING); else None. (~1 ms: once a kind of step.)"""
     names = [n for n in code.co_names if n.startswith("__compiled_fn")]
     ops = list(dis.get_instructions(code))
     marks = sum(i.opname in ("LOAD_ATTR", "LOAD_METHOD") and str(i.argval).startswith("record_pregraph") for i in ops)
@@ -85,16 +83,13 @@ def _graph_name(code: types.CodeType) -> str | None:
     return names[0] if pure else None
 
 
-def _graph_call(code, args: tuple):
-    """Runs code(*args), code a step's function Dynamo compiled (_compiled_code), and returns (its output, a function
-    that runs the next steps given their inputs (args but the engine)). Where code only reads its arguments and
-    calls its graph (_READING), that function calls the graph itself with the arguments the code read now, the
-    step's own inputs replaced by the next step's, without the ~300 instructions fetching the weights (the embedded
-    model's step on the 2-core AMD VM: 275 -> 255 us). The tensors it holds are those the code read now: right until
-    the model's own code runs again (a prefill), which may change its attributes."""
-    run, name = functools.partial(code, args[0]), _graph_name(code.__code__)
-    if name is None:
-        return code(*args), run
+def _graph_call(code, args: tuple, name: str):
+    """Runs code(*args), code a step's function Dynamo compiled (_compiled_code) that only reads its arguments and
+    calls its graph, the global `name` (_graph_name), and returns (its output, a function that runs the next steps
+    given their inputs (args but the engine), or None where it cannot). That function calls the graph itself with the
+    arguments the code read now, the step's own inputs replaced by the next step's, without the ~300 instructions
+    fetching the weights (the embedded model's step on the 2-core AMD VM: 275 -> 255 us). The tensors it holds are
+    those the code read now: right while no other code of the model runs (_run_step)."""
     graph, seen = code.__globals__[name], []
 
     def record(*graph_args):
@@ -109,20 +104,21 @@ def _graph_call(code, args: tuple):
         for k, t in enumerate(x) if isinstance(x, tuple) else [(None, x)]:
             if isinstance(t, torch.Tensor):
                 at = [j for j, a in enumerate(graph_args) if a is t]
-                if not at:
-                    return out, run
+                if not at:  # an input the graph does not read (or reads otherwise)
+                    return out, None
                 where += [(j, i, k) for j in at]
+    one = not isinstance(out, tuple)
     picks = [next((j for j, r in enumerate(results) if r is o), -1) if o is not None else None
-             for o in (out if isinstance(out, tuple) else (out,))]
-    if -1 in picks:
-        return out, run
+             for o in ((out,) if one else out)]
+    if -1 in picks or not (one or type(out) is tuple):
+        return out, None
 
     def step(*inputs):
         for j, i, k in where:
             graph_args[j] = inputs[i] if k is None else inputs[i][k]
         results = graph(*graph_args)
         got = tuple(None if j is None else results[j] for j in picks)
-        return got if isinstance(out, tuple) else got[0]
+        return got[0] if one else got
     return out, step
 
 
@@ -184,10 +180,10 @@ class Engine:
         # runs through Dynamo, the next ones check the guards of the graph Dynamo picked until one passes (Python
         # state of a model's own, a lazily packed weight or a step counter, may make Dynamo compile again), and from
         # then on call the code Dynamo compiled for it directly (_run_step), the reference and a submission alike;
-        # from the second step after a prefill, the graph that code calls (_graph_call).
+        # from its second step since other code of the model last ran, the graph that code calls (_graph_call).
         self._steps = {} if compile and not cuda_graphs else None
         self._lookups, self._compiles = collections.Counter(), collections.Counter()
-        self._calls = {}  # a fixed kind's step since the last prefill (_graph_call)
+        self._calls, self._graphs = {}, {}  # a fixed kind's graph call (_graph_call), its graph's name
         # On the CPU Inductor's C++ wrapper calls the kernels (not its Python one): a small model's step is mostly
         # the host's work. It cannot call the collectives of tensor parallelism.
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
@@ -247,7 +243,7 @@ class Engine:
         (of every column [B, T, V] with every_column)."""
         real_columns = input_ids.shape[1]
         input_ids, step, attention_mask = self._prefill_inputs(input_ids, attention_mask, every_column)
-        self._calls.clear()  # the model's own code runs: what a step's code reads may change
+        self._calls.clear()  # the model's own code runs: what a step's graph call holds may change
         logits = self.model(input_ids, step, self.cache)
         self.next_slot, self.next_pos = real_columns, attention_mask.long().sum(1)  # decoding reuses padding slots
         return logits[:, :real_columns] if every_column else logits[:, -1]
@@ -319,7 +315,8 @@ class Engine:
     def _run_step(self, inputs: tuple):
         """The compiled step: the first of each kind through Dynamo; the next ones check the guards of the graph Dynamo
         picked for that kind (through Dynamo again when they fail) until they pass once: from then on its code is
-        called directly, unchecked (after a step since the last prefill, the graph itself: _graph_call). A step with
+        called directly, unchecked (or the graph it calls, with the tensors the code read on the kind's last step, where
+        no other code of the model ran since: a prefill, a step through Dynamo or eager; _graph_call). A step with
         a graph break, or of a kind whose guards failed for three steps, goes through Dynamo; a kind whose steps keep
         making Dynamo compile (a model's state that changes every step) runs eagerly from its fourth such step on, as
         a model NxDI could not trace into one graph would."""
@@ -330,12 +327,22 @@ class Engine:
         if call is not None:
             return call(*inputs)
         step = self._steps.get(kind)
+        if step is not None and step[0] is None and step[1] is not None:  # fixed: its graph called directly?
+            if kind not in self._graphs:
+                self._graphs[kind] = _graph_name(step[1].__code__)
+            if self._graphs[kind] is not None:
+                out, call = _graph_call(step[1], (self, *inputs), self._graphs[kind])
+                if call is None:
+                    self._graphs[kind] = None  # its code from now on
+                else:
+                    self._calls[kind] = call
+                return out
+        self._calls.clear()  # the model's own code runs: what a graph call holds may change
         if step is not None and step[1] is not None:  # not a graph break
             guards, code = step
             args = (self, *inputs)
             if guards is None:
-                out, self._calls[kind] = _graph_call(code, args)
-                return out
+                return code(*args)
             if guards(_arguments(code, args)):
                 self._steps[kind] = None, code  # the kind's graph from now on
                 return code(*args)
@@ -362,6 +369,7 @@ class Engine:
         if self._steps is not None:
             self._steps.clear()
         self._calls.clear()
+        self._graphs.clear()
         self._lookups.clear()
         self._compiles.clear()
 
