@@ -527,6 +527,40 @@ def test_only_a_step_compiled_whole_is_called_directly():
             assert _compiled_code(fn, torch.randn(8, 2)) is None  # no entry's guards pass for another shape
 
 
+def test_only_code_that_reads_its_arguments_has_its_graph_called_itself():
+    """_graph_name names the graph of Dynamo's code that only reads its arguments and calls it; code that replays a
+    forward's side effects after the graph (an attribute set: one more call; a list appended to: a store into its
+    items) has none: that code must keep running."""
+    from moebench.engine.generator import _compiled_code, _graph_name
+
+    class Box:
+        pass
+
+    box = Box()
+
+    def reads(x, w):
+        return x @ w
+
+    def stores(x, w, box):
+        box.last = x @ w  # replayed by Dynamo's code after the graph
+        return box.last
+
+    def appends(x, w, seen):
+        seen.append(1)  # a list method called after the graph
+        return x @ w
+
+    x, w = torch.randn(4, 8), torch.randn(8, 3)
+    for fn, args, named in ((reads, lambda: (x, w), True), (stores, lambda: (x, w, box), False),
+                            (appends, lambda: (x, w, []), False)):
+        torch.compile(fn, dynamic=False, backend="eager")(*args())
+        guards, code = _compiled_code(fn, *args())
+        assert code is not None, fn.__name__
+        name = _graph_name(code.__code__)
+        assert (name is not None) == named, fn.__name__
+        if named:
+            assert name.startswith("__compiled_fn") and name in code.__code__.co_names
+
+
 def test_the_warm_up_compiles_the_graph_later_steps_run(one_thread):
     """The compile step's warm-up step and a request's steps are one kind of call: no second graph (the tokens the
     prefill's argmax gives once made the first request's step compile again)."""
