@@ -142,4 +142,4 @@ def test_a_submissions_own_blocks_keep_running_with_kernels_on(capsys, in_tmp):
     code, out, err = run_cli(capsys, "--mode", "validate", "--qwen", root / "submissions" / "honest_reordered.py",
                              "--quantized-mlp-kernel-enabled", *SHORT)
     assert code == 0, out + err
-    assert "LoopMoE" in out and "ManualAttention" in out and "logit validation PASS" in out
+    assert "GatheredMoE" in out and "ManualAttention" in out and "logit validation PASS" in out
