@@ -35,6 +35,20 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
 
 
+def test_the_submission_process_ends_by_itself_and_leaves_no_semaphore_behind(capfd):
+    """After validation the harness asks the submission's process to end rather than killing it: killed, a lock it
+    made (tqdm makes one for its bars) is left to its resource tracker, which warns about it on stderr."""
+    import time
+
+    from moebench.cli.main import main
+
+    assert main([*FAST, "--qwen", str(SUBMISSIONS / "lock_at_import.py")]) == 0
+    time.sleep(2)  # the tracker of a killed process warns a moment after its death
+    out, err = capfd.readouterr()
+    assert "logit validation PASS" in out, out + err
+    assert "leaked" not in out + err, err
+
+
 @pytest.mark.parametrize("name, words", [
     ("broken_import", ["import failed", "ImportError"]),
     ("broken_no_class", ["Qwen3MoeForCausalLM"]),

@@ -239,13 +239,16 @@ class Sandbox:
         self.kill()
         raise SubmissionFault(f"the submission's process died during {phase} (exit code {code})")
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 10) -> None:
+        """Asks the process to end and waits `wait` seconds before killing it: ending by itself it runs its
+        finalizers (a killed one leaves the semaphores it made, tqdm's lock say, for its resource tracker to
+        report on the harness's stderr)."""
         if self.process.is_alive():
             try:
                 _send(self.conn, ("stop", ()))
             except OSError:
                 pass
-            self.process.join(10)
+            self.process.join(wait)
         self.kill()
 
     def kill(self) -> None:
@@ -385,5 +388,5 @@ class IsolatedSubmission:
     def close(self) -> None:
         from moebench.modes.confine import discard
 
-        self.box.kill()
+        self.box.stop(wait=2)  # idle here, it ends at once; busy (interrupted, say), it is killed
         discard(self.view)
