@@ -71,6 +71,15 @@ def test_missing_module_is_one_line(capsys):
     assert "does_not_exist" in error_line(err)
 
 
+@pytest.mark.parametrize("isolation", ["process", "none"])
+def test_a_qwen_path_that_is_no_python_file_is_one_line(capsys, in_tmp, isolation):
+    (in_tmp / "notes.txt").write_text("x = 1\n")
+    (in_tmp / "pkg").mkdir()
+    for given, words in (("./notes.txt", "not a Python module"), ("./pkg", "a folder")):
+        code, out, err = run(capsys, *FAST, "--isolation", isolation, "--qwen", given)
+        assert code == 2 and given in error_line(err) and words in error_line(err), out + err
+
+
 @pytest.fixture
 def no_qwen_on_path(monkeypatch):
     """A Python path without any folder holding a qwen.py (the repository root, on the path under pytest, has one:

@@ -41,8 +41,12 @@ def find_module_file(name: str, folder: Path) -> Path:
             return TEMPLATE
         raise MoebenchError(f"--qwen {name}: no {name}.py in {folder} and no module {name!r} on the Python path")
     path = Path(name)
+    if path.is_dir():
+        raise MoebenchError(f"--qwen {name}: a folder; give the module's .py file")
     if not path.is_file():
         raise MoebenchError(f"--qwen {name}: file not found")
+    if path.suffix != ".py":
+        raise MoebenchError(f"--qwen {name}: not a Python module (a .py file)")
     return path
 
 

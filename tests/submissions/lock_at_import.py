@@ -4,6 +4,8 @@ when the process is killed."""
 
 import multiprocessing
 
-from moebench.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: F401  the reference, unchanged
+from moebench.model.qwen3_moe import Qwen3MoeForCausalLM  # the reference, unchanged
+
+__all__ = ["Qwen3MoeForCausalLM", "LOCK"]
 
 LOCK = multiprocessing.get_context("spawn").Lock()  # a named semaphore, registered with this process's tracker
