@@ -122,6 +122,7 @@ def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded():
     code, out, err = evaluate("hang_at_import", "--phase-time-limit", "3")
     assert code == 1, out + err
     assert "the submission did not finish load and compile within the time limit of 3 s" in out
+    assert "the evaluation scored 0: the submission did not finish load and compile within the time limit" in err
     row = records()[-1]
     assert float(row["final_score"]) == 0 and row["accuracy"] == "0"
     jsonl = [json.loads(line) for line in Path(RECORDS).with_suffix(".jsonl").read_text().splitlines()]
@@ -131,7 +132,7 @@ def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded():
 def test_nan_logits_fail_validation():
     code, out, err = evaluate("nan_logits")
     assert code == 1, out + err
-    assert "logit validation FAIL" in out
+    assert "logit validation FAIL" in out and "the evaluation scored 0: the accuracy check failed" in err
 
 
 def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
@@ -139,7 +140,10 @@ def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
     Path("prompt_data_cpu.csv").write_text("Prompt ID,Context Length,Sequence Length,Base latency,Base throughput\n"
                                            "0,3,16,100,100\n1,4,16,100,100\n")
     code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "crash_when_timed.py", "--skip-accuracy",
-                            "--benchmark-runs", "1", "--warmup-runs", "0")
+                            "--benchmark-runs", "1", "--warmup-runs", "0", "--seq-len", "24")
     assert code == 1, out + err
+    assert "note: --seq-len 24 has no effect: each prompt runs at the Sequence Length of prompt_data_cpu.csv" in err
     assert out.count("the submission's process died during benchmark (exit code 3)") == 2
+    assert "2 of 2 prompts scored 0 (prompt 0: the submission's process died during benchmark (exit code 3); " \
+        "prompt 1: the submission's process died" in err
     assert [r["final_score"] for r in records()] == ["0.0", "0.0"]

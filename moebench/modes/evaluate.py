@@ -33,11 +33,12 @@ def base_from_report(report: dict, origin: str) -> Base:
 
 
 def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None, base: Base | None,
-                    report_path: Path, artifacts=None, extend: bool = False) -> tuple[Score, object]:
+                    report_path: Path, artifacts=None, extend: bool = False) -> tuple[Score, object, str | None]:
     """One prompt: the submission is built (in its own process unless --isolation none), the reference gives the
     expected logits and base timings when needed, then the submission is validated, benchmarked on fresh prompts
     and its MACs counted; its timed outputs are checked last. A submission that crashes, hangs or is flagged
-    scores 0 and is recorded. artifacts / extend: the compile folder evaluate_all's later prompts add to."""
+    scores 0 and is recorded. artifacts / extend: the compile folder evaluate_all's later prompts add to. Returns the
+    score, the compile folder and, for a score of 0, why."""
     folder = Path.cwd()
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, [prompt])
@@ -65,12 +66,14 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             problems = check_problems(checks)
     except SubmissionFault as e:
         print(f"evaluation failed: {e}")
-        return record_failure(run, sub, source, device, prompt, index, base, str(e)), None
+        return record_failure(run, sub, source, device, prompt, index, base, str(e)), None, str(e)
     finally:
         if isolated and under is not None:
             under.close()
     for problem in problems:
         print(f"evaluation flagged: {problem}")
+    why = "; ".join((["the accuracy check failed"] if not accuracy else []) +
+                    ([f"flagged: {'; '.join(problems)}"] if problems else [])) or None
     accuracy = 0.0 if problems else accuracy
     ratio = flops["nki_flop_ratio"]
     write_json(report_path, report)
@@ -86,7 +89,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
             "report": without_samples(report)})
     print_summary(score, checked, base, report_path, path)
-    return score, None if isolated else under.artifacts
+    return score, None if isolated else under.artifacts, why
 
 
 def without_samples(report: dict) -> dict:
@@ -186,9 +189,9 @@ def run_evaluate_single(run: RunConfig) -> int:
     source = open_source(run)
     if len(run.prompts) != 1:
         raise MoebenchError("--mode evaluate_single takes one --prompt; use evaluate_all for several")
-    score, _ = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
-    if not score.accuracy:
-        raise CheckFailed("accuracy check failed: the evaluation scored 0")
+    _, _, why = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
+    if why is not None:
+        raise CheckFailed(f"the evaluation scored 0: {why}")
     return 0
 
 
@@ -218,18 +221,22 @@ def run_evaluate_all(run: RunConfig) -> int:
         if row.context_length != n:
             print(f"note: {data_path.name}: prompt {i} is {n} tokens, not the {row.context_length} its Context Length "
                   "says (the prompt itself is used)", file=sys.stderr)
-    total, failed, artifacts = 0.0, 0, None
+    if "seq_len" in run.explicit and any(r.seq_len != run.seq_len for r in rows):
+        print(f"note: --seq-len {run.seq_len} has no effect: each prompt runs at the Sequence Length of "
+              f"{data_path.name}", file=sys.stderr)
+    total, failed, artifacts = 0.0, [], None
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
         print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")
         prompt_run = dataclasses.replace(run, seq_len=row.seq_len)  # the file's sequence length is used
         base = Base(row.base_latency, row.base_throughput, data_path.name)
-        score, artifacts = evaluate_prompt(prompt_run, sub, source, prompt, i, base,
-                                           folder / f"benchmark_report_{i}.json", artifacts, extend=i > 0)
+        score, artifacts, why = evaluate_prompt(prompt_run, sub, source, prompt, i, base,
+                                                folder / f"benchmark_report_{i}.json", artifacts, extend=i > 0)
         total += score.final_score
-        failed += not score.accuracy
+        if why is not None:
+            failed.append(f"prompt {i}: {why}")
     print(f"total score ({len(prompts)} prompts): {total:.4f}")
     if failed:
-        raise CheckFailed(f"accuracy check failed on {failed} of {len(prompts)} prompts")
+        raise CheckFailed(f"{len(failed)} of {len(prompts)} prompts scored 0 ({'; '.join(failed)})")
     return 0
 
 
