@@ -57,3 +57,18 @@ def test_a_terminal_gets_a_bar_with_the_time_left():
             bar.update()
     text = out.getvalue()
     assert "generate:" in text and "/4 [00:00<" in text and "token/s" in text  # tqdm: count, elapsed<left, rate
+
+
+def test_the_compile_step_counts_the_graphs_a_folder_already_holds(tmp_path):
+    """evaluate_all's later prompts find the decode graph already exported: it counts as a done step, so the
+    compile's last progress line reaches its total."""
+    from types import SimpleNamespace
+
+    from moebench.engine.artifacts import Artifacts
+
+    art = Artifacts(tmp_path / "traced_model", None, reuse=False)
+    art.graphs = {("context_encoding_model", 1, 64, 16): "a.pt2", ("token_generation_model", 1, 64, 64): "b.pt2"}
+    steps = []
+    art.compile_graphs(SimpleNamespace(batch=1, max_len=64),
+                       [("context_encoding_model", 16), ("token_generation_model", 64)], lambda: steps.append(1))
+    assert len(steps) == 2

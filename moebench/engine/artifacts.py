@@ -268,6 +268,8 @@ class Artifacts:
             return
         start = time.perf_counter()
         self.graph_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(len(keys) - len(missing) if on_step is not None else 0):  # those already here: done
+            on_step()
         for key in missing if not self.export_error else ():
             submodel, bucket = key[0], key[3]
             try:
