@@ -162,6 +162,20 @@ def test_the_leaderboard_page_lists_teams_in_rank_order(tmp_path):
     assert [(r[0], r[1], r[2], r[3]) for r in dom.rows] == [("1", "alpha", "ann", "3.5"), ("2", "beta", "bo", "2.5")]
 
 
+def test_the_leaderboards_counts_are_the_databases_it_ranks(tmp_path):
+    """A database keeps earlier loads: the summary counts what the ranking ranks, and what this load read."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_jsonl(tmp_path / "a" / "alpha_m_score_records.jsonl", [record("alpha", "ann", 1.5, "2026-11-01T10:00:00"),
+                                                                 record("alpha", "ann", 3.5, "2026-11-02T10:00:00")])
+    write_jsonl(tmp_path / "b" / "beta_m_score_records.jsonl", [record("beta", "bo", 2.5, "2026-11-01T09:00:00")])
+    db, out_html = tmp_path / "lb.sqlite", tmp_path / "lb.html"
+    assert invoke("leaderboard", tmp_path / "a", "--db", db, "--out", out_html)[0] == 0
+    code, out, err = invoke("leaderboard", tmp_path / "b", "--db", db, "--out", out_html)
+    assert code == 0 and "(2 entries from 3 evaluations in 2 record files; 1 read now;" in out, out + err
+    assert "from 3 evaluations in 2 record files" in out_html.read_text()
+
+
 def test_bad_input_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = invoke("report")

@@ -77,12 +77,14 @@ def leaderboard_main(argv: list[str]) -> int:
         raise MoebenchError(f"--db {args.db}: {e}") from None
     try:
         n = load(db, files)
-        rows = ranking(db)
+        rows = ranking(db)  # over the whole database: files loaded before count too
+        total, sources = db.execute("SELECT COUNT(*), COUNT(DISTINCT source) FROM evaluations").fetchone()
     except sqlite3.DatabaseError as e:
         raise MoebenchError(f"--db {args.db}: {e}") from None
     finally:
         db.close()
     print(terminal_table(rows))
-    _write(args.out, leaderboard_page(rows, n, len(files)))
-    print(f"leaderboard: {args.out.resolve()} ({len(rows)} entries from {n} evaluations; database {args.db})")
+    _write(args.out, leaderboard_page(rows, total, sources))
+    print(f"leaderboard: {args.out.resolve()} ({len(rows)} {'entry' if len(rows) == 1 else 'entries'} from {total} "
+          f"evaluations in {sources} record files; {n} read now; database {args.db})")
     return 0
