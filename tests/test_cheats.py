@@ -142,7 +142,7 @@ def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
     code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "crash_when_timed.py", "--skip-accuracy",
                             "--benchmark-runs", "1", "--warmup-runs", "0", "--seq-len", "24")
     assert code == 1, out + err
-    assert "note: --seq-len 24 has no effect: each prompt runs at the Sequence Length of prompt_data_cpu.csv" in err
+    assert "note: --seq-len 24 has no effect: each prompt runs at the Sequence Length of prompt_data_cpu.csv" in out
     assert out.count("the submission's process died during benchmark (exit code 3)") == 2
     assert "2 of 2 prompts scored 0 (prompt 0: the submission's process died during benchmark (exit code 3); " \
         "prompt 1: the submission's process died" in err

@@ -223,7 +223,7 @@ def run_evaluate_all(run: RunConfig) -> int:
                   "says (the prompt itself is used)", file=sys.stderr)
     if "seq_len" in run.explicit and any(r.seq_len != run.seq_len for r in rows):
         print(f"note: --seq-len {run.seq_len} has no effect: each prompt runs at the Sequence Length of "
-              f"{data_path.name}", file=sys.stderr)
+              f"{data_path.name}")  # (stdout: an error found later stays the one stderr line)
     total, failed, artifacts = 0.0, [], None
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
         print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")
