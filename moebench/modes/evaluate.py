@@ -72,8 +72,10 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             under.close()
     for problem in problems:
         print(f"evaluation flagged: {problem}")
-    why = "; ".join((["the accuracy check failed"] if not accuracy else []) +
-                    ([f"flagged: {'; '.join(problems)}"] if problems else [])) or None
+    reasons = [] if accuracy else ["the accuracy check failed"]
+    if problems:
+        reasons.append(f"flagged: {'; '.join(problems)}")
+    why = "; ".join(reasons) or None  # why the score is 0
     accuracy = 0.0 if problems else accuracy
     ratio = flops["nki_flop_ratio"]
     write_json(report_path, report)
