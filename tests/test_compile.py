@@ -190,3 +190,28 @@ def test_compiled_model_path_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     code, _, err = invoke(*RUN, "--compiled-model-path", "afile")
     assert code == 2 and "exists and is not a directory" in error_line(err)
+
+
+def test_compiled_model_path_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    code, _, err = invoke(*RUN, "--compiled-model-path", "afile/traced")
+    assert code == 2 and "--compiled-model-path afile/traced: cannot create it (Not a directory)" in error_line(err)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_failure_after_the_submissions_process_started_stops_it(tmp_path, monkeypatch):
+    """The artifacts cannot be published once the isolated submission compiled them (a full disk, say): the error
+    propagates and the submission's process is gone with it (left running, it would hold the harness's exit)."""
+    import multiprocessing
+
+    from moebench.modes import confine
+
+    def publish(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(confine, "publish", publish)
+    with pytest.raises(OSError, match="No space left"):
+        invoke(*RUN)
+    assert [p for p in multiprocessing.active_children() if p.name == "moebench-submission"] == []

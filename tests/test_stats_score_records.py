@@ -71,6 +71,20 @@ def test_submodel_report_empty_is_none():
     assert submodel_report([], 640, 1, 20) is None
 
 
+def test_one_new_token_reports_no_decode_section_and_its_page_renders():
+    """One new token: no decode step ran, so token_generation_model is None (as NxDI's report), and neither the
+    report nor its page stumble on it."""
+    from moebench.evaluation.benchmark import Timings, benchmark_report
+    from moebench.report.page import report_section
+
+    t = Timings(e2e=[0.02, 0.03], ttft=[0.02, 0.03], context=[0.019, 0.029], steps=[[], []])
+    report = benchmark_report(t, prompt_len=5, new_tokens=1, batch=1)
+    assert report["token_generation_model"] is None
+    assert report["e2e_model"]["samples_ms"] == [20.0, 30.0] and report["e2e_model"]["runs"] == 2
+    assert report["context_encoding_model"]["samples_ms"] == [19.0, 29.0]
+    assert "token_generation_model" in report_section("one token", report)
+
+
 # ---------------------------------------------------------------- score
 
 def test_score_hand_example():

@@ -19,6 +19,7 @@ model.compile() / model.load().
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -177,6 +178,19 @@ def load_sharded_checkpoint(model: torch.nn.Module, path: Path, device) -> None:
 
 # ---- the artifacts folder ----
 
+def make_folder(folder: Path) -> None:
+    """Makes the --compiled-model-path folder (its parents too) before anything is timed or written, or says in
+    one line why it cannot be."""
+    if folder.exists() and not folder.is_dir():
+        raise MoebenchError(f"--compiled-model-path {folder}: exists and is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MoebenchError(f"--compiled-model-path {folder}: cannot create it ({e.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MoebenchError(f"--compiled-model-path {folder}: not writable")
+
+
 @dataclass
 class Artifacts:
     """The artifacts folder of one run; `reuse` is --skip-compile. Graphs are keyed (submodel, batch, seq_len,
@@ -206,6 +220,7 @@ class Artifacts:
             self.export_error = self.stored.get("export_error")
             self.compile_seconds = 0.0 if self.reuse else self.stored.get("compile_seconds", 0.0)
         else:
+            make_folder(self.folder)
             self._clear()
 
     def summary(self) -> dict:

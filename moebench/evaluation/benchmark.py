@@ -89,6 +89,8 @@ def benchmark_report(t: Timings, prompt_len: int, new_tokens: int, batch: int) -
         report["token_generation_model"]["decode_ms_per_token_mean"] = 1e3 * sum(steps) / len(steps)
     for key, samples in (("e2e_model", t.e2e), ("context_encoding_model", t.context),
                          ("token_generation_model", steps)):
+        if report[key] is None:  # never ran (one new token: no decode step)
+            continue
         report[key]["samples_ms"] = [round(1e3 * x, 4) for x in samples]  # every timed sample, for the plots
     report["config"] = {"runs": runs, "batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                         "seq_len": prompt_len + new_tokens}

@@ -3,6 +3,7 @@ refused when their metadata does not match what is being checked."""
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,10 +106,12 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
 
 
 def stored_index(folder: Path, wanted: ExpectedMeta) -> int | None:
-    """The index i of the expected_logits_{i} file made for the same prompt, or None."""
+    """The index i of the expected_logits_{i} file made for the same prompt, or None. Only those names are the
+    harness's: another file that starts so (a copy `expected_logits_0.bak.json`, say) is not read."""
     for meta_path in sorted(folder.glob("expected_logits_*.json")):
-        if read_meta(meta_path).prompt_ids == wanted.prompt_ids:
-            return int(meta_path.stem.rsplit("_", 1)[1])
+        index = re.fullmatch(r"expected_logits_(\d+)\.json", meta_path.name)
+        if index and read_meta(meta_path).prompt_ids == wanted.prompt_ids:
+            return int(index[1])
     return None
 
 

@@ -295,6 +295,7 @@ class IsolatedSubmission:
     def __init__(self, run, source, req, extend: bool = False):
         import hashlib
 
+        from moebench.engine.artifacts import make_folder
         from moebench.evaluation.submission import locate_submission
         from moebench.modes import confine
 
@@ -312,12 +313,17 @@ class IsolatedSubmission:
             group = (self.rank, run.tp_degree, _shared(self.store.port if self.store else None))
         self.view, partial = confine.plan(run, module, hashlib.sha256(module.read_bytes()).hexdigest(), folders,
                                           self.artifacts, run.skip_compile, network=run.tp_degree > 1)
+        if not run.skip_compile:
+            make_folder(self.artifacts)  # in one line, before a process starts, what publish would stumble on
         if self.view is not None and extend:
             confine.stage_from(self.view, self.artifacts, self.rank)
+        self.box = None
         try:
             self.box = Sandbox(run, req, run.phase_time_limit, extend, self.view, group)
             confine.publish(self.view, self.artifacts, self.rank)  # where a compile in one process puts it
         except BaseException:
+            if self.box is not None:  # a process left running would hold the harness's exit
+                self.box.kill()
             confine.discard(self.view)
             raise
         partial = partial or self.box.started["partial"]

@@ -86,13 +86,13 @@ def report_section(name: str, report: dict) -> str:
                      f'{cfg.get("prompt_tokens")} prompt tokens + {cfg.get("new_tokens")} new tokens</p>')
     rows = []
     for key, label in SUBMODELS:
-        s = report.get(key, {})
+        s = report.get(key) or {}  # None: the submodel never ran
         rows.append([key, s.get("latency_ms_p50"), s.get("latency_ms_p90"), s.get("latency_ms_p99"),
                      s.get("latency_ms_p100"), s.get("throughput")])
     parts.append(table(["submodel", "p50 ms", "p90 ms", "p99 ms", "max ms", "throughput"], rows))
-    plots = [svg.histogram(report.get(key, {}).get("samples_ms", []), f"{key}: latency ({label})", "ms")
+    plots = [svg.histogram((report.get(key) or {}).get("samples_ms", []), f"{key}: latency ({label})", "ms")
              for key, label in SUBMODELS]
-    by_step = report.get("token_generation_model", {}).get("decode_ms_by_step_p50", [])
+    by_step = (report.get("token_generation_model") or {}).get("decode_ms_by_step_p50", [])
     prompt = cfg.get("prompt_tokens", 0)
     plots.append(svg.lines({"median over runs": [(prompt + 1 + i, v) for i, v in enumerate(by_step)]},
                            "decode latency along the sequence", "position of the token generated", "ms"))
