@@ -252,6 +252,14 @@ def test_flags_without_effect_print_a_note(argv, note, capsys):
     assert any(line.startswith("note: ") and note in line for line in err.splitlines()), err
 
 
+@pytest.mark.parametrize("mode", ["evaluate_all", "generate_accuracy_baselines"])
+def test_prompt_notes_that_the_prompts_txt_modes_read_that_file(mode):
+    _, notes = parse_args(["--mode", mode, "--prompt", "hi"])
+    assert f"note: --prompt has no effect in --mode {mode}" in notes
+    for other in ("evaluate_single", "validate", "generate"):
+        assert not any("--prompt" in n for n in parse_args(["--mode", other, "--prompt", "hi"])[1])
+
+
 def test_sampling_flags_note_that_evaluation_is_greedy(capsys):
     code, out, err = run(capsys, "--mode", "validate", "--seq-len", "16", "--torch-dtype", "float32",
                          "--temperature", "0.8", "--output-logits")

@@ -130,7 +130,9 @@ class RunConfig:
     num_tokens_to_check: int = opt(None, "validate only the first N generated tokens (default: all)",
                                    type=_positive(int), modes=VALIDATING)
     # Generation
-    prompt: tuple = opt((), f"a prompt; repeat the flag for several (default: {DEFAULT_PROMPT!r})", append=True)
+    prompt: tuple = opt((), f"a prompt; repeat the flag for several (default: {DEFAULT_PROMPT!r}; the "
+                            "prompts.txt modes read theirs from that file)", append=True,
+                        modes=("evaluate_single", "validate", "generate"))
     top_k: int = opt(20, "sample only among the k most likely tokens (0: no limit)", type=_nonneg(int),
                      modes=SAMPLING)
     top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this total probability",
