@@ -161,6 +161,23 @@ def test_evaluate_all_on_the_baselines(baselines, copy_of):
     assert abs(printed - sum(float(r["final_score"]) for r in rows)) <= 0.5e-4 + 1e-9
 
 
+def test_baselines_of_fewer_new_tokens_are_what_evaluate_all_then_runs(tmp_path, monkeypatch):
+    """generate_accuracy_baselines --max-new-tokens 2: prompt_data's Sequence Length is the prompt and the 2 tokens
+    timed and stored, so evaluate_all (without the flag) generates those 2, checked against the stored logits."""
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("Hello world\n")
+    code, out, err = invoke("--mode", "generate_accuracy_baselines", *TINY, "--max-new-tokens", 2)
+    assert code == 0, err
+    L = n_tokens("Hello world")
+    with open("prompt_data_cpu.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert (int(row["Context Length"]), int(row["Sequence Length"])) == (L, L + 2)
+    code, out, err = invoke("--mode", "evaluate_all", "--benchmark-runs", "1", "--audit-pairs", "0")
+    assert code == 0, err
+    assert "expected logits: stored" in out
+    assert json.loads(Path("benchmark_report_0.json").read_text())["config"]["new_tokens"] == 2
+
+
 def test_evaluate_single_uses_the_stored_baseline_of_its_prompt(baselines, copy_of):
     folder = copy_of(baselines[0])
     # Files that only start like the harness's are not its own: not read, not in the way.

@@ -243,11 +243,14 @@ def run_evaluate_all(run: RunConfig) -> int:
 
 
 def measure_prompt_data(run: RunConfig, source, prompts: list[str]) -> list[PromptData]:
-    """Base latency and throughput of the reference on each prompt, at --seq-len."""
+    """Base latency and throughput of the reference on each prompt, at --seq-len. A row's Sequence Length is the
+    prompt's tokens and the new tokens timed (--seq-len, unless --max-new-tokens asked for fewer): what a later
+    evaluate_all then generates, and what the expected logits stored beside it hold."""
     device, dtype = device_of(run), dtype_of(run)
     rows = []
     for i, prompt in enumerate(prompts):
         req = make_request(run, source, [prompt])
         base = base_from_report(reference_benchmark(run, source, req, device, dtype), "measured")
-        rows.append(PromptData(i, int(req.attention_mask.sum()), run.seq_len, base.latency, base.throughput))
+        n = int(req.attention_mask.sum())
+        rows.append(PromptData(i, n, n + req.max_new_tokens, base.latency, base.throughput))
     return rows
