@@ -12,6 +12,7 @@ import pytest
 
 from moebench.cli.args import parse_args
 from moebench.cli.main import main
+from moebench.errors import MoebenchError
 from tests.conftest import error_line
 
 SHORT = ["--seq-len", "16", "--prompt", "Hello there", "--torch-dtype", "float32", "--benchmark-runs", "1",
@@ -75,12 +76,25 @@ def test_parallel_only_flags_note_that_one_process_ignores_them():
     assert any("--sequence-parallel-enabled has no effect with --tp-degree 1" in n for n in notes)
 
 
+def test_under_torchrun_the_degree_defaults_to_its_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert parse_args(["--mode", "validate"])[0].tp_degree == 2
+    assert parse_args(["--mode", "validate", "--tp-degree", "2"])[0].tp_degree == 2
+    with pytest.raises(MoebenchError, match="--tp-degree 1 but torchrun started 2 ranks"):
+        parse_args(["--mode", "validate", "--tp-degree", "1"])
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(MoebenchError, match="WORLD_SIZE='two'"):
+        parse_args(["--mode", "validate"])
+
+
 def test_torchrun_starts_the_ranks(tmp_path):
-    """Under torchrun each process joins torchrun's group (gloo on the CPU) and runs the mode; rank 0 reports."""
+    """Under torchrun each process joins torchrun's group (gloo on the CPU) and runs the mode; rank 0 reports.
+    Without --tp-degree, the degree is torchrun's number of ranks."""
     main_py = Path(__file__).resolve().parents[1] / "main.py"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(main_py), "--mode", "validate", "--tp-degree", "2", "--seq-len", "10", "--prompt",
+                           str(main_py), "--mode", "validate", "--seq-len", "10", "--prompt",
                            "Hello there", "--torch-dtype", "float32"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -3,6 +3,7 @@
 import argparse
 import ast
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from moebench.errors import MoebenchError
@@ -200,7 +201,8 @@ class RunConfig:
                                           type=_positive(int), many=True)
     # Parallelism
     tp_degree: int = opt(1, "tensor-parallel ranks, started by moebench (gloo on the CPU) or by torchrun "
-                            "(default 1: one process; the guide's 4 was four NeuronCores)", type=_positive(int))
+                            "(default: torchrun's ranks under torchrun, else 1: one process; the guide's 4 was "
+                            "four NeuronCores)", type=_positive(int))
     # Kernels
     qkv_kernel_enabled: bool = opt(False, "the Triton kernel fusing the input RMSNorm, QKV projection, q/k norms "
                                           "and RoPE (needs --fused-qkv)", bool_flag=True, modes=BUILDS)
@@ -280,6 +282,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
         if name in given:
             given[name] = tuple(given[name])
     run = RunConfig(**given, explicit=frozenset(given))
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # started by torchrun: its ranks are the ranks asked for
+        try:
+            world = int(os.environ["WORLD_SIZE"])
+        except ValueError:
+            raise MoebenchError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number of processes") from None
+        if "tp_degree" not in given:
+            run = dataclasses.replace(run, tp_degree=world)
+        elif run.tp_degree != world:
+            raise MoebenchError(f"--tp-degree {run.tp_degree} but torchrun started {world} ranks")
     return run, check(run)
 
 

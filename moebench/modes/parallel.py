@@ -26,9 +26,7 @@ def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if launched_by_torchrun():
-        rank, world, _ = init_from_env()
-        if world != run.tp_degree:
-            raise MoebenchError(f"--tp-degree {run.tp_degree} but torchrun started {world} ranks")
+        rank, world, _ = init_from_env()  # (world is --tp-degree: parse_args checked)
         return _rank_main(rank, world, argv)
     if device_of(run).type == "cuda":
         raise MoebenchError(f"--tp-degree {run.tp_degree} on GPUs: start the ranks with torchrun --nproc-per-node "
