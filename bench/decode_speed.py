@@ -11,7 +11,7 @@ run of the same engine (steady-state decoding, warm caches for both); medians ar
 
     python bench/decode_speed.py                                   # embedded model and the ~0.3B preset
     python bench/decode_speed.py --models moebench-tiny --dtypes float32 --repeats 3
-    python bench/decode_speed.py --cache-len 640                  # as main.py's default request attends
+    python bench/decode_speed.py --cache-len 640                  # as main.py's default request's last bucket
 """
 
 import argparse
@@ -88,8 +88,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--cache-len", type=int, default=None,
-                    help="moebench's KV cache slots, each attended to by every step (main.py's default request: 640 "
-                         "without bucketing); default prompt-len + tokens + 1, what transformers' cache ends with")
+                    help="moebench's KV cache slots, each attended to by every step (main.py's default request: 640 in "
+                         "its last bucket); default prompt-len + tokens + 1, what transformers' cache ends with")
     ap.add_argument("--eager", action="store_true", help="moebench without compiled decode steps")
     ap.add_argument("--out", default="bench/results/decode_speed.json")
     args = ap.parse_args()

@@ -47,7 +47,10 @@ def test_auto_rule_is_nxdis():
     run, _ = parse_args(["--mode", "validate", "--enable-bucketing", "--context-encoding-buckets", "64", "16",
                          "--token-generation-buckets", "600", "640"])
     assert buckets_of(run) == dict(ctx_buckets=(16, 64), tkg_buckets=(600, 640))
-    assert buckets_of(parse_args(["--mode", "validate"])[0]) == dict(ctx_buckets=(), tkg_buckets=())
+    assert buckets_of(parse_args(["--mode", "validate"])[0]) == dict(ctx_buckets=(128, 256, 640),
+                                                                     tkg_buckets=(128, 256, 640))  # the guide's default
+    assert buckets_of(parse_args(["--mode", "validate", "--enable-bucketing", "false"])[0]) == \
+        dict(ctx_buckets=(), tkg_buckets=())
 
 
 def test_buckets_give_the_same_tokens_and_logits(source, model):
@@ -116,7 +119,7 @@ def test_requests_that_fit_no_bucket_stop_with_one_line(capsys, flags, words):
 
 
 def test_buckets_without_bucketing_get_a_note():
-    _, notes = parse_args(["--mode", "validate", "--context-encoding-buckets", "128"])
+    _, notes = parse_args(["--mode", "validate", "--enable-bucketing", "false", "--context-encoding-buckets", "128"])
     assert any("--context-encoding-buckets has no effect without --enable-bucketing" in n for n in notes)
 
 

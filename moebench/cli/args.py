@@ -172,8 +172,8 @@ class RunConfig:
     skip_compile: bool = opt(False, "reuse the artifacts under --compiled-model-path instead of compiling; "
                                     "artifacts made for another model, weights, module or flags are refused",
                              bool_flag=True, modes=BUILDS)
-    save_sharded_checkpoint: bool = opt(False, "write one weight file per tensor-parallel rank at compile time, "
-                                               "read directly (no re-sharding) by --skip-compile",
+    save_sharded_checkpoint: bool = opt(True, "write one weight file per tensor-parallel rank at compile time, "
+                                              "read directly (no re-sharding) by --skip-compile",
                                         flags=("--save_sharded_checkpoint", "--save-sharded-checkpoint"),
                                         bool_flag=True, modes=BUILDS)
     # Attention
@@ -186,9 +186,9 @@ class RunConfig:
     on_device_sampling: bool = opt(False, "sample inside the compiled decode graph, which returns token ids "
                                           "(evaluation: its greedy argmax)", bool_flag=True, modes=TIMED)
     # Bucketing
-    enable_bucketing: bool = opt(False, "pad prompts to the first fitting context-encoding bucket and attend "
-                                        "decode steps over the first fitting token-generation bucket: one graph "
-                                        "per bucket (without: exact prompt lengths, decode over the whole cache)",
+    enable_bucketing: bool = opt(True, "pad prompts to the first fitting context-encoding bucket and attend "
+                                       "decode steps over the first fitting token-generation bucket: one graph "
+                                       "per bucket (false: exact prompt lengths, decode over the whole cache)",
                                  bool_flag=True)
     bucket_n_active_tokens: bool = opt(False, "NxDI field, overwritten per submodel there", bool_flag=True,
                                        no_effect="NxDI overwrites it per submodel")
@@ -323,7 +323,7 @@ def check(run: RunConfig) -> list[str]:
         if run.enable_nki:
             notes.append(f"note: with --tp-degree {run.tp_degree}, --enable-nki's o_proj, dense-MLP and LM-head "
                          "kernels give way to the row- and vocabulary-parallel layers")
-    if run.skip_compile and run.save_sharded_checkpoint and run.mode in BUILDS:
+    if run.skip_compile and "save_sharded_checkpoint" in run.explicit and run.mode in BUILDS:
         notes.append("note: --save_sharded_checkpoint has no effect with --skip-compile: the artifacts are reused as "
                      "they are")
     for name in ("global_topk", "dynamic"):

