@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from moebench.engine.parallel import launched_by_torchrun
 from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import DEFAULT_TOL_MAP
 from moebench.model.qwen3_moe import QUANT_DTYPES, ModelOptions
@@ -282,7 +283,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
         if name in given:
             given[name] = tuple(given[name])
     run = RunConfig(**given, explicit=frozenset(given))
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # started by torchrun: its ranks are the ranks asked for
+    if launched_by_torchrun():  # its ranks are the ranks asked for
         try:
             world = int(os.environ["WORLD_SIZE"])
         except ValueError:

@@ -355,6 +355,10 @@ def writes_files() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Joins the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; LOCAL_RANK
     picks the GPU): NCCL when CUDA is there, else gloo. Returns (rank, world, this rank's device)."""

@@ -15,13 +15,9 @@ from moebench.cli.args import RunConfig
 from moebench.errors import MoebenchError
 
 
-def launched_by_torchrun() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
     """Runs the mode of `argv` over run.tp_degree ranks; returns rank 0's exit code."""
-    from moebench.engine.parallel import RankFailed, check_shardable, init_from_env, run_parallel
+    from moebench.engine.parallel import RankFailed, check_shardable, init_from_env, launched_by_torchrun, run_parallel
     from moebench.modes.setup import device_of, open_source
 
     argv = sys.argv[1:] if argv is None else list(argv)
