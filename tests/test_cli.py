@@ -208,7 +208,7 @@ def test_tol_map_parses_to_a_dict():
 
 
 @pytest.mark.parametrize("text", ["{None: (1e-5, 0.05)", "{None: (1e-5,)}", "[(1e-5, 0.05)]", "{}",
-                                  "{0: (1e-5, 0.05)}", "{None: (-1e-5, 0.05)}", "{'a': (1e-5, 0.05)}",
+                                  "{0: (1e-5, 0.05)}", "{None: (-1e-5, 0.05)}", "{None: (1e-999, 1e999)}", "{'a': (1e-5, 0.05)}",
                                   "__import__('os')"])
 def test_malformed_tol_map_is_a_usage_error(text, capsys):
     assert main(["--mode", "generate", "--tol-map", text]) == 2
@@ -217,6 +217,11 @@ def test_malformed_tol_map_is_a_usage_error(text, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--top-p", "1.5"], "--top-p"),
+    (["--top-p", "nan"], "--top-p"),  # nan passes every comparison
+    (["--phase-time-limit", "inf"], "--phase-time-limit"),  # it overflowed the pipe's poll and hung the exit
+    (["--base-latency", "nan"], "--base-latency"),  # it stopped the score after the whole evaluation
+    (["--base-throughput", "inf"], "--base-throughput"),
+    (["--divergence-difference-tol", "nan"], "--divergence-difference-tol"),
     (["--max-context-length", "640"], "--max-context-length"),
     (["--prompt", "  "], "--prompt"),
 ])

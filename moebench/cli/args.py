@@ -3,6 +3,7 @@
 import argparse
 import ast
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -40,10 +41,11 @@ def parse_tol_map(text: str) -> dict:
     for k, v in value.items():
         ok_key = k is None or (isinstance(k, int) and not isinstance(k, bool) and k > 0)
         ok_val = (isinstance(v, (tuple, list)) and len(v) == 2
-                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in v))
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf
+                          for x in v))
         if not (ok_key and ok_val):
             raise argparse.ArgumentTypeError(f"entry {k!r}: {v!r}: keys are None or a positive int top-k, "
-                                             "values (atol, rtol) with non-negative numbers")
+                                             "values (atol, rtol) with finite non-negative numbers")
     return {k: (float(v[0]), float(v[1])) for k, v in value.items()}
 
 
@@ -54,6 +56,8 @@ def _number(kind, low, strict: bool):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value):  # nan passes every comparison; inf overflows timeouts and the score
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return value
