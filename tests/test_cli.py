@@ -208,7 +208,8 @@ def test_tol_map_parses_to_a_dict():
 
 
 @pytest.mark.parametrize("text", ["{None: (1e-5, 0.05)", "{None: (1e-5,)}", "[(1e-5, 0.05)]", "{}",
-                                  "{0: (1e-5, 0.05)}", "{None: (-1e-5, 0.05)}", "{None: (1e-999, 1e999)}", "{'a': (1e-5, 0.05)}",
+                                  "{0: (1e-5, 0.05)}", "{None: (-1e-5, 0.05)}", "{None: (1e-999, 1e999)}",
+                                  "{'a': (1e-5, 0.05)}",
                                   "__import__('os')"])
 def test_malformed_tol_map_is_a_usage_error(text, capsys):
     assert main(["--mode", "generate", "--tol-map", text]) == 2

@@ -37,6 +37,14 @@ def test_a_torn_line_loses_nothing_else(tmp_path):
     assert [r["i"] for r in records] == [0, 2] and torn == 1
 
 
+def test_numbers_json_has_not_are_written_as_null(tmp_path):
+    path = tmp_path / "r.jsonl"  # a failed evaluation's latency is NaN: Python writes NaN, other readers refuse it
+    append_json_record(path, {"score": {"latency": float("nan"), "throughput": 0.0}, "x": [float("inf"), 1.5]})
+    line = path.read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert json.loads(line) == {"score": {"latency": None, "throughput": 0.0}, "x": [None, 1.5]}
+
+
 @pytest.mark.usefixtures("in_tmp", "one_thread")
 def test_evaluate_writes_a_record_with_its_provenance(capsys, in_tmp):
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--seq-len", "12", "--prompt", "Hello there",

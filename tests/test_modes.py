@@ -195,15 +195,28 @@ def test_evaluate_single_uses_the_stored_baseline_of_its_prompt(baselines, copy_
 
 def test_stored_logits_of_other_weights_are_refused(baselines, copy_of):
     folder = copy_of(baselines[0])
-    meta_path = folder / "expected_logits_0.json"
+    meta_path = folder / "expected_logits_2.json"  # the last prompt's: found before prompts 0 and 1 are evaluated
     meta = json.loads(meta_path.read_text())
     meta["weights_hash"] = "0" * 64
     meta_path.write_text(json.dumps(meta))
     code, out, err = invoke("--mode", "evaluate_all", *TINY)
     assert code == 2
     line = error_line(err)
-    assert "expected_logits_0.pt" in line and "weights_hash" in line
-    assert not (folder / RECORDS).exists()
+    assert "expected_logits_2.pt" in line and "weights_hash" in line
+    assert "== prompt 0" not in out and not (folder / RECORDS).exists()
+    assert not (folder / "benchmark_report_0.json").exists()
+
+
+def test_a_prompt_too_long_stops_the_baselines_before_any_is_rewritten(baselines, copy_of):
+    folder = copy_of(baselines[0])
+    def files():  # (equal logits computed again would be equal bytes: the time they were written tells)
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if p.name != "prompts.txt"}
+    before = files()
+    with open(folder / "prompts.txt", "a") as f:
+        f.write("\n" + " ".join(["word"] * 40) + "\n")  # prompt 3 does not fit --seq-len 20
+    code, out, err = invoke("--mode", "generate_accuracy_baselines", *TINY)
+    assert code == 2 and "prompts.txt, prompt 3: the prompt is" in error_line(err), err
+    assert files() == before
 
 
 def test_stored_logits_of_another_dtype_are_refused(baselines, copy_of):
@@ -232,6 +245,19 @@ def test_evaluate_all_measures_missing_prompt_data_and_names_records_by_team(in_
     assert header == RECORD_COLUMNS and len(rows) == 1
     check_record(rows[0], team="T")
     assert (in_tmp / "benchmark_report_0.json").is_file()
+
+
+def test_a_records_file_that_cannot_take_the_record_stops_before_the_work(in_tmp):
+    """Found after the evaluation, the run's score was lost: now the records are checked first."""
+    (in_tmp / "prompts.txt").write_text("Hello world\n")
+    (in_tmp / RECORDS).write_text("team,score\nfoo,1\n")  # not a score-record file
+    for mode in ("evaluate_single", "evaluate_all"):
+        code, out, err = invoke("--mode", mode, *TINY, "--skip-accuracy")
+        assert code == 2 and f"{RECORDS} is not a moebench score-record file" in error_line(err), err
+    code, out, err = invoke("--mode", "evaluate_single", *TINY, "--skip-accuracy", "--team-id", "no/such")
+    assert code == 2 and "no such folder" in error_line(err), err
+    assert (in_tmp / RECORDS).read_text() == "team,score\nfoo,1\n"
+    assert sorted(p.name for p in in_tmp.iterdir()) == sorted(["prompts.txt", RECORDS])  # no report, no prompt data
 
 
 def test_evaluate_all_without_prompts_txt_is_one_line(in_tmp):

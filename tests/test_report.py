@@ -3,6 +3,7 @@
 
 import html.parser
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from moebench.report import svg
 from moebench.report.leaderboard import load, ranking, terminal_table
+from moebench.report.page import scores_section
 from tests.test_modes import invoke
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -20,7 +22,7 @@ needs_browser = pytest.mark.skipif(BROWSER is None, reason="no headless browser 
 
 
 def record(team, member, score, time, passed=True, sha="ab" * 32, **extra) -> dict:
-    return {"time": time, "team_id": team, "member_id": member, "prompt_index": 0,
+    return {"time": time, "team_id": team, "member_id": member, "prompt_index": 0, "accuracy_checked": True,
             "score": {"accuracy": 1.0 if passed else 0.0, "final_score": score, "latency": 10.0, "throughput": 100.0,
                       "flop_ratio": 0.5}, "provenance": {"module_sha256": sha, "model": "m", "device": "cpu"}, **extra}
 
@@ -44,21 +46,30 @@ def test_leaderboard_ranks_the_best_passing_run_of_each_team_and_member(tmp_path
         record("alpha", "ann", 1.5, "2026-11-01T10:00:00"),
         record("alpha", "ann", 3.0, "2026-11-02T10:00:00", sha="cd" * 32),
         record("alpha", "ann", 9.0, "2026-11-03T10:00:00", passed=False),  # failed validation: never ranked
-        record("alpha", "bob", 2.0, "2026-11-02T11:00:00")])
+        record("alpha", "bob", 2.0, "2026-11-02T11:00:00"),
+        record("alpha", "bob", 8.0, "2026-11-02T12:00:00", accuracy_checked=False)])  # --skip-accuracy: not ranked
     b = write_jsonl(tmp_path / "beta_m_score_records.jsonl", [
         record("beta", "", 2.5, "2026-11-01T09:00:00"),
         record("beta", "", 7.0, "2026-11-04T09:00:00", flagged=["caching"]),  # flagged: never ranked
         record("gamma", "", 4.0, "2026-11-01T09:00:00", error="the submission crashed")])
     (tmp_path / "beta_m_score_records.jsonl").open("a").write('{"torn": ')  # a writer killed mid-line
     db = sqlite3.connect(tmp_path / "lb.sqlite")
-    assert load(db, [a, b]) == 7
-    assert load(db, [a]) == 4  # loading a file again replaces its rows
+    assert load(db, [a, b]) == 8
+    assert load(db, [a]) == 5  # loading a file again replaces its rows
     load(db, [b])
     rows = ranking(db)
     assert [(r[1], r[2], r[3], r[8]) for r in rows] == [
         ("alpha", "ann", 3.0, "cd" * 6), ("beta", "", 2.5, "ab" * 6), ("alpha", "bob", 2.0, "ab" * 6)]
     assert [r[0] for r in rows] == [1, 2, 3] and rows[0][9] == 2  # ann's two passing runs
     assert terminal_table(rows).splitlines()[2].split()[:3] == ["1", "alpha", "ann"]
+
+
+def test_the_report_page_says_which_evaluations_were_not_checked():
+    page = scores_section([record("t", "m", 1.0, "2026-11-01T10:00:00"),
+                           record("t", "m", 2.0, "2026-11-01T11:00:00", accuracy_checked=False),
+                           record("t", "m", 3.0, "2026-11-01T12:00:00", passed=False)])
+    rows = re.findall(r'<tr class="([^"]+)"><td class="l">[^<]*</td>(?:<td[^>]*>[^<]*</td>){3}<td[^>]*>([^<]*)<', page)
+    assert rows == [("pass", "pass"), ("not-checked", "not checked"), ("fail", "fail")]
 
 
 class _Dom(html.parser.HTMLParser):
@@ -187,3 +198,13 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
     assert code == 2 and "missing: no such file or folder" in err
     code, out, err = invoke("report", "--bogus")
     assert code == 2 and err.count("\n") == 1
+    (tmp_path / "benchmark_report.json").unlink()
+    (tmp_path / "folder").mkdir()
+    for flag in ("--report", "--records"):  # a folder where a file is wanted: a traceback before
+        code, out, err = invoke("report", flag, tmp_path / "folder")
+        assert code == 2 and err.count("\n") == 1 and "folder: Is a directory" in err, err
+    csv = tmp_path / "t_m_score_records.csv"  # the file evaluate prints: read as JSON lines it held no record
+    csv.write_text("team_id,member_id\nt,m\n")
+    for argv in (["leaderboard", csv], ["report", "--records", csv]):
+        code, out, err = invoke(*argv)
+        assert code == 2 and err.count("\n") == 1 and "its JSON-lines twin is t_m_score_records.jsonl" in err, err

@@ -11,6 +11,7 @@ import pytest
 
 from moebench.errors import MoebenchError
 from moebench.evaluation.records import (PROMPT_DATA_HEADER, RECORD_COLUMNS, PromptData, append_record,
+                                         check_records_file,
                                          prompt_data_path, read_prompt_data, read_prompts, read_records,
                                          record_row, records_path, write_prompt_data)
 from moebench.evaluation.score import compute_score
@@ -196,6 +197,28 @@ def test_foreign_header_refused_and_untouched(tmp_path):
     with pytest.raises(MoebenchError):
         append_record(path, record_row("t", "m", SCORE))
     assert path.read_bytes() == b"\xff\xfe\x00garbage"
+
+
+def test_a_spreadsheets_copy_with_a_bom_and_crlf_is_appended_to(tmp_path):
+    path = tmp_path / "r.csv"  # "CSV UTF-8" as a spreadsheet saves it
+    path.write_bytes(b"\xef\xbb\xbf" + HEADER_LINE.encode() + b"\r\n")
+    check_records_file(path)
+    append_record(path, record_row("t", "m", SCORE))
+    assert [r["team_id"] for r in read_records(path)] == ["t"]
+
+
+def test_the_records_files_are_checked_before_the_work(tmp_path):
+    """check_records_file refuses, on one line, what append_record and append_json_record would refuse later."""
+    check_records_file(tmp_path / "new.csv")  # absent: created at the first append
+    (tmp_path / "foreign.csv").write_text("team,score\nx,1\n")
+    (tmp_path / "dir.jsonl").mkdir()
+    for path, words in [(tmp_path / "foreign.csv", "not a moebench score-record file"),
+                        (tmp_path / "dir.csv", "dir.jsonl: not a file"),
+                        (tmp_path / "no" / "such.csv", "no such folder")]:
+        with pytest.raises(MoebenchError, match=words) as e:
+            check_records_file(path)
+        assert "\n" not in str(e.value)
+    assert (tmp_path / "foreign.csv").read_text() == "team,score\nx,1\n" and not (tmp_path / "new.csv").exists()
 
 
 def test_read_records_errors(tmp_path):

@@ -51,6 +51,7 @@ def test_the_submission_process_ends_by_itself_and_leaves_no_semaphore_behind(ca
 
 @pytest.mark.parametrize("name, words", [
     ("broken_import", ["import failed", "ImportError"]),
+    ("broken_exit", ["import failed", "SystemExit"]),
     ("broken_no_class", ["Qwen3MoeForCausalLM"]),
     ("broken_shape", ["shape", "4095"]),
     ("broken_forward", ["forward failed", "RuntimeError", "broken on purpose"]),
@@ -63,6 +64,12 @@ def test_broken_submission_is_one_line_naming_the_file(name, words, capsys):
     assert str(path) in line
     for w in words:
         assert w in line, line
+
+
+def test_a_module_that_exits_at_import_is_one_line_in_process_too(capsys):
+    path = SUBMISSIONS / "broken_exit.py"
+    code, out, err = run(capsys, "--mode", "generate", "--qwen", path, "--max-new-tokens", 1, "--seq-len", 16)
+    assert code == 2 and str(path) in error_line(err) and "SystemExit" in error_line(err), err
 
 
 def test_missing_module_is_one_line(capsys):

@@ -249,7 +249,7 @@ class Artifacts:
         try:
             stored = json.loads(path.read_text())
             stored["fingerprint"], stored["graphs"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise MoebenchError(f"--skip-compile: {path} is not a moebench manifest ({e}); compile again") from None
         if stored.get("sharded_checkpoint") and not self.checkpoint_path.is_file():
             raise MoebenchError(f"--skip-compile: {self.checkpoint_path} is missing; compile again")

@@ -77,10 +77,13 @@ def read_meta(path: Path) -> ExpectedMeta:
         return ExpectedMeta(**json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise MoebenchError(f"{path}: not valid expected-logits metadata ({e})") from None
+    except OSError as e:
+        raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
 
 
-def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
-    """Stored logits for prompt i when they match `wanted`; None when absent; an error when they do not match."""
+def check_stored(folder: Path, i: int, wanted: ExpectedMeta) -> Path | None:
+    """expected_logits_{i}.pt when its metadata matches `wanted` (only the metadata is read: evaluate_all checks
+    every prompt's before any long work); None when absent; an error when it does not match."""
     pt, meta_path = folder / f"expected_logits_{i}.pt", folder / f"expected_logits_{i}.json"
     if not pt.exists():
         return None
@@ -91,6 +94,14 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
     if why:
         raise MoebenchError(f"{pt} does not match this run: {why}; regenerate it with "
                             "--mode generate_accuracy_baselines or remove it")
+    return pt
+
+
+def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
+    """Stored logits for prompt i when they match `wanted`; None when absent; an error when they do not match."""
+    pt = check_stored(folder, i, wanted)
+    if pt is None:
+        return None
     try:
         logits = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's messages run over several lines: the first says what went wrong

@@ -45,9 +45,9 @@ def record_row(team_id: str | None, member_id: str | None, score: Score, when: d
 
 
 def _header_of(first_bytes: bytes) -> list[str] | None:
-    """The CSV cells of the first line, or None when it is not UTF-8 text."""
+    """The CSV cells of the first line (a BOM, as a spreadsheet saves it, dropped), or None when not UTF-8 text."""
     try:
-        line = first_bytes.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
+        line = first_bytes.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
     except UnicodeDecodeError:
         return None
     return next(csv.reader([line]), [])
@@ -67,11 +67,34 @@ def append_record(path: Path, row: dict) -> None:
 
     def check(fd, path):
         if _header_of(os.pread(fd, 4096, 0)) != RECORD_COLUMNS:
-            raise MoebenchError(f"{path} is not a moebench score-record file (its header is not "
-                                f"{','.join(RECORD_COLUMNS)}); move or rename it, nothing was appended")
+            raise _not_records(path)
 
     _locked_append(Path(path), _csv_line([row[c] for c in RECORD_COLUMNS]).encode("utf-8"),
                    _csv_line(RECORD_COLUMNS).encode("utf-8"), check)
+
+
+def _not_records(path: Path) -> MoebenchError:
+    return MoebenchError(f"{path} is not a moebench score-record file (its header is not {','.join(RECORD_COLUMNS)}); "
+                         "move or rename it, nothing was appended")
+
+
+def check_records_file(path: Path) -> None:
+    """What would stop append_record and append_json_record, found before an evaluation's long work: a folder
+    that is missing or not writable, a file that cannot be written or is no score-record file."""
+    if not writes_files():
+        return
+    for p in (Path(path), Path(path).with_suffix(".jsonl")):
+        if not p.exists():
+            if not p.parent.is_dir() or not os.access(p.parent, os.W_OK | os.X_OK):
+                why = "the folder is not writable" if p.parent.is_dir() else "no such folder"
+                raise MoebenchError(f"cannot append a record to {p}: {why}")
+            continue
+        if not p.is_file() or not os.access(p, os.W_OK):
+            raise MoebenchError(f"cannot append a record to {p}: {'not a file' if not p.is_file() else 'not writable'}")
+        if p.suffix == ".csv" and p.stat().st_size:
+            with open(p, "rb") as f:
+                if _header_of(f.read(4096)) != RECORD_COLUMNS:
+                    raise _not_records(p)
 
 
 def append_json_record(path: Path, record: dict) -> None:
@@ -79,7 +102,20 @@ def append_json_record(path: Path, record: dict) -> None:
     guarantees: one locked O_APPEND write per record, fsync'd; a line torn by a writer killed mid-write stays
     alone on its line (the next record starts on a new one) and readers skip it."""
     if writes_files():
-        _locked_append(Path(path), (json.dumps(record, default=str) + "\n").encode("utf-8"), b"", None)
+        line = json.dumps(_json_safe(record), default=str, allow_nan=False) + "\n"
+        _locked_append(Path(path), line.encode("utf-8"), b"", None)
+
+
+def _json_safe(value):
+    """NaN and the infinities (a failed run's latency) as null: JSON has no such numbers, and the NaN Python
+    would write makes other readers refuse the whole line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def read_json_records(path: Path) -> tuple[list[dict], int]:
@@ -123,7 +159,7 @@ def read_records(path: Path) -> list[dict]:
     """All rows of a score-record file as dicts of strings (column -> cell), in file order."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if reader.fieldnames != RECORD_COLUMNS:
                 raise MoebenchError(f"{path} is not a moebench score-record file (its header is not "

@@ -64,8 +64,8 @@ def load_submission(name: str, folder: Path | None = None) -> Submission:
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # any error in a contestant's module is the contestant's, reported on one line
-        del sys.modules[module_name]
+    except (Exception, SystemExit) as e:  # any error in a contestant's module is the contestant's, on one line
+        del sys.modules[module_name]  # (SystemExit: a module that parses its own command line at import, say)
         raise MoebenchError(f"--qwen {name} ({path}): import failed: {type(e).__name__}: {e}") from None
     cls = getattr(module, CLASS_NAME, None)
     sub = Submission(name, path, cls)

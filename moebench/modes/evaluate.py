@@ -9,14 +9,15 @@ from pathlib import Path
 from moebench.cli.args import RunConfig
 from moebench.engine.parallel import writes_files
 from moebench.errors import CheckFailed, MoebenchError
-from moebench.evaluation.records import (PromptData, append_json_record, append_record, prompt_data_path, read_prompt_data,
-                                         read_prompts, record_row, records_path, write_prompt_data)
-from moebench.evaluation.expected import read_meta, stored_index
+from moebench.evaluation.records import (PromptData, append_json_record, append_record, check_records_file,
+                                         prompt_data_path, read_prompt_data, read_prompts, record_row, records_path,
+                                         write_prompt_data)
+from moebench.evaluation.expected import check_stored, read_meta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, write_json)
 from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of, SubmissionFault
-from moebench.modes.setup import device_of, dtype_of, make_request, open_source
+from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 REPORT_FILE = "benchmark_report.json"
 
@@ -83,6 +84,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     e2e = report["e2e_model"]
     score = compute_score(accuracy, base.latency, base.throughput, e2e["latency_ms_p99"], e2e["throughput"], ratio)
     path = records_path(folder, run.team_id, record_model_name(source))
+    print_summary(score, checked, base, report_path, path)  # first: a records file that fails now loses no score
     append_record(path, record_row(run.team_id, run.member_id, score))
     if writes_files():  # the provenance (git, hashes) only where the record is written: rank 0
         append_json_record(path.with_suffix(".jsonl"), {
@@ -90,7 +92,6 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             "validation": v.report.summary() if checked else None, "flagged": problems or None,
             "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
             "report": without_samples(report)})
-    print_summary(score, checked, base, report_path, path)
     return score, None if isolated else under.artifacts, why
 
 
@@ -191,6 +192,7 @@ def run_evaluate_single(run: RunConfig) -> int:
     source = open_source(run)
     if len(run.prompts) != 1:
         raise MoebenchError("--mode evaluate_single takes one --prompt; use evaluate_all for several")
+    check_records_file(records_path(Path.cwd(), run.team_id, record_model_name(source)))
     _, _, why = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
     if why is not None:
         raise CheckFailed(f"the evaluation scored 0: {why}")
@@ -203,33 +205,28 @@ def run_evaluate_all(run: RunConfig) -> int:
     sub = submission_of(run)
     print(f"submission: {sub.path}")
     source = open_source(run)
+    check_records_file(records_path(folder, run.team_id, record_model_name(source)))
     platform = device_of(run).type
     data_path = prompt_data_path(folder, platform)
-    if data_path is None:
+    rows = None if data_path is None else read_prompt_data(data_path)
+    if rows is not None:
+        check_prompt_data(run, source, prompts, rows, data_path)
+    # every prompt's request and stored expected logits checked before any long work
+    runs = [run] * len(prompts) if rows is None else \
+        [dataclasses.replace(run, seq_len=row.seq_len) for row in rows]  # the file's sequence length is used
+    reqs = prompt_requests(runs, source, prompts, "prompts.txt")
+    if not run.skip_accuracy:
+        for i, (prompt_run, req) in enumerate(zip(runs, reqs)):
+            check_stored(folder, i, expected_meta(prompt_run, source, req, dtype_of(run)))
+    if rows is None:
         data_path = folder / f"prompt_data_{platform}.csv"
         print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")
-        rows = measure_prompt_data(run, source, prompts)
+        rows = measure_prompt_data(run, source, reqs)
         write_prompt_data(data_path, rows)  # (only rank 0 writes under tensor parallelism: use the rows in hand)
-    else:
-        rows = read_prompt_data(data_path)
-    if [r.prompt_id for r in rows] != list(range(len(prompts))):
-        raise MoebenchError(f"{data_path}: has prompt ids {[r.prompt_id for r in rows]}, but prompts.txt has "
-                            f"{len(prompts)} prompts (ids 0..{len(prompts) - 1})")
-    for i, (prompt, row) in enumerate(zip(prompts, rows)):  # every row checked before any long work
-        n = source.tokenizer.batch([prompt], 0, "right")[0].shape[1]
-        if row.seq_len <= n:
-            raise MoebenchError(f"{data_path}: prompt {i} is {n} tokens, but its Sequence Length is {row.seq_len}; "
-                                "it must leave room for at least one new token")
-        if row.context_length != n:
-            print(f"note: {data_path.name}: prompt {i} is {n} tokens, not the {row.context_length} its Context Length "
-                  "says (the prompt itself is used)", file=sys.stderr)
-    if "seq_len" in run.explicit and any(r.seq_len != run.seq_len for r in rows):
-        print(f"note: --seq-len {run.seq_len} has no effect: each prompt runs at the Sequence Length of "
-              f"{data_path.name}")  # (stdout: an error found later stays the one stderr line)
+        runs = [dataclasses.replace(run, seq_len=row.seq_len) for row in rows]
     total, failed, artifacts = 0.0, [], None
-    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+    for i, (prompt, row, prompt_run) in enumerate(zip(prompts, rows, runs)):
         print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")
-        prompt_run = dataclasses.replace(run, seq_len=row.seq_len)  # the file's sequence length is used
         base = Base(row.base_latency, row.base_throughput, data_path.name)
         score, artifacts, why = evaluate_prompt(prompt_run, sub, source, prompt, i, base,
                                                 folder / f"benchmark_report_{i}.json", artifacts, extend=i > 0)
@@ -242,14 +239,31 @@ def run_evaluate_all(run: RunConfig) -> int:
     return 0
 
 
-def measure_prompt_data(run: RunConfig, source, prompts: list[str]) -> list[PromptData]:
-    """Base latency and throughput of the reference on each prompt, at --seq-len. A row's Sequence Length is the
-    prompt's tokens and the new tokens timed (--seq-len, unless --max-new-tokens asked for fewer): what a later
-    evaluate_all then generates, and what the expected logits stored beside it hold."""
+def check_prompt_data(run: RunConfig, source, prompts: list[str], rows: list[PromptData], data_path: Path) -> None:
+    """A prompt_data file's rows against prompts.txt: one per prompt, each leaving room for a new token."""
+    if [r.prompt_id for r in rows] != list(range(len(prompts))):
+        raise MoebenchError(f"{data_path}: has prompt ids {[r.prompt_id for r in rows]}, but prompts.txt has "
+                            f"{len(prompts)} prompts (ids 0..{len(prompts) - 1})")
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        n = source.tokenizer.batch([prompt], 0, "right")[0].shape[1]
+        if row.seq_len <= n:
+            raise MoebenchError(f"{data_path}: prompt {i} is {n} tokens, but its Sequence Length is {row.seq_len}; "
+                                "it must leave room for at least one new token")
+        if row.context_length != n:
+            print(f"note: {data_path.name}: prompt {i} is {n} tokens, not the {row.context_length} its Context Length "
+                  "says (the prompt itself is used)", file=sys.stderr)
+    if "seq_len" in run.explicit and any(r.seq_len != run.seq_len for r in rows):
+        print(f"note: --seq-len {run.seq_len} has no effect: each prompt runs at the Sequence Length of "
+              f"{data_path.name}")  # (stdout: an error found later stays the one stderr line)
+
+
+def measure_prompt_data(run: RunConfig, source, reqs: list) -> list[PromptData]:
+    """Base latency and throughput of the reference on each prompt's request, at --seq-len. A row's Sequence
+    Length is the prompt's tokens and the new tokens timed (--seq-len, unless --max-new-tokens asked for fewer):
+    what a later evaluate_all then generates, and what the expected logits stored beside it hold."""
     device, dtype = device_of(run), dtype_of(run)
     rows = []
-    for i, prompt in enumerate(prompts):
-        req = make_request(run, source, [prompt])
+    for i, req in enumerate(reqs):
         base = base_from_report(reference_benchmark(run, source, req, device, dtype), "measured")
         n = int(req.attention_mask.sum())
         rows.append(PromptData(i, n, n + req.max_new_tokens, base.latency, base.throughput))

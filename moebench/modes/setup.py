@@ -129,3 +129,15 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
     else:
         new = min_new = room
     return Request(input_ids, mask, new, min_new, pad_id, eos_ids_of(source))
+
+
+def prompt_requests(runs: list[RunConfig], source: ModelSource, prompts: list[str], where: str) -> list[Request]:
+    """The request of each prompt of a prompts file (runs[i] its run), all made before any long work so a prompt
+    that does not fit stops the mode before it measures or writes anything; the error names the prompt."""
+    reqs = []
+    for i, (run, prompt) in enumerate(zip(runs, prompts)):
+        try:
+            reqs.append(make_request(run, source, [prompt]))
+        except MoebenchError as e:
+            raise MoebenchError(f"{where}, prompt {i}: {e}") from None
+    return reqs

@@ -9,7 +9,7 @@ from moebench.evaluation.records import read_prompts, write_prompt_data
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
 from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of
-from moebench.modes.setup import device_of, dtype_of, make_request, open_source
+from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 
 def run_validate(run: RunConfig) -> int:
@@ -41,12 +41,12 @@ def run_generate_accuracy_baselines(run: RunConfig) -> int:
     prompts = read_prompts(folder / "prompts.txt")
     source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
-    for i, prompt in enumerate(prompts):
-        req = make_request(run, source, [prompt])
+    reqs = prompt_requests([run] * len(prompts), source, prompts, "prompts.txt")  # all checked before any is written
+    for i, req in enumerate(reqs):
         logits, meta = expected_logits(run, source, req, device, dtype, None, folder / ".no-stored-logits")
         path = save_expected(folder, i, logits, meta)
         print(f"prompt {i}: {req.attention_mask.sum()} tokens, {logits.shape[0]} expected tokens -> {path.name}")
-    rows = measure_prompt_data(run, source, prompts)
+    rows = measure_prompt_data(run, source, reqs)
     data_path = folder / f"prompt_data_{device.type}.csv"
     write_prompt_data(data_path, rows)
     for r in rows:

@@ -4,7 +4,7 @@ evaluation per team and member, ranked by final score: a table in the terminal a
 import sqlite3
 from pathlib import Path
 
-from moebench.report.page import page, read_records, table
+from moebench.report.page import page, read_records, table, verdict
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS evaluations (
     source TEXT NOT NULL, line INTEGER NOT NULL, time TEXT, team TEXT NOT NULL, member TEXT NOT NULL,
@@ -24,7 +24,7 @@ def load(db: sqlite3.Connection, paths: list[Path]) -> int:
         db.execute("DELETE FROM evaluations WHERE source = ?", (source,))
         for i, r in enumerate(read_records(path)):
             score, prov = r["score"], r.get("provenance") or {}
-            passed = bool(score.get("accuracy")) and not r.get("error") and not r.get("flagged")
+            passed = verdict(r) == "pass"
             db.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (source, i, r.get("time"), r.get("team_id") or "", r.get("member_id") or "",
                         r.get("prompt_index"), int(passed), score.get("final_score"), score.get("latency"),
@@ -63,6 +63,6 @@ def _text(v) -> str:
 
 
 def leaderboard_page(rows: list[list], evaluations: int, sources: int) -> str:
-    note = (f'<p class="muted">best passing evaluation per team and member, from {evaluations} evaluations in '
-            f'{sources} record files</p>')
+    note = (f'<p class="muted">best passing evaluation per team and member (accuracy checked and passed, not '
+            f'flagged, not failed), from {evaluations} evaluations in {sources} record files</p>')
     return page("moebench leaderboard", [note, '<div id="leaderboard">' + table(COLUMNS, rows, left=0) + "</div>"])

@@ -16,7 +16,8 @@ SUBMODELS = (("e2e_model", "end to end, per request"), ("context_encoding_model"
 STYLE = """body{font-family:sans-serif;margin:24px;max-width:1340px;color:#222}h1{margin-bottom:4px}
 section{margin:18px 0;border-top:1px solid #ccc}.plots{display:flex;flex-wrap:wrap;gap:12px}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}.pass{color:#109618}.fail{color:#dc3912}.muted{color:#777}"""
+th{background:#f3f3f3}td.l,th.l{text-align:left}.pass{color:#109618}.fail{color:#dc3912}
+.not-checked,.muted{color:#777}"""
 
 
 def read_json(path: Path) -> dict:
@@ -24,6 +25,8 @@ def read_json(path: Path) -> dict:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise MoebenchError(f"{path}: not found") from None
+    except OSError as e:  # a folder, no permission
+        raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MoebenchError(f"{path}: not a JSON benchmark report ({e})") from None
     if not isinstance(data, dict) or "e2e_model" not in data:
@@ -32,12 +35,21 @@ def read_json(path: Path) -> dict:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The JSON-lines score records (read_json_records: a line torn by a writer killed mid-write is skipped)."""
+    """The JSON-lines score records (read_json_records: a line torn by a writer killed mid-write is skipped). A
+    file with lines but no score record (the records CSV, say) is refused: read as records it would show nothing."""
+    path = Path(path)
     try:
-        records, _ = read_json_records(path)
+        lines, torn = read_json_records(path)
     except FileNotFoundError:
         raise MoebenchError(f"{path}: not found") from None
-    return [r for r in records if isinstance(r, dict) and isinstance(r.get("score"), dict)]
+    except OSError as e:
+        raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
+    records = [r for r in lines if isinstance(r, dict) and isinstance(r.get("score"), dict)]
+    if not records and (lines or torn):
+        twin = f"; its JSON-lines twin is {path.with_suffix('.jsonl').name}" if path.suffix == ".csv" else ""
+        raise MoebenchError(f"{path}: no JSON score record in it (moebench reads the *_score_records.jsonl "
+                            f"files{twin})")
+    return records
 
 
 # Once laid out, each chart notes its rendered size and how many of its marks have a real extent (read by the
@@ -145,14 +157,21 @@ def scores_section(records: list[dict]) -> str:
         series.setdefault(who, []).append(((t - first).total_seconds() / 86400, r["score"].get("final_score", 0.0)))
     plot = svg.lines(series, "final score over time", f"days since {first:%Y-%m-%d %H:%M}", "final score", points=True)
     rows = [[r.get("time"), r.get("team_id"), r.get("member_id"), r.get("prompt_index"),
-             "fail" if r.get("error") or r.get("flagged") or not r["score"].get("accuracy") else "pass",
+             verdict(r),
              r["score"].get("latency"), r["score"].get("throughput"), r["score"].get("flop_ratio"),
              r["score"].get("final_score"), (r.get("provenance") or {}).get("module_sha256", "")[:12]]
             for r in records]
     return (f'<section><h2>Scores over time</h2><div class="plots">{plot}</div>'
             + table(["time", "team", "member", "prompt", "verdict", "latency ms", "throughput", "FLOP ratio",
                      "final score", "module"], rows, left=3,
-                    row_class=lambda i: rows[i][4]) + "</section>")
+                    row_class=lambda i: rows[i][4].replace(" ", "-")) + "</section>")
+
+
+def verdict(record: dict) -> str:
+    """pass, fail, or not checked (--skip-accuracy: its score counts accuracy as 1, so it is never a pass)."""
+    if record.get("error") or record.get("flagged") or not record["score"].get("accuracy"):
+        return "fail"
+    return "pass" if record.get("accuracy_checked") is True else "not checked"
 
 
 def _time(record: dict) -> datetime:
