@@ -118,7 +118,7 @@ CASES = [
     case("prompt-data-seq-len-shorter-than-prompt",
          prompt_data(f"{HEADER}\n0,2,4,100.0,50.0\n", "A prompt of clearly more than four tokens\n"), EVALUATE_ALL,
          "prompt_data_cpu.csv"),
-    # expected_logits_{i}.pt / .json (evaluate_all builds and compiles the submission first: seconds each)
+    # expected_logits_{i}.pt / .json: every prompt's checked (metadata, the tensor memory-mapped) before any long work
     case("expected-pt-not-a-torch-file",
          stored_expected(damage=write_file("expected_logits_0.pt", b"not a torch file\n")), EVALUATE_ALL,
          "expected_logits_0.pt: cannot load it as a tensor file"),

@@ -4,6 +4,7 @@ refused when their metadata does not match what is being checked."""
 import hashlib
 import json
 import re
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,9 +82,10 @@ def read_meta(path: Path) -> ExpectedMeta:
         raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
 
 
-def check_stored(folder: Path, i: int, wanted: ExpectedMeta) -> Path | None:
-    """expected_logits_{i}.pt when its metadata matches `wanted` (only the metadata is read: evaluate_all checks
-    every prompt's before any long work); None when absent; an error when it does not match."""
+def check_stored(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
+    """The stored logits of prompt i, memory-mapped (read only where used: evaluate_all checks every prompt's
+    files this way before any long work), when their metadata and shape match `wanted`; None when absent; an
+    error when they do not match or do not load."""
     pt, meta_path = folder / f"expected_logits_{i}.pt", folder / f"expected_logits_{i}.json"
     if not pt.exists():
         return None
@@ -94,16 +96,11 @@ def check_stored(folder: Path, i: int, wanted: ExpectedMeta) -> Path | None:
     if why:
         raise MoebenchError(f"{pt} does not match this run: {why}; regenerate it with "
                             "--mode generate_accuracy_baselines or remove it")
-    return pt
-
-
-def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
-    """Stored logits for prompt i when they match `wanted`; None when absent; an error when they do not match."""
-    pt = check_stored(folder, i, wanted)
-    if pt is None:
-        return None
+    if not zipfile.is_zipfile(pt):  # (a truncated file too: its zip directory is at the end)
+        raise MoebenchError(f"{pt}: cannot load it as a tensor file (not the zip format torch.save writes); "
+                            "regenerate it with --mode generate_accuracy_baselines")
     try:
-        logits = torch.load(pt, map_location="cpu", weights_only=True)
+        logits = torch.load(pt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch's messages run over several lines: the first says what went wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise MoebenchError(f"{pt}: cannot load it as a tensor file ({type(e).__name__}: {first[:200]}); "
@@ -113,7 +110,14 @@ def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | 
         raise MoebenchError(f"{pt}: expected a tensor [new_tokens, {B}, vocab]")
     if logits.shape[0] < wanted.new_tokens:
         raise MoebenchError(f"{pt}: holds {logits.shape[0]} tokens, {wanted.new_tokens} are needed")
-    return logits[:wanted.new_tokens].float()
+    return logits
+
+
+def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
+    """Stored logits for prompt i when they match `wanted`, in memory; None when absent; an error when they do not
+    match."""
+    logits = check_stored(folder, i, wanted)
+    return None if logits is None else logits[:wanted.new_tokens].to(torch.float32, copy=True)
 
 
 def stored_index(folder: Path, wanted: ExpectedMeta) -> int | None:
