@@ -109,6 +109,43 @@ def test_skip_compile_refuses_other_weights_and_missing_or_broken_manifests(comp
     (bad / "manifest.json").write_text("{not json")
     code, _, err = invoke(*RUN, "--compiled-model-path", "BAD", "--skip-compile")
     assert code == 2 and "is not a moebench manifest" in error_line(err)
+    good = json.loads((folder / "DIR" / "manifest.json").read_text())
+    for edit in ({"fingerprint": "x"}, {"graphs": [{}]}, {"fingerprint": {**good["fingerprint"], "flags": [1]}}):
+        (bad / "manifest.json").write_text(json.dumps({**good, **edit}))  # JSON, not of moebench's shape: tracebacks
+        code, _, err = invoke(*RUN, "--compiled-model-path", "BAD", "--skip-compile")
+        assert code == 2 and "is not a moebench manifest" in error_line(err), (edit, err)
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "compiled_code_tp0.bin").write_bytes(b"garbage"), "compiled_code_tp0.bin cannot be read back"),
+    (lambda d: [p.write_bytes(p.read_bytes()[:100]) for p in (d / "graphs" / "tp0").iterdir()],
+     "cannot load the exported graph"),
+])
+def test_skip_compile_refuses_damaged_artifacts_before_any_long_work(compiled, tmp_path, monkeypatch, damage, words):
+    folder, _, _ = compiled
+    shutil.copytree(folder / "DIR", tmp_path / "DIR")
+    damage(tmp_path / "DIR")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke(*RUN, "--compiled-model-path", "DIR", "--skip-compile", "--isolation", "none")
+    assert code == 2 and words in error_line(err) and err.count("\n") == 1, err
+    assert "logit validation" not in out and "reusing" not in out
+
+
+def test_a_compile_replaces_only_moebenchs_own_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DIR" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "DIR" / "tokenizer" / "notes.txt").write_text("mine")
+    (tmp_path / "DIR" / "manifest.json").write_text('{"my": "app manifest"}')
+    gen = ["--mode", "generate", "--seq-len", "16", "--max-new-tokens", "1", "--compiled-model-path", "DIR"]
+    code, _, err = invoke(*gen)
+    assert code == 2 and "its manifest.json is not one moebench wrote" in error_line(err)
+    assert (tmp_path / "DIR" / "manifest.json").read_text() == '{"my": "app manifest"}'
+    (tmp_path / "DIR" / "manifest.json").unlink()
+    for _ in range(2):  # a compile, then a compile over it
+        code, out, err = invoke(*gen)
+        assert code == 0, out + err
+    assert (tmp_path / "DIR" / "tokenizer" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "DIR" / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_other_weights_of_the_same_model_are_refused(tmp_path, monkeypatch):

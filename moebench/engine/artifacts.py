@@ -19,6 +19,7 @@ model.compile() / model.load().
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -248,8 +249,14 @@ class Artifacts:
             raise MoebenchError(f"--skip-compile: {path} not found; compile first (run without --skip-compile)")
         try:
             stored = json.loads(path.read_text())
-            stored["fingerprint"], stored["graphs"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            for key in ("fingerprint", "graphs"):
+                if key not in stored:
+                    raise ValueError(f"no {key!r}")
+            if not isinstance(stored["fingerprint"], dict) or not all(
+                    isinstance(g, dict) and {"submodel", "batch", "seq_len", "bucket", "file"} <= g.keys()
+                    for g in stored["graphs"]) or not isinstance(stored["fingerprint"].get("flags", {}), dict):
+                raise ValueError("its fingerprint or graphs are not what moebench writes")
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
             raise MoebenchError(f"--skip-compile: {path} is not a moebench manifest ({e}); compile again") from None
         if stored.get("sharded_checkpoint") and not self.checkpoint_path.is_file():
             raise MoebenchError(f"--skip-compile: {self.checkpoint_path} is missing; compile again")
@@ -261,13 +268,25 @@ class Artifacts:
 
     def _clear(self) -> None:
         """A new compile replaces moebench's own files in the folder (never anything else there): each rank its
-        own, the writing rank the shared ones."""
-        shutil.rmtree(self.graph_dir, ignore_errors=True)
+        own, the writing rank the shared ones. A manifest.json that is not moebench's stops it: the folder is
+        someone else's."""
+        manifest = self.folder / MANIFEST
+        if self.writes and manifest.exists():
+            try:
+                ours = {"fingerprint", "graphs"} <= json.loads(manifest.read_text()).keys()
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                ours = False
+            if not ours:
+                raise MoebenchError(f"--compiled-model-path {self.folder}: its {MANIFEST} is not one moebench wrote; "
+                                    "give an empty folder or one moebench compiled into")
+        for path in self.graph_dir.glob("*_b*_s*_bk*.pt2"):
+            path.unlink()
         self.code_path.unlink(missing_ok=True)
         self.checkpoint_path.unlink(missing_ok=True)
         if self.writes:
-            (self.folder / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(self.folder / "tokenizer", ignore_errors=True)
+            manifest.unlink(missing_ok=True)
+            for name in TOKENIZER_FILES:
+                (self.folder / "tokenizer" / name).unlink(missing_ok=True)
 
     # the compile step
     def compile_graphs(self, engine, buckets: list[tuple[str, int]], on_step=None) -> None:
@@ -280,6 +299,8 @@ class Artifacts:
                 have = "; ".join(map(_describe, sorted(self.graphs))) or "none"
                 raise MoebenchError(f"--skip-compile: {self.folder} has no graph for {_describe(missing[0])} (it has: "
                                     f"{have}); compile for this request (without --skip-compile)")
+            for key in keys if not self.export_error else ():  # read now: a damaged graph stops before long work
+                self.graph(key)
             return
         start = time.perf_counter()
         self.graph_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +343,16 @@ class Artifacts:
             if not self.code_path.is_file():
                 raise MoebenchError(f"--skip-compile: {self.code_path} not found (the run that compiled {self.folder} "
                                     "did not compile its decode step); compile again (run without --skip-compile)")
-            torch.compiler.load_cache_artifacts(self.code_path.read_bytes())
+            cache_log = logging.getLogger("torch.compiler._cache")  # its traceback of a damaged file: ours is one line
+            level = cache_log.level
+            cache_log.setLevel(logging.CRITICAL)
+            try:
+                loaded = torch.compiler.load_cache_artifacts(self.code_path.read_bytes())
+            finally:
+                cache_log.setLevel(level)
+            if loaded is None:
+                raise MoebenchError(f"--skip-compile: {self.code_path} cannot be read back (damaged); compile again "
+                                    "(run without --skip-compile)")
             return
         start = time.perf_counter()
         for bucket in buckets:
