@@ -109,6 +109,9 @@ def test_evaluate_with_buckets_reports_each_graph(capsys, in_tmp):
 @pytest.mark.parametrize("flags, words", [
     (["--context-encoding-buckets", "2"], "longer than the largest context-encoding bucket (2)"),
     (["--token-generation-buckets", "4"], "largest token-generation bucket (4) leaves no room"),
+    (["--token-generation-buckets", "12"], "largest token-generation bucket (12) holds the 7-token prompt and 5 new "
+                                           "tokens, not the 17 asked for"),  # (it generated 5, silently)
+    (["--token-generation-buckets", "12", "--max-new-tokens", "6"], "and 5 new tokens, not the 6 asked for"),
     (["--token-generation-buckets", "64"], "bucket 64 is larger than --seq-len 24"),
 ])
 def test_requests_that_fit_no_bucket_stop_with_one_line(capsys, flags, words):

@@ -115,19 +115,22 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
         raise MoebenchError(f"the prompt is {T} tokens, longer than the largest context-encoding bucket "
                             f"({buckets['ctx_buckets'][-1]})")
     room = run.seq_len - T
-    if buckets["tkg_buckets"]:
-        room = min(room, buckets["tkg_buckets"][-1] - T)
-        if room < 1:
-            raise MoebenchError(f"the prompt is {T} tokens: the largest token-generation bucket "
-                                f"({buckets['tkg_buckets'][-1]}) leaves no room for a new token")
+    top = buckets["tkg_buckets"][-1] if buckets["tkg_buckets"] else None
+    if top is not None and top - T < 1:
+        raise MoebenchError(f"the prompt is {T} tokens: the largest token-generation bucket ({top}) leaves no room "
+                            "for a new token")
     if run.max_new_tokens is not None:
         new, min_new = min(run.max_new_tokens, room), 0
     elif run.max_length is not None:
         if run.max_length <= T:
             raise MoebenchError(f"--max-length {run.max_length} leaves no room after the {T}-token prompt")
-        new, min_new = min(min(run.max_length, run.seq_len) - T, room), 0
+        new, min_new = min(run.max_length, run.seq_len) - T, 0
     else:
         new = min_new = room
+    if top is not None and T + new > top:  # generating past the largest bucket: no graph for it, as in NxDI
+        raise MoebenchError(f"the largest token-generation bucket ({top}) holds the {T}-token prompt and {top - T} "
+                            f"new tokens, not the {new} asked for; add a bucket of {T + new} or ask for fewer tokens "
+                            "(--max-new-tokens)")
     return Request(input_ids, mask, new, min_new, pad_id, eos_ids_of(source))
 
 
