@@ -1,5 +1,6 @@
 """What the CPU bench scripts share: this machine's measured limits, the two engines on one checkpoint, timing."""
 
+import argparse
 import functools
 import json
 import re
@@ -13,9 +14,35 @@ from moebench.engine import hugepages
 from moebench.engine.generator import Engine
 from moebench.model import onednn
 from moebench.model.loader import build_model, open_model
-from moebench.model.presets import preset_dir
+from moebench.model.presets import PRESETS, preset_dir
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 from moebench.report import svg
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer above 0 (one usage line otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def names(allowed) -> callable:
+    """An argparse type: a comma-separated list, each one of `allowed`."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'nothing'}: not one of {', '.join(allowed)}")
+        return items
+    return parse
+
+
+DTYPES = ("float32", "bfloat16")
+MODELS = tuple(PRESETS)
 
 
 def timed(fn, repeats: int) -> list[float]:

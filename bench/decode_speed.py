@@ -21,7 +21,7 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from _common import bandwidth, engines, kernel_seconds, write_results
+from _common import DTYPES, MODELS, bandwidth, engines, kernel_seconds, names, positive_int, write_results
 
 
 def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, float]:
@@ -82,12 +82,13 @@ def hf_decode(model, prompt, n_tokens) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="moebench-tiny,moebench-speed", help="presets, comma-separated")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per run")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine")
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--cache-len", type=int, default=None,
+    ap.add_argument("--models", type=names(MODELS), default="moebench-tiny,moebench-speed",
+                    help="presets, comma-separated")
+    ap.add_argument("--dtypes", type=names(DTYPES), default="float32,bfloat16")
+    ap.add_argument("--tokens", type=positive_int, default=64, help="decode steps timed per run")
+    ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved runs per engine")
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--cache-len", type=positive_int, default=None,
                     help="moebench's KV cache slots, each attended to by every step (main.py's default request: 640 in "
                          "its last bucket); default prompt-len + tokens + 1, what transformers' cache ends with")
     ap.add_argument("--eager", action="store_true", help="moebench without compiled decode steps")
@@ -101,8 +102,8 @@ def main():
     torch.manual_seed(0)
     rows = []
     print(f"{torch.get_num_threads()} threads", flush=True)
-    for name in args.models.split(","):
-        for dtype_name in args.dtypes.split(","):
+    for name in args.models:
+        for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             source, engine, hf = engines(name, dtype, cache_len, compile=not args.eager)
             prompt = torch.randint(1, 4000, (1, args.prompt_len))

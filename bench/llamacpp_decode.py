@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import bandwidth, moebench_engine, write_results
+from _common import MODELS, bandwidth, moebench_engine, positive_int, write_results
 from decode_speed import moebench_decode
 from moebench.model.presets import preset_dir
 
@@ -67,11 +67,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", required=True, type=Path, help="a llama.cpp tree with build/bin/llama-bench "
                     "(scripts/build_llamacpp.sh prints one)")
-    ap.add_argument("--model", default="moebench-speed", help="a preset")
+    ap.add_argument("--model", default="moebench-speed", choices=MODELS, help="a preset")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per run")
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine")
+    ap.add_argument("--tokens", type=positive_int, default=32, help="decode steps timed per run")
+    ap.add_argument("--prompt-len", type=positive_int, default=16)
+    ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved runs per engine")
     ap.add_argument("--gguf-dir", type=Path, default=Path.home() / ".cache" / "moebench" / "gguf",
                     help="where the converted checkpoints are kept")
     ap.add_argument("--out", default="bench/results/llamacpp_decode.json")

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from _common import engines, gemm_gflops, timed, write_results
+from _common import DTYPES, MODELS, engines, gemm_gflops, names, positive_int, timed, write_results
 
 
 def prefill_flops(cfg, T: int) -> float:
@@ -30,17 +30,17 @@ def prefill_flops(cfg, T: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="moebench-speed", help="a preset")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--prompt-len", type=int, default=402)
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine")
+    ap.add_argument("--model", default="moebench-speed", choices=MODELS, help="a preset")
+    ap.add_argument("--dtypes", type=names(DTYPES), default="float32,bfloat16")
+    ap.add_argument("--prompt-len", type=positive_int, default=402)
+    ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved runs per engine")
     ap.add_argument("--out", default="bench/results/prefill_speed.json")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     rows = []
     print(f"{torch.get_num_threads()} threads; prompt {args.prompt_len} tokens", flush=True)
-    for dtype_name in args.dtypes.split(","):
+    for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         source, engine, hf = engines(args.model, dtype, args.prompt_len + 1, compile=False)
         prompt = torch.randint(1, 4000, (1, args.prompt_len))

@@ -50,6 +50,27 @@ def test_decode_speed_refuses_a_cache_too_small_for_the_run():
     assert "--cache-len 10 cannot hold 16 prompt tokens and 64 new ones" in proc.stderr
 
 
+@pytest.mark.parametrize("script, args, words", [
+    ("decode_speed.py", ["--dtypes", "float33"], "argument --dtypes: float33: not one of float32, bfloat16"),
+    ("decode_speed.py", ["--models", "nosuch"], "argument --models: nosuch: not one of moebench-tiny"),
+    ("decode_speed.py", ["--tokens", "-5"], "argument --tokens: must be > 0, got -5"),
+    ("prefill_speed.py", ["--model", "nosuch"], "argument --model: invalid choice: 'nosuch'"),
+])
+def test_bad_arguments_are_one_usage_line(script, args, words):
+    proc = bench(script, *args)  # (they were tracebacks)
+    assert proc.returncode == 2 and words in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_build_llamacpp_takes_help_and_refuses_options_before_any_download():
+    def run(*args):
+        return subprocess.run(["bash", "scripts/build_llamacpp.sh", *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=10)
+    proc = run("--help")  # it took --help for the folder and downloaded 290 MB into it
+    assert proc.returncode == 0 and "Usage: bash scripts/build_llamacpp.sh [DIR]" in proc.stdout
+    proc = run("--bogus")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unknown option --bogus" in proc.stderr
+
+
 def test_prefill_speed_writes_both_engines_rows_against_the_compute_roofline(tmp_path):
     out = tmp_path / "prefill.json"
     proc = bench("prefill_speed.py", "--model", "moebench-tiny", "--dtypes", "float32", "--prompt-len", "24",
