@@ -5,6 +5,7 @@ prompts.txt and print the worst error per top-k set and the largest logit gap at
 """
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moebench.cli.args import parse_args
+from moebench.errors import MoebenchError
 from moebench.evaluation.records import read_prompts
 from moebench.evaluation.submission import load_submission
 from moebench.model.loader import open_model
@@ -25,20 +27,39 @@ SUBMISSIONS = ["moebench/contest/qwen.py"] + [f"tests/submissions/{n}.py" for n 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-len", default="640")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--prompts", type=int, default=None, help="only the first N prompts")
-    ap.add_argument("--submissions", nargs="+", default=SUBMISSIONS, metavar="PATH",
-                    help="modules to validate (default: the template and the test submissions)")
+    ap.add_argument("--seq-len", type=positive, default=640)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--prompts", type=positive, default=None, help="only the first N prompts")
+    ap.add_argument("--submissions", nargs="+", type=Path, default=[ROOT / s for s in SUBMISSIONS], metavar="PATH",
+                    help="modules to validate, paths from the working folder (default: the template and the test "
+                         "submissions)")
     args = ap.parse_args()
+    for path in args.submissions:
+        if not path.is_file():
+            ap.error(f"--submissions {path}: file not found")
     folder = tempfile.mkdtemp(prefix="moebench-calibrate-")
-    run, _ = parse_args(["--mode", "validate", "--seq-len", args.seq_len, "--torch-dtype", args.dtype,
+    try:
+        calibrate(args, folder)
+    except MoebenchError as e:
+        raise SystemExit(f"calibrate_accuracy: {e}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return int(text)
+
+
+def calibrate(args, folder: str) -> None:
+    run, _ = parse_args(["--mode", "validate", "--seq-len", str(args.seq_len), "--torch-dtype", args.dtype,
                          "--compiled-model-path", folder])
     source = open_model(None)
     dtype, cpu = getattr(torch, args.dtype), torch.device("cpu")
     prompts = read_prompts(ROOT / "prompts.txt")[:args.prompts]
     for path in args.submissions:
-        sub = load_submission(str(ROOT / path))
+        sub = load_submission(str(path.absolute()))
         checks, gap, calls, passed, scales = [], 0.0, 0, 0, []
         for prompt in prompts:
             req = make_request(run, source, [prompt])
