@@ -267,6 +267,23 @@ def test_prompt_notes_that_the_prompts_txt_modes_read_that_file(mode):
         assert not any("--prompt" in n for n in parse_args(["--mode", other, "--prompt", "hi"])[1])
 
 
+@pytest.mark.parametrize("moot, flag, note", [
+    (["--do-sample", "false"], ["--temperature", "0.8"], "--temperature has no effect with --do-sample false"),
+    (["--do-sample", "false"], ["--seed", "3"], "--seed has no effect with --do-sample false"),
+    (["--temperature", "0"], ["--top-k", "5"], "--top-k has no effect with --temperature 0"),
+    ([], ["--benchmark-runs", "3"], "--benchmark-runs has no effect without --benchmark"),
+    (["--skip-accuracy"], ["--num-tokens-to-check", "3"], "--num-tokens-to-check has no effect with --skip-accuracy"),
+    (["--max-new-tokens", "3"], ["--max-length", "30"], "--max-length has no effect with --max-new-tokens"),
+])
+def test_flags_made_moot_by_another_flag_print_a_note(moot, flag, note):
+    mode = ["--mode", "evaluate_single" if "--skip-accuracy" in moot else "generate"]
+    _, notes = parse_args(mode + moot + flag)
+    assert any(note in n for n in notes), notes
+    unmoot = ["--benchmark"] if not moot else []  # the same flag where nothing makes it moot: no note
+    _, notes = parse_args(mode + unmoot + flag)
+    assert not any(f"{flag[0]} has no effect" in n for n in notes), notes
+
+
 def test_sampling_flags_note_that_evaluation_is_greedy():
     _, notes = parse_args(["--mode", "validate", "--temperature", "0.8", "--output-logits"])
     assert any("--temperature has no effect in --mode validate" in n for n in notes)

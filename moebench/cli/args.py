@@ -331,6 +331,7 @@ def check(run: RunConfig) -> list[str]:
     if run.skip_compile and "save_sharded_checkpoint" in run.explicit and run.mode in BUILDS:
         notes.append("note: --save_sharded_checkpoint has no effect with --skip-compile: the artifacts are reused as "
                      "they are")
+    notes += combination_notes(run)
     for name in ("global_topk", "dynamic"):
         if name in run.explicit and not run.on_device_sampling:
             notes.append(f"note: --{name.replace('_', '-')} has no effect without --on-device-sampling")
@@ -348,6 +349,22 @@ def check(run: RunConfig) -> list[str]:
     if any(not p.strip() for p in run.prompt):
         raise MoebenchError("--prompt: a prompt is empty")
     return notes
+
+
+def combination_notes(run: RunConfig) -> list[str]:
+    """Flags that the mode uses, made moot by another flag of the same run."""
+    moot = []
+    if run.mode in SAMPLING and not run.do_sample:
+        moot += [(n, "with --do-sample false (greedy decoding)") for n in ("temperature", "top_k", "top_p", "seed")]
+    elif run.mode in SAMPLING and run.temperature == 0:
+        moot += [(n, "with --temperature 0 (greedy decoding)") for n in ("top_k", "top_p", "seed")]
+    if run.mode == "generate" and not run.benchmark:
+        moot += [(n, "without --benchmark") for n in ("benchmark_runs", "warmup_runs")]
+    if run.mode in SCORED and run.skip_accuracy:
+        moot += [(n, "with --skip-accuracy") for n in ("tol_map", "divergence_difference_tol", "num_tokens_to_check")]
+    if run.max_new_tokens is not None:
+        moot.append(("max_length", "with --max-new-tokens, which sets the length"))
+    return [f"note: --{name.replace('_', '-')} has no effect {why}" for name, why in moot if name in run.explicit]
 
 
 def check_kernel_flags(run: RunConfig) -> list[str]:
