@@ -125,7 +125,8 @@ def launch_everything(dtype, tokens=(1, 17)):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100, H200)")
+    p.add_argument("--arch", type=int, default=90, choices=(80, 86, 89, 90),
+                   help="CUDA compute capability x10 (default 90: H100, H200)")
     p.add_argument("--dtype", action="append", choices=("bfloat16", "float32"),
                    help="activation dtype(s) to launch with (default: both)")
     args = p.parse_args()
