@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from moebench.cli.args import positive
 from moebench.engine import hugepages
 from moebench.engine.generator import Engine
 from moebench.model import onednn
@@ -17,17 +18,6 @@ from moebench.model.loader import build_model, open_model
 from moebench.model.presets import PRESETS, preset_dir
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 from moebench.report import svg
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer above 0 (one usage line otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def names(allowed) -> callable:
@@ -41,6 +31,7 @@ def names(allowed) -> callable:
     return parse
 
 
+positive_int = positive(int)  # an argparse type: one usage line for anything but an integer above 0
 DTYPES = ("float32", "bfloat16")
 MODELS = tuple(PRESETS)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moebench.cli.args import parse_args
+from moebench.cli.args import parse_args, positive
 from moebench.errors import MoebenchError
 from moebench.evaluation.records import read_prompts
 from moebench.evaluation.submission import load_submission
@@ -27,9 +27,9 @@ SUBMISSIONS = ["moebench/contest/qwen.py"] + [f"tests/submissions/{n}.py" for n 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-len", type=positive, default=640)
+    ap.add_argument("--seq-len", type=positive(int), default=640)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--prompts", type=positive, default=None, help="only the first N prompts")
+    ap.add_argument("--prompts", type=positive(int), default=None, help="only the first N prompts")
     ap.add_argument("--submissions", nargs="+", type=Path, default=[ROOT / s for s in SUBMISSIONS], metavar="PATH",
                     help="modules to validate, paths from the working folder (default: the template and the test "
                          "submissions)")
@@ -44,12 +44,6 @@ def main():
         raise SystemExit(f"calibrate_accuracy: {e}") from None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return int(text)
 
 
 def calibrate(args, folder: str) -> None:

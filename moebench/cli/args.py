@@ -65,7 +65,8 @@ def _number(kind, low, strict: bool):
     return parse
 
 
-def _positive(kind):
+def positive(kind):
+    """A parser for numbers of `kind` above 0 (argparse's type; the bench scripts use it too)."""
     return _number(kind, 0, strict=True)
 
 
@@ -101,9 +102,9 @@ class RunConfig:
                                   "(the guide's name; alias --enable-kernels)",
                            flags=("--enable-nki", "--enable-kernels"), bool_flag=True, modes=BUILDS)
     base_latency: float = opt(None, "baseline end-to-end p99 latency in ms for the score (default: the reference "
-                                    "measured on this machine)", type=_positive(float), modes=SCORED)
+                                    "measured on this machine)", type=positive(float), modes=SCORED)
     base_throughput: float = opt(None, "baseline throughput in tokens/s for the score (default: measured)",
-                                 type=_positive(float), modes=SCORED)
+                                 type=positive(float), modes=SCORED)
     team_id: str = opt(None, "team identifier; names the score-records CSV", modes=SCORED)
     member_id: str = opt(None, "team member identifier, stored in the score records", modes=SCORED)
     isolation: str = opt("user", "user: the submission runs in its own process, as an unprivileged user in a private "
@@ -113,7 +114,7 @@ class RunConfig:
                          modes=VALIDATING)
     phase_time_limit: float = opt(3600.0, "seconds the submission may take for each phase (load and compile, "
                                           "validation, benchmark, FLOP count) before it is stopped and fails",
-                                  type=_positive(float), modes=VALIDATING)
+                                  type=positive(float), modes=VALIDATING)
     audit_pairs: int = opt(5, "caching audit: pairs of (fresh prompt, repeated prompt) timed after the benchmark; "
                               "flagged when every repeated run is over 10%% faster (0: no audit)",
                            type=_nonneg(int), modes=SCORED)
@@ -134,7 +135,7 @@ class RunConfig:
     tol_map: dict = opt(None, "per-top-k tolerances as a Python dict {k or None: (atol, rtol)} (default: the "
                               f"guide's {DEFAULT_TOL_MAP})", type=parse_tol_map, modes=VALIDATING)
     num_tokens_to_check: int = opt(None, "validate only the first N generated tokens (default: all)",
-                                   type=_positive(int), modes=VALIDATING)
+                                   type=positive(int), modes=VALIDATING)
     # Generation
     prompt: tuple = opt((), f"a prompt; repeat the flag for several (default: {DEFAULT_PROMPT!r}; the "
                             "prompts.txt modes read theirs from that file)", append=True,
@@ -142,7 +143,7 @@ class RunConfig:
     top_k: int = opt(20, "sample only among the k most likely tokens (0: no limit)", type=_nonneg(int),
                      modes=SAMPLING)
     top_p: float = opt(0.95, "nucleus sampling: smallest set of tokens with this total probability",
-                       type=_positive(float), modes=SAMPLING)
+                       type=positive(float), modes=SAMPLING)
     temperature: float = opt(0.6, "sampling temperature (0: greedy)", type=_nonneg(float), modes=SAMPLING)
     global_topk: int = opt(256, "on-device sampling: candidates kept by the first top-k (0: all)",
                            type=_nonneg(int), modes=SAMPLING)
@@ -153,20 +154,20 @@ class RunConfig:
     pad_token_id: int = opt(None, "token id used for padding (default: the tokenizer's pad token)", type=_nonneg(int))
     # Basic configuration
     torch_dtype: str = opt("bfloat16", "dtype of weights and activations", choices=("bfloat16", "float16", "float32"))
-    batch_size: int = opt(1, "batch size; always set to the number of prompts, as in the guide", type=_positive(int),
+    batch_size: int = opt(1, "batch size; always set to the number of prompts, as in the guide", type=positive(int),
                           no_effect="the batch is the prompts given")
     padding_side: str = opt(None, "pad prompts of unequal length on the left or right (default: the tokenizer's)",
                             choices=("left", "right"))
-    seq_len: int = opt(640, "total length, prompt included; sizes the KV cache", type=_positive(int))
-    n_active_tokens: int = opt(None, "NxDI field, overwritten per submodel there", type=_positive(int),
+    seq_len: int = opt(640, "total length, prompt included; sizes the KV cache", type=positive(int))
+    n_active_tokens: int = opt(None, "NxDI field, overwritten per submodel there", type=positive(int),
                                no_effect="NxDI overwrites it per submodel (context: the prompt, decode: 1)")
-    n_positions: int = opt(None, "NxDI field, reset to the bucket size there", type=_positive(int),
+    n_positions: int = opt(None, "NxDI field, reset to the bucket size there", type=positive(int),
                            no_effect="the KV cache is sized by --seq-len")
     max_context_length: int = opt(None, "longest prompt accepted, in tokens (default: --seq-len - 1)",
-                                  type=_positive(int))
+                                  type=positive(int))
     max_new_tokens: int = opt(None, "new tokens to generate (default: --seq-len minus the prompt; capped by "
-                                    "--seq-len); EOS may then end a sequence early", type=_positive(int))
-    max_length: int = opt(None, "total length to generate to (default: --seq-len; capped by it)", type=_positive(int))
+                                    "--seq-len); EOS may then end a sequence early", type=positive(int))
+    max_length: int = opt(None, "total length to generate to (default: --seq-len; capped by it)", type=positive(int))
     rpl_reduce_dtype: str = opt(None, "dtype of tensor-parallel all-reduces of row-parallel outputs",
                                 choices=("bfloat16", "float16", "float32"))
     output_logits: bool = opt(False, "write the raw logits of every generated token to output_logits.pt (with "
@@ -200,14 +201,14 @@ class RunConfig:
     context_encoding_buckets: tuple = opt(None, "context-encoding bucket sizes (default with --enable-bucketing: "
                                                 "128, 256, ... below --max-context-length (else --seq-len), "
                                                 "then it)",
-                                          type=_positive(int), many=True)
+                                          type=positive(int), many=True)
     token_generation_buckets: tuple = opt(None, "token-generation bucket sizes (default with --enable-bucketing: "
                                                 "128, 256, ... below --seq-len, then --seq-len)",
-                                          type=_positive(int), many=True)
+                                          type=positive(int), many=True)
     # Parallelism
     tp_degree: int = opt(1, "tensor-parallel ranks, started by moebench (gloo on the CPU) or by torchrun "
                             "(default: torchrun's ranks under torchrun, else 1: one process; the guide's 4 was "
-                            "four NeuronCores)", type=_positive(int))
+                            "four NeuronCores)", type=positive(int))
     # Kernels
     qkv_kernel_enabled: bool = opt(False, "the Triton kernel fusing the input RMSNorm, QKV projection, q/k norms "
                                           "and RoPE (needs --fused-qkv)", bool_flag=True, modes=BUILDS)
@@ -223,7 +224,7 @@ class RunConfig:
                                                 bool_flag=True, modes=BUILDS)
     quantized_kernel_lower_bound: float = opt(ModelOptions.quant_bound,
                                               "activations are clamped to +-this before quantized matmuls",
-                                              type=_positive(float), modes=BUILDS)
+                                              type=positive(float), modes=BUILDS)
     mlp_kernel_fuse_residual_add: bool = opt(False, "fuse the residual add into the MoE kernel (needs an MoE "
                                                     "kernel: --mlp-kernel-enabled, --quantized-mlp-kernel-enabled "
                                                     "or --enable-nki)", bool_flag=True, modes=BUILDS)
@@ -232,7 +233,7 @@ class RunConfig:
                                choices=tuple(QUANT_DTYPES), modes=BUILDS)
     skip_accuracy: bool = opt(False, "performance only: no accuracy check (records say 'not checked')",
                               bool_flag=True, modes=SCORED)
-    benchmark_runs: int = opt(20, "timed benchmark runs", type=_positive(int), modes=TIMED)
+    benchmark_runs: int = opt(20, "timed benchmark runs", type=positive(int), modes=TIMED)
     warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark (compilation happens there)",
                            type=_nonneg(int), modes=TIMED)
     seed: int = opt(0, "seed for sampling", type=_seed, modes=SAMPLING)

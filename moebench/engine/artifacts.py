@@ -179,6 +179,22 @@ def load_sharded_checkpoint(model: torch.nn.Module, path: Path, device) -> None:
 
 # ---- the artifacts folder ----
 
+def _manifest_of(path: Path) -> dict:
+    """A manifest.json as moebench writes it; ValueError (JSON's and Unicode's errors are ones) when it is not."""
+    try:
+        stored = json.loads(path.read_text())
+        for key in ("fingerprint", "graphs"):
+            if key not in stored:
+                raise ValueError(f"no {key!r}")
+        if not isinstance(stored["fingerprint"], dict) or not all(
+                isinstance(g, dict) and {"submodel", "batch", "seq_len", "bucket", "file"} <= g.keys()
+                for g in stored["graphs"]) or not isinstance(stored["fingerprint"].get("flags", {}), dict):
+            raise ValueError("its fingerprint or graphs are not what moebench writes")
+    except TypeError as e:  # a list or a number where a mapping belongs
+        raise ValueError(str(e)) from None
+    return stored
+
+
 def make_folder(folder: Path) -> None:
     """Makes the --compiled-model-path folder (its parents too) before anything is timed or written, or says in
     one line why it cannot be."""
@@ -248,15 +264,8 @@ class Artifacts:
         if not path.is_file():  # (extend: checked before)
             raise MoebenchError(f"--skip-compile: {path} not found; compile first (run without --skip-compile)")
         try:
-            stored = json.loads(path.read_text())
-            for key in ("fingerprint", "graphs"):
-                if key not in stored:
-                    raise ValueError(f"no {key!r}")
-            if not isinstance(stored["fingerprint"], dict) or not all(
-                    isinstance(g, dict) and {"submodel", "batch", "seq_len", "bucket", "file"} <= g.keys()
-                    for g in stored["graphs"]) or not isinstance(stored["fingerprint"].get("flags", {}), dict):
-                raise ValueError("its fingerprint or graphs are not what moebench writes")
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError) as e:
+            stored = _manifest_of(path)
+        except ValueError as e:
             raise MoebenchError(f"--skip-compile: {path} is not a moebench manifest ({e}); compile again") from None
         if stored.get("sharded_checkpoint") and not self.checkpoint_path.is_file():
             raise MoebenchError(f"--skip-compile: {self.checkpoint_path} is missing; compile again")
@@ -273,12 +282,10 @@ class Artifacts:
         manifest = self.folder / MANIFEST
         if self.writes and manifest.exists():
             try:
-                ours = {"fingerprint", "graphs"} <= json.loads(manifest.read_text()).keys()
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                ours = False
-            if not ours:
+                _manifest_of(manifest)
+            except (OSError, ValueError):
                 raise MoebenchError(f"--compiled-model-path {self.folder}: its {MANIFEST} is not one moebench wrote; "
-                                    "give an empty folder or one moebench compiled into")
+                                    "give an empty folder or one moebench compiled into") from None
         for path in self.graph_dir.glob("*_b*_s*_bk*.pt2"):
             path.unlink()
         self.code_path.unlink(missing_ok=True)
