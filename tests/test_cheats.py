@@ -147,3 +147,28 @@ def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
     assert "2 of 2 prompts scored 0 (prompt 0: the submission's process died during benchmark (exit code 3); " \
         "prompt 1: the submission's process died" in err
     assert [r["final_score"] for r in records()] == ["0.0", "0.0"]
+
+
+def test_the_pipes_messages_are_plain_data_and_nothing_else_is_read():
+    import pickle
+
+    import torch
+
+    from moebench.modes.sandbox import _decode, _encode
+
+    message = ("ok", (torch.arange(6).reshape(2, 3), torch.randn(2, 1, 5).bfloat16(), torch.tensor(True),
+                      torch.empty(0, 4)),
+               {"ttft": 0.25, "steps": [1.0, float("nan")], "none": None, "n": 3, "ok": False, "s": "x\ny"}, "", "")
+    back = _decode(_encode(message))
+    assert type(back) is tuple and type(back[1]) is tuple and back[2]["n"] == 3 and back[2]["ok"] is False
+    for a, b in zip(message[1], back[1]):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert back[2]["steps"][1] != back[2]["steps"][1] and back[2]["s"] == "x\ny" and back[2]["none"] is None
+    for bad in (pickle.dumps(("ok", 1, "", "")), _encode(("ok",))[:-3], _encode((torch.ones(3),))[:-1],
+                _encode((torch.ones(3),)) + b"\0",
+                *(len(h).to_bytes(8, "little") + h for h in (b'{"\\u0000tensor": 1}', b'{"\\u0000tuple": 1, "a": 2}',
+                                                              b'{"\\u0000tensor": ["object", [1]]}'))):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            _decode(bad)
+    with pytest.raises(TypeError):
+        _encode((object(),))  # the harness sends only plain data too
