@@ -149,6 +149,29 @@ def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
     assert [r["final_score"] for r in records()] == ["0.0", "0.0"]
 
 
+def test_answering_a_timed_request_with_fewer_tokens_fails_the_evaluation():
+    code, out, err = evaluate("truncate_when_timed", "--skip-accuracy")
+    assert code == 1, out + err
+    assert "evaluation failed: a timed request asked for 16 new tokens of 1 prompt, and the submission's process " \
+        "answered a tensor of shape [1, 1], torch.int64" in out
+    assert float(records()[-1]["final_score"]) == 0
+
+
+def test_a_timed_answer_is_checked_before_it_is_kept():
+    import torch
+
+    from moebench.modes.sandbox import SubmissionFault, _timed_reply
+
+    inner = {"ttft": 1, "context": 0.5, "steps": [0.1, 0.2]}
+    tokens = torch.tensor([[1, 2, 3]])
+    assert _timed_reply((tokens, inner), 1, 3, 10)[1] == {"ttft": 1.0, "context": 0.5, "steps": [0.1, 0.2]}
+    for bad in ((tokens, {"ttft": 1}), (tokens, None), (tokens,), (tokens[:, :2], inner), (tokens.float(), inner),
+                (torch.tensor([[1, 2, 10]]), inner), (torch.tensor([[1, -1, 3]]), inner), ([[1, 2, 3]], inner),
+                (tokens.bool(), inner), (torch.cat([tokens, tokens]), inner)):
+        with pytest.raises(SubmissionFault):
+            _timed_reply(bad, 1, 3, 10)
+
+
 def test_the_pipes_messages_are_plain_data_and_nothing_else_is_read():
     import pickle
 

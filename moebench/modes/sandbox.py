@@ -343,6 +343,27 @@ def _shared(value):
     return box[0]
 
 
+def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
+    """A timed request's answer, (tokens [batch, new_tokens] of the vocabulary, the submission's own timings), or a
+    SubmissionFault: fewer tokens than asked for would be timed, scored and spot-checked as the whole request."""
+    try:
+        tokens, inner = reply
+        steps = [float(s) for s in inner["steps"]]
+        inner = {"ttft": float(inner["ttft"]), "context": float(inner["context"]), "steps": steps}
+    except (TypeError, ValueError, KeyError) as e:
+        raise SubmissionFault(f"the submission's process sent a malformed answer to a timed request "
+                              f"({type(e).__name__}: {e})") from None
+    if not (isinstance(tokens, torch.Tensor) and tokens.shape == (batch, new_tokens)
+            and tokens.dtype in (torch.int64, torch.int32)
+            and (tokens.numel() == 0 or 0 <= int(tokens.min()) <= int(tokens.max()) < vocab)):
+        what = f"a tensor of shape {list(tokens.shape)}, {tokens.dtype}" if isinstance(tokens, torch.Tensor) else \
+            type(tokens).__name__
+        raise SubmissionFault(f"a timed request asked for {new_tokens} new tokens of {batch} prompt"
+                              f"{'s' * (batch != 1)}, and the submission's process answered {what} (token ids "
+                              f"[{batch}, {new_tokens}] below {vocab} expected)")
+    return tokens, inner
+
+
 class IsolatedSubmission:
     """UnderTest's interface (validate, benchmark, kernel_flops) with the submission in a Sandbox: the parent draws
     the fresh prompts, holds the clock, and afterwards checks every timed output against the reference."""
@@ -412,10 +433,15 @@ class IsolatedSubmission:
         banned = tuple({*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)})
         bar = progress(run.benchmark_runs, "benchmark submission")
         seed = _shared(int.from_bytes(os.urandom(4), "little"))  # private: the submission cannot predict it
+        vocab = self.source.config.vocab_size
+
+        def request(ids, mask, n):
+            return _timed_reply(self.box.call("benchmark", "request", ids, mask, n), ids.shape[0], n, vocab)
+
         timings, self.outputs, self.audit = checked_benchmark(
-            lambda ids, mask, n: self.box.call("benchmark", "request", ids, mask, n), req.input_ids,
+            request, req.input_ids,
             req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs, run.audit_pairs,
-            self.source.config.vocab_size, banned, seed, on_run=lambda i: bar.update())
+            vocab, banned, seed, on_run=lambda i: bar.update())
         bar.close()
         report = benchmark_report(timings, req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0])
         report["measured_by"] = {"e2e_model": "the harness's process, around each whole request (scored)",
