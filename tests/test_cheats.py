@@ -6,10 +6,13 @@ import csv
 import hashlib
 import json
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
+from moebench.modes import confine
 from tests.test_modes import invoke
 
 pytestmark = pytest.mark.usefixtures("in_tmp", "one_thread")
@@ -84,8 +87,9 @@ def test_a_confined_submission_cannot_see_or_forge_the_expected_logits_or_the_re
     code, out, err = invoke("--mode", "evaluate_all", "--qwen", CHEATS / "forge_records.py", "--benchmark-runs", "1",
                             "--audit-pairs", "0")
     assert code == 0, out + err
-    assert "as user 60999 (moebench-sandbox), in a private view of the filesystem" in out
-    assert "forge: uid 60999, sees ['traced_model']" in out  # nothing else of the working directory
+    uid = int(re.search(r"as user (\d+) \(moebench-sandbox\), in a private view of the filesystem", out)[1])
+    assert uid in confine.USERS  # a user of its own while the evaluation lasts
+    assert f"forge: uid {uid}, sees ['traced_model']" in out  # nothing else of the working directory
     assert "forge: read expected_logits_0.pt: FileNotFoundError" in out
     assert "forge: append to moebench-tiny_score_records.csv: PermissionError" in out
     assert "forge: write to moebench's package: " in out
@@ -147,6 +151,29 @@ def test_a_crash_fails_each_prompt_and_evaluate_all_goes_on():
     assert "2 of 2 prompts scored 0 (prompt 0: the submission's process died during benchmark (exit code 3); " \
         "prompt 1: the submission's process died" in err
     assert [r["final_score"] for r in records()] == ["0.0", "0.0"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="confinement needs root (CI runs as root)")
+def test_a_process_the_submission_leaves_behind_is_killed_with_its_evaluation():
+    code, out, err = evaluate("leave_a_process", "--skip-accuracy")
+    assert code == 0, out + err
+    uid = int(re.search(r"leftover: uid (\d+)", out)[1])
+    assert uid in confine.USERS
+    for _ in range(100):  # a killed process is gone once the kernel has run it (a moment, on a busy machine)
+        alive = [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _alive_as(p, uid)]
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive
+
+
+def _alive_as(proc: Path, uid: int) -> bool:
+    try:
+        status = (proc / "status").read_text()
+    except OSError:  # gone meanwhile
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] != "Z"
 
 
 def test_answering_a_timed_request_with_fewer_tokens_fails_the_evaluation():

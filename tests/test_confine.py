@@ -38,7 +38,8 @@ def test_the_view_holds_the_module_its_python_helpers_the_model_and_nothing_else
         assert inside == {"qwen.py", "helpers.py", "kernels", "model", "traced_model"}
         assert seen[str(tmp_path / "traced_model")] and not seen[str(model)]  # compiled into, read only
         assert [s for s, p, _ in view.binds if p == str(tmp_path / "traced_model")] == [view.stage]
-        assert os.stat(view.stage).st_uid == confine.UID and os.stat(view.cache).st_uid == confine.UID
+        assert view.uid in confine.USERS and os.stat(view.stage).st_uid == view.uid
+        assert os.stat(view.cache).st_gid == confine.GID and os.stat(view.cache).st_mode & 0o7777 == 0o2770
         assert view.cwd == os.getcwd()
     finally:
         confine.discard(view)
@@ -46,6 +47,46 @@ def test_the_view_holds_the_module_its_python_helpers_the_model_and_nothing_else
     assert reused.stage is None  # --skip-compile: the folder itself, read only
     assert [w for _, p, w in reused.binds if p == str(tmp_path / "traced_model")] == [False] or \
         not (tmp_path / "traced_model").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the view is planned only as root")
+def test_each_evaluation_has_a_user_of_its_own_whose_processes_are_paused_and_then_killed(tmp_path):
+    import subprocess
+    import time
+
+    def state(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return None
+
+    (tmp_path / "qwen.py").write_text("")
+    one, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "cd" * 32, [], tmp_path / "a", False)
+    two, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "cd" * 32, [], tmp_path / "b", False)
+    try:
+        assert one.uid != two.uid  # held by one evaluation each: neither can signal the other's processes
+        # as a submission's double fork leaves behind: a process of the user, in a session of its own
+        left = [subprocess.Popen(["sleep", "60"], user=view.uid, group=confine.GID, start_new_session=True)
+                for view in (one, two)]
+        def eventually(pid, want):  # a signal takes effect once the kernel runs its process: a moment
+            for _ in range(100):
+                if state(pid) == want:
+                    return True
+                time.sleep(0.05)
+            return False
+
+        with confine.paused(one, None):
+            assert eventually(left[0].pid, "T") and state(left[1].pid) == "S"
+        assert eventually(left[0].pid, "S")
+        confine.discard(one)
+        assert left[0].wait(10) == -9 and left[1].poll() is None
+        again, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "cd" * 32, [], tmp_path / "c", False)
+        assert again.uid == one.uid  # released
+        confine.discard(again)
+    finally:
+        confine.discard(one)
+        confine.discard(two)
+    assert left[1].wait(10) == -9
 
 
 def test_publishing_copies_moebench_files_and_folders_never_links_or_other_files(tmp_path):
@@ -60,7 +101,7 @@ def test_publishing_copies_moebench_files_and_folders_never_links_or_other_files
     (artifacts / "graphs" / "tp0" / "old.pt2").write_text("stale")
     (artifacts / "compiled_code_tp0.bin").write_text("stale")
     (artifacts / "mine.txt").write_text("the user's")
-    view = confine.View(str(tmp_path / "root"), str(tmp_path), str(tmp_path), stage=str(stage))
+    view = confine.View(str(tmp_path / "root"), str(tmp_path), str(tmp_path), 60999, -1, stage=str(stage))
     confine.publish(view, artifacts)
     assert sorted(str(p.relative_to(artifacts)) for p in artifacts.rglob("*")) == \
         ["graphs", "graphs/tp0", "graphs/tp0/new.pt2", "manifest.json", "mine.txt"]
@@ -75,7 +116,7 @@ def test_under_tensor_parallelism_each_rank_publishes_its_own_entries_and_rank_0
         (stage / "graphs" / f"tp{rank}" / "g.pt2").write_text(f"rank {rank}")
         (stage / f"compiled_code_tp{rank}.bin").write_text(f"rank {rank}")
         (stage / "manifest.json").write_text(f"rank {rank}")
-        view = confine.View(str(tmp_path / "root"), str(tmp_path), str(tmp_path), stage=str(stage))
+        view = confine.View(str(tmp_path / "root"), str(tmp_path), str(tmp_path), 60999, -1, stage=str(stage))
         confine.publish(view, artifacts, rank)
     assert (artifacts / "manifest.json").read_text() == "rank 0"  # rank 1 neither removed nor replaced it
     assert [(artifacts / "graphs" / f"tp{r}" / "g.pt2").read_text() for r in (0, 1)] == ["rank 0", "rank 1"]
@@ -83,5 +124,5 @@ def test_under_tensor_parallelism_each_rank_publishes_its_own_entries_and_rank_0
     planted = tmp_path / "stage2"
     planted.mkdir()
     (planted / "graphs").symlink_to(tmp_path / "stage0" / "graphs")  # a link above the entry: never followed
-    confine.publish(confine.View("", "", "", stage=str(planted)), artifacts, 0)
+    confine.publish(confine.View("", "", "", 60999, -1, stage=str(planted)), artifacts, 0)
     assert not (artifacts / "graphs" / "tp0").exists() and (artifacts / "graphs" / "tp1").exists()

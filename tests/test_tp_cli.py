@@ -41,7 +41,7 @@ def test_compile_then_skip_compile_over_two_ranks(capfd, in_tmp):
     assert "compile: exported 2 graphs" in out and "saved the sharded checkpoint" in out, out + err
     assert "isolation: the submission runs in a process of its own per rank (2, joined by their own gloo group)" \
         in out
-    assert os.geteuid() != 0 or "as user 60999 (moebench-sandbox)" in out  # confined where the harness is root
+    assert os.geteuid() != 0 or " (moebench-sandbox)" in out  # confined where the harness is root
     d = in_tmp / "DIR"
     for r in (0, 1):
         assert (d / "weights" / f"tp{r}_sharded_checkpoint.safetensors").is_file()

@@ -13,22 +13,30 @@ building and running the model needs, then becomes an unprivileged user with no 
 
 The child also gets network and IPC namespaces of its own (no network; under --tp-degree the host's loopback, which
 the ranks' submission processes talk over), a /proc that shows only its user's
-processes, and no-new-privileges (setuid programs stay unprivileged). Its user, UID, is in no passwd file and is
-used by nothing but these children. Elsewhere (not root, or no mount namespaces) isolation is partial and the
-output says why.
+processes, and no-new-privileges (setuid programs stay unprivileged). Its user is one of USERS, in no passwd file,
+held by this one evaluation while it lasts (a lock file): a process the submission leaves behind cannot signal
+another evaluation's, is stopped while the harness times the reference (`paused`), and is killed with the rest of
+the user's processes when the evaluation ends (`discard`). Elsewhere (not root, or no mount namespaces) isolation is
+partial and the output says why.
 """
 
+import contextlib
 import ctypes
+import fcntl
 import os
+import pwd
 import shutil
+import signal
 import site
 import stat
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-UID = GID = 60999
+USERS = range(60999, 60999 - 512, -1)  # the submissions' user ids, one per evaluation at a time
+GID = 60999  # their group: the per-module compile caches are the group's, shared by the evaluations of one module
 USER = "moebench-sandbox"
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
 SHARED = ("manifest.json", "tokenizer")  # an artifacts folder's entries rank 0 writes; each rank has its own too
@@ -45,7 +53,9 @@ class View:
 
     root: str  # the mount point of the view's tmpfs (a folder of the harness's, empty on the host)
     cwd: str
-    cache: str  # the module's own cache folder, writable by UID
+    cache: str  # the module's own cache folder, writable by the group
+    uid: int  # the user the child becomes, held for this evaluation
+    lock: int  # the descriptor of that user's lock file
     binds: list = field(default_factory=list)
     stage: str | None = None  # host folder the child compiles into, bound at the artifacts folder's place
     network: bool = False  # keep the host's network (loopback): the ranks of a --tp-degree run talk over it
@@ -72,16 +82,21 @@ def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Pat
     if run.isolation == "process":
         return None, "--isolation process: the submission runs as this same user and could read this user's files"
     base = _own_folder(Path(tempfile.gettempdir()) / "moebench-sandbox")
+    user = _claim_user(base)
+    if user is None:
+        return None, f"every one of the {len(USERS)} sandbox users is held by a running evaluation, so the " \
+                     "submission runs as this same user and could read this user's files"
+    uid, lock = user
     # One compile cache per module: a cache shared by submissions would let one plant compiled code for another.
     # MOEBENCH_SANDBOX_CACHE shares one between trusted modules (the test suite's, to compile each graph once).
     cache = Path(os.environ.get("MOEBENCH_SANDBOX_CACHE") or base / module_sha[:16]).absolute()
     for folder in (cache, cache / "inductor", cache / "triton"):
         folder.mkdir(parents=True, exist_ok=True)
-        os.lchown(folder, UID, GID)
-    cache.chmod(0o700)
+        os.lchown(folder, 0, GID)
+        folder.chmod(0o2770)  # the group's, and so is what is made in it (the child's umask keeps it writable)
     root = base / "view"
     root.mkdir(mode=0o700, exist_ok=True)
-    view = View(str(root), os.getcwd(), str(cache), network=network)
+    view = View(str(root), os.getcwd(), str(cache), uid, lock, network=network)
     for path in (sys.base_prefix, sys.prefix, sys.exec_prefix, *site.getsitepackages(), site.getusersitepackages(),
                  Path(moebench.__file__).parent, *model_folders):
         view.bind(path)
@@ -91,7 +106,7 @@ def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Pat
         view.bind(artifacts)  # read only: --skip-compile reads; a file there is the child's error to report
     else:
         view.stage = tempfile.mkdtemp(prefix="compiled-", dir=cache)
-        os.lchown(view.stage, UID, GID)
+        os.lchown(view.stage, uid, GID)
         view.bind(artifacts, writable=True, source=view.stage)
     return view, ""
 
@@ -129,10 +144,10 @@ def stage_from(view: View, artifacts: Path, rank: int = 0) -> None:
         return
     for name in _entries(rank, True):
         (Path(view.stage) / name).parent.mkdir(parents=True, exist_ok=True)
-        _copy(artifacts / name, Path(view.stage) / name, UID, GID)
+        _copy(artifacts / name, Path(view.stage) / name, view.uid, GID)
     for folder in Path(view.stage).rglob("*"):
         if folder.is_dir() and not folder.is_symlink():
-            os.lchown(folder, UID, GID)
+            os.lchown(folder, view.uid, GID)
 
 
 def publish(view: View, artifacts: Path, rank: int = 0) -> None:
@@ -178,15 +193,68 @@ def _copy(src: Path, dst: Path, uid: int, gid: int) -> None:
         os.lchown(dst, uid, gid)
 
 
+def _claim_user(base: Path) -> tuple[int, int] | None:
+    """A user of USERS that no passwd entry names and no running evaluation holds: (uid, its lock's descriptor, held
+    until `discard`). What a crashed harness left running as that user is killed first."""
+    for uid in USERS:
+        try:
+            pwd.getpwuid(uid)
+            continue
+        except KeyError:
+            pass
+        fd = os.open(base / f"user-{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        signal_all(uid, "KILL")
+        return uid, fd
+    return None
+
+
+def signal_all(uid: int, sig: str) -> None:
+    """Sends the signal `sig` to every process of the user uid, wherever it is (a double fork leaves the child's process
+    group, never its user): kill(-1) run as that user, which reaches exactly its processes."""
+    kill = shutil.which("kill", path="/usr/bin:/bin")
+    if kill is not None:  # `kill -SIG -1`: the form procps' and util-linux's both read (procps takes no --)
+        subprocess.run([kill, f"-{sig}", "-1"], user=uid, group=GID, extra_groups=[],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+@contextlib.contextmanager
+def paused(view: View | None, pid: int | None):
+    """Every process of the submission stopped (SIGSTOP) while the harness times something else (the reference's
+    baseline), so none can slow it; without a view of its own (partial isolation), the child's own process."""
+    if view is not None:
+        signal_all(view.uid, "STOP")
+    elif pid is not None:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if view is not None:
+            signal_all(view.uid, "CONT")
+        elif pid is not None:
+            os.kill(pid, signal.SIGCONT)
+
+
 def discard(view: View | None) -> None:
-    if view is not None and view.stage is not None:
+    """The evaluation is over: every process of its user is killed, its staging folder removed, the user released."""
+    if view is None:
+        return
+    signal_all(view.uid, "KILL")
+    if view.stage is not None:
         shutil.rmtree(view.stage, ignore_errors=True)
+    if view.lock >= 0:
+        os.close(view.lock)
+        view.lock = -1
 
 
 # ---- in the child, before anything of the submission runs ----
 
 def enter(view: View) -> None:
-    """Enters the view and becomes UID for good. Raises OSError only before the chroot (where the kernel refuses a
+    """Enters the view and becomes the view's user for good. Raises OSError only before the chroot (where the kernel refuses a
     namespace or a mount, the child stays unconfined and the harness says so); past it, a failure ends the
     process."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -240,10 +308,11 @@ def enter(view: View) -> None:
         check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
         os.setgroups([])
         os.setresgid(GID, GID, GID)
-        os.setresuid(UID, UID, UID)  # the capabilities go with uid 0
+        os.setresuid(view.uid, view.uid, view.uid)  # the capabilities go with uid 0
     except OSError as e:
         raise SystemExit(f"moebench: the submission's process could not drop its privileges ({e})") from None
-    if os.geteuid() != UID:
+    os.umask(0o007)  # what it makes in the module's cache stays the group's to write
+    if os.geteuid() != view.uid:
         raise SystemExit("moebench: the submission's process could not drop its privileges")
 
 

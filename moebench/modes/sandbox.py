@@ -453,6 +453,12 @@ class IsolatedSubmission:
     def kernel_flops(self, req) -> dict:
         return self.box.call("the FLOP count", "flops")
 
+    def paused(self):
+        """While the harness times the reference: the submission's processes stopped, so none can slow it."""
+        from moebench.modes import confine
+
+        return confine.paused(self.view, self.box.process.pid)
+
     def finish(self, device, dtype) -> dict:
         """Stops the submission's process, then checks every timed output with the reference (built now, so that
         the two models never hold the device's memory together) and reads the caching audit."""
