@@ -176,6 +176,14 @@ def _alive_as(proc: Path, uid: int) -> bool:
     return int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] != "Z"
 
 
+def test_forging_the_mac_counts_in_the_submissions_process_changes_nothing():
+    code, out, err = evaluate("forge_flop_ratio", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0 and flops["total_macs"] > 10**6
+    assert float(records()[-1]["nki_flop_ratio"]) == 0
+
+
 def test_answering_a_timed_request_with_fewer_tokens_fails_the_evaluation():
     code, out, err = evaluate("truncate_when_timed", "--skip-accuracy")
     assert code == 1, out + err

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moebench.engine.generator import Engine
-from moebench.evaluation.flops import flop_ratio, graph_macs, request_macs
+from moebench.evaluation.flops import BadCount, described_macs, flop_ratio, graph_macs, request_macs
 from moebench.kernels.registry import KERNELS, register_kernel
 from moebench.model.loader import build_model, open_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
@@ -148,3 +148,42 @@ def test_unregistered_op_counts_nothing(source):
     ids, mask = request(source, "Hello world")
     macs = request_macs(model, ids, mask, 3, 8)[0].total
     assert macs.total == 0 and macs.kernel == 0 and flop_ratio(macs) == 0.0
+
+
+class _Op(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+@pytest.mark.parametrize("fn, args, macs", [
+    (lambda x, w: torch.einsum("btd,nd->btn", x, w), ((2, 4, 8), (16, 8)), 2 * 4 * 8 * 16),
+    (lambda x, w: torch.einsum("...d,nd->...n", x, w), ((2, 4, 8), (16, 8)), 2 * 4 * 8 * 16),
+    (lambda a, b: torch.einsum("bij,bjk->bik", a, b), ((3, 4, 5), (3, 5, 6)), 3 * 4 * 5 * 6),
+    (lambda a, b, c: torch.einsum("ij,jk,kl->il", a, b, c), ((2, 3), (3, 4), (4, 5)), 2 * 3 * 4 + 2 * 4 * 5),
+    (lambda x, w: torch.tensordot(x, w, dims=1), ((2, 4, 8), (8, 16)), 2 * 4 * 8 * 16),
+    (lambda w, v: torch.mv(w, v), ((16, 8), (8,)), 16 * 8),
+    (lambda w, v: torch.addmv(torch.zeros(16), w, v), ((16, 8), (8,)), 16 * 8),
+    (lambda a, b: torch.dot(a, b), ((8,), (8,)), 8),
+    (lambda a, b: torch.addbmm(torch.zeros(4, 16), a, b), ((2, 4, 8), (2, 8, 16)), 2 * 4 * 8 * 16),
+])
+def test_every_matmul_like_op_torch_export_keeps_whole_is_counted(fn, args, macs):
+    ep = torch.export.export(_Op(fn), tuple(torch.randn(s) for s in args))
+    assert graph_macs(ep.graph_module).total == macs
+
+
+def test_the_harness_counts_a_described_graph_by_its_own_formulas():
+    x, w = {"shape": [2, 3, 8], "dtype": "float32"}, {"shape": [16, 8], "dtype": "bfloat16"}
+    count = described_macs([["aten.linear.default", [x, w], 10**12],  # declared on an aten op: ignored
+                            ["team.head.default", [x, w], 500],  # a kernel registered only in the submission
+                            ["moebench.no_such_kernel.default", [x], 10**12],  # not moebench's: counts nothing
+                            ["aten.add.Tensor", [x, x], None]])
+    assert (count.total, count.kernel, count.kernel_ops) == (2 * 3 * 8 * 16 + 500, 500, {"team.head.default"})
+    for bad in (["team.head.default", [x], -1], ["team.head.default", [x], float("nan")],
+                ["team.head.default", [x], "many"], ["aten.linear.default", [{"shape": [-2, 8]}, w], None],
+                ["aten.linear.default", [{"shape": "big"}, w], None], ["aten.linear.default", [x, w]], "node"):
+        with pytest.raises(BadCount):
+            described_macs([bad])

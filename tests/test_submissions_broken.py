@@ -117,3 +117,22 @@ def test_qwen_py_in_the_working_folder_is_preferred(capsys, in_tmp, no_qwen_on_p
     assert code == 0, err
     assert Path(submission_line(out)) == in_tmp / "qwen.py"
     assert "PASS" in out
+
+
+@pytest.mark.parametrize("isolation, macs, words", [
+    ("user", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -4096 is negative"),
+    ("none", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -4096 is negative"),
+    ("user", "nan", "the submission failed during the FLOP count: ValueError: cannot convert float NaN to integer"),
+])
+def test_a_kernel_whose_mac_formula_gives_no_count_fails_its_evaluation_and_is_recorded(isolation, macs, words,
+                                                                                        capsys, monkeypatch):
+    import csv
+
+    monkeypatch.setenv("BROKEN_MACS", macs)
+    code, out, err = run(capsys, "--mode", "evaluate_single", "--qwen", SUBMISSIONS / "broken_macs.py",
+                         "--seq-len", "20", "--benchmark-runs", "1", "--warmup-runs", "0", "--audit-pairs", "0",
+                         "--skip-accuracy", "--base-latency", "100", "--base-throughput", "100",
+                         "--isolation", isolation)
+    assert code == 1 and f"evaluation failed: {words}" in out, out + err
+    with open("moebench-tiny_score_records.csv", newline="") as f:
+        assert [r["final_score"] for r in csv.DictReader(f)] == ["0.0"]

@@ -130,6 +130,26 @@ def first_fit(buckets: tuple[int, ...], n: int, kind: str) -> int:
     raise ValueError(f"{n} tokens do not fit the largest {kind} bucket ({buckets[-1]})")
 
 
+def prefill_width(ctx_buckets: tuple[int, ...], T: int) -> int:
+    """Columns a T-column prompt runs with: its context-encoding bucket, or T itself (no buckets, or longer than
+    the largest: validation's teacher forcing)."""
+    return first_fit(ctx_buckets, T, "context-encoding") if ctx_buckets and T <= ctx_buckets[-1] else T
+
+
+def decode_width(tkg_buckets: tuple[int, ...], max_len: int, slot: int) -> int:
+    """Cache slots a decode step writing `slot` attends to: its token-generation bucket, or the whole cache."""
+    return first_fit(tkg_buckets, slot + 1, "token-generation") if tkg_buckets else max_len
+
+
+def graph_runs(ctx_buckets: tuple[int, ...], tkg_buckets: tuple[int, ...], max_len: int, T: int,
+               new_tokens: int) -> list[tuple[str, int, int]]:
+    """The graphs a request of T prompt columns and new_tokens new tokens runs: (submodel, bucket, runs), the
+    context encoding once, then each token-generation bucket as many times as decode steps fall in it."""
+    runs = [("context_encoding_model", prefill_width(ctx_buckets, T), 1)]
+    buckets = [decode_width(tkg_buckets, max_len, slot) for slot in range(T, T + new_tokens - 1)]
+    return runs + [("token_generation_model", S, buckets.count(S)) for S in dict.fromkeys(buckets)]
+
+
 class Engine:
     """Runs one model over a batch: `prefill` (the whole prompt) then `decode` (one token per row per call).
 
@@ -216,10 +236,7 @@ class Engine:
         return mask[:, None]
 
     def prefill_width(self, T: int) -> int:
-        """Columns a T-column prompt runs with: its context-encoding bucket, or T itself (no buckets, or longer than
-        the largest: validation's teacher forcing)."""
-        return first_fit(self.ctx_buckets, T, "context-encoding") if self.ctx_buckets and T <= self.ctx_buckets[-1] \
-            else T
+        return prefill_width(self.ctx_buckets, T)
 
     def _prefill_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_column: bool = False):
         """Pads the prompt to its width and resets the cache's bookkeeping: (input_ids, StepInputs, mask)."""
@@ -249,12 +266,7 @@ class Engine:
         return logits[:, :real_columns] if every_column else logits[:, -1]
 
     def graph_runs(self, T: int, new_tokens: int) -> list[tuple[str, int, int]]:
-        """The graphs a request of T prompt columns and new_tokens new tokens runs: (submodel, bucket, runs), the
-        context encoding once, then each token-generation bucket as many times as decode steps fall in it."""
-        runs = [("context_encoding_model", self.prefill_width(T), 1)]
-        buckets = [self.decode_width(slot) for slot in range(T, T + new_tokens - 1)]
-        runs += [("token_generation_model", S, buckets.count(S)) for S in dict.fromkeys(buckets)]
-        return runs
+        return graph_runs(self.ctx_buckets, self.tkg_buckets, self.max_len, T, new_tokens)
 
     def example_step(self, submodel: str, width: int) -> tuple:
         """Inputs of one call of the step function `submodel` at `width` (a bucket), for torch.export: the
@@ -418,8 +430,7 @@ class Engine:
         return tokens.unsqueeze(1), self.next_pos.unsqueeze(1), self.all_slots[slot:slot + 1], mask
 
     def decode_width(self, slot: int) -> int:
-        """Cache slots a decode step writing `slot` attends to: its token-generation bucket, or the whole cache."""
-        return first_fit(self.tkg_buckets, slot + 1, "token-generation") if self.tkg_buckets else self.max_len
+        return decode_width(self.tkg_buckets, self.max_len, slot)
 
     def _decode_step(self, tokens, positions, slots, mask, uniform=None, params=None, how=None):
         step = StepInputs(positions=positions, slots=slots, mask=mask)

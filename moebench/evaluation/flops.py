@@ -1,5 +1,6 @@
 """The kernel FLOP ratio: multiply-accumulates counted on graphs captured from the submission as it ran."""
 
+import operator
 from dataclasses import dataclass, field
 from math import prod
 
@@ -35,17 +36,54 @@ def _matmul_macs(a, b, *_):
     return prod(batch) * rows * A[-1] * B[-1]
 
 
+def _einsum_macs(equation, operands, *_):
+    """torch.einsum contracted left to right, as torch does without opt_einsum: each pairwise product costs the
+    sizes of every index either side holds, and keeps the indices a later operand or the output needs ("..."
+    stands for the broadcast dims, aligned from the right)."""
+    inputs, _, output = equation.replace(" ", "").partition("->")
+    labels, sizes = [], {}
+    for letters, t in zip(inputs.split(","), operands):
+        shape = _shape(t)
+        pre, _, post = letters.partition("...")
+        n = len(shape) - len(pre) - len(post) if "..." in letters else 0
+        names = [*pre, *(f"...{n - i}" for i in range(n)), *post]
+        for name, size in zip(names, shape):
+            sizes[name] = max(sizes.get(name, 1), size)
+        labels.append(set(names))
+    kept = {c for c in sizes if c.startswith("...")} | set(output) if "->" in equation else \
+        {c for c in sizes if c.startswith("...") or sum(c in names for names in labels) == 1}
+    held, macs = labels[0], 0
+    for i, names in enumerate(labels[1:], 2):
+        both = held | names
+        macs += prod(sizes[c] for c in both)
+        later = set().union(*labels[i:]) | kept
+        held = both & later
+    return macs
+
+
+def _tensordot_macs(a, b, dims_a, dims_b, *_):
+    A, B = _shape(a), _shape(b)
+    return prod(A) * prod(d for i, d in enumerate(B) if i not in {x % len(B) for x in dims_b})
+
+
 # MACs of the matmul-like aten ops, from their argument shapes. Element-wise ops and lookups count zero. Graphs
 # traced while running (make_fx) hold the decomposed ops (mm, addmm, the backend's attention); torch.export's
-# graphs (the compile step's) keep linear, matmul and scaled_dot_product_attention whole.
+# graphs (the compile step's) keep linear, matmul, einsum and scaled_dot_product_attention whole.
 MATMUL_MACS = {
     aten.linear.default: lambda x, w, *_: prod(_shape(x)[:-1]) * prod(_shape(w)),
     aten.matmul.default: _matmul_macs,
+    aten.einsum.default: _einsum_macs,
+    aten.tensordot.default: _tensordot_macs,
     aten.scaled_dot_product_attention.default: _attention_macs,
     aten.mm.default: lambda a, b, *_: prod(_shape(a)) * _shape(b)[-1],
+    aten.mv.default: lambda a, b, *_: prod(_shape(a)),
+    aten.dot.default: lambda a, b, *_: prod(_shape(a)),
+    aten.vdot.default: lambda a, b, *_: prod(_shape(a)),
     aten.addmm.default: lambda bias, a, b, *_: prod(_shape(a)) * _shape(b)[-1],
+    aten.addmv.default: lambda bias, a, b, *_: prod(_shape(a)),
     aten.bmm.default: lambda a, b, *_: prod(_shape(a)) * _shape(b)[-1],
     aten.baddbmm.default: lambda c, a, b, *_: prod(_shape(a)) * _shape(b)[-1],
+    aten.addbmm.default: lambda c, a, b, *_: prod(_shape(a)) * _shape(b)[-1],
     # Each row of the token matrix meets one expert's [K, N] matrix.
     aten._grouped_mm.default: lambda a, b, *_: prod(_shape(a)) * _shape(b)[-1],
     aten._scaled_dot_product_flash_attention_for_cpu.default: _attention_macs,
@@ -56,6 +94,7 @@ MATMUL_MACS = {
 }
 if onednn.AVAILABLE:  # the CPU's eager products (moebench.model.onednn); a packed weight keeps its [N, K] shape
     MATMUL_MACS[torch.ops.mkldnn._linear_pointwise.default] = lambda x, w, *_: prod(_shape(x)[:-1]) * prod(_shape(w))
+MATMUL_BY_NAME = {str(op): f for op, f in MATMUL_MACS.items()}
 
 # moebench's C++ CPU operators (moebench.model.cpu_ops, loaded at run time: keyed by name), counted as the library
 # operators they stand in for: a prompt's attention over every key, a product against a weight in panels or of one
@@ -85,33 +124,98 @@ class MacCount:
                         self.kernel_ops | other.kernel_ops)
 
 
-def _kernel_of(target):
-    name = getattr(target, "_schema", None)
-    return KERNELS.get(name.name) if name is not None else None
+class BadCount(ValueError):
+    """A graph description or a kernel's MAC count that the harness cannot count from."""
+
+
+# Namespaces whose ops the harness counts by its own formulas (or as zero), whatever the submission declares.
+HARNESS_NAMESPACES = ("aten", "prims", "mkldnn", "moebench", "moebench_cpu", "quantized", "_quantized")
+
+
+def describe(gm: torch.fx.GraphModule) -> list:
+    """What the harness counts a graph's MACs from, as plain data: for each op node [target, args, declared], where
+    args are its arguments (a tensor as {"shape", "dtype"}) and declared the MACs a kernel registered in this
+    process gives itself (the submission's formula; None for other ops). Runs where the graph was made (the
+    submission's process); `described_macs` counts, in the harness's."""
+    nodes = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        values = [_meta_val(a) for a in (*node.args, *node.kwargs.values())]
+        kernel = KERNELS.get(node.target._schema.name)
+        declared = int(kernel.macs(*values)) if kernel is not None else None
+        nodes.append([str(node.target), [_plain(v) for v in values], declared])
+    return nodes
+
+
+def _meta_val(arg):
+    if isinstance(arg, torch.fx.Node):
+        return arg.meta.get("val")
+    return [_meta_val(a) for a in arg] if isinstance(arg, (list, tuple)) else arg
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return {"shape": [int(d) for d in value.shape], "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return None  # a dtype, a device, a symbolic size: no formula reads them
+
+
+def _value(value):
+    """A described argument for a formula: a tensor as a meta tensor of its shape (nothing allocated)."""
+    if isinstance(value, dict):
+        shape = value.get("shape")
+        if not (isinstance(shape, list) and len(shape) <= 16 and all(type(d) is int and d >= 0 for d in shape)):
+            raise BadCount(f"a tensor described with the shape {shape!r}")
+        dtype = getattr(torch, str(value.get("dtype")), None)
+        return torch.empty(shape, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32, device="meta")
+    if isinstance(value, list):
+        return [_value(v) for v in value]
+    return value
+
+
+def described_macs(nodes: list) -> MacCount:
+    """MACs of a graph from its description (`describe`), by the harness's own formulas: the matmul-like aten ops,
+    moebench's CPU operators and the kernels registered in this process. An op the submission registered as a
+    kernel elsewhere counts the MACs its formula declared there (a whole number, at least 0); ops of the aten and
+    other library namespaces never count as kernels."""
+    count = MacCount()
+    for node in nodes:
+        if not (isinstance(node, list) and len(node) == 3 and isinstance(node[0], str) and isinstance(node[1], list)):
+            raise BadCount("a graph node that is not [target, args, declared]")
+        target, args, declared = node
+        namespace, _, rest = target.partition(".")
+        schema = f"{namespace}::{rest.rsplit('.', 1)[0]}"
+        if schema in KERNELS:
+            macs, kernel = KERNELS[schema].macs(*map(_value, args)), True
+        elif target in MATMUL_BY_NAME:
+            macs, kernel = MATMUL_BY_NAME[target](*map(_value, args)), False
+        elif schema in CPU_OP_MACS:
+            macs, kernel = CPU_OP_MACS[schema](*map(_value, args)), False
+        elif declared is not None and namespace not in HARNESS_NAMESPACES:
+            macs, kernel = declared, True
+        else:
+            continue
+        try:
+            macs = int(macs) if isinstance(macs, float) else operator.index(macs)
+        except (TypeError, ValueError, OverflowError):
+            raise BadCount(f"{target}: its MAC count {macs!r} is not a whole number") from None
+        if macs < 0:
+            raise BadCount(f"{target}: its MAC count {macs} is negative")
+        count.total += macs
+        count.kernel += macs * kernel
+        if kernel:
+            count.kernel_ops |= {target}
+        count.by_op[target] = count.by_op.get(target, 0) + macs
+    return count
 
 
 def graph_macs(gm: torch.fx.GraphModule) -> MacCount:
     """MACs of one captured graph (torch.export or make_fx, ATen level, shapes in node.meta['val'])."""
-    count = MacCount()
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        kernel = _kernel_of(node.target)
-        if kernel is not None:
-            args = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in node.args]
-            macs = int(kernel.macs(*args))
-            count.kernel += macs
-            count.kernel_ops |= {str(node.target)}
-        elif node.target in MATMUL_MACS:
-            macs = int(MATMUL_MACS[node.target](*node.args))
-        elif (schema := getattr(node.target, "_schema", None)) is not None and schema.name in CPU_OP_MACS:
-            macs = int(CPU_OP_MACS[schema.name](*node.args))
-        else:
-            continue
-        count.total += macs
-        name = str(node.target)
-        count.by_op[name] = count.by_op.get(name, 0) + macs
-    return count
+    return described_macs(describe(gm))
 
 
 def capture_step(model: torch.nn.Module, input_ids: torch.Tensor, step: StepInputs, cache) -> torch.fx.GraphModule:

@@ -13,7 +13,9 @@ from moebench.cli.args import RunConfig
 from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_sharded_checkpoint, moebench_source_hash
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
-from moebench.evaluation.flops import GraphRuns, RequestMacs, graph_macs, request_macs
+from moebench.engine.generator import graph_runs
+from moebench.evaluation.flops import BadCount, GraphRuns, RequestMacs, describe, described_macs, request_macs
+from moebench.kernels.registry import load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
 from moebench.modes.parallel import parallelize
@@ -100,13 +102,33 @@ def compile_step(run: RunConfig, artifacts: Artifacts, model, engine, req: Reque
         print(f"compile: {', '.join(done)} in {artifacts.compile_seconds - before:.1f} s -> {artifacts.folder}")
 
 
-def kernel_macs(artifacts: Artifacts, model, engine, req: Request, seq_len: int, run: RunConfig) -> RequestMacs:
-    """MACs of one request, read from the exported graphs of the buckets it runs, each weighted by its runs;
-    traced while running instead when the model could not be exported."""
+def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len: int, run: RunConfig) -> list:
+    """The graphs of one request's buckets as `describe` gives them, each {"submodel", "bucket", "nodes"}: read
+    from the exported graphs, or traced while running when the model could not be exported. Made where the
+    submission runs; `request_flops` counts them."""
     if artifacts.export_error:
-        return request_macs(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
-                            **buckets_of(run))[0]
-    runs = engine.graph_runs(req.input_ids.shape[1], req.max_new_tokens)
-    return RequestMacs([GraphRuns(submodel, bucket, graph_macs(artifacts.graph((submodel, engine.batch,
-                                                                                engine.max_len, bucket))), n)
-                        for submodel, bucket, n in runs])
+        counted, graphs = request_macs(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
+                                       **buckets_of(run))
+        keys = [(g.submodel, g.bucket) for g in counted.graphs]
+    else:
+        keys = [(submodel, bucket) for submodel, bucket, _ in engine.graph_runs(req.input_ids.shape[1],
+                                                                                 req.max_new_tokens)]
+        graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
+    return [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
+
+
+def request_flops(run: RunConfig, req: Request, described: list) -> dict:
+    """benchmark_report.json's kernel_flops (RequestMacs.report): the described graphs counted by the harness's
+    formulas, each weighted by the runs the harness's own bucket rules give this request. Raises BadCount for a
+    description it cannot count from."""
+    load_builtin_kernels()  # moebench's kernels count by the formulas of this process
+    if not isinstance(described, list) or not all(isinstance(g, dict) for g in described):
+        raise BadCount("the graphs' description is not a list of graphs")
+    nodes = {(g.get("submodel"), g.get("bucket")): g.get("nodes") for g in described}
+    counted = []
+    for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
+                                          new_tokens=req.max_new_tokens):
+        if (submodel, bucket) not in nodes:
+            raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
+        counted.append(GraphRuns(submodel, bucket, described_macs(nodes[(submodel, bucket)]), n))
+    return RequestMacs(counted).report()

@@ -254,9 +254,9 @@ def discard(view: View | None) -> None:
 # ---- in the child, before anything of the submission runs ----
 
 def enter(view: View) -> None:
-    """Enters the view and becomes the view's user for good. Raises OSError only before the chroot (where the kernel refuses a
-    namespace or a mount, the child stays unconfined and the harness says so); past it, a failure ends the
-    process."""
+    """Enters the view and becomes the view's user for good. Raises OSError only before the chroot (where the
+    kernel refuses a namespace or a mount, the child stays unconfined and the harness says so); past it, a failure
+    ends the process."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(result: int, what: str) -> None:

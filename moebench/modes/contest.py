@@ -24,7 +24,9 @@ from moebench.model.loader import ModelSource, build_model
 from moebench.model.presets import PRESETS
 from moebench.model.qwen3_moe import (KERNEL_BLOCKS, Attention, DenseMLP, ModelOptions, Qwen3MoeForCausalLM, RMSNorm,
                                       SparseMoE)
-from moebench.modes.compiled import build_from_shards, compile_step, kernel_macs, open_artifacts
+from moebench.evaluation.flops import BadCount
+from moebench.modes.compiled import (build_from_shards, compile_step, described_graphs, open_artifacts,
+                                     request_flops)
 from moebench.modes.parallel import parallelize
 from moebench.modes.setup import Request, make_engine
 from moebench.progress import Progress
@@ -232,7 +234,13 @@ class UnderTest:
 
     def kernel_flops(self, req: Request) -> dict:
         """benchmark_report.json's kernel_flops for this request (RequestMacs.report), from the compiled graphs."""
-        return kernel_macs(self.artifacts, self.model, self.engine, req, self.run.seq_len, self.run).report()
+        from moebench.modes.sandbox import SubmissionFault
+
+        described = described_graphs(self.artifacts, self.model, self.engine, req, self.run.seq_len, self.run)
+        try:
+            return request_flops(self.run, req, described)
+        except BadCount as e:
+            raise SubmissionFault(f"the kernel FLOP count failed: {e}") from None
 
 
 def _clip(text: str, n: int = 300) -> str:

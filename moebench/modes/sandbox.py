@@ -162,6 +162,7 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
                                 timeout=timedelta(seconds=run.phase_time_limit))
     from moebench.evaluation.benchmark import Timings, time_request
     from moebench.evaluation.submission import load_submission
+    from moebench.modes.compiled import described_graphs
     from moebench.modes.contest import UnderTest
     from moebench.modes.setup import Request, device_of, dtype_of, open_source
 
@@ -186,7 +187,8 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
         return tokens.cpu(), {"ttft": t.ttft[0], "context": t.context[0], "steps": t.steps[0]}
 
     handlers = {"greedy": lambda ids, mask, n: under.engine.greedy(ids, mask, n),
-                "request": request, "flops": lambda: under.kernel_flops(req)}
+                "request": request,
+                "graphs": lambda: described_graphs(under.artifacts, under.model, under.engine, req, run.seq_len, run)}
     while True:
         try:
             cmd, args = _receive(conn)
@@ -451,7 +453,15 @@ class IsolatedSubmission:
         return report
 
     def kernel_flops(self, req) -> dict:
-        return self.box.call("the FLOP count", "flops")
+        """The child describes its graphs; the harness counts them here, by its own formulas and bucket rules (the
+        child could change any count made in its own process)."""
+        from moebench.evaluation.flops import BadCount
+        from moebench.modes.compiled import request_flops
+
+        try:
+            return request_flops(self.run, req, self.box.call("the FLOP count", "graphs"))
+        except BadCount as e:
+            raise SubmissionFault(f"the kernel FLOP count failed: {e}") from None
 
     def paused(self):
         """While the harness times the reference: the submission's processes stopped, so none can slow it."""

@@ -1,0 +1,38 @@
+"""Broken: its own kernel (a torch custom op standing in for a Triton one) is registered with a MAC formula that
+gives a negative count (BROKEN_MACS=nan: not a number). The harness counts the FLOP ratio and refuses the count: a
+failed, recorded evaluation, one line (before: a traceback and no record)."""
+
+import os
+
+import torch
+
+from moebench.kernels.registry import register_kernel
+from moebench.model.qwen3_moe import Qwen3MoeForCausalLM as Reference
+
+
+@torch.library.custom_op("broken_macs::head", mutates_args=())
+def head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x @ weight.T
+
+
+@head.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+MACS = float(os.environ.get("BROKEN_MACS", "-1"))
+register_kernel("broken_macs::head", macs=lambda x, w: MACS * x.shape[0] * x.shape[1] * w.shape[0])
+
+
+class Head(torch.nn.Linear):
+    def forward(self, h):
+        return head(h, self.weight)
+
+
+class Qwen3MoeForCausalLM(Reference):
+    def __init__(self, config, options):
+        super().__init__(config, options)
+        weight = self.lm_head.weight
+        self.lm_head = Head(weight.shape[1], weight.shape[0], bias=False)
+        self.lm_head.weight = weight
+        self.tie_weights()
