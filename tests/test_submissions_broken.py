@@ -120,8 +120,8 @@ def test_qwen_py_in_the_working_folder_is_preferred(capsys, in_tmp, no_qwen_on_p
 
 
 @pytest.mark.parametrize("isolation, macs, words", [
-    ("user", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -4096 is negative"),
-    ("none", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -4096 is negative"),
+    ("user", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -524288 is negative"),
+    ("none", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -524288 is negative"),
     ("user", "nan", "the submission failed during the FLOP count: ValueError: cannot convert float NaN to integer"),
 ])
 def test_a_kernel_whose_mac_formula_gives_no_count_fails_its_evaluation_and_is_recorded(isolation, macs, words,
@@ -136,3 +136,23 @@ def test_a_kernel_whose_mac_formula_gives_no_count_fails_its_evaluation_and_is_r
     assert code == 1 and f"evaluation failed: {words}" in out, out + err
     with open("moebench-tiny_score_records.csv", newline="") as f:
         assert [r["final_score"] for r in csv.DictReader(f)] == ["0.0"]
+
+
+@pytest.mark.parametrize("macs", ["1", "1000"])
+def test_a_kernel_share_counted_far_from_the_references_macs_is_not_credited(macs, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("BROKEN_MACS", macs)
+    code, out, err = run(capsys, "--mode", "evaluate_single", "--qwen", SUBMISSIONS / "broken_macs.py",
+                         "--seq-len", "20", "--benchmark-runs", "1", "--warmup-runs", "0", "--audit-pairs", "0",
+                         "--skip-accuracy", "--base-latency", "100", "--base-throughput", "100")
+    assert code == 0, out + err
+    report = json.loads(Path("benchmark_report.json").read_text())
+    check, flops = report["checks"]["mac_count"], report["kernel_flops"]
+    if macs == "1":  # honest: the same MACs as the reference, the LM head's share credited
+        assert check["credited"] and check["factor"] == 1 and 0.2 < flops["nki_flop_ratio"] < 0.5
+        assert "not_credited" not in flops
+    else:
+        assert not check["credited"] and check["factor"] > 100 and flops["nki_flop_ratio"] == 0
+        assert "note: its graphs count" in out and "so its kernel share (0.99" in out
+        assert "is not credited" in flops["not_credited"]

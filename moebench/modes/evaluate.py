@@ -67,6 +67,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         if isolated:
             report["checks"] = checks = under.finish(device, dtype)
             problems = check_problems(checks)
+            uncredited(flops, checks.get("mac_count"))
     except SubmissionFault as e:
         print(f"evaluation failed: {e}")
         return record_failure(run, sub, source, device, prompt, index, base, str(e)), None, str(e)
@@ -112,6 +113,18 @@ def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, f
     if base is None:
         base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
     return Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
+
+
+def uncredited(flops: dict, mac_count: dict | None) -> None:
+    """The kernel share is not credited (ratio 0, and why) when the submission's MACs are not credible."""
+    if mac_count is None or mac_count["credited"]:
+        return
+    why = (f"its graphs count {mac_count['factor']:.3g} times the reference's MACs for this request "
+           f"({mac_count['submission_total_macs']:,} against {mac_count['reference_total_macs']:,}; at most "
+           f"{mac_count['allowed_factor']:g} times either way), so its kernel share "
+           f"({flops['nki_flop_ratio']:.4f}) is not credited")
+    print(f"note: {why}")
+    flops.update(nki_flop_ratio=0.0, not_credited=why)
 
 
 def check_problems(checks: dict) -> list[str]:

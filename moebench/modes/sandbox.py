@@ -418,7 +418,7 @@ class IsolatedSubmission:
                                                                     "with the host's loopback for its ranks' group")
                   + "; the clock, the reference and the records stay in the harness's")
         self.compile = self.box.started["compile"]
-        self.outputs, self.audit = [], None
+        self.outputs, self.audit, self.flops = [], None, None
 
     def validate(self, expected, req, tokenizer):
         from moebench.modes.contest import validate_submission
@@ -459,9 +459,10 @@ class IsolatedSubmission:
         from moebench.modes.compiled import request_flops
 
         try:
-            return request_flops(self.run, req, self.box.call("the FLOP count", "graphs"))
+            self.flops = request_flops(self.run, req, self.box.call("the FLOP count", "graphs")), req
         except BadCount as e:
             raise SubmissionFault(f"the kernel FLOP count failed: {e}") from None
+        return self.flops[0]
 
     def paused(self):
         """While the harness times the reference: the submission's processes stopped, so none can slow it."""
@@ -475,17 +476,25 @@ class IsolatedSubmission:
         from moebench.engine.generator import Engine
         from moebench.evaluation.accuracy import DEFAULT_FAILED_FRACTION
         from moebench.evaluation.checked import spot_check
+        from moebench.evaluation.flops import credibility, request_macs
         from moebench.model.loader import build_model
         from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
         from moebench.modes.contest import divergence_tol
+        from moebench.modes.setup import buckets_of
 
         self.box.stop()
         checks = {"caching_audit": self.audit.report() if self.audit else None}
-        if self.outputs:
+        if self.outputs or self.flops:
             ref = build_model(Qwen3MoeForCausalLM, self.source, ModelOptions(), dtype, device)
+        if self.outputs:
             engine = Engine(ref, batch=1, max_len=self.run.seq_len)
             checks["spot_check"] = spot_check(engine, self.outputs, divergence_tol(self.run),
                                               DEFAULT_FAILED_FRACTION[self.run.torch_dtype])
+        if self.flops and self.run.tp_degree == 1:  # (a rank's graphs hold its shard of the work)
+            flops, req = self.flops
+            counted, _ = request_macs(ref, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len,
+                                      **buckets_of(self.run))
+            checks["mac_count"] = credibility(flops, counted)
         return checks
 
     def close(self) -> None:

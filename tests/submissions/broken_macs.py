@@ -1,6 +1,7 @@
-"""Broken: its own kernel (a torch custom op standing in for a Triton one) is registered with a MAC formula that
-gives a negative count (BROKEN_MACS=nan: not a number). The harness counts the FLOP ratio and refuses the count: a
-failed, recorded evaluation, one line (before: a traceback and no record)."""
+"""Broken: its own kernel (a torch custom op standing in for a Triton one, the LM head) is registered with a MAC
+formula that gives a negative count (BROKEN_MACS=nan: not a number): the harness refuses the count, a failed,
+recorded evaluation in one line (before: a traceback and no record). BROKEN_MACS=1 is honest; 1000 inflates the
+count: the kernel share is then not credited."""
 
 import os
 
@@ -21,7 +22,7 @@ def _(x, weight):
 
 
 MACS = float(os.environ.get("BROKEN_MACS", "-1"))
-register_kernel("broken_macs::head", macs=lambda x, w: MACS * x.shape[0] * x.shape[1] * w.shape[0])
+register_kernel("broken_macs::head", macs=lambda x, w: MACS * x.shape[0] * x.shape[1] * x.shape[2] * w.shape[0])
 
 
 class Head(torch.nn.Linear):
