@@ -184,6 +184,23 @@ def test_the_harness_counts_a_described_graph_by_its_own_formulas():
     assert (count.total, count.kernel, count.kernel_ops) == (2 * 3 * 8 * 16 + 500, 500, {"team.head.default"})
     for bad in (["team.head.default", [x], -1], ["team.head.default", [x], float("nan")],
                 ["team.head.default", [x], "many"], ["aten.linear.default", [{"shape": [-2, 8]}, w], None],
-                ["aten.linear.default", [{"shape": "big"}, w], None], ["aten.linear.default", [x, w]], "node"):
-        with pytest.raises(BadCount):
+                ["aten.linear.default", [{"shape": "big"}, w], None], ["aten.linear.default", [x, w]], "node",
+                ["aten.linear.default", [], None], ["aten.linear.default", [{"shape": [10**30, 8]}, w], None]):
+        with pytest.raises(BadCount) as e:
             described_macs([bad])
+        assert "\n" not in str(e.value)  # one line
+
+
+def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from moebench.modes.compiled import request_flops
+
+    run = SimpleNamespace(enable_bucketing=False, seq_len=20)
+    req = SimpleNamespace(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3)
+    cte = {"submodel": "context_encoding_model", "bucket": 4, "nodes": []}
+    tkg = {"submodel": "token_generation_model", "bucket": 20, "nodes": []}
+    assert request_flops(run, req, [cte, tkg])["total_macs"] == 0
+    for bad in (None, [1], [{**cte, "bucket": [4]}, tkg], [{**cte, "nodes": None}, tkg], [cte]):
+        with pytest.raises(BadCount):
+            request_flops(run, req, bad)

@@ -182,6 +182,8 @@ def described_macs(nodes: list) -> MacCount:
     moebench's CPU operators and moebench's kernels. An op the submission registered as a kernel counts the MACs its
     formula declared where the graph was described (a whole number, at least 0); ops of moebench's, aten's and the
     other library namespaces never take a declared count."""
+    if not isinstance(nodes, list):
+        raise BadCount("a graph described without its list of nodes")
     count = MacCount()
     for node in nodes:
         if not (isinstance(node, list) and len(node) == 3 and isinstance(node[0], str) and isinstance(node[1], list)):
@@ -190,15 +192,23 @@ def described_macs(nodes: list) -> MacCount:
         namespace, _, rest = target.partition(".")
         schema = f"{namespace}::{rest.rsplit('.', 1)[0]}"
         if namespace == "moebench" and schema in KERNELS:  # moebench's own kernels (load_builtin_kernels)
-            macs, kernel = KERNELS[schema].macs(*map(_value, args)), True
+            formula, kernel = KERNELS[schema].macs, True
         elif target in MATMUL_BY_NAME:
-            macs, kernel = MATMUL_BY_NAME[target](*map(_value, args)), False
+            formula, kernel = MATMUL_BY_NAME[target], False
         elif schema in CPU_OP_MACS:
-            macs, kernel = CPU_OP_MACS[schema](*map(_value, args)), False
+            formula, kernel = CPU_OP_MACS[schema], False
         elif declared is not None and namespace not in HARNESS_NAMESPACES:
-            macs, kernel = declared, True
+            formula, kernel = (lambda *_: declared), True
         else:
             continue
+        try:
+            macs = formula(*[_value(a) for a in args])
+        except BadCount:
+            raise
+        except Exception as e:  # noqa: BLE001  arguments no such op is called with, sizes no tensor can have
+            line = (str(e).strip().splitlines() or [""])[0][:200]
+            raise BadCount(f"{target}: no MAC count from the arguments described ({type(e).__name__}: "
+                           f"{line})") from None
         try:
             macs = int(macs) if isinstance(macs, float) else operator.index(macs)
         except (TypeError, ValueError, OverflowError):

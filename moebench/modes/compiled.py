@@ -124,7 +124,8 @@ def request_flops(run: RunConfig, req: Request, described: list) -> dict:
     load_builtin_kernels()  # moebench's kernels count by the formulas of this process
     if not isinstance(described, list) or not all(isinstance(g, dict) for g in described):
         raise BadCount("the graphs' description is not a list of graphs")
-    nodes = {(g.get("submodel"), g.get("bucket")): g.get("nodes") for g in described}
+    nodes = {(g.get("submodel"), g.get("bucket")): g.get("nodes") for g in described
+             if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
     counted = []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
