@@ -184,6 +184,13 @@ def test_forging_the_mac_counts_in_the_submissions_process_changes_nothing():
     assert float(records()[-1]["nki_flop_ratio"]) == 0
 
 
+def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation():
+    code, out, err = evaluate("malformed_start", "--skip-accuracy")
+    assert code == 1, out + err
+    assert "evaluation failed: the submission's process sent a malformed reply during load and compile" in out
+    assert float(records()[-1]["final_score"]) == 0
+
+
 def test_answering_a_timed_request_with_fewer_tokens_fails_the_evaluation():
     code, out, err = evaluate("truncate_when_timed", "--skip-accuracy")
     assert code == 1, out + err

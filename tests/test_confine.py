@@ -126,3 +126,21 @@ def test_under_tensor_parallelism_each_rank_publishes_its_own_entries_and_rank_0
     (planted / "graphs").symlink_to(tmp_path / "stage0" / "graphs")  # a link above the entry: never followed
     confine.publish(confine.View("", "", "", 60999, -1, stage=str(planted)), artifacts, 0)
     assert not (artifacts / "graphs" / "tp0").exists() and (artifacts / "graphs" / "tp1").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the view is planned only as root")
+def test_the_submissions_processes_cannot_stop_the_helper_that_signals_them(tmp_path):
+    import subprocess
+    import time
+
+    (tmp_path / "qwen.py").write_text("")
+    view, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "ef" * 32, [], tmp_path / "a", False)
+    # as a daemon the submission left could: stop every process it may signal, over and over
+    stopper = subprocess.Popen(["sh", "-c", "while :; do kill -STOP -1; done"], user=view.uid, group=confine.GID,
+                               start_new_session=True)
+    time.sleep(0.5)
+    started = time.monotonic()
+    with confine.paused(view, None):
+        pass
+    confine.discard(view)
+    assert stopper.wait(10) == -9 and time.monotonic() - started < 10

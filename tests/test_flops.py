@@ -185,7 +185,8 @@ def test_the_harness_counts_a_described_graph_by_its_own_formulas():
     for bad in (["team.head.default", [x], -1], ["team.head.default", [x], float("nan")],
                 ["team.head.default", [x], "many"], ["aten.linear.default", [{"shape": [-2, 8]}, w], None],
                 ["aten.linear.default", [{"shape": "big"}, w], None], ["aten.linear.default", [x, w]], "node",
-                ["aten.linear.default", [], None], ["aten.linear.default", [{"shape": [10**30, 8]}, w], None]):
+                ["aten.linear.default", [], None], ["aten.linear.default", [{"shape": [10**30, 8]}, w], None],
+                ["team.head.default", [x], 10**400], ["team.head.default", [x], -10**5000]):
         with pytest.raises(BadCount) as e:
             described_macs([bad])
         assert "\n" not in str(e.value)  # one line

@@ -122,7 +122,8 @@ def test_qwen_py_in_the_working_folder_is_preferred(capsys, in_tmp, no_qwen_on_p
 @pytest.mark.parametrize("isolation, macs, words", [
     ("user", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -524288 is negative"),
     ("none", "-1", "the kernel FLOP count failed: broken_macs.head.default: its MAC count -524288 is negative"),
-    ("user", "nan", "the submission failed during the FLOP count: ValueError: cannot convert float NaN to integer"),
+    ("user", "nan", "the kernel FLOP count failed: broken_macs.head.default: its MAC count nan is not a whole number"),
+    ("none", "nan", "the kernel FLOP count failed: broken_macs.head.default: its MAC count nan is not a whole number"),
 ])
 def test_a_kernel_whose_mac_formula_gives_no_count_fails_its_evaluation_and_is_recorded(isolation, macs, words,
                                                                                         capsys, monkeypatch):

@@ -143,9 +143,18 @@ def describe(gm: torch.fx.GraphModule) -> list:
             continue
         values = [_meta_val(a) for a in (*node.args, *node.kwargs.values())]
         kernel = KERNELS.get(node.target._schema.name)
-        declared = int(kernel.macs(*values)) if kernel is not None else None
+        declared = _declared(kernel.macs(*values)) if kernel is not None else None
         nodes.append([str(node.target), [_plain(v) for v in values], declared])
     return nodes
+
+
+def _declared(macs):
+    """A kernel formula's result as plain data, for `described_macs` to accept or refuse (a whole number, at least
+    0): a count that is not one is refused there, with the harness's message, in either process."""
+    try:
+        return operator.index(macs)
+    except TypeError:
+        return macs if isinstance(macs, (float, str)) else repr(macs)
 
 
 def _meta_val(arg):
@@ -214,7 +223,10 @@ def described_macs(nodes: list) -> MacCount:
         except (TypeError, ValueError, OverflowError):
             raise BadCount(f"{target}: its MAC count {macs!r} is not a whole number") from None
         if macs < 0:
-            raise BadCount(f"{target}: its MAC count {macs} is negative")
+            raise BadCount(f"{target}: its MAC count {macs} is negative" if macs > -2**62 else
+                           f"{target}: its MAC count is negative")
+        if macs >= 2**62:
+            raise BadCount(f"{target}: its MAC count is 2**62 or more, beyond any graph")
         count.total += macs
         count.kernel += macs * kernel
         if kernel:

@@ -29,7 +29,6 @@ import shutil
 import signal
 import site
 import stat
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 
 USERS = range(60999, 60999 - 512, -1)  # the submissions' user ids, one per evaluation at a time
 GID = 60999  # their group: the per-module compile caches are the group's, shared by the evaluations of one module
+SIGNALLER = USERS[-1] - 1  # the real user of the helper that signals a submission's processes (no one else's)
 USER = "moebench-sandbox"
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
 SHARED = ("manifest.json", "tokenizer")  # an artifacts folder's entries rank 0 writes; each rank has its own too
@@ -74,8 +74,6 @@ def _within(path: str, folder: str) -> bool:
 def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Path, reuse: bool,
          euid: int | None = None, network: bool = False) -> tuple[View | None, str]:
     """The view for this run, or (None, why isolation is partial here)."""
-    import moebench
-
     if (os.geteuid() if euid is None else euid) != 0:
         return None, "the harness does not run as root, so the submission runs as this same user and could read " \
                      "this user's files"
@@ -87,6 +85,17 @@ def plan(run, module: Path, module_sha: str, model_folders: list, artifacts: Pat
         return None, f"every one of the {len(USERS)} sandbox users is held by a running evaluation, so the " \
                      "submission runs as this same user and could read this user's files"
     uid, lock = user
+    try:
+        return _plan(run, module, module_sha, model_folders, artifacts, reuse, network, base, uid, lock)
+    except BaseException:
+        discard(View("", "", "", uid, lock))
+        raise
+
+
+def _plan(run, module, module_sha, model_folders, artifacts, reuse, network, base, uid, lock):
+    """plan's view, for the user it holds."""
+    import moebench
+
     # One compile cache per module: a cache shared by submissions would let one plant compiled code for another.
     # MOEBENCH_SANDBOX_CACHE shares one between trusted modules (the test suite's, to compile each graph once).
     cache = Path(os.environ.get("MOEBENCH_SANDBOX_CACHE") or base / module_sha[:16]).absolute()
@@ -208,18 +217,26 @@ def _claim_user(base: Path) -> tuple[int, int] | None:
         except OSError:
             os.close(fd)
             continue
-        signal_all(uid, "KILL")
+        signal_all(uid, signal.SIGKILL)
         return uid, fd
     return None
 
 
-def signal_all(uid: int, sig: str) -> None:
-    """Sends the signal `sig` to every process of the user uid, wherever it is (a double fork leaves the child's process
-    group, never its user): kill(-1) run as that user, which reaches exactly its processes."""
-    kill = shutil.which("kill", path="/usr/bin:/bin")
-    if kill is not None:  # `kill -SIG -1`: the form procps' and util-linux's both read (procps takes no --)
-        subprocess.run([kill, f"-{sig}", "-1"], user=uid, group=GID, extra_groups=[],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+def signal_all(uid: int, sig: signal.Signals) -> None:
+    """Sends `sig` to every process of the user uid, wherever it is (a double fork leaves the child's process group,
+    never its user): kill(-1) from a forked helper whose effective user is uid and whose real and saved user is
+    SIGNALLER, so it reaches exactly uid's processes, and none of them can signal (stop) it in turn."""
+    pid = os.fork()
+    if pid == 0:  # only system calls here: the harness's other threads do not exist in this process
+        try:
+            os.setgroups([])
+            os.setresgid(GID, GID, GID)
+            os.setresuid(SIGNALLER, uid, SIGNALLER)
+            os.kill(-1, sig)
+        except BaseException:  # noqa: BLE001  (no process left: ESRCH)
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
 
 
 @contextlib.contextmanager
@@ -227,14 +244,14 @@ def paused(view: View | None, pid: int | None):
     """Every process of the submission stopped (SIGSTOP) while the harness times something else (the reference's
     baseline), so none can slow it; without a view of its own (partial isolation), the child's own process."""
     if view is not None:
-        signal_all(view.uid, "STOP")
+        signal_all(view.uid, signal.SIGSTOP)
     elif pid is not None:
         os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
         if view is not None:
-            signal_all(view.uid, "CONT")
+            signal_all(view.uid, signal.SIGCONT)
         elif pid is not None:
             os.kill(pid, signal.SIGCONT)
 
@@ -243,7 +260,7 @@ def discard(view: View | None) -> None:
     """The evaluation is over: every process of its user is killed, its staging folder removed, the user released."""
     if view is None:
         return
-    signal_all(view.uid, "KILL")
+    signal_all(view.uid, signal.SIGKILL)
     if view.stage is not None:
         shutil.rmtree(view.stage, ignore_errors=True)
     if view.lock >= 0:

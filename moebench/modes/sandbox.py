@@ -391,20 +391,26 @@ class IsolatedSubmission:
             group = (self.rank, run.tp_degree, _shared(self.store.port if self.store else None))
         self.view, partial = confine.plan(run, module, hashlib.sha256(module.read_bytes()).hexdigest(), folders,
                                           self.artifacts, run.skip_compile, network=run.tp_degree > 1)
-        if not run.skip_compile:
-            make_folder(self.artifacts)  # in one line, before a process starts, what publish would stumble on
-        if self.view is not None and extend:
-            confine.stage_from(self.view, self.artifacts, self.rank)
         self.box = None
         try:
+            if not run.skip_compile:
+                make_folder(self.artifacts)  # in one line, before a process starts, what publish would stumble on
+            if self.view is not None and extend:
+                confine.stage_from(self.view, self.artifacts, self.rank)
             self.box = Sandbox(run, req, run.phase_time_limit, extend, self.view, group)
+            started = self.box.started
+            if not (isinstance(started, dict) and isinstance(started.get("partial"), str)
+                    and isinstance(started.get("compile"), dict) and type(started.get("uid")) is int):
+                raise SubmissionFault("the submission's process sent a malformed reply during load and compile")
             confine.publish(self.view, self.artifacts, self.rank)  # where a compile in one process puts it
         except BaseException:
             if self.box is not None:  # a process left running would hold the harness's exit
                 self.box.kill()
             confine.discard(self.view)
             raise
-        partial = partial or self.box.started["partial"]
+        # the child could not enter its view (the kernel refused): it runs as the harness's user, not the view's
+        self.confined = self.view is not None and not started["partial"]
+        partial = partial or started["partial"]
         where = f"in its own process (pid {self.box.process.pid})" if run.tp_degree == 1 else \
             f"in a process of its own per rank ({run.tp_degree}, joined by their own gloo group)"
         if partial:
@@ -468,7 +474,7 @@ class IsolatedSubmission:
         """While the harness times the reference: the submission's processes stopped, so none can slow it."""
         from moebench.modes import confine
 
-        return confine.paused(self.view, self.box.process.pid)
+        return confine.paused(self.view if self.confined else None, self.box.process.pid)
 
     def finish(self, device, dtype) -> dict:
         """Stops the submission's process, then checks every timed output with the reference (built now, so that
