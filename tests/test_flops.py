@@ -196,6 +196,7 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
     from types import SimpleNamespace
 
     from moebench.modes.compiled import request_flops
+    from moebench.modes.sandbox import SubmissionFault
 
     run = SimpleNamespace(enable_bucketing=False, seq_len=20)
     req = SimpleNamespace(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3)
@@ -203,5 +204,5 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
     tkg = {"submodel": "token_generation_model", "bucket": 20, "nodes": []}
     assert request_flops(run, req, [cte, tkg])["total_macs"] == 0
     for bad in (None, [1], [{**cte, "bucket": [4]}, tkg], [{**cte, "nodes": None}, tkg], [cte]):
-        with pytest.raises(BadCount):
+        with pytest.raises(SubmissionFault, match="^the kernel FLOP count failed: "):
             request_flops(run, req, bad)

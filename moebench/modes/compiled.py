@@ -19,6 +19,7 @@ from moebench.kernels.registry import load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
 from moebench.modes.parallel import parallelize
+from moebench.modes.sandbox import SubmissionFault
 from moebench.modes.setup import Request, buckets_of, on_device_sampling
 
 CTE, TKG = "context_encoding_model", "token_generation_model"
@@ -119,8 +120,15 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
 
 def request_flops(run: RunConfig, req: Request, described: list) -> dict:
     """benchmark_report.json's kernel_flops (RequestMacs.report): the described graphs counted by the harness's
-    formulas, each weighted by the runs the harness's own bucket rules give this request. Raises BadCount for a
-    description it cannot count from."""
+    formulas, each weighted by the runs the harness's own bucket rules give this request. A description it cannot
+    count from is the submission's fault: a failed evaluation."""
+    try:
+        return _request_flops(run, req, described)
+    except BadCount as e:
+        raise SubmissionFault(f"the kernel FLOP count failed: {e}") from None
+
+
+def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
     load_builtin_kernels()  # moebench's kernels count by the formulas of this process
     if not isinstance(described, list) or not all(isinstance(g, dict) for g in described):
         raise BadCount("the graphs' description is not a list of graphs")

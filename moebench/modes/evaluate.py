@@ -1,6 +1,5 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
-import contextlib
 import dataclasses
 import sys
 from dataclasses import asdict, dataclass
@@ -53,7 +52,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         expected = None
         if not run.skip_accuracy:
             expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
-        with under.paused() if isolated else contextlib.nullcontext():  # nothing of it runs beside the reference
+        with under.paused():  # nothing of the submission runs beside the reference
             base = choose_base(run, source, req, device, dtype, base, folder)
         accuracy, checked, v, problems = 1.0, False, None, []
         if expected is not None:
