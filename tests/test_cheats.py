@@ -99,6 +99,8 @@ def test_a_confined_submission_cannot_see_or_forge_the_expected_logits_or_the_re
         {n: h for n, h in before.items() if n.startswith(("expected_logits", "prompt"))}
     assert [r["team_id"] for r in records()] == [""]  # the cheat's own row, no forged one
     assert "logit validation PASS" in out and float(records()[-1]["accuracy"]) == 1
+    # what Inductor compiled in the view, its precompiled C++ headers too, is kept in the module's cache folder
+    assert list(Path(os.environ["MOEBENCH_SANDBOX_CACHE"], "inductor", "precompiled_headers").glob("*.gch"))
 
 
 def test_a_pickle_from_the_submission_never_runs_in_the_harness():

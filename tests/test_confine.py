@@ -41,6 +41,9 @@ def test_the_view_holds_the_module_its_python_helpers_the_model_and_nothing_else
         assert view.uid in confine.USERS and os.stat(view.stage).st_uid == view.uid
         assert os.stat(view.cache).st_gid == confine.GID and os.stat(view.cache).st_mode & 0o7777 == 0o2770
         assert view.cwd == os.getcwd()
+        # Inductor's default cache folder in the empty /tmp is the module's: its precompiled headers are kept
+        assert [(s, w) for s, p, w in view.binds if p == f"/tmp/torchinductor_{confine.USER}"] == \
+            [(os.path.realpath(Path(view.cache, "inductor")), True)]
     finally:
         confine.discard(view)
     reused, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "ab" * 32, [], tmp_path / "traced_model", True)

@@ -7,7 +7,8 @@ building and running the model needs, then becomes an unprivileged user with no 
   the model folder, the contestant module with the Python files and packages beside it, and the artifacts folder
   when --skip-compile reuses it;
 - writable: the artifacts folder when the child compiles (a staging copy, published by the harness once the
-  child is done with it), a cache folder of the module's own (Inductor, Triton), an empty /tmp;
+  child is done with it), a cache folder of the module's own (Inductor, Triton), an empty /tmp (but for Inductor's
+  default cache folder in it, which is the module's cache folder too);
 - absent: everything else. The working directory's expected logits, prompt data, reports and records are not in
   the view, nor is anything the harness writes while the child runs.
 
@@ -110,6 +111,9 @@ def _plan(run, module, module_sha, model_folders, artifacts, reuse, network, bas
                  Path(moebench.__file__).parent, *model_folders):
         view.bind(path)
     _bind_module(view, module)
+    # Inductor keeps its precompiled C++ headers in the user's default cache folder, not TORCHINDUCTOR_CACHE_DIR: in
+    # the empty /tmp every evaluation would build them anew (~7 s)
+    view.bind(f"/tmp/torchinductor_{USER}", writable=True, source=cache / "inductor")
     artifacts = artifacts.absolute()
     if reuse or artifacts.exists() and not artifacts.is_dir():
         view.bind(artifacts)  # read only: --skip-compile reads; a file there is the child's error to report
