@@ -210,3 +210,14 @@ def test_gpu_decode_pdl_side_by_side_measures_each_engine_with_its_own_setting(m
         (300.0, 250.0, 900.0, 40.0)
     assert "PDL on / off: decode 300 / 250 tok/s (1.200x); request 900 / 1000 ms" in lines[-2]
     assert "with PDL: 48 kernel launches, 700 µs of kernels; the longest: _pair_gate_up_kernel 700 µs" in lines[-1]
+
+
+def test_base_in_turn_scores_an_honest_copy_both_ways(tmp_path):
+    out = tmp_path / "turn.json"
+    proc = bench("base_in_turn.py", "--seq-len", "16", "--runs", "2", "--rounds", "1", out=out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["one_after_the_other"] > 0 and row["in_turn"] > 0 and row["p50_ratio_in_turn"] > 0
+    assert result["spread"]["in_turn"]["median"] == row["in_turn"] and result["new_tokens"] > 0
+    assert "in turn (p50 submission / reference" in proc.stdout

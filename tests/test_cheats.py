@@ -209,9 +209,12 @@ def test_a_timed_answer_is_checked_before_it_is_kept():
     inner = {"ttft": 1, "context": 0.5, "steps": [0.1, 0.2]}
     tokens = torch.tensor([[1, 2, 3]])
     assert _timed_reply((tokens, inner), 1, 3, 10)[1] == {"ttft": 1.0, "context": 0.5, "steps": [0.1, 0.2]}
+    as_sent = {**inner, "steps": torch.tensor([0.1, 0.2], dtype=torch.float64)}  # (what answer_request sends)
+    assert _timed_reply((tokens, as_sent), 1, 3, 10)[1] == {"ttft": 1.0, "context": 0.5, "steps": [0.1, 0.2]}
     for bad in ((tokens, {"ttft": 1}), (tokens, None), (tokens,), (tokens[:, :2], inner), (tokens.float(), inner),
                 (torch.tensor([[1, 2, 10]]), inner), (torch.tensor([[1, -1, 3]]), inner), ([[1, 2, 3]], inner),
-                (tokens.bool(), inner), (torch.cat([tokens, tokens]), inner)):
+                (tokens.bool(), inner), (torch.cat([tokens, tokens]), inner), (tokens, {**inner, "steps": [0.1]}),
+                (tokens, {**inner, "steps": ["x", "y"]}), (tokens, {**inner, "steps": torch.zeros(2, 1)})):
         with pytest.raises(SubmissionFault):
             _timed_reply(bad, 1, 3, 10)
 

@@ -310,7 +310,11 @@ def test_evaluate_single_skip_accuracy_measures_the_base(in_tmp):
     assert header == RECORD_COLUMNS and len(rows) == 1
     check_record(rows[0])
     assert rows[0]["accuracy"] == "1"
-    assert float(rows[0]["base_latency"]) > 0 and float(rows[0]["base_throughput"]) > 0
+    # the base: the reference timed alternating with the submission, on its prompts, by the same clock
+    reference = json.loads((in_tmp / "benchmark_report.json").read_text())["reference"]["e2e_model"]
+    assert reference["runs"] == 2 and "alternating with the submission on the same prompts" in out
+    assert float(rows[0]["base_latency"]) == reference["latency_ms_p99"] > 0
+    assert float(rows[0]["base_throughput"]) == reference["throughput"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

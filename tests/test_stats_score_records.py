@@ -86,6 +86,42 @@ def test_one_new_token_reports_no_decode_section_and_its_page_renders():
     assert "token_generation_model" in report_section("one token", report)
 
 
+def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_turn_while_it_is_paused():
+    """checked_benchmark with a reference: every warm-up and timed prompt goes to both, the reference first in even
+    pairs and second in odd ones (a shared machine's drift slows both alike), always under pause(); the caching
+    audit is the submission's alone."""
+    import contextlib
+
+    import torch
+
+    from moebench.evaluation.checked import checked_benchmark
+
+    calls = []
+
+    def answer(name):
+        def request(ids, mask, n):
+            calls.append((name, ids.clone()))
+            return torch.zeros(ids.shape[0], n, dtype=torch.int64), {"ttft": 1e-3, "context": 1e-3, "steps": [1e-3]}
+        return request
+
+    @contextlib.contextmanager
+    def pause():
+        calls.append(("pause", None))
+        yield
+        calls.append(("resume", None))
+
+    ids = torch.arange(1, 7).reshape(1, 6)
+    args = (ids, torch.ones_like(ids), 2, 3, 1, 1, 50, (0,), 7)
+    t, outputs, audit, ref = checked_benchmark(answer("sub"), *args, reference=answer("ref"), pause=pause)
+    pair = ["pause", "ref", "resume", "sub"]
+    assert [name for name, _ in calls] == pair + pair + pair[3:] + pair[:3] + pair + ["sub", "sub"]
+    prompts = [p for _, p in calls if p is not None]
+    assert all(torch.equal(a, b) for a, b in zip(prompts[0:8:2], prompts[1:8:2]))  # each pair: one fresh prompt
+    assert not torch.equal(prompts[2], prompts[4]) and len(ref.e2e) == len(t.e2e) == 3 and len(outputs) == 4
+    calls.clear()
+    assert checked_benchmark(answer("sub"), *args)[3] is None and {name for name, _ in calls} == {"sub"}
+
+
 # ---------------------------------------------------------------- score
 
 def test_score_hand_example():

@@ -3,6 +3,7 @@ token length, drawn before the clock starts; the clock runs in the harness's pro
 every timed output is checked against the reference afterwards; and a caching audit compares a repeated prompt
 with fresh ones."""
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -52,32 +53,54 @@ def fresh_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: i
 
 
 def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs: int, warmup: int,
-                      audit_pairs: int, vocab: int, banned: tuple[int, ...], seed: int,
-                      on_run=None) -> tuple[Timings, list[TimedOutput], Audit]:
+                      audit_pairs: int, vocab: int, banned: tuple[int, ...], seed: int, on_run=None,
+                      reference=None, pause=contextlib.nullcontext) -> tuple[Timings, list[TimedOutput], Audit,
+                                                                            Timings | None]:
     """`request(ids, mask, new_tokens) -> (tokens, timings the submission's process measured)` is called for
     `warmup` untimed and `runs` timed fresh prompts, then for `audit_pairs` pairs (a fresh prompt, the request's
     own prompt). End-to-end times come from this process's clock; the per-submodel times the submission's
-    process reports are kept as informational."""
+    process reports are kept as informational. `reference`, a request of the same form: the reference runs each
+    warm-up and timed prompt too, under `pause()` (the submission stopped), alternating with the submission (each
+    goes first in every other pair), so that a shared machine's drift slows both alike. Returns the submission's
+    timings, its outputs, the audit and the reference's timings (None without a reference)."""
     g = torch.Generator().manual_seed(seed)
 
     def fresh():
         return fresh_prompt(input_ids, attention_mask, vocab, banned, g)
 
-    def timed(ids):
+    def timed(ids, fn=request):
         start = time.perf_counter()
-        tokens, inner = request(ids, attention_mask, new_tokens)
+        tokens, inner = fn(ids, attention_mask, new_tokens)
         return time.perf_counter() - start, tokens, inner
 
-    for _ in range(warmup):
-        timed(fresh())
-    t, outputs = Timings(), []
-    for i in range(runs):
-        ids = fresh()  # drawn before the clock starts
-        seconds, tokens, inner = timed(ids)
+    def keep(t: Timings, seconds: float, inner: dict) -> None:
         t.e2e.append(seconds)
         t.ttft.append(inner["ttft"])
         t.context.append(inner["context"])
-        t.steps.append(inner["steps"])
+        t.steps.append(torch.as_tensor(inner["steps"], dtype=torch.float64).tolist())
+
+    def by_reference(ids, ref: Timings | None) -> None:
+        with pause():
+            seconds, _, inner = timed(ids, reference)
+        if ref is not None:
+            keep(ref, seconds, inner)
+
+    def pair(i: int, ids, ref: Timings | None):
+        """The submission on ids; with a reference, the reference too: first in even pairs, second in odd ones."""
+        if reference is not None and i % 2 == 0:
+            by_reference(ids, ref)
+        answer = timed(ids)
+        if reference is not None and i % 2 == 1:
+            by_reference(ids, ref)
+        return answer
+
+    for i in range(warmup):
+        pair(i, fresh(), None)
+    t, ref, outputs = Timings(), Timings() if reference is not None else None, []
+    for i in range(runs):
+        ids = fresh()  # drawn before the clock starts
+        seconds, tokens, inner = pair(i, ids, ref)
+        keep(t, seconds, inner)
         outputs.append(TimedOutput(ids, attention_mask, tokens))
         if on_run is not None:
             on_run(i)
@@ -88,7 +111,7 @@ def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs:
         outputs.append(TimedOutput(ids, attention_mask, tokens))
         audit.fresh_ms.append(1e3 * seconds)
         audit.repeated_ms.append(1e3 * timed(input_ids)[0])
-    return t, outputs, audit
+    return t, outputs, audit, ref
 
 
 def spot_check(engine, outputs: list[TimedOutput], divergence_tol: tuple, allowed_fraction: float) -> dict:

@@ -226,20 +226,26 @@ def _claim_user(base: Path) -> tuple[int, int] | None:
     return None
 
 
+# What the helper of signal_all runs: only system calls, in a Python that reads no environment and no site
+_SIGNAL = """import os, sys
+uid, sig, real, gid = map(int, sys.argv[1:])
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(real, uid, real)
+try:
+    os.kill(-1, sig)
+except ProcessLookupError:  # none left
+    pass
+"""
+
+
 def signal_all(uid: int, sig: signal.Signals) -> None:
     """Sends `sig` to every process of the user uid, wherever it is (a double fork leaves the child's process group,
-    never its user): kill(-1) from a forked helper whose effective user is uid and whose real and saved user is
-    SIGNALLER, so it reaches exactly uid's processes, and none of them can signal (stop) it in turn."""
-    pid = os.fork()
-    if pid == 0:  # only system calls here: the harness's other threads do not exist in this process
-        try:
-            os.setgroups([])
-            os.setresgid(GID, GID, GID)
-            os.setresuid(SIGNALLER, uid, SIGNALLER)
-            os.kill(-1, sig)
-        except BaseException:  # noqa: BLE001  (no process left: ESRCH)
-            pass
-        os._exit(0)
+    never its user): kill(-1) from a helper whose effective user is uid and whose real and saved user is SIGNALLER,
+    so it reaches exactly uid's processes, and none of them can signal (stop) it in turn. The helper is spawned, not
+    forked: a fork write-protects the harness's memory, which slowed the next timed request ~7%."""
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", _SIGNAL, str(uid), str(int(sig)),
+                                          str(SIGNALLER), str(GID)], {})
     os.waitpid(pid, 0)
 
 

@@ -16,7 +16,7 @@ from moebench.cli.args import RunConfig
 from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED_FRACTION, DEFAULT_TOL_MAP,
                                           ValidationReport, validate_logits)
-from moebench.evaluation.benchmark import benchmark_report, run_benchmark
+from moebench.evaluation.benchmark import answer_request, benchmark_report, run_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
 from moebench.engine.parallel import writes_files
 from moebench.engine.artifacts import Artifacts
@@ -83,9 +83,19 @@ def benchmark(run: RunConfig, model, req: Request, what: str) -> dict:
     return benchmark_report(timings, req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0])
 
 
+def reference_model(run: RunConfig, source: ModelSource, device, dtype):
+    return parallelize(build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device), run)
+
+
 def reference_benchmark(run: RunConfig, source: ModelSource, req: Request, device, dtype) -> dict:
-    model = parallelize(build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device), run)
-    return benchmark(run, model, req, "reference")
+    return benchmark(run, reference_model(run, source, device, dtype), req, "reference")
+
+
+def reference_request(run: RunConfig, source: ModelSource, req: Request, device, dtype):
+    """The reference answering timed requests as a submission's process does (checked_benchmark's request)."""
+    engine = make_engine(reference_model(run, source, device, dtype), run, batch=req.input_ids.shape[0],
+                         compile=True)
+    return lambda ids, mask, new_tokens: answer_request(engine, ids, mask, new_tokens)
 
 
 def prompt_rows(req: Request) -> list[list[int]]:

@@ -15,11 +15,12 @@ from moebench.evaluation.records import (PromptData, append_json_record, append_
 from moebench.evaluation.expected import check_stored, read_meta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
-                                    record_model_name, reference_benchmark, write_json)
+                                    record_model_name, reference_benchmark, reference_request, write_json)
 from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of, SubmissionFault
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 REPORT_FILE = "benchmark_report.json"
+ALTERNATING = "reference measured now, alternating with the submission on the same prompts"
 
 
 @dataclass
@@ -53,13 +54,17 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         if not run.skip_accuracy:
             expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
         with under.paused():  # nothing of the submission runs beside the reference
-            base = choose_base(run, source, req, device, dtype, base, folder)
+            base = choose_base(run, source, req, device, dtype, base, folder, measure=not isolated)
         accuracy, checked, v, problems = 1.0, False, None, []
         if expected is not None:
             v = under.validate(expected, req, source.tokenizer)
             print_validation(v)
             accuracy, checked = float(v.report.passed), True
-        report = under.benchmark(req)
+        if base is None:  # timed with the submission, request by request (a shared machine's drift slows both)
+            report = under.benchmark(req, reference_request(run, source, req, device, dtype))
+            base = with_given(run, base_from_report(report["reference"], ALTERNATING))
+        else:
+            report = under.benchmark(req)
         report["accuracy"] = v.report.plot_data() if v is not None else None
         report["kernel_flops"] = flops = under.kernel_flops(req)
         report["compile"] = under.compile if isolated else under.artifacts.summary()
@@ -99,18 +104,26 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
 
 def without_samples(report: dict) -> dict:
     """The report for the records: every section but its raw samples (those stay in benchmark_report.json)."""
-    return {k: {n: v for n, v in s.items() if n != "samples_ms"} if isinstance(s, dict) else s
-            for k, s in report.items()}
+    return {k: without_samples(s) if isinstance(s, dict) else s for k, s in report.items() if k != "samples_ms"}
 
 
-def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, folder: Path) -> Base:
-    """Given numbers win, then evaluate_all's prompt data, then stored baselines, else the reference measured now."""
+def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, folder: Path,
+                measure: bool = True) -> Base | None:
+    """Given numbers win, then evaluate_all's prompt data, then stored baselines, else the reference measured now;
+    None instead when not `measure`: the caller times the reference alternating with the submission."""
     if run.base_latency is not None and run.base_throughput is not None:
         base = Base(run.base_latency, run.base_throughput, "given")
     elif base is None:
         base = stored_base(run, source, req, dtype, folder)
     if base is None:
+        if not measure:
+            return None
         base = base_from_report(reference_benchmark(run, source, req, device, dtype), "reference measured now")
+    return with_given(run, base)
+
+
+def with_given(run: RunConfig, base: Base) -> Base:
+    """One of --base-latency and --base-throughput given: it replaces its measured number."""
     return Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
 
 

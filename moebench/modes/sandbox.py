@@ -160,7 +160,7 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=run.phase_time_limit))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=run.phase_time_limit))
-    from moebench.evaluation.benchmark import Timings, time_request
+    from moebench.evaluation.benchmark import answer_request
     from moebench.evaluation.submission import load_submission
     from moebench.modes.compiled import described_graphs
     from moebench.modes.contest import UnderTest
@@ -182,9 +182,7 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
     under = built[0]
 
     def request(ids, mask, new_tokens):
-        t = Timings()
-        tokens = time_request(under.engine, ids, mask, new_tokens, t)
-        return tokens.cpu(), {"ttft": t.ttft[0], "context": t.context[0], "steps": t.steps[0]}
+        return answer_request(under.engine, ids, mask, new_tokens)
 
     handlers = {"greedy": lambda ids, mask, n: under.engine.greedy(ids, mask, n),
                 "request": request,
@@ -350,9 +348,11 @@ def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
     SubmissionFault: fewer tokens than asked for would be timed, scored and spot-checked as the whole request."""
     try:
         tokens, inner = reply
-        steps = [float(s) for s in inner["steps"]]
-        inner = {"ttft": float(inner["ttft"]), "context": float(inner["context"]), "steps": steps}
-    except (TypeError, ValueError, KeyError) as e:
+        steps = torch.as_tensor(inner["steps"], dtype=torch.float64)
+        if steps.shape != (new_tokens - 1,):
+            raise ValueError(f"{new_tokens - 1} decode steps' times expected, not {list(steps.shape)}")
+        inner = {"ttft": float(inner["ttft"]), "context": float(inner["context"]), "steps": steps.tolist()}
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise SubmissionFault(f"the submission's process sent a malformed answer to a timed request "
                               f"({type(e).__name__}: {e})") from None
     if not (isinstance(tokens, torch.Tensor) and tokens.shape == (batch, new_tokens)
@@ -432,30 +432,35 @@ class IsolatedSubmission:
         return validate_submission(self.run, lambda ids, mask, n: self.box.call("validation", "greedy", ids, mask, n),
                                    expected, req, tokenizer)
 
-    def benchmark(self, req) -> dict:
+    def benchmark(self, req, reference=None) -> dict:
+        """benchmark_report.json's content. reference: the reference's request (contest.reference_request), timed
+        alternating with the submission on the same prompts; its report is the "reference" section."""
         from moebench.evaluation.benchmark import benchmark_report
         from moebench.evaluation.checked import checked_benchmark
         from moebench.modes.contest import progress
 
         run, tok = self.run, self.source.tokenizer
         banned = tuple({*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)})
-        bar = progress(run.benchmark_runs, "benchmark submission")
+        bar = progress(run.benchmark_runs, "benchmark submission" + " and reference, in turn" * bool(reference))
         seed = _shared(int.from_bytes(os.urandom(4), "little"))  # private: the submission cannot predict it
         vocab = self.source.config.vocab_size
 
         def request(ids, mask, n):
             return _timed_reply(self.box.call("benchmark", "request", ids, mask, n), ids.shape[0], n, vocab)
 
-        timings, self.outputs, self.audit = checked_benchmark(
-            request, req.input_ids,
-            req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs, run.audit_pairs,
-            vocab, banned, seed, on_run=lambda i: bar.update())
+        timings, self.outputs, self.audit, ref = checked_benchmark(
+            request, req.input_ids, req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs,
+            run.audit_pairs, vocab, banned, seed, on_run=lambda i: bar.update(), reference=reference,
+            pause=self.paused)
         bar.close()
-        report = benchmark_report(timings, req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0])
+        shape = req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0]
+        report = benchmark_report(timings, *shape)
         report["measured_by"] = {"e2e_model": "the harness's process, around each whole request (scored)",
                                  "context_encoding_model": "the submission's process (informational)",
                                  "token_generation_model": "the submission's process (informational)"}
         report["inputs"] = {"fresh_prompts": True, "seed": seed}
+        if ref is not None:  # timed by the same clock, around the same work but the pipe (~0.1 ms + 6 µs a token)
+            report["reference"] = benchmark_report(ref, *shape)
         return report
 
     def kernel_flops(self, req) -> dict:
