@@ -214,7 +214,8 @@ def test_a_timed_answer_is_checked_before_it_is_kept():
     for bad in ((tokens, {"ttft": 1}), (tokens, None), (tokens,), (tokens[:, :2], inner), (tokens.float(), inner),
                 (torch.tensor([[1, 2, 10]]), inner), (torch.tensor([[1, -1, 3]]), inner), ([[1, 2, 3]], inner),
                 (tokens.bool(), inner), (torch.cat([tokens, tokens]), inner), (tokens, {**inner, "steps": [0.1]}),
-                (tokens, {**inner, "steps": ["x", "y"]}), (tokens, {**inner, "steps": torch.zeros(2, 1)})):
+                (tokens, {**inner, "steps": ["x", "y"]}), (tokens, {**inner, "steps": torch.zeros(2, 1)}),
+                (tokens, {**inner, "steps": [10**400, 1]}), (tokens, {**inner, "ttft": 10**400}), (tokens, tokens)):
         with pytest.raises(SubmissionFault):
             _timed_reply(bad, 1, 3, 10)
 

@@ -147,3 +147,12 @@ def test_the_submissions_processes_cannot_stop_the_helper_that_signals_them(tmp_
         pass
     confine.discard(view)
     assert stopper.wait(10) == -9 and time.monotonic() - started < 10
+
+
+def test_a_signalling_helper_that_fails_is_one_line_not_silence(monkeypatch):
+    """Processes not stopped, continued or killed would let the harness time beside them, hang or leave them."""
+    from moebench.errors import MoebenchError
+
+    monkeypatch.setattr(confine.sys, "executable", "/bin/false")
+    with pytest.raises(MoebenchError, match=r"signals the submission's processes \(user 60999\) failed with exit"):
+        confine.signal_all(60999, confine.signal.SIGCONT)

@@ -21,10 +21,14 @@ SHORT = ["--seq-len", "16", "--prompt", "Hello there", "--torch-dtype", "float32
 
 @pytest.mark.usefixtures("in_tmp")
 def test_evaluate_single_over_two_ranks(capfd, in_tmp):
-    code = main(["--mode", "evaluate_single", "--tp-degree", "2", "--vocab-parallel", "--team-id", "tp", *SHORT])
+    """No base given: each rank times the reference in turn with its submission process, both ranks' submission
+    processes stopped at once (their signalling helpers once stopped each other: a hang)."""
+    code = main(["--mode", "evaluate_single", "--tp-degree", "2", "--vocab-parallel", "--team-id", "tp",
+                 *SHORT[:SHORT.index("--base-latency")]])
     out, err = capfd.readouterr()  # the ranks are processes: their output reaches the file descriptors
     assert code == 0, out + err
     assert out.count("logit validation PASS") == 1  # rank 0 reports, rank 1 keeps quiet
+    assert "base" in out and "(reference measured now, alternating with the submission on the same prompts)" in out
     rows = list(csv.reader((in_tmp / "tp_moebench-tiny_score_records.csv").open()))
     assert len(rows) == 2  # the header and one row: rank 1 wrote nothing
     assert json.loads((in_tmp / "benchmark_report.json").read_text())["e2e_model"]["runs"] == 1

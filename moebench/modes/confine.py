@@ -35,9 +35,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moebench.errors import MoebenchError
+
 USERS = range(60999, 60999 - 512, -1)  # the submissions' user ids, one per evaluation at a time
 GID = 60999  # their group: the per-module compile caches are the group's, shared by the evaluations of one module
-SIGNALLER = USERS[-1] - 1  # the real user of the helper that signals a submission's processes (no one else's)
+SIGNALLERS = len(USERS)  # a helper that signals user u's processes has real user u - SIGNALLERS: no one else's
 USER = "moebench-sandbox"
 SYSTEM = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/sys")
 SHARED = ("manifest.json", "tokenizer")  # an artifacts folder's entries rank 0 writes; each rank has its own too
@@ -99,7 +101,9 @@ def _plan(run, module, module_sha, model_folders, artifacts, reuse, network, bas
 
     # One compile cache per module: a cache shared by submissions would let one plant compiled code for another.
     # MOEBENCH_SANDBOX_CACHE shares one between trusted modules (the test suite's, to compile each graph once).
-    cache = Path(os.environ.get("MOEBENCH_SANDBOX_CACHE") or base / module_sha[:16]).absolute()
+    # (Named anew when the caches became the group's: the folders of older moebench hold folders only one user
+    # can write to, and the next evaluation's user failed there.)
+    cache = Path(os.environ.get("MOEBENCH_SANDBOX_CACHE") or base / f"group-{module_sha[:16]}").absolute()
     for folder in (cache, cache / "inductor", cache / "triton"):
         folder.mkdir(parents=True, exist_ok=True)
         os.lchown(folder, 0, GID)
@@ -236,23 +240,30 @@ try:
     os.kill(-1, sig)
 except ProcessLookupError:  # none left
     pass
+os._exit(0)
 """
 
 
 def signal_all(uid: int, sig: signal.Signals) -> None:
     """Sends `sig` to every process of the user uid, wherever it is (a double fork leaves the child's process group,
-    never its user): kill(-1) from a helper whose effective user is uid and whose real and saved user is SIGNALLER,
-    so it reaches exactly uid's processes, and none of them can signal (stop) it in turn. The helper is spawned, not
+    never its user): kill(-1) from a helper whose effective user is uid and whose real and saved user is uid's own
+    signaller (uid - SIGNALLERS, outside USERS), so it reaches exactly uid's processes, and none of them, nor
+    another evaluation's helper, can signal (stop) it in turn (the ranks' helpers of --tp-degree 2, sharing one
+    real user, stopped each other). The helper is spawned, not
     forked: a fork write-protects the harness's memory, which slowed the next timed request ~7%."""
     pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", _SIGNAL, str(uid), str(int(sig)),
-                                          str(SIGNALLER), str(GID)], {})
-    os.waitpid(pid, 0)
+                                          str(uid - SIGNALLERS), str(GID)], {})
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if code != 0:  # the processes were not stopped, continued or killed: nothing the harness times can go on
+        raise MoebenchError(f"the helper that signals the submission's processes (user {uid}) failed with exit "
+                            f"code {code}: {sys.executable} -I -S could not run as root")
 
 
 @contextlib.contextmanager
 def paused(view: View | None, pid: int | None):
-    """Every process of the submission stopped (SIGSTOP) while the harness times something else (the reference's
-    baseline), so none can slow it; without a view of its own (partial isolation), the child's own process."""
+    """Every process of the submission stopped (SIGSTOP) while the harness times something else (the reference),
+    so none can slow it on the CPU (GPU work already queued still runs); without a view of its own (partial
+    isolation), the child's own process."""
     if view is not None:
         signal_all(view.uid, signal.SIGSTOP)
     elif pid is not None:

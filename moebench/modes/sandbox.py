@@ -343,16 +343,22 @@ def _shared(value):
     return box[0]
 
 
+def _barrier() -> None:
+    """Every rank here (the harness's own group) before any goes on; nothing without tensor parallelism."""
+    from torch import distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
     """A timed request's answer, (tokens [batch, new_tokens] of the vocabulary, the submission's own timings), or a
     SubmissionFault: fewer tokens than asked for would be timed, scored and spot-checked as the whole request."""
     try:
         tokens, inner = reply
         steps = torch.as_tensor(inner["steps"], dtype=torch.float64)
-        if steps.shape != (new_tokens - 1,):
-            raise ValueError(f"{new_tokens - 1} decode steps' times expected, not {list(steps.shape)}")
-        inner = {"ttft": float(inner["ttft"]), "context": float(inner["context"]), "steps": steps.tolist()}
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        ttft, context = float(inner["ttft"]), float(inner["context"])
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError, IndexError) as e:
         raise SubmissionFault(f"the submission's process sent a malformed answer to a timed request "
                               f"({type(e).__name__}: {e})") from None
     if not (isinstance(tokens, torch.Tensor) and tokens.shape == (batch, new_tokens)
@@ -363,7 +369,10 @@ def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
         raise SubmissionFault(f"a timed request asked for {new_tokens} new tokens of {batch} prompt"
                               f"{'s' * (batch != 1)}, and the submission's process answered {what} (token ids "
                               f"[{batch}, {new_tokens}] below {vocab} expected)")
-    return tokens, inner
+    if steps.shape != (new_tokens - 1,):
+        raise SubmissionFault(f"the submission's process sent a malformed answer to a timed request (the times of "
+                              f"{new_tokens - 1} decode steps expected, not of shape {list(steps.shape)})")
+    return tokens, {"ttft": ttft, "context": context, "steps": steps.tolist()}
 
 
 class IsolatedSubmission:
@@ -451,7 +460,7 @@ class IsolatedSubmission:
         timings, self.outputs, self.audit, ref = checked_benchmark(
             request, req.input_ids, req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs,
             run.audit_pairs, vocab, banned, seed, on_run=lambda i: bar.update(), reference=reference,
-            pause=self.paused)
+            pause=self._paused_on_every_rank)
         bar.close()
         shape = req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0]
         report = benchmark_report(timings, *shape)
@@ -472,10 +481,19 @@ class IsolatedSubmission:
         return self.flops[0]
 
     def paused(self):
-        """While the harness times the reference: the submission's processes stopped, so none can slow it."""
+        """While the harness times the reference: the submission's processes stopped (confine.paused)."""
         from moebench.modes import confine
 
         return confine.paused(self.view if self.confined else None, self.box.process.pid)
+
+    @contextlib.contextmanager
+    def _paused_on_every_rank(self):
+        """paused() with the ranks in step: no rank's clock starts before every rank's submission is stopped, or
+        after only some were continued (each rank's helper takes its own time)."""
+        with self.paused():
+            _barrier()
+            yield
+        _barrier()
 
     def finish(self, device, dtype) -> dict:
         """Stops the submission's process, then checks every timed output with the reference (built now, so that
