@@ -84,6 +84,10 @@ def test_one_new_token_reports_no_decode_section_and_its_page_renders():
     assert report["e2e_model"]["samples_ms"] == [20.0, 30.0] and report["e2e_model"]["runs"] == 2
     assert report["context_encoding_model"]["samples_ms"] == [19.0, 29.0]
     assert "token_generation_model" in report_section("one token", report)
+    assert "the base, timed in turn" not in report_section("one token", report)
+    base = benchmark_report(Timings(e2e=[0.04], ttft=[0.04], context=[0.039], steps=[[]]), 5, 1, 1)
+    page = report_section("with its base", {**report, "reference": base})
+    assert "reference e2e_model (the base, timed in turn)" in page and ">40<" in page.replace(".0<", "<")
 
 
 def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_turn_while_it_is_paused():

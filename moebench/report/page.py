@@ -101,6 +101,11 @@ def report_section(name: str, report: dict) -> str:
         s = report.get(key) or {}  # None: the submodel never ran
         rows.append([key, s.get("latency_ms_p50"), s.get("latency_ms_p90"), s.get("latency_ms_p99"),
                      s.get("latency_ms_p100"), s.get("throughput")])
+    base = (report.get("reference") or {}).get("e2e_model")
+    if base:  # the base, timed in turn with the submission on the same prompts
+        rows.append(["reference e2e_model (the base, timed in turn)", base.get("latency_ms_p50"),
+                     base.get("latency_ms_p90"), base.get("latency_ms_p99"), base.get("latency_ms_p100"),
+                     base.get("throughput")])
     parts.append(table(["submodel", "p50 ms", "p90 ms", "p99 ms", "max ms", "throughput"], rows))
     plots = [svg.histogram((report.get(key) or {}).get("samples_ms", []), f"{key}: latency ({label})", "ms")
              for key, label in SUBMODELS]
