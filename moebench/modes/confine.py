@@ -249,8 +249,8 @@ def signal_all(uid: int, sig: signal.Signals) -> None:
     never its user): kill(-1) from a helper whose effective user is uid and whose real and saved user is uid's own
     signaller (uid - SIGNALLERS, outside USERS), so it reaches exactly uid's processes, and none of them, nor
     another evaluation's helper, can signal (stop) it in turn (the ranks' helpers of --tp-degree 2, sharing one
-    real user, stopped each other). The helper is spawned, not
-    forked: a fork write-protects the harness's memory, which slowed the next timed request ~7%."""
+    real user, stopped each other). The helper is spawned, not forked: a fork write-protects the harness's memory,
+    which slowed the next timed request ~7%."""
     pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", _SIGNAL, str(uid), str(int(sig)),
                                           str(uid - SIGNALLERS), str(GID)], {})
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

@@ -1,7 +1,6 @@
 """What validate, evaluate_* and generate_accuracy_baselines share: the reference's expected logits and
 baseline timings, and the submission under test (built, checked, validated, benchmarked, its MACs counted)."""
 
-import contextlib
 import hashlib
 import json
 import subprocess
@@ -246,10 +245,6 @@ class UnderTest:
         """benchmark_report.json's kernel_flops for this request (RequestMacs.report), from the compiled graphs."""
         described = described_graphs(self.artifacts, self.model, self.engine, req, self.run.seq_len, self.run)
         return request_flops(self.run, req, described)
-
-    def paused(self):
-        """Nothing of the submission runs beside the reference here (one process): nothing to stop."""
-        return contextlib.nullcontext()
 
 
 def _clip(text: str, n: int = 300) -> str:

@@ -53,8 +53,8 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         expected = None
         if not run.skip_accuracy:
             expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
-        with under.paused():  # nothing of the submission runs beside the reference
-            base = choose_base(run, source, req, device, dtype, base, folder, measure=not isolated)
+        # (in one process nothing of the submission runs beside the reference; in its own, it is timed in turn)
+        base = choose_base(run, source, req, device, dtype, base, folder, measure=not isolated)
         accuracy, checked, v, problems = 1.0, False, None, []
         if expected is not None:
             v = under.validate(expected, req, source.tokenizer)

@@ -468,7 +468,7 @@ class IsolatedSubmission:
                                  "context_encoding_model": "the submission's process (informational)",
                                  "token_generation_model": "the submission's process (informational)"}
         report["inputs"] = {"fresh_prompts": True, "seed": seed}
-        if ref is not None:  # timed by the same clock, around the same work but the pipe (~0.1 ms + 6 µs a token)
+        if ref is not None:  # timed by the same clock around the same work, but the pipe (~0.3-0.5 ms on 2 vCPUs)
             report["reference"] = benchmark_report(ref, *shape)
         return report
 
