@@ -91,9 +91,9 @@ def test_one_new_token_reports_no_decode_section_and_its_page_renders():
 
 
 def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_turn_while_it_is_paused():
-    """checked_benchmark with a reference: every warm-up and timed prompt goes to both, the reference first in even
-    pairs and second in odd ones (a shared machine's drift slows both alike), always under pause(); the caching
-    audit is the submission's alone."""
+    """checked_benchmark with a reference: every warm-up and timed prompt goes to both, the reference first in every
+    other pair (a shared machine's drift slows both alike; the seed's parity picks which, so that an odd number of
+    runs favours neither), always under pause(); the caching audit is the submission's alone."""
     import contextlib
 
     import torch
@@ -115,11 +115,16 @@ def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_
         calls.append(("resume", None))
 
     ids = torch.arange(1, 7).reshape(1, 6)
-    args = (ids, torch.ones_like(ids), 2, 3, 1, 1, 50, (0,), 7)
+    args = (ids, torch.ones_like(ids), 2, 3, 1, 1, 50, (0,), 8)
     t, outputs, audit, ref = checked_benchmark(answer("sub"), *args, reference=answer("ref"), pause=pause)
     pair = ["pause", "ref", "resume", "sub"]
     # then one untimed fresh request (the audit's first is not the one after a pause), then the audit's pair
     assert [name for name, _ in calls] == pair + pair + pair[3:] + pair[:3] + pair + ["sub"] * 3
+    order = [name for name, _ in calls if name in ("ref", "sub")]
+    calls.clear()
+    checked_benchmark(answer("sub"), *args[:-1], 7, reference=answer("ref"), pause=pause)  # an odd seed: the other
+    assert [name for name, _ in calls if name in ("ref", "sub")][:8] == [{"ref": "sub", "sub": "ref"}[n]
+                                                                           for n in order[:8]]
     prompts = [p for _, p in calls if p is not None]
     assert all(torch.equal(a, b) for a, b in zip(prompts[0:8:2], prompts[1:8:2]))  # each pair: one fresh prompt
     assert not torch.equal(prompts[2], prompts[4]) and len(ref.e2e) == len(t.e2e) == 3 and len(outputs) == 4
