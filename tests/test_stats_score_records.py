@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 
 from moebench.errors import MoebenchError
 from moebench.evaluation.records import (PROMPT_DATA_HEADER, RECORD_COLUMNS, PromptData, append_record,
@@ -130,6 +131,34 @@ def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_
     assert not torch.equal(prompts[2], prompts[4]) and len(ref.e2e) == len(t.e2e) == 3 and len(outputs) == 4
     calls.clear()
     assert checked_benchmark(answer("sub"), *args)[3] is None and {name for name, _ in calls} == {"sub"}
+
+
+def test_a_base_measured_beforehand_is_timed_on_fresh_prompts_as_the_submission_is(monkeypatch):
+    """reference_benchmark (stored baselines, evaluate_all's prompt data, --isolation none's base): every warm-up
+    and timed run gets a fresh prompt of the request's shape, drawn from a private seed, never a special token;
+    generate's --benchmark keeps the user's own prompt."""
+    import moebench.modes.contest as contest
+    from moebench.cli.args import parse_args
+    from moebench.modes.setup import device_of, dtype_of, make_request, open_source
+
+    seen = []
+    real = contest.answer_request
+    monkeypatch.setattr(contest, "answer_request", lambda engine, ids, *a: seen.append(ids.clone()) or
+                        real(engine, ids, *a))
+    run, _ = parse_args(["--mode", "evaluate_single", "--seq-len", "24", "--benchmark-runs", "3",
+                         "--warmup-runs", "1"])
+    source = open_source(run)
+    req = make_request(run, source, run.prompts)
+    report = contest.reference_benchmark(run, source, req, device_of(run), dtype_of(run))
+    assert len(seen) == 4 and report["e2e_model"]["runs"] == 3 and report["inputs"]["fresh_prompts"] is True
+    assert all(p.shape == req.input_ids.shape and not torch.equal(p, req.input_ids) for p in seen)
+    assert len({tuple(p.flatten().tolist()) for p in seen}) == 4
+    tok = source.tokenizer
+    special = {*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)}
+    assert not special & {int(i) for p in seen for i in p.flatten()}
+    seen.clear()
+    report = contest.benchmark(run, contest.reference_model(run, source, device_of(run), dtype_of(run)), req, "own")
+    assert "inputs" not in report and report["e2e_model"]["runs"] == 3
 
 
 # ---------------------------------------------------------------- score

@@ -348,6 +348,15 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
     return model
 
 
+def shared_value(value):
+    """Rank 0's value on every rank of the default group; the value itself without tensor parallelism."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ---- starting ranks ----
 
 def writes_files() -> bool:

@@ -42,6 +42,13 @@ class Audit:
                 "flagged": self.flagged}
 
 
+def banned_tokens(req, tokenizer) -> tuple[int, ...]:
+    """The token ids a fresh prompt never holds: the request's end-of-sequence and padding ids, the tokenizer's
+    special ones."""
+    special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    return tuple({*req.eos_ids, req.pad_id, *(i for i in special if i is not None)})
+
+
 def fresh_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int, banned: tuple[int, ...],
                  generator: torch.Generator) -> torch.Tensor:
     """input_ids with every real token replaced by a random one (never a special token): same shape, same mask."""

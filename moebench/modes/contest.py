@@ -3,6 +3,7 @@ baseline timings, and the submission under test (built, checked, validated, benc
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, replace
@@ -16,8 +17,9 @@ from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED_FRACTION, DEFAULT_TOL_MAP,
                                           ValidationReport, validate_logits)
 from moebench.evaluation.benchmark import answer_request, benchmark_report, run_benchmark
+from moebench.evaluation.checked import banned_tokens, checked_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
-from moebench.engine.parallel import writes_files
+from moebench.engine.parallel import shared_value, writes_files
 from moebench.engine.artifacts import Artifacts
 from moebench.evaluation.submission import Submission, check_logits
 from moebench.model.loader import ModelSource, build_model
@@ -72,14 +74,25 @@ def options_of(run: RunConfig) -> ModelOptions:
                         quant_dtype=run.quantized_dtype, quant_bound=run.quantized_kernel_lower_bound)
 
 
-def benchmark(run: RunConfig, model, req: Request, what: str) -> dict:
-    """benchmark_report.json's content for `model` on this request (warm-up runs absorb compilation)."""
+def benchmark(run: RunConfig, model, req: Request, what: str, fresh_from: ModelSource | None = None) -> dict:
+    """benchmark_report.json's content for `model` on this request (warm-up runs absorb compilation). fresh_from:
+    every run gets a fresh prompt of the request's shape from this model's vocabulary, as a submission's timed
+    runs do (checked_benchmark), instead of the request's own prompt."""
     engine = make_engine(model, run, batch=req.input_ids.shape[0], compile=True)
     bar = progress(run.benchmark_runs, f"benchmark {what}")
-    timings = run_benchmark(engine, req.input_ids, req.attention_mask, req.max_new_tokens, run.benchmark_runs,
-                            run.warmup_runs, on_run=lambda i: bar.update())
+    shape = req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0]
+    if fresh_from is None:
+        timings = run_benchmark(engine, req.input_ids, req.attention_mask, req.max_new_tokens, run.benchmark_runs,
+                                run.warmup_runs, on_run=lambda i: bar.update())
+        bar.close()
+        return benchmark_report(timings, *shape)
+    seed = shared_value(int.from_bytes(os.urandom(4), "little"))  # the same prompts on every tensor-parallel rank
+    timings = checked_benchmark(lambda ids, mask, n: answer_request(engine, ids, mask, n), req.input_ids,
+                                req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs, 0,
+                                fresh_from.config.vocab_size, banned_tokens(req, fresh_from.tokenizer), seed,
+                                on_run=lambda i: bar.update())[0]
     bar.close()
-    return benchmark_report(timings, req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0])
+    return {**benchmark_report(timings, *shape), "inputs": {"fresh_prompts": True, "seed": seed}}
 
 
 def reference_model(run: RunConfig, source: ModelSource, device, dtype):
@@ -87,7 +100,7 @@ def reference_model(run: RunConfig, source: ModelSource, device, dtype):
 
 
 def reference_benchmark(run: RunConfig, source: ModelSource, req: Request, device, dtype) -> dict:
-    return benchmark(run, reference_model(run, source, device, dtype), req, "reference")
+    return benchmark(run, reference_model(run, source, device, dtype), req, "reference", fresh_from=source)
 
 
 def reference_request(run: RunConfig, source: ModelSource, req: Request, device, dtype):
@@ -239,7 +252,7 @@ class UnderTest:
         return validate_submission(self.run, self.engine.greedy, expected, req, tokenizer)
 
     def benchmark(self, req: Request) -> dict:
-        return benchmark(self.run, self.model, req, "submission")
+        return benchmark(self.run, self.model, req, "submission", fresh_from=self.source)
 
     def kernel_flops(self, req: Request) -> dict:
         """benchmark_report.json's kernel_flops for this request (RequestMacs.report), from the compiled graphs."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from moebench.engine.parallel import shared_value
 from moebench.errors import CheckFailed, MoebenchError
 
 
@@ -332,17 +333,6 @@ def isolation(run) -> bool:
     return True
 
 
-def _shared(value):
-    """Rank 0's value on every rank (the harness's own group); the value itself without tensor parallelism."""
-    from torch import distributed as dist
-
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _barrier() -> None:
     """Every rank here (the harness's own group) before any goes on; nothing without tensor parallelism."""
     from torch import distributed as dist
@@ -397,7 +387,7 @@ class IsolatedSubmission:
             self.rank = dist.get_rank()
             if self.rank == 0:
                 self.store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-            group = (self.rank, run.tp_degree, _shared(self.store.port if self.store else None))
+            group = (self.rank, run.tp_degree, shared_value(self.store.port if self.store else None))
         self.view, partial = confine.plan(run, module, hashlib.sha256(module.read_bytes()).hexdigest(), folders,
                                           self.artifacts, run.skip_compile, network=run.tp_degree > 1)
         self.box = None
@@ -445,13 +435,13 @@ class IsolatedSubmission:
         """benchmark_report.json's content. reference: the reference's request (contest.reference_request), timed
         alternating with the submission on the same prompts; its report is the "reference" section."""
         from moebench.evaluation.benchmark import benchmark_report
-        from moebench.evaluation.checked import checked_benchmark
+        from moebench.evaluation.checked import banned_tokens, checked_benchmark
         from moebench.modes.contest import progress
 
         run, tok = self.run, self.source.tokenizer
-        banned = tuple({*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)})
+        banned = banned_tokens(req, tok)
         bar = progress(run.benchmark_runs, "benchmark submission" + " and reference, in turn" * bool(reference))
-        seed = _shared(int.from_bytes(os.urandom(4), "little"))  # private: the submission cannot predict it
+        seed = shared_value(int.from_bytes(os.urandom(4), "little"))  # private: the submission cannot predict it
         vocab = self.source.config.vocab_size
 
         def request(ids, mask, n):
