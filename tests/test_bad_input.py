@@ -2,6 +2,7 @@
 naming the problem, and exit code 2. Only cases no other test file covers are here (docs/bad-input.md maps every
 case to its test)."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,20 @@ def write_file(name: str, content: bytes):
     return damage
 
 
+def edit_json(name: str, **fields):
+    def damage(tmp: Path) -> None:
+        (tmp / name).write_text(json.dumps({**json.loads((tmp / name).read_text()), **fields}))
+    return damage
+
+
+def save_tensor(name: str, shape: list[int] | None, dtype=torch.float32):
+    """name replaced by zeros of `shape` (None: the stored tensor's) and dtype."""
+    def damage(tmp: Path) -> None:
+        old = torch.load(tmp / name)
+        torch.save(torch.zeros(shape or old.shape, dtype=dtype), tmp / name)
+    return damage
+
+
 def truncate(name: str):
     def damage(tmp: Path) -> None:
         data = (tmp / name).read_bytes()
@@ -126,6 +141,15 @@ CASES = [
          "expected_logits_0.pt: cannot load it as a tensor file"),
     case("expected-json-malformed", stored_expected(damage=write_file("expected_logits_0.json", b"{ not json")),
          EVALUATE_ALL, "expected_logits_0.json: not valid expected-logits metadata"),
+    case("expected-json-new-tokens-a-string",
+         stored_expected(damage=edit_json("expected_logits_0.json", new_tokens="8")), EVALUATE_ALL,
+         "expected_logits_0.json: not valid expected-logits metadata (new_tokens is '8', not an integer)"),
+    case("expected-json-prompt-ids-null", stored_expected(damage=edit_json("expected_logits_0.json", prompt_ids=None)),
+         EVALUATE_ALL, "expected_logits_0.json: not valid expected-logits metadata (prompt_ids is None, not a list)"),
+    case("expected-pt-other-vocabulary", stored_expected(damage=save_tensor("expected_logits_0.pt", [8, 1, 100])),
+         EVALUATE_ALL, "expected_logits_0.pt: holds a torch.float32 tensor of shape [8, 1, 100], not the float logits"),
+    case("expected-pt-integers", stored_expected(damage=save_tensor("expected_logits_0.pt", None, torch.int64)),
+         EVALUATE_ALL, "expected_logits_0.pt: holds a torch.int64 tensor"),
     case("expected-meta-other-seq-len", stored_expected(run_seq_len=12, stored_seq_len=8), EVALUATE_ALL,
          "expected_logits_0.pt does not match this run: it holds 4 tokens, 8 are needed"),
     # flags

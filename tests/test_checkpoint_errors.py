@@ -202,3 +202,19 @@ def test_damaged_shipped_embedded_weights(tmp_path, monkeypatch):
     with pytest.raises(MoebenchError, match="reinstall moebench"):
         presets.preset_dir(presets.EMBEDDED)
     assert not list((tmp_path / "cache" / "models").glob("*"))  # no half-written folder left behind
+
+
+@pytest.mark.parametrize("kind", ["subclass", "options"])
+def test_a_preset_built_in_memory_refuses_a_submission_before_drawing_its_weights(kind, monkeypatch):
+    """preset:qwen3-30b-a3b has no checkpoint: only the reference with default options runs on it, and that is
+    said before its 61 GB of weights would be drawn (random_model is never called)."""
+    from moebench.errors import MoebenchError
+    from moebench.model import loader
+    from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+
+    monkeypatch.setattr(loader, "random_model", lambda *a, **k: pytest.fail("the weights were drawn first"))
+    source = loader.open_model("preset:qwen3-30b-a3b")
+    cls, options = (type("Sub", (Qwen3MoeForCausalLM,), {}), ModelOptions()) if kind == "subclass" else \
+        (Qwen3MoeForCausalLM, ModelOptions(fused_qkv=True))
+    with pytest.raises(MoebenchError, match="preset qwen3-30b-a3b has no checkpoint on disk"):
+        loader.build_model(cls, source, options, torch.bfloat16, "cpu")

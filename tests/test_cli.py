@@ -274,14 +274,21 @@ def test_prompt_notes_that_the_prompts_txt_modes_read_that_file(mode):
     ([], ["--benchmark-runs", "3"], "--benchmark-runs has no effect without --benchmark"),
     (["--skip-accuracy"], ["--num-tokens-to-check", "3"], "--num-tokens-to-check has no effect with --skip-accuracy"),
     (["--max-new-tokens", "3"], ["--max-length", "30"], "--max-length has no effect with --max-new-tokens"),
+    (["--isolation", "none"], ["--audit-pairs", "7"], "--audit-pairs has no effect with --isolation none"),
+    (["--isolation", "none"], ["--phase-time-limit", "9"], "--phase-time-limit has no effect with --isolation none"),
 ])
 def test_flags_made_moot_by_another_flag_print_a_note(moot, flag, note):
-    mode = ["--mode", "evaluate_single" if "--skip-accuracy" in moot else "generate"]
+    mode = ["--mode", "evaluate_single" if {"--skip-accuracy", "--isolation"} & {*moot} else "generate"]
     _, notes = parse_args(mode + moot + flag)
     assert any(note in n for n in notes), notes
     unmoot = ["--benchmark"] if not moot else []  # the same flag where nothing makes it moot: no note
     _, notes = parse_args(mode + unmoot + flag)
     assert not any(f"{flag[0]} has no effect" in n for n in notes), notes
+
+
+def test_no_audit_asked_under_isolation_none_needs_no_note():
+    _, notes = parse_args(["--mode", "evaluate_single", "--isolation", "none", "--audit-pairs", "0"])
+    assert not any("--audit-pairs" in n for n in notes), notes
 
 
 def test_sampling_flags_note_that_evaluation_is_greedy():

@@ -24,7 +24,17 @@ needs_browser = pytest.mark.skipif(BROWSER is None, reason="no headless browser 
 def record(team, member, score, time, passed=True, sha="ab" * 32, **extra) -> dict:
     return {"time": time, "team_id": team, "member_id": member, "prompt_index": 0, "accuracy_checked": True,
             "score": {"accuracy": 1.0 if passed else 0.0, "final_score": score, "latency": 10.0, "throughput": 100.0,
-                      "flop_ratio": 0.5}, "provenance": {"module_sha256": sha, "model": "m", "device": "cpu"}, **extra}
+                      "flop_ratio": 0.5, "base_latency": 20.0, "base_throughput": 50.0},
+            "base": {"latency": 20.0, "throughput": 50.0,
+                     "origin": "reference measured now, alternating with the submission on the same prompts"},
+            "provenance": {"module_sha256": sha, "model": "m", "device": "cpu"}, **extra}
+
+
+SCHEMA_BEFORE_BASE = """CREATE TABLE evaluations (
+    source TEXT NOT NULL, line INTEGER NOT NULL, time TEXT, team TEXT NOT NULL, member TEXT NOT NULL,
+    prompt_index INTEGER, passed INTEGER NOT NULL, final_score REAL, latency REAL, throughput REAL,
+    flop_ratio REAL, module_sha256 TEXT, model TEXT, device TEXT, error TEXT,
+    PRIMARY KEY (source, line))"""
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -58,10 +68,26 @@ def test_leaderboard_ranks_the_best_passing_run_of_each_team_and_member(tmp_path
     assert load(db, [a]) == 5  # loading a file again replaces its rows
     load(db, [b])
     rows = ranking(db)
-    assert [(r[1], r[2], r[3], r[8]) for r in rows] == [
+    assert [(r[1], r[2], r[3], r[10]) for r in rows] == [
         ("alpha", "ann", 3.0, "cd" * 6), ("beta", "", 2.5, "ab" * 6), ("alpha", "bob", 2.0, "ab" * 6)]
-    assert [r[0] for r in rows] == [1, 2, 3] and rows[0][9] == 2  # ann's two passing runs
+    assert [r[0] for r in rows] == [1, 2, 3] and rows[0][11] == 2  # ann's two passing runs
+    assert [(r[7], r[8]) for r in rows] == [(20.0, "in turn"), (20.0, "in turn"), (20.0, "in turn")]
     assert terminal_table(rows).splitlines()[2].split()[:3] == ["1", "alpha", "ann"]
+
+
+def test_a_leaderboard_database_of_an_older_schema_gains_the_base_columns(tmp_path):
+    """The base's latency and origin are newer columns: a database written before them is extended, not refused,
+    and its older rows show no base."""
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute(SCHEMA_BEFORE_BASE)
+    db.execute("INSERT INTO evaluations VALUES ('/x.jsonl', 0, '2026-11-01T10:00:00', 'old', '', 0, 1, 1.25, 10.0, "
+               "100.0, 0.5, 'ef', 'm', 'cpu', NULL)")
+    db.commit()
+    a = write_jsonl(tmp_path / "alpha_m_score_records.jsonl", [
+        record("alpha", "ann", 1.5, "2026-11-01T10:00:00", base={"latency": 20.0, "throughput": 50.0,
+                                                                 "origin": "prompt_data_cpu.csv, prompt 0"})])
+    assert load(db, [a]) == 1
+    assert [(r[1], r[7], r[8]) for r in ranking(db)] == [("alpha", 20.0, "prompt_data_cpu.csv"), ("old", None, None)]
 
 
 def test_the_report_page_says_which_evaluations_were_not_checked():
@@ -194,6 +220,12 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "benchmark_report.json").write_text("{not json")
     code, out, err = invoke("report")
     assert code == 2 and "benchmark_report.json: not a JSON benchmark report" in err
+    for text, words in (('{"e2e_model": 5}', "its e2e_model section is int, not an object"),
+                        ('{"e2e_model": {}, "accuracy": 5}', "its accuracy section is int"),
+                        ('{"e2e_model": {"samples_ms": 5}}', "not a benchmark report moebench can draw (TypeError")):
+        (tmp_path / "benchmark_report.json").write_text(text)  # a traceback before
+        code, out, err = invoke("report")
+        assert code == 2 and err.count("\n") == 1 and words in err, err
     code, out, err = invoke("leaderboard", tmp_path / "missing")
     assert code == 2 and "missing: no such file or folder" in err
     code, out, err = invoke("report", "--bogus")

@@ -65,3 +65,19 @@ def test_same_seed_same_draws_other_seed_other_draws():
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     assert torch.equal(torch.stack([sample(logits, params, g1) for _ in range(3)]),
                        torch.stack([sample(logits, params, g2) for _ in range(3)]))
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-8])
+def test_a_tiny_temperature_draws_the_argmax_on_the_host_and_in_the_graph(temperature):
+    """Dividing the logits by it first overflowed (inf - inf: NaN probabilities, a traceback); the top logit is
+    subtracted first, so the draw is the argmax, as the temperature's limit is."""
+    from moebench.engine.sampling import on_device_sample
+
+    logits = random_logits(rows=8) * 30
+    params = SamplingParams(True, temperature=temperature, top_k=0, top_p=0.95)
+    assert torch.equal(sample(logits, params, torch.Generator().manual_seed(0)), logits.argmax(-1))
+    B = logits.shape[0]
+    got = on_device_sample(logits, torch.zeros(B, dtype=torch.long), torch.full((B,), 0.95),
+                           torch.full((B,), temperature), torch.rand(B, generator=torch.Generator().manual_seed(0)),
+                           256, do_sample=True)
+    assert torch.equal(got, logits.argmax(-1))

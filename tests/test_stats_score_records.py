@@ -141,24 +141,50 @@ def test_a_base_measured_beforehand_is_timed_on_fresh_prompts_as_the_submission_
     from moebench.cli.args import parse_args
     from moebench.modes.setup import device_of, dtype_of, make_request, open_source
 
-    seen = []
+    seen, compiled = [], []
     real = contest.answer_request
     monkeypatch.setattr(contest, "answer_request", lambda engine, ids, *a: seen.append(ids.clone()) or
                         real(engine, ids, *a))
+    real_time = contest.time_request  # the untimed compile request: the request's own prompt
+    monkeypatch.setattr(contest, "time_request", lambda engine, ids, *a: compiled.append((ids.clone(), a[-1])) or
+                        real_time(engine, ids, *a))
     run, _ = parse_args(["--mode", "evaluate_single", "--seq-len", "24", "--benchmark-runs", "3",
                          "--warmup-runs", "1"])
     source = open_source(run)
     req = make_request(run, source, run.prompts)
     report = contest.reference_benchmark(run, source, req, device_of(run), dtype_of(run))
     assert len(seen) == 4 and report["e2e_model"]["runs"] == 3 and report["inputs"]["fresh_prompts"] is True
+    assert len(compiled) == 1 and torch.equal(compiled[0][0], req.input_ids) and compiled[0][1] is None
     assert all(p.shape == req.input_ids.shape and not torch.equal(p, req.input_ids) for p in seen)
     assert len({tuple(p.flatten().tolist()) for p in seen}) == 4
     tok = source.tokenizer
     special = {*req.eos_ids, req.pad_id, *(i for i in (tok.bos_id, tok.eos_id, tok.pad_id) if i is not None)}
     assert not special & {int(i) for p in seen for i in p.flatten()}
     seen.clear()
-    report = contest.benchmark(run, contest.reference_model(run, source, device_of(run), dtype_of(run)), req, "own")
+    engine = contest.compiled_engine(run, contest.reference_model(run, source, device_of(run), dtype_of(run)), req)
+    report = contest.benchmark(run, engine, req, "own")
     assert "inputs" not in report and report["e2e_model"]["runs"] == 3
+
+
+def test_with_no_warm_up_the_reference_is_still_compiled_before_its_first_timed_run():
+    """--warmup-runs 0: the submission compiles in its compile step, so the reference (timed in turn, or
+    beforehand) compiles by an untimed request too; its timed runs compile nothing."""
+    from torch._dynamo.utils import counters
+
+    import moebench.modes.contest as contest
+    from moebench.cli.args import parse_args
+    from moebench.modes.setup import device_of, dtype_of, make_request, open_source
+
+    torch._dynamo.reset()
+    run, _ = parse_args(["--mode", "evaluate_single", "--seq-len", "24", "--benchmark-runs", "2",
+                         "--warmup-runs", "0"])
+    source = open_source(run)
+    req = make_request(run, source, run.prompts)
+    answer = contest.reference_request(run, source, req, device_of(run), dtype_of(run))
+    frames = sum(counters["frames"].values())
+    assert frames > 0  # compiled already
+    answer(req.input_ids.flip(1), req.attention_mask, req.max_new_tokens)
+    assert sum(counters["frames"].values()) == frames
 
 
 # ---------------------------------------------------------------- score

@@ -234,7 +234,8 @@ class RunConfig:
     skip_accuracy: bool = opt(False, "performance only: no accuracy check (records say 'not checked')",
                               bool_flag=True, modes=SCORED)
     benchmark_runs: int = opt(20, "timed benchmark runs", type=positive(int), modes=TIMED)
-    warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark (compilation happens there)",
+    warmup_runs: int = opt(1, "untimed warm-up runs before the benchmark (each model timed is compiled before "
+                              "them, untimed, even with 0)",
                            type=_nonneg(int), modes=TIMED)
     seed: int = opt(0, "seed for sampling", type=_seed, modes=SAMPLING)
     explicit: frozenset = field(default=frozenset(), repr=False)  # names of the options given on the command line
@@ -365,6 +366,9 @@ def combination_notes(run: RunConfig) -> list[str]:
         moot += [(n, "with --skip-accuracy") for n in ("tol_map", "divergence_difference_tol", "num_tokens_to_check")]
     if run.max_new_tokens is not None:
         moot.append(("max_length", "with --max-new-tokens, which sets the length"))
+    if run.mode in VALIDATING and run.isolation == "none":  # (--audit-pairs 0 asks for no audit: nothing is lost)
+        moot += [(n, "with --isolation none (the submission runs in this process, unchecked and unstopped)")
+                 for n in ("audit_pairs", "phase_time_limit") if getattr(run, n)]
     return [f"note: --{name.replace('_', '-')} has no effect {why}" for name, why in moot if name in run.explicit]
 
 

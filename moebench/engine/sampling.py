@@ -23,7 +23,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     The draw uses `generator` (seeded by the caller), so a seed gives the same tokens on every run."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    scores = logits.float() / params.temperature
+    scores = logits.float()
+    scores = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature  # (no overflow at a tiny one)
     if 0 < params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -62,7 +63,8 @@ def on_device_sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
     values, ids = torch.topk(logits.float(), K, dim=-1)  # [B, K], sorted: rank 0 is the most likely
     ranks = torch.arange(K, device=logits.device)
     limit = torch.where(top_k > 0, top_k, K)[:, None]
-    values = torch.where(ranks >= limit, -3000.0, values) / temperature[:, None]
+    # the top logit subtracted first (softmax is the same): a tiny temperature cannot overflow to inf - inf
+    values = (torch.where(ranks >= limit, -3000.0, values) - values[:, :1]) / temperature[:, None]
     cum = values.softmax(dim=-1).cumsum(dim=-1)
     cut = (cum > torch.maximum(cum[:, :1], top_p[:, None])) & (ranks > 0)
     cum = torch.where(cut, -3000.0, values).softmax(dim=-1).cumsum(dim=-1)

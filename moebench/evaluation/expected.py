@@ -75,14 +75,23 @@ def save_expected(folder: Path, i: int, logits: torch.Tensor, meta: ExpectedMeta
 def read_meta(path: Path) -> ExpectedMeta:
     """An expected_logits_{i}.json file, checked; a clear error when malformed."""
     try:
-        return ExpectedMeta(**json.loads(path.read_text(encoding="utf-8")))
+        meta = ExpectedMeta(**json.loads(path.read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise MoebenchError(f"{path}: not valid expected-logits metadata ({e})") from None
     except OSError as e:
         raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
+    for name, kind in (("model", str), ("weights_hash", str), ("dtype", str), ("moebench_version", str),
+                       ("seq_len", int), ("new_tokens", int), ("prompt_ids", list)):
+        value = getattr(meta, name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise MoebenchError(f"{path}: not valid expected-logits metadata ({name} is {value!r}, not "
+                                f"{'a string' if kind is str else 'an integer' if kind is int else 'a list'})")
+    if not all(isinstance(row, list) and all(type(t) is int for t in row) for row in meta.prompt_ids):
+        raise MoebenchError(f"{path}: not valid expected-logits metadata (prompt_ids is not a list of token-id lists)")
+    return meta
 
 
-def check_stored(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
+def check_stored(folder: Path, i: int, wanted: ExpectedMeta, vocab: int) -> torch.Tensor | None:
     """The stored logits of prompt i, memory-mapped (read only where used: evaluate_all checks every prompt's
     files this way before any long work), when their metadata and shape match `wanted`; None when absent; an
     error when they do not match or do not load."""
@@ -106,17 +115,21 @@ def check_stored(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | N
         raise MoebenchError(f"{pt}: cannot load it as a tensor file ({type(e).__name__}: {first[:200]}); "
                             "regenerate it with --mode generate_accuracy_baselines") from None
     B = len(wanted.prompt_ids)
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[1] != B:
-        raise MoebenchError(f"{pt}: expected a tensor [new_tokens, {B}, vocab]")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or logits.shape[1:] != (B, vocab) or \
+            not logits.is_floating_point():
+        what = f"a {logits.dtype} tensor of shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else \
+            type(logits).__name__
+        raise MoebenchError(f"{pt}: holds {what}, not the float logits [new_tokens, {B}, {vocab}] of this model; "
+                            "regenerate it with --mode generate_accuracy_baselines")
     if logits.shape[0] < wanted.new_tokens:
         raise MoebenchError(f"{pt}: holds {logits.shape[0]} tokens, {wanted.new_tokens} are needed")
     return logits
 
 
-def load_expected(folder: Path, i: int, wanted: ExpectedMeta) -> torch.Tensor | None:
+def load_expected(folder: Path, i: int, wanted: ExpectedMeta, vocab: int) -> torch.Tensor | None:
     """Stored logits for prompt i when they match `wanted`, in memory; None when absent; an error when they do not
     match."""
-    logits = check_stored(folder, i, wanted)
+    logits = check_stored(folder, i, wanted, vocab)
     return None if logits is None else logits[:wanted.new_tokens].to(torch.float32, copy=True)
 
 
@@ -130,7 +143,7 @@ def stored_index(folder: Path, wanted: ExpectedMeta) -> int | None:
     return None
 
 
-def find_stored(folder: Path, wanted: ExpectedMeta) -> torch.Tensor | None:
+def find_stored(folder: Path, wanted: ExpectedMeta, vocab: int) -> torch.Tensor | None:
     """Stored logits for the same prompt under any index (for --prompt runs); None when no file has it."""
     i = stored_index(folder, wanted)
-    return None if i is None else load_expected(folder, i, wanted)
+    return None if i is None else load_expected(folder, i, wanted, vocab)

@@ -10,7 +10,7 @@ from moebench.errors import MoebenchError
 from moebench.model.checkpoint import load_weights
 from moebench.model.config import Qwen3MoeConfig, read_json
 from moebench.model.presets import EMBEDDED, IN_MEMORY_ONLY, PRESETS, preset_dir, random_model
-from moebench.model.qwen3_moe import ModelOptions
+from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 from moebench.model.tokenizer import Tokenizer
 
 PRESET_PREFIX = "preset:"
@@ -52,12 +52,11 @@ def open_model(model_path: str | None) -> ModelSource:
 
 def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: torch.dtype, device) -> torch.nn.Module:
     """Construct `model_cls(config, options)` on the meta device and load the weights into it."""
-    if source.weights_dir is None:
-        model = random_model(source.config, seed=0, dtype=dtype, device=device)
-        if model_cls is not type(model) or options != ModelOptions():
+    if source.weights_dir is None:  # refused before the weights are drawn (a large preset's take minutes)
+        if model_cls is not Qwen3MoeForCausalLM or options != ModelOptions():
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
                                 "default options runs on it")
-        return model
+        return random_model(source.config, seed=0, dtype=dtype, device=device)
     model = construct(model_cls, source, options)
     load_weights(model, source.weights_dir, dtype, device)
     return after_loading(model).eval()

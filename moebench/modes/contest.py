@@ -16,7 +16,7 @@ from moebench.cli.args import RunConfig
 from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED_FRACTION, DEFAULT_TOL_MAP,
                                           ValidationReport, validate_logits)
-from moebench.evaluation.benchmark import answer_request, benchmark_report, run_benchmark
+from moebench.evaluation.benchmark import answer_request, benchmark_report, run_benchmark, time_request
 from moebench.evaluation.checked import banned_tokens, checked_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
 from moebench.engine.parallel import shared_value, writes_files
@@ -74,11 +74,10 @@ def options_of(run: RunConfig) -> ModelOptions:
                         quant_dtype=run.quantized_dtype, quant_bound=run.quantized_kernel_lower_bound)
 
 
-def benchmark(run: RunConfig, model, req: Request, what: str, fresh_from: ModelSource | None = None) -> dict:
-    """benchmark_report.json's content for `model` on this request (warm-up runs absorb compilation). fresh_from:
+def benchmark(run: RunConfig, engine, req: Request, what: str, fresh_from: ModelSource | None = None) -> dict:
+    """benchmark_report.json's content for a compiled `engine` (compiled_engine) on this request. fresh_from:
     every run gets a fresh prompt of the request's shape from this model's vocabulary, as a submission's timed
     runs do (checked_benchmark), instead of the request's own prompt."""
-    engine = make_engine(model, run, batch=req.input_ids.shape[0], compile=True)
     bar = progress(run.benchmark_runs, f"benchmark {what}")
     shape = req.input_ids.shape[1], req.max_new_tokens, req.input_ids.shape[0]
     if fresh_from is None:
@@ -95,18 +94,26 @@ def benchmark(run: RunConfig, model, req: Request, what: str, fresh_from: ModelS
     return {**benchmark_report(timings, *shape), "inputs": {"fresh_prompts": True, "seed": seed}}
 
 
+def compiled_engine(run: RunConfig, model, req: Request):
+    """An engine whose steps for this request's shape are compiled, by one untimed request whatever --warmup-runs
+    says: a submission compiles in its compile step, and a first timed run must not hold the other's compilation."""
+    engine = make_engine(model, run, batch=req.input_ids.shape[0], compile=True)
+    time_request(engine, req.input_ids, req.attention_mask, req.max_new_tokens, None)
+    return engine
+
+
 def reference_model(run: RunConfig, source: ModelSource, device, dtype):
     return parallelize(build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device), run)
 
 
 def reference_benchmark(run: RunConfig, source: ModelSource, req: Request, device, dtype) -> dict:
-    return benchmark(run, reference_model(run, source, device, dtype), req, "reference", fresh_from=source)
+    return benchmark(run, compiled_engine(run, reference_model(run, source, device, dtype), req), req, "reference",
+                     fresh_from=source)
 
 
 def reference_request(run: RunConfig, source: ModelSource, req: Request, device, dtype):
     """The reference answering timed requests as a submission's process does (checked_benchmark's request)."""
-    engine = make_engine(reference_model(run, source, device, dtype), run, batch=req.input_ids.shape[0],
-                         compile=True)
+    engine = compiled_engine(run, reference_model(run, source, device, dtype), req)
     return lambda ids, mask, new_tokens: answer_request(engine, ids, mask, new_tokens)
 
 
@@ -126,7 +133,8 @@ def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, d
     """Stored expected logits when their metadata matches (refused when they do not), else computed now by
     the reference. index: prompts.txt position; None looks for the same prompt under any index."""
     meta = expected_meta(run, source, req, dtype)
-    stored = load_expected(folder, index, meta) if index is not None else find_stored(folder, meta)
+    vocab = source.config.vocab_size
+    stored = load_expected(folder, index, meta, vocab) if index is not None else find_stored(folder, meta, vocab)
     if stored is not None:
         print(f"expected logits: stored ({folder})")
         return stored, meta
@@ -247,12 +255,15 @@ class UnderTest:
         self.model = build_submission(run, sub, source, device, dtype, self.batch, self.artifacts)
         self.engine = make_engine(self.model, run, batch=self.batch, compile=True)
         compile_step(run, self.artifacts, self.model, self.engine, req, source, compile_code=True, started=started)
+        # then one request, as the original's load() runs every bucket once: a first timed run pays no first-call
+        # costs (the prompt's graph, its lazily allocated buffers), whatever --warmup-runs says
+        time_request(self.engine, req.input_ids, req.attention_mask, req.max_new_tokens, None)
 
     def validate(self, expected: torch.Tensor, req: Request, tokenizer) -> Validation:
         return validate_submission(self.run, self.engine.greedy, expected, req, tokenizer)
 
     def benchmark(self, req: Request) -> dict:
-        return benchmark(self.run, self.model, req, "submission", fresh_from=self.source)
+        return benchmark(self.run, self.engine, req, "submission", fresh_from=self.source)
 
     def kernel_flops(self, req: Request) -> dict:
         """benchmark_report.json's kernel_flops for this request (RequestMacs.report), from the compiled graphs."""

@@ -244,7 +244,7 @@ def run_evaluate_all(run: RunConfig) -> int:
     reqs = prompt_requests(runs, source, prompts, "prompts.txt")
     if not run.skip_accuracy:
         for i, (prompt_run, req) in enumerate(zip(runs, reqs)):
-            check_stored(folder, i, expected_meta(prompt_run, source, req, dtype_of(run)))
+            check_stored(folder, i, expected_meta(prompt_run, source, req, dtype_of(run)), source.config.vocab_size)
     if rows is None:
         data_path = folder / f"prompt_data_{platform}.csv"
         print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")

@@ -11,7 +11,7 @@ from moebench.engine.parallel import writes_files
 from moebench.engine.sampling import SamplingParams
 from moebench.evaluation.submission import load_submission
 from moebench.modes.compiled import compile_step, open_artifacts
-from moebench.modes.contest import benchmark, build_submission, options_of, write_json
+from moebench.modes.contest import benchmark, build_submission, compiled_engine, options_of, write_json
 from moebench.modes.setup import device_of, dtype_of, make_engine, make_request, open_source
 from moebench.progress import Progress
 
@@ -64,7 +64,7 @@ def run_generate(run: RunConfig) -> int:
             torch.save(out.logits, path)  # [new_tokens, batch, vocab], float32
         print(f"logits: {path}")
     if run.benchmark:
-        report = benchmark(run, model, req, "generate")
+        report = benchmark(run, compiled_engine(run, model, req), req, "generate")
         path = Path.cwd() / REPORT_FILE
         write_json(path, report)
         e2e = report["e2e_model"]

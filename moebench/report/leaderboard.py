@@ -11,13 +11,26 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS evaluations (
     prompt_index INTEGER, passed INTEGER NOT NULL, final_score REAL, latency REAL, throughput REAL,
     flop_ratio REAL, module_sha256 TEXT, model TEXT, device TEXT, error TEXT,
     PRIMARY KEY (source, line))"""
-COLUMNS = ["rank", "team", "member", "final score", "latency ms", "throughput", "FLOP ratio", "date", "module",
-           "evaluations"]
+ADDED = {"base_latency": "REAL", "base_from": "TEXT"}  # columns newer than the first databases: added to those
+COLUMNS = ["rank", "team", "member", "final score", "latency ms", "throughput", "FLOP ratio", "base ms", "base from",
+           "date", "module", "evaluations"]
+
+
+def base_from(origin: str | None) -> str | None:
+    """A record's base origin, short: given, in turn (timed alternating with the submission), reference measured
+    now (before it), or the prompt-data file."""
+    if origin is None:
+        return None
+    return "in turn" if "alternating" in origin else origin.split(",")[0]
 
 
 def load(db: sqlite3.Connection, paths: list[Path]) -> int:
     """Adds the records of each file (again loading a file replaces its rows); returns how many were read."""
     db.execute(SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(evaluations)")}
+    for name, kind in ADDED.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE evaluations ADD COLUMN {name} {kind}")
     n = 0
     for path in paths:
         source = str(Path(path).resolve())
@@ -25,11 +38,15 @@ def load(db: sqlite3.Connection, paths: list[Path]) -> int:
         for i, r in enumerate(read_records(path)):
             score, prov = r["score"], r.get("provenance") or {}
             passed = verdict(r) == "pass"
-            db.execute("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (source, i, r.get("time"), r.get("team_id") or "", r.get("member_id") or "",
-                        r.get("prompt_index"), int(passed), score.get("final_score"), score.get("latency"),
-                        score.get("throughput"), score.get("flop_ratio"), prov.get("module_sha256"),
-                        prov.get("model"), prov.get("device"), r.get("error")))
+            row = {"source": source, "line": i, "time": r.get("time"), "team": r.get("team_id") or "",
+                   "member": r.get("member_id") or "", "prompt_index": r.get("prompt_index"), "passed": int(passed),
+                   "final_score": score.get("final_score"), "latency": score.get("latency"),
+                   "throughput": score.get("throughput"), "flop_ratio": score.get("flop_ratio"),
+                   "module_sha256": prov.get("module_sha256"), "model": prov.get("model"),
+                   "device": prov.get("device"), "error": r.get("error"), "base_latency": score.get("base_latency"),
+                   "base_from": base_from((r.get("base") or {}).get("origin"))}
+            db.execute(f"INSERT INTO evaluations ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                       tuple(row.values()))
             n += 1
     db.commit()
     return n
@@ -42,17 +59,18 @@ def ranking(db: sqlite3.Connection) -> list[list]:
             SELECT *, ROW_NUMBER() OVER (PARTITION BY team, member ORDER BY final_score DESC, time ASC) AS k,
                    COUNT(*) OVER (PARTITION BY team, member) AS runs
             FROM evaluations WHERE passed = 1 AND final_score IS NOT NULL)
-        SELECT team, member, final_score, latency, throughput, flop_ratio, time, module_sha256, runs
+        SELECT team, member, final_score, latency, throughput, flop_ratio, base_latency, base_from, time,
+               module_sha256, runs
         FROM best WHERE k = 1 ORDER BY final_score DESC, time ASC""").fetchall()
-    return [[i + 1, team or "(no team)", member, score, latency, throughput, ratio, (time or "")[:19].replace("T", " "),
-             (sha or "")[:12], runs] for i, (team, member, score, latency, throughput, ratio, time, sha, runs)
-            in enumerate(rows)]
+    return [[i + 1, team or "(no team)", member, score, latency, throughput, ratio, base, origin,
+             (time or "")[:19].replace("T", " "), (sha or "")[:12], runs]
+            for i, (team, member, score, latency, throughput, ratio, base, origin, time, sha, runs) in enumerate(rows)]
 
 
 def terminal_table(rows: list[list]) -> str:
     cells = [COLUMNS] + [[_text(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) if i in (1, 2, 7, 8) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(c.ljust(w) if i in (1, 2, 8, 9, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -64,5 +82,7 @@ def _text(v) -> str:
 
 def leaderboard_page(rows: list[list], evaluations: int, sources: int) -> str:
     note = (f'<p class="muted">best passing evaluation per team and member (accuracy checked and passed, not '
-            f'flagged, not failed), from {evaluations} evaluations in {sources} record files</p>')
+            f'flagged, not failed), from {evaluations} evaluations in {sources} record files. A score is against '
+            'its base: scores compare where their bases do (given with --base-latency / --base-throughput, the '
+            'prompt data, or the reference timed on the same machine, in turn with the submission or before it)</p>')
     return page("moebench leaderboard", [note, '<div id="leaderboard">' + table(COLUMNS, rows, left=0) + "</div>"])

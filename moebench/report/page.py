@@ -31,6 +31,10 @@ def read_json(path: Path) -> dict:
         raise MoebenchError(f"{path}: not a JSON benchmark report ({e})") from None
     if not isinstance(data, dict) or "e2e_model" not in data:
         raise MoebenchError(f"{path}: not a benchmark report (no e2e_model section)")
+    for key in ("e2e_model", "config", "reference", "kernel_flops", "accuracy", *(k for k, _ in SUBMODELS)):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise MoebenchError(f"{path}: not a benchmark report (its {key} section is {type(data[key]).__name__}, "
+                                "not an object)")
     return data
 
 
@@ -189,6 +193,10 @@ def _time(record: dict) -> datetime:
 def build_report(reports: list[Path], records: list[Path]) -> str:
     body = []
     for path in reports:
-        body.append(report_section(path.name, read_json(path)))
+        report = read_json(path)
+        try:
+            body.append(report_section(path.name, report))
+        except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:  # a section's content is amiss
+            raise MoebenchError(f"{path}: not a benchmark report moebench can draw ({type(e).__name__}: {e})") from None
     body.append(scores_section([r for path in records for r in read_records(path)]))
     return page("moebench report", body)
