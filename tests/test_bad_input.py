@@ -77,6 +77,19 @@ def stored_expected(run_seq_len: int = 8, stored_seq_len: int = 8, damage=None):
     return setup
 
 
+def folder(name: str):
+    def setup(tmp: Path) -> None:
+        (tmp / name).mkdir()
+    return setup
+
+
+def both(*setups):
+    def setup(tmp: Path) -> None:
+        for one in setups:
+            one(tmp)
+    return setup
+
+
 def write_file(name: str, content: bytes):
     def damage(tmp: Path) -> None:
         (tmp / name).write_bytes(content)
@@ -150,8 +163,23 @@ CASES = [
          EVALUATE_ALL, "expected_logits_0.pt: holds a torch.float32 tensor of shape [8, 1, 100], not the float logits"),
     case("expected-pt-integers", stored_expected(damage=save_tensor("expected_logits_0.pt", None, torch.int64)),
          EVALUATE_ALL, "expected_logits_0.pt: holds a torch.int64 tensor"),
+    case("prompt-data-base-of-another-dtype", stored_expected(), [*EVALUATE_ALL, "--skip-accuracy", "--torch-dtype",
+                                                                   "float32"],
+         "prompt_data_cpu.csv: prompt 0's base was measured with dtype bfloat16, this run float32"),
+    case("prompt-data-base-of-other-tp", stored_expected(damage=edit_json("expected_logits_0.json", tp_degree=2)),
+         [*EVALUATE_ALL, "--skip-accuracy"], "prompt 0's base was measured with tp_degree 2, this run 1"),
     case("expected-meta-other-seq-len", stored_expected(run_seq_len=12, stored_seq_len=8), EVALUATE_ALL,
          "expected_logits_0.pt does not match this run: it holds 4 tokens, 8 are needed"),
+    # an output file with a folder in its place: refused before the long work (after it, a traceback lost the score)
+    case("report-path-a-folder", folder("benchmark_report.json"),
+         ["--mode", "evaluate_single", "--seq-len", "16", "--benchmark-runs", "1"],
+         "benchmark_report.json: a folder is in its place"),
+    case("prompt-data-path-a-folder-baselines", both(prompts(b"Hello world\n"), folder("prompt_data_cpu.csv")),
+         BASELINES, "prompt_data_cpu.csv: a folder is in its place"),
+    case("report-i-path-a-folder-evaluate-all", both(prompts(b"Hello world\n"), folder("benchmark_report_0.json")),
+         EVALUATE_ALL, "benchmark_report_0.json: a folder is in its place"),
+    case("logits-path-a-folder-generate", folder("output_logits.pt"), [*GENERATE, "--output-logits"],
+         "output_logits.pt: a folder is in its place"),
     # flags
     case("tol-map-malformed", nothing, ["--mode", "validate", "--tol-map", "{None: (1e-5,"],
          "argument --tol-map: not a Python literal"),
@@ -162,6 +190,8 @@ CASES = [
     case("context-encoding-bucket-larger-than-seq-len", nothing,
          [*GENERATE, "--enable-bucketing", "--context-encoding-buckets", "32"],
          "--context-encoding-buckets: bucket 32 is larger than --seq-len 16"),
+    case("team-id-names-another-folder", nothing, ["--mode", "evaluate_single", "--team-id", "../esc"],
+         "argument --team-id: '../esc' would not name a file in the working folder"),
     case("qwen-missing-py-file", nothing, ["--mode", "validate", "--seq-len", "16", "--qwen", "my_qwen.py"],
          "--qwen my_qwen.py: file not found"),
 ]

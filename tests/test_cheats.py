@@ -40,6 +40,7 @@ def test_memoizing_outputs_is_flagged_by_the_caching_audit():
     code, out, err = evaluate("memoize")
     assert code == 1, out + err
     assert "evaluation flagged: caching" in out
+    assert "accuracy:             PASS, but flagged (caching" in out  # the validation passed; the flag zeroes it
     assert report()["checks"]["caching_audit"]["flagged"]
     assert float(records()[-1]["final_score"]) == 0
 

@@ -95,3 +95,22 @@ def test_a_killed_evaluation_leaves_every_earlier_record_intact(in_tmp):
     assert float(rows[0]["final_score"]) == pytest.approx(records[0]["score"]["final_score"])
     append_json_record(jsonl, {"after": True})  # the files stay usable
     assert read_json_records(jsonl)[0][-1] == {"after": True}
+
+
+@pytest.mark.usefixtures("in_tmp", "one_thread")
+def test_a_report_that_cannot_be_written_after_the_evaluation_loses_no_score(capsys, in_tmp, monkeypatch):
+    """A folder put in the report's place during the run (past the check before the long work): the score is
+    recorded first, then the report's failure is one line and exit 2, with no temporary file left."""
+    import os
+
+    import moebench.modes.evaluate as evaluate
+    from moebench.evaluation.records import read_records
+
+    real = evaluate.write_json
+    monkeypatch.setattr(evaluate, "write_json", lambda path, data: path.mkdir() or real(path, data))
+    code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--seq-len", "12", "--prompt", "Hello there",
+                             "--benchmark-runs", "1", "--base-latency", "10", "--base-throughput", "10",
+                             "--isolation", "none")
+    assert code == 2 and "benchmark_report.json: Is a directory" in err and err.count("\n") == 1, out + err
+    assert len(read_records(in_tmp / "moebench-tiny_score_records.csv")) == 1
+    assert not [p for p in os.listdir(in_tmp) if p.endswith(".tmp")]

@@ -120,8 +120,8 @@ def test_generate_accuracy_baselines_writes_logits_and_prompt_data(baselines):
         assert torch.isfinite(logits).all()
         meta = json.loads((folder / f"expected_logits_{i}.json").read_text())
         assert set(meta) == {"model", "weights_hash", "prompt_ids", "dtype", "seq_len", "new_tokens",
-                             "moebench_version"}
-        assert meta["model"] == MODEL and meta["dtype"] == "bfloat16"
+                             "moebench_version", "tp_degree"}
+        assert meta["model"] == MODEL and meta["dtype"] == "bfloat16" and meta["tp_degree"] == 1
         assert meta["seq_len"] == 20 and meta["new_tokens"] == 20 - L
         assert meta["prompt_ids"] == [open_model(None).tokenizer.encode(prompt)]
     text = (folder / "prompt_data_cpu.csv").read_text()
@@ -255,7 +255,7 @@ def test_a_records_file_that_cannot_take_the_record_stops_before_the_work(in_tmp
         code, out, err = invoke("--mode", mode, *TINY, "--skip-accuracy")
         assert code == 2 and f"{RECORDS} is not a moebench score-record file" in error_line(err), err
     code, out, err = invoke("--mode", "evaluate_single", *TINY, "--skip-accuracy", "--team-id", "no/such")
-    assert code == 2 and "no such folder" in error_line(err), err
+    assert code == 2 and "would not name a file in the working folder" in error_line(err), err
     assert (in_tmp / RECORDS).read_text() == "team,score\nfoo,1\n"
     assert sorted(p.name for p in in_tmp.iterdir()) == sorted(["prompts.txt", RECORDS])  # no report, no prompt data
 

@@ -425,3 +425,28 @@ def test_prompts_empty_or_not_utf8(tmp_path, content):
     with pytest.raises(MoebenchError) as e:
         read_prompts(path)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prompt_data_bases_are_timed_at_the_sequence_length_they_record(monkeypatch):
+    """--max-new-tokens below --seq-len: the row's Sequence Length is the prompt and the new tokens, and
+    evaluate_all runs the submission there; the base is timed there too (its KV cache and buckets), not at
+    --seq-len."""
+    import moebench.modes.evaluate as evaluate
+    from moebench.cli.args import parse_args
+    from moebench.modes.setup import make_request, open_source
+
+    timed = []
+
+    def fake(run, source, req, device, dtype):
+        timed.append((run.seq_len, req.input_ids.shape, req.max_new_tokens))
+        return {"e2e_model": {"latency_ms_p99": 12.0, "throughput": 34.0}}
+
+    monkeypatch.setattr(evaluate, "reference_benchmark", fake)
+    run, _ = parse_args(["--mode", "generate_accuracy_baselines", "--seq-len", "440", "--max-new-tokens", "8"])
+    source = open_source(run)
+    prompts = ["Hello world", "The sky is blue and the grass is green"]
+    reqs = [make_request(run, source, [p]) for p in prompts]
+    rows = evaluate.measure_prompt_data(run, source, prompts, reqs)
+    lengths = [int(r.attention_mask.sum()) for r in reqs]
+    assert [(r.context_length, r.seq_len, r.base_latency) for r in rows] == [(n, n + 8, 12.0) for n in lengths]
+    assert [t[0] for t in timed] == [n + 8 for n in lengths] and all(t[2] == 8 for t in timed)

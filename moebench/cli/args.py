@@ -81,6 +81,13 @@ def _seed(text):
     return value
 
 
+def _file_part(text):
+    """A name that goes into a file name in the working folder (the team's records): no folder in it."""
+    if "/" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} would not name a file in the working folder (no '/' in it)")
+    return text
+
+
 def opt(default, help, *, flags=(), type=None, choices=None, bool_flag=False, append=False, many=False,
         modes=None, no_effect=None):
     """A run option. modes: the modes it affects (elsewhere an explicit value prints a note); no_effect: why it
@@ -105,7 +112,7 @@ class RunConfig:
                                     "measured on this machine)", type=positive(float), modes=SCORED)
     base_throughput: float = opt(None, "baseline throughput in tokens/s for the score (default: measured)",
                                  type=positive(float), modes=SCORED)
-    team_id: str = opt(None, "team identifier; names the score-records CSV", modes=SCORED)
+    team_id: str = opt(None, "team identifier; names the score-records CSV", type=_file_part, modes=SCORED)
     member_id: str = opt(None, "team member identifier, stored in the score records", modes=SCORED)
     isolation: str = opt("user", "user: the submission runs in its own process, as an unprivileged user in a private "
                                  "view of the filesystem where the harness runs as root; process: its own process, "

@@ -14,6 +14,7 @@ from moebench import __version__
 from moebench.engine.generator import Engine
 from moebench.engine.parallel import writes_files
 from moebench.errors import MoebenchError
+from moebench.evaluation.records import write_whole
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 
@@ -44,6 +45,7 @@ class ExpectedMeta:
     seq_len: int
     new_tokens: int
     moebench_version: str = __version__
+    tp_degree: int = 1  # what the bases beside it were timed with (the logits do not depend on it)
 
     def mismatch(self, wanted: "ExpectedMeta") -> str | None:
         """What makes stored logits (self) unusable for `wanted`, or None."""
@@ -52,6 +54,13 @@ class ExpectedMeta:
                 return f"{name} differs (stored {str(getattr(self, name))[:60]}, needed {str(getattr(wanted, name))[:60]})"
         if self.new_tokens < wanted.new_tokens:
             return f"it holds {self.new_tokens} tokens, {wanted.new_tokens} are needed"
+        return None
+
+    def base_mismatch(self, wanted: "ExpectedMeta") -> str | None:
+        """What makes the bases measured with these logits (self) unlike a run of `wanted`, or None."""
+        for name in ("model", "weights_hash", "dtype", "tp_degree"):
+            if getattr(self, name) != getattr(wanted, name):
+                return f"{name} {str(getattr(self, name))[:60]}, this run {str(getattr(wanted, name))[:60]}"
         return None
 
 
@@ -63,12 +72,20 @@ def compute_expected(source: ModelSource, input_ids, attention_mask, new_tokens:
     return engine.greedy(input_ids, attention_mask, new_tokens)[1]
 
 
+def save_tensor(path: Path, tensor: torch.Tensor) -> None:
+    """torch.save; a failure (a full disk, a folder in its place) is one line naming the file."""
+    try:
+        torch.save(tensor, path)
+    except OSError as e:
+        raise MoebenchError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def save_expected(folder: Path, i: int, logits: torch.Tensor, meta: ExpectedMeta) -> Path:
     path = folder / f"expected_logits_{i}.pt"
     if not writes_files():  # tensor parallelism: rank 0 writes
         return path
-    torch.save(logits.float().contiguous(), path)
-    (folder / f"expected_logits_{i}.json").write_text(json.dumps(asdict(meta), indent=1))
+    save_tensor(path, logits.float().contiguous())
+    write_whole(folder / f"expected_logits_{i}.json", json.dumps(asdict(meta), indent=1))
     return path
 
 
@@ -81,7 +98,7 @@ def read_meta(path: Path) -> ExpectedMeta:
     except OSError as e:
         raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
     for name, kind in (("model", str), ("weights_hash", str), ("dtype", str), ("moebench_version", str),
-                       ("seq_len", int), ("new_tokens", int), ("prompt_ids", list)):
+                       ("seq_len", int), ("new_tokens", int), ("tp_degree", int), ("prompt_ids", list)):
         value = getattr(meta, name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise MoebenchError(f"{path}: not valid expected-logits metadata ({name} is {value!r}, not "

@@ -97,6 +97,20 @@ def check_records_file(path: Path) -> None:
                     raise _not_records(p)
 
 
+def check_output_file(path: Path) -> None:
+    """What would stop writing `path` whole (a new file in its folder, then renamed over it), found before the long
+    work: a folder that is missing or not writable, a folder or other non-file in its place."""
+    if not writes_files():
+        return
+    p = Path(path)
+    if (p.exists() or p.is_symlink()) and not p.is_file():
+        raise MoebenchError(f"cannot write {p}: {'a folder' if p.is_dir() else 'something other than a file'} is "
+                            "in its place")
+    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK | os.X_OK):
+        why = "the folder is not writable" if p.parent.is_dir() else "no such folder"
+        raise MoebenchError(f"cannot write {p}: {why}")
+
+
 def append_json_record(path: Path, record: dict) -> None:
     """Append one evaluation as one JSON line (the JSON-lines twin of the CSV, with provenance), with the CSV's
     guarantees: one locked O_APPEND write per record, fsync'd; a line torn by a writer killed mid-write stays
@@ -261,16 +275,27 @@ def write_prompt_data(path: Path, rows: list[PromptData]) -> None:
         _parse_prompt_data(path, text)  # never write a file that read_prompt_data would refuse
     except MoebenchError as e:
         raise ValueError(f"refusing to write invalid prompt data: {e}") from None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    write_whole(path, text)
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`path` replaced by `text` at once (a temporary file in the same folder, fsync'd, then renamed over it): a
+    reader never sees half of it. A failure is one line naming the file."""
+    path = Path(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise MoebenchError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 

@@ -21,6 +21,7 @@ from moebench.evaluation.checked import banned_tokens, checked_benchmark
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
 from moebench.engine.parallel import shared_value, writes_files
 from moebench.engine.artifacts import Artifacts
+from moebench.evaluation.records import write_whole
 from moebench.evaluation.submission import Submission, check_logits
 from moebench.model.loader import ModelSource, build_model
 from moebench.model.presets import PRESETS
@@ -125,7 +126,7 @@ def prompt_rows(req: Request) -> list[list[int]]:
 def expected_meta(run: RunConfig, source: ModelSource, req: Request, dtype) -> ExpectedMeta:
     return ExpectedMeta(model=source.name, weights_hash=weights_hash(source), prompt_ids=prompt_rows(req),
                         dtype=str(dtype).removeprefix("torch."), seq_len=run.seq_len,
-                        new_tokens=req.max_new_tokens)
+                        new_tokens=req.max_new_tokens, tp_degree=run.tp_degree)
 
 
 def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, dtype, index: int | None,
@@ -314,8 +315,5 @@ def provenance(run: RunConfig, sub: Submission, source: ModelSource, device) -> 
 
 
 def write_json(path: Path, data: dict) -> None:
-    if not writes_files():  # tensor parallelism: rank 0 writes
-        return
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    if writes_files():  # tensor parallelism: rank 0 writes
+        write_whole(path, json.dumps(data, indent=2))

@@ -9,9 +9,9 @@ from pathlib import Path
 from moebench.cli.args import RunConfig
 from moebench.engine.parallel import writes_files
 from moebench.errors import CheckFailed, MoebenchError
-from moebench.evaluation.records import (PromptData, append_json_record, append_record, check_records_file,
-                                         prompt_data_path, read_prompt_data, read_prompts, record_row, records_path,
-                                         write_prompt_data)
+from moebench.evaluation.records import (PromptData, append_json_record, append_record, check_output_file,
+                                         check_records_file, prompt_data_path, read_prompt_data, read_prompts,
+                                         record_row, records_path, write_prompt_data)
 from moebench.evaluation.expected import check_stored, read_meta, stored_index
 from moebench.evaluation.score import Score, compute_score
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
@@ -84,14 +84,14 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     if problems:
         reasons.append(f"flagged: {'; '.join(problems)}")
     why = "; ".join(reasons) or None  # why the score is 0
-    accuracy = 0.0 if problems else accuracy
+    passed, accuracy = bool(accuracy), 0.0 if problems else accuracy
     ratio = flops["nki_flop_ratio"]
-    write_json(report_path, report)
     print_flops(flops)
     e2e = report["e2e_model"]
     score = compute_score(accuracy, base.latency, base.throughput, e2e["latency_ms_p99"], e2e["throughput"], ratio)
     path = records_path(folder, run.team_id, record_model_name(source))
-    print_summary(score, checked, base, report_path, path)  # first: a records file that fails now loses no score
+    # first: a records file that fails now loses no score
+    print_summary(score, checked, passed, problems, base, report_path, path)
     append_record(path, record_row(run.team_id, run.member_id, score))
     if writes_files():  # the provenance (git, hashes) only where the record is written: rank 0
         append_json_record(path.with_suffix(".jsonl"), {
@@ -99,6 +99,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             "validation": v.report.summary() if checked else None, "flagged": problems or None,
             "base": asdict(base), "score": asdict(score), "provenance": provenance(run, sub, source, device),
             "report": without_samples(report)})
+    write_json(report_path, report)  # (after the records: a report that cannot be written loses no score)
     return score, None if isolated else under.artifacts, why
 
 
@@ -183,7 +184,8 @@ def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None
         return None
     stored = read_meta(folder / f"expected_logits_{i}.json")
     rows = {r.prompt_id: r for r in read_prompt_data(data_path)}
-    if stored.mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or rows[i].seq_len != run.seq_len:
+    if stored.mismatch(meta) or stored.base_mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or \
+            rows[i].seq_len != run.seq_len:
         return None
     return Base(rows[i].base_latency, rows[i].base_throughput, f"{data_path.name}, prompt {i}")
 
@@ -200,8 +202,12 @@ def print_flops(flops: dict) -> None:
               f"ratio {g['nki_flop_ratio']:.4f}")
 
 
-def print_summary(s: Score, checked: bool, base: Base, report_path: Path, records: Path) -> None:
-    acc = ("PASS" if s.accuracy else "FAIL") if checked else "not checked (--skip-accuracy; counted as 1)"
+def print_summary(s: Score, checked: bool, passed: bool, problems: list[str], base: Base, report_path: Path,
+                  records: Path) -> None:
+    """passed: the logit validation's verdict; problems: what flagged the run (its accuracy is then counted 0)."""
+    acc = ("PASS" if passed else "FAIL") if checked else "not checked (--skip-accuracy; counted as 1)"
+    if problems:
+        acc += f", but flagged ({'; '.join(problems)}): counted as 0"
     print(f"accuracy:             {acc}")
     print(f"latency (e2e p99):    {s.latency:.2f} ms   base {s.base_latency:.2f} ms ({base.origin})")
     print(f"throughput (e2e):     {s.throughput:.2f} tokens/s   base {s.base_throughput:.2f} tokens/s")
@@ -220,6 +226,7 @@ def run_evaluate_single(run: RunConfig) -> int:
     if len(run.prompts) != 1:
         raise MoebenchError("--mode evaluate_single takes one --prompt; use evaluate_all for several")
     check_records_file(records_path(Path.cwd(), run.team_id, record_model_name(source)))
+    check_output_file(Path.cwd() / REPORT_FILE)
     _, _, why = evaluate_prompt(run, sub, source, run.prompts[0], None, None, Path.cwd() / REPORT_FILE)
     if why is not None:
         raise CheckFailed(f"the evaluation scored 0: {why}")
@@ -235,6 +242,9 @@ def run_evaluate_all(run: RunConfig) -> int:
     check_records_file(records_path(folder, run.team_id, record_model_name(source)))
     platform = device_of(run).type
     data_path = prompt_data_path(folder, platform)
+    for path in [folder / f"benchmark_report_{i}.json" for i in range(len(prompts))] + \
+            [folder / f"prompt_data_{platform}.csv"] * (data_path is None):  # what this run writes
+        check_output_file(path)
     rows = None if data_path is None else read_prompt_data(data_path)
     if rows is not None:
         check_prompt_data(run, source, prompts, rows, data_path)
@@ -242,13 +252,16 @@ def run_evaluate_all(run: RunConfig) -> int:
     runs = [run] * len(prompts) if rows is None else \
         [dataclasses.replace(run, seq_len=row.seq_len) for row in rows]  # the file's sequence length is used
     reqs = prompt_requests(runs, source, prompts, "prompts.txt")
-    if not run.skip_accuracy:
-        for i, (prompt_run, req) in enumerate(zip(runs, reqs)):
-            check_stored(folder, i, expected_meta(prompt_run, source, req, dtype_of(run)), source.config.vocab_size)
+    for i, (prompt_run, req) in enumerate(zip(runs, reqs)):
+        wanted = expected_meta(prompt_run, source, req, dtype_of(run))
+        if not run.skip_accuracy:
+            check_stored(folder, i, wanted, source.config.vocab_size)
+        if rows is not None:
+            check_bases(folder, i, wanted, data_path)
     if rows is None:
         data_path = folder / f"prompt_data_{platform}.csv"
         print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")
-        rows = measure_prompt_data(run, source, reqs)
+        rows = measure_prompt_data(run, source, prompts, reqs)
         write_prompt_data(data_path, rows)  # (only rank 0 writes under tensor parallelism: use the rows in hand)
         runs = [dataclasses.replace(run, seq_len=row.seq_len) for row in rows]
     total, failed, artifacts = 0.0, [], None
@@ -264,6 +277,18 @@ def run_evaluate_all(run: RunConfig) -> int:
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(prompts)} prompts scored 0 ({'; '.join(failed)})")
     return 0
+
+
+def check_bases(folder: Path, i: int, wanted, data_path: Path) -> None:
+    """A prompt's stored base against the run, where the expected logits written with it (by
+    generate_accuracy_baselines) say how it was measured: another model, weights, dtype or --tp-degree is refused,
+    accuracy checked or not (prompt data from elsewhere, with no expected logits beside it, says nothing)."""
+    meta_path = folder / f"expected_logits_{i}.json"
+    why = read_meta(meta_path).base_mismatch(wanted) if meta_path.is_file() else None
+    if why:
+        raise MoebenchError(f"{data_path}: prompt {i}'s base was measured with {why} ({meta_path.name}, written "
+                            "with it); a score compares like with like: regenerate them with --mode "
+                            "generate_accuracy_baselines")
 
 
 def check_prompt_data(run: RunConfig, source, prompts: list[str], rows: list[PromptData], data_path: Path) -> None:
@@ -284,14 +309,16 @@ def check_prompt_data(run: RunConfig, source, prompts: list[str], rows: list[Pro
               f"{data_path.name}")  # (stdout: an error found later stays the one stderr line)
 
 
-def measure_prompt_data(run: RunConfig, source, reqs: list) -> list[PromptData]:
-    """Base latency and throughput of the reference on each prompt's request, at --seq-len. A row's Sequence
-    Length is the prompt's tokens and the new tokens timed (--seq-len, unless --max-new-tokens asked for fewer):
-    what a later evaluate_all then generates, and what the expected logits stored beside it hold."""
+def measure_prompt_data(run: RunConfig, source, prompts: list[str], reqs: list) -> list[PromptData]:
+    """Base latency and throughput of the reference on each prompt's request. A row's Sequence Length is the
+    prompt's tokens and the new tokens timed (--seq-len, unless --max-new-tokens asked for fewer): what a later
+    evaluate_all then generates, and what the expected logits stored beside it hold. Each base is timed at that
+    Sequence Length (its KV cache and buckets), as evaluate_all will time the submission."""
     device, dtype = device_of(run), dtype_of(run)
+    lengths = [int(req.attention_mask.sum()) for req in reqs]
+    runs = [dataclasses.replace(run, seq_len=n + req.max_new_tokens) for n, req in zip(lengths, reqs)]
     rows = []
-    for i, req in enumerate(reqs):
-        base = base_from_report(reference_benchmark(run, source, req, device, dtype), "measured")
-        n = int(req.attention_mask.sum())
-        rows.append(PromptData(i, n, n + req.max_new_tokens, base.latency, base.throughput))
+    for i, (at, req) in enumerate(zip(runs, prompt_requests(runs, source, prompts, "prompts.txt"))):
+        base = base_from_report(reference_benchmark(at, source, req, device, dtype), "measured")
+        rows.append(PromptData(i, lengths[i], at.seq_len, base.latency, base.throughput))
     return rows

@@ -9,6 +9,8 @@ import torch
 from moebench.cli.args import RunConfig
 from moebench.engine.parallel import writes_files
 from moebench.engine.sampling import SamplingParams
+from moebench.evaluation.expected import save_tensor
+from moebench.evaluation.records import check_output_file
 from moebench.evaluation.submission import load_submission
 from moebench.modes.compiled import compile_step, open_artifacts
 from moebench.modes.contest import benchmark, build_submission, compiled_engine, options_of, write_json
@@ -25,6 +27,8 @@ def run_generate(run: RunConfig) -> int:
     source = open_source(run)
     prompts = run.prompts
     req = make_request(run, source, prompts)
+    for path in [Path.cwd() / LOGITS_FILE] * run.output_logits + [Path.cwd() / REPORT_FILE] * run.benchmark:
+        check_output_file(path)  # before the long work
     sub = load_submission(run.qwen)
     started = time.perf_counter()
     artifacts = open_artifacts(run, sub.path, source, options_of(run), device)
@@ -61,7 +65,7 @@ def run_generate(run: RunConfig) -> int:
     if run.output_logits:
         path = Path.cwd() / LOGITS_FILE
         if writes_files():
-            torch.save(out.logits, path)  # [new_tokens, batch, vocab], float32
+            save_tensor(path, out.logits)  # [new_tokens, batch, vocab], float32
         print(f"logits: {path}")
     if run.benchmark:
         report = benchmark(run, compiled_engine(run, model, req), req, "generate")

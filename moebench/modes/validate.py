@@ -5,7 +5,7 @@ from pathlib import Path
 from moebench.cli.args import RunConfig
 from moebench.errors import CheckFailed
 from moebench.evaluation.expected import save_expected
-from moebench.evaluation.records import read_prompts, write_prompt_data
+from moebench.evaluation.records import check_output_file, read_prompts, write_prompt_data
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
 from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of
@@ -42,12 +42,15 @@ def run_generate_accuracy_baselines(run: RunConfig) -> int:
     source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
     reqs = prompt_requests([run] * len(prompts), source, prompts, "prompts.txt")  # all checked before any is written
+    data_path = folder / f"prompt_data_{device.type}.csv"
+    for path in [folder / f"expected_logits_{i}{ext}" for i in range(len(prompts)) for ext in (".pt", ".json")]:
+        check_output_file(path)
+    check_output_file(data_path)
     for i, req in enumerate(reqs):
         logits, meta = expected_logits(run, source, req, device, dtype, None, folder / ".no-stored-logits")
         path = save_expected(folder, i, logits, meta)
         print(f"prompt {i}: {req.attention_mask.sum()} tokens, {logits.shape[0]} expected tokens -> {path.name}")
-    rows = measure_prompt_data(run, source, reqs)
-    data_path = folder / f"prompt_data_{device.type}.csv"
+    rows = measure_prompt_data(run, source, prompts, reqs)
     write_prompt_data(data_path, rows)
     for r in rows:
         print(f"prompt {r.prompt_id}: base latency {r.base_latency:.2f} ms, base throughput "
