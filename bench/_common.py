@@ -32,6 +32,19 @@ def names(allowed) -> callable:
 
 
 positive_int = positive(int)  # an argparse type: one usage line for anything but an integer above 0
+
+
+def out_path(text: str) -> str:
+    """An argparse type for --out: refused before any measuring when the file, its .svg chart, or a folder on the
+    way cannot be one (a folder in its place, a file where a folder must go)."""
+    path = Path(text)
+    for p in (path, path.with_suffix(".svg")):
+        if p.exists() and not p.is_file():
+            raise argparse.ArgumentTypeError(f"{p}: a folder (or other non-file) is in its place")
+    blocked = next((q for q in path.parents if q.exists() and not q.is_dir()), None)
+    if blocked is not None:
+        raise argparse.ArgumentTypeError(f"{text}: {blocked} is a file, not a folder")
+    return text
 DTYPES = ("float32", "bfloat16")
 MODELS = tuple(PRESETS)
 

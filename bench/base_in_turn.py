@@ -14,10 +14,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _common import positive_int
+from _common import out_path, positive_int
 
 import moebench
 from moebench.cli.args import parse_args
+from moebench.errors import MoebenchError
 from moebench.evaluation.score import compute_score
 from moebench.modes.contest import reference_benchmark, reference_request
 from moebench.modes.sandbox import IsolatedSubmission
@@ -34,7 +35,7 @@ def main():
     ap.add_argument("--seq-len", type=positive_int, default=256)
     ap.add_argument("--runs", type=positive_int, default=20, help="timed requests of each, per round and way")
     ap.add_argument("--rounds", type=positive_int, default=6)
-    ap.add_argument("--out", default="bench/results/base_in_turn.json")
+    ap.add_argument("--out", type=out_path, default="bench/results/base_in_turn.json")
     args = ap.parse_args()
 
     template = Path(moebench.__file__).parent / "contest" / "qwen.py"
@@ -44,7 +45,10 @@ def main():
                          "--compiled-model-path", f"{compiled.name}/traced_model"])
     source = open_source(run)
     device, dtype = device_of(run), dtype_of(run)
-    req = make_request(run, source, run.prompts)
+    try:
+        req = make_request(run, source, run.prompts)
+    except MoebenchError as e:  # --seq-len too short for the prompt
+        ap.error(str(e))
     sub = IsolatedSubmission(run, source, req)
     rows = []
     try:

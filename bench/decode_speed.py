@@ -21,7 +21,8 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from _common import DTYPES, MODELS, bandwidth, engines, kernel_seconds, names, positive_int, write_results
+from _common import (DTYPES, MODELS, bandwidth, engines, kernel_seconds, names, out_path, positive_int,
+                     write_results)
 
 
 def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, float]:
@@ -92,7 +93,7 @@ def main():
                     help="moebench's KV cache slots, each attended to by every step (main.py's default request: 640 in "
                          "its last bucket); default prompt-len + tokens + 1, what transformers' cache ends with")
     ap.add_argument("--eager", action="store_true", help="moebench without compiled decode steps")
-    ap.add_argument("--out", default="bench/results/decode_speed.json")
+    ap.add_argument("--out", type=out_path, default="bench/results/decode_speed.json")
     args = ap.parse_args()
     needed = args.prompt_len + args.tokens + 1
     cache_len = args.cache_len or needed

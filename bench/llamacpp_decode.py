@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import MODELS, bandwidth, moebench_engine, positive_int, write_results
+from _common import MODELS, bandwidth, moebench_engine, out_path, positive_int, write_results
 from decode_speed import moebench_decode
 from moebench.model.presets import preset_dir
 
@@ -74,7 +74,7 @@ def main():
     ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved runs per engine")
     ap.add_argument("--gguf-dir", type=Path, default=Path.home() / ".cache" / "moebench" / "gguf",
                     help="where the converted checkpoints are kept")
-    ap.add_argument("--out", default="bench/results/llamacpp_decode.json")
+    ap.add_argument("--out", type=out_path, default="bench/results/llamacpp_decode.json")
     args = ap.parse_args()
     dtype_names = args.dtypes.split(",")
     for dtype_name in dtype_names:

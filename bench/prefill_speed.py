@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from _common import DTYPES, MODELS, engines, gemm_gflops, names, positive_int, timed, write_results
+from _common import DTYPES, MODELS, engines, gemm_gflops, names, out_path, positive_int, timed, write_results
 
 
 def prefill_flops(cfg, T: int) -> float:
@@ -34,7 +34,7 @@ def main():
     ap.add_argument("--dtypes", type=names(DTYPES), default="float32,bfloat16")
     ap.add_argument("--prompt-len", type=positive_int, default=402)
     ap.add_argument("--repeats", type=positive_int, default=5, help="interleaved runs per engine")
-    ap.add_argument("--out", default="bench/results/prefill_speed.json")
+    ap.add_argument("--out", type=out_path, default="bench/results/prefill_speed.json")
     args = ap.parse_args()
 
     torch.manual_seed(0)

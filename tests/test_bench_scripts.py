@@ -55,6 +55,9 @@ def test_decode_speed_refuses_a_cache_too_small_for_the_run():
     ("decode_speed.py", ["--models", "nosuch"], "argument --models: nosuch: not one of moebench-tiny"),
     ("decode_speed.py", ["--tokens", "-5"], "argument --tokens: must be > 0, got -5"),
     ("prefill_speed.py", ["--model", "nosuch"], "argument --model: invalid choice: 'nosuch'"),
+    ("prefill_speed.py", ["--out", "tests"], "argument --out: tests: a folder (or other non-file) is in its place"),
+    ("decode_speed.py", ["--out", "README.md/x.json"], "argument --out: README.md/x.json: README.md is a file"),
+    ("base_in_turn.py", ["--seq-len", "3"], "error: the prompt is 12 tokens, longer than --seq-len 3"),
 ])
 def test_bad_arguments_are_one_usage_line(script, args, words):
     proc = bench(script, *args)  # (they were tracebacks)
