@@ -4,12 +4,14 @@ every timed output is checked against the reference afterwards; and a caching au
 with fresh ones."""
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from moebench.engine.parallel import shared_value
 from moebench.evaluation.accuracy import allowed_misses
 from moebench.evaluation.benchmark import Timings
 
@@ -47,6 +49,11 @@ def banned_tokens(req, tokenizer) -> tuple[int, ...]:
     special ones."""
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     return tuple({*req.eos_ids, req.pad_id, *(i for i in special if i is not None)})
+
+
+def private_seed() -> int:
+    """The fresh prompts' seed: drawn by the harness (the submission cannot predict it), rank 0's on every rank."""
+    return shared_value(int.from_bytes(os.urandom(4), "little"))
 
 
 def fresh_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int, banned: tuple[int, ...],

@@ -85,8 +85,7 @@ def check_records_file(path: Path) -> None:
         return
     for p in (Path(path), Path(path).with_suffix(".jsonl")):
         if not p.exists():
-            if not p.parent.is_dir() or not os.access(p.parent, os.W_OK | os.X_OK):
-                why = "the folder is not writable" if p.parent.is_dir() else "no such folder"
+            if why := _folder_problem(p):
                 raise MoebenchError(f"cannot append a record to {p}: {why}")
             continue
         if not p.is_file() or not os.access(p, os.W_OK):
@@ -95,6 +94,9 @@ def check_records_file(path: Path) -> None:
             with open(p, "rb") as f:
                 if _header_of(f.read(4096)) != RECORD_COLUMNS:
                     raise _not_records(p)
+
+
+IN_TURN = "reference measured now, alternating with the submission on the same prompts"  # a base's origin
 
 
 def check_output_file(path: Path) -> None:
@@ -106,9 +108,15 @@ def check_output_file(path: Path) -> None:
     if (p.exists() or p.is_symlink()) and not p.is_file():
         raise MoebenchError(f"cannot write {p}: {'a folder' if p.is_dir() else 'something other than a file'} is "
                             "in its place")
-    if not p.parent.is_dir() or not os.access(p.parent, os.W_OK | os.X_OK):
-        why = "the folder is not writable" if p.parent.is_dir() else "no such folder"
+    if why := _folder_problem(p):
         raise MoebenchError(f"cannot write {p}: {why}")
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why a new file cannot be made in path's folder, or None."""
+    if not path.parent.is_dir():
+        return "no such folder"
+    return None if os.access(path.parent, os.W_OK | os.X_OK) else "the folder is not writable"
 
 
 def append_json_record(path: Path, record: dict) -> None:

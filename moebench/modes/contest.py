@@ -3,7 +3,6 @@ baseline timings, and the submission under test (built, checked, validated, benc
 
 import hashlib
 import json
-import os
 import subprocess
 import time
 from dataclasses import dataclass, replace
@@ -17,9 +16,9 @@ from moebench.errors import MoebenchError
 from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED_FRACTION, DEFAULT_TOL_MAP,
                                           ValidationReport, validate_logits)
 from moebench.evaluation.benchmark import answer_request, benchmark_report, run_benchmark, time_request
-from moebench.evaluation.checked import banned_tokens, checked_benchmark
+from moebench.evaluation.checked import banned_tokens, checked_benchmark, private_seed
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
-from moebench.engine.parallel import shared_value, writes_files
+from moebench.engine.parallel import writes_files
 from moebench.engine.artifacts import Artifacts
 from moebench.evaluation.records import write_whole
 from moebench.evaluation.submission import Submission, check_logits
@@ -86,7 +85,7 @@ def benchmark(run: RunConfig, engine, req: Request, what: str, fresh_from: Model
                                 run.warmup_runs, on_run=lambda i: bar.update())
         bar.close()
         return benchmark_report(timings, *shape)
-    seed = shared_value(int.from_bytes(os.urandom(4), "little"))  # the same prompts on every tensor-parallel rank
+    seed = private_seed()
     timings = checked_benchmark(lambda ids, mask, n: answer_request(engine, ids, mask, n), req.input_ids,
                                 req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs, 0,
                                 fresh_from.config.vocab_size, banned_tokens(req, fresh_from.tokenizer), seed,

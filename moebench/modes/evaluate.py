@@ -9,7 +9,7 @@ from pathlib import Path
 from moebench.cli.args import RunConfig
 from moebench.engine.parallel import writes_files
 from moebench.errors import CheckFailed, MoebenchError
-from moebench.evaluation.records import (PromptData, append_json_record, append_record, check_output_file,
+from moebench.evaluation.records import (IN_TURN, PromptData, append_json_record, append_record, check_output_file,
                                          check_records_file, prompt_data_path, read_prompt_data, read_prompts,
                                          record_row, records_path, write_prompt_data)
 from moebench.evaluation.expected import check_stored, read_meta, stored_index
@@ -20,7 +20,6 @@ from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of,
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 REPORT_FILE = "benchmark_report.json"
-ALTERNATING = "reference measured now, alternating with the submission on the same prompts"
 
 
 @dataclass
@@ -62,7 +61,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             accuracy, checked = float(v.report.passed), True
         if base is None:  # timed with the submission, request by request (a shared machine's drift slows both)
             report = under.benchmark(req, reference_request(run, source, req, device, dtype))
-            base = with_given(run, base_from_report(report["reference"], ALTERNATING))
+            base = with_given(run, base_from_report(report["reference"], IN_TURN))
         else:
             report = under.benchmark(req)
         report["accuracy"] = v.report.plot_data() if v is not None else None

@@ -435,13 +435,13 @@ class IsolatedSubmission:
         """benchmark_report.json's content. reference: the reference's request (contest.reference_request), timed
         alternating with the submission on the same prompts; its report is the "reference" section."""
         from moebench.evaluation.benchmark import benchmark_report
-        from moebench.evaluation.checked import banned_tokens, checked_benchmark
+        from moebench.evaluation.checked import banned_tokens, checked_benchmark, private_seed
         from moebench.modes.contest import progress
 
-        run, tok = self.run, self.source.tokenizer
-        banned = banned_tokens(req, tok)
+        run = self.run
+        banned = banned_tokens(req, self.source.tokenizer)
         bar = progress(run.benchmark_runs, "benchmark submission" + " and reference, in turn" * bool(reference))
-        seed = shared_value(int.from_bytes(os.urandom(4), "little"))  # private: the submission cannot predict it
+        seed = private_seed()
         vocab = self.source.config.vocab_size
 
         def request(ids, mask, n):

@@ -4,6 +4,7 @@ evaluation per team and member, ranked by final score: a table in the terminal a
 import sqlite3
 from pathlib import Path
 
+from moebench.evaluation.records import IN_TURN
 from moebench.report.page import page, read_records, table, verdict
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS evaluations (
@@ -21,7 +22,7 @@ def base_from(origin: str | None) -> str | None:
     now (before it), or the prompt-data file."""
     if origin is None:
         return None
-    return "in turn" if "alternating" in origin else origin.split(",")[0]
+    return "in turn" if origin == IN_TURN else origin.split(",")[0]
 
 
 def load(db: sqlite3.Connection, paths: list[Path]) -> int:

@@ -31,7 +31,7 @@ def read_json(path: Path) -> dict:
         raise MoebenchError(f"{path}: not a JSON benchmark report ({e})") from None
     if not isinstance(data, dict) or "e2e_model" not in data:
         raise MoebenchError(f"{path}: not a benchmark report (no e2e_model section)")
-    for key in ("e2e_model", "config", "reference", "kernel_flops", "accuracy", *(k for k, _ in SUBMODELS)):
+    for key in ("config", "reference", "kernel_flops", "accuracy", *(k for k, _ in SUBMODELS)):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise MoebenchError(f"{path}: not a benchmark report (its {key} section is {type(data[key]).__name__}, "
                                 "not an object)")
@@ -100,16 +100,13 @@ def report_section(name: str, report: dict) -> str:
     if cfg:
         parts.append(f'<p class="muted">{cfg.get("runs")} timed runs, batch {cfg.get("batch")}, '
                      f'{cfg.get("prompt_tokens")} prompt tokens + {cfg.get("new_tokens")} new tokens</p>')
-    rows = []
-    for key, label in SUBMODELS:
-        s = report.get(key) or {}  # None: the submodel never ran
-        rows.append([key, s.get("latency_ms_p50"), s.get("latency_ms_p90"), s.get("latency_ms_p99"),
-                     s.get("latency_ms_p100"), s.get("throughput")])
+    def row(label: str, s: dict) -> list:
+        return [label, *(s.get(f"latency_ms_p{q}") for q in (50, 90, 99, 100)), s.get("throughput")]
+
+    rows = [row(key, report.get(key) or {}) for key, _ in SUBMODELS]  # (None: the submodel never ran)
     base = (report.get("reference") or {}).get("e2e_model")
     if base:  # the base, timed in turn with the submission on the same prompts
-        rows.append(["reference e2e_model (the base, timed in turn)", base.get("latency_ms_p50"),
-                     base.get("latency_ms_p90"), base.get("latency_ms_p99"), base.get("latency_ms_p100"),
-                     base.get("throughput")])
+        rows.append(row("reference e2e_model (the base, timed in turn)", base))
     parts.append(table(["submodel", "p50 ms", "p90 ms", "p99 ms", "max ms", "throughput"], rows))
     plots = [svg.histogram((report.get(key) or {}).get("samples_ms", []), f"{key}: latency ({label})", "ms")
              for key, label in SUBMODELS]
