@@ -1,6 +1,6 @@
 """moebench: a benchmark and contest harness for Mixture-of-Experts inference kernels."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def _triton_interpreter_without_cuda() -> None:

@@ -61,7 +61,8 @@ def calibrate(args, folder: str) -> None:
             v = UnderTest(run, sub, source, cpu, dtype, req).validate(expected, req, source.tokenizer)
             checks += v.report.checks
             gap, calls, passed = max(gap, v.report.max_gap), calls + v.report.calls, passed + v.report.passed
-            scales.append(expected.float().abs().amax(-1).median().item())
+            finite = expected.float().masked_fill(expected == float("-inf"), 0)  # EOS, banned, is -inf
+            scales.append(finite.abs().amax(-1).median().item())
         worst = {k: max(c.errors[k] for c in checks) for k in checks[0].errors}
         errs = "  ".join(f"top-{k or 'all'} {e:.4f}" for k, e in worst.items())
         over = sum(c.errors[None] > 0.01 for c in checks) / len(checks)

@@ -203,8 +203,11 @@ def test_the_allowed_share_of_misses_rounds_up_to_whole_tokens():
 class ReferenceOf:
     """A stand-in reference engine: prefill returns fixed logits [T, V] for the columns after the prompt."""
 
-    def __init__(self, logits):
-        self.logits = logits
+    def __init__(self, logits, banned=()):
+        self.logits, self.banned = logits, list(banned)
+
+    def scores(self, logits):
+        return logits.index_fill(-1, torch.tensor(self.banned, dtype=torch.long), float("-inf"))
 
     def prefill(self, ids, mask, every_column):
         prompt = ids.shape[1] - self.logits.shape[0] + 1
@@ -230,3 +233,13 @@ def test_spot_check_fails_on_nan_even_within_the_allowed_misses():
     ref[4] = float("nan")
     out = TimedOutput(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), tokens[None])
     assert not spot_check(ReferenceOf(ref), [out], (0.0, 1 / 16), 0.05)["passed"]
+
+
+def test_spot_check_fails_a_banned_token_even_where_it_is_the_reference_logits_best():
+    ref = logits(14, 16).float()
+    out = TimedOutput(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), ref.argmax(-1)[None])
+    eos = int(ref[5].argmax())  # the raw argmax at token 5 is EOS: greedy must pick the next best there
+    check = spot_check(ReferenceOf(ref, banned=[eos]), [out], (0.0, 1 / 16), 0.05)
+    assert not check["passed"] and "first at token 5" in check["message"]
+    out.tokens[0, 5] = ref[5].index_fill(0, torch.tensor([eos]), float("-inf")).argmax()
+    assert spot_check(ReferenceOf(ref, banned=[eos]), [out], (0.0, 1 / 16), 0.0)["passed"]

@@ -42,6 +42,14 @@ def config_not_utf8(tmp: Path) -> None:
     (tmp / "model" / "config.json").write_bytes(text.encode("utf-16"))  # a BOM and NUL bytes: not UTF-8
 
 
+def eos_outside_vocab(tmp: Path) -> None:
+    from moebench.model.presets import preset_dir
+
+    shutil.copytree(preset_dir("moebench-tiny"), tmp / "model")
+    path = tmp / "model" / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": [0, 99999]}))
+
+
 def prompts(content: bytes):
     def setup(tmp: Path) -> None:
         (tmp / "prompts.txt").write_bytes(content)
@@ -128,6 +136,9 @@ CASES = [
     # --model-path
     case("model-path-empty-folder", empty_model_folder, [*GENERATE, "--model-path", "model"],
          "model/config.json: config.json not found"),
+    case("eos-id-outside-the-vocabulary", eos_outside_vocab, [*GENERATE, "--model-path", "model"],
+         "the model's EOS ids [0, 99999] (config.json, generation_config.json, tokenizer) are not all inside its "
+         "vocabulary (4096)"),
     case("config-json-not-utf8", config_not_utf8, [*GENERATE, "--model-path", "model"],
          "config.json: not valid JSON ('utf-8' codec can't decode"),
     # prompts.txt
@@ -168,6 +179,9 @@ CASES = [
          "prompt_data_cpu.csv: prompt 0's base was measured with dtype bfloat16, this run float32"),
     case("prompt-data-base-of-other-tp", stored_expected(damage=edit_json("expected_logits_0.json", tp_degree=2)),
          [*EVALUATE_ALL, "--skip-accuracy"], "prompt 0's base was measured with tp_degree 2, this run 1"),
+    case("expected-logits-of-an-older-moebench", stored_expected(damage=edit_json("expected_logits_0.json",
+                                                                                   moebench_version="0.1.0")),
+         EVALUATE_ALL, "expected_logits_0.pt does not match this run: moebench_version differs (stored 0.1.0, needed"),
     case("expected-meta-other-seq-len", stored_expected(run_seq_len=12, stored_seq_len=8), EVALUATE_ALL,
          "expected_logits_0.pt does not match this run: it holds 4 tokens, 8 are needed"),
     # an output file with a folder in its place: refused before the long work (after it, a traceback lost the score)

@@ -117,11 +117,13 @@ def test_generate_accuracy_baselines_writes_logits_and_prompt_data(baselines):
         logits = torch.load(folder / f"expected_logits_{i}.pt", weights_only=True)
         assert type(logits) is torch.Tensor and logits.dtype == torch.float32
         assert logits.shape == (20 - L, 1, 4096)
-        assert torch.isfinite(logits).all()
+        # the scores greedy chose from: EOS (id 0, banned at every step as the original's min_new_tokens) at -inf
+        assert torch.isfinite(logits[..., 1:]).all() and bool((logits[..., 0] == float("-inf")).all())
         meta = json.loads((folder / f"expected_logits_{i}.json").read_text())
         assert set(meta) == {"model", "weights_hash", "prompt_ids", "dtype", "seq_len", "new_tokens",
-                             "moebench_version", "tp_degree"}
+                             "moebench_version", "tp_degree", "eos_ids"}
         assert meta["model"] == MODEL and meta["dtype"] == "bfloat16" and meta["tp_degree"] == 1
+        assert meta["eos_ids"] == [0]
         assert meta["seq_len"] == 20 and meta["new_tokens"] == 20 - L
         assert meta["prompt_ids"] == [open_model(None).tokenizer.encode(prompt)]
     text = (folder / "prompt_data_cpu.csv").read_text()

@@ -173,7 +173,7 @@ class RunConfig:
     max_context_length: int = opt(None, "longest prompt accepted, in tokens (default: --seq-len - 1)",
                                   type=positive(int))
     max_new_tokens: int = opt(None, "new tokens to generate (default: --seq-len minus the prompt; capped by "
-                                    "--seq-len); EOS may then end a sequence early", type=positive(int))
+                                    "--seq-len); in generate, EOS may then end a sequence early", type=positive(int))
     max_length: int = opt(None, "total length to generate to (default: --seq-len; capped by it)", type=positive(int))
     rpl_reduce_dtype: str = opt(None, "dtype of tensor-parallel all-reduces of row-parallel outputs",
                                 choices=("bfloat16", "float16", "float32"))

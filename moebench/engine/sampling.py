@@ -50,13 +50,17 @@ class OnDeviceSampling:
 
 
 def on_device_sample(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, temperature: torch.Tensor,
-                     uniform: torch.Tensor, global_topk: int, do_sample: bool) -> torch.Tensor:
+                     uniform: torch.Tensor, global_topk: int, do_sample: bool,
+                     banned: tuple[int, ...] = ()) -> torch.Tensor:
     """logits [B, V], per-row top_k [B] (0: no limit), top_p [B], temperature [B], a uniform draw [B] in [0, 1)
     -> token ids [B]. NxDI's sampler math (modules/generation/sampling.py), written to run inside a compiled graph:
     the global top-k candidates sorted by logit, candidates ranked top_k or lower set to -3000, divided by the
     temperature, the tail beyond the top_p mass cut (the most likely token always kept), then an inverse-CDF draw
-    at `uniform`. Without do_sample: the argmax."""
+    at `uniform`. Without do_sample: the argmax, never one of the `banned` ids (greedy's min_new_tokens rule; a
+    draw keeps them, as NxDI's sampler applies no logits processor)."""
     if not do_sample:
+        if banned:
+            logits = logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
         return logits.argmax(dim=-1)
     V = logits.shape[-1]
     K = V if global_topk <= 0 else min(global_topk, V)

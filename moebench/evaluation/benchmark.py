@@ -25,15 +25,16 @@ class Timings:
 
 
 def time_request(engine: Engine, input_ids, attention_mask, new_tokens: int, timings: Timings | None) -> torch.Tensor:
-    """One greedy request of exactly new_tokens tokens (no early stop, as the original's min = max new tokens).
-    The device is synchronised before each clock reading. Returns the tokens [B, new_tokens]."""
+    """One greedy request of exactly new_tokens tokens (no early stop and no EOS chosen: the engine's banned ids, as
+    the original's min = max new tokens). The device is synchronised before each clock reading. Returns the tokens
+    [B, new_tokens]."""
     device = engine.device
     _sync(device)
     start = time.perf_counter()
     logits = engine.prefill(input_ids, attention_mask)
     _sync(device)
     context_end = time.perf_counter()
-    tokens = [logits.argmax(-1)]
+    tokens = [engine.pick(logits)]
     _sync(device)
     first = time.perf_counter()
     steps = []
@@ -41,8 +42,8 @@ def time_request(engine: Engine, input_ids, attention_mask, new_tokens: int, tim
     for _ in range(new_tokens - 1):
         t = time.perf_counter()
         if engine.sampling is None:
-            tokens.append(engine.decode(tokens[-1]).argmax(-1))
-        else:  # the token-generation graph returns the token ids itself
+            tokens.append(engine.pick(engine.decode(tokens[-1])))
+        else:  # the token-generation graph returns the token ids itself (its argmax bans the same ids)
             tokens.append(engine.decode_sampled(tokens[-1], draw)[0])
         _sync(device)
         steps.append(time.perf_counter() - t)

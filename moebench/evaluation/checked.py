@@ -135,8 +135,9 @@ def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs:
 def spot_check(engine, outputs: list[TimedOutput], divergence_tol: tuple, allowed_fraction: float) -> dict:
     """Each output's tokens, teacher-forced through the reference `engine`: a token passes when its reference
     logit is within the divergence tolerance of the reference's best (the validation's rule where greedy choices
-    differ). Fails when one output has more tokens that do not pass than `allowed_fraction` of its tokens, rounded
-    up to a whole token, or a logit that is NaN or inf (the validation's rules)."""
+    differ; a token the engine bans, EOS, never passes). Fails when one output has more tokens that do not pass
+    than `allowed_fraction` of its tokens, rounded up to a whole token, or a logit that is NaN or inf (the
+    validation's rules)."""
     absolute, relative = divergence_tol
     worst, failing = 0.0, None
     for i, out in enumerate(outputs):
@@ -144,10 +145,12 @@ def spot_check(engine, outputs: list[TimedOutput], divergence_tol: tuple, allowe
             prompt = out.input_ids[b][out.attention_mask[b].bool()]
             tokens = out.tokens[b]
             ids = torch.cat([prompt, tokens[:-1]])[None]
-            logits = engine.prefill(ids, torch.ones_like(ids), every_column=True)[0, len(prompt) - 1:].float()
+            logits = engine.prefill(ids, torch.ones_like(ids), every_column=True)[0, len(prompt) - 1:]
+            logits = engine.scores(logits).float()
             top = logits.max(-1).values
             gap = top - logits.gather(-1, tokens.to(logits.device)[:, None])[:, 0]
-            tol = torch.clamp(relative * logits.abs().max(-1).values, min=absolute)
+            scale = logits.masked_fill(logits == float("-inf"), 0).abs().max(-1).values  # over the allowed ids
+            tol = torch.clamp(relative * scale, min=absolute)
             bad = ~(gap <= tol)
             misses = int(bad.sum())
             worst = max(worst, misses / len(tokens))

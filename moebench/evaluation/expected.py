@@ -5,7 +5,7 @@ import hashlib
 import json
 import re
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,10 +46,11 @@ class ExpectedMeta:
     new_tokens: int
     moebench_version: str = __version__
     tp_degree: int = 1  # what the bases beside it were timed with (the logits do not depend on it)
+    eos_ids: list = field(default_factory=list)  # the ids banned at every step (-inf in the scores): the EOS ids
 
     def mismatch(self, wanted: "ExpectedMeta") -> str | None:
         """What makes stored logits (self) unusable for `wanted`, or None."""
-        for name in ("model", "weights_hash", "prompt_ids", "dtype", "moebench_version"):
+        for name in ("model", "weights_hash", "prompt_ids", "dtype", "moebench_version", "eos_ids"):
             if getattr(self, name) != getattr(wanted, name):
                 return f"{name} differs (stored {str(getattr(self, name))[:60]}, needed {str(getattr(wanted, name))[:60]})"
         if self.new_tokens < wanted.new_tokens:
@@ -65,10 +66,11 @@ class ExpectedMeta:
 
 
 def compute_expected(source: ModelSource, input_ids, attention_mask, new_tokens: int, seq_len: int,
-                     dtype: torch.dtype, device) -> torch.Tensor:
-    """Greedy decoding of the reference: raw logits [new_tokens, B, vocab], float32, no early stop."""
+                     dtype: torch.dtype, device, banned: tuple[int, ...]) -> torch.Tensor:
+    """Greedy decoding of the reference, no early stop: float32 scores [new_tokens, B, vocab], the raw logits with
+    the `banned` ids (EOS) at -inf, as the original's scores after its min_new_tokens processor."""
     model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device)
-    engine = Engine(model, batch=input_ids.shape[0], max_len=seq_len, compile=new_tokens >= 64)
+    engine = Engine(model, batch=input_ids.shape[0], max_len=seq_len, compile=new_tokens >= 64, banned=banned)
     return engine.greedy(input_ids, attention_mask, new_tokens)[1]
 
 
@@ -98,13 +100,16 @@ def read_meta(path: Path) -> ExpectedMeta:
     except OSError as e:
         raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
     for name, kind in (("model", str), ("weights_hash", str), ("dtype", str), ("moebench_version", str),
-                       ("seq_len", int), ("new_tokens", int), ("tp_degree", int), ("prompt_ids", list)):
+                       ("seq_len", int), ("new_tokens", int), ("tp_degree", int), ("prompt_ids", list),
+                       ("eos_ids", list)):
         value = getattr(meta, name)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise MoebenchError(f"{path}: not valid expected-logits metadata ({name} is {value!r}, not "
                                 f"{'a string' if kind is str else 'an integer' if kind is int else 'a list'})")
     if not all(isinstance(row, list) and all(type(t) is int for t in row) for row in meta.prompt_ids):
         raise MoebenchError(f"{path}: not valid expected-logits metadata (prompt_ids is not a list of token-id lists)")
+    if not all(type(t) is int for t in meta.eos_ids):
+        raise MoebenchError(f"{path}: not valid expected-logits metadata (eos_ids is not a list of token ids)")
     return meta
 
 

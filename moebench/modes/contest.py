@@ -97,7 +97,7 @@ def benchmark(run: RunConfig, engine, req: Request, what: str, fresh_from: Model
 def compiled_engine(run: RunConfig, model, req: Request):
     """An engine whose steps for this request's shape are compiled, by one untimed request whatever --warmup-runs
     says: a submission compiles in its compile step, and a first timed run must not hold the other's compilation."""
-    engine = make_engine(model, run, batch=req.input_ids.shape[0], compile=True)
+    engine = make_engine(model, run, batch=req.input_ids.shape[0], compile=True, banned=req.eos_ids)
     time_request(engine, req.input_ids, req.attention_mask, req.max_new_tokens, None)
     return engine
 
@@ -125,7 +125,7 @@ def prompt_rows(req: Request) -> list[list[int]]:
 def expected_meta(run: RunConfig, source: ModelSource, req: Request, dtype) -> ExpectedMeta:
     return ExpectedMeta(model=source.name, weights_hash=weights_hash(source), prompt_ids=prompt_rows(req),
                         dtype=str(dtype).removeprefix("torch."), seq_len=run.seq_len,
-                        new_tokens=req.max_new_tokens, tp_degree=run.tp_degree)
+                        new_tokens=req.max_new_tokens, tp_degree=run.tp_degree, eos_ids=list(req.eos_ids))
 
 
 def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, dtype, index: int | None,
@@ -142,7 +142,7 @@ def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, d
     # The reference runs in the submission's dtype (as the original's baseline model did), so honest
     # rounding differences stay well inside the guide's tolerances.
     logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
-                              device)
+                              device, req.eos_ids)
     return logits, meta
 
 
@@ -253,7 +253,7 @@ class UnderTest:
         self.run, self.sub, self.source, self.batch = run, sub, source, req.input_ids.shape[0]
         self.artifacts = artifacts or open_artifacts(run, sub.path, source, options_of(run), device, extend)
         self.model = build_submission(run, sub, source, device, dtype, self.batch, self.artifacts)
-        self.engine = make_engine(self.model, run, batch=self.batch, compile=True)
+        self.engine = make_engine(self.model, run, batch=self.batch, compile=True, banned=req.eos_ids)
         compile_step(run, self.artifacts, self.model, self.engine, req, source, compile_code=True, started=started)
         # then one request, as the original's load() runs every bucket once: a first timed run pays no first-call
         # costs (the prompt's graph, its lazily allocated buffers), whatever --warmup-runs says

@@ -495,14 +495,14 @@ class IsolatedSubmission:
         from moebench.model.loader import build_model
         from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
         from moebench.modes.contest import divergence_tol
-        from moebench.modes.setup import buckets_of
+        from moebench.modes.setup import buckets_of, eos_ids_of
 
         self.box.stop()
         checks = {"caching_audit": self.audit.report() if self.audit else None}
         if self.outputs or self.flops:
             ref = build_model(Qwen3MoeForCausalLM, self.source, ModelOptions(), dtype, device)
         if self.outputs:
-            engine = Engine(ref, batch=1, max_len=self.run.seq_len)
+            engine = Engine(ref, batch=1, max_len=self.run.seq_len, banned=eos_ids_of(self.source))
             checks["spot_check"] = spot_check(engine, self.outputs, divergence_tol(self.run),
                                               DEFAULT_FAILED_FRACTION[self.run.torch_dtype])
         if self.flops and self.run.tp_degree == 1:  # (a rank's graphs hold its shard of the work)

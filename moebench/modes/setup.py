@@ -67,11 +67,13 @@ def on_device_sampling(run: RunConfig) -> OnDeviceSampling | None:
     return OnDeviceSampling(params, run.global_topk, run.dynamic, run.output_logits and run.mode == "generate")
 
 
-def make_engine(model, run: RunConfig, batch: int, compile: bool) -> Engine:
-    """The engine and its KV cache; a cache too large for memory is the user's --seq-len, not a bug."""
+def make_engine(model, run: RunConfig, batch: int, compile: bool, banned: tuple[int, ...]) -> Engine:
+    """The engine and its KV cache; a cache too large for memory is the user's --seq-len, not a bug. banned: the ids
+    its greedy decoding never picks (the request's EOS ids where it gets exactly max_new_tokens, as the original's
+    min_new_tokens = max_new_tokens)."""
     try:
         return Engine(model, batch=batch, max_len=run.seq_len, compile=compile, sampling=on_device_sampling(run),
-                      **buckets_of(run))
+                      banned=banned, **buckets_of(run))
     except (RuntimeError, MemoryError) as e:
         if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
             raise
@@ -97,6 +99,10 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
         pad_id = next((i for i in (tok.pad_id, tok.eos_id, source.config.pad_token_id) if i is not None), 0)
     if pad_id >= source.config.vocab_size:
         raise MoebenchError(f"--pad-token-id {pad_id} is outside the vocabulary ({source.config.vocab_size})")
+    eos_ids = eos_ids_of(source)
+    if any(not 0 <= i < source.config.vocab_size for i in eos_ids):
+        raise MoebenchError(f"the model's EOS ids {list(eos_ids)} (config.json, generation_config.json, tokenizer) "
+                            f"are not all inside its vocabulary ({source.config.vocab_size})")
     input_ids, mask = tok.batch(prompts, pad_id, run.padding_side or tok.padding_side)
     if int(input_ids.max()) >= source.config.vocab_size:
         raise MoebenchError(f"the tokenizer produced token id {int(input_ids.max())}, outside the model's vocabulary "
@@ -131,7 +137,7 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
         raise MoebenchError(f"the largest token-generation bucket ({top}) holds the {T}-token prompt and {top - T} "
                             f"new tokens, not the {new} asked for; add a bucket of {T + new} or ask for fewer tokens "
                             "(--max-new-tokens)")
-    return Request(input_ids, mask, new, min_new, pad_id, eos_ids_of(source))
+    return Request(input_ids, mask, new, min_new, pad_id, eos_ids)
 
 
 def prompt_requests(runs: list[RunConfig], source: ModelSource, prompts: list[str], where: str) -> list[Request]:
