@@ -187,6 +187,16 @@ def test_forging_the_mac_counts_in_the_submissions_process_changes_nothing():
     assert float(records()[-1]["nki_flop_ratio"]) == 0
 
 
+def test_a_kernel_that_is_torchs_own_product_earns_no_kernel_share():
+    code, out, err = evaluate("torch_as_kernel", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    assert flops["by_op"]["team_cheat.linear.default"] > 0.2 * flops["total_macs"]  # the LM head's MACs...
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0  # ...are torch's
+    assert flops["kernels_calling_library"] == {"team_cheat.linear.default": "aten.linear.default"}
+    assert "team_cheat.linear.default calls aten.linear.default inside" in out
+
+
 def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation():
     code, out, err = evaluate("malformed_start", "--skip-accuracy")
     assert code == 1, out + err

@@ -6,6 +6,7 @@ from math import prod
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moebench.kernels.registry import KERNELS
 from moebench.model import onednn
@@ -186,11 +187,67 @@ def _value(value):
     return value
 
 
-def described_macs(nodes: list) -> MacCount:
+# The dispatch keys below the Python key's: a kernel's own implementation, without the modes above it.
+_BELOW_PYTHON = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+
+
+class _LibraryProducts(TorchDispatchMode):
+    """While one call of `kernel` runs: the first library product (a matmul-like aten op, one of moebench's CPU
+    operators) its implementation calls."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.kernel, self.first = kernel, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is self.kernel:  # the kernel itself: its implementation runs with this mode on, seen op by op
+            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if tensor is not None:
+                with self:
+                    return func.redispatch(torch._C._dispatch_keys(tensor) & _BELOW_PYTHON, *args, **kwargs)
+        elif self.first is None and (str(func) in MATMUL_BY_NAME or func._schema.name in CPU_OP_MACS):
+            self.first = str(func)
+        return func(*args, **kwargs)
+
+
+class _KernelsCallingLibrary(TorchDispatchMode):
+    """For each registered kernel called while active, the first library product its own code calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name not in KERNELS:
+            return func(*args, **(kwargs or {}))
+        with _LibraryProducts(func) as inside:
+            out = func(*args, **(kwargs or {}))
+        if inside.first is not None:
+            self.found.setdefault(str(func), inside.first)
+        return out
+
+
+def kernels_calling_library(model, batch: int) -> dict:
+    """{kernel op: the library product it calls}, over an eager two-token prompt and one decode step: a registered
+    kernel that hands its products to torch (or to moebench's CPU operators) does not do its MACs itself, and the
+    count credits them to the library. (The model's own process answers: a naive wrapper is caught, a submission
+    lying about its own process is the reviewer's to find.)"""
+    from moebench.engine.generator import Engine
+
+    engine = Engine(model, batch=batch, max_len=4)
+    ids = torch.ones(batch, 2, dtype=torch.long)
+    with _KernelsCallingLibrary() as mode:
+        engine.decode(engine.prefill(ids, torch.ones_like(ids)).argmax(-1))
+    return mode.found
+
+
+def described_macs(nodes: list, calling_library: dict | None = None) -> MacCount:
     """MACs of a graph from its description (`describe`), by the harness's own formulas: the matmul-like aten ops,
     moebench's CPU operators and moebench's kernels. An op the submission registered as a kernel counts the MACs its
     formula declared where the graph was described (a whole number, at least 0); ops of moebench's, aten's and the
-    other library namespaces never take a declared count."""
+    other library namespaces never take a declared count. A kernel in `calling_library` (kernels_calling_library)
+    counts as the library's."""
     if not isinstance(nodes, list):
         raise BadCount("a graph described without its list of nodes")
     count = MacCount()
@@ -210,6 +267,7 @@ def described_macs(nodes: list) -> MacCount:
             formula, kernel = (lambda *_: declared), True
         else:
             continue
+        kernel = kernel and target not in (calling_library or {})
         try:
             macs = formula(*[_value(a) for a in args])
         except BadCount:

@@ -14,7 +14,8 @@ from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
-from moebench.evaluation.flops import BadCount, GraphRuns, RequestMacs, describe, described_macs, request_macs
+from moebench.evaluation.flops import (BadCount, GraphRuns, RequestMacs, describe, described_macs,
+                                      kernels_calling_library, request_macs)
 from moebench.kernels.registry import load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
@@ -115,7 +116,9 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         keys = [(submodel, bucket) for submodel, bucket, _ in engine.graph_runs(req.input_ids.shape[1],
                                                                                  req.max_new_tokens)]
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
-    return [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
+    calling = kernels_calling_library(model, engine.batch)
+    return [{"submodel": s, "bucket": b, "nodes": describe(gm), "calling_library": calling}
+            for (s, b), gm in zip(keys, graphs)]
 
 
 def request_flops(run: RunConfig, req: Request, described: list) -> dict:
@@ -134,10 +137,16 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         raise BadCount("the graphs' description is not a list of graphs")
     nodes = {(g.get("submodel"), g.get("bucket")): g.get("nodes") for g in described
              if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
+    calling = {}  # kernels that hand their products to the library: their MACs are the library's
+    for g in described:
+        found = g.get("calling_library", {})
+        if not (isinstance(found, dict) and all(isinstance(v, str) for v in (*found, *found.values()))):
+            raise BadCount("the kernels calling library products are not described as {kernel: op}")
+        calling.update(found)
     counted = []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
         if (submodel, bucket) not in nodes:
             raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
-        counted.append(GraphRuns(submodel, bucket, described_macs(nodes[(submodel, bucket)]), n))
-    return RequestMacs(counted).report()
+        counted.append(GraphRuns(submodel, bucket, described_macs(nodes[(submodel, bucket)], calling), n))
+    return {**RequestMacs(counted).report(), "kernels_calling_library": calling}

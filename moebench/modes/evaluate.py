@@ -199,6 +199,9 @@ def print_flops(flops: dict) -> None:
     for g in flops["by_graph"]:
         print(f"  {g['submodel']} bucket {g['bucket']}: {g['runs']} run(s) x {g['total_macs_per_run']:,} MACs, "
               f"ratio {g['nki_flop_ratio']:.4f}")
+    for kernel, op in flops.get("kernels_calling_library", {}).items():
+        print(f"  {kernel} calls {op} inside: a registered kernel that hands its products to the library does "
+              "not count as a kernel")
 
 
 def print_summary(s: Score, checked: bool, passed: bool, problems: list[str], base: Base, report_path: Path,
