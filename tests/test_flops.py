@@ -243,3 +243,62 @@ def test_a_kernel_handing_its_products_to_torch_counts_as_the_library():
     assert described_macs(nodes).kernel == 2 * 768
     count = described_macs(nodes, mode.found)
     assert (count.total, count.kernel, count.kernel_ops) == (2 * 768, 768, {"moebench_test.own_arithmetic.default"})
+
+
+@torch.library.custom_op("moebench_test::hidden_inner", mutates_args=())
+def hidden_inner(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x @ w.T
+
+
+@torch.library.custom_op("moebench_test::calls_hidden", mutates_args=())
+def calls_hidden(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A kernel hiding its product in an unregistered op of its own."""
+    return hidden_inner(x, w)
+
+
+@torch.library.custom_op("moebench_test::listed", mutates_args=())
+def listed(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Its tensors arrive in a list."""
+    return torch.nn.functional.linear(xs[0], xs[1])
+
+
+@torch.library.custom_op("moebench_test::out_variant", mutates_args=())
+def out_variant(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], w.shape[0])
+    return torch.mm(x, w.T, out=out)
+
+
+@torch.library.custom_op("moebench_test::one_operand_einsum", mutates_args=())
+def one_operand_einsum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An einsum of one operand is a sum: no product."""
+    return torch.einsum("ij->i", x)[:, None] * w.sum(1)
+
+
+@torch.library.custom_op("moebench_test::meta_only", mutates_args=(), device_types="meta")
+def meta_only(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Registered for one device and called with a CPU scalar first: dispatched by all its tensors' keys."""
+    return x * 2
+
+
+for _op in (hidden_inner, calls_hidden, out_variant, one_operand_einsum):
+    _op.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+listed.register_fake(lambda xs: xs[0].new_empty(xs[0].shape[0], xs[1].shape[0]))
+meta_only.register_fake(lambda scale, x: torch.empty_like(x))
+for _op in (calls_hidden, listed, out_variant, one_operand_einsum, meta_only):
+    register_kernel(_op._qualname, macs=lambda *args: 0)
+
+
+@pytest.mark.parametrize("call, found", [
+    (lambda x, w: calls_hidden(x, w), "aten.matmul.default"),
+    (lambda x, w: listed([x, w]), "aten.linear.default"),
+    (lambda x, w: out_variant(x, w), "aten.mm.out"),
+    (lambda x, w: one_operand_einsum(x, w), None),
+    (lambda x, w: meta_only(torch.tensor(1.0), x.to("meta")), None),
+])
+def test_the_kernel_check_sees_products_hidden_a_level_down_and_runs_every_kernel(call, found):
+    from moebench.evaluation.flops import _KernelsCallingLibrary
+
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    with torch.inference_mode(), _KernelsCallingLibrary() as mode:
+        call(x, w)
+    assert list(mode.found.values()) == ([found] if found else [])

@@ -187,13 +187,47 @@ def _value(value):
     return value
 
 
-# The dispatch keys below the Python key's: a kernel's own implementation, without the modes above it.
+# The dispatch keys below the Python key's: an op's own implementation, without the modes above it.
 _BELOW_PYTHON = torch._C._dispatch_keyset_full_after(torch._C.DispatchKey.Python)
+# Library products by operator name, any overload (out= variants too): the matmul-like aten ops, moebench's CPU
+# operators, and the products no graph of the model holds but a kernel's own code could call.
+LIBRARY_PRODUCTS = {op._schema.name for op in MATMUL_MACS} | set(CPU_OP_MACS) | {
+    f"aten::{name}" for name in ("convolution", "_convolution", "conv1d", "conv2d", "conv3d", "_int_mm", "_scaled_mm",
+                                 "_weight_int8pack_mm", "_weight_int4pack_mm", "mkldnn_linear", "chain_matmul",
+                                 "linalg_multi_dot", "inner", "outer", "ger", "kron")}
+
+
+# Namespaces of library ops, whose insides the kernel check does not walk (every other op is the submission's own).
+LIBRARY_NAMESPACES = (*HARNESS_NAMESPACES, "_c10d_functional", "c10d", "c10d_functional", "_dtensor", "triton",
+                      "inductor", "profiler", "debugprims", "rngprims", "higher_order")
+
+
+def schema_of(target: str) -> str:
+    """A described node's target ("ns.op.overload") as its operator's name ("ns::op")."""
+    namespace, _, rest = target.partition(".")
+    return f"{namespace}::{rest.rsplit('.', 1)[0]}"
+
+
+def _below_python(mode, func, args, kwargs):
+    """func's own implementation with `mode` on, so that the ops it calls are seen one by one (a mode is off
+    while its handler runs); None where it cannot be reached that way (no tensor argument, a dispatch the keys
+    of its tensors do not resolve): the caller then runs it as usual, unseen."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return None
+    keys = torch._C._dispatch_keys(tensors[0])
+    for t in tensors[1:]:
+        keys = keys | torch._C._dispatch_keys(t)
+    try:
+        with mode:
+            return (func.redispatch(keys & _BELOW_PYTHON, *args, **kwargs),)
+    except (NotImplementedError, RuntimeError):  # the kernel's own error, if any, comes again from the usual call
+        return None
 
 
 class _LibraryProducts(TorchDispatchMode):
-    """While one call of `kernel` runs: the first library product (a matmul-like aten op, one of moebench's CPU
-    operators) its implementation calls."""
+    """While one call of a kernel runs: the first library product its implementation calls, also from inside
+    other ops of the submission's (custom ops it calls)."""
 
     def __init__(self, kernel):
         super().__init__()
@@ -201,13 +235,13 @@ class _LibraryProducts(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is self.kernel:  # the kernel itself: its implementation runs with this mode on, seen op by op
-            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            if tensor is not None:
-                with self:
-                    return func.redispatch(torch._C._dispatch_keys(tensor) & _BELOW_PYTHON, *args, **kwargs)
-        elif self.first is None and (str(func) in MATMUL_BY_NAME or func._schema.name in CPU_OP_MACS):
-            self.first = str(func)
+        name = func._schema.name
+        if func is self.kernel or name.partition("::")[0] not in LIBRARY_NAMESPACES:
+            out = _below_python(self, func, args, kwargs)
+            if out is not None:
+                return out[0]
+        elif self.first is None and name in LIBRARY_PRODUCTS and not (name == "aten::einsum" and len(args[1]) < 2):
+            self.first = str(func)  # (an einsum of one operand is a sum, not a product)
         return func(*args, **kwargs)
 
 
@@ -231,13 +265,14 @@ class _KernelsCallingLibrary(TorchDispatchMode):
 def kernels_calling_library(model, batch: int) -> dict:
     """{kernel op: the library product it calls}, over an eager two-token prompt and one decode step: a registered
     kernel that hands its products to torch (or to moebench's CPU operators) does not do its MACs itself, and the
-    count credits them to the library. (The model's own process answers: a naive wrapper is caught, a submission
-    lying about its own process is the reviewer's to find.)"""
+    count credits them to the library. (The model's own process answers, at these small shapes: a naive wrapper is
+    caught; a kernel calling the library at other shapes only, or a process lying about itself, is the reviewer's
+    to find.) Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
     from moebench.engine.generator import Engine
 
     engine = Engine(model, batch=batch, max_len=4)
     ids = torch.ones(batch, 2, dtype=torch.long)
-    with _KernelsCallingLibrary() as mode:
+    with torch.compiler.set_stance("force_eager"), _KernelsCallingLibrary() as mode:
         engine.decode(engine.prefill(ids, torch.ones_like(ids)).argmax(-1))
     return mode.found
 
@@ -255,8 +290,7 @@ def described_macs(nodes: list, calling_library: dict | None = None) -> MacCount
         if not (isinstance(node, list) and len(node) == 3 and isinstance(node[0], str) and isinstance(node[1], list)):
             raise BadCount("a graph node that is not [target, args, declared]")
         target, args, declared = node
-        namespace, _, rest = target.partition(".")
-        schema = f"{namespace}::{rest.rsplit('.', 1)[0]}"
+        namespace, schema = target.partition(".")[0], schema_of(target)
         if namespace == "moebench" and schema in KERNELS:  # moebench's own kernels (load_builtin_kernels)
             formula, kernel = KERNELS[schema].macs, True
         elif target in MATMUL_BY_NAME:

@@ -14,9 +14,9 @@ from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
-from moebench.evaluation.flops import (BadCount, GraphRuns, RequestMacs, describe, described_macs,
-                                      kernels_calling_library, request_macs)
-from moebench.kernels.registry import load_builtin_kernels
+from moebench.evaluation.flops import (LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs, describe,
+                                      described_macs, kernels_calling_library, request_macs, schema_of)
+from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
 from moebench.modes.parallel import parallelize
@@ -116,9 +116,12 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         keys = [(submodel, bucket) for submodel, bucket, _ in engine.graph_runs(req.input_ids.shape[1],
                                                                                  req.max_new_tokens)]
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
-    calling = kernels_calling_library(model, engine.batch)
-    return [{"submodel": s, "bucket": b, "nodes": describe(gm), "calling_library": calling}
-            for (s, b), gm in zip(keys, graphs)]
+    described = [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
+    if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
+        calling = kernels_calling_library(model, engine.batch)
+        for g in described:
+            g["calling_library"] = calling
+    return described
 
 
 def request_flops(run: RunConfig, req: Request, described: list) -> dict:
@@ -140,9 +143,12 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
     calling = {}  # kernels that hand their products to the library: their MACs are the library's
     for g in described:
         found = g.get("calling_library", {})
-        if not (isinstance(found, dict) and all(isinstance(v, str) for v in (*found, *found.values()))):
-            raise BadCount("the kernels calling library products are not described as {kernel: op}")
-        calling.update(found)
+        if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) and
+                                                schema_of(v) in LIBRARY_PRODUCTS for k, v in found.items())):
+            raise BadCount("the kernels calling library products are not described as {kernel: library product}")
+        listed = g.get("nodes") if isinstance(g.get("nodes"), list) else []
+        targets = {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
+        calling.update((k, v) for k, v in found.items() if k in targets)  # the graphs' own kernels only
     counted = []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
