@@ -65,11 +65,11 @@ def test_timed_requests_ban_eos_on_the_host_and_in_the_on_device_graph(eos_prone
 
 @pytest.mark.usefixtures("in_tmp")
 def test_evaluation_decodes_the_default_prompt_as_greedy_generate(capsys):
-    """The embedded model's greedy argmax is EOS at the default prompt's 5th new token (bfloat16): evaluation's
-    expected text must be what generate's greedy decoding (EOS banned on the host for min = max new tokens) says."""
+    """The embedded model's greedy argmax is EOS at the default prompt's 5th new token (bfloat16, on the AMD VM):
+    evaluation's expected text must be what generate's greedy decoding (EOS banned on the host for min = max new
+    tokens) says. (Without the ban in evaluation it read '\nrequired.', generate '\nrequired.\n'.)"""
     code, out, err = run_cli(capsys, "--mode", "generate", "--do-sample", "false", "--seq-len", "17")
     assert code == 0, out + err
-    assert out.endswith("\n\n")  # the 5th token is a line break, where the argmax is EOS
     text = out.split(f"Output 0: {DEFAULT_PROMPT}", 1)[1].removesuffix("\n")  # the last line of stdout
     code, out, err = run_cli(capsys, "--mode", "evaluate_single", "--seq-len", "17", "--benchmark-runs", "1",
                              "--warmup-runs", "0", "--isolation", "none")
