@@ -512,3 +512,10 @@ class Engine:
                 sampled, logits = self.decode_sampled(tok, torch.rand(B, generator=generator))
         return Generation(tokens=torch.stack(out, 1).cpu(), lengths=lengths.tolist(),
                           logits=torch.stack(kept) if keep_logits else None)
+
+
+def smallest_run(model: torch.nn.Module, batch: int) -> None:
+    """A two-token prompt and one decode step, eagerly, on a cache of 4 slots: each submodel run once, cheaply."""
+    engine = Engine(model, batch=batch, max_len=4)
+    ids = torch.ones(batch, 2, dtype=torch.long)
+    engine.decode(engine.prefill(ids, torch.ones_like(ids)).argmax(-1))

@@ -268,12 +268,10 @@ def kernels_calling_library(model, batch: int) -> dict:
     count credits them to the library. (The model's own process answers, at these small shapes: a naive wrapper is
     caught; a kernel calling the library at other shapes only, or a process lying about itself, is the reviewer's
     to find.) Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
-    from moebench.engine.generator import Engine
+    from moebench.engine.generator import smallest_run
 
-    engine = Engine(model, batch=batch, max_len=4)
-    ids = torch.ones(batch, 2, dtype=torch.long)
     with torch.compiler.set_stance("force_eager"), _KernelsCallingLibrary() as mode:
-        engine.decode(engine.prefill(ids, torch.ones_like(ids)).argmax(-1))
+        smallest_run(model, batch)
     return mode.found
 
 
