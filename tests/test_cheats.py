@@ -45,6 +45,34 @@ def test_memoizing_outputs_is_flagged_by_the_caching_audit():
     assert float(records()[-1]["final_score"]) == 0
 
 
+@pytest.mark.parametrize("faster_rounds, flagged, rounds", [(0, False, 1), (1, False, 2), (2, True, 2)])
+def test_the_caching_audit_confirms_a_faster_round_with_a_second_and_alternates_the_order(faster_rounds, flagged,
+                                                                                          rounds, monkeypatch):
+    """A round where every repeated prompt was faster (by chance, on a busy machine) is timed again; only both
+    rounds flag. The fresh prompt goes first in every other pair."""
+    import torch
+
+    from moebench.evaluation import checked
+
+    ids = torch.arange(1, 7).reshape(1, 6)
+    clock, order = [0.0], []
+
+    def request(x, mask, n):
+        repeated = torch.equal(x, ids)
+        order.append(repeated)
+        pairs_done = sum(order) - repeated  # the audit's pairs before this one
+        clock[0] += 0.050 if repeated and pairs_done < 3 * faster_rounds else 0.100
+        return torch.zeros(1, n, dtype=torch.int64), {"ttft": 0.0, "context": 0.0, "steps": [0.0]}
+
+    monkeypatch.setattr(checked.time, "perf_counter", lambda: clock[0])
+    _, outputs, audit, _ = checked.checked_benchmark(request, ids, torch.ones_like(ids), 2, 0, 0, 3, 50, (0,), 8)
+    report = audit.report()
+    assert (report["flagged"], report["rounds"], report["pairs"]) == (flagged, rounds, 3 * rounds)
+    assert report["fresh_ms_p50"] == pytest.approx(100)
+    assert order[:6] == [False, True, True, False, False, True]  # an even seed: fresh first in pairs 0 and 2
+    assert len(outputs) == 3 * rounds  # every fresh answer is checked
+
+
 def test_replaying_stale_outputs_fails_the_check_of_the_timed_runs():
     code, out, err = evaluate("stale_output")
     assert code == 1, out + err

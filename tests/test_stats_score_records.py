@@ -119,8 +119,10 @@ def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_
     args = (ids, torch.ones_like(ids), 2, 3, 1, 1, 50, (0,), 8)
     t, outputs, audit, ref = checked_benchmark(answer("sub"), *args, reference=answer("ref"), pause=pause)
     pair = ["pause", "ref", "resume", "sub"]
-    # then one untimed fresh request (the audit's first is not the one after a pause), then the audit's pair
-    assert [name for name, _ in calls] == pair + pair + pair[3:] + pair[:3] + pair + ["sub"] * 3
+    # then one untimed fresh request (the audit's first is not the one after a pause), then the audit's pair (and
+    # a second round's when the first was faster: a matter of chance here)
+    audit_calls = ["sub"] * (1 + 2 * len(audit.rounds))
+    assert [name for name, _ in calls] == pair + pair + pair[3:] + pair[:3] + pair + audit_calls
     order = [name for name, _ in calls if name in ("ref", "sub")]
     calls.clear()
     checked_benchmark(answer("sub"), *args[:-1], 7, reference=answer("ref"), pause=pause)  # an odd seed: the other
@@ -128,7 +130,8 @@ def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_
                                                                            for n in order[:8]]
     prompts = [p for _, p in calls if p is not None]
     assert all(torch.equal(a, b) for a, b in zip(prompts[0:8:2], prompts[1:8:2]))  # each pair: one fresh prompt
-    assert not torch.equal(prompts[2], prompts[4]) and len(ref.e2e) == len(t.e2e) == 3 and len(outputs) == 4
+    assert not torch.equal(prompts[2], prompts[4]) and len(ref.e2e) == len(t.e2e) == 3
+    assert len(outputs) == 3 + len(audit.rounds)
     calls.clear()
     assert checked_benchmark(answer("sub"), *args)[3] is None and {name for name, _ in calls} == {"sub"}
 

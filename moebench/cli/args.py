@@ -122,8 +122,9 @@ class RunConfig:
     phase_time_limit: float = opt(3600.0, "seconds the submission may take for each phase (load and compile, "
                                           "validation, benchmark, FLOP count) before it is stopped and fails",
                                   type=positive(float), modes=VALIDATING)
-    audit_pairs: int = opt(5, "caching audit: pairs of (fresh prompt, repeated prompt) timed after the benchmark; "
-                              "flagged when every repeated run is over 10%% faster (0: no audit)",
+    audit_pairs: int = opt(5, "caching audit: pairs of (fresh prompt, repeated prompt) timed after the benchmark, "
+                              "and as many again when every repeated run was over 10%% faster; flagged when it is "
+                              "in both rounds (0: no audit)",
                            type=_nonneg(int), modes=SCORED)
     # Model configuration
     model_path: str = opt(None, "Hugging Face Qwen3-MoE folder, or preset:NAME (moebench-tiny, moebench-speed, "
