@@ -222,7 +222,18 @@ def test_a_kernel_that_is_torchs_own_product_earns_no_kernel_share():
     assert flops["by_op"]["team_cheat.linear.default"] > 0.2 * flops["total_macs"]  # the LM head's MACs...
     assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0  # ...are torch's
     assert flops["kernels_calling_library"] == {"team_cheat.linear.default": "aten.linear.default"}
+    assert flops["kernels_not_run"] == []  # it ran: its product is the library's
     assert "team_cheat.linear.default calls aten.linear.default inside" in out
+
+
+def test_a_kernel_that_runs_only_while_exported_earns_no_kernel_share():
+    code, out, err = evaluate("ghost_kernel", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    assert flops["by_op"]["team_cheat.ghost_linear.default"] > 0.2 * flops["total_macs"]  # the exported graphs...
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0  # ...are not what runs
+    assert flops["kernels_not_run"] == ["team_cheat.ghost_linear.default"] and not flops["kernels_calling_library"]
+    assert "team_cheat.ghost_linear.default is in the graphs but did not run" in out
 
 
 def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation():

@@ -205,7 +205,8 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
     assert request_flops(run, req, [cte, tkg])["total_macs"] == 0
     for bad in (None, [1], [{**cte, "bucket": [4]}, tkg], [{**cte, "nodes": None}, tkg], [cte],
                 [{**cte, "calling_library": ["team.head.default"]}, tkg],
-                [{**cte, "calling_library": {"team.head.default": 1}}, tkg]):
+                [{**cte, "calling_library": {"team.head.default": 1}}, tkg],
+                [{**cte, "kernels_run": "team.head.default"}, tkg], [{**cte, "kernels_run": [None]}, tkg]):
         with pytest.raises(SubmissionFault, match="^the kernel FLOP count failed: "):
             request_flops(run, req, bad)
 
@@ -228,21 +229,24 @@ for _op in (torch_inside, own_arithmetic):
 
 
 def test_a_kernel_handing_its_products_to_torch_counts_as_the_library():
-    from moebench.evaluation.flops import _KernelsCallingLibrary, kernels_calling_library
+    from moebench.evaluation.flops import _KernelsCallingLibrary, check_kernels
 
     x, w = torch.randn(2, 3, 8), torch.randn(16, 8)
     with _KernelsCallingLibrary() as mode:
         out = own_arithmetic(torch_inside(x, w), torch.randn(4, 16))
     assert out.shape == (2, 3, 4)
     assert mode.found == {"moebench_test.torch_inside.default": "aten.linear.default"}  # own_arithmetic: not found
-    assert kernels_calling_library(build_model(Qwen3MoeForCausalLM, open_model(None), ModelOptions(), torch.float32,
-                                               "cpu"), 1) == {}  # the reference calls no kernel at all
+    assert mode.called == {"moebench_test.torch_inside.default", "moebench_test.own_arithmetic.default"}
+    ids = torch.tensor([[5, 6, 7]])
+    assert check_kernels(build_model(Qwen3MoeForCausalLM, open_model(None), ModelOptions(), torch.float32, "cpu"),
+                         ids, torch.ones_like(ids), 3, 8) == ({}, [])  # the reference calls no kernel at all
     xd, wd = {"shape": [2, 3, 8], "dtype": "float32"}, {"shape": [16, 8], "dtype": "float32"}
     nodes = [["moebench_test.torch_inside.default", [xd, wd], 768], ["moebench_test.own_arithmetic.default",
                                                                       [xd, wd], 768]]
     assert described_macs(nodes).kernel == 2 * 768
     count = described_macs(nodes, mode.found)
     assert (count.total, count.kernel, count.kernel_ops) == (2 * 768, 768, {"moebench_test.own_arithmetic.default"})
+    assert count.uncredited == {"moebench_test.torch_inside.default"}
 
 
 @torch.library.custom_op("moebench_test::hidden_inner", mutates_args=())

@@ -116,13 +116,14 @@ class MacCount:
     kernel: int = 0
     by_op: dict = field(default_factory=dict)  # op name -> MACs
     kernel_ops: frozenset = frozenset()  # the names in by_op that are registered kernels
+    uncredited: frozenset = frozenset()  # registered kernels whose MACs count as the library's (described_macs)
 
     def add(self, other: "MacCount", times: int = 1) -> "MacCount":
         by_op = dict(self.by_op)
         for k, v in other.by_op.items():
             by_op[k] = by_op.get(k, 0) + v * times
         return MacCount(self.total + other.total * times, self.kernel + other.kernel * times, by_op,
-                        self.kernel_ops | other.kernel_ops)
+                        self.kernel_ops | other.kernel_ops, self.uncredited | other.uncredited)
 
 
 class BadCount(ValueError):
@@ -246,15 +247,16 @@ class _LibraryProducts(TorchDispatchMode):
 
 
 class _KernelsCallingLibrary(TorchDispatchMode):
-    """For each registered kernel called while active, the first library product its own code calls."""
+    """The registered kernels called while active, and for each the first library product its own code calls."""
 
     def __init__(self):
         super().__init__()
-        self.found = {}
+        self.found, self.called = {}, set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name not in KERNELS:
             return func(*args, **(kwargs or {}))
+        self.called.add(str(func))
         with _LibraryProducts(func) as inside:
             out = func(*args, **(kwargs or {}))
         if inside.first is not None:
@@ -262,25 +264,27 @@ class _KernelsCallingLibrary(TorchDispatchMode):
         return out
 
 
-def kernels_calling_library(model, batch: int) -> dict:
-    """{kernel op: the library product it calls}, over an eager two-token prompt and one decode step: a registered
-    kernel that hands its products to torch (or to moebench's CPU operators) does not do its MACs itself, and the
-    count credits them to the library. (The model's own process answers, at these small shapes: a naive wrapper is
-    caught; a kernel calling the library at other shapes only, or a process lying about itself, is the reviewer's
-    to find.) Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
-    from moebench.engine.generator import smallest_run
-
+def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
+                  tkg_buckets: tuple = ()) -> tuple[dict, list]:
+    """Where the submission runs, each of one request's graphs run once, eagerly, at its own shapes
+    (each_graph_once), with every registered kernel's call seen. Returns ({kernel op: the first library product it
+    calls}, [the kernel ops called]): a kernel that hands its products to torch (or to moebench's CPU operators)
+    does not do its MACs itself, and a graph's kernel that never runs outside the tracing (a branch on
+    torch.compiler.is_exporting) is not what runs; the count credits neither. (The model's own process answers:
+    one lying about itself is the reviewer's to find.) Dynamo stands aside meanwhile: a frame it met under the
+    modes would be left eager for good."""
     with torch.compiler.set_stance("force_eager"), _KernelsCallingLibrary() as mode:
-        smallest_run(model, batch)
-    return mode.found
+        for _ in each_graph_once(model, input_ids, attention_mask, new_tokens, max_len, ctx_buckets, tkg_buckets):
+            pass
+    return mode.found, sorted(mode.called)
 
 
-def described_macs(nodes: list, calling_library: dict | None = None) -> MacCount:
+def described_macs(nodes: list, uncredited=()) -> MacCount:
     """MACs of a graph from its description (`describe`), by the harness's own formulas: the matmul-like aten ops,
     moebench's CPU operators and moebench's kernels. An op the submission registered as a kernel counts the MACs its
     formula declared where the graph was described (a whole number, at least 0); ops of moebench's, aten's and the
-    other library namespaces never take a declared count. A kernel in `calling_library` (kernels_calling_library)
-    counts as the library's."""
+    other library namespaces never take a declared count. A kernel in `uncredited` (check_kernels: one calling the
+    library, one that did not run) counts as the library's."""
     if not isinstance(nodes, list):
         raise BadCount("a graph described without its list of nodes")
     count = MacCount()
@@ -299,7 +303,8 @@ def described_macs(nodes: list, calling_library: dict | None = None) -> MacCount
             formula, kernel = (lambda *_: declared), True
         else:
             continue
-        kernel = kernel and target not in (calling_library or {})
+        if kernel and target in uncredited:
+            kernel, count.uncredited = False, count.uncredited | {target}
         try:
             macs = formula(*[_value(a) for a in args])
         except BadCount:
@@ -398,24 +403,34 @@ class RequestMacs:
                               "nki_flop_ratio": flop_ratio(g.macs)} for g in self.graphs]}
 
 
+def each_graph_once(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
+                    tkg_buckets: tuple = ()):
+    """Runs `model` through one request's graphs once each, eagerly: the context encoding of this very prompt, then
+    one decode step per token-generation bucket (a step's shapes depend on its slot only). Yields after each step
+    its bucket (None for the context encoding: the engine picks it) and how many times the request runs it."""
+    from moebench.engine.generator import Engine
+
+    engine = Engine(model, batch=input_ids.shape[0], max_len=max_len, ctx_buckets=ctx_buckets,
+                    tkg_buckets=tkg_buckets)
+    first = engine.prefill(input_ids, attention_mask).argmax(-1)
+    yield None, 1
+    slots = range(engine.next_slot, engine.next_slot + new_tokens - 1)  # the decode steps' cache slots
+    buckets = [engine.decode_width(slot) for slot in slots]
+    for S in dict.fromkeys(buckets):  # each bucket once, in order
+        engine.next_slot = slots[buckets.index(S)]
+        engine.decode(first)
+        yield S, buckets.count(S)
+
+
 def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
                  tkg_buckets: tuple = ()) -> tuple[RequestMacs, list]:
     """MACs of one request, on graphs captured from `model` running this very input: the context-encoding graph
     once, and for each token-generation bucket its graph times the decode steps that fall in it (new_tokens - 1
     steps in all; without buckets one graph over the whole cache). Returns (count, graphs)."""
-    from moebench.engine.generator import Engine
-
-    probe = _Capturing(model)
-    engine = Engine(probe, batch=input_ids.shape[0], max_len=max_len, ctx_buckets=ctx_buckets,
-                    tkg_buckets=tkg_buckets)
-    first = engine.prefill(input_ids, attention_mask).argmax(-1)
-    runs = [GraphRuns("context_encoding_model", probe.widths[0][0], graph_macs(probe.graphs[0]), 1)]
-    slots = range(engine.next_slot, engine.next_slot + new_tokens - 1)  # the decode steps' cache slots
-    buckets = [engine.decode_width(slot) for slot in slots]
-    for S in dict.fromkeys(buckets):  # each bucket once, in order
-        engine.next_slot = slots[buckets.index(S)]  # a step's shapes depend on its slot only: one step per bucket
-        engine.decode(first)
-        runs.append(GraphRuns("token_generation_model", S, graph_macs(probe.graphs[-1]), buckets.count(S)))
+    probe, runs = _Capturing(model), []
+    for S, n in each_graph_once(probe, input_ids, attention_mask, new_tokens, max_len, ctx_buckets, tkg_buckets):
+        runs.append(GraphRuns("context_encoding_model", probe.widths[0][0], graph_macs(probe.graphs[0]), 1)
+                    if S is None else GraphRuns("token_generation_model", S, graph_macs(probe.graphs[-1]), n))
     return RequestMacs(runs), probe.graphs
 
 

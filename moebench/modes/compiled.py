@@ -15,7 +15,7 @@ from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
 from moebench.evaluation.flops import (LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs, describe,
-                                      described_macs, kernels_calling_library, request_macs, schema_of)
+                                      described_macs, check_kernels, request_macs, schema_of)
 from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
@@ -118,9 +118,10 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
     described = [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
-        calling = kernels_calling_library(model, engine.batch)
+        calling, ran = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
+                                     **buckets_of(run))
         for g in described:
-            g["calling_library"] = calling
+            g["calling_library"], g["kernels_run"] = calling, ran
     return described
 
 
@@ -140,19 +141,25 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         raise BadCount("the graphs' description is not a list of graphs")
     nodes = {(g.get("submodel"), g.get("bucket")): g.get("nodes") for g in described
              if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
-    calling = {}  # kernels that hand their products to the library: their MACs are the library's
+    calling, ran, targets = {}, set(), set()  # kernels that hand their products to the library, kernels that ran
     for g in described:
-        found = g.get("calling_library", {})
+        found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
         if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) and
                                                 schema_of(v) in LIBRARY_PRODUCTS for k, v in found.items())):
             raise BadCount("the kernels calling library products are not described as {kernel: library product}")
+        if not (isinstance(run_here, list) and all(isinstance(k, str) for k in run_here)):
+            raise BadCount("the kernels that ran are not described as a list of their names")
         listed = g.get("nodes") if isinstance(g.get("nodes"), list) else []
-        targets = {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
-        calling.update((k, v) for k, v in found.items() if k in targets)  # the graphs' own kernels only
+        targets |= {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
+        calling.update(found)
+        ran.update(run_here)
+    calling = {k: v for k, v in calling.items() if k in targets}  # the graphs' own kernels only
     counted = []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
         if (submodel, bucket) not in nodes:
             raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
-        counted.append(GraphRuns(submodel, bucket, described_macs(nodes[(submodel, bucket)], calling), n))
-    return {**RequestMacs(counted).report(), "kernels_calling_library": calling}
+        counted.append(GraphRuns(submodel, bucket, described_macs(nodes[(submodel, bucket)],
+                                                                  {*calling, *(targets - ran)}), n))
+    not_run = {k for g in counted for k in g.macs.uncredited if k not in calling}
+    return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_not_run": sorted(not_run)}

@@ -203,6 +203,9 @@ def print_flops(flops: dict) -> None:
     for kernel, op in flops.get("kernels_calling_library", {}).items():
         print(f"  {kernel} calls {op} inside: a registered kernel that hands its products to the library does "
               "not count as a kernel")
+    for kernel in flops.get("kernels_not_run", []):
+        print(f"  {kernel} is in the graphs but did not run when the request's graphs ran eagerly: it does not "
+              "count as a kernel")
 
 
 def print_summary(s: Score, checked: bool, passed: bool, problems: list[str], base: Base, report_path: Path,
