@@ -423,7 +423,7 @@ class IsolatedSubmission:
                                                                     "with the host's loopback for its ranks' group")
                   + "; the clock, the reference and the records stay in the harness's")
         self.compile = self.box.started["compile"]
-        self.outputs, self.audit, self.flops = [], None, None
+        self.outputs, self.audit, self.flops, self.eos_ids = [], None, None, ()
 
     def validate(self, expected, req, tokenizer):
         from moebench.modes.contest import validate_submission
@@ -447,6 +447,7 @@ class IsolatedSubmission:
         def request(ids, mask, n):
             return _timed_reply(self.box.call("benchmark", "request", ids, mask, n), ids.shape[0], n, vocab)
 
+        self.eos_ids = tuple(req.eos_ids)  # the spot check bans them, as the timed requests did
         timings, self.outputs, self.audit, ref = checked_benchmark(
             request, req.input_ids, req.attention_mask, req.max_new_tokens, run.benchmark_runs, run.warmup_runs,
             run.audit_pairs, vocab, banned, seed, on_run=lambda i: bar.update(), reference=reference,
@@ -495,14 +496,14 @@ class IsolatedSubmission:
         from moebench.model.loader import build_model
         from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
         from moebench.modes.contest import divergence_tol
-        from moebench.modes.setup import buckets_of, eos_ids_of
+        from moebench.modes.setup import buckets_of
 
         self.box.stop()
         checks = {"caching_audit": self.audit.report() if self.audit else None}
         if self.outputs or self.flops:
             ref = build_model(Qwen3MoeForCausalLM, self.source, ModelOptions(), dtype, device)
         if self.outputs:
-            engine = Engine(ref, batch=1, max_len=self.run.seq_len, banned=eos_ids_of(self.source))
+            engine = Engine(ref, batch=1, max_len=self.run.seq_len, banned=self.eos_ids)
             checks["spot_check"] = spot_check(engine, self.outputs, divergence_tol(self.run),
                                               DEFAULT_FAILED_FRACTION[self.run.torch_dtype])
         if self.flops and self.run.tp_degree == 1:  # (a rank's graphs hold its shard of the work)
