@@ -139,8 +139,10 @@ def test_a_kernel_whose_mac_formula_gives_no_count_fails_its_evaluation_and_is_r
         assert [r["final_score"] for r in csv.DictReader(f)] == ["0.0"]
 
 
-@pytest.mark.parametrize("macs", ["1", "1000"])
+@pytest.mark.parametrize("macs", ["1", "1.9", "1000"])
 def test_a_kernel_share_counted_far_from_the_references_macs_is_not_credited(macs, capsys, monkeypatch):
+    """1000x: no share at all; 1.9x, within the 2x check: no more share than the honest count's (the library's
+    MACs, counted by the harness, leave it no more of the reference's)."""
     import json
 
     monkeypatch.setenv("BROKEN_MACS", macs)
@@ -152,7 +154,15 @@ def test_a_kernel_share_counted_far_from_the_references_macs_is_not_credited(mac
     check, flops = report["checks"]["mac_count"], report["kernel_flops"]
     if macs == "1":  # honest: the same MACs as the reference, the LM head's share credited
         assert check["credited"] and check["factor"] == 1 and 0.2 < flops["nki_flop_ratio"] < 0.5
-        assert "not_credited" not in flops
+        assert "not_credited" not in flops and "capped" not in flops
+        assert flops["nki_flop_ratio"] == pytest.approx(check["share_cap"], abs=1e-9)
+    elif macs == "1.9":  # counted 1.9 times: 0.38 or so, credited as the honest 0.25
+        assert check["credited"] and 1 < check["factor"] < 2 and "not_credited" not in flops
+        counted = flops["kernel_macs"] / flops["total_macs"]
+        assert flops["nki_flop_ratio"] == check["share_cap"] < counted - 0.1
+        honest = flops["kernel_macs"] / 1.9 / check["reference_total_macs"]  # the LM head's true share
+        assert flops["nki_flop_ratio"] == pytest.approx(honest, rel=1e-6)
+        assert "is credited up to that" in flops["capped"] and "note: its library ops count" in out
     else:
         assert not check["credited"] and check["factor"] > 100 and flops["nki_flop_ratio"] == 0
         assert "note: its graphs count" in out and "so its kernel share (0.99" in out

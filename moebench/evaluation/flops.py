@@ -442,8 +442,13 @@ CREDIBLE_FACTOR = 2.0
 
 def credibility(flops: dict, reference: RequestMacs) -> dict:
     """The report's checks.mac_count: the submission's counted MACs against the reference's for the same request
-    (both counted by the harness's formulas); its kernel share is credited only within CREDIBLE_FACTOR."""
+    (both counted by the harness's formulas); its kernel share is credited only within CREDIBLE_FACTOR, and at
+    most up to `share_cap`: the share of the reference's MACs that the submission's library ops leave to its
+    own code (1 - library MACs / reference MACs). The library's MACs are counted by the harness's formulas alone,
+    so a kernel formula that counts more than its kernel does gains nothing."""
     total, ref = flops["total_macs"], reference.total.total
     factor = total / ref if ref else float("inf")
+    library = total - flops["kernel_macs"]
     return {"submission_total_macs": total, "reference_total_macs": ref, "factor": factor,
-            "allowed_factor": CREDIBLE_FACTOR, "credited": 1 / CREDIBLE_FACTOR <= factor <= CREDIBLE_FACTOR}
+            "allowed_factor": CREDIBLE_FACTOR, "credited": 1 / CREDIBLE_FACTOR <= factor <= CREDIBLE_FACTOR,
+            "library_macs": library, "share_cap": max(0.0, 1 - library / ref) if ref else 0.0}

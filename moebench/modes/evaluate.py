@@ -128,15 +128,25 @@ def with_given(run: RunConfig, base: Base) -> Base:
 
 
 def uncredited(flops: dict, mac_count: dict | None) -> None:
-    """The kernel share is not credited (ratio 0, and why) when the submission's MACs are not credible."""
-    if mac_count is None or mac_count["credited"]:
+    """The kernel share is not credited (ratio 0, and why) when the submission's MACs are not credible, and is
+    credited up to the share of the reference's MACs its library ops leave (flops.credibility) otherwise."""
+    if mac_count is None:
         return
-    why = (f"its graphs count {mac_count['factor']:.3g} times the reference's MACs for this request "
-           f"({mac_count['submission_total_macs']:,} against {mac_count['reference_total_macs']:,}; at most "
-           f"{mac_count['allowed_factor']:g} times either way), so its kernel share "
-           f"({flops['nki_flop_ratio']:.4f}) is not credited")
-    print(f"note: {why}")
-    flops.update(nki_flop_ratio=0.0, not_credited=why)
+    ratio = flops["nki_flop_ratio"]
+    if not mac_count["credited"]:
+        why = (f"its graphs count {mac_count['factor']:.3g} times the reference's MACs for this request "
+               f"({mac_count['submission_total_macs']:,} against {mac_count['reference_total_macs']:,}; at most "
+               f"{mac_count['allowed_factor']:g} times either way), so its kernel share ({ratio:.4f}) is not "
+               "credited")
+        print(f"note: {why}")
+        flops.update(nki_flop_ratio=0.0, not_credited=why)
+    elif ratio > mac_count["share_cap"] + 1e-9:  # (the same work counted two ways: equal but for rounding)
+        cap = mac_count["share_cap"]
+        why = (f"its library ops count {mac_count['library_macs']:,} of the reference's "
+               f"{mac_count['reference_total_macs']:,} MACs for this request, which leaves {cap:.4f} of them to "
+               f"its own code: its kernel share ({ratio:.4f}) is credited up to that")
+        print(f"note: {why}")
+        flops.update(nki_flop_ratio=cap, capped=why)
 
 
 def check_problems(checks: dict) -> list[str]:

@@ -1,7 +1,8 @@
 """Broken: its own kernel (a torch custom op standing in for a Triton one, the LM head) is registered with a MAC
 formula that gives a negative count (BROKEN_MACS=nan: not a number): the harness refuses the count, a failed,
 recorded evaluation in one line (before: a traceback and no record). BROKEN_MACS=1 is honest; 1000 inflates the
-count: the kernel share is then not credited."""
+count: the kernel share is then not credited; 1.9 inflates it within the 2x check: the share is then capped at the
+honest one."""
 
 import os
 
