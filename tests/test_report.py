@@ -98,6 +98,26 @@ def test_the_report_page_says_which_evaluations_were_not_checked():
     assert rows == [("pass", "pass"), ("not-checked", "not checked"), ("fail", "fail")]
 
 
+def test_the_report_page_says_why_a_kernel_share_was_cut():
+    from moebench.report.page import report_section
+
+    flops = {"total_macs": 100, "kernel_macs": 40, "nki_flop_ratio": 0.25, "by_op": {"team.k.default": 40},
+             "kernel_ops": ["team.k.default"], "by_graph": [{"submodel": "context_encoding_model", "bucket": 8,
+                                                            "runs": 1, "total_macs_per_run": 100,
+                                                            "kernel_macs_per_run": 40, "nki_flop_ratio": 0.4}],
+             "kernels_calling_library": {"team.a.default": "aten.mm.default"}, "kernels_not_run": ["team.b.default"],
+             "capped": "its library ops count 75 of the reference's 100 MACs <b>"}
+    page = report_section("cut", {"kernel_flops": flops})
+    items = re.findall(r"<li>(.*?)</li>", page)
+    assert items == ["team.a.default calls aten.mm.default inside: a registered kernel that hands its products to "
+                     "the library does not count as a kernel",
+                     "team.b.default is in the graphs but did not run when the request&#x27;s graphs ran eagerly: "
+                     "it does not count as a kernel",
+                     "kernel share: its library ops count 75 of the reference&#x27;s 100 MACs &lt;b&gt;"]
+    assert "<li>" not in report_section("honest", {"kernel_flops": {**flops, "kernels_calling_library": {},
+                                                                   "kernels_not_run": [], "capped": None}})
+
+
 class _Dom(html.parser.HTMLParser):
     """The plots (their attributes after the page's script ran) and the table rows of a dumped DOM."""
 

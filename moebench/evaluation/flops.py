@@ -434,6 +434,14 @@ def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int
     return RequestMacs(runs), probe.graphs
 
 
+def uncredited_kernels(flops: dict) -> list[str]:
+    """For a report's kernel_flops: a line for each of the graphs' kernels counted as the library's, and why."""
+    return [*(f"{k} calls {op} inside: a registered kernel that hands its products to the library does not count "
+              "as a kernel" for k, op in (flops.get("kernels_calling_library") or {}).items()),
+            *(f"{k} is in the graphs but did not run when the request's graphs ran eagerly: it does not count as "
+              "a kernel" for k in flops.get("kernels_not_run") or [])]
+
+
 # The submission's total MACs may differ from the reference's (another algorithm, wasted work) by this factor
 # either way before its kernel share stops being credited: its graphs and its own kernels' formulas are described
 # by its process, which could inflate them.

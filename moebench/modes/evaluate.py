@@ -13,6 +13,7 @@ from moebench.evaluation.records import (IN_TURN, PromptData, append_json_record
                                          check_records_file, prompt_data_path, read_prompt_data, read_prompts,
                                          record_row, records_path, write_prompt_data)
 from moebench.evaluation.expected import check_stored, read_meta, stored_index
+from moebench.evaluation.flops import uncredited_kernels
 from moebench.evaluation.score import Score, compute_score
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, reference_request, write_json)
@@ -210,12 +211,8 @@ def print_flops(flops: dict) -> None:
     for g in flops["by_graph"]:
         print(f"  {g['submodel']} bucket {g['bucket']}: {g['runs']} run(s) x {g['total_macs_per_run']:,} MACs, "
               f"ratio {g['nki_flop_ratio']:.4f}")
-    for kernel, op in flops.get("kernels_calling_library", {}).items():
-        print(f"  {kernel} calls {op} inside: a registered kernel that hands its products to the library does "
-              "not count as a kernel")
-    for kernel in flops.get("kernels_not_run", []):
-        print(f"  {kernel} is in the graphs but did not run when the request's graphs ran eagerly: it does not "
-              "count as a kernel")
+    for line in uncredited_kernels(flops):
+        print(f"  {line}")
 
 
 def print_summary(s: Score, checked: bool, passed: bool, problems: list[str], base: Base, report_path: Path,

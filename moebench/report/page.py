@@ -8,6 +8,7 @@ from html import escape
 from pathlib import Path
 
 from moebench.errors import MoebenchError
+from moebench.evaluation.flops import uncredited_kernels
 from moebench.evaluation.records import read_json_records
 from moebench.report import svg
 
@@ -122,7 +123,15 @@ def report_section(name: str, report: dict) -> str:
         parts.append(table(["graph", "bucket", "runs", "MACs per run", "kernel MACs per run", "kernel share"],
                            [[g["submodel"], g["bucket"], g["runs"], g["total_macs_per_run"], g["kernel_macs_per_run"],
                              g["nki_flop_ratio"]] for g in flops["by_graph"]]))
+    if notes := kernel_share_notes(flops):
+        parts.append("<ul>" + "".join(f"<li>{escape(n)}</li>" for n in notes) + "</ul>")
     return "".join(parts) + "</section>"
+
+
+def kernel_share_notes(flops: dict) -> list[str]:
+    """Why the kernel share is less than the graphs' kernel ops would make it: the harness's checks."""
+    return uncredited_kernels(flops) + [f"kernel share: {flops[k]}" for k in ("not_credited", "capped")
+                                        if flops.get(k)]
 
 
 def flop_plot(flops: dict | None) -> str:
