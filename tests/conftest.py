@@ -97,3 +97,22 @@ def error_line(err: str) -> str:
     assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
     assert "Traceback" not in err
     return lines[0]
+
+
+# The reference's MACs by hand (test_flops, test_bucketing; kept here: a test module imported by another is imported
+# twice, as its file and as tests.<name>, and its custom ops defined twice).
+def reference_macs(cfg, L: int, N: int, S: int) -> tuple[int, int]:
+    """(prefill MACs, MACs of one decode step) of the reference for an L-token prompt, cache of S slots.
+
+    Per token and layer: q, k, v and o projections, the router (D·E) and the k chosen experts (gate, up, down:
+    3·D·I each). Attention: scores plus context, 2·H·Lq·Lk·hd, with Lk = L in the prefill and S (the decode
+    mask spans the whole cache) in each decode step. The LM head runs on one token per step (the prefill keeps
+    only the last column)."""
+    D, V, E, k, I = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    H, Hkv, hd, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    q, kv = H * hd, Hkv * hd
+    per_token = layers * (D * q + 2 * D * kv + q * D + D * E + k * 3 * D * I)
+    head = D * V
+    prefill = L * per_token + layers * 2 * H * L * L * hd + head
+    decode = per_token + layers * 2 * H * 1 * S * hd + head
+    return prefill, decode

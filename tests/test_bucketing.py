@@ -15,7 +15,7 @@ from moebench.model.loader import build_model, open_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
 from moebench.modes.setup import buckets_of
 from tests.conftest import error_line, run_cli
-from tests.test_flops import reference_macs
+from tests.conftest import reference_macs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

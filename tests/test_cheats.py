@@ -69,7 +69,8 @@ def test_the_caching_audit_confirms_a_faster_round_with_a_second_and_alternates_
     report = audit.report()
     assert (report["flagged"], report["rounds"], report["pairs"]) == (flagged, rounds, 3 * rounds)
     assert report["fresh_ms_p50"] == pytest.approx(100)
-    assert order[:6] == [False, True, True, False, False, True]  # an even seed: fresh first in pairs 0 and 2
+    assert order[:6] == [False, True, True, False, False, True]  # an even seed: fresh first in pairs 0 and 2...
+    assert order[6:] == [True, False, False, True, True, False][:len(order) - 6]  # ...and 4 (1 of round 2)
     assert len(outputs) == 3 * rounds  # every fresh answer is checked
 
 
@@ -234,6 +235,19 @@ def test_a_kernel_that_runs_only_while_exported_earns_no_kernel_share():
     assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0  # ...are not what runs
     assert flops["kernels_not_run"] == ["team_cheat.ghost_linear.default"] and not flops["kernels_calling_library"]
     assert "team_cheat.ghost_linear.default is in the graphs but did not run" in out
+
+
+def test_a_kernel_called_for_show_while_torch_does_the_work_earns_no_kernel_share():
+    code, out, err = evaluate("decoy_kernel", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    assert flops["by_op"]["team_cheat.decoy_linear.default"] > 0.2 * flops["total_macs"]
+    assert not flops["kernels_not_run"] and not flops["kernels_calling_library"]  # it ran, with no product inside
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0
+    cut = flops["kernel_macs_cut"]
+    assert [c["submodel"] for c in cut] == ["context_encoding_model", "token_generation_model"]
+    assert all(c["library_macs_run"] == c["library_macs_in_graph"] + c["kernel_macs_per_run"] for c in cut)
+    assert "of its kernel MACs (524,288) 0 are credited" in out
 
 
 def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation():

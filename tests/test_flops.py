@@ -6,10 +6,12 @@ import torch
 from torch import nn
 
 from moebench.engine.generator import Engine
-from moebench.evaluation.flops import BadCount, described_macs, flop_ratio, graph_macs, request_macs
+from moebench.evaluation.flops import (BadCount, described_macs, flop_ratio, graph_macs, request_macs,
+                                      uncredited_kernels)
 from moebench.kernels.registry import KERNELS, register_kernel
 from moebench.model.loader import build_model, open_model
 from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+from tests.conftest import reference_macs
 
 OP = "moebench_test::whole_model"
 
@@ -48,23 +50,6 @@ def request(source, text: str):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reference against a hand formula
-
-
-def reference_macs(cfg, L: int, N: int, S: int) -> tuple[int, int]:
-    """(prefill MACs, MACs of one decode step) of the reference for an L-token prompt, cache of S slots.
-
-    Per token and layer: q, k, v and o projections, the router (D·E) and the k chosen experts (gate, up, down:
-    3·D·I each). Attention: scores plus context, 2·H·Lq·Lk·hd, with Lk = L in the prefill and S (the decode
-    mask spans the whole cache) in each decode step. The LM head runs on one token per step (the prefill keeps
-    only the last column)."""
-    D, V, E, k, I = cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
-    H, Hkv, hd, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
-    q, kv = H * hd, Hkv * hd
-    per_token = layers * (D * q + 2 * D * kv + q * D + D * E + k * 3 * D * I)
-    head = D * V
-    prefill = L * per_token + layers * 2 * H * L * L * hd + head
-    decode = per_token + layers * 2 * H * 1 * S * hd + head
-    return prefill, decode
 
 
 def test_reference_macs_equal_the_hand_formula(source):
@@ -206,9 +191,35 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
     for bad in (None, [1], [{**cte, "bucket": [4]}, tkg], [{**cte, "nodes": None}, tkg], [cte],
                 [{**cte, "calling_library": ["team.head.default"]}, tkg],
                 [{**cte, "calling_library": {"team.head.default": 1}}, tkg],
-                [{**cte, "kernels_run": "team.head.default"}, tkg], [{**cte, "kernels_run": [None]}, tkg]):
+                [{**cte, "kernels_run": "team.head.default"}, tkg], [{**cte, "kernels_run": [None]}, tkg],
+                [{**cte, "library_macs_run": -1}, tkg], [{**cte, "library_macs_run": 1.5}, tkg],
+                [{**cte, "library_macs_run": True}, tkg]):
         with pytest.raises(SubmissionFault, match="^the kernel FLOP count failed: "):
             request_flops(run, req, bad)
+
+
+@pytest.mark.parametrize("ran_library, credited", [(600, 500), (900, 200), (2000, 0), (None, 0)])
+def test_a_graphs_kernel_macs_are_credited_up_to_what_the_library_run_leaves(ran_library, credited):
+    """A graph of 600 library MACs and a 500-MAC kernel: when its step ran eagerly with the library doing 900 MACs,
+    the kernel did at most 200 of the graph's 1100; not seen running at all (None): none."""
+    from types import SimpleNamespace
+
+    from moebench.modes.compiled import request_flops
+
+    x, w = {"shape": [1, 4, 10], "dtype": "float32"}, {"shape": [15, 10], "dtype": "float32"}
+    nodes = [["aten.linear.default", [x, w], None], ["team.head.default", [x, w], 500]]
+    run = SimpleNamespace(enable_bucketing=False, seq_len=20)
+    req = SimpleNamespace(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    graphs = [{"submodel": s, "bucket": b, "nodes": nodes, "kernels_run": ["team.head.default"],
+               "library_macs_run": ran_library} for s, b in (("context_encoding_model", 4), ("token_generation_model",
+                                                                                          20))]
+    flops = request_flops(run, req, graphs)
+    assert flops["kernel_macs"] == 2 * credited and flops["total_macs"] == 2 * 1100
+    assert [c["credited_kernel_macs_per_run"] for c in flops["kernel_macs_cut"]] == [credited] * 2 * (credited < 500)
+    assert uncredited_kernels(flops)[:1] == ([] if credited == 500 else [
+        "context_encoding_model bucket 4: its kernels were not seen running: their MACs are not credited"
+        if ran_library is None else f"context_encoding_model bucket 4: its library products ran {ran_library:,} "
+        f"MACs when it ran eagerly, 600 in its graph: of its kernel MACs (500) {credited:,} are credited"])
 
 
 @torch.library.custom_op("moebench_test::torch_inside", mutates_args=())
@@ -237,9 +248,14 @@ def test_a_kernel_handing_its_products_to_torch_counts_as_the_library():
     assert out.shape == (2, 3, 4)
     assert mode.found == {"moebench_test.torch_inside.default": "aten.linear.default"}  # own_arithmetic: not found
     assert mode.called == {"moebench_test.torch_inside.default", "moebench_test.own_arithmetic.default"}
+    assert mode.library_macs == 2 * 3 * 8 * 16  # the linear inside torch_inside; own_arithmetic's products are not
     ids = torch.tensor([[5, 6, 7]])
-    assert check_kernels(build_model(Qwen3MoeForCausalLM, open_model(None), ModelOptions(), torch.float32, "cpu"),
-                         ids, torch.ones_like(ids), 3, 8) == ({}, [])  # the reference calls no kernel at all
+    model = build_model(Qwen3MoeForCausalLM, open_model(None), ModelOptions(), torch.float32, "cpu")
+    found, called, library = check_kernels(model, ids, torch.ones_like(ids), 3, 8)
+    assert (found, called) == ({}, [])  # the reference calls no kernel at all...
+    counted, _ = request_macs(model, ids, torch.ones_like(ids), 3, 8)
+    # ...and its library products, as they ran eagerly, are its graphs' MACs (moebench's CPU operators included)
+    assert library == {(g.submodel, g.bucket): g.macs.total for g in counted.graphs}
     xd, wd = {"shape": [2, 3, 8], "dtype": "float32"}, {"shape": [16, 8], "dtype": "float32"}
     nodes = [["moebench_test.torch_inside.default", [xd, wd], 768], ["moebench_test.own_arithmetic.default",
                                                                       [xd, wd], 768]]
@@ -306,3 +322,11 @@ def test_the_kernel_check_sees_products_hidden_a_level_down_and_runs_every_kerne
     with torch.inference_mode(), _KernelsCallingLibrary() as mode:
         call(x, w)
     assert list(mode.found.values()) == ([found] if found else [])
+
+
+def test_a_kernel_implemented_as_composite_implicit_autograd_is_refused_at_registration():
+    """Eagerly, such an op runs its own ops in its place (aten::linear its matmul): the kernel check would never
+    see it called."""
+    with pytest.raises(ValueError, match="^register_kernel: aten::linear has a CompositeImplicitAutograd"):
+        register_kernel("aten::linear", macs=lambda x, w, *_: x.numel() // x.shape[-1] * w.numel())
+    assert "aten::linear" not in KERNELS

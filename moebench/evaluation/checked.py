@@ -132,8 +132,8 @@ def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs:
         timed(fresh())
     while audit_pairs and len(audit.rounds) < AUDIT_ROUNDS and all(map(audit.faster, audit.rounds)):
         audit.rounds.append([])
-        for i in range(audit_pairs):  # which goes first alternates, so that the order favours neither
-            ids, fresh_first = fresh(), (i + seed) % 2 == 0
+        for i in range(audit_pairs):  # which goes first alternates (on across rounds): the order favours neither
+            ids, fresh_first = fresh(), (i + (len(audit.rounds) - 1) * audit_pairs + seed) % 2 == 0
             if not fresh_first:
                 repeated = timed(input_ids)[0]
             seconds, tokens, _ = timed(ids)

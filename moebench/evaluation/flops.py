@@ -226,13 +226,23 @@ def _below_python(mode, func, args, kwargs):
         return None
 
 
+def _library_macs(func, args, kwargs) -> int:
+    """A library product's MACs by the harness's formulas, from a real call's arguments (0 for other ops, and for
+    the products it has no formula for)."""
+    formula = MATMUL_BY_NAME.get(str(func)) or CPU_OP_MACS.get(func._schema.name)
+    try:
+        return int(formula(*args, *kwargs.values())) if formula is not None else 0
+    except Exception:  # noqa: BLE001  (arguments a formula does not read: counted as none)
+        return 0
+
+
 class _LibraryProducts(TorchDispatchMode):
     """While one call of a kernel runs: the first library product its implementation calls, also from inside
-    other ops of the submission's (custom ops it calls)."""
+    other ops of the submission's (custom ops it calls), and the MACs of all of them."""
 
     def __init__(self, kernel):
         super().__init__()
-        self.kernel, self.first = kernel, None
+        self.kernel, self.first, self.macs = kernel, None, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -241,42 +251,50 @@ class _LibraryProducts(TorchDispatchMode):
             out = _below_python(self, func, args, kwargs)
             if out is not None:
                 return out[0]
-        elif self.first is None and name in LIBRARY_PRODUCTS and not (name == "aten::einsum" and len(args[1]) < 2):
-            self.first = str(func)  # (an einsum of one operand is a sum, not a product)
+        elif name in LIBRARY_PRODUCTS and not (name == "aten::einsum" and len(args[1]) < 2):
+            self.first = self.first or str(func)  # (an einsum of one operand is a sum, not a product)
+            self.macs += _library_macs(func, args, kwargs)
         return func(*args, **kwargs)
 
 
 class _KernelsCallingLibrary(TorchDispatchMode):
-    """The registered kernels called while active, and for each the first library product its own code calls."""
+    """While active: the registered kernels called, for each the first library product its own code calls, and the
+    MACs of every library product (in the kernels' code too)."""
 
     def __init__(self):
         super().__init__()
-        self.found, self.called = {}, set()
+        self.found, self.called, self.library_macs = {}, set(), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         if func._schema.name not in KERNELS:
-            return func(*args, **(kwargs or {}))
+            self.library_macs += _library_macs(func, args, kwargs)
+            return func(*args, **kwargs)
         self.called.add(str(func))
         with _LibraryProducts(func) as inside:
-            out = func(*args, **(kwargs or {}))
+            out = func(*args, **kwargs)
         if inside.first is not None:
             self.found.setdefault(str(func), inside.first)
+        self.library_macs += inside.macs
         return out
 
 
 def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
-                  tkg_buckets: tuple = ()) -> tuple[dict, list]:
+                  tkg_buckets: tuple = ()) -> tuple[dict, list, dict]:
     """Where the submission runs, each of one request's graphs run once, eagerly, at its own shapes
-    (each_graph_once), with every registered kernel's call seen. Returns ({kernel op: the first library product it
-    calls}, [the kernel ops called]): a kernel that hands its products to torch (or to moebench's CPU operators)
-    does not do its MACs itself, and a graph's kernel that never runs outside the tracing (a branch on
-    torch.compiler.is_exporting) is not what runs; the count credits neither. (The model's own process answers:
-    one lying about itself is the reviewer's to find.) Dynamo stands aside meanwhile: a frame it met under the
-    modes would be left eager for good."""
+    (each_graph_once), every op seen. Returns ({kernel op: the first library product it calls}, [the kernel ops
+    called], {(submodel, bucket): the MACs of the library products run in its step}). The count credits none of a
+    kernel that hands its products to torch (or to moebench's CPU operators), nor of one of the graphs' kernels
+    that never runs outside the tracing (a branch on torch.compiler.is_exporting); and a graph's kernel MACs only
+    up to what the library's products, as they ran, leave of the graph's MACs (a kernel called for show while
+    torch does the work). (The model's own process answers: one lying about itself is the reviewer's to find.)
+    Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
+    library = {}
     with torch.compiler.set_stance("force_eager"), _KernelsCallingLibrary() as mode:
-        for _ in each_graph_once(model, input_ids, attention_mask, new_tokens, max_len, ctx_buckets, tkg_buckets):
-            pass
-    return mode.found, sorted(mode.called)
+        for submodel, bucket, _ in each_graph_once(model, input_ids, attention_mask, new_tokens, max_len,
+                                                   ctx_buckets, tkg_buckets):
+            library[(submodel, bucket)], mode.library_macs = mode.library_macs, 0
+    return mode.found, sorted(mode.called), library
 
 
 def described_macs(nodes: list, uncredited=()) -> MacCount:
@@ -362,11 +380,10 @@ class _Capturing(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner, self.config = model, model.config
-        self.graphs, self.widths = [], []  # widths: (input columns, cache slots attended) of each call
+        self.graphs = []
 
     def forward(self, input_ids, step, cache):
         self.graphs.append(capture_step(self.inner, input_ids, step, cache))
-        self.widths.append((input_ids.shape[1], step.mask.shape[-1]))
         return self.inner(input_ids, step, cache)
 
 
@@ -407,19 +424,20 @@ def each_graph_once(model, input_ids, attention_mask, new_tokens: int, max_len: 
                     tkg_buckets: tuple = ()):
     """Runs `model` through one request's graphs once each, eagerly: the context encoding of this very prompt, then
     one decode step per token-generation bucket (a step's shapes depend on its slot only). Yields after each step
-    its bucket (None for the context encoding: the engine picks it) and how many times the request runs it."""
+    its graph as Engine.graph_runs gives it: (submodel, bucket, the times the request runs it)."""
     from moebench.engine.generator import Engine
 
     engine = Engine(model, batch=input_ids.shape[0], max_len=max_len, ctx_buckets=ctx_buckets,
                     tkg_buckets=tkg_buckets)
+    cte, *tkg = engine.graph_runs(input_ids.shape[1], new_tokens)
     first = engine.prefill(input_ids, attention_mask).argmax(-1)
-    yield None, 1
+    yield cte
     slots = range(engine.next_slot, engine.next_slot + new_tokens - 1)  # the decode steps' cache slots
     buckets = [engine.decode_width(slot) for slot in slots]
-    for S in dict.fromkeys(buckets):  # each bucket once, in order
+    for submodel, S, n in tkg:
         engine.next_slot = slots[buckets.index(S)]
         engine.decode(first)
-        yield S, buckets.count(S)
+        yield submodel, S, n
 
 
 def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
@@ -427,10 +445,9 @@ def request_macs(model, input_ids, attention_mask, new_tokens: int, max_len: int
     """MACs of one request, on graphs captured from `model` running this very input: the context-encoding graph
     once, and for each token-generation bucket its graph times the decode steps that fall in it (new_tokens - 1
     steps in all; without buckets one graph over the whole cache). Returns (count, graphs)."""
-    probe, runs = _Capturing(model), []
-    for S, n in each_graph_once(probe, input_ids, attention_mask, new_tokens, max_len, ctx_buckets, tkg_buckets):
-        runs.append(GraphRuns("context_encoding_model", probe.widths[0][0], graph_macs(probe.graphs[0]), 1)
-                    if S is None else GraphRuns("token_generation_model", S, graph_macs(probe.graphs[-1]), n))
+    probe = _Capturing(model)
+    runs = [GraphRuns(submodel, bucket, graph_macs(probe.graphs[-1]), n) for submodel, bucket, n in
+            each_graph_once(probe, input_ids, attention_mask, new_tokens, max_len, ctx_buckets, tkg_buckets)]
     return RequestMacs(runs), probe.graphs
 
 
@@ -439,7 +456,17 @@ def uncredited_kernels(flops: dict) -> list[str]:
     return [*(f"{k} calls {op} inside: a registered kernel that hands its products to the library does not count "
               "as a kernel" for k, op in (flops.get("kernels_calling_library") or {}).items()),
             *(f"{k} is in the graphs but did not run when the request's graphs ran eagerly: it does not count as "
-              "a kernel" for k in flops.get("kernels_not_run") or [])]
+              "a kernel" for k in flops.get("kernels_not_run") or []),
+            *(_cut_line(c) for c in flops.get("kernel_macs_cut") or [])]
+
+
+def _cut_line(c: dict) -> str:
+    where = f"{c['submodel']} bucket {c['bucket']}"
+    if c["library_macs_run"] is None:
+        return f"{where}: its kernels were not seen running: their MACs are not credited"
+    return (f"{where}: its library products ran {c['library_macs_run']:,} MACs when it ran eagerly, "
+            f"{c['library_macs_in_graph']:,} in its graph: of its kernel MACs ({c['kernel_macs_per_run']:,}) "
+            f"{c['credited_kernel_macs_per_run']:,} are credited")
 
 
 # The submission's total MACs may differ from the reference's (another algorithm, wasted work) by this factor

@@ -28,10 +28,23 @@ def register_kernel(name: str, macs: Callable[..., int], reference: Callable | N
 
     Contestants call it for their own kernels; `flag` is for moebench's kernels switched by a CLI flag.
     Once the op is defined, torch.utils.flop_counter.FlopCounterMode counts it too (2 FLOPs per MAC)."""
+    if _composite_implicit(name):  # eagerly its own ops run in its place: the kernel check never sees it called
+        raise ValueError(f"register_kernel: {name} has a CompositeImplicitAutograd implementation; a kernel is "
+                         "registered for devices (torch.library.custom_op, or Library.impl with \"CPU\"/\"CUDA\" or "
+                         "CompositeExplicitAutograd)")
     kernel = Kernel(name, macs, reference, flag)
     KERNELS[name] = kernel
     _register_flop_formula(name, macs)
     return kernel
+
+
+def _composite_implicit(name: str) -> bool:
+    """Whether the op `name` (its default overload, if defined yet) is implemented as CompositeImplicitAutograd.
+    (Asked of the dispatcher by name: no torch.ops handle is made and kept for an op that may be defined again.)"""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+    except RuntimeError:  # not defined (yet)
+        return False
 
 
 def _register_flop_formula(name: str, macs: Callable[..., int]) -> None:

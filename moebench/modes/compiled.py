@@ -118,10 +118,11 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
     described = [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
-        calling, ran = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
-                                     **buckets_of(run))
+        calling, ran, library = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens,
+                                              seq_len, **buckets_of(run))
         for g in described:
             g["calling_library"], g["kernels_run"] = calling, ran
+            g["library_macs_run"] = library.get((g["submodel"], g["bucket"]))
     return described
 
 
@@ -139,8 +140,9 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
     load_builtin_kernels()  # moebench's kernels count by the formulas of this process
     if not isinstance(described, list) or not all(isinstance(g, dict) for g in described):
         raise BadCount("the graphs' description is not a list of graphs")
-    nodes = {(g.get("submodel"), g.get("bucket")): g.get("nodes") for g in described
-             if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
+    graphs = {(g.get("submodel"), g.get("bucket")): g for g in described
+              if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
+    nodes = {key: g.get("nodes") for key, g in graphs.items()}
     calling, ran, targets = {}, set(), set()  # kernels that hand their products to the library, kernels that ran
     for g in described:
         found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
@@ -154,12 +156,24 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         calling.update(found)
         ran.update(run_here)
     calling = {k: v for k, v in calling.items() if k in targets}  # the graphs' own kernels only
-    counted = []
+    ran_macs = [g.get("library_macs_run") for g in described]
+    if not all(m is None or (type(m) is int and 0 <= m < 2**62) for m in ran_macs):
+        raise BadCount("the MACs of the library products run are not described as a whole number")
+    library = {key: g.get("library_macs_run") for key, g in graphs.items()}  # each step's, run eagerly (check_kernels)
+    counted, cut = [], []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
         if (submodel, bucket) not in nodes:
             raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
-        counted.append(GraphRuns(submodel, bucket, described_macs(nodes[(submodel, bucket)],
-                                                                  {*calling, *(targets - ran)}), n))
+        count = described_macs(nodes[(submodel, bucket)], {*calling, *(targets - ran)})
+        ran_library = library.get((submodel, bucket))
+        credit = max(0, count.total - ran_library) if ran_library is not None else 0
+        if count.kernel > credit:  # the library did more of the work than the graph leaves it
+            cut.append({"submodel": submodel, "bucket": bucket, "kernel_macs_per_run": count.kernel,
+                        "library_macs_in_graph": count.total - count.kernel, "library_macs_run": ran_library,
+                        "credited_kernel_macs_per_run": credit})
+            count.kernel = credit
+        counted.append(GraphRuns(submodel, bucket, count, n))
     not_run = {k for g in counted for k in g.macs.uncredited if k not in calling}
-    return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_not_run": sorted(not_run)}
+    return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_not_run": sorted(not_run),
+            "kernel_macs_cut": cut}
