@@ -142,7 +142,6 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         raise BadCount("the graphs' description is not a list of graphs")
     graphs = {(g.get("submodel"), g.get("bucket")): g for g in described
               if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
-    nodes = {key: g.get("nodes") for key, g in graphs.items()}
     calling, ran, targets = {}, set(), set()  # kernels that hand their products to the library, kernels that ran
     for g in described:
         found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
@@ -156,17 +155,17 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         calling.update(found)
         ran.update(run_here)
     calling = {k: v for k, v in calling.items() if k in targets}  # the graphs' own kernels only
-    ran_macs = [g.get("library_macs_run") for g in described]
+    ran_macs = [g.get("library_macs_run") for g in described]  # each step's, run eagerly (check_kernels)
     if not all(m is None or (type(m) is int and 0 <= m < 2**62) for m in ran_macs):
         raise BadCount("the MACs of the library products run are not described as a whole number")
-    library = {key: g.get("library_macs_run") for key, g in graphs.items()}  # each step's, run eagerly (check_kernels)
     counted, cut = [], []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
-        if (submodel, bucket) not in nodes:
+        g = graphs.get((submodel, bucket))
+        if g is None:
             raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
-        count = described_macs(nodes[(submodel, bucket)], {*calling, *(targets - ran)})
-        ran_library = library.get((submodel, bucket))
+        count = described_macs(g.get("nodes"), {*calling, *(targets - ran)})
+        ran_library = g.get("library_macs_run")
         credit = max(0, count.total - ran_library) if ran_library is not None else 0
         if count.kernel > credit:  # the library did more of the work than the graph leaves it
             cut.append({"submodel": submodel, "bucket": bucket, "kernel_macs_per_run": count.kernel,
