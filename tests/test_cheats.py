@@ -227,6 +227,18 @@ def test_a_kernel_that_is_torchs_own_product_earns_no_kernel_share():
     assert "team_cheat.linear.default calls aten.linear.default inside" in out
 
 
+def test_a_kernel_computing_with_torchs_element_wise_arithmetic_earns_no_kernel_share():
+    code, out, err = evaluate("elementwise_kernel", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    kernel = "team_cheat.elementwise_linear.default"
+    assert flops["by_op"][kernel] > 0.2 * flops["total_macs"]  # the LM head's MACs...
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0  # ...are torch's
+    elements, macs = flops["kernels_computing_in_torch"][kernel]
+    assert elements == 2 * macs and not flops["kernels_calling_library"] and flops["kernels_not_run"] == []
+    assert f"{kernel} runs {elements:,} elements of torch's element-wise ops and reductions" in out
+
+
 def test_a_kernel_that_runs_only_while_exported_earns_no_kernel_share():
     code, out, err = evaluate("ghost_kernel", "--skip-accuracy")
     assert code == 0, out + err

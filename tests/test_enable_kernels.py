@@ -29,6 +29,7 @@ def test_enable_nki_validates_and_runs_almost_everything_in_kernels(capsys, in_t
     assert "logit validation PASS" in out
     flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]
     assert flops["nki_flop_ratio"] > 0.95 and flops["kernels_not_run"] == []  # each ran at its graph's shapes
+    assert flops["kernels_calling_library"] == flops["kernels_computing_in_torch"] == {}
     assert "capped" not in flops  # its kernels' formulas count what the reference's ops count
     assert set(flops["kernel_ops"]) >= {f"moebench.{op}.default" for op in (
         "qkv_rope", "attention", "flash_decode", "linear", "moe_router", "fused_moe")}
@@ -60,6 +61,7 @@ def test_example_submission_with_its_own_kernel_passes_and_counts(capsys, in_tmp
     flops = json.loads((in_tmp / "benchmark_report.json").read_text())["kernel_flops"]
     assert flops["kernel_macs"] == flops["by_op"]["qwen_example.lm_head.default"] > 0
     assert flops["kernels_not_run"] == [] and flops["kernels_calling_library"] == {} and "capped" not in flops
+    assert flops["kernels_computing_in_torch"] == {}  # its torch work around the kernel is a small part
     assert 0 < flops["nki_flop_ratio"] < 1
 
 

@@ -191,6 +191,9 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
     for bad in (None, [1], [{**cte, "bucket": [4]}, tkg], [{**cte, "nodes": None}, tkg], [cte],
                 [{**cte, "calling_library": ["team.head.default"]}, tkg],
                 [{**cte, "calling_library": {"team.head.default": 1}}, tkg],
+                [{**cte, "computing_in_torch": {"team.head.default": 5}}, tkg],
+                [{**cte, "computing_in_torch": {"team.head.default": [5, -1]}}, tkg],
+                [{**cte, "computing_in_torch": [["team.head.default", 5, 1]]}, tkg],
                 [{**cte, "kernels_run": "team.head.default"}, tkg], [{**cte, "kernels_run": [None]}, tkg],
                 [{**cte, "library_macs_run": -1}, tkg], [{**cte, "library_macs_run": 1.5}, tkg],
                 [{**cte, "library_macs_run": True}, tkg]):
@@ -230,7 +233,7 @@ def torch_inside(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("moebench_test::own_arithmetic", mutates_args=())
 def own_arithmetic(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A kernel doing its multiply-accumulates itself (element-wise products and a sum)."""
+    """A "kernel" doing its multiply-accumulates with torch's element-wise products and a sum."""
     return (x[..., None, :] * w).sum(-1)
 
 
@@ -239,7 +242,7 @@ for _op in (torch_inside, own_arithmetic):
     register_kernel(_op._qualname, macs=lambda x, w: x.numel() // x.shape[-1] * w.numel())
 
 
-def test_a_kernel_handing_its_products_to_torch_counts_as_the_library():
+def test_a_kernel_handing_its_products_to_torch_or_computing_them_with_torch_counts_as_the_library():
     from moebench.evaluation.flops import _KernelsCallingLibrary, check_kernels
 
     x, w = torch.randn(2, 3, 8), torch.randn(16, 8)
@@ -249,13 +252,15 @@ def test_a_kernel_handing_its_products_to_torch_counts_as_the_library():
     assert mode.found == {"moebench_test.torch_inside.default": "aten.linear.default"}  # own_arithmetic: not found
     assert mode.called == {"moebench_test.torch_inside.default", "moebench_test.own_arithmetic.default"}
     assert mode.library_macs == 2 * 3 * 8 * 16  # the linear inside torch_inside; own_arithmetic's products are not
+    # ...but its products and sum run 2 elements of torch's arithmetic for each of its 2·3·16·4 MACs
+    assert mode.in_torch == {"moebench_test.own_arithmetic.default": [2 * 384, 384]}
     ids = torch.tensor([[5, 6, 7]])
     model = build_model(Qwen3MoeForCausalLM, open_model(None), ModelOptions(), torch.float32, "cpu")
-    found, called, library = check_kernels(model, ids, torch.ones_like(ids), 3, 8)
-    assert (found, called) == ({}, [])  # the reference calls no kernel at all...
+    check = check_kernels(model, ids, torch.ones_like(ids), 3, 8)
+    assert (check.calling_library, check.computing_in_torch, check.called) == ({}, {}, [])  # no kernel at all...
     counted, _ = request_macs(model, ids, torch.ones_like(ids), 3, 8)
     # ...and its library products, as they ran eagerly, are its graphs' MACs (moebench's CPU operators included)
-    assert library == {(g.submodel, g.bucket): g.macs.total for g in counted.graphs}
+    assert check.library_macs == {(g.submodel, g.bucket): g.macs.total for g in counted.graphs}
     xd, wd = {"shape": [2, 3, 8], "dtype": "float32"}, {"shape": [16, 8], "dtype": "float32"}
     nodes = [["moebench_test.torch_inside.default", [xd, wd], 768], ["moebench_test.own_arithmetic.default",
                                                                       [xd, wd], 768]]
@@ -263,6 +268,54 @@ def test_a_kernel_handing_its_products_to_torch_counts_as_the_library():
     count = described_macs(nodes, mode.found)
     assert (count.total, count.kernel, count.kernel_ops) == (2 * 768, 768, {"moebench_test.own_arithmetic.default"})
     assert count.uncredited == {"moebench_test.torch_inside.default"}
+
+
+@torch.library.custom_op("moebench_test::summed_in_a_loop", mutates_args=())
+def summed_in_a_loop(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    acc = x.new_zeros(x.shape[0], w.shape[0])
+    for k in range(x.shape[1]):
+        acc += x[:, k, None] * w[:, k]
+    return acc
+
+
+@torch.library.custom_op("moebench_test::embedding_bag_product", mutates_args=())
+def embedding_bag_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Each row of x weighs the rows of wᵀ: a bag's weighted sum is a row of x wᵀ."""
+    M, K = x.shape
+    return torch.nn.functional.embedding_bag(torch.arange(K).repeat(M), w.T.contiguous(), torch.arange(0, M * K, K),
+                                             mode="sum", per_sample_weights=x.flatten())
+
+
+@torch.library.custom_op("moebench_test::foreach_rows", mutates_args=())
+def foreach_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.stack([torch.stack(torch._foreach_mul(list(w), [row] * len(w))).sum(-1) for row in x])
+
+
+@torch.library.custom_op("moebench_test::routed_in_torch", mutates_args=())
+def routed_in_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An honest kernel's torch work around its product (here numpy's): a softmax and a scale of its rows."""
+    scale = torch.softmax(x, -1).amax(-1, keepdim=True)
+    return torch.from_numpy(x.numpy() @ w.numpy().T) * scale
+
+
+for _op in (summed_in_a_loop, embedding_bag_product, foreach_rows, routed_in_torch):
+    _op.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    register_kernel(_op._qualname, macs=lambda x, w: x.shape[0] * w.numel())
+
+
+@pytest.mark.parametrize("kernel, elements", [(summed_in_a_loop, 2), (embedding_bag_product, 1), (foreach_rows, 2),
+                                              (routed_in_torch, None)])
+def test_the_kernel_check_sees_products_computed_with_torchs_arithmetic(kernel, elements):
+    from moebench.evaluation.flops import _KernelsCallingLibrary
+
+    x, w = torch.randn(3, 64), torch.randn(32, 64)
+    with torch.inference_mode(), _KernelsCallingLibrary() as mode:
+        out = kernel(x, w)
+    torch.testing.assert_close(out, x @ w.T * (torch.softmax(x, -1).amax(-1, keepdim=True) if elements is None else 1))
+    macs = 3 * 32 * 64
+    assert mode.in_torch == ({} if elements is None else {f"{kernel._qualname.replace('::', '.')}.default":
+                                                         [pytest.approx(elements * macs, rel=0.05), macs]})
+    assert mode.found == {} and mode.library_macs == 0
 
 
 @torch.library.custom_op("moebench_test::hidden_inner", mutates_args=())

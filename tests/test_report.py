@@ -106,15 +106,19 @@ def test_the_report_page_says_why_a_kernel_share_was_cut():
                                                             "runs": 1, "total_macs_per_run": 100,
                                                             "kernel_macs_per_run": 40, "nki_flop_ratio": 0.4}],
              "kernels_calling_library": {"team.a.default": "aten.mm.default"}, "kernels_not_run": ["team.b.default"],
+             "kernels_computing_in_torch": {"team.c.default": [2000, 1000]},
              "capped": "its library ops count 75 of the reference's 100 MACs <b>"}
     page = report_section("cut", {"kernel_flops": flops})
     items = re.findall(r"<li>(.*?)</li>", page)
     assert items == ["team.a.default calls aten.mm.default inside: a registered kernel that hands its products to "
                      "the library does not count as a kernel",
+                     "team.c.default runs 2,000 elements of torch&#x27;s element-wise ops and reductions in a call of "
+                     "1,000 MACs: a registered kernel that computes its products with torch does not count as a kernel",
                      "team.b.default is in the graphs but did not run when the request&#x27;s graphs ran eagerly: "
                      "it does not count as a kernel",
                      "kernel share: its library ops count 75 of the reference&#x27;s 100 MACs &lt;b&gt;"]
     assert "<li>" not in report_section("honest", {"kernel_flops": {**flops, "kernels_calling_library": {},
+                                                                   "kernels_computing_in_torch": {},
                                                                    "kernels_not_run": [], "capped": None}})
 
 

@@ -203,6 +203,45 @@ LIBRARY_NAMESPACES = (*HARNESS_NAMESPACES, "_c10d_functional", "c10d", "c10d_fun
                       "inductor", "profiler", "debugprims", "rngprims", "higher_order")
 
 
+# Torch's arithmetic, element by element: the ops tagged pointwise or reduction (copies and selections aside), the
+# _foreach_ ops, and the ones that sum rows they gather. A kernel whose own code runs at least this share of its
+# formula's MACs in them computes its products with torch (as `(x[:, None] * w).sum(-1)` does: 2 elements a MAC),
+# not in code of its own; an honest kernel's torch work around its products (routing, scales) is a small fraction.
+TORCH_ARITHMETIC_SHARE = 0.5
+_MOVES = {f"aten::{name}" for name in ("clone", "where", "masked_fill", "masked_fill_", "fill_", "zero_",
+                                       "lift_fresh_copy", "copy_", "_to_copy")}
+_SUMS_OF_ROWS = {f"aten::{name}" for name in ("embedding_bag", "_embedding_bag", "_embedding_bag_forward_only",
+                                               "bincount", "index_add", "index_add_", "scatter_add", "scatter_add_",
+                                               "scatter_reduce", "scatter_reduce_", "index_reduce", "index_reduce_",
+                                               "cumsum", "cumsum_", "cumprod", "cumprod_", "_segment_reduce")}
+
+
+def _arithmetic_elements(func, args, kwargs, out) -> int:
+    """The elements one call of an aten op computes, if it is torch's arithmetic (above): the larger of its
+    outputs' and its largest tensor argument's (a sum reads many to write few), the rows an embedding bag adds;
+    0 for other ops."""
+    name = func._schema.name
+    if "embedding_bag" in name:  # (weight, indices, ...): each index adds a row of the weight (a product's row)
+        return args[1].numel() * args[0].shape[-1]
+    if name in _MOVES or not (name in _SUMS_OF_ROWS or name.startswith("aten::_foreach_") or
+                              {torch.Tag.pointwise, torch.Tag.reduction} & set(func.tags)):
+        return 0
+    leaves = torch.utils._pytree.tree_leaves
+    outputs = sum(t.numel() for t in leaves(out) if isinstance(t, torch.Tensor))
+    if name.startswith("aten::_foreach_"):  # lists of tensors, updated in place: the first list's elements
+        outputs = max(outputs, sum(t.numel() for t in leaves(args[:1]) if isinstance(t, torch.Tensor)))
+    return max([outputs, *(t.numel() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor))])
+
+
+def _declared_macs(func, args, kwargs) -> int:
+    """A registered kernel's MACs for one call, by its own formula (0 where the formula fails on the arguments:
+    the count's own description of the graphs then faults it)."""
+    try:
+        return max(0, int(KERNELS[func._schema.name].macs(*args, *kwargs.values())))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def schema_of(target: str) -> str:
     """A described node's target ("ns.op.overload") as its operator's name ("ns::op")."""
     namespace, _, rest = target.partition(".")
@@ -238,11 +277,12 @@ def _library_macs(func, args, kwargs) -> int:
 
 class _LibraryProducts(TorchDispatchMode):
     """While one call of a kernel runs: the first library product its implementation calls, also from inside
-    other ops of the submission's (custom ops it calls), and the MACs of all of them."""
+    other ops of the submission's (custom ops it calls), the MACs of all of them, and the elements of torch's
+    arithmetic it runs."""
 
     def __init__(self, kernel):
         super().__init__()
-        self.kernel, self.first, self.macs = kernel, None, 0
+        self.kernel, self.first, self.macs, self.elements = kernel, None, 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -254,16 +294,21 @@ class _LibraryProducts(TorchDispatchMode):
         elif name in LIBRARY_PRODUCTS and not (name == "aten::einsum" and len(args[1]) < 2):
             self.first = self.first or str(func)  # (an einsum of one operand is a sum, not a product)
             self.macs += _library_macs(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+            self.elements += _arithmetic_elements(func, args, kwargs, out)
+            return out
         return func(*args, **kwargs)
 
 
 class _KernelsCallingLibrary(TorchDispatchMode):
-    """While active: the registered kernels called, for each the first library product its own code calls, and the
-    MACs of every library product (in the kernels' code too)."""
+    """While active: the registered kernels called, for each the first library product its own code calls, the
+    MACs of every library product (in the kernels' code too), and the kernels whose code computes in torch's
+    arithmetic (a call's elements at least TORCH_ARITHMETIC_SHARE of its MACs): {kernel: [elements, MACs]}."""
 
     def __init__(self):
         super().__init__()
-        self.found, self.called, self.library_macs = {}, set(), 0
+        self.found, self.called, self.library_macs, self.in_torch = {}, set(), 0, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -276,25 +321,37 @@ class _KernelsCallingLibrary(TorchDispatchMode):
         if inside.first is not None:
             self.found.setdefault(str(func), inside.first)
         self.library_macs += inside.macs
+        declared = _declared_macs(func, args, kwargs)
+        if declared and inside.elements >= TORCH_ARITHMETIC_SHARE * declared:
+            self.in_torch.setdefault(str(func), [inside.elements, declared])
         return out
 
 
+@dataclass
+class KernelCheck:
+    """What check_kernels saw of the registered kernels as one request's graphs ran eagerly."""
+
+    calling_library: dict  # {kernel op: the first library product its own code calls}
+    computing_in_torch: dict  # {kernel op: [elements of torch's arithmetic, MACs] of a call that computed in torch}
+    called: list  # the kernel ops called
+    library_macs: dict  # {(submodel, bucket): the MACs of the library products run in its step}
+
+
 def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
-                  tkg_buckets: tuple = ()) -> tuple[dict, list, dict]:
+                  tkg_buckets: tuple = ()) -> KernelCheck:
     """Where the submission runs, each of one request's graphs run once, eagerly, at its own shapes
-    (each_graph_once), every op seen. Returns ({kernel op: the first library product it calls}, [the kernel ops
-    called], {(submodel, bucket): the MACs of the library products run in its step}). The count credits none of a
-    kernel that hands its products to torch (or to moebench's CPU operators), nor of one of the graphs' kernels
-    that never runs outside the tracing (a branch on torch.compiler.is_exporting); and a graph's kernel MACs only
-    up to what the library's products, as they ran, leave of the graph's MACs (a kernel called for show while
-    torch does the work). (The model's own process answers: one lying about itself is the reviewer's to find.)
-    Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
+    (each_graph_once), every op seen. The count credits none of a kernel that hands its products to torch (or to
+    moebench's CPU operators) or computes them with torch's element-wise ops and reductions, nor of one of the
+    graphs' kernels that never runs outside the tracing (a branch on torch.compiler.is_exporting); and a graph's
+    kernel MACs only up to what the library's products, as they ran, leave of the graph's MACs (a kernel called for
+    show while torch does the work). (The model's own process answers: one lying about itself is the reviewer's to
+    find.) Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
     library = {}
     with torch.compiler.set_stance("force_eager"), _KernelsCallingLibrary() as mode:
         for submodel, bucket, _ in each_graph_once(model, input_ids, attention_mask, new_tokens, max_len,
                                                    ctx_buckets, tkg_buckets):
             library[(submodel, bucket)], mode.library_macs = mode.library_macs, 0
-    return mode.found, sorted(mode.called), library
+    return KernelCheck(mode.found, mode.in_torch, sorted(mode.called), library)
 
 
 def described_macs(nodes: list, uncredited=()) -> MacCount:
@@ -302,7 +359,7 @@ def described_macs(nodes: list, uncredited=()) -> MacCount:
     moebench's CPU operators and moebench's kernels. An op the submission registered as a kernel counts the MACs its
     formula declared where the graph was described (a whole number, at least 0); ops of moebench's, aten's and the
     other library namespaces never take a declared count. A kernel in `uncredited` (check_kernels: one calling the
-    library, one that did not run) counts as the library's."""
+    library or computing in torch, one that did not run) counts as the library's."""
     if not isinstance(nodes, list):
         raise BadCount("a graph described without its list of nodes")
     count = MacCount()
@@ -455,6 +512,9 @@ def uncredited_kernels(flops: dict) -> list[str]:
     """For a report's kernel_flops: a line for each of the graphs' kernels counted as the library's, and why."""
     return [*(f"{k} calls {op} inside: a registered kernel that hands its products to the library does not count "
               "as a kernel" for k, op in (flops.get("kernels_calling_library") or {}).items()),
+            *(f"{k} runs {e:,} elements of torch's element-wise ops and reductions in a call of {m:,} MACs: a "
+              "registered kernel that computes its products with torch does not count as a kernel"
+              for k, (e, m) in (flops.get("kernels_computing_in_torch") or {}).items()),
             *(f"{k} is in the graphs but did not run when the request's graphs ran eagerly: it does not count as "
               "a kernel" for k in flops.get("kernels_not_run") or []),
             *(_cut_line(c) for c in flops.get("kernel_macs_cut") or [])]

@@ -118,11 +118,11 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
     described = [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
-        calling, ran, library = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens,
-                                              seq_len, **buckets_of(run))
+        check = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
+                              **buckets_of(run))
         for g in described:
-            g["calling_library"], g["kernels_run"] = calling, ran
-            g["library_macs_run"] = library.get((g["submodel"], g["bucket"]))
+            g["calling_library"], g["computing_in_torch"] = check.calling_library, check.computing_in_torch
+            g["kernels_run"], g["library_macs_run"] = check.called, check.library_macs.get((g["submodel"], g["bucket"]))
     return described
 
 
@@ -142,19 +142,27 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         raise BadCount("the graphs' description is not a list of graphs")
     graphs = {(g.get("submodel"), g.get("bucket")): g for g in described
               if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
-    calling, ran, targets = {}, set(), set()  # kernels that hand their products to the library, kernels that ran
+    # kernels that hand their products to the library, that compute them with torch's arithmetic, that ran
+    calling, in_torch, ran, targets = {}, {}, set(), set()
     for g in described:
         found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
         if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) and
                                                 schema_of(v) in LIBRARY_PRODUCTS for k, v in found.items())):
             raise BadCount("the kernels calling library products are not described as {kernel: library product}")
+        computing = g.get("computing_in_torch", {})
+        if not (isinstance(computing, dict) and all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2 and
+                all(type(n) is int and 0 <= n < 2**62 for n in v) for k, v in computing.items())):
+            raise BadCount("the kernels computing in torch are not described as {kernel: [elements, MACs]}")
         if not (isinstance(run_here, list) and all(isinstance(k, str) for k in run_here)):
             raise BadCount("the kernels that ran are not described as a list of their names")
         listed = g.get("nodes") if isinstance(g.get("nodes"), list) else []
         targets |= {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
         calling.update(found)
+        in_torch.update(computing)
         ran.update(run_here)
     calling = {k: v for k, v in calling.items() if k in targets}  # the graphs' own kernels only
+    in_torch = {k: v for k, v in in_torch.items() if k in targets and k not in calling}
     ran_macs = [g.get("library_macs_run") for g in described]  # each step's, run eagerly (check_kernels)
     if not all(m is None or (type(m) is int and 0 <= m < 2**62) for m in ran_macs):
         raise BadCount("the MACs of the library products run are not described as a whole number")
@@ -164,7 +172,7 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         g = graphs.get((submodel, bucket))
         if g is None:
             raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
-        count = described_macs(g.get("nodes"), {*calling, *(targets - ran)})
+        count = described_macs(g.get("nodes"), {*calling, *in_torch, *(targets - ran)})
         ran_library = g.get("library_macs_run")
         credit = max(0, count.total - ran_library) if ran_library is not None else 0
         if count.kernel > credit:  # the library did more of the work than the graph leaves it
@@ -173,6 +181,6 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
                         "credited_kernel_macs_per_run": credit})
             count.kernel = credit
         counted.append(GraphRuns(submodel, bucket, count, n))
-    not_run = {k for g in counted for k in g.macs.uncredited if k not in calling}
-    return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_not_run": sorted(not_run),
-            "kernel_macs_cut": cut}
+    not_run = {k for g in counted for k in g.macs.uncredited if k not in calling and k not in in_torch}
+    return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_computing_in_torch": in_torch,
+            "kernels_not_run": sorted(not_run), "kernel_macs_cut": cut}

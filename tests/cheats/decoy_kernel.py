@@ -1,4 +1,4 @@
-"""Cheat: a kernel called for show. The LM head calls a registered kernel (its own arithmetic) in the exported
+"""Cheat: a kernel called for show. The LM head calls a registered kernel (its own arithmetic: numpy's) in the exported
 graphs, which the count reads; when it runs it calls the kernel on the first row only and lets torch's linear do the
 work. The kernel does run, at the graph's shapes in a decode step, so neither the check for kernels that never run
 nor the one for kernels calling the library sees it; without the bound on each graph's kernel MACs it earned ~0.33
@@ -14,7 +14,7 @@ from moebench.model.qwen3_moe import Qwen3MoeForCausalLM as Reference
 
 @torch.library.custom_op("team_cheat::decoy_linear", mutates_args=())
 def decoy_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return (x[..., None, :] * weight).sum(-1)
+    return torch.from_numpy(x.float().numpy() @ weight.float().numpy().T).to(x.dtype)
 
 
 @decoy_linear.register_fake
