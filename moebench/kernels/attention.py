@@ -11,7 +11,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.common import cast, device_function, dot  # noqa: E402
 
 # Legend: B batch, H query heads, Hkv key/value heads (H = g·Hkv; query head h reads kv head h // g),
 # T queries, S keys (cache slots), hd head size.
@@ -27,7 +27,7 @@ def attention_ref(q, k, v, mask, scale: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-@triton.jit
+@device_function
 def online_softmax_block(q, kt, v, allowed, m_i, l_i, acc, qk_scale):
     """One block of keys in flash attention's online softmax: q [M, D], kt [D, N] (k transposed), v [N, D], allowed
     [M, N]; m_i, l_i [M] the running row maximum (log2 units) and sum of exp2(score - m_i), acc [M, D] float32.

@@ -13,7 +13,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot, pdl, wait_for_inputs  # noqa: E402
+from moebench.kernels.common import cast, device_function, dot, pdl, wait_for_inputs  # noqa: E402
 
 # Legend: M rows (tokens), K input features, N output features.
 
@@ -102,7 +102,7 @@ def _rows_finish_kernel(part_ptr, b_ptr, r_ptr, out_ptr, N, stride_rm, stride_om
     _row_epilogue(acc, b_ptr, r_ptr, out_ptr, row, cols, N, stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL)
 
 
-@triton.jit
+@device_function
 def _row_products(x_ptr, w_ptr, row, cols, k_start, k_end, N, K, stride_xm, stride_wn, BN: tl.constexpr,
                   BK: tl.constexpr, USE_GDC: tl.constexpr):
     """[BN] float32: x[row, k_start:k_end] · W[cols, k_start:k_end]; columns past N or K count 0. With USE_GDC, the
@@ -129,7 +129,7 @@ def _row_products(x_ptr, w_ptr, row, cols, k_start, k_end, N, K, stride_xm, stri
     return acc
 
 
-@triton.jit
+@device_function
 def _row_epilogue(acc, b_ptr, r_ptr, out_ptr, row, cols, N, stride_rm, stride_om, HAS_BIAS: tl.constexpr,
                   HAS_RESIDUAL: tl.constexpr):
     """Row `row`'s columns of out = acc (+ bias) (+ residual), rounded to out's dtype."""

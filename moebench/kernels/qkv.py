@@ -13,7 +13,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot, pdl, wait_for_inputs  # noqa: E402
+from moebench.kernels.common import cast, device_function, dot, pdl, wait_for_inputs  # noqa: E402
 from moebench.kernels.rmsnorm import rms_norm_ref  # noqa: E402
 
 # Legend: T tokens, D hidden size, H query heads, Hkv key/value heads, hd head size (even), h = hd/2 half a head,
@@ -94,7 +94,7 @@ def _qkv_rope_kernel(x_ptr, nw_ptr, w_ptr, b_ptr, qn_ptr, kn_ptr, cos_ptr, sin_p
                 H, HKV, HD)
 
 
-@triton.jit
+@device_function
 def _store_head(a1, a2, rows, c, row_ok, c_ok, head, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, eps,
                 H: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr):
     # a1, a2 [BT, BH]: the two halves of head `head` of the projection (float32 values of x's dtype). Stored in q, k
@@ -180,7 +180,7 @@ def _qkv_partial_kernel(x_ptr, nw_ptr, w_ptr, part_ptr, D, eps, HD: tl.constexpr
     tl.store(part_ptr + ((t * tl.num_programs(1) + head) * tl.num_programs(2) + s) * HD + cols, acc, mask=col_ok)
 
 
-@triton.jit
+@device_function
 def _qkv_input(x_row, nw_ptr, d, D, inv_rms, HAS_NORM: tl.constexpr):
     """[BK] float32: the row's columns d (0 past D), normalised and rounded as the reference rounds the norm's output
     when HAS_NORM."""

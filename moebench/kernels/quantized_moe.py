@@ -12,7 +12,7 @@ INTERPRETED = ensure_interpreter_on_cpu()  # before any @triton.jit is defined, 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from moebench.kernels.common import cast, dot  # noqa: E402
+from moebench.kernels.common import cast, device_function, dot  # noqa: E402
 from moebench.kernels.fused_moe import combine, moe_align, sorted_tiles  # noqa: E402
 from moebench.kernels.rmsnorm import rms_norm_ref  # noqa: E402
 
@@ -93,7 +93,7 @@ def rms_norm_quantize_ref(x, weight, eps: float, bound: float, qdtype: torch.dty
     return (h, *quantize_rows(h, qdtype, bound))
 
 
-@triton.jit
+@device_function
 def _round_half_even(x):
     # torch.round of float32 x, exactly (the interpreter has no libdevice.rint): the fraction x - floor(x) is exact.
     r = tl.floor(x)
@@ -103,7 +103,7 @@ def _round_half_even(x):
 
 
 if INTERPRETED:
-    @triton.jit
+    @device_function
     def _round_e4m3(x):
         """float32 x (|x| <= 448) rounded to e4m3's grid, ties to even. The interpreter's float32 -> fp8 cast loses
         the carry when rounding up crosses a power of two (127.9 becomes 64, not 128): hand it exact values."""
@@ -113,16 +113,16 @@ if INTERPRETED:
         r = _round_half_even(tl.abs(x) / quantum) * quantum
         return tl.where((bits >> 31) != 0, -r, r)  # the sign kept, -0 included, as torch's cast keeps it
 
-    @triton.jit
+    @device_function
     def _operand(x, dtype: tl.constexpr):
         """A tile of the dot, its values exact in float32: the interpreter's dot computes in float32 anyway."""
         return x.to(tl.float32)
 else:
-    @triton.jit
+    @device_function
     def _round_e4m3(x):
         return x  # the compiled cast rounds to nearest even itself
 
-    @triton.jit
+    @device_function
     def _operand(x, dtype: tl.constexpr):
         """A tile of the dot in the model's dtype (int8 and e4m3 values are exact in it): its tensor-core dot."""
         return x.to(dtype)
