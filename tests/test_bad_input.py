@@ -201,6 +201,8 @@ CASES = [
          "argument --seq-len: must be > 0, got 0"),
     case("max-new-tokens-negative", nothing, ["--mode", "generate", "--max-new-tokens", "-1"],
          "argument --max-new-tokens: must be > 0, got -1"),
+    case("bucket-not-a-number", nothing, [*GENERATE, "--enable-bucketing", "--context-encoding-buckets", "5,abc"],
+         "argument --context-encoding-buckets: expected a whole number, got '5,abc'"),
     case("context-encoding-bucket-larger-than-seq-len", nothing,
          [*GENERATE, "--enable-bucketing", "--context-encoding-buckets", "32"],
          "--context-encoding-buckets: bucket 32 is larger than --seq-len 16"),
