@@ -261,6 +261,11 @@ def test_a_kernel_handing_its_products_to_torch_or_computing_them_with_torch_cou
     counted, _ = request_macs(model, ids, torch.ones_like(ids), 3, 8)
     # ...and its library products, as they ran eagerly, are its graphs' MACs (moebench's CPU operators included)
     assert check.library_macs == {(g.submodel, g.bucket): g.macs.total for g in counted.graphs}
+    engine = Engine(model, batch=1, max_len=8)  # the request's engine: its cache is written over, none allocated
+    assert check_kernels(model, ids, torch.ones_like(ids), 3, 8, cache=engine.cache) == check
+    with pytest.raises(ValueError, match=r"^a KV cache of \(3, 1, 2, 8, 64\) torch.float32 on cpu given for "
+                                         r"\(3, 1, 2, 9, 64\)"):
+        check_kernels(model, ids, torch.ones_like(ids), 3, 9, cache=engine.cache)
     xd, wd = {"shape": [2, 3, 8], "dtype": "float32"}, {"shape": [16, 8], "dtype": "float32"}
     nodes = [["moebench_test.torch_inside.default", [xd, wd], 768], ["moebench_test.own_arithmetic.default",
                                                                       [xd, wd], 768]]

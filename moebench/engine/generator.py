@@ -165,7 +165,8 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = False,
                  ctx_buckets: tuple[int, ...] = (), tkg_buckets: tuple[int, ...] = (),
-                 sampling: OnDeviceSampling | None = None, cuda_graphs: bool = False, banned: tuple[int, ...] = ()):
+                 sampling: OnDeviceSampling | None = None, cuda_graphs: bool = False, banned: tuple[int, ...] = (),
+                 cache: KVCache | None = None):
         p = next(model.parameters())
         self.model, self.cfg, self.device = model, model.config, p.device
         self.batch, self.max_len = batch, max_len
@@ -179,7 +180,12 @@ class Engine:
         # the original's min_new_tokens = max_new_tokens processor sets to -inf at every step.
         self.banned = tuple(sorted(set(banned)))
         self._banned = torch.tensor(self.banned, dtype=torch.long, device=self.device)
-        self.cache = KVCache(self.cfg, batch, max_len, p.dtype, p.device)
+        self.cache = KVCache(self.cfg, batch, max_len, p.dtype, p.device) if cache is None else cache  # (shared:
+        # another engine's over the same model, whose contents this one's prefill makes its own)
+        shape = (self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len, self.cfg.dim_head)
+        if (self.cache.k.shape, self.cache.k.dtype, self.cache.k.device) != (shape, p.dtype, p.device):
+            raise ValueError(f"a KV cache of {tuple(self.cache.k.shape)} {self.cache.k.dtype} on "
+                             f"{self.cache.k.device} given for {shape} {p.dtype} on {p.device}")
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.slot_pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.next_slot = 0

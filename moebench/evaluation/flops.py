@@ -338,18 +338,19 @@ class KernelCheck:
 
 
 def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
-                  tkg_buckets: tuple = ()) -> KernelCheck:
+                  tkg_buckets: tuple = (), cache=None) -> KernelCheck:
     """Where the submission runs, each of one request's graphs run once, eagerly, at its own shapes
     (each_graph_once), every op seen. The count credits none of a kernel that hands its products to torch (or to
     moebench's CPU operators) or computes them with torch's element-wise ops and reductions, nor of one of the
     graphs' kernels that never runs outside the tracing (a branch on torch.compiler.is_exporting); and a graph's
     kernel MACs only up to what the library's products, as they ran, leave of the graph's MACs (a kernel called for
     show while torch does the work). (The model's own process answers: one lying about itself is the reviewer's to
-    find.) Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good."""
+    find.) Dynamo stands aside meanwhile: a frame it met under the modes would be left eager for good. cache: as in
+    each_graph_once."""
     library = {}
     with torch.compiler.set_stance("force_eager"), _KernelsCallingLibrary() as mode:
         for submodel, bucket, _ in each_graph_once(model, input_ids, attention_mask, new_tokens, max_len,
-                                                   ctx_buckets, tkg_buckets):
+                                                   ctx_buckets, tkg_buckets, cache):
             library[(submodel, bucket)], mode.library_macs = mode.library_macs, 0
     return KernelCheck(mode.found, mode.in_torch, sorted(mode.called), library)
 
@@ -478,14 +479,15 @@ class RequestMacs:
 
 
 def each_graph_once(model, input_ids, attention_mask, new_tokens: int, max_len: int, ctx_buckets: tuple = (),
-                    tkg_buckets: tuple = ()):
+                    tkg_buckets: tuple = (), cache=None):
     """Runs `model` through one request's graphs once each, eagerly: the context encoding of this very prompt, then
     one decode step per token-generation bucket (a step's shapes depend on its slot only). Yields after each step
-    its graph as Engine.graph_runs gives it: (submodel, bucket, the times the request runs it)."""
+    its graph as Engine.graph_runs gives it: (submodel, bucket, the times the request runs it). cache: the KV cache
+    of the engine that runs the request, to write over rather than allocate another."""
     from moebench.engine.generator import Engine
 
     engine = Engine(model, batch=input_ids.shape[0], max_len=max_len, ctx_buckets=ctx_buckets,
-                    tkg_buckets=tkg_buckets)
+                    tkg_buckets=tkg_buckets, cache=cache)
     cte, *tkg = engine.graph_runs(input_ids.shape[1], new_tokens)
     first = engine.prefill(input_ids, attention_mask).argmax(-1)
     yield cte
