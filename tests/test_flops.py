@@ -263,9 +263,8 @@ def test_a_kernel_handing_its_products_to_torch_or_computing_them_with_torch_cou
     assert check.library_macs == {(g.submodel, g.bucket): g.macs.total for g in counted.graphs}
     engine = Engine(model, batch=1, max_len=8)  # the request's engine: its cache is written over, none allocated
     assert check_kernels(model, ids, torch.ones_like(ids), 3, 8, cache=engine.cache) == check
-    with pytest.raises(ValueError, match=r"^a KV cache of \(3, 1, 2, 8, 64\) torch.float32 on cpu given for "
-                                         r"\(3, 1, 2, 9, 64\)"):
-        check_kernels(model, ids, torch.ones_like(ids), 3, 9, cache=engine.cache)
+    assert Engine(model, batch=1, max_len=8, cache=engine.cache).cache is engine.cache
+    assert Engine(model, batch=1, max_len=9, cache=engine.cache).cache is not engine.cache  # (8 slots do not fit)
     xd, wd = {"shape": [2, 3, 8], "dtype": "float32"}, {"shape": [16, 8], "dtype": "float32"}
     nodes = [["moebench_test.torch_inside.default", [xd, wd], 768], ["moebench_test.own_arithmetic.default",
                                                                       [xd, wd], 768]]
@@ -296,20 +295,38 @@ def foreach_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.stack(torch._foreach_mul(list(w), [row] * len(w))).sum(-1) for row in x])
 
 
+@torch.library.custom_op("moebench_test::prims_product", mutates_args=())
+def prims_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    shape = (x.shape[0], *w.shape)
+    return torch.ops.prims.sum(torch.ops.prims.mul(x[:, None].expand(shape), w[None].expand(shape)), [2])
+
+
+@torch.library.custom_op("moebench_test::norm_product", mutates_args=())
+def norm_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An eval-mode batch norm scales w's columns by a row of x; an accumulating index_put sums each row."""
+    N, K = w.shape
+    unit = torch.ones(K) - 1e-5  # (the norm divides by sqrt(var + eps): 1)
+    rows = torch.arange(N).repeat_interleave(K)
+    return torch.stack([w.new_zeros(N).index_put_((rows,), torch.nn.functional.batch_norm(
+        w, torch.zeros(K), unit, weight=row, training=False).flatten(), accumulate=True) for row in x])
+
+
 @torch.library.custom_op("moebench_test::routed_in_torch", mutates_args=())
 def routed_in_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """An honest kernel's torch work around its product (here numpy's): a softmax and a scale of its rows."""
+    """An honest kernel's torch work around its product (here numpy's): a softmax and a scale of its rows, and a
+    write into a cache (an index_put that does not accumulate)."""
     scale = torch.softmax(x, -1).amax(-1, keepdim=True)
+    torch.zeros(64, 64).index_put_((torch.arange(3),), x)
     return torch.from_numpy(x.numpy() @ w.numpy().T) * scale
 
 
-for _op in (summed_in_a_loop, embedding_bag_product, foreach_rows, routed_in_torch):
+for _op in (summed_in_a_loop, embedding_bag_product, foreach_rows, prims_product, norm_product, routed_in_torch):
     _op.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     register_kernel(_op._qualname, macs=lambda x, w: x.shape[0] * w.numel())
 
 
 @pytest.mark.parametrize("kernel, elements", [(summed_in_a_loop, 2), (embedding_bag_product, 1), (foreach_rows, 2),
-                                              (routed_in_torch, None)])
+                                              (prims_product, 2), (norm_product, 2), (routed_in_torch, None)])
 def test_the_kernel_check_sees_products_computed_with_torchs_arithmetic(kernel, elements):
     from moebench.evaluation.flops import _KernelsCallingLibrary
 
@@ -352,17 +369,23 @@ def one_operand_einsum(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij->i", x)[:, None] * w.sum(1)
 
 
+@torch.library.custom_op("moebench_test::bilinear", mutates_args=())
+def bilinear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.bilinear: a product (under inference mode aten::bilinear reaches the check whole, not its _trilinear)."""
+    return torch.nn.functional.bilinear(x, x, w[:, None, :].expand(-1, x.shape[1], -1).contiguous())
+
+
 @torch.library.custom_op("moebench_test::meta_only", mutates_args=(), device_types="meta")
 def meta_only(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Registered for one device and called with a CPU scalar first: dispatched by all its tensors' keys."""
     return x * 2
 
 
-for _op in (hidden_inner, calls_hidden, out_variant, one_operand_einsum):
+for _op in (hidden_inner, calls_hidden, out_variant, one_operand_einsum, bilinear):
     _op.register_fake(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
 listed.register_fake(lambda xs: xs[0].new_empty(xs[0].shape[0], xs[1].shape[0]))
 meta_only.register_fake(lambda scale, x: torch.empty_like(x))
-for _op in (calls_hidden, listed, out_variant, one_operand_einsum, meta_only):
+for _op in (calls_hidden, listed, out_variant, one_operand_einsum, meta_only, bilinear):
     register_kernel(_op._qualname, macs=lambda *args: 0)
 
 
@@ -371,6 +394,7 @@ for _op in (calls_hidden, listed, out_variant, one_operand_einsum, meta_only):
     (lambda x, w: listed([x, w]), "aten.linear.default"),
     (lambda x, w: out_variant(x, w), "aten.mm.out"),
     (lambda x, w: one_operand_einsum(x, w), None),
+    (lambda x, w: bilinear(x, w), "aten.bilinear.default"),
     (lambda x, w: meta_only(torch.tensor(1.0), x.to("meta")), None),
 ])
 def test_the_kernel_check_sees_products_hidden_a_level_down_and_runs_every_kernel(call, found):

@@ -112,8 +112,8 @@ def test_the_report_page_says_why_a_kernel_share_was_cut():
     items = re.findall(r"<li>(.*?)</li>", page)
     assert items == ["team.a.default calls aten.mm.default inside: a registered kernel that hands its products to "
                      "the library does not count as a kernel",
-                     "team.c.default runs 2,000 elements of torch&#x27;s element-wise ops and reductions in a call of "
-                     "1,000 MACs: a registered kernel that computes its products with torch does not count as a kernel",
+                     "team.c.default runs 2,000 elements of torch&#x27;s arithmetic in a call of 1,000 MACs: a "
+                     "registered kernel that computes with torch does not count as a kernel",
                      "team.b.default is in the graphs but did not run when the request&#x27;s graphs ran eagerly: "
                      "it does not count as a kernel",
                      "kernel share: its library ops count 75 of the reference&#x27;s 100 MACs &lt;b&gt;"]

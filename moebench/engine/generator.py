@@ -180,12 +180,12 @@ class Engine:
         # the original's min_new_tokens = max_new_tokens processor sets to -inf at every step.
         self.banned = tuple(sorted(set(banned)))
         self._banned = torch.tensor(self.banned, dtype=torch.long, device=self.device)
-        self.cache = KVCache(self.cfg, batch, max_len, p.dtype, p.device) if cache is None else cache  # (shared:
-        # another engine's over the same model, whose contents this one's prefill makes its own)
+        # cache: another engine's over the same model, written over (this one's prefill makes it its own) where its
+        # shape, dtype and device fit, rather than another allocated
         shape = (self.cfg.num_hidden_layers, batch, self.cfg.num_key_value_heads, max_len, self.cfg.dim_head)
-        if (self.cache.k.shape, self.cache.k.dtype, self.cache.k.device) != (shape, p.dtype, p.device):
-            raise ValueError(f"a KV cache of {tuple(self.cache.k.shape)} {self.cache.k.dtype} on "
-                             f"{self.cache.k.device} given for {shape} {p.dtype} on {p.device}")
+        fits = cache is not None and all((t.shape, t.dtype, t.device) == (shape, p.dtype, p.device)
+                                         for t in (cache.k, cache.v))
+        self.cache = cache if fits else KVCache(self.cfg, batch, max_len, p.dtype, p.device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.slot_pos = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
         self.next_slot = 0

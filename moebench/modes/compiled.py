@@ -118,9 +118,8 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
     described = [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
-        same = (engine.batch, engine.max_len) == (req.input_ids.shape[0], seq_len)  # (then no second cache)
         check = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
-                              **buckets_of(run), cache=engine.cache if same else None)
+                              **buckets_of(run), cache=engine.cache)  # (the request's: no second cache)
         for g in described:
             g["calling_library"], g["computing_in_torch"] = check.calling_library, check.computing_in_torch
             g["kernels_run"], g["library_macs_run"] = check.called, check.library_macs.get((g["submodel"], g["bucket"]))

@@ -14,8 +14,9 @@ from moebench.model.qwen3_moe import Qwen3MoeForCausalLM as Reference
 
 @torch.library.custom_op("broken_macs::head", mutates_args=())
 def head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    # its own multiply-accumulates, as a kernel's (a torch product inside would count as the library's)
-    return (x.float()[..., None, :] * weight.float()).sum(-1).to(x.dtype)
+    # its own multiply-accumulates, as a kernel's, in numpy (a torch product, or torch's element-wise arithmetic,
+    # inside would count as the library's)
+    return torch.from_numpy(x.float().numpy() @ weight.float().numpy().T).to(x.dtype)
 
 
 @head.register_fake
