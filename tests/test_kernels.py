@@ -33,6 +33,23 @@ def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
     return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
 
 
+def test_the_kernels_helpers_are_called_as_rewritten_functions_under_the_interpreter():
+    """There a @triton.jit helper called from a kernel patched triton.language anew at each call (~0.9 ms);
+    common.device_function gives the kernels the function as the interpreter rewrites it, on a GPU the JITFunction."""
+    import triton
+
+    from moebench.kernels import attention, common, qkv
+
+    helpers = (common.dot, common.cast, common.wait_for_inputs, attention.online_softmax_block, qkv._store_head)
+    if interpret.interpreting():
+        from triton.runtime.interpreter import InterpretedFunction
+
+        assert not any(isinstance(h, (InterpretedFunction, triton.JITFunction)) for h in helpers)
+        assert all(callable(h) for h in helpers)
+    else:
+        assert all(isinstance(h, triton.JITFunction) for h in helpers)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # RMSNorm
 
