@@ -31,7 +31,10 @@ def test_evaluate_single_over_two_ranks(capfd, in_tmp):
     assert "base" in out and "(reference measured now, alternating with the submission on the same prompts)" in out
     rows = list(csv.reader((in_tmp / "tp_moebench-tiny_score_records.csv").open()))
     assert len(rows) == 2  # the header and one row: rank 1 wrote nothing
-    assert json.loads((in_tmp / "benchmark_report.json").read_text())["e2e_model"]["runs"] == 1
+    report = json.loads((in_tmp / "benchmark_report.json").read_text())
+    assert report["e2e_model"]["runs"] == 1
+    check = report["checks"]["mac_count"]  # the ranks' MACs summed against the reference's: the router repeated
+    assert check["ranks"] == 2 and check["credited"] and 1 <= check["factor"] < 1.01 and check["share_cap"] is None
 
 
 @pytest.mark.usefixtures("in_tmp")

@@ -506,11 +506,17 @@ class IsolatedSubmission:
             engine = Engine(ref, batch=1, max_len=self.run.seq_len, banned=self.eos_ids)
             checks["spot_check"] = spot_check(engine, self.outputs, divergence_tol(self.run),
                                               DEFAULT_FAILED_FRACTION[self.run.torch_dtype])
-        if self.flops and self.run.tp_degree == 1:  # (a rank's graphs hold its shard of the work)
+        if self.flops:
             flops, req = self.flops
             counted, _ = request_macs(ref, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len,
                                       **buckets_of(self.run))
-            checks["mac_count"] = credibility(flops, counted)
+            if self.run.tp_degree > 1:  # a rank's graphs hold its shard of the work: the ranks' counts summed
+                from torch import distributed as dist
+
+                macs = torch.tensor([flops["total_macs"], flops["kernel_macs"]], dtype=torch.int64)
+                dist.all_reduce(macs)
+                flops = {"total_macs": int(macs[0]), "kernel_macs": int(macs[1])}
+            checks["mac_count"] = credibility(flops, counted, self.run.tp_degree)
         return checks
 
     def close(self) -> None:
