@@ -230,9 +230,9 @@ _ACCUMULATING_PUTS = {f"aten::{name}" for name in ("index_put", "index_put_", "_
 _OTHER_ARITHMETIC = {
     *(f"prims::{name}" for name in ("mul", "div", "add", "sub", "sum", "prod", "pow", "exp", "exp2", "log", "log2",
                                     "amax", "amin", "var", "xor_sum")),
-    *(f"aten::{name}" for name in ("batch_norm", "instance_norm", "layer_norm", "group_norm", "prelu",
-                                   "adaptive_avg_pool1d", "trapezoid", "trapz", "cumulative_trapezoid",
-                                   "pairwise_distance", "native_batch_norm", "_native_batch_norm_legit",
+    *(f"aten::{name}" for name in ("batch_norm", "instance_norm", "layer_norm", "group_norm", "prelu", "trapezoid",
+                                   "trapz", "cumulative_trapezoid", "pairwise_distance", "native_batch_norm",
+                                   "_native_batch_norm_legit",
                                    "_native_batch_norm_legit_no_training", "cudnn_batch_norm", "miopen_batch_norm",
                                    "native_layer_norm", "native_group_norm", "_prelu_kernel", "avg_pool1d",
                                    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "_adaptive_avg_pool2d",
@@ -260,15 +260,6 @@ def _arithmetic_elements(func, args, kwargs, out) -> int:
     return max([outputs, *(t.numel() for t in leaves((args, kwargs)) if isinstance(t, tensor))])
 
 
-def _declared_macs(func, args, kwargs) -> int:
-    """A registered kernel's MACs for one call, by its own formula (0 where the formula fails on the arguments:
-    the count's own description of the graphs then faults it)."""
-    try:
-        return max(0, int(KERNELS[func._schema.name].macs(*args, *kwargs.values())))
-    except Exception:  # noqa: BLE001
-        return 0
-
-
 def schema_of(target: str) -> str:
     """A described node's target ("ns.op.overload") as its operator's name ("ns::op")."""
     namespace, _, rest = target.partition(".")
@@ -292,14 +283,19 @@ def _below_python(mode, func, args, kwargs):
         return None
 
 
-def _library_macs(func, args, kwargs) -> int:
-    """A library product's MACs by the harness's formulas, from a real call's arguments (0 for other ops, and for
-    the products it has no formula for)."""
-    formula = MATMUL_BY_NAME.get(str(func)) or CPU_OP_MACS.get(func._schema.name)
+def _call_macs(formula, args, kwargs) -> int:
+    """MACs of one real call by `formula` (0 without one, or where it fails on the arguments: for a kernel's own
+    formula, the count's description of the graphs then faults it)."""
     try:
-        return int(formula(*args, *kwargs.values())) if formula is not None else 0
-    except Exception:  # noqa: BLE001  (arguments a formula does not read: counted as none)
+        return max(0, int(formula(*args, *kwargs.values()))) if formula is not None else 0
+    except Exception:  # noqa: BLE001
         return 0
+
+
+def _library_macs(func, args, kwargs) -> int:
+    """A library product's MACs by the harness's formulas (0 for other ops, and for the products it has no
+    formula for)."""
+    return _call_macs(MATMUL_BY_NAME.get(str(func)) or CPU_OP_MACS.get(func._schema.name), args, kwargs)
 
 
 class _LibraryProducts(TorchDispatchMode):
@@ -321,11 +317,9 @@ class _LibraryProducts(TorchDispatchMode):
         elif name in LIBRARY_PRODUCTS and not (name == "aten::einsum" and len(args[1]) < 2):
             self.first = self.first or str(func)  # (an einsum of one operand is a sum, not a product)
             self.macs += _library_macs(func, args, kwargs)
-        else:
-            out = func(*args, **kwargs)
-            self.elements += _arithmetic_elements(func, args, kwargs, out)
-            return out
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.elements += _arithmetic_elements(func, args, kwargs, out)  # (0 for a product)
+        return out
 
 
 class _KernelsCallingLibrary(TorchDispatchMode):
@@ -348,7 +342,7 @@ class _KernelsCallingLibrary(TorchDispatchMode):
         if inside.first is not None:
             self.found.setdefault(str(func), inside.first)
         self.library_macs += inside.macs
-        declared = _declared_macs(func, args, kwargs)
+        declared = _call_macs(KERNELS[func._schema.name].macs, args, kwargs)
         if declared and inside.elements >= TORCH_ARITHMETIC_SHARE * declared:
             self.in_torch.setdefault(str(func), [inside.elements, declared])
         return out

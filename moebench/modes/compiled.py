@@ -156,6 +156,9 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
             raise BadCount("the kernels computing in torch are not described as {kernel: [elements, MACs]}")
         if not (isinstance(run_here, list) and all(isinstance(k, str) for k in run_here)):
             raise BadCount("the kernels that ran are not described as a list of their names")
+        ran_library = g.get("library_macs_run")  # the step's, run eagerly (check_kernels)
+        if not (ran_library is None or (type(ran_library) is int and 0 <= ran_library < 2**62)):
+            raise BadCount("the MACs of the library products run are not described as a whole number")
         listed = g.get("nodes") if isinstance(g.get("nodes"), list) else []
         targets |= {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
         calling.update(found)
@@ -163,9 +166,6 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         ran.update(run_here)
     calling = {k: v for k, v in calling.items() if k in targets}  # the graphs' own kernels only
     in_torch = {k: v for k, v in in_torch.items() if k in targets and k not in calling}
-    ran_macs = [g.get("library_macs_run") for g in described]  # each step's, run eagerly (check_kernels)
-    if not all(m is None or (type(m) is int and 0 <= m < 2**62) for m in ran_macs):
-        raise BadCount("the MACs of the library products run are not described as a whole number")
     counted, cut = [], []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):

@@ -135,7 +135,7 @@ def uncredited(flops: dict, mac_count: dict | None) -> None:
         return
     ratio = flops["nki_flop_ratio"]
     if not mac_count["credited"]:
-        ranks = f" (its {mac_count['ranks']} ranks' summed)" if mac_count.get("ranks", 1) > 1 else ""
+        ranks = f" (its {mac_count['ranks']} ranks' summed)" if mac_count["ranks"] > 1 else ""
         why = (f"its graphs{ranks} count {mac_count['factor']:.3g} times the reference's MACs for this request "
                f"({mac_count['submission_total_macs']:,} against {mac_count['reference_total_macs']:,}; at most "
                f"{mac_count['allowed_factor']:g} times either way), so its kernel share ({ratio:.4f}) is not "
