@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moebench.engine.generator import Engine
 from moebench.engine.parallel import RankFailed, ShardingError, check_shardable, run_parallel, shard_model
@@ -100,6 +101,16 @@ def _run_sequence_parallel(rank, world):
     return result, rows, scatters
 
 
+class _LinearKernelCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func is torch.ops.moebench.linear.default
+        return func(*args, **(kwargs or {}))
+
+
 def _ranks_main(rank, world, forced, variant):
     """One spawn per world size: plain, fused qkv + vocab-parallel, bf16 reduce, and (world 2) a compiled decode."""
     torch.set_num_threads(1)
@@ -131,6 +142,13 @@ def _ranks_main(rank, world, forced, variant):
         out["variant"] = _run(model)
         out["variant_sequence"] = _run(shard_model(_model(path=variant), rank, world, vocab_parallel=True,
                                                    sequence_parallel=True))
+        # The row-parallel products and the vocabulary-split LM head run the linear kernel where their blocks do.
+        kernels = ModelOptions(kernels=frozenset({"o_proj", "dense_mlp", "lm_head"}))
+        model = shard_model(build_model(Qwen3MoeForCausalLM, open_model(variant), kernels, torch.float32, "cpu"),
+                            rank, world, vocab_parallel=True)
+        with _LinearKernelCalls() as calls:
+            out["variant_kernels"] = _run(model)
+        out["linear_kernel_calls"] = calls.n
         t = time.perf_counter()
         # Batch 1: at batch 2 the decode step's experts take the grouped-GEMM path, which torch.compile cannot trace
         # in float32 on the CPU (the same in one process; not a tensor-parallel matter).
@@ -186,6 +204,9 @@ def test_tensor_parallel_matches_one_process(reference, world):
     if world == 2:
         _close(out["variant"], ref_variant)
         _close(out["variant_sequence"], ref_variant)
+        _close(out["variant_kernels"], ref_variant)
+        # Each forward (a prefill, NEW - 1 decode steps): o_proj in every layer, the dense layer's two, the LM head.
+        assert out["linear_kernel_calls"] == NEW * (open_model(variant).config.num_hidden_layers + 3)
         _close(out["compiled"], ref_batch1)
         print(f"compiled decode (world 2, incl. compile): {out['compile_s']:.1f} s")
 

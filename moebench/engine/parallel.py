@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moebench.errors import MoebenchError
-from moebench.model.qwen3_moe import Attention, DenseMLP, SparseMoE
+from moebench.model.qwen3_moe import Attention, DenseMLP, SparseMoE, untouched
 
 # Legend: N ranks, r this rank, H/Hkv query/key-value heads, hd head dim, D hidden, I intermediate, V vocab, E experts.
 
@@ -130,16 +130,18 @@ def _keep(t: torch.Tensor) -> nn.Parameter:
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x_r @ W_r^T, + bias once: x's last dim (W's columns) is split over ranks."""
+    """y = sum over ranks of x_r @ W_r^T, + bias once: x's last dim (W's columns) is split over ranks. `kernel`: the
+    product as the registered linear kernel (the block's, when it runs as one), else F.linear."""
 
-    def __init__(self, linear: nn.Linear, cols: slice, tp: TensorParallel):
+    def __init__(self, linear: nn.Linear, cols: slice, tp: TensorParallel, kernel=None):
         super().__init__()
         self.weight = _keep(linear.weight[:, cols])  # [out, in / N]
         self.bias = None if linear.bias is None else _keep(linear.bias)  # [out], whole
         self.world, self.group, self.reduce_dtype = tp.world, tp.group, tp.reduce_dtype
+        self.kernel = kernel or F.linear
 
     def forward(self, x):
-        y = reduce_rows(F.linear(x, self.weight), self.world, self.group, self.reduce_dtype)
+        y = reduce_rows(self.kernel(x, self.weight), self.world, self.group, self.reduce_dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -158,15 +160,17 @@ class ReducedBlock(nn.Module):
 
 
 class ParallelLMHead(nn.Module):
-    """The lm_head split over the vocabulary: local logits [..., V / N], all-gathered to [..., V]."""
+    """The lm_head split over the vocabulary: local logits [..., V / N], all-gathered to [..., V]. `kernel` as
+    RowParallelLinear's."""
 
-    def __init__(self, weight: nn.Parameter, tp: TensorParallel):
+    def __init__(self, weight: nn.Parameter, tp: TensorParallel, kernel=None):
         super().__init__()
         self.weight = weight  # [V / N, D]
         self.world, self.group = tp.world, tp.group
+        self.kernel = kernel or F.linear
 
     def forward(self, x):
-        return all_gather_last(F.linear(x, self.weight), self.world, self.group)
+        return all_gather_last(self.kernel(x, self.weight), self.world, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -263,7 +267,7 @@ def _shard_attention(attn: Attention, qh: range, kvh: range, tp: TensorParallel)
         new.bias = None if lin.bias is None else _keep(rows(lin.bias))
         new.out_features = new.weight.shape[0]
         setattr(attn, name, new)
-    attn.o_proj = RowParallelLinear(attn.o_proj, q_rows, tp)
+    attn.o_proj = RowParallelLinear(attn.o_proj, q_rows, tp, attn.o_kernel if untouched(attn.o_proj) else None)
     attn.n_heads, attn.n_kv = len(qh), len(kvh)
     attn.sizes = [len(qh) * hd, len(kvh) * hd, len(kvh) * hd]
 
@@ -295,7 +299,7 @@ def _shard_dense(mlp: DenseMLP, rank: int, world: int, tp: TensorParallel) -> No
     new.weight = _keep(torch.cat([w[:I][cols], w[I:][cols]]))  # [2I / N, D]
     new.out_features = new.weight.shape[0]
     mlp.gate_up_proj = new
-    mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp)
+    mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp, mlp.kernel if untouched(mlp.down_proj) else None)
 
 
 def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_parallel: bool = False,
@@ -340,7 +344,7 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
         tied = model.lm_head.weight is model.model.embed_tokens.weight
         emb = head if tied else _keep(model.model.embed_tokens.weight[vocab])
         model.model.embed_tokens = VocabParallelEmbedding(emb, vocab.start, tp)
-    model.lm_head = ParallelLMHead(head, tp)
+    model.lm_head = ParallelLMHead(head, tp, model.lm_head_kernel if untouched(model.lm_head) else None)
     if sequence_parallel:
         model.model.layers = nn.ModuleList([SequenceParallelLayers(layers, tp)])
     model.config = dataclasses.replace(cfg, num_attention_heads=len(qh), num_key_value_heads=len(kvh),

@@ -558,18 +558,17 @@ def _cut_line(c: dict) -> str:
 CREDIBLE_FACTOR = 2.0
 
 
-def credibility(flops: dict, reference: RequestMacs, ranks: int = 1) -> dict:
+def credibility(flops: dict, reference: int, ranks: int = 1) -> dict:
     """The report's checks.mac_count: the submission's counted MACs against the reference's for the same request
-    (both counted by the harness's formulas); its kernel share is credited only within CREDIBLE_FACTOR, and at
-    most up to `share_cap`: the share of the reference's MACs that the submission's library ops leave to its
+    (`reference`, both counted by the harness's formulas); its kernel share is credited only within CREDIBLE_FACTOR,
+    and at most up to `share_cap`: the share of the reference's MACs that the submission's library ops leave to its
     own code (1 - library MACs / reference MACs). The library's MACs are counted by the harness's formulas alone,
-    so a kernel formula that counts more than its kernel does gains nothing. Over several ranks `flops` holds the
-    ranks' MACs summed, and there is no cap (share_cap None): the ranks repeat some work (the router), which an honest
-    submission's cap against the unsharded reference would take off its share."""
-    total, ref = flops["total_macs"], reference.total.total
-    factor = total / ref if ref else float("inf")
+    so a kernel formula that counts more than its kernel does gains nothing. Over several ranks both counts are the
+    ranks' summed, the reference sharded as the submission is (the router, repeated on every rank, in both)."""
+    total = flops["total_macs"]
+    factor = total / reference if reference else float("inf")
     library = total - flops["kernel_macs"]
-    cap = (max(0.0, 1 - library / ref) if ref else 0.0) if ranks == 1 else None
-    return {"submission_total_macs": total, "reference_total_macs": ref, "factor": factor,
+    return {"submission_total_macs": total, "reference_total_macs": reference, "factor": factor,
             "allowed_factor": CREDIBLE_FACTOR, "credited": 1 / CREDIBLE_FACTOR <= factor <= CREDIBLE_FACTOR,
-            "library_macs": library, "share_cap": cap, "ranks": ranks}
+            "library_macs": library, "share_cap": max(0.0, 1 - library / reference) if reference else 0.0,
+            "ranks": ranks}

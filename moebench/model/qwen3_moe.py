@@ -234,11 +234,13 @@ class DenseMLP(nn.Module):
         """norm and residual as in Attention.forward."""
         if norm is not None:
             x = norm(x)
-        if self.kernel is not None and untouched(self.gate_up_proj, self.down_proj):
+        if self.kernel is not None and untouched(self.gate_up_proj):
             gate, up = self.kernel(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-            return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
-        gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
-        out = linear(self.down_proj, F.silu(gate) * up)
+            if untouched(self.down_proj):
+                return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
+        else:
+            gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        out = linear(self.down_proj, F.silu(gate) * up)  # (a row-parallel one runs the kernel when it holds it)
         return out if residual is None else residual + out
 
 

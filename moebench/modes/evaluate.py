@@ -134,17 +134,17 @@ def uncredited(flops: dict, mac_count: dict | None) -> None:
     if mac_count is None:
         return
     ratio = flops["nki_flop_ratio"]
+    ranks = f" (its {mac_count['ranks']} ranks' summed)" if mac_count["ranks"] > 1 else ""
     if not mac_count["credited"]:
-        ranks = f" (its {mac_count['ranks']} ranks' summed)" if mac_count["ranks"] > 1 else ""
         why = (f"its graphs{ranks} count {mac_count['factor']:.3g} times the reference's MACs for this request "
                f"({mac_count['submission_total_macs']:,} against {mac_count['reference_total_macs']:,}; at most "
                f"{mac_count['allowed_factor']:g} times either way), so its kernel share ({ratio:.4f}) is not "
                "credited")
         print(f"note: {why}")
         flops.update(nki_flop_ratio=0.0, not_credited=why)
-    elif mac_count["share_cap"] is not None and ratio > mac_count["share_cap"] + 1e-9:  # (equal but for rounding)
+    elif ratio > mac_count["share_cap"] + 1e-9:  # (equal but for rounding)
         cap = mac_count["share_cap"]
-        why = (f"its library ops count {mac_count['library_macs']:,} of the reference's "
+        why = (f"its library ops{ranks} count {mac_count['library_macs']:,} of the reference's "
                f"{mac_count['reference_total_macs']:,} MACs for this request, which leaves {cap:.4f} of them to "
                f"its own code: its kernel share ({ratio:.4f}) is credited up to that")
         print(f"note: {why}")

@@ -496,6 +496,7 @@ class IsolatedSubmission:
         from moebench.model.loader import build_model
         from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
         from moebench.modes.contest import divergence_tol
+        from moebench.modes.parallel import parallelize
         from moebench.modes.setup import buckets_of
 
         self.box.stop()
@@ -508,15 +509,18 @@ class IsolatedSubmission:
                                               DEFAULT_FAILED_FRACTION[self.run.torch_dtype])
         if self.flops:
             flops, req = self.flops
+            ref = parallelize(ref, self.run)  # (the spot check above ran it whole) sharded as the submission is
             counted, _ = request_macs(ref, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len,
                                       **buckets_of(self.run))
+            macs = [flops["total_macs"], flops["kernel_macs"], counted.total.total]
             if self.run.tp_degree > 1:  # a rank's graphs hold its shard of the work: the ranks' counts summed
                 from torch import distributed as dist
 
-                macs = torch.tensor([flops["total_macs"], flops["kernel_macs"]], dtype=torch.int64)
-                dist.all_reduce(macs)
-                flops = {"total_macs": int(macs[0]), "kernel_macs": int(macs[1])}
-            checks["mac_count"] = credibility(flops, counted, self.run.tp_degree)
+                summed = torch.tensor(macs, dtype=torch.int64)
+                dist.all_reduce(summed)
+                macs = summed.tolist()
+            checks["mac_count"] = credibility({"total_macs": macs[0], "kernel_macs": macs[1]}, macs[2],
+                                              self.run.tp_degree)
         return checks
 
     def close(self) -> None:
