@@ -101,6 +101,31 @@ def _run_sequence_parallel(rank, world):
     return result, rows, scatters
 
 
+class _OwnLinear(torch.nn.Module):
+    """A submission's block in the place of an nn.Linear: the same product in a forward of its own."""
+    calls = 0
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        _OwnLinear.calls += 1
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+def _own_blocks(model) -> None:
+    """q_proj, o_proj (with biases in the variant), the dense MLP's products and the (tied) LM head as _OwnLinear."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.q_proj, attn.o_proj = _OwnLinear(attn.q_proj), _OwnLinear(attn.o_proj)
+        if isinstance(layer.mlp, DenseMLP):
+            layer.mlp.gate_up_proj, layer.mlp.down_proj = _OwnLinear(layer.mlp.gate_up_proj), _OwnLinear(
+                layer.mlp.down_proj)
+    model.lm_head = _OwnLinear(model.lm_head)
+
+
 class _LinearKernelCalls(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -149,6 +174,17 @@ def _ranks_main(rank, world, forced, variant):
         with _LinearKernelCalls() as calls:
             out["variant_kernels"] = _run(model)
         out["linear_kernel_calls"] = calls.n
+        # A submission's own blocks in the place of the reference's products run their forward on their shards.
+        model = _model(path=variant)
+        _own_blocks(model)
+        out["own_blocks"] = _run(shard_model(model, rank, world, vocab_parallel=True))
+        out["own_calls"] = _OwnLinear.calls
+        model = _model()
+        model.lm_head = torch.nn.Sequential(model.lm_head)  # its weight a level down: nothing to split
+        try:
+            shard_model(model, rank, world)
+        except ShardingError as e:
+            out["no_weight"] = (str(e), hasattr(model, "parallel"))
         t = time.perf_counter()
         # Batch 1: at batch 2 the decode step's experts take the grouped-GEMM path, which torch.compile cannot trace
         # in float32 on the CPU (the same in one process; not a tensor-parallel matter).
@@ -206,7 +242,12 @@ def test_tensor_parallel_matches_one_process(reference, world):
         _close(out["variant_sequence"], ref_variant)
         _close(out["variant_kernels"], ref_variant)
         # Each forward (a prefill, NEW - 1 decode steps): o_proj in every layer, the dense layer's two, the LM head.
-        assert out["linear_kernel_calls"] == NEW * (open_model(variant).config.num_hidden_layers + 3)
+        variant_layers = open_model(variant).config.num_hidden_layers
+        assert out["linear_kernel_calls"] == NEW * (variant_layers + 3)
+        _close(out["own_blocks"], ref_variant)
+        assert out["own_calls"] == NEW * (2 * variant_layers + 3)  # q, o in every layer, the dense layer's 2, the head
+        message, touched = out["no_weight"]
+        assert "lm_head is a Sequential without a weight matrix [out, in] to split" in message and not touched
         _close(out["compiled"], ref_batch1)
         print(f"compiled decode (world 2, incl. compile): {out['compile_s']:.1f} s")
 

@@ -129,19 +129,36 @@ def _keep(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.clone(memory_format=torch.contiguous_format), requires_grad=False)
 
 
+def _own_shard(block: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A submission's own block in the place of one of the reference's nn.Linear layers, made this rank's shard: its
+    weight (and bias, where it has one) replaced by the slices given; its forward then runs on them."""
+    block.weight = _keep(weight)
+    if getattr(block, "bias", None) is not None:
+        block.bias = _keep(bias)
+    return block
+
+
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_r @ W_r^T, + bias once: x's last dim (W's columns) is split over ranks. `kernel`: the
-    product as the registered linear kernel (the block's, when it runs as one), else F.linear."""
+    product as the registered linear kernel (the block's, when it runs as one), else F.linear. A submission's own
+    block in the nn.Linear's place runs its forward on its columns, its bias on rank 0 alone (zeros elsewhere)."""
 
-    def __init__(self, linear: nn.Linear, cols: slice, tp: TensorParallel, kernel=None):
+    def __init__(self, linear: nn.Module, cols: slice, tp: TensorParallel, kernel=None):
         super().__init__()
-        self.weight = _keep(linear.weight[:, cols])  # [out, in / N]
-        self.bias = None if linear.bias is None else _keep(linear.bias)  # [out], whole
         self.world, self.group, self.reduce_dtype = tp.world, tp.group, tp.reduce_dtype
-        self.kernel = kernel or F.linear
+        self.kernel, self.block = kernel or F.linear, None
+        if type(linear) is nn.Linear:
+            self.weight = _keep(linear.weight[:, cols])  # [out, in / N]
+            self.bias = None if linear.bias is None else _keep(linear.bias)  # [out], whole
+        else:
+            bias = getattr(linear, "bias", None)
+            self.block = _own_shard(linear, linear.weight[:, cols], bias if tp.rank == 0 or bias is None
+                                    else torch.zeros_like(bias))
+            self.weight, self.bias = self.block.weight, None
 
     def forward(self, x):
-        y = reduce_rows(self.kernel(x, self.weight), self.world, self.group, self.reduce_dtype)
+        y = self.kernel(x, self.weight) if self.block is None else self.block(x)
+        y = reduce_rows(y, self.world, self.group, self.reduce_dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -161,16 +178,19 @@ class ReducedBlock(nn.Module):
 
 class ParallelLMHead(nn.Module):
     """The lm_head split over the vocabulary: local logits [..., V / N], all-gathered to [..., V]. `kernel` as
-    RowParallelLinear's."""
+    RowParallelLinear's; `block`: a submission's own lm_head, run on this rank's rows."""
 
-    def __init__(self, weight: nn.Parameter, tp: TensorParallel, kernel=None):
+    def __init__(self, weight: nn.Parameter, tp: TensorParallel, kernel=None, block: nn.Module | None = None):
         super().__init__()
         self.weight = weight  # [V / N, D]
         self.world, self.group = tp.world, tp.group
-        self.kernel = kernel or F.linear
+        self.kernel, self.block = kernel or F.linear, block
+        if block is not None:
+            block.weight = weight
 
     def forward(self, x):
-        return all_gather_last(self.kernel(x, self.weight), self.world, self.group)
+        y = self.kernel(x, self.weight) if self.block is None else self.block(x)
+        return all_gather_last(y, self.world, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -262,14 +282,45 @@ def _shard_attention(attn: Attention, qh: range, kvh: range, tp: TensorParallel)
         else:
             def rows(t, s=q_rows if name == "q_proj" else kv_rows):
                 return t[s]
-        new = nn.Linear(lin.in_features, 1, bias=lin.bias is not None, device="meta")  # column-parallel: plain
-        new.weight = _keep(rows(lin.weight))
-        new.bias = None if lin.bias is None else _keep(rows(lin.bias))
-        new.out_features = new.weight.shape[0]
-        setattr(attn, name, new)
+        setattr(attn, name, _column_shard(lin, rows))
     attn.o_proj = RowParallelLinear(attn.o_proj, q_rows, tp, attn.o_kernel if untouched(attn.o_proj) else None)
     attn.n_heads, attn.n_kv = len(qh), len(kvh)
     attn.sizes = [len(qh) * hd, len(kvh) * hd, len(kvh) * hd]
+
+
+def _column_shard(lin: nn.Module, rows) -> nn.Module:
+    """This rank's rows (`rows` picks them from a [out, ...] tensor) of a column-parallel product: a plain nn.Linear
+    for the reference's, the submission's own block on its rows for one of its own."""
+    bias = getattr(lin, "bias", None)
+    if type(lin) is not nn.Linear:
+        return _own_shard(lin, rows(lin.weight), None if bias is None else rows(bias))
+    new = nn.Linear(lin.in_features, 1, bias=bias is not None, device="meta")
+    new.weight = _keep(rows(lin.weight))
+    new.bias = None if bias is None else _keep(rows(bias))
+    new.out_features = new.weight.shape[0]
+    return new
+
+
+def _check_products(model: nn.Module, vocab_parallel: bool) -> None:
+    """Raises ShardingError where a block in the place of one of the reference's products holds no weight matrix
+    to split (a submission's own block is sharded by its `weight`, laid out as nn.Linear's [out, in])."""
+    blocks = {"lm_head": model.lm_head}
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        names = ["qkv_proj"] if attn.fused else ["q_proj", "k_proj", "v_proj"]
+        blocks.update({f"layers.{i}.self_attn.{n}": getattr(attn, n) for n in [*names, "o_proj"]})
+        if isinstance(layer.mlp, DenseMLP):
+            blocks.update({f"layers.{i}.mlp.{n}": getattr(layer.mlp, n) for n in ("gate_up_proj", "down_proj")})
+    for where, block in blocks.items():
+        weight = getattr(block, "weight", None)
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
+            raise ShardingError(f"shard_model: {where} is a {type(block).__name__} without a weight matrix [out, in] "
+                                "to split; tensor parallelism shards a block in the place of the reference's "
+                                "nn.Linear by its weight")
+    embed = model.model.embed_tokens
+    if vocab_parallel and type(embed) is not nn.Embedding:
+        raise ShardingError(f"shard_model: --vocab-parallel splits the reference's nn.Embedding; embed_tokens is a "
+                            f"{type(embed).__name__}")
 
 
 def _shard_experts(moe: SparseMoE, rank: int, world: int) -> None:
@@ -292,13 +343,9 @@ def _shard_experts(moe: SparseMoE, rank: int, world: int) -> None:
 
 
 def _shard_dense(mlp: DenseMLP, rank: int, world: int, tp: TensorParallel) -> None:
-    I = mlp.down_proj.in_features
+    I = mlp.down_proj.weight.shape[1]
     cols = slice(rank * I // world, (rank + 1) * I // world)
-    w = mlp.gate_up_proj.weight  # [2I, D], gate rows first
-    new = nn.Linear(w.shape[1], 1, bias=False, device="meta")
-    new.weight = _keep(torch.cat([w[:I][cols], w[I:][cols]]))  # [2I / N, D]
-    new.out_features = new.weight.shape[0]
-    mlp.gate_up_proj = new
+    mlp.gate_up_proj = _column_shard(mlp.gate_up_proj, lambda t: torch.cat([t[:I][cols], t[I:][cols]]))  # gate, up
     mlp.down_proj = RowParallelLinear(mlp.down_proj, cols, tp, mlp.kernel if untouched(mlp.down_proj) else None)
 
 
@@ -328,6 +375,7 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
             if not isinstance(part, kinds):
                 raise ShardingError(f"shard_model: cannot shard {type(part).__name__}; tensor parallelism runs the "
                                     "reference model's blocks only")
+    _check_products(model, vocab_parallel)
     model.global_config, model.parallel = cfg, tp
     qh, kvh = _heads(cfg, rank, world)
     for layer in layers:
@@ -344,7 +392,8 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
         tied = model.lm_head.weight is model.model.embed_tokens.weight
         emb = head if tied else _keep(model.model.embed_tokens.weight[vocab])
         model.model.embed_tokens = VocabParallelEmbedding(emb, vocab.start, tp)
-    model.lm_head = ParallelLMHead(head, tp, model.lm_head_kernel if untouched(model.lm_head) else None)
+    own = None if type(model.lm_head) is nn.Linear else model.lm_head
+    model.lm_head = ParallelLMHead(head, tp, model.lm_head_kernel if untouched(model.lm_head) else None, own)
     if sequence_parallel:
         model.model.layers = nn.ModuleList([SequenceParallelLayers(layers, tp)])
     model.config = dataclasses.replace(cfg, num_attention_heads=len(qh), num_key_value_heads=len(kvh),
