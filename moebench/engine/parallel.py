@@ -133,9 +133,14 @@ def _own_shard(block: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
     """A submission's own block in the place of one of the reference's nn.Linear layers, made this rank's shard: its
     weight (and bias, where it has one) replaced by the slices given; its forward then runs on them."""
     block.weight = _keep(weight)
-    if getattr(block, "bias", None) is not None:
+    if bias is not None:
         block.bias = _keep(bias)
     return block
+
+
+def _bias(block: nn.Module) -> torch.Tensor | None:
+    bias = getattr(block, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
 
 
 class RowParallelLinear(nn.Module):
@@ -151,7 +156,7 @@ class RowParallelLinear(nn.Module):
             self.weight = _keep(linear.weight[:, cols])  # [out, in / N]
             self.bias = None if linear.bias is None else _keep(linear.bias)  # [out], whole
         else:
-            bias = getattr(linear, "bias", None)
+            bias = _bias(linear)
             self.block = _own_shard(linear, linear.weight[:, cols], bias if tp.rank == 0 or bias is None
                                     else torch.zeros_like(bias))
             self.weight, self.bias = self.block.weight, None
@@ -291,7 +296,7 @@ def _shard_attention(attn: Attention, qh: range, kvh: range, tp: TensorParallel)
 def _column_shard(lin: nn.Module, rows) -> nn.Module:
     """This rank's rows (`rows` picks them from a [out, ...] tensor) of a column-parallel product: a plain nn.Linear
     for the reference's, the submission's own block on its rows for one of its own."""
-    bias = getattr(lin, "bias", None)
+    bias = _bias(lin)
     if type(lin) is not nn.Linear:
         return _own_shard(lin, rows(lin.weight), None if bias is None else rows(bias))
     new = nn.Linear(lin.in_features, 1, bias=bias is not None, device="meta")
