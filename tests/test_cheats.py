@@ -249,6 +249,19 @@ def test_a_kernel_that_runs_only_while_exported_earns_no_kernel_share():
     assert "team_cheat.ghost_linear.default is in the graphs but did not run" in out
 
 
+def test_a_kernel_that_torch_compile_does_not_run_earns_no_kernel_share():
+    code, out, err = evaluate("compile_ghost_kernel", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    kernel = "team_cheat.compile_ghost_linear.default"
+    assert flops["by_op"][kernel] > 0.2 * flops["total_macs"]  # the exported graphs hold it...
+    assert not flops["kernels_not_run"] and not flops["kernels_calling_library"]  # ...and it runs eagerly...
+    assert flops["kernels_not_compiled"] == {kernel: [0, 1]}  # ...but not in the compiled decode step
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0
+    assert f"{kernel} is in a decode step's graph 1 time(s) but its compiled code called it 0 time(s)" in out
+    assert "USDT" not in out + err  # the profiler's own lines are kept from the output
+
+
 def test_a_kernel_called_for_show_while_torch_does_the_work_earns_no_kernel_share():
     code, out, err = evaluate("decoy_kernel", "--skip-accuracy")
     assert code == 0, out + err

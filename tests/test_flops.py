@@ -196,7 +196,9 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
                 [{**cte, "computing_in_torch": [["team.head.default", 5, 1]]}, tkg],
                 [{**cte, "kernels_run": "team.head.default"}, tkg], [{**cte, "kernels_run": [None]}, tkg],
                 [{**cte, "library_macs_run": -1}, tkg], [{**cte, "library_macs_run": 1.5}, tkg],
-                [{**cte, "library_macs_run": True}, tkg]):
+                [{**cte, "library_macs_run": True}, tkg], [cte, {**tkg, "kernel_calls_compiled": [1]}],
+                [cte, {**tkg, "kernel_calls_compiled": {"team::head": -1}}],
+                [cte, {**tkg, "kernel_calls_compiled": {"team::head": True}}]):
         with pytest.raises(SubmissionFault, match="^the kernel FLOP count failed: "):
             request_flops(run, req, bad)
 
@@ -430,3 +432,26 @@ def test_over_several_ranks_the_summed_macs_are_checked_and_capped(capsys):
     uncredited(flops, check)
     assert flops["nki_flop_ratio"] == pytest.approx(0.5) and "(its 2 ranks' summed)" in flops["capped"]
     assert credibility({"total_macs": 1010, "kernel_macs": 900}, 1000)["share_cap"] == pytest.approx(0.89)
+
+
+@pytest.mark.parametrize("calls, not_compiled", [(None, {}), ({"team::head": 2}, {}), ({"team::head": 3}, {}),
+                                                 ({"team::head": 1}, {"team.head.default": [1, 2]}),
+                                                 ({}, {"team.head.default": [0, 2]})])
+def test_a_kernel_its_compiled_step_calls_fewer_times_than_its_graph_holds_it_is_not_credited(calls, not_compiled):
+    """A decode step's graph holding the kernel twice: its compiled code (kernel_calls_compiled, by op name) must
+    call it twice at least; None: not checked (under CUDA graphs)."""
+    from types import SimpleNamespace
+
+    from moebench.modes.compiled import request_flops
+
+    x, w = {"shape": [1, 1, 10], "dtype": "float32"}, {"shape": [15, 10], "dtype": "float32"}
+    nodes = [["aten.linear.default", [x, w], None], *[["team.head.default", [x, w], 150]] * 2]
+    run = SimpleNamespace(enable_bucketing=False, seq_len=20)
+    req = SimpleNamespace(input_ids=torch.ones(1, 1, dtype=torch.long), max_new_tokens=2)
+    graphs = [{"submodel": s, "bucket": b, "nodes": nodes, "kernels_run": ["team.head.default"],
+               "library_macs_run": 150, "kernel_calls_compiled": c}
+              for s, b, c in (("context_encoding_model", 1, None), ("token_generation_model", 20, calls))]
+    flops = request_flops(run, req, graphs)
+    assert flops["kernels_not_compiled"] == not_compiled
+    assert flops["kernel_macs"] == (0 if not_compiled else 2 * 300) and flops["total_macs"] == 2 * 450
+    assert bool(not_compiled) == any("its compiled code called it" in line for line in uncredited_kernels(flops))

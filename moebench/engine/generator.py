@@ -200,6 +200,7 @@ class Engine:
         # cuda_graphs: each bucket's compiled decode step is captured once in a CUDA graph and replayed (Inductor's
         # "reduce-overhead"): one launch per step instead of one per kernel.
         self.cuda_graphs = compile and cuda_graphs and self.device.type == "cuda"
+        self.compiled = compile  # the decode steps (a prefill runs eagerly)
         if self.cuda_graphs:  # the step writes the cache in place: a graph may only mutate inputs at fixed addresses
             for t in (self.cache.k, self.cache.v):
                 torch._dynamo.mark_static_address(t)

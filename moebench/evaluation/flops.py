@@ -1,6 +1,10 @@
 """The kernel FLOP ratio: multiply-accumulates counted on graphs captured from the submission as it ran."""
 
+import contextlib
 import operator
+import os
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from math import prod
 
@@ -376,6 +380,34 @@ def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: in
     return KernelCheck(mode.found, mode.in_torch, sorted(mode.called), library)
 
 
+def kernel_calls(step) -> dict:
+    """{kernel op name: calls} while step() runs, as torch's profiler sees the dispatcher's calls: a compiled graph
+    calls its custom ops through the dispatcher too (a CUDA graph's replay does not). The profiler's start and stop
+    lines on stderr are kept from the output."""
+    profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with _quiet_stderr():
+        profile.start()
+    try:
+        step()
+    finally:
+        with _quiet_stderr():
+            profile.stop()
+    return dict(Counter(e.name for e in profile.events() if e.name in KERNELS))
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def described_macs(nodes: list, uncredited=()) -> MacCount:
     """MACs of a graph from its description (`describe`), by the harness's own formulas: the matmul-like aten ops,
     moebench's CPU operators and moebench's kernels. An op the submission registered as a kernel counts the MACs its
@@ -540,6 +572,8 @@ def uncredited_kernels(flops: dict) -> list[str]:
               for k, (e, m) in (flops.get("kernels_computing_in_torch") or {}).items()),
             *(f"{k} is in the graphs but did not run when the request's graphs ran eagerly: it does not count as "
               "a kernel" for k in flops.get("kernels_not_run") or []),
+            *(f"{k} is in a decode step's graph {n} time(s) but its compiled code called it {c} time(s): it does not "
+              "count as a kernel" for k, (c, n) in (flops.get("kernels_not_compiled") or {}).items()),
             *(_cut_line(c) for c in flops.get("kernel_macs_cut") or [])]
 
 

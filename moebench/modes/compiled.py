@@ -3,6 +3,7 @@ from a sharded checkpoint, exporting and compiling per bucket, and the MACs read
 
 import hashlib
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
 from moebench.evaluation.flops import (LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs, describe,
-                                      described_macs, check_kernels, request_macs, schema_of)
+                                      described_macs, check_kernels, kernel_calls, request_macs, schema_of)
 from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
@@ -123,6 +124,10 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         for g in described:
             g["calling_library"], g["computing_in_torch"] = check.calling_library, check.computing_in_torch
             g["kernels_run"], g["library_macs_run"] = check.called, check.library_macs.get((g["submodel"], g["bucket"]))
+            # Each compiled decode step once more, as the timed ones run: the kernels its compiled code calls (under
+            # CUDA graphs a replay calls none that the profiler sees: not checked)
+            if g["submodel"] == TKG and engine.compiled and not engine.cuda_graphs:
+                g["kernel_calls_compiled"] = kernel_calls(lambda: engine.warm_decode(g["bucket"]))
     return described
 
 
@@ -142,8 +147,9 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         raise BadCount("the graphs' description is not a list of graphs")
     graphs = {(g.get("submodel"), g.get("bucket")): g for g in described
               if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
-    # kernels that hand their products to the library, that compute them with torch's arithmetic, that ran
-    calling, in_torch, ran, targets = {}, {}, set(), set()
+    # kernels that hand their products to the library, that compute them with torch's arithmetic, that ran, that
+    # a compiled step calls fewer times than its graph holds them
+    calling, in_torch, ran, targets, not_compiled = {}, {}, set(), set(), {}
     for g in described:
         found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
         if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) and
@@ -161,18 +167,20 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
             raise BadCount("the MACs of the library products run are not described as a whole number")
         listed = g.get("nodes") if isinstance(g.get("nodes"), list) else []
         targets |= {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
+        not_compiled.update(_not_compiled(listed, g.get("kernel_calls_compiled")))
         calling.update(found)
         in_torch.update(computing)
         ran.update(run_here)
     calling = {k: v for k, v in calling.items() if k in targets}  # the graphs' own kernels only
     in_torch = {k: v for k, v in in_torch.items() if k in targets and k not in calling}
+    uncredited = {*calling, *in_torch, *(targets - ran), *not_compiled}
     counted, cut = [], []
     for submodel, bucket, n in graph_runs(**buckets_of(run), max_len=run.seq_len, T=req.input_ids.shape[1],
                                           new_tokens=req.max_new_tokens):
         g = graphs.get((submodel, bucket))
         if g is None:
             raise BadCount(f"no graph described for the {submodel} at bucket {bucket}")
-        count = described_macs(g.get("nodes"), {*calling, *in_torch, *(targets - ran)})
+        count = described_macs(g.get("nodes"), uncredited)
         ran_library = g.get("library_macs_run")
         credit = max(0, count.total - ran_library) if ran_library is not None else 0
         if count.kernel > credit:  # the library did more of the work than the graph leaves it
@@ -181,6 +189,21 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
                         "credited_kernel_macs_per_run": credit})
             count.kernel = credit
         counted.append(GraphRuns(submodel, bucket, count, n))
-    not_run = {k for g in counted for k in g.macs.uncredited if k not in calling and k not in in_torch}
+    not_run = {k for g in counted for k in g.macs.uncredited if k in targets - ran}
+    not_compiled = {k: v for k, v in not_compiled.items() if k not in {*calling, *in_torch, *not_run}}
     return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_computing_in_torch": in_torch,
-            "kernels_not_run": sorted(not_run), "kernel_macs_cut": cut}
+            "kernels_not_run": sorted(not_run), "kernels_not_compiled": not_compiled, "kernel_macs_cut": cut}
+
+
+def _not_compiled(nodes: list, calls) -> dict:
+    """{kernel target: [calls, nodes]} for the kernels of a decode step's graph (`nodes`, as described) that its
+    compiled code called fewer times than the graph holds them (`calls`: {op name: calls}, kernel_calls' of one
+    compiled step; None where not checked)."""
+    if calls is None:
+        return {}
+    if not (isinstance(calls, dict) and all(isinstance(k, str) and type(n) is int and n >= 0
+                                            for k, n in calls.items())):
+        raise BadCount("the kernels' calls in a compiled step are not described as {kernel: calls}")
+    held = Counter(node[0] for node in nodes if isinstance(node, list) and len(node) == 3 and isinstance(node[0], str)
+                   and (node[2] is not None or schema_of(node[0]) in KERNELS))
+    return {k: [calls.get(schema_of(k), 0), n] for k, n in held.items() if calls.get(schema_of(k), 0) < n}

@@ -33,8 +33,8 @@ class Decoy(torch.nn.Module):
     def forward(self, x):
         if torch.compiler.is_exporting():
             return decoy_linear(x, self.weight)
-        decoy_linear(x[..., :1, :], self.weight)  # for show
-        return F.linear(x, self.weight)
+        shown = decoy_linear(x[..., :1, :], self.weight)  # for show; its result used, or compiled code drops the call
+        return F.linear(x, self.weight) + 1e-30 * shown  # (Inductor folds 0 * shown away)
 
 
 class Qwen3MoeForCausalLM(Reference):
