@@ -259,7 +259,6 @@ def test_a_kernel_that_torch_compile_does_not_run_earns_no_kernel_share():
     assert flops["kernels_not_compiled"] == {kernel: [0, 1]}  # ...but not in the compiled decode step
     assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0
     assert f"{kernel} is in a decode step's graph 1 time(s) but its compiled code called it 0 time(s)" in out
-    assert "USDT" not in out + err  # the profiler's own lines are kept from the output
 
 
 def test_a_kernel_called_for_show_while_torch_does_the_work_earns_no_kernel_share():

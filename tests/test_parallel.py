@@ -179,6 +179,9 @@ def _ranks_main(rank, world, forced, variant):
         _own_blocks(model)
         out["own_blocks"] = _run(shard_model(model, rank, world, vocab_parallel=True))
         out["own_calls"] = _OwnLinear.calls
+        model = shard_model(_model(path=variant), rank, world)  # tied, the embedding whole: tying again (as a
+        model.tie_weights()  # sharded checkpoint's loading does) must leave the head its slice
+        out["tied_head"] = tuple(model.lm_head.weight.shape)
         model = _model()
         model.lm_head = torch.nn.Sequential(model.lm_head)  # its weight a level down: nothing to split
         try:
@@ -247,7 +250,9 @@ def test_tensor_parallel_matches_one_process(reference, world):
         _close(out["own_blocks"], ref_variant)
         assert out["own_calls"] == NEW * (2 * variant_layers + 3)  # q, o in every layer, the dense layer's 2, the head
         message, touched = out["no_weight"]
-        assert "lm_head is a Sequential without a weight matrix [out, in] to split" in message and not touched
+        assert "lm_head is a Sequential without a weight of the reference's shape [4096, 128]" in message
+        assert not touched
+        assert out["tied_head"] == (4096 // world, 128)  # a sharded model's head stays its slice
         _close(out["compiled"], ref_batch1)
         print(f"compiled decode (world 2, incl. compile): {out['compile_s']:.1f} s")
 

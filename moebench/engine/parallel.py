@@ -306,22 +306,28 @@ def _column_shard(lin: nn.Module, rows) -> nn.Module:
     return new
 
 
-def _check_products(model: nn.Module, vocab_parallel: bool) -> None:
-    """Raises ShardingError where a block in the place of one of the reference's products holds no weight matrix
-    to split (a submission's own block is sharded by its `weight`, laid out as nn.Linear's [out, in])."""
-    blocks = {"lm_head": model.lm_head}
+def _check_products(model: nn.Module, cfg, vocab_parallel: bool) -> None:
+    """Raises ShardingError where a block in the place of one of the reference's products holds no weight of that
+    product's shape to split (a submission's own block is sharded by its `weight`, laid out as nn.Linear's [out,
+    in])."""
+    D, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+    blocks = {"lm_head": (model.lm_head, (cfg.vocab_size, D))}
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        names = ["qkv_proj"] if attn.fused else ["q_proj", "k_proj", "v_proj"]
-        blocks.update({f"layers.{i}.self_attn.{n}": getattr(attn, n) for n in [*names, "o_proj"]})
+        shapes = {"qkv_proj": (q + 2 * kv, D)} if attn.fused else {"q_proj": (q, D), "k_proj": (kv, D),
+                                                                    "v_proj": (kv, D)}
+        blocks.update({f"layers.{i}.self_attn.{n}": (getattr(attn, n, None), shape)
+                       for n, shape in {**shapes, "o_proj": (D, q)}.items()})
         if isinstance(layer.mlp, DenseMLP):
-            blocks.update({f"layers.{i}.mlp.{n}": getattr(layer.mlp, n) for n in ("gate_up_proj", "down_proj")})
-    for where, block in blocks.items():
+            I = cfg.intermediate_size
+            blocks.update({f"layers.{i}.mlp.{n}": (getattr(layer.mlp, n, None), shape)
+                           for n, shape in (("gate_up_proj", (2 * I, D)), ("down_proj", (D, I)))})
+    for where, (block, shape) in blocks.items():
         weight = getattr(block, "weight", None)
-        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2):
-            raise ShardingError(f"shard_model: {where} is a {type(block).__name__} without a weight matrix [out, in] "
-                                "to split; tensor parallelism shards a block in the place of the reference's "
-                                "nn.Linear by its weight")
+        if not (isinstance(weight, torch.Tensor) and tuple(weight.shape) == shape):
+            raise ShardingError(f"shard_model: {where} is a {type(block).__name__} without a weight of the "
+                                f"reference's shape {list(shape)} (nn.Linear's [out, in]) to split; tensor "
+                                "parallelism shards a block in the place of the reference's nn.Linear by its weight")
     embed = model.model.embed_tokens
     if vocab_parallel and type(embed) is not nn.Embedding:
         raise ShardingError(f"shard_model: --vocab-parallel splits the reference's nn.Embedding; embed_tokens is a "
@@ -380,7 +386,7 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
             if not isinstance(part, kinds):
                 raise ShardingError(f"shard_model: cannot shard {type(part).__name__}; tensor parallelism runs the "
                                     "reference model's blocks only")
-    _check_products(model, vocab_parallel)
+    _check_products(model, cfg, vocab_parallel)
     model.global_config, model.parallel = cfg, tp
     qh, kvh = _heads(cfg, rank, world)
     for layer in layers:

@@ -236,10 +236,10 @@ class DenseMLP(nn.Module):
             x = norm(x)
         if self.kernel is not None and untouched(self.gate_up_proj):
             gate, up = self.kernel(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-            if untouched(self.down_proj):
-                return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
         else:
             gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
+        if self.kernel is not None and untouched(self.down_proj):
+            return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
         out = linear(self.down_proj, F.silu(gate) * up)  # (a row-parallel one runs the kernel when it holds it)
         return out if residual is None else residual + out
 
@@ -373,6 +373,9 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.inv_freq, self.rope_scale = rope_frequencies(config)
 
     def tie_weights(self):
+        parallel = getattr(self, "parallel", None)
+        if parallel is not None and parallel.world > 1:  # sharded: tied there where both are split (shard_model)
+            return
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

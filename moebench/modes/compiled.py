@@ -198,7 +198,7 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
 def _not_compiled(nodes: list, calls) -> dict:
     """{kernel target: [calls, nodes]} for the kernels of a decode step's graph (`nodes`, as described) that its
     compiled code called fewer times than the graph holds them (`calls`: {op name: calls}, kernel_calls' of one
-    compiled step; None where not checked)."""
+    compiled step, for the kernels it could count; None where not checked)."""
     if calls is None:
         return {}
     if not (isinstance(calls, dict) and all(isinstance(k, str) and type(n) is int and n >= 0
@@ -206,4 +206,4 @@ def _not_compiled(nodes: list, calls) -> dict:
         raise BadCount("the kernels' calls in a compiled step are not described as {kernel: calls}")
     held = Counter(node[0] for node in nodes if isinstance(node, list) and len(node) == 3 and isinstance(node[0], str)
                    and (node[2] is not None or schema_of(node[0]) in KERNELS))
-    return {k: [calls.get(schema_of(k), 0), n] for k, n in held.items() if calls.get(schema_of(k), 0) < n}
+    return {k: [calls[schema_of(k)], n] for k, n in held.items() if calls.get(schema_of(k), n) < n}
