@@ -120,10 +120,11 @@ def kernel_seconds(fn, steps: int) -> float:
     """Seconds per call of fn spent inside computing kernels (Inductor's generated kernels and the library's
     operators), from torch.profiler: the step time minus this is the framework's overhead."""
     import torch._inductor.config as inductor_config
-    from torch.profiler import profile
+
+    from moebench.evaluation.flops import quiet_profile
 
     assert inductor_config.cpp.enable_kernel_profile, "set while compiling, so Inductor's kernels are recorded"
-    with profile() as prof:
+    with quiet_profile() as prof:
         for _ in range(steps):
             fn()
     # Self times (children excluded, so nothing counts twice) of every event but the framework's own.

@@ -383,19 +383,27 @@ def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: in
 def kernel_calls(step) -> dict:
     """{kernel op name: calls} of every registered kernel while step() runs, as torch's profiler sees the
     dispatcher's calls: a compiled graph calls its custom ops through the dispatcher too (a CUDA graph's replay does
-    not). The profiler's start and stop lines on stderr are kept from the output."""
-    profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    with _quiet_stderr():
-        profile.start()
-    try:
+    not)."""
+    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         step()
-    finally:
-        with _quiet_stderr():
-            profile.stop()
     calls = Counter(e.name for e in profile.events() if e.name in KERNELS)
     # (a torch.library.triton_op's Triton kernels are launched by compiled code itself, unseen: not counted)
     triton_ops = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", {})
     return {name: calls[name] for name in KERNELS if name not in triton_ops}
+
+
+@contextlib.contextmanager
+def quiet_profile(**options):
+    """torch.profiler.profile(**options), its start and stop lines on stderr (USDT:... profiler_start) kept from the
+    output."""
+    profile = torch.profiler.profile(**options)
+    with _quiet_stderr():
+        profile.start()
+    try:
+        yield profile
+    finally:
+        with _quiet_stderr():
+            profile.stop()
 
 
 @contextlib.contextmanager
