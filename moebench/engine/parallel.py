@@ -294,16 +294,13 @@ def _shard_attention(attn: Attention, qh: range, kvh: range, tp: TensorParallel)
 
 
 def _column_shard(lin: nn.Module, rows) -> nn.Module:
-    """This rank's rows (`rows` picks them from a [out, ...] tensor) of a column-parallel product: a plain nn.Linear
-    for the reference's, the submission's own block on its rows for one of its own."""
+    """This rank's rows (`rows` picks them from a [out, ...] tensor) of a column-parallel product, in place: the
+    reference's nn.Linear and a submission's own block alike."""
     bias = _bias(lin)
-    if type(lin) is not nn.Linear:
-        return _own_shard(lin, rows(lin.weight), None if bias is None else rows(bias))
-    new = nn.Linear(lin.in_features, 1, bias=bias is not None, device="meta")
-    new.weight = _keep(rows(lin.weight))
-    new.bias = None if bias is None else _keep(rows(bias))
-    new.out_features = new.weight.shape[0]
-    return new
+    block = _own_shard(lin, rows(lin.weight), None if bias is None else rows(bias))
+    if type(block) is nn.Linear:
+        block.out_features = block.weight.shape[0]
+    return block
 
 
 def _check_products(model: nn.Module, cfg, vocab_parallel: bool) -> None:
