@@ -261,6 +261,18 @@ def test_a_kernel_that_torch_compile_does_not_run_earns_no_kernel_share():
     assert f"{kernel} is in a decode step's graph 1 time(s) but its compiled code called it 0 time(s)" in out
 
 
+def test_a_kernel_that_compiled_code_calls_on_less_than_its_graph_earns_no_kernel_share():
+    code, out, err = evaluate("compile_thin_kernel", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    kernel = "team_cheat.compile_thin_linear.default"
+    assert flops["by_op"][kernel] > 0.2 * flops["total_macs"] and not flops["kernel_macs_cut"]
+    assert not flops["kernels_not_run"] and not flops["kernels_calling_library"]  # it runs whole eagerly...
+    assert flops["kernels_not_compiled"] == {kernel: [0, 1]}  # ...and compiled once, on one row: not the graph's call
+    assert flops["nki_flop_ratio"] == 0 and flops["kernel_macs"] == 0
+    assert f"{kernel} is in a decode step's graph 1 time(s) but its compiled code called it 0 time(s) at its" in out
+
+
 def test_a_kernel_called_for_show_while_torch_does_the_work_earns_no_kernel_share():
     code, out, err = evaluate("decoy_kernel", "--skip-accuracy")
     assert code == 0, out + err

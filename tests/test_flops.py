@@ -474,3 +474,55 @@ def test_kernel_calls_sees_the_kernels_a_compiled_graph_calls_and_keeps_the_prof
         assert kernel_calls(lambda: compiled(x, w))[OP] == 1
     out, err = capfd.readouterr()
     assert "profiler" not in out + err  # its start and stop lines (USDT:... profiler_start) kept from the output
+
+
+@torch.library.custom_op("moebench_test::scaled", mutates_args=())
+def scaled(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, mode: str, dims: list[int], scale: float = 1.0,
+           rows: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (x @ w) * scale
+
+
+@scaled.register_fake
+def _(x, w, bias, mode, dims, scale=1.0, rows=-1, dtype=torch.float32):
+    return x.new_empty(*x.shape[:-1], w.shape[1])
+
+
+@pytest.mark.parametrize("variant, counted", [("graph's", 1), ("twice", 1), ("row", 0), ("scale", 0), ("rows", 0),
+                                              ("bias", 0), ("dims", 0)])
+def test_kernel_calls_counts_only_the_calls_at_a_graph_nodes_arguments(variant, counted):
+    """A compiled call counts for the graph (kernel_calls(step, graph)) only at the arguments of one of its nodes:
+    each tensor's shape, each number, defaults and keywords placed by the schema; each node matched once."""
+    from moebench.evaluation.flops import kernel_calls
+
+    name = "moebench_test::scaled"
+    register_kernel(name, macs=kernel_macs)
+    try:
+        def graphs(x, w):
+            return scaled(x, w, None, dtype=torch.bfloat16, mode="up", scale=0.5, dims=[1, 2])  # (rows: its default)
+
+        def compiled(x, w):
+            if variant == "twice":
+                return graphs(x, w) + scaled(x, w, None, "up", [1, 2], 0.5, -1, torch.bfloat16)
+            arguments = {"row": (x[:, :1], w, None, "up", [1, 2], 0.5), "scale": (x, w, None, "up", [1, 2], 2.0),
+                         "rows": (x, w, None, "up", [1, 2], 0.5, 1), "bias": (x, w, x, "up", [1, 2], 0.5),
+                         "dims": (x, w, None, "up", [1], 0.5)}.get(variant)
+            return graphs(x, w) if arguments is None else scaled(*arguments).sum() + 0 * x[..., :4]
+
+        x, w = torch.randn(1, 4, 8), torch.randn(8, 4)
+        graph = torch.export.export(Wrap(graphs), (x, w)).graph_module
+        step = torch.compile(compiled, dynamic=False)
+        with torch.inference_mode():
+            step(x, w)
+            assert kernel_calls(lambda: step(x, w))[name] == (2 if variant == "twice" else 1)  # every call
+            assert kernel_calls(lambda: step(x, w), graph)[name] == counted  # the graph's calls
+    finally:
+        KERNELS.pop(name)
+
+
+class Wrap(torch.nn.Module):
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, *args):
+        return self.f(*args)

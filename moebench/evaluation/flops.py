@@ -380,16 +380,90 @@ def check_kernels(model, input_ids, attention_mask, new_tokens: int, max_len: in
     return KernelCheck(mode.found, mode.in_torch, sorted(mode.called), library)
 
 
-def kernel_calls(step) -> dict:
+def kernel_calls(step, graph: torch.fx.GraphModule | None = None) -> dict:
     """{kernel op name: calls} of every registered kernel while step() runs, as torch's profiler sees the
     dispatcher's calls: a compiled graph calls its custom ops through the dispatcher too (a CUDA graph's replay does
-    not)."""
-    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    not). With `graph`, a call counts only at the arguments of one of the graph's nodes of that kernel (each node
+    matched once): a kernel called on a slice of what the graph gives it is not the graph's call. Arguments
+    compared: each tensor's shape and each number (a list of tensors, a string, a dtype are not recorded)."""
+    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=graph is not None) as profile:
         step()
-    calls = Counter(e.name for e in profile.events() if e.name in KERNELS)
+    held = None if graph is None else [
+        _node_arguments(n) for n in graph.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.name in KERNELS]
+    calls = Counter()
+    for e in profile.events():
+        if e.name not in KERNELS:
+            continue
+        if held is not None:
+            call = _call_arguments(e)
+            node = next((n for n in held if len(n) == len(call) and all(
+                a == "*" or a == b for a, b in zip(n, call))), None)
+            if node is None:
+                continue
+            held.remove(node)
+        calls[e.name] += 1
     # (a torch.library.triton_op's Triton kernels are launched by compiled code itself, unseen: not counted)
     triton_ops = getattr(getattr(torch._library, "triton", None), "triton_ops_to_kernels", {})
     return {name: calls[name] for name in KERNELS if name not in triton_ops}
+
+
+_NUMBER_TYPES = ("IntType", "SymIntType", "FloatType", "SymFloatType", "BoolType", "SymBoolType", "NumberType")
+
+
+def _argument_kind(schema_type) -> str:
+    """"tensor", "number" (a number or a list of them) or "other" (not compared: the profiler records no list of
+    tensors, string, dtype) for a schema argument's type."""
+    if schema_type.kind() == "OptionalType":
+        schema_type = schema_type.getElementType()
+    if schema_type.kind() == "ListType":
+        return "number" if schema_type.getElementType().kind() in _NUMBER_TYPES else "other"
+    return "tensor" if schema_type.kind() == "TensorType" else (
+        "number" if schema_type.kind() in _NUMBER_TYPES else "other")
+
+
+def _node_arguments(node: torch.fx.Node) -> tuple:
+    """A graph node's call as kernel_calls compares it: its op, then each argument of its schema (defaults too): a
+    tensor's shape, a number, None, or "*" (any) where the call's cannot be compared."""
+    key = [node.target._schema.name]
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            value = _meta_val(node.args[i])
+        else:
+            value = _meta_val(node.kwargs[a.name]) if a.name in node.kwargs else (
+                a.default_value if a.has_default_value() else None)
+        key.append(_graph_value(_argument_kind(a.type), value))
+    return tuple(key)
+
+
+def _graph_value(kind: str, value):
+    if kind == "other":
+        return "*"
+    if value is None:
+        return None
+    if kind == "tensor":
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else "*"
+    if isinstance(value, (list, tuple)):
+        values = tuple(_graph_value(kind, v) for v in value)
+        return "*" if "*" in values else values
+    return value if isinstance(value, (bool, int, float)) else "*"  # (a dtype given as a number, a symbolic size)
+
+
+def _call_arguments(event) -> tuple:
+    """A call's arguments as the profiler recorded them (record_shapes), in _node_arguments' terms."""
+    namespace, _, name = event.name.partition("::")
+    schema = getattr(getattr(getattr(torch.ops, namespace), name), event.overload_name or "default")._schema
+    n = len(schema.arguments)
+    shapes, dtypes, values = ([*(getattr(event, f) or []), *[None] * n][:n]
+                              for f in ("input_shapes", "input_dtypes", "concrete_inputs"))
+    key = [event.name]
+    for a, shape, dtype, value in zip(schema.arguments, shapes, dtypes, values):
+        kind = _argument_kind(a.type)
+        if kind == "tensor":
+            key.append(tuple(shape or ()) if dtype else None)
+        else:
+            key.append(tuple(value) if isinstance(value, list) else value)
+    return tuple(key)
 
 
 @contextlib.contextmanager
@@ -588,8 +662,9 @@ def uncredited_kernels(flops: dict) -> list[str]:
               for k, (e, m) in (flops.get("kernels_computing_in_torch") or {}).items()),
             *(f"{k} is in the graphs but did not run when the request's graphs ran eagerly: it does not count as "
               "a kernel" for k in flops.get("kernels_not_run") or []),
-            *(f"{k} is in a decode step's graph {n} time(s) but its compiled code called it {c} time(s): it does not "
-              "count as a kernel" for k, (c, n) in (flops.get("kernels_not_compiled") or {}).items()),
+            *(f"{k} is in a decode step's graph {n} time(s) but its compiled code called it {c} time(s) at its "
+              "arguments there: it does not count as a kernel"
+              for k, (c, n) in (flops.get("kernels_not_compiled") or {}).items()),
             *(_cut_line(c) for c in flops.get("kernel_macs_cut") or [])]
 
 

@@ -121,13 +121,13 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
         check = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
                               **buckets_of(run), cache=engine.cache)  # (the request's: no second cache)
-        for g in described:
+        for g, graph in zip(described, graphs):
             g["calling_library"], g["computing_in_torch"] = check.calling_library, check.computing_in_torch
             g["kernels_run"], g["library_macs_run"] = check.called, check.library_macs.get((g["submodel"], g["bucket"]))
-            # Each compiled decode step once more, as the timed ones run: the kernels its compiled code calls (under
-            # CUDA graphs a replay calls none that the profiler sees: not checked)
+            # Each compiled decode step once more, as the timed ones run: the kernels its compiled code calls at the
+            # graph's arguments (under CUDA graphs a replay calls none that the profiler sees: not checked)
             if g["submodel"] == TKG and engine.compiled and not engine.cuda_graphs:
-                g["kernel_calls_compiled"] = kernel_calls(lambda: engine.warm_decode(g["bucket"]))
+                g["kernel_calls_compiled"] = kernel_calls(lambda: engine.warm_decode(g["bucket"]), graph)
     return described
 
 
