@@ -75,6 +75,15 @@ def test_a_degree_that_does_not_split_the_heads_is_one_line(capsys):
     assert "the model's 4 attention heads do not split 3 ways" in error_line(capsys.readouterr().err)
 
 
+@pytest.mark.usefixtures("in_tmp")
+def test_a_broken_submission_over_two_ranks_is_one_line(capfd):
+    """Both ranks meet the error: rank 0 prints its line, and the launcher does not repeat rank 1's."""
+    broken = Path(__file__).parent / "submissions" / "broken_import.py"
+    assert main(["--mode", "validate", "--tp-degree", "2", "--seq-len", "16", "--qwen", str(broken)]) == 2
+    line = error_line(capfd.readouterr().err)
+    assert "import failed: ImportError: cannot import name 'NoSuchNameForTests'" in line and "rank 1" not in line
+
+
 def test_parallel_only_flags_note_that_one_process_ignores_them():
     _, notes = parse_args(["--mode", "validate", "--vocab-parallel", "--rpl-reduce-dtype", "float32"])
     assert any("--vocab-parallel has no effect with --tp-degree 1" in n for n in notes)

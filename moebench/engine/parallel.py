@@ -451,9 +451,9 @@ class RankFailed(RuntimeError):
     """A rank started by run_parallel raised; the message holds the tracebacks, `errors` the (rank, traceback)
     pairs, first cause first."""
 
-    def __init__(self, message: str, errors: list = ()):
+    def __init__(self, message: str, errors: list = (), rank0=None):
         super().__init__(message)
-        self.errors = list(errors)
+        self.errors, self.rank0 = list(errors), rank0  # rank0: rank 0's result, where it came with the failures
 
 
 def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
@@ -501,9 +501,11 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
                 errors.append((rank, err))
                 try:  # a rank's failure usually breaks the others' collectives: keep the first cause, collect a few
                     while True:
-                        r, e, _ = results.get(timeout=1.0)
+                        r, e, data = results.get(timeout=1.0)
                         if e is not None:
                             errors.append((r, e))
+                        elif r == 0:
+                            value = pickle.loads(data)
                 except queue.Empty:
                     pass
             elif rank == 0:
@@ -518,5 +520,5 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
                 p.join()
     if errors:
         text = "".join(f"--- rank {r} ---\n{e}" for r, e in errors)
-        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}", errors)
+        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}", errors, value)
     return value
