@@ -1,6 +1,7 @@
 """Contestant modules that cannot work are refused with one line naming the file (exit 2), and `--qwen` finds the
 module as CONTRACTS.md says: NAME.py in the working folder first, the shipped template for the default `qwen`."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,20 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         code, out, err = run(capsys, *FAST, "--qwen", SUBMISSIONS / "broken_env_echo.py")
         assert code == 2 and "Qwen3MoeForCausalLM" in error_line(err), err
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
+
+
+def test_a_moebench_folder_in_the_working_folder_does_not_stand_in_for_the_harness(in_tmp):
+    """The submission's processes run the harness's moebench, not a `moebench` folder in the working folder (another
+    checkout's: the fork server once imported it first), while the contestant's own modules beside qwen.py still
+    import. A fresh harness process: its fork server starts with it."""
+    (in_tmp / "moebench").mkdir()
+    (in_tmp / "moebench" / "__init__.py").write_text("")  # (imported, it holds none of moebench's modules)
+    (in_tmp / "helpers.py").write_text("from moebench.model.qwen3_moe import Qwen3MoeForCausalLM  # noqa: F401\n")
+    (in_tmp / "qwen.py").write_text("from helpers import Qwen3MoeForCausalLM  # noqa: F401\n")
+    proc = subprocess.run([sys.executable, str(TEMPLATE.parents[2] / "main.py"), *FAST], cwd=in_tmp,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "logit validation PASS" in proc.stdout, proc.stdout + proc.stderr
+    assert f"submission: {in_tmp / 'qwen.py'}" in proc.stdout
 
 
 def test_the_submission_process_ends_by_itself_and_leaves_no_semaphore_behind(capfd):

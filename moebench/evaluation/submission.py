@@ -59,6 +59,8 @@ def locate_submission(name: str, folder: Path | None = None) -> Submission:
 def load_submission(name: str, folder: Path | None = None) -> Submission:
     path = find_module_file(name, folder or Path.cwd()).resolve()
     module_name = f"moebench_submission_{abs(hash(str(path)))}"
+    if str(path.parent) not in sys.path:  # its own modules beside it import (after everything else of the path's)
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name

@@ -227,7 +227,29 @@ def _start_method():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))
+    _start_fork_server()
     return ctx
+
+
+def _start_fork_server() -> None:
+    """Starts the fork server unless it runs, on the harness's own moebench. The server is a `python -c` process,
+    whose import path starts with its working folder (Python 3.11's fork server drops the path it is handed; each
+    process it forks takes the harness's, but after the server has imported PRELOAD): a `moebench` folder there
+    (another checkout's) stood in for the harness's in every submission process. It starts with PYTHONSAFEPATH (no
+    working folder first) and the folder holding this moebench first on PYTHONPATH."""
+    from multiprocessing import forkserver
+
+    saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    os.environ["PYTHONSAFEPATH"] = "1"
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *filter(None, [saved["PYTHONPATH"]])])
+    try:
+        forkserver.ensure_running()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class Sandbox:
