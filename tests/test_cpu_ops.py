@@ -311,6 +311,34 @@ def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
     assert torch.equal(got, wide.bfloat16())
 
 
+@pytest.mark.parametrize("T, D, I, E, k", [(45, 64, 64, 8, 2), (70, 128, 64, 6, 3), (3, 64, 128, 5, 1)])
+def test_moe_prompt_on_bfloat16_pairs_is_the_experts_math(threads, monkeypatch, T, D, I, E, k):
+    # With AVX512-BF16, a bfloat16 prompt's experts where its products stay bfloat16 (onednn.FAST_BF16): bfloat16
+    # panels of pairs and vdpbf16ps. Against float64, as close as the float32 panels' path; what experts_forward runs.
+    if not cpu_ops.pair_panels_usable(torch.empty(0, dtype=torch.bfloat16)):
+        pytest.skip("this CPU has no AVX512-BF16, or has AMX (its bfloat16 experts take oneDNN's products)")
+    monkeypatch.setattr(moe, "SLOW_BF16_CPU", False)
+    g = torch.Generator().manual_seed(T * k)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    w_gate_up = (torch.randn(E, 2 * I, D, generator=g) / 8).bfloat16()
+    w_down = (torch.randn(E, D, I, generator=g) / 8).bfloat16()
+    ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).bfloat16()
+    pairs = cpu_ops.pair_panels(w_gate_up), cpu_ops.pair_panels(w_down)
+    nb = torch.ops.moebench_cpu.panel_width()
+    assert pairs[0].shape == (E, 2 * I // nb, D // 2, nb, 2) and pairs[1].shape == (E, D // nb, I // 2, nb, 2)
+    got = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, *pairs)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    want = prompt_experts(x, ids, weights, w_gate_up, w_down)
+    torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=2e-2)
+    wide = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down))
+    assert (got.double() - want).norm() < 1.5 * (wide.double() - want).norm() + 1e-3
+    with torch.profiler.profile() as prof:
+        assert torch.equal(experts_forward(x, w_gate_up, w_down, ids, weights), got)
+    assert "moebench_cpu::moe_prompt" in {e.name for e in prof.events()}
+    with pytest.raises(RuntimeError, match="bfloat16 panels of pairs"):  # (a float32 x takes float32 panels)
+        torch.ops.moebench_cpu.moe_prompt(x.float(), ids, weights.float(), *pairs)
+
+
 def test_prompt_experts_run_in_one_call_and_match_the_torch_loop(monkeypatch):
     # Where bfloat16 products are slow (onednn.FAST_BF16 false) a bfloat16 prompt's experts run in float32 too, their
     # weights widened into float32 panels. Against the torch loop of products (linear_panels for both: float32

@@ -25,6 +25,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -1030,6 +1031,75 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
 
 int64_t panel_width() { return NB; }
 
+// ---- Products of a few dozen bfloat16 rows on AVX512-BF16 (a bfloat16 prompt's experts) -----------------------
+// oneDNN's bfloat16 product of an expert's ~50 rows runs at 222-271 GFLOP/s on the Zen 4 VM, of the 427 its large
+// products reach. Here as linear_panels for float32, with bfloat16 panels of pairs ([N / NB, K / 2, NB, 2]: the two
+// weights of rows 2p and 2p + 1 of a column side by side) and vdpbf16ps: each instruction adds a pair of products of
+// bfloat16 (exact in float32) to each of 16 float32 sums, two k a step.
+#if defined(__AVX512BF16__)
+constexpr bool BF16_PANELS = true;
+
+template <int R>
+void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const char* ahead, int64_t lines, float* out,
+               int64_t os) {
+  constexpr int KU = 4, C = NB / 16;  // pairs a step between the L2 requests; vectors of a panel's row of pairs
+  __m512 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  const uint64_t step = ahead != nullptr && pairs > 0 ? (static_cast<uint64_t>(lines) << 16) / pairs * KU : 0;
+  uint64_t at = 0;
+  int64_t asked = 0, p = 0;
+  auto multiply_add = [&](int64_t p) __attribute__((always_inline)) {
+    __m512bh wk[C];
+    for (int c = 0; c < C; c++) wk[c] = (__m512bh)_mm512_loadu_si512(w + (p * NB + c * 16) * 2);
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * K + 2 * p, sizeof pair);
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xr, wk[c]);
+    }
+  };
+  for (; p + KU <= pairs; p += KU) {
+    if (ahead != nullptr)
+      for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
+        _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; u++) multiply_add(p + u);
+  }
+  for (; p < pairs; p++) multiply_add(p);
+  for (; ahead != nullptr && asked < lines; asked++) _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(out + r * os + c * 16, acc[r][c]);
+}
+
+template <int... R>
+constexpr auto tiles_bf16(std::integer_sequence<int, R...>) {
+  return std::array{tile_bf16<R + 1>...};
+}
+
+// out [M, NB] (row stride os) = x [M, K] @ panel (bfloat16 pairs), in float32; as panel_product.
+void panel_product(const uint16_t* x, int64_t M, int64_t K, const uint16_t* panel, const uint16_t* next, float* out,
+                   int64_t os) {
+  static constexpr auto row_tile = tiles_bf16(std::make_integer_sequence<int, LR>{});
+  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(uint16_t)) / 64;
+  for (int64_t i = 0; i < tiles_; i++) {
+    const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
+                  l1 = lines * (i + 1) / tiles_;
+    const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
+    row_tile[rows - 1](x + r * K, K, panel, ahead, l1 - l0, out + r * os, os);
+  }
+}
+#else
+constexpr bool BF16_PANELS = false;
+
+void panel_product(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t) {
+  TORCH_CHECK(false, "moe_prompt: bfloat16 panels need AVX512-BF16");
+}
+#endif
+
+bool bf16_panels() { return BF16_PANELS; }
+
 // ---- A prompt's experts in one call (moe_prompt) ----------------------------------------------------------------
 // The MoE block's experts for T tokens, float32 arithmetic, as moebench.model.moe.experts_forward computes them with
 // one linear_panels product at a time (and the torch operations between them): the T k (token, expert) pairs sorted
@@ -1048,9 +1118,9 @@ inline vf silu_times(vf g, vf u) {
   return (g >= zero ? g : g * z) / (1.0f + z) * u;
 }
 
-template <typename T>
+template <typename T, typename P>
 void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t* ids, const T* weights,
-                     const float* gate_up, const float* down, int64_t E, int64_t I, T* out) {
+                     const P* gate_up, const P* down, int64_t E, int64_t I, T* out) {
   const int64_t pairs = Tn * k, P1 = I / NB, P2 = D / NB;
   std::vector<int64_t> start(E + 1, 0), order(pairs), pos(pairs), experts(E);
   for (int64_t i = 0; i < pairs; i++) {
@@ -1068,23 +1138,29 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
   float* ys = ys_.data();
 #pragma omp parallel
   {
-    thread_local std::vector<float> xe, gu, h;
+    thread_local std::vector<P> xe, h;  // (bfloat16 panels: the rows and silu(gate) * up in bfloat16)
+    thread_local std::vector<float> gu;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < E; i++) {
       const int64_t e = experts[i], s = start[e], n = start[e + 1] - s;
       if (n == 0) continue;
       xe.resize(n * D), gu.resize(n * 2 * NB), h.resize(n * I);
       for (int64_t r = 0; r < n; r++)
-        for (int64_t d = 0; d < D; d++) xe[r * D + d] = load(x + order[s + r] / k * D + d);
-      const float *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
+        for (int64_t d = 0; d < D; d++) {
+          if constexpr (std::is_same_v<P, float>)
+            xe[r * D + d] = load(x + order[s + r] / k * D + d);
+          else
+            xe[r * D + d] = x[order[s + r] / k * D + d];
+        }
+      const P *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
       for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q: h's columns q NB ...
-        const float *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
+        const P *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
         panel_product(xe.data(), n, D, gate, up, gu.data(), 2 * NB);
         panel_product(xe.data(), n, D, up, q + 1 < P1 ? gate + D * NB : w2, gu.data() + NB, 2 * NB);
         for (int64_t r = 0; r < n; r++)
           for (int c = 0; c < NB; c += W)
-            vstore(h.data() + r * I + q * NB + c,
-                   silu_times(vload(gu.data() + r * 2 * NB + c), vload(gu.data() + r * 2 * NB + NB + c)));
+            vstore_to(h.data() + r * I + q * NB + c,
+                      silu_times(vload(gu.data() + r * 2 * NB + c), vload(gu.data() + r * 2 * NB + NB + c)));
       }
       float* ye = ys + s * D;
       for (int64_t p = 0; p < P2; p++)
@@ -1109,25 +1185,43 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
 }
 
 // x [T, D] (float32 or bfloat16), ids [T, k] (int64), weights [T, k] (x's dtype), gate_up [E, 2I / NB, D, NB] and
-// down [E, D / NB, I, NB]: each expert's weights as float32 panels -> [T, D].
+// down [E, D / NB, I, NB]: each expert's weights as float32 panels -> [T, D]. With AVX512-BF16 a bfloat16 x may come
+// with bfloat16 panels of pairs instead, gate_up [E, 2I / NB, D / 2, NB, 2] and down [E, D / NB, I / 2, NB, 2]
+// (bf16_panels()): its rows and silu(gate) * up stay bfloat16, as the library's products take them.
 at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
                       const at::Tensor& gate_up_, const at::Tensor& down_) {
   TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
                   ids_.size(1) <= 64 && ids_.scalar_type() == at::kLong && weights_.scalar_type() == x_.scalar_type(),
               "moe_prompt: x [T, D], ids [T, k] int64 (k <= 64), weights [T, k] in x's dtype");
-  TORCH_CHECK(gate_up_.dim() == 4 && down_.dim() == 4 && gate_up_.size(0) == down_.size(0) &&
-                  gate_up_.size(2) == x_.size(1) && gate_up_.size(3) == NB && down_.size(3) == NB &&
-                  down_.size(1) * NB == x_.size(1) && gate_up_.size(1) * NB == 2 * down_.size(2) &&
-                  down_.size(2) % NB == 0 && down_.size(2) > 0 && gate_up_.scalar_type() == at::kFloat &&
-                  down_.scalar_type() == at::kFloat,
+  const bool pairs = gate_up_.dim() == 5;
+  const int64_t half = pairs ? 2 : 1;  // the panels' K as stored: K / 2 rows of pairs
+  TORCH_CHECK(gate_up_.dim() == 4 + pairs && down_.dim() == 4 + pairs && gate_up_.size(0) == down_.size(0) &&
+                  gate_up_.size(2) * half == x_.size(1) && gate_up_.size(3) == NB && down_.size(3) == NB &&
+                  down_.size(1) * NB == x_.size(1) && gate_up_.size(1) * NB == 2 * down_.size(2) * half &&
+                  down_.size(2) * half % NB == 0 && down_.size(2) > 0 &&
+                  gate_up_.scalar_type() == (pairs ? at::kBFloat16 : at::kFloat) &&
+                  down_.scalar_type() == gate_up_.scalar_type() && (!pairs || (gate_up_.size(4) == 2 &&
+                  down_.size(4) == 2 && x_.scalar_type() == at::kBFloat16)),
               "moe_prompt: float32 panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
-              "], I a multiple of ", NB);
+              "], I a multiple of ", NB, " (or, for a bfloat16 x, bfloat16 panels of pairs [E, 2I / ", NB, ", D / 2, ",
+              NB, ", 2] and [E, D / ", NB, ", I / 2, ", NB, ", 2])");
+  TORCH_CHECK(!pairs || BF16_PANELS, "moe_prompt: bfloat16 panels need AVX512-BF16");
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),
                    gate_up = gate_up_.contiguous(), down = down_.contiguous();
   auto out = at::empty_like(x);
+  const int64_t E = gate_up.size(0), I = down.size(2) * half;
+  if (pairs) {
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    moe_prompt_impl(xp, x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(),
+                    reinterpret_cast<const uint16_t*>(weights.data_ptr<at::BFloat16>()),
+                    reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>()),
+                    reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), E, I,
+                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+    return out;
+  }
   by_dtype(x, "moe_prompt", [&](auto p) {
     moe_prompt_impl(p(x), x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(), p(weights),
-                    gate_up.data_ptr<float>(), down.data_ptr<float>(), gate_up.size(0), down.size(2), p(out));
+                    gate_up.data_ptr<float>(), down.data_ptr<float>(), E, I, p(out));
   });
   return out;
 }
@@ -1150,6 +1244,7 @@ TORCH_LIBRARY(moebench_cpu, m) {
   m.def("linear_panels(Tensor x, Tensor panels) -> Tensor");
   m.def("moe_prompt(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
   m.def("panel_width() -> int", &panel_width);
+  m.def("bf16_panels() -> bool", &bf16_panels);
 }
 
 TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {

@@ -7,12 +7,15 @@ against the KV cache, for batches); in prompts (context encoding, eager): moeben
 head), moebench_cpu::qk_norm_rope (q/k norms, rotation and the cache's write), moebench_cpu::rms_norm_rows (RMSNorm
 of many rows) and, for experts computed in float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens
 them), moebench_cpu::moe_prompt (all of a prompt's experts in one call, each weight packed in float32 panels:
-`panels`) or moebench_cpu::linear_panels (one product of a few dozen rows with a float32 weight in panels).
+`panels`; bfloat16 experts kept in bfloat16 too where the CPU has AVX512-BF16, their weights in bfloat16 panels of
+pairs: `pair_panels`) or moebench_cpu::linear_panels (one product of a few dozen rows with a float32 weight in
+panels).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
 decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
 library's flash attention (~3x faster for a 402-token prompt); linear_panels oneDNN's float32 product (~1.1-1.2x
-on the experts' rows). Built on first use with the machine's C++ compiler for this CPU (-march=native: AVX512-BF16's
+on the experts' rows); moe_prompt on bfloat16 pairs oneDNN's bfloat16 products of the experts (~2.1x on a
+moebench-speed layer's, Zen 4 VM). Built on first use with the machine's C++ compiler for this CPU (-march=native: AVX512-BF16's
 dot products where the CPU has them), ~5 s, and kept in Inductor's cache folder (a confined submission's own: the
 only one it may write), keyed by the source, the compiler, torch and the CPU's flags. Where they cannot be built
 (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's loops and prompts the library's
@@ -135,6 +138,30 @@ def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     intermediate size I a multiple of the panel width: gate's and up's panels pair up; ids [T, k] int64, k <= 64)."""
     return (panels_usable(x, w_gate_up) and panels_usable(x, w_down) and ids.dtype == torch.int64
             and ids.shape[-1] <= 64 and w_down.shape[-1] % torch.ops.moebench_cpu.panel_width() == 0)
+
+
+def pair_panels_usable(x: torch.Tensor) -> bool:
+    """True when moe_prompt takes bfloat16 panels of pairs for x's rows here (x bfloat16; AVX512-BF16, and no AMX,
+    whose tiles carry oneDNN's bfloat16 products far faster than vdpbf16ps)."""
+    return LOADED and x.dtype == torch.bfloat16 and torch.ops.moebench_cpu.bf16_panels() and not AMX
+
+
+AMX = torch.cpu._is_amx_tile_supported()
+
+
+def pair_panels(w: torch.Tensor) -> torch.Tensor:
+    """w [E, N, K] bfloat16 -> [E, N / NB, K / 2, NB, 2], for moe_prompt with AVX512-BF16: each panel NB output
+    columns, the weights of rows 2p and 2p + 1 of each column side by side (one vdpbf16ps operand), made once per
+    weight, in huge pages where the machine has them."""
+    def pack(w):
+        E, N, K = w.shape
+        nb = torch.ops.moebench_cpu.panel_width()
+        layout = w.view(E, N // nb, nb, K // 2, 2).permute(0, 1, 3, 2, 4)
+        nbytes = w.numel() * 2
+        huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
+        out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+        return out.view(torch.bfloat16).view(layout.shape).copy_(layout)
+    return derived(w, "pair_panels", pack)
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:

@@ -125,10 +125,12 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
         return out
     wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
     dtype = torch.float32 if wide else x.dtype
-    if dtype == torch.float32 and not exporting and cpu_ops.experts_usable(x, w_gate_up, w_down, topk_ids):
-        # The same math in one C++ call: the sort, the products (weights in panels), silu, weighting and sum.
-        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), cpu_ops.panels(w_gate_up),
-                                                 cpu_ops.panels(w_down))
+    if not exporting and cpu_ops.experts_usable(x, w_gate_up, w_down, topk_ids) and (
+            dtype == torch.float32 or cpu_ops.pair_panels_usable(x)):
+        # The same math in one C++ call: the sort, the products (weights in panels: float32, or bfloat16 pairs for
+        # AVX512-BF16's dot products), silu, weighting and sum.
+        pack = cpu_ops.panels if dtype == torch.float32 else cpu_ops.pair_panels
+        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), pack(w_gate_up), pack(w_down))
     # Sort the T*k (token, expert) pairs by expert, then one grouped GEMM per projection.
     flat_ids = topk_ids.flatten()  # [T*k]
     order = flat_ids.argsort(stable=True)
