@@ -526,3 +526,34 @@ class Wrap(torch.nn.Module):
 
     def forward(self, *args):
         return self.f(*args)
+
+
+_LIB = torch.library.Library("moebench_test_overloads", "DEF")
+_LIB.define("k(Tensor x, Tensor y) -> Tensor")
+_LIB.define("k.fast(Tensor x, float s, int[] sizes) -> Tensor")
+_LIB.impl("k", lambda x, y: x + y, "CompositeExplicitAutograd")
+_LIB.impl("k.fast", lambda x, s, sizes: x * s, "CompositeExplicitAutograd")
+torch.library.register_fake("moebench_test_overloads::k")(lambda x, y: torch.empty_like(x))
+torch.library.register_fake("moebench_test_overloads::k.fast")(lambda x, s, sizes: torch.empty_like(x))
+
+
+def test_kernel_calls_tells_a_kernel_s_overloads_apart_and_takes_long_lists_as_any():
+    """A kernel op with a named overload beside its default: each call read by its own overload's schema (and
+    matched to that overload's nodes); a list of more than 30 numbers, which the profiler does not record, matches."""
+    from moebench.evaluation.flops import kernel_calls
+
+    name, ops = "moebench_test_overloads::k", torch.ops.moebench_test_overloads.k
+    register_kernel(name, macs=lambda x, *_: x.numel())
+    try:
+        def step(x):
+            return ops.fast(ops.default(x, x), 0.5, list(range(40)))
+
+        x = torch.randn(2, 4)
+        graph = torch.export.export(Wrap(step), (x,)).graph_module
+        compiled = torch.compile(step, dynamic=False)
+        with torch.inference_mode():
+            compiled(x)
+            assert kernel_calls(lambda: compiled(x), graph)[name] == 2
+            assert kernel_calls(lambda: compiled(x[:1]), graph)[name] == 0  # (other shapes: not the graph's)
+    finally:
+        KERNELS.pop(name)

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import pickle
 import queue
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -471,6 +472,9 @@ def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
             dist.destroy_process_group()
 
 
+RANK0_GRACE = 10.0  # s
+
+
 def run_parallel(fn, world: int, *args, timeout: float | None = None):
     """Runs fn(rank, world, *args) in `world` fresh CPU processes joined by a gloo group on 127.0.0.1, and returns
     rank 0's result. fn must be importable (module level); results must pickle. A rank that raises (or dies) ends
@@ -499,15 +503,21 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
             done.add(rank)
             if err is not None:
                 errors.append((rank, err))
-                try:  # a rank's failure usually breaks the others' collectives: keep the first cause, collect a few
-                    while True:
+                # A rank's failure usually breaks the others' collectives: keep the first cause, collect a few, and
+                # rank 0's result where it comes within RANK0_GRACE s (a user error both ranks meet: rank 0 prints it).
+                deadline = time.monotonic() + RANK0_GRACE
+                while True:
+                    try:
                         r, e, data = results.get(timeout=1.0)
-                        if e is not None:
-                            errors.append((r, e))
-                        elif r == 0:
-                            value = pickle.loads(data)
-                except queue.Empty:
-                    pass
+                    except queue.Empty:
+                        if 0 in done or procs[0].exitcode is not None or time.monotonic() > deadline:
+                            break
+                        continue
+                    done.add(r)
+                    if e is not None:
+                        errors.append((r, e))
+                    elif r == 0:
+                        value = pickle.loads(data)
             elif rank == 0:
                 value = pickle.loads(data)
     finally:

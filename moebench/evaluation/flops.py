@@ -386,7 +386,9 @@ def kernel_calls(step, graph: torch.fx.GraphModule | None = None) -> dict:
     not). With `graph`, a call counts only at the arguments of one of the graph's nodes of that kernel (each node
     matched once): a kernel called on a slice of what the graph gives it is not the graph's call. Arguments
     compared: each tensor's shape and each number (a list of tensors, a string, a dtype are not recorded)."""
-    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=graph is not None) as profile:
+    overloads = torch._C._profiler._ExperimentalConfig(capture_overload_names=True)  # ('' for .default)
+    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=graph is not None,
+                       experimental_config=overloads) as profile:
         step()
     held = None if graph is None else [
         _node_arguments(n) for n in graph.graph.nodes
@@ -425,7 +427,7 @@ def _argument_kind(schema_type) -> str:
 def _node_arguments(node: torch.fx.Node) -> tuple:
     """A graph node's call as kernel_calls compares it: its op, then each argument of its schema (defaults too): a
     tensor's shape, a number, None, or "*" (any) where the call's cannot be compared."""
-    key = [node.target._schema.name]
+    key = [node.target._schema.name, node.target._overloadname]
     for i, a in enumerate(node.target._schema.arguments):
         if i < len(node.args):
             value = _meta_val(node.args[i])
@@ -443,21 +445,24 @@ def _graph_value(kind: str, value):
         return None
     if kind == "tensor":
         return tuple(value.shape) if isinstance(value, torch.Tensor) else "*"
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)):  # (the profiler records no list of more than 30)
         values = tuple(_graph_value(kind, v) for v in value)
-        return "*" if "*" in values else values
+        return "*" if "*" in values or len(values) > 30 else values
     return value if isinstance(value, (bool, int, float)) else "*"  # (a dtype given as a number, a symbolic size)
 
 
 def _call_arguments(event) -> tuple:
     """A call's arguments as the profiler recorded them (record_shapes), in _node_arguments' terms."""
     namespace, _, name = event.name.partition("::")
-    schema = getattr(getattr(getattr(torch.ops, namespace), name), event.overload_name or "default")._schema
-    n = len(schema.arguments)
+    overload = event.overload_name or "default"
+    op = getattr(getattr(getattr(torch.ops, namespace), name), overload, None)
+    if op is None:
+        return (event.name, overload)  # (matches no node)
+    n = len(op._schema.arguments)
     shapes, dtypes, values = ([*(getattr(event, f) or []), *[None] * n][:n]
                               for f in ("input_shapes", "input_dtypes", "concrete_inputs"))
-    key = [event.name]
-    for a, shape, dtype, value in zip(schema.arguments, shapes, dtypes, values):
+    key = [event.name, overload]
+    for a, shape, dtype, value in zip(op._schema.arguments, shapes, dtypes, values):
         kind = _argument_kind(a.type)
         if kind == "tensor":
             key.append(tuple(shape or ()) if dtype else None)

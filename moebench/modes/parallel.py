@@ -34,8 +34,8 @@ def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
         rank, first = e.errors[0]
         last = [line for line in first.splitlines() if line.strip()][-1]
         if "moebench: error: " in last:  # a user error: its line is the message, no traceback
-            if e.rank0 not in (None, 0):  # rank 0 met it too, and has printed its line
-                return e.rank0
+            if e.rank0 == MoebenchError.exit_code and all("moebench: error: " in err for _, err in e.errors):
+                return e.rank0  # rank 0 met a user error too, and has printed its line
             raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank}: "
                                 f"{last.split('moebench: error: ', 1)[1]}") from None
         print(first, file=sys.stderr, end="")  # the first cause, in full; the others mostly follow from it

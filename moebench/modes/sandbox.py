@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -236,20 +237,29 @@ def _start_fork_server() -> None:
     whose import path starts with its working folder (Python 3.11's fork server drops the path it is handed; each
     process it forks takes the harness's, but after the server has imported PRELOAD): a `moebench` folder there
     (another checkout's) stood in for the harness's in every submission process. It starts with PYTHONSAFEPATH (no
-    working folder first) and the folder holding this moebench first on PYTHONPATH."""
+    working folder first) and, for a moebench not installed in a site folder, the folder holding it on PYTHONPATH."""
+    import site
     from multiprocessing import forkserver
 
-    saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
-    os.environ["PYTHONSAFEPATH"] = "1"
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), *filter(None, [saved["PYTHONPATH"]])])
-    try:
-        forkserver.ensure_running()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    folder = str(Path(__file__).parents[2])
+    own = [] if folder in {*site.getsitepackages(), site.getusersitepackages()} else [folder]
+    with _SERVER_START:  # (the environment is the process's: one start at a time)
+        saved = {name: os.environ.get(name) for name in ("PYTHONSAFEPATH", "PYTHONPATH")}
+        os.environ["PYTHONSAFEPATH"] = "1"
+        os.environ["PYTHONPATH"] = os.pathsep.join([*own, *filter(None, [saved["PYTHONPATH"]])])
+        try:
+            forkserver.ensure_running()
+        except OSError:  # the submission's process, starting, meets it again and says so
+            pass
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_SERVER_START = threading.Lock()
 
 
 class Sandbox:
