@@ -244,11 +244,14 @@ def test_attend_block_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, T, 
         mask &= torch.rand(B, 1, 1, S, generator=g) < 0.7
         mask[0, :, 0] = False  # row 0's first query sees no key: zeros, as the library gives
     got = torch.ops.moebench_cpu.attend_block(q, keys, values, mask, hd**-0.5)
-    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
-                                          scale=hd**-0.5, enable_gqa=True).to(dtype)
+    exact = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask,
+                                           scale=hd**-0.5, enable_gqa=True)
+    want = exact.to(dtype)
     assert got.shape == want.shape and got.transpose(1, 2).is_contiguous()  # [B, T, H, hd] underneath
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(got, want, **tol)
+    if dtype == torch.bfloat16:  # (with AVX512-BF16, products on bfloat16 pairs): within twice the output's rounding
+        assert (got.float() - exact).abs().max() <= 2 * (want.float() - exact).abs().max()
     if holes:
         assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
 

@@ -763,12 +763,58 @@ at::Tensor rms_norm_rows(const at::Tensor& x_, const at::Tensor& w_, double eps)
   return out;
 }
 
+// ---- Register tiles of bfloat16 pairs (AVX512-BF16) ---------------------------------------------------------
+// out[r][0:16 C] = sum_k x[r][k] w[k][0:16 C] for R rows of x (bfloat16, row stride xs, K even) and w as pairs: row
+// p of w ([., ws, 2], stride 2 ws) holds the weights of k = 2p and 2p + 1 of each column side by side. vdpbf16ps adds
+// a pair of products of bfloat16 (exact in float32) to each of 16 float32 sums: twice float32 FMA's multiply-adds
+// an instruction. With `ahead`, asks the L2 cache for its first `lines` lines over the steps, as `tile` does.
+#if defined(__AVX512BF16__)
+constexpr bool BF16_PANELS = true;
+
+template <int R, int C>
+void tile_bf16(const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, int64_t ws, const char* ahead,
+               int64_t lines, float* out, int64_t os) {
+  constexpr int KU = 4;  // pairs a step between the L2 requests
+  __m512 acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+  const int64_t pairs = K / 2;
+  const uint64_t step = ahead != nullptr && pairs > 0 ? (static_cast<uint64_t>(lines) << 16) / pairs * KU : 0;
+  uint64_t at = 0;
+  int64_t asked = 0, p = 0;
+  auto multiply_add = [&](int64_t p) __attribute__((always_inline)) {
+    __m512bh wk[C];
+    for (int c = 0; c < C; c++) wk[c] = (__m512bh)_mm512_loadu_si512(w + (p * ws + c * 16) * 2);
+    for (int r = 0; r < R; r++) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * xs + 2 * p, sizeof pair);
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xr, wk[c]);
+    }
+  };
+  for (; p + KU <= pairs; p += KU) {
+    if (ahead != nullptr)
+      for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
+        _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+#pragma GCC unroll 4
+    for (int u = 0; u < KU; u++) multiply_add(p + u);
+  }
+  for (; p < pairs; p++) multiply_add(p);
+  for (; ahead != nullptr && asked < lines; asked++) _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) _mm512_storeu_ps(out + r * os + c * 16, acc[r][c]);
+}
+#else
+constexpr bool BF16_PANELS = false;
+#endif
+
 // ---- Attention of many queries (context encoding) -------------------------------------------------------------
 // The library's CPU flash attention runs its tiles through MKL (~160 GFLOP/s on the Zen 5 VM for a 402-token
 // prompt, counting every key; half of them are masked). Here each work item is one head's block of MQ queries
 // against the key range its mask lets it see: scores by register tiles (the keys transposed once per call),
 // softmax in float32, the weighted sum of values by register tiles. bfloat16 inputs are widened to float32 as they
-// are packed; the arithmetic is float32 throughout, the output rounded once.
+// are packed and the arithmetic is float32 throughout, the output rounded once; with AVX512-BF16 they stay bfloat16
+// instead, both products on pairs (tile_bf16; a 402-token prompt's attention 16.7 -> 11.0 ms on the Zen 4 VM).
 
 constexpr int KB = 2 * W;                // keys per block of scores
 constexpr int QK_R = W == 16 ? 8 : 6;    // query rows of a score tile: QK_R x KB scores in registers
@@ -855,7 +901,14 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
                  int64_t Tq, int64_t S, int64_t hd, const int64_t* qs, const int64_t* ks, const int64_t* vs,
                  const int64_t* ms, float scale, T* out) {
   const int64_t Sp = (S + KB - 1) / KB * KB, hdp = (hd + PV_C - 1) / PV_C * PV_C, nq = (Tq + MQ - 1) / MQ;
-  std::vector<float> kt(B * Hkv * hd * Sp), vp(B * Hkv * Sp * hdp);  // keys transposed, values padded: float32
+  // bfloat16 with AVX512-BF16: the products on pairs (tile_bf16), the keys as pairs along hd ([hd / 2, Sp, 2]), the
+  // values as pairs along the keys ([Sp / 2, hdp, 2]), the probabilities rounded to bfloat16 as the library's
+  // attention rounds them for its second product; the scale applied to the scores.
+  constexpr bool BF16_DOTS = BF16_PANELS && std::is_same_v<T, uint16_t>;
+  const bool pairs = BF16_DOTS && hd % 2 == 0;
+  const int64_t widened = pairs ? 0 : B * Hkv * Sp, paired = pairs ? B * Hkv * Sp : 0;
+  std::vector<float> kt(widened * hd), vp(widened * hdp);  // keys transposed, values padded: float32
+  std::vector<uint16_t> kp(paired * hd), vq(paired * hdp);
   std::vector<int64_t> lo(B * nq), hi(B * nq);  // the key range each block of queries sees (multiples of KB)
   auto m = [&](int64_t b, int64_t t, int64_t j) { return mask[b * ms[0] + t * ms[2] + j * ms[3]]; };
 #pragma omp parallel
@@ -863,6 +916,17 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
 #pragma omp for schedule(static) nowait
     for (int64_t bg = 0; bg < B * Hkv; bg++) {
       const T *kh = k + bg / Hkv * ks[0] + bg % Hkv * ks[1], *vh = v + bg / Hkv * vs[0] + bg % Hkv * vs[1];
+      if constexpr (BF16_DOTS) {
+        if (pairs) {
+          uint16_t *kpg = kp.data() + bg * hd * Sp, *vqg = vq.data() + bg * Sp * hdp;
+          for (int64_t j = 0; j < S; j++)
+            for (int64_t d = 0; d < hd; d++) {
+              kpg[(d / 2 * Sp + j) * 2 + d % 2] = kh[j * ks[2] + d];
+              vqg[(j / 2 * hdp + d) * 2 + j % 2] = vh[j * vs[2] + d];
+            }
+          continue;
+        }
+      }
       float *ktg = kt.data() + bg * hd * Sp, *vpg = vp.data() + bg * Sp * hdp;
       for (int64_t j = 0; j < Sp; j++)
         for (int64_t d = 0; d < hd; d++) {
@@ -884,6 +948,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
       hi[bq] = last < first ? lo[bq] : (last / KB + 1) * KB;
     }
     std::vector<float> qb(MQ * hd), sc(MQ * Sp), ob(MQ * hdp), total(MQ);
+    std::vector<uint16_t> qp(pairs ? MQ * hd : 0), pp(pairs ? MQ * Sp : 0);  // (pairs: q's rows, the probabilities)
     // Items: (query block, batch row, head), the last query blocks (the most keys, when causal) first.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < nq * B * H; item++) {
@@ -897,13 +962,28 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         continue;
       }
       const T* qh = q + b * qs[0] + h * qs[1] + t0 * qs[2];
-      for (int64_t r = 0; r < MQ; r++)
-        for (int64_t d = 0; d < hd; d++) qb[r * hd + d] = r < rows ? load(qh + r * qs[2] + d) * scale : 0.0f;
-      const float* ktg = kt.data() + (b * Hkv + g) * hd * Sp;
       const int64_t rows_qk = (rows + QK_R - 1) / QK_R * QK_R;
-      for (int64_t r = 0; r < rows_qk; r += QK_R)
-        for (int64_t j = j0; j < j1; j += KB)
-          tile<QK_R, 2>(qb.data() + r * hd, hd, ktg + j, Sp, nullptr, 0, sc.data() + r * Sp + j, Sp);
+      float post = 1.0f;  // the scores' scale where q is not scaled first
+      if constexpr (BF16_DOTS) {
+        if (pairs) {
+          for (int64_t r = 0; r < MQ; r++)
+            for (int64_t d = 0; d < hd; d++) qp[r * hd + d] = r < rows ? qh[r * qs[2] + d] : 0;
+          const uint16_t* kpg = kp.data() + (b * Hkv + g) * hd * Sp;
+          for (int64_t r = 0; r < rows_qk; r += QK_R)
+            for (int64_t j = j0; j < j1; j += KB)
+              tile_bf16<QK_R, KB / 16>(qp.data() + r * hd, hd, hd, kpg + j * 2, Sp, nullptr, 0,
+                                       sc.data() + r * Sp + j, Sp);
+          post = scale;
+        }
+      }
+      if (!pairs) {
+        for (int64_t r = 0; r < MQ; r++)
+          for (int64_t d = 0; d < hd; d++) qb[r * hd + d] = r < rows ? load(qh + r * qs[2] + d) * scale : 0.0f;
+        const float* ktg = kt.data() + (b * Hkv + g) * hd * Sp;
+        for (int64_t r = 0; r < rows_qk; r += QK_R)
+          for (int64_t j = j0; j < j1; j += KB)
+            tile<QK_R, 2>(qb.data() + r * hd, hd, ktg + j, Sp, nullptr, 0, sc.data() + r * Sp + j, Sp);
+      }
       for (int64_t r = 0; r < MQ; r++) {  // softmax of each row over its keys, in place: sc -> e^(s - max)
         float* s = sc.data() + r * Sp;
         if (r >= rows) {
@@ -913,7 +993,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         const bool* mr = mask + b * ms[0] + (t0 + r) * ms[2];
         vf top_w = vf{} - INFINITY;  // masked scores to -inf, and each lane's largest
         for (int64_t j = j0; j < j1; j += W) {
-          const vf sj = seen_lanes(mr, j, S, ms[3]) != 0 ? vload(s + j) : vf{} - INFINITY;
+          const vf sj = seen_lanes(mr, j, S, ms[3]) != 0 ? vload(s + j) * post : vf{} - INFINITY;
           vstore(s + j, sj);
           top_w = sj > top_w ? sj : top_w;
         }
@@ -934,11 +1014,24 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         for (int l = 0; l < W; l++) sum += sum_w[l];
         total[r] = sum;
       }
-      const float* vpg = vp.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
       const int64_t rows_pv = (rows + PV_R - 1) / PV_R * PV_R;
-      for (int64_t r = 0; r < rows_pv; r += PV_R)
-        for (int64_t c = 0; c < hdp; c += PV_C)
-          value_tile<PV_R>(sc.data() + r * Sp + j0, Sp, vpg + c, hdp, keys, ob.data() + r * hdp + c);
+      if constexpr (BF16_DOTS) {
+        if (pairs) {
+          for (int64_t r = 0; r < rows_pv; r++)
+            for (int64_t j = j0; j < j1; j += W) vstore_to(pp.data() + r * Sp + j, vload(sc.data() + r * Sp + j));
+          const uint16_t* vqg = vq.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
+          for (int64_t r = 0; r < rows_pv; r += PV_R)
+            for (int64_t c = 0; c < hdp; c += PV_C)
+              tile_bf16<PV_R, PV_C / 16>(pp.data() + r * Sp + j0, Sp, keys, vqg + c * 2, hdp, nullptr, 0,
+                                         ob.data() + r * hdp + c, hdp);
+        }
+      }
+      if (!pairs) {
+        const float* vpg = vp.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
+        for (int64_t r = 0; r < rows_pv; r += PV_R)
+          for (int64_t c = 0; c < hdp; c += PV_C)
+            value_tile<PV_R>(sc.data() + r * Sp + j0, Sp, vpg + c, hdp, keys, ob.data() + r * hdp + c);
+      }
       for (int64_t r = 0; r < rows; r++) {
         const float inv = total[r] > 0 ? 1.0f / total[r] : 0.0f;
         for (int64_t d = 0; d < hd; d++) store(o + r * H * hd + d, ob[r * hdp + d] * inv);
@@ -1033,49 +1126,12 @@ int64_t panel_width() { return NB; }
 
 // ---- Products of a few dozen bfloat16 rows on AVX512-BF16 (a bfloat16 prompt's experts) -----------------------
 // oneDNN's bfloat16 product of an expert's ~50 rows runs at 222-271 GFLOP/s on the Zen 4 VM, of the 427 its large
-// products reach. Here as linear_panels for float32, with bfloat16 panels of pairs ([N / NB, K / 2, NB, 2]: the two
-// weights of rows 2p and 2p + 1 of a column side by side) and vdpbf16ps: each instruction adds a pair of products of
-// bfloat16 (exact in float32) to each of 16 float32 sums, two k a step.
+// products reach. Here as linear_panels for float32, with bfloat16 panels of pairs ([N / NB, K / 2, NB, 2]) and
+// tile_bf16: ~370.
 #if defined(__AVX512BF16__)
-constexpr bool BF16_PANELS = true;
-
-template <int R>
-void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w, const char* ahead, int64_t lines, float* out,
-               int64_t os) {
-  constexpr int KU = 4, C = NB / 16;  // pairs a step between the L2 requests; vectors of a panel's row of pairs
-  __m512 acc[R][C];
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-  const int64_t pairs = K / 2;
-  const uint64_t step = ahead != nullptr && pairs > 0 ? (static_cast<uint64_t>(lines) << 16) / pairs * KU : 0;
-  uint64_t at = 0;
-  int64_t asked = 0, p = 0;
-  auto multiply_add = [&](int64_t p) __attribute__((always_inline)) {
-    __m512bh wk[C];
-    for (int c = 0; c < C; c++) wk[c] = (__m512bh)_mm512_loadu_si512(w + (p * NB + c * 16) * 2);
-    for (int r = 0; r < R; r++) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * K + 2 * p, sizeof pair);
-      const __m512bh xr = (__m512bh)_mm512_set1_epi32(pair);
-      for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xr, wk[c]);
-    }
-  };
-  for (; p + KU <= pairs; p += KU) {
-    if (ahead != nullptr)
-      for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
-        _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
-#pragma GCC unroll 4
-    for (int u = 0; u < KU; u++) multiply_add(p + u);
-  }
-  for (; p < pairs; p++) multiply_add(p);
-  for (; ahead != nullptr && asked < lines; asked++) _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
-  for (int r = 0; r < R; r++)
-    for (int c = 0; c < C; c++) _mm512_storeu_ps(out + r * os + c * 16, acc[r][c]);
-}
-
 template <int... R>
 constexpr auto tiles_bf16(std::integer_sequence<int, R...>) {
-  return std::array{tile_bf16<R + 1>...};
+  return std::array{tile_bf16<R + 1, NB / 16>...};
 }
 
 // out [M, NB] (row stride os) = x [M, K] @ panel (bfloat16 pairs), in float32; as panel_product.
@@ -1087,12 +1143,10 @@ void panel_product(const uint16_t* x, int64_t M, int64_t K, const uint16_t* pane
     const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
                   l1 = lines * (i + 1) / tiles_;
     const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
-    row_tile[rows - 1](x + r * K, K, panel, ahead, l1 - l0, out + r * os, os);
+    row_tile[rows - 1](x + r * K, K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
   }
 }
 #else
-constexpr bool BF16_PANELS = false;
-
 void panel_product(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t) {
   TORCH_CHECK(false, "moe_prompt: bfloat16 panels need AVX512-BF16");
 }
