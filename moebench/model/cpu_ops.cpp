@@ -132,7 +132,7 @@ inline void prefetch(const void* p) {
   _mm_prefetch(c + kPrefetchL2 + 64, _MM_HINT_T1);
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
+#if defined(__AVX2__)  // (AVX-512 without AVX512-BF16 too: bfloat16 dot products take the AVX2 path)
 inline float hsum(__m256 v) {  // the 8 lanes' sum
   __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   h = _mm_add_ps(h, _mm_movehl_ps(h, h));
@@ -806,6 +806,11 @@ void tile_bf16(const uint16_t* x, int64_t xs, int64_t K, const uint16_t* w, int6
 }
 #else
 constexpr bool BF16_PANELS = false;
+
+template <int R, int C>  // (unreachable: every caller stands behind BF16_PANELS)
+void tile_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, const char*, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "bfloat16 pairs need AVX512-BF16");
+}
 #endif
 
 // ---- Attention of many queries (context encoding) -------------------------------------------------------------
@@ -1081,21 +1086,39 @@ constexpr auto tiles(std::integer_sequence<int, R...>) {
   return std::array{tile<R + 1, NB / W>...};
 }
 
+template <int... R>
+constexpr auto tiles_bf16(std::integer_sequence<int, R...>) {
+  return std::array{tile_bf16<R + 1, NB / 16>...};
+}
+
+// The register tiles of 1 to LR rows for panel_product<P>.
+template <typename P>
+constexpr auto row_tiles() {
+  if constexpr (std::is_same_v<P, float>)
+    return tiles(std::make_integer_sequence<int, LR>{});
+  else
+    return tiles_bf16(std::make_integer_sequence<int, LR>{});
+}
+
 // out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32. The tiles ask the L2 cache for `next` (the next
 // panel of the same shape, or null), each for its share, so that the next panel's reads from memory spread over the
 // whole of this panel's arithmetic (the first tile alone asking for all of it stalled on the memory: ~75 against
 // ~110 GFLOP/s a core on the Xeon VM).
-void panel_product(const float* x, int64_t M, int64_t K, const float* panel, const float* next, float* out,
-                   int64_t os) {
-  static constexpr auto row_tile = tiles(std::make_integer_sequence<int, LR>{});
+// P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16).
+template <typename P>
+void panel_product(const P* x, int64_t M, int64_t K, const P* panel, const P* next, float* out, int64_t os) {
+  static constexpr auto row_tile = row_tiles<P>();
   // Tiles of rows as equal as can be (50 rows: five of 6 and four of 5, not eight of 6 and one of 2: a tile of 2
   // rows has too few sums in flight to keep the multiply-add units busy).
-  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(float)) / 64;
+  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(P)) / 64;
   for (int64_t i = 0; i < tiles_; i++) {
     const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
                   l1 = lines * (i + 1) / tiles_;
     const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
-    row_tile[rows - 1](x + r * K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
+    if constexpr (std::is_same_v<P, float>)
+      row_tile[rows - 1](x + r * K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
+    else
+      row_tile[rows - 1](x + r * K, K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
   }
 }
 
@@ -1126,32 +1149,8 @@ int64_t panel_width() { return NB; }
 
 // ---- Products of a few dozen bfloat16 rows on AVX512-BF16 (a bfloat16 prompt's experts) -----------------------
 // oneDNN's bfloat16 product of an expert's ~50 rows runs at 222-271 GFLOP/s on the Zen 4 VM, of the 427 its large
-// products reach. Here as linear_panels for float32, with bfloat16 panels of pairs ([N / NB, K / 2, NB, 2]) and
-// tile_bf16: ~370.
-#if defined(__AVX512BF16__)
-template <int... R>
-constexpr auto tiles_bf16(std::integer_sequence<int, R...>) {
-  return std::array{tile_bf16<R + 1, NB / 16>...};
-}
-
-// out [M, NB] (row stride os) = x [M, K] @ panel (bfloat16 pairs), in float32; as panel_product.
-void panel_product(const uint16_t* x, int64_t M, int64_t K, const uint16_t* panel, const uint16_t* next, float* out,
-                   int64_t os) {
-  static constexpr auto row_tile = tiles_bf16(std::make_integer_sequence<int, LR>{});
-  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(uint16_t)) / 64;
-  for (int64_t i = 0; i < tiles_; i++) {
-    const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
-                  l1 = lines * (i + 1) / tiles_;
-    const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
-    row_tile[rows - 1](x + r * K, K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
-  }
-}
-#else
-void panel_product(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*, float*, int64_t) {
-  TORCH_CHECK(false, "moe_prompt: bfloat16 panels need AVX512-BF16");
-}
-#endif
-
+// products reach. panel_product<uint16_t> does it as linear_panels does float32, with bfloat16 panels of pairs
+// ([N / NB, K / 2, NB, 2]) and tile_bf16: ~370.
 bool bf16_panels() { return BF16_PANELS; }
 
 // ---- A prompt's experts in one call (moe_prompt) ----------------------------------------------------------------

@@ -140,28 +140,22 @@ def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
             and ids.shape[-1] <= 64 and w_down.shape[-1] % torch.ops.moebench_cpu.panel_width() == 0)
 
 
+AMX = torch.cpu._is_amx_tile_supported()
+
+
 def pair_panels_usable(x: torch.Tensor) -> bool:
     """True when moe_prompt takes bfloat16 panels of pairs for x's rows here (x bfloat16; AVX512-BF16, and no AMX,
     whose tiles carry oneDNN's bfloat16 products far faster than vdpbf16ps)."""
     return LOADED and x.dtype == torch.bfloat16 and torch.ops.moebench_cpu.bf16_panels() and not AMX
 
 
-AMX = torch.cpu._is_amx_tile_supported()
-
-
 def pair_panels(w: torch.Tensor) -> torch.Tensor:
     """w [E, N, K] bfloat16 -> [E, N / NB, K / 2, NB, 2], for moe_prompt with AVX512-BF16: each panel NB output
     columns, the weights of rows 2p and 2p + 1 of each column side by side (one vdpbf16ps operand), made once per
     weight, in huge pages where the machine has them."""
-    def pack(w):
-        E, N, K = w.shape
-        nb = torch.ops.moebench_cpu.panel_width()
-        layout = w.view(E, N // nb, nb, K // 2, 2).permute(0, 1, 3, 2, 4)
-        nbytes = w.numel() * 2
-        huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
-        out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
-        return out.view(torch.bfloat16).view(layout.shape).copy_(layout)
-    return derived(w, "pair_panels", pack)
+    def layout(w, E, N, K, nb):
+        return w.view(E, N // nb, nb, K // 2, 2).permute(0, 1, 3, 2, 4)
+    return derived(w, "pair_panels", lambda w: _packed(w, layout, torch.bfloat16))
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:
@@ -170,12 +164,17 @@ def panels(w: torch.Tensor) -> torch.Tensor:
     machine has them (moebench.engine.hugepages: a prompt streams every expert's weights once a layer). Float32 for
     bfloat16 weights too: twice the memory of bfloat16 panels, but widened in the cache panel by panel a prompt's
     experts ran 7-12% slower (Xeon VM)."""
-    def pack(w):
-        E, N, K = w.shape
-        nb = torch.ops.moebench_cpu.panel_width()
-        layout = w.view(E, N // nb, nb, K).transpose(2, 3)
-        nbytes = w.numel() * 4
-        huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
-        out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
-        return out.view(torch.float32).view(layout.shape).copy_(layout)
-    return derived(w, "panels", pack)
+    def layout(w, E, N, K, nb):
+        return w.view(E, N // nb, nb, K).transpose(2, 3)
+    return derived(w, "panels", lambda w: _packed(w, layout, torch.float32))
+
+
+def _packed(w: torch.Tensor, layout, dtype: torch.dtype) -> torch.Tensor:
+    """w [E, N, K] laid out as layout(w, E, N, K, NB) gives, copied into a buffer of `dtype` (huge pages where the
+    machine has them and the buffer is large enough)."""
+    E, N, K = w.shape
+    view = layout(w, E, N, K, torch.ops.moebench_cpu.panel_width())
+    nbytes = w.numel() * dtype.itemsize
+    huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
+    out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
+    return out.view(dtype).view(view.shape).copy_(view)
