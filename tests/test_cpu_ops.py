@@ -637,7 +637,8 @@ def test_without_the_operators_decode_keeps_inductors_loops(monkeypatch, capsys)
 def test_the_operators_compile_for_other_cpus(march):
     """-march=native picks the source's paths by this CPU's flags: the others must compile too (no AVX2; AVX2 without
     AVX-512; AVX-512 without AVX512-BF16, whose build once failed unseen on machines that have it)."""
-    flags = [f"-march={march}" if f == "-march=native" else f for f in cpu_ops._flags() if f not in ("-shared", "-fPIC")]
+    flags = [f"-march={march}" if f == "-march=native" else f
+             for f in cpu_ops._flags() if f not in ("-shared", "-fPIC")]
     done = subprocess.run([os.environ.get("CXX", "g++"), *flags, "-fsyntax-only", str(cpu_ops.SOURCE)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
