@@ -899,6 +899,25 @@ inline vi seen_lanes(const bool* row, int64_t j, int64_t S, int64_t stride) {
   return lanes;
 }
 
+// out[2 d + 0/1] = a[d], b[d] for d < n (b null: zeros): two rows of values side by side, as tile_bf16's pairs.
+inline void interleave(const uint16_t* a, const uint16_t* b, int64_t n, uint16_t* out) {
+  int64_t d = 0;
+#if defined(__AVX512BW__)
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                      5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0),
+                hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (; d + 32 <= n; d += 32) {
+    const __m512i x = _mm512_loadu_si512(a + d), y = b != nullptr ? _mm512_loadu_si512(b + d) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + 2 * d, _mm512_permutex2var_epi16(x, lo, y));
+    _mm512_storeu_si512(out + 2 * d + 32, _mm512_permutex2var_epi16(x, hi, y));
+  }
+#endif
+  for (; d < n; d++) {
+    out[2 * d] = a[d];
+    out[2 * d + 1] = b != nullptr ? b[d] : 0;
+  }
+}
+
 // q [B, H, T, hd], k and v [B, Hkv, S, hd], mask [B, ., T, S] (any strides but the rows': *s are the strides) ->
 // out [B, T, H, hd] contiguous.
 template <typename T>
@@ -915,6 +934,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
   std::vector<float> kt(widened * hd), vp(widened * hdp);  // keys transposed, values padded: float32
   std::vector<uint16_t> kp(paired * hd), vq(paired * hdp);
   std::vector<int64_t> lo(B * nq), hi(B * nq);  // the key range each block of queries sees (multiples of KB)
+  std::vector<int64_t> ends(B * Tq);             // each query's: one past its last seen key, rounded up to W
   auto m = [&](int64_t b, int64_t t, int64_t j) { return mask[b * ms[0] + t * ms[2] + j * ms[3]]; };
 #pragma omp parallel
   {
@@ -924,11 +944,10 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
       if constexpr (BF16_DOTS) {
         if (pairs) {
           uint16_t *kpg = kp.data() + bg * hd * Sp, *vqg = vq.data() + bg * Sp * hdp;
-          for (int64_t j = 0; j < S; j++)
-            for (int64_t d = 0; d < hd; d++) {
-              kpg[(d / 2 * Sp + j) * 2 + d % 2] = kh[j * ks[2] + d];
-              vqg[(j / 2 * hdp + d) * 2 + j % 2] = vh[j * vs[2] + d];
-            }
+          for (int64_t j = 0; j < S; j++)  // each key's hd / 2 pairs, one 32-bit copy each (the rest: zeros)
+            for (int64_t d = 0; d < hd; d += 2) std::memcpy(kpg + (d / 2 * Sp + j) * 2, kh + j * ks[2] + d, 4);
+          for (int64_t j = 0; j < S; j += 2)  // rows j and j + 1 side by side (after the last: zeros)
+            interleave(vh + j * vs[2], j + 1 < S ? vh + (j + 1) * vs[2] : nullptr, hd, vqg + j / 2 * hdp * 2);
           continue;
         }
       }
@@ -951,21 +970,35 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
       }
       lo[bq] = first / KB * KB;
       hi[bq] = last < first ? lo[bq] : (last / KB + 1) * KB;
+      for (int64_t t = t0; t < t1; t++) {  // (from the block's last key down: a causal row's few steps)
+        int64_t end = lo[bq];
+        for (int64_t j = last; j >= first; j--)
+          if (m(b, t, j)) { end = (j / W + 1) * W; break; }
+        ends[b * Tq + t] = end;
+      }
     }
     std::vector<float> qb(MQ * hd), sc(MQ * Sp), ob(MQ * hdp), total(MQ);
     std::vector<uint16_t> qp(pairs ? MQ * hd : 0), pp(pairs ? MQ * Sp : 0);  // (pairs: q's rows, the probabilities)
-    // Items: (query block, batch row, head), the last query blocks (the most keys, when causal) first.
+    // Items: (query block, batch row, head), the last query blocks (the most keys, when causal) first. Each tile of
+    // rows takes the keys up to its rows' last (a causal block's diagonal: about half its keys), each row's softmax
+    // its own, the probabilities past them zeros.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < nq * B * H; item++) {
       const int64_t qi = nq - 1 - item / (B * H), b = item % (B * H) / H, h = item % H, g = h / (H / Hkv);
       const int64_t t0 = qi * MQ, rows = std::min<int64_t>(MQ, Tq - t0), j0 = lo[b * nq + qi], j1 = hi[b * nq + qi];
-      const int64_t keys = j1 - j0;
       T* o = out + ((b * Tq + t0) * H + h) * hd;
-      if (keys == 0) {  // every key masked: zeros, as the library's attention gives
+      if (j1 == j0) {  // every key masked: zeros, as the library's attention gives
         for (int64_t r = 0; r < rows; r++)
           for (int64_t d = 0; d < hd; d++) store(o + r * H * hd + d, 0.0f);
         continue;
       }
+      int64_t end[MQ];  // one past each row's keys (multiples of W; j0: none)
+      for (int64_t r = 0; r < MQ; r++) end[r] = r < rows ? ends[b * Tq + t0 + r] : j0;
+      auto tile_end = [&](int64_t r, int64_t n, int64_t to) {  // rows r.. r + n - 1's last key, rounded up to `to`
+        int64_t e = j0;
+        for (int64_t i = r; i < r + n; i++) e = std::max(e, end[i]);
+        return j0 + (e - j0 + to - 1) / to * to;
+      };
       const T* qh = q + b * qs[0] + h * qs[1] + t0 * qs[2];
       const int64_t rows_qk = (rows + QK_R - 1) / QK_R * QK_R;
       float post = 1.0f;  // the scores' scale where q is not scaled first
@@ -975,7 +1008,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
             for (int64_t d = 0; d < hd; d++) qp[r * hd + d] = r < rows ? qh[r * qs[2] + d] : 0;
           const uint16_t* kpg = kp.data() + (b * Hkv + g) * hd * Sp;
           for (int64_t r = 0; r < rows_qk; r += QK_R)
-            for (int64_t j = j0; j < j1; j += KB)
+            for (int64_t j = j0, e = tile_end(r, QK_R, KB); j < e; j += KB)
               tile_bf16<QK_R, KB / 16>(qp.data() + r * hd, hd, hd, kpg + j * 2, Sp, nullptr, 0,
                                        sc.data() + r * Sp + j, Sp);
           post = scale;
@@ -986,18 +1019,14 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
           for (int64_t d = 0; d < hd; d++) qb[r * hd + d] = r < rows ? load(qh + r * qs[2] + d) * scale : 0.0f;
         const float* ktg = kt.data() + (b * Hkv + g) * hd * Sp;
         for (int64_t r = 0; r < rows_qk; r += QK_R)
-          for (int64_t j = j0; j < j1; j += KB)
+          for (int64_t j = j0, e = tile_end(r, QK_R, KB); j < e; j += KB)
             tile<QK_R, 2>(qb.data() + r * hd, hd, ktg + j, Sp, nullptr, 0, sc.data() + r * Sp + j, Sp);
       }
-      for (int64_t r = 0; r < MQ; r++) {  // softmax of each row over its keys, in place: sc -> e^(s - max)
+      for (int64_t r = 0; r < rows; r++) {  // softmax of each row over its keys: e^(s - max), in sc (or pp: pairs)
         float* s = sc.data() + r * Sp;
-        if (r >= rows) {
-          std::fill(s + j0, s + j1, 0.0f);
-          continue;
-        }
         const bool* mr = mask + b * ms[0] + (t0 + r) * ms[2];
         vf top_w = vf{} - INFINITY;  // masked scores to -inf, and each lane's largest
-        for (int64_t j = j0; j < j1; j += W) {
+        for (int64_t j = j0; j < end[r]; j += W) {
           const vf sj = seen_lanes(mr, j, S, ms[3]) != 0 ? vload(s + j) * post : vf{} - INFINITY;
           vstore(s + j, sj);
           top_w = sj > top_w ? sj : top_w;
@@ -1005,14 +1034,17 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         float top = -INFINITY;
         for (int l = 0; l < W; l++) top = std::max(top, top_w[l]);
         if (top == -INFINITY) {  // a query that sees no key: zeros
-          std::fill(s + j0, s + j1, 0.0f);
+          end[r] = j0;
           total[r] = 0;
           continue;
         }
         vf sum_w = {};
-        for (int64_t j = j0; j < j1; j += W) {
+        for (int64_t j = j0; j < end[r]; j += W) {
           const vf e = exp_nonpositive(vload(s + j) - top);
-          vstore(s + j, e);
+          if (pairs)  // (rounded to bfloat16, as the library's attention rounds them)
+            vstore_to(pp.data() + r * Sp + j, e);
+          else
+            vstore(s + j, e);
           sum_w += e;
         }
         float sum = 0;
@@ -1020,22 +1052,31 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         total[r] = sum;
       }
       const int64_t rows_pv = (rows + PV_R - 1) / PV_R * PV_R;
-      if constexpr (BF16_DOTS) {
-        if (pairs) {
-          for (int64_t r = 0; r < rows_pv; r++)
-            for (int64_t j = j0; j < j1; j += W) vstore_to(pp.data() + r * Sp + j, vload(sc.data() + r * Sp + j));
-          const uint16_t* vqg = vq.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
-          for (int64_t r = 0; r < rows_pv; r += PV_R)
+      for (int64_t r = 0; r < rows_pv; r += PV_R) {
+        const int64_t e = tile_end(r, PV_R, W), keys = e - j0;
+        if (keys == 0) {
+          std::fill(ob.data() + r * hdp, ob.data() + (r + PV_R) * hdp, 0.0f);
+          continue;
+        }
+        for (int64_t i = r; i < r + PV_R; i++) {  // zeros from each row's last key to the tile's
+          if (pairs)
+            std::fill(pp.data() + i * Sp + end[i], pp.data() + i * Sp + e, uint16_t{0});
+          else
+            std::fill(sc.data() + i * Sp + end[i], sc.data() + i * Sp + e, 0.0f);
+        }
+        if constexpr (BF16_DOTS) {
+          if (pairs) {
+            const uint16_t* vqg = vq.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
             for (int64_t c = 0; c < hdp; c += PV_C)
               tile_bf16<PV_R, PV_C / 16>(pp.data() + r * Sp + j0, Sp, keys, vqg + c * 2, hdp, nullptr, 0,
                                          ob.data() + r * hdp + c, hdp);
+          }
         }
-      }
-      if (!pairs) {
-        const float* vpg = vp.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
-        for (int64_t r = 0; r < rows_pv; r += PV_R)
+        if (!pairs) {
+          const float* vpg = vp.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
           for (int64_t c = 0; c < hdp; c += PV_C)
             value_tile<PV_R>(sc.data() + r * Sp + j0, Sp, vpg + c, hdp, keys, ob.data() + r * hdp + c);
+        }
       }
       for (int64_t r = 0; r < rows; r++) {
         const float inv = total[r] > 0 ? 1.0f / total[r] : 0.0f;
@@ -1106,20 +1147,41 @@ constexpr auto row_tiles() {
 // ~110 GFLOP/s a core on the Xeon VM).
 // P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16).
 template <typename P>
-void panel_product(const P* x, int64_t M, int64_t K, const P* panel, const P* next, float* out, int64_t os) {
+void tile_rows(const P* x, int64_t rows, int64_t K, const P* panel, const char* ahead, int64_t lines, float* out,
+               int64_t os) {
   static constexpr auto row_tile = row_tiles<P>();
-  // Tiles of rows as equal as can be (50 rows: five of 6 and four of 5, not eight of 6 and one of 2: a tile of 2
-  // rows has too few sums in flight to keep the multiply-add units busy).
-  const int64_t tiles_ = (M + LR - 1) / LR, lines = K * NB * static_cast<int64_t>(sizeof(P)) / 64;
-  for (int64_t i = 0; i < tiles_; i++) {
-    const int64_t r = M * i / tiles_, rows = M * (i + 1) / tiles_ - r, l0 = lines * i / tiles_,
-                  l1 = lines * (i + 1) / tiles_;
-    const char* ahead = next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
-    if constexpr (std::is_same_v<P, float>)
-      row_tile[rows - 1](x + r * K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
-    else
-      row_tile[rows - 1](x + r * K, K, K, panel, NB, ahead, l1 - l0, out + r * os, os);
-  }
+  if constexpr (std::is_same_v<P, float>)
+    row_tile[rows - 1](x, K, panel, NB, ahead, lines, out, os);
+  else
+    row_tile[rows - 1](x, K, K, panel, NB, ahead, lines, out, os);
+}
+
+// f(r, rows, l0, l1) for M rows in tiles of at most LR rows, as equal as can be (50 rows: five of 6 and four of 5,
+// not eight of 6 and one of 2: a tile of 2 rows has too few sums in flight to keep the multiply-add units busy), and
+// each tile's share [l0, l1) of `lines` cache lines to ask for.
+template <typename F>
+void row_tiles_of(int64_t M, int64_t lines, F f) {
+  const int64_t tiles_ = (M + LR - 1) / LR;
+  for (int64_t i = 0; i < tiles_; i++)
+    f(M * i / tiles_, M * (i + 1) / tiles_ - M * i / tiles_, lines * i / tiles_, lines * (i + 1) / tiles_);
+}
+
+// Where a tile asks for its share [l0, l1) of `next` (or nothing, null).
+template <typename P>
+inline const char* ahead_of(const P* next, int64_t l0) {
+  return next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
+}
+
+// out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32. The tiles ask the L2 cache for `next` (the next
+// panel of the same shape, or null), each for its share, so that the next panel's reads from memory spread over the
+// whole of this panel's arithmetic (the first tile alone asking for all of it stalled on the memory: ~75 against
+// ~110 GFLOP/s a core on the Xeon VM).
+// P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16).
+template <typename P>
+void panel_product(const P* x, int64_t M, int64_t K, const P* panel, const P* next, float* out, int64_t os) {
+  row_tiles_of(M, K * NB * static_cast<int64_t>(sizeof(P)) / 64, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
+    tile_rows(x + r * K, rows, K, panel, ahead_of(next, l0), l1 - l0, out + r * os, os);
+  });
 }
 
 // x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32.
@@ -1156,10 +1218,12 @@ bool bf16_panels() { return BF16_PANELS; }
 // ---- A prompt's experts in one call (moe_prompt) ----------------------------------------------------------------
 // The MoE block's experts for T tokens, float32 arithmetic, as moebench.model.moe.experts_forward computes them with
 // one linear_panels product at a time (and the torch operations between them): the T k (token, expert) pairs sorted
-// by expert (stable); each expert's rows gathered (bfloat16 widened), gate and up products panel by panel with
-// silu(gate) * up done while both are in the cache, the down product; each pair's output times its weight, rounded
-// to x's dtype, then summed per token in float32 in the sorted order and rounded once (as torch's index_add_ of the
-// rounded rows: its CPU kernel sums bfloat16 in float32).
+// by expert (stable); each expert's rows gathered (bfloat16 widened), gate and up products panel by panel, a tile of
+// rows of each in turn, silu(gate) * up done on the two tiles' sums in registers' reach; the down product, each
+// tile's sums times their pair's weight and rounded to x's dtype as they leave it; then summed per token in float32
+// in the sorted order and rounded once (as torch's index_add_ of the rounded rows: its CPU kernel sums bfloat16 in
+// float32). (Whole panels of gate's and up's sums, then silu, then the weights in another pass: 1-3% slower on the
+// Zen 4 VM, a panel's rows of sums passing through L2 twice.)
 // The experts are shared among the threads, the largest first; each is computed by one thread alone, so the result
 // does not depend on the number of threads. Gone: two products per expert and the torch operations around them
 // (their dispatch and their buffers' page faults). The panels are float32 for bfloat16 weights too: widened in the
@@ -1186,18 +1250,19 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
   for (int64_t e = 0; e < E; e++) experts[e] = e;
   std::stable_sort(experts.begin(), experts.end(),
                    [&](int64_t a, int64_t b) { return start[a + 1] - start[a] > start[b + 1] - start[b]; });
-  thread_local std::vector<float> ys_;  // each pair's weighted output, in the sorted order
+  thread_local std::vector<T> ys_;  // each pair's weighted output (rounded to x's dtype), in the sorted order
   ys_.resize(pairs * D);
-  float* ys = ys_.data();
+  T* ys = ys_.data();
+  const int64_t bytes = NB * static_cast<int64_t>(sizeof(P)), lines1 = D * bytes / 64, lines2 = I * bytes / 64;
 #pragma omp parallel
   {
     thread_local std::vector<P> xe, h;  // (bfloat16 panels: the rows and silu(gate) * up in bfloat16)
-    thread_local std::vector<float> gu;
+    alignas(64) float g[LR * NB], u[LR * NB];  // a tile's sums
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < E; i++) {
       const int64_t e = experts[i], s = start[e], n = start[e + 1] - s;
       if (n == 0) continue;
-      xe.resize(n * D), gu.resize(n * 2 * NB), h.resize(n * I);
+      xe.resize(n * D), h.resize(n * I);
       for (int64_t r = 0; r < n; r++)
         for (int64_t d = 0; d < D; d++) {
           if constexpr (std::is_same_v<P, float>)
@@ -1206,21 +1271,27 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
             xe[r * D + d] = x[order[s + r] / k * D + d];
         }
       const P *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
-      for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q: h's columns q NB ...
+      for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q, a tile of rows at a time: h's columns q NB
         const P *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
-        panel_product(xe.data(), n, D, gate, up, gu.data(), 2 * NB);
-        panel_product(xe.data(), n, D, up, q + 1 < P1 ? gate + D * NB : w2, gu.data() + NB, 2 * NB);
-        for (int64_t r = 0; r < n; r++)
-          for (int c = 0; c < NB; c += W)
-            vstore_to(h.data() + r * I + q * NB + c,
-                      silu_times(vload(gu.data() + r * 2 * NB + c), vload(gu.data() + r * 2 * NB + NB + c)));
+        const P *next_gate = q + 1 < P1 ? gate + D * NB : w2, *next_up = q + 1 < P1 ? up + D * NB : nullptr;
+        row_tiles_of(n, lines1, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
+          tile_rows(xe.data() + r * D, rows, D, gate, ahead_of(next_gate, l0), l1 - l0, g, NB);
+          tile_rows(xe.data() + r * D, rows, D, up, ahead_of(next_up, l0), l1 - l0, u, NB);
+          for (int64_t j = 0; j < rows; j++)
+            for (int c = 0; c < NB; c += W)
+              vstore_to(h.data() + (r + j) * I + q * NB + c, silu_times(vload(g + j * NB + c), vload(u + j * NB + c)));
+        });
       }
-      float* ye = ys + s * D;
-      for (int64_t p = 0; p < P2; p++)
-        panel_product(h.data(), n, I, w2 + p * I * NB, p + 1 < P2 ? w2 + (p + 1) * I * NB : nullptr, ye + p * NB, D);
-      for (int64_t r = 0; r < n; r++) {
-        const vf wr = vf{} + load(weights + order[s + r]);
-        for (int64_t d = 0; d < D; d += W) vstore(ye + r * D + d, vround(vload(ye + r * D + d) * wr, x));
+      T* ye = ys + s * D;
+      for (int64_t p = 0; p < P2; p++) {  // the down product's panel p, each tile's rows times their pair's weight
+        const P *panel = w2 + p * I * NB, *next = p + 1 < P2 ? panel + I * NB : nullptr;
+        row_tiles_of(n, lines2, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
+          tile_rows(h.data() + r * I, rows, I, panel, ahead_of(next, l0), l1 - l0, g, NB);
+          for (int64_t j = 0; j < rows; j++) {
+            const vf wr = vf{} + load(weights + order[s + r + j]);
+            for (int c = 0; c < NB; c += W) vstore_to(ye + (r + j) * D + p * NB + c, vload(g + j * NB + c) * wr);
+          }
+        });
       }
     }
 #pragma omp for
@@ -1230,7 +1301,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
       std::sort(at, at + k);
       for (int64_t d = 0; d < D; d += W) {
         vf acc = {};
-        for (int64_t j = 0; j < k; j++) acc += vload(ys + at[j] * D + d);
+        for (int64_t j = 0; j < k; j++) acc += vload_as(ys + at[j] * D + d);
         vstore_to(out + t * D + d, acc);
       }
     }
