@@ -13,6 +13,7 @@ import torch
 from moebench.cli.args import positive
 from moebench.engine import hugepages
 from moebench.engine.generator import Engine
+from moebench.evaluation.benchmark import frozen_gc
 from moebench.model import onednn
 from moebench.model.loader import build_model, open_model
 from moebench.model.presets import PRESETS, preset_dir
@@ -50,13 +51,15 @@ MODELS = tuple(PRESETS)
 
 
 def timed(fn, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of fn, after one warm-up call."""
+    """Seconds of each of `repeats` calls of fn, after one warm-up call, the objects from before left out of the
+    garbage collector's passes (moebench.evaluation.benchmark.frozen_gc), as the harness times requests."""
     fn()
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+    with frozen_gc():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return times
 
 

@@ -24,6 +24,8 @@ import torch._inductor.config as inductor_config
 from _common import (DTYPES, MODELS, bandwidth, engines, kernel_seconds, names, out_path, positive_int,
                      write_results)
 
+from moebench.evaluation.benchmark import frozen_gc
+
 
 def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, float]:
     """(seconds of a decode step outside its computing kernels, the step's seconds): the step's time minus its
@@ -52,10 +54,11 @@ def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, 
 def moebench_decode(engine, prompt, n_tokens) -> float:
     """Tokens/s of greedy decode steps after the prefill."""
     tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
-    start = time.perf_counter()
-    for _ in range(n_tokens):
-        tok = engine.decode(tok).argmax(-1)
-    return n_tokens / (time.perf_counter() - start)
+    with frozen_gc():  # as the harness times requests
+        start = time.perf_counter()
+        for _ in range(n_tokens):
+            tok = engine.decode(tok).argmax(-1)
+        return n_tokens / (time.perf_counter() - start)
 
 
 class _StepClock:
@@ -73,7 +76,7 @@ def hf_decode(model, prompt, n_tokens) -> float:
     from transformers import LogitsProcessorList
 
     clock = _StepClock()
-    with torch.inference_mode():
+    with torch.inference_mode(), frozen_gc():
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_tokens + 1,
                        min_new_tokens=n_tokens + 1, do_sample=False, logits_processor=LogitsProcessorList([clock]),
                        pad_token_id=0)

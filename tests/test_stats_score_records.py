@@ -91,6 +91,44 @@ def test_one_new_token_reports_no_decode_section_and_its_page_renders():
     assert "reference e2e_model (the base, timed in turn)" in page and ">40<" in page.replace(".0<", "<")
 
 
+def test_a_timed_request_leaves_the_objects_from_before_out_of_the_collectors_passes_and_only_while_it_runs():
+    """time_request freezes the objects alive when it starts (a full collection over the harness's ~300 thousand
+    took ~155 ms, landing on whichever step it fell), collects what its steps leave as before, and unfreezes them
+    when it ends, by an error too."""
+    import gc
+
+    from moebench.evaluation.benchmark import time_request
+
+    class Engine:  # the engine's side of a timed request, recording the collector's state
+        device, sampling, frozen, collected = torch.device("cpu"), None, [], []
+
+        def prefill(self, ids, mask):
+            self.frozen.append(gc.get_freeze_count())
+            return torch.zeros(1, 4)
+
+        def decode(self, token):
+            cycle = []
+            cycle.append(cycle)  # garbage only the collector reclaims
+            del cycle
+            self.collected.append(gc.collect())
+            if len(self.collected) == 3:
+                raise RuntimeError("a step failed")
+            return torch.zeros(1, 4)
+
+        def pick(self, logits):
+            return logits.argmax(-1)
+
+    gc.collect()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    engine = Engine()
+    assert time_request(engine, ids, torch.ones_like(ids), 3, None).shape == (1, 3)
+    assert engine.frozen[0] > 1000 and gc.get_freeze_count() == 0  # (pytest's and torch's objects, then none)
+    assert all(n >= 1 for n in engine.collected)  # each step's cycle collected inside
+    with pytest.raises(RuntimeError, match="a step failed"):
+        time_request(engine, ids, torch.ones_like(ids), 3, None)
+    assert gc.get_freeze_count() == 0
+
+
 def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_turn_while_it_is_paused():
     """checked_benchmark with a reference: every warm-up and timed prompt goes to both, the reference first in every
     other pair (a shared machine's drift slows both alike; the seed's parity picks which, so that an odd number of

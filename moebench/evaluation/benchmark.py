@@ -1,5 +1,7 @@
 """The benchmark: timed greedy requests, per-submodel latencies, and benchmark_report.json's content."""
 
+import contextlib
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +16,21 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def frozen_gc():
+    """Leaves the Python objects alive on entry out of the garbage collector's passes until the exit (gc.freeze, as
+    vLLM's engine does once it has started): the model's, the harness's and the libraries' (~300 thousand once
+    transformers and Triton are imported). A full pass over them took ~155 ms on the Zen 4 VM, more than a whole
+    moebench-speed prompt, and the allocations of a request's steps set one off now and then, on whichever timed
+    prefill or decode step it fell: the harness process's Python, not the engine's speed. Objects made inside are
+    collected as before."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 @dataclass
 class Timings:
     """Seconds, per timed request: end to end, context encoding, and each decode step."""
@@ -26,33 +43,34 @@ class Timings:
 
 def time_request(engine: Engine, input_ids, attention_mask, new_tokens: int, timings: Timings | None) -> torch.Tensor:
     """One greedy request of exactly new_tokens tokens (no early stop and no EOS chosen: the engine's banned ids, as
-    the original's min = max new tokens). The device is synchronised before each clock reading. Returns the tokens
-    [B, new_tokens]."""
-    device = engine.device
-    _sync(device)
-    start = time.perf_counter()
-    logits = engine.prefill(input_ids, attention_mask)
-    _sync(device)
-    context_end = time.perf_counter()
-    tokens = [engine.pick(logits)]
-    _sync(device)
-    first = time.perf_counter()
-    steps = []
-    draw = torch.zeros(input_ids.shape[0])  # on-device sampling here is greedy: the draw is unused
-    for _ in range(new_tokens - 1):
-        t = time.perf_counter()
-        if engine.sampling is None:
-            tokens.append(engine.pick(engine.decode(tokens[-1])))
-        else:  # the token-generation graph returns the token ids itself (its argmax bans the same ids)
-            tokens.append(engine.decode_sampled(tokens[-1], draw)[0])
+    the original's min = max new tokens). The device is synchronised before each clock reading, and the garbage
+    collector leaves the objects from before the request alone (frozen_gc). Returns the tokens [B, new_tokens]."""
+    with frozen_gc():
+        device = engine.device
         _sync(device)
-        steps.append(time.perf_counter() - t)
-    end = time.perf_counter()
-    if timings is not None:
-        timings.e2e.append(end - start)
-        timings.ttft.append(first - start)
-        timings.context.append(context_end - start)
-        timings.steps.append(steps)
+        start = time.perf_counter()
+        logits = engine.prefill(input_ids, attention_mask)
+        _sync(device)
+        context_end = time.perf_counter()
+        tokens = [engine.pick(logits)]
+        _sync(device)
+        first = time.perf_counter()
+        steps = []
+        draw = torch.zeros(input_ids.shape[0])  # on-device sampling here is greedy: the draw is unused
+        for _ in range(new_tokens - 1):
+            t = time.perf_counter()
+            if engine.sampling is None:
+                tokens.append(engine.pick(engine.decode(tokens[-1])))
+            else:  # the token-generation graph returns the token ids itself (its argmax bans the same ids)
+                tokens.append(engine.decode_sampled(tokens[-1], draw)[0])
+            _sync(device)
+            steps.append(time.perf_counter() - t)
+        end = time.perf_counter()
+        if timings is not None:
+            timings.e2e.append(end - start)
+            timings.ttft.append(first - start)
+            timings.context.append(context_end - start)
+            timings.steps.append(steps)
     return torch.stack(tokens, 1)
 
 
