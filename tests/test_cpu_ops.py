@@ -187,6 +187,26 @@ def test_rms_norm_rows_is_the_torch_rms_norm(threads, dtype, shape):
         torch.ops.moebench_cpu.rms_norm_rows(x, norm.weight[1:], norm.eps)
 
 
+def test_the_operators_round_to_bfloat16_bit_for_bit_as_torch_at_the_edges(threads):
+    """Rounding to bfloat16 (AVX512-BF16's conversion instruction where there is one) is torch's bit for bit: ties to
+    even, overflow to infinity, zeros' signs, denormals kept (the instruction flushes them) and every NaN 0x7fc0 (the
+    instruction keeps sign and payload). Through rms_norm_rows: its output is the weight times the normed row."""
+    tiny = torch.finfo(torch.bfloat16).smallest_normal
+    specials = torch.tensor([tiny / 2, -tiny / 4, tiny / 64, float("nan"), -float("nan"), float("inf"), -0.0, 0.0,
+                             3e38, -3e38, 1.0, -2.5, 1 + 2**-8, 1 + 3 * 2**-8, 7.0, 0.1], dtype=torch.bfloat16)
+    w = specials.repeat(4)  # D = 64: whole vectors
+    x = (torch.arange(1, 65, dtype=torch.float32) / 64).to(torch.bfloat16).expand(3, 64).clone()
+    x[1] = 1.0  # the normed row is 1 exactly: products are the weights, some of them ties or past the largest
+    x[2, 5] = float("nan")  # a whole row of NaNs
+    got = torch.ops.moebench_cpu.rms_norm_rows(x, w, 1e-6)
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    assert (want[0].float().abs() < tiny).any() and (want[0] != 0).any()  # denormals among the results
+    nan = want.isnan()  # (torch's own NaN bits vary with its kernel: 0x7fc0 one at a time, 0xffff vectorised)
+    assert torch.equal(got.isnan(), nan) and nan[2].all()
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def test_a_prompt_s_attention_block_norms_and_rotates_in_cpp(monkeypatch):
     # The model's prompt (eager, CPU) calls qk_norm_rope; its logits and cache are those of the torch operations.
     model = random_model(PRESETS["moebench-tiny"], seed=3)

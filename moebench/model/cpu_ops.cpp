@@ -94,15 +94,32 @@ inline vf vfma(vf a, vf b, vf c) {
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 
-inline vu bf16_bits(vf v) {
+inline vu bf16_bits_twiddled(vf v) {
   const vu u = (vu)v, nan = (u & 0x7fffffffu) > 0x7f800000u;
   return nan ? vu{} + 0x7fc00000u : (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+}
+// The W bfloat16s themselves. With AVX512-BF16 one conversion instruction (nearest even) does the six operations
+// above; it flushes denormals to zero and keeps a NaN's sign and payload bits where torch keeps the denormal and gives
+// 0x7fc0, so a vector holding either takes the twiddling instead (a branch: exact either way).
+inline vh bf16_halves(vf v) {
+#if defined(__AVX512BF16__)
+  if (!_mm512_fpclass_ps_mask((__m512)v, 0x01 | 0x20 | 0x80)) [[likely]]  // no quiet NaN, denormal, signalling NaN
+    return (vh)_mm512_cvtneps_pbh((__m512)v);
+#endif
+  return __builtin_convertvector(bf16_bits_twiddled(v) >> 16, vh);
+}
+inline vu bf16_bits(vf v) {
+#if defined(__AVX512BF16__)
+  return (vu)_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)bf16_halves(v)), 16);
+#else
+  return bf16_bits_twiddled(v);
+#endif
 }
 inline vf vround(vf v, const float*) { return v; }
 inline vf vround(vf v, const uint16_t*) { return (vf)bf16_bits(v); }
 inline void vstore_to(float* p, vf v) { vstore(p, v); }
 inline void vstore_to(uint16_t* p, vf v) {
-  const vh h = __builtin_convertvector(bf16_bits(v) >> 16, vh);
+  const vh h = bf16_halves(v);
   std::memcpy(p, &h, sizeof h);
 }
 inline vf vload_as(const float* p) { return vload(p); }  // W elements as floats (bfloat16 widened)
