@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
+from moebench.evaluation import flops
 from moebench.model import cpu_ops, moe
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
@@ -289,6 +290,61 @@ def test_linear_panels_matches_f_linear(threads, M, N, K):
         w.mul_(2)  # an in-place change: packed again
     torch.testing.assert_close(torch.ops.moebench_cpu.linear_panels(x, cpu_ops.panels(w)[1]), x @ w[1].T,
                                rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("M, N, K", [(2, 64, 48), (13, 192, 128), (50, 768, 384)])
+def test_linear_panels_on_bfloat16_pairs_and_with_a_residual_is_the_torch_product(threads, M, N, K):
+    # bfloat16 x with bfloat16 panels of pairs (AVX512-BF16): float32 sums, each rounded once, as the library's
+    # bfloat16 product rounds them; with a residual, residual + the rounded product rounded again, as the model's
+    # `residual + linear(x)`. Float32 too (the residual's add exact there).
+    g = torch.Generator().manual_seed(M)
+    w, x, res = torch.randn(N, K, generator=g) / 8, torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
+    got = torch.ops.moebench_cpu.linear_panels(x, cpu_ops.panels(w), res)
+    torch.testing.assert_close(got, res + x @ w.T, rtol=1e-5, atol=1e-4)
+    count = flops.CPU_OP_MACS["moebench_cpu::linear_panels"]  # the MAC count's formula: the product's M N K
+    assert count(x, cpu_ops.panels(w), res) == count(x, cpu_ops.panels(w)) == M * N * K
+    if not cpu_ops.pair_panels_usable(torch.empty(0, dtype=torch.bfloat16)):
+        pytest.skip("this CPU has no AVX512-BF16, or has AMX (its bfloat16 products take oneDNN's)")
+    x, w, res = x.bfloat16(), w.bfloat16(), res.bfloat16()
+    pairs = cpu_ops.pair_panels(w)
+    assert pairs.shape == (N // 64, K // 2, 64, 2) and pairs is cpu_ops.pair_panels(w)  # packed once
+    exact = x.double() @ w.double().T  # float32 sums of exact products: within a few float32 roundings
+    got = torch.ops.moebench_cpu.linear_panels(x, pairs)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()  # each one rounding from exact
+    assert (got.double() - exact).abs().mean() < 1.2 * (exact.bfloat16().double() - exact).abs().mean() + 1e-6
+    assert count(x, pairs, res) == M * N * K
+    summed = torch.ops.moebench_cpu.linear_panels(x, pairs, res)
+    assert torch.equal(summed, res + got)  # the add after the product's rounding, then rounded
+    with pytest.raises(RuntimeError, match="residual \\[M, N\\] in x's dtype"):
+        torch.ops.moebench_cpu.linear_panels(x, pairs, res.float())
+    with pytest.raises(RuntimeError, match="bfloat16 x with bfloat16 panels of pairs"):
+        torch.ops.moebench_cpu.linear_panels(x.float(), pairs)
+
+
+def test_a_prompt_s_products_run_on_panels_with_the_residual_add_fused(monkeypatch):
+    # The model's prompt (eager, CPU) runs its projections through linear_panels (the output projection with the
+    # residual add in it); its logits and cache are those of oneDNN's products to their summation order.
+    model = random_model(PRESETS["moebench-tiny"], seed=4)
+    prompt = torch.randint(1, 200, (1, 21))
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = Engine(model.to(dtype), batch=1, max_len=32, compile=False)
+        with torch.profiler.profile() as prof:
+            got = engine.prefill(prompt, torch.ones_like(prompt))
+        names = [e.name for e in prof.events()]
+        if not cpu_ops.products_usable(torch.empty(2, 128, dtype=dtype), model.lm_head.weight, dtype):
+            assert "moebench_cpu::linear_panels" not in names
+            continue
+        layers = len(model.model.layers)
+        assert names.count("moebench_cpu::linear_panels") == 4 * layers  # q, k, v, o (not the router: 8 columns)
+        with monkeypatch.context() as m, torch.profiler.profile() as prof:
+            m.setattr(cpu_ops, "products_usable", lambda *a: False)
+            want = engine.prefill(prompt, torch.ones_like(prompt))
+        library = [e.name for e in prof.events()]
+        assert "moebench_cpu::linear_panels" not in library
+        assert library.count("aten::add") == names.count("aten::add") + layers  # the attention's residual adds
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+        torch.testing.assert_close(got, want, **tol)
 
 
 def prompt_experts(x, ids, weights, w_gate_up, w_down):

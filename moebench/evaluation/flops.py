@@ -106,7 +106,7 @@ MATMUL_BY_NAME = {str(op): f for op, f in MATMUL_MACS.items()}
 # row, the experts' products.
 CPU_OP_MACS = {
     "moebench_cpu::attend_block": _attention_macs,
-    "moebench_cpu::linear_panels": lambda x, panels: prod(_shape(x)[:-1]) * prod(_shape(panels)),
+    "moebench_cpu::linear_panels": lambda x, panels, *_: prod(_shape(x)[:-1]) * prod(_shape(panels)),  # (pairs too)
     "moebench_cpu::linear_row": lambda x, w: prod(_shape(x)[:-1]) * prod(_shape(w)),  # a prompt's LM head, eager
     # A prompt's experts: each (token, expert) pair through one expert's gate, up and down products.
     "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down: prod(_shape(ids)) * (

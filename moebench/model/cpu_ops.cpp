@@ -2,7 +2,8 @@
 // compiled decode steps, moebench_cpu::linear_row, moe_route_decode (one token's whole MoE block, its norm and
 // residual add included, in one parallel region), moe_decode (the experts alone), attention_decode (the same for the
 // attention block) and attend_row; for prompts (eager): attend_block (the attention of many queries), moe_prompt
-// (every expert), linear_panels (one product of a few dozen rows), qk_norm_rope and rms_norm_rows (below).
+// (every expert), linear_panels (a prompt's projections, the residual add fused), qk_norm_rope and rms_norm_rows
+// (below).
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this
@@ -1149,7 +1150,7 @@ constexpr auto tiles_bf16(std::integer_sequence<int, R...>) {
   return std::array{tile_bf16<R + 1, NB / 16>...};
 }
 
-// The register tiles of 1 to LR rows for panel_product<P>.
+// The register tiles of 1 to LR rows for tile_rows<P>.
 template <typename P>
 constexpr auto row_tiles() {
   if constexpr (std::is_same_v<P, float>)
@@ -1158,10 +1159,10 @@ constexpr auto row_tiles() {
     return tiles_bf16(std::make_integer_sequence<int, LR>{});
 }
 
-// out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32. The tiles ask the L2 cache for `next` (the next
-// panel of the same shape, or null), each for its share, so that the next panel's reads from memory spread over the
-// whole of this panel's arithmetic (the first tile alone asking for all of it stalled on the memory: ~75 against
-// ~110 GFLOP/s a core on the Xeon VM).
+// out [rows, NB] (row stride os) = x [rows, K] (row stride K) @ panel [K, NB], in float32, rows <= LR: one register
+// tile. It asks the L2 cache for `lines` cache lines from `ahead` (its share of the next panel, or null): the tiles of
+// a panel spread the next one's reads from memory over the whole of its arithmetic (the first tile alone asking for
+// all of it stalled on the memory: ~75 against ~110 GFLOP/s a core on the Xeon VM).
 // P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16).
 template <typename P>
 void tile_rows(const P* x, int64_t rows, int64_t K, const P* panel, const char* ahead, int64_t lines, float* out,
@@ -1189,37 +1190,59 @@ inline const char* ahead_of(const P* next, int64_t l0) {
   return next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
 }
 
-// out [M, NB] (row stride os) = x [M, K] @ panel [K, NB], in float32. The tiles ask the L2 cache for `next` (the next
-// panel of the same shape, or null), each for its share, so that the next panel's reads from memory spread over the
-// whole of this panel's arithmetic (the first tile alone asking for all of it stalled on the memory: ~75 against
-// ~110 GFLOP/s a core on the Xeon VM).
-// P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16).
-template <typename P>
-void panel_product(const P* x, int64_t M, int64_t K, const P* panel, const P* next, float* out, int64_t os) {
-  row_tiles_of(M, K * NB * static_cast<int64_t>(sizeof(P)) / 64, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
-    tile_rows(x + r * K, rows, K, panel, ahead_of(next, l0), l1 - l0, out + r * os, os);
-  });
-}
-
-// x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32.
-at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_) {
-  TORCH_CHECK(x_.dim() == 2 && panels_.dim() == 3 && panels_.size(1) == x_.size(1) && panels_.size(2) == NB,
-              "linear_panels: x [M, K], panels [N / ", NB, ", K, ", NB, "]");
-  TORCH_CHECK(x_.scalar_type() == at::kFloat && panels_.scalar_type() == at::kFloat, "linear_panels: float32");
+// x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32. With AVX512-BF16, a bfloat16 x
+// with bfloat16 panels of pairs [N / NB, K / 2, NB, 2] instead -> out [M, N] in bfloat16 (sums in float32, each
+// rounded once, as oneDNN's bfloat16 products round them). With `residual` [M, N] (x's dtype): residual + the
+// product, the product rounded first, as the torch model's `residual + linear(x)`.
+at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const std::optional<at::Tensor>& residual_) {
+  const bool pairs = panels_.dim() == 4;
+  const int64_t half = pairs ? 2 : 1;  // the panels' K as stored: K / 2 rows of pairs
+  TORCH_CHECK(x_.dim() == 2 && panels_.dim() == 3 + pairs && panels_.size(1) * half == x_.size(1) &&
+                  panels_.size(2) == NB && (!pairs || panels_.size(3) == 2),
+              "linear_panels: x [M, K], panels [N / ", NB, ", K, ", NB, "] (or, bfloat16 pairs, [N / ", NB,
+              ", K / 2, ", NB, ", 2])");
+  TORCH_CHECK(pairs ? x_.scalar_type() == at::kBFloat16 && panels_.scalar_type() == at::kBFloat16
+                    : x_.scalar_type() == at::kFloat && panels_.scalar_type() == at::kFloat,
+              "linear_panels: float32, or bfloat16 x with bfloat16 panels of pairs");
+  TORCH_CHECK(!pairs || BF16_PANELS, "linear_panels: bfloat16 panels need AVX512-BF16");
   const at::Tensor x = x_.contiguous(), panels = panels_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), N = P * NB;
+  TORCH_CHECK(!residual_ || (residual_->dim() == 2 && residual_->size(0) == M && residual_->size(1) == N &&
+                             residual_->scalar_type() == x.scalar_type()),
+              "linear_panels: residual [M, N] in x's dtype");
+  const at::Tensor residual = residual_ ? residual_->contiguous() : at::Tensor();
   auto out = at::empty({M, N}, x.options());
-  const float *xp = x.data_ptr<float>(), *wp = panels.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+  auto run = [&](auto xp, auto wp, auto rp, auto op) {
+    using P_ = std::remove_cv_t<std::remove_pointer_t<decltype(wp)>>;
 #pragma omp parallel
-  {
-    // Each thread its share of the panels, in order: the next one is its own.
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t p0 = P * t / threads, p1 = P * (t + 1) / threads;
-    for (int64_t p = p0; p < p1; p++) {
-      const float *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
-      panel_product(xp, M, K, panel, next, op + p * NB, N);
+    {
+      // Each thread its share of the panels, in order: the next one is its own.
+      const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+      const int64_t p0 = P * t / threads, p1 = P * (t + 1) / threads;
+      alignas(64) float g[LR * NB];  // a tile's sums
+      for (int64_t p = p0; p < p1; p++) {
+        const P_ *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
+        row_tiles_of(M, K * NB * static_cast<int64_t>(sizeof(P_)) / 64, [&](int64_t r, int64_t rows, int64_t l0,
+                                                                            int64_t l1) {
+          tile_rows(xp + r * K, rows, K, panel, ahead_of(next, l0), l1 - l0, g, NB);
+          for (int64_t j = 0; j < rows; j++) {
+            const int64_t at = (r + j) * N + p * NB;
+            for (int64_t c = 0; c < NB; c += W) {
+              const vf y = vround(vload(g + j * NB + c), op);
+              vstore_to(op + at + c, rp != nullptr ? y + vload_as(rp + at + c) : y);
+            }
+          }
+        });
+      }
     }
+  };
+  if (pairs) {
+    auto bf = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+    run(static_cast<const uint16_t*>(bf(x)), static_cast<const uint16_t*>(bf(panels)),
+        static_cast<const uint16_t*>(residual.defined() ? bf(residual) : nullptr), bf(out));
+  } else {
+    run(static_cast<const float*>(x.data_ptr<float>()), static_cast<const float*>(panels.data_ptr<float>()),
+        static_cast<const float*>(residual.defined() ? residual.data_ptr<float>() : nullptr), out.data_ptr<float>());
   }
   return out;
 }
@@ -1228,7 +1251,7 @@ int64_t panel_width() { return NB; }
 
 // ---- Products of a few dozen bfloat16 rows on AVX512-BF16 (a bfloat16 prompt's experts) -----------------------
 // oneDNN's bfloat16 product of an expert's ~50 rows runs at 222-271 GFLOP/s on the Zen 4 VM, of the 427 its large
-// products reach. panel_product<uint16_t> does it as linear_panels does float32, with bfloat16 panels of pairs
+// products reach. tile_rows<uint16_t> does it as for float32, with bfloat16 panels of pairs
 // ([N / NB, K / 2, NB, 2]) and tile_bf16: ~370.
 bool bf16_panels() { return BF16_PANELS; }
 
@@ -1382,7 +1405,7 @@ TORCH_LIBRARY(moebench_cpu, m) {
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_norm, Tensor k_norm, float eps, Tensor cos, Tensor sin, "
         "Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slots) -> Tensor");
   m.def("attend_block(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
-  m.def("linear_panels(Tensor x, Tensor panels) -> Tensor");
+  m.def("linear_panels(Tensor x, Tensor panels, Tensor? residual=None) -> Tensor");
   m.def("moe_prompt(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
   m.def("panel_width() -> int", &panel_width);
   m.def("bf16_panels() -> bool", &bf16_panels);

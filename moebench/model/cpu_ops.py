@@ -8,18 +8,19 @@ head), moebench_cpu::qk_norm_rope (q/k norms, rotation and the cache's write), m
 of many rows) and, for experts computed in float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens
 them), moebench_cpu::moe_prompt (all of a prompt's experts in one call, each weight packed in float32 panels:
 `panels`; bfloat16 experts kept in bfloat16 too where the CPU has AVX512-BF16, their weights in bfloat16 panels of
-pairs: `pair_panels`) or moebench_cpu::linear_panels (one product of a few dozen rows with a float32 weight in
-panels).
+pairs: `pair_panels`) and moebench_cpu::linear_panels (a prompt's projections, their weights packed the same way:
+float32 panels, or bfloat16 pairs; the output projection's residual add fused in).
 
-The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16
-decode ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the
-library's flash attention (~3x faster for a 402-token prompt); linear_panels oneDNN's float32 product (~1.1-1.2x
-on the experts' rows); moe_prompt on bfloat16 pairs oneDNN's bfloat16 products of the experts (~2.1x on a
-moebench-speed layer's, Zen 4 VM). Built on first use with the machine's C++ compiler for this CPU (-march=native: AVX512-BF16's
-dot products where the CPU has them), ~5 s, and kept in Inductor's cache folder (a confined submission's own: the
-only one it may write), keyed by the source, the compiler, torch and the CPU's flags. Where they cannot be built
-(no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's loops and prompts the library's
-attention and oneDNN's products: the same math.
+The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16 decode
+~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the library's
+flash attention (~3x faster for a 402-token prompt); linear_panels oneDNN's products (~1.1-1.2x on the experts' rows
+in float32; a prompt's projections as fast with their weights in the caches, 2-10% faster with them pushed out, as
+the experts' stream pushes them: Zen 4 VM); moe_prompt on bfloat16 pairs oneDNN's bfloat16 products of the experts
+(~2.1x on a moebench-speed layer's, Zen 4 VM). Built on first use with the machine's C++ compiler for this CPU
+(-march=native: AVX512-BF16's dot products where the CPU has them), ~5 s, and kept in Inductor's cache folder (a
+confined submission's own: the only one it may write), keyed by the source, the compiler, torch and the CPU's flags.
+Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's loops and
+prompts the library's attention and oneDNN's products: the same math.
 """
 
 import functools
@@ -149,17 +150,35 @@ def pair_panels_usable(x: torch.Tensor) -> bool:
     return LOADED and x.dtype == torch.bfloat16 and torch.ops.moebench_cpu.bf16_panels() and not AMX
 
 
+def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when linear_panels computes a prompt's product x [rows, K] @ w [N, K]^T in `dtype` here, eagerly (not
+    while compiling or exporting: the MAC count reads an exported graph's linears): float32 (float32 weights, or
+    bfloat16 ones moe.in_float32 widens), or bfloat16 on AVX512-BF16 pairs (pair_panels_usable); with AVX-512's 6 x
+    64 register tiles, the ones timed against oneDNN's products (the AVX2 build's 6 x 16 were not); N a multiple of
+    the panel width, K even."""
+    return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and not torch.compiler.is_compiling()
+            and torch.ops.moebench_cpu.panel_width() == 64 and w.shape[-2] % 64 == 0 and w.shape[-1] % 2 == 0
+            and (dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
+                 or dtype == torch.bfloat16 and pair_panels_usable(x)))
+
+
+def packed_for(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w's panels for linear_panels' products in `dtype`: bfloat16 pairs, or float32."""
+    return pair_panels(w) if dtype == torch.bfloat16 else panels(w)
+
+
 def pair_panels(w: torch.Tensor) -> torch.Tensor:
-    """w [E, N, K] bfloat16 -> [E, N / NB, K / 2, NB, 2], for moe_prompt with AVX512-BF16: each panel NB output
-    columns, the weights of rows 2p and 2p + 1 of each column side by side (one vdpbf16ps operand), made once per
-    weight, in huge pages where the machine has them."""
+    """w [E, N, K] bfloat16 -> [E, N / NB, K / 2, NB, 2], for moe_prompt and linear_panels with AVX512-BF16 (w [N, K]
+    -> [N / NB, K / 2, NB, 2]): each panel NB output columns, the weights of rows 2p and 2p + 1 of each column side by
+    side (one vdpbf16ps operand), made once per weight, in huge pages where the machine has them."""
     def layout(w, E, N, K, nb):
         return w.view(E, N // nb, nb, K // 2, 2).permute(0, 1, 3, 2, 4)
     return derived(w, "pair_panels", lambda w: _packed(w, layout, torch.bfloat16))
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:
-    """w [E, N, K] -> [E, N / NB, K, NB] in float32 (bfloat16 weights widened), for linear_panels and moe_prompt: each
+    """w [E, N, K] -> [E, N / NB, K, NB] (w [N, K] -> [N / NB, K, NB]) in float32 (bfloat16 weights widened), for
+    linear_panels and moe_prompt: each
     panel NB output columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the
     machine has them (moebench.engine.hugepages: a prompt streams every expert's weights once a layer). Float32 for
     bfloat16 weights too: twice the memory of bfloat16 panels, but widened in the cache panel by panel a prompt's
@@ -170,11 +189,12 @@ def panels(w: torch.Tensor) -> torch.Tensor:
 
 
 def _packed(w: torch.Tensor, layout, dtype: torch.dtype) -> torch.Tensor:
-    """w [E, N, K] laid out as layout(w, E, N, K, NB) gives, copied into a buffer of `dtype` (huge pages where the
-    machine has them and the buffer is large enough)."""
-    E, N, K = w.shape
+    """w [E, N, K] (or [N, K]: one) laid out as layout(w, E, N, K, NB) gives, copied into a buffer of `dtype` (huge
+    pages where the machine has them and the buffer is large enough)."""
+    E, N, K = w.shape if w.dim() == 3 else (1, *w.shape)
     view = layout(w, E, N, K, torch.ops.moebench_cpu.panel_width())
     nbytes = w.numel() * dtype.itemsize
     huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
     out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
-    return out.view(dtype).view(view.shape).copy_(view)
+    packed = out.view(dtype).view(view.shape).copy_(view)
+    return packed if w.dim() == 3 else packed[0]

@@ -26,14 +26,33 @@ def in_compiled_cpu_graph(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
-def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x): for one row on the CPU, eagerly or in a compiled graph, C++ dot products (moebench.model.cpu_ops; in a
-    compiled graph without them, a reduction); otherwise on the CPU outside compiled graphs through oneDNN with the
-    weight packed once (moebench.model.onednn); in float32 where in_float32 says so. Layers other than a plain
-    nn.Linear (the tensor-parallel ones, a submission's own) run their own forward."""
+def linear(layer: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(x) (residual + layer(x) with `residual`): for one row on the CPU, eagerly or in a compiled graph, C++ dot
+    products (moebench.model.cpu_ops; in a compiled graph without them, a reduction); for many rows on the CPU
+    outside compiled graphs, C++ register tiles on the weight packed once into panels (cpu_ops.linear_panels, the add
+    fused in) where they run, else oneDNN with the weight packed once (moebench.model.onednn); in float32 where
+    in_float32 says so. Layers other than a plain nn.Linear (the tensor-parallel ones, a submission's own) run their
+    own forward."""
     if type(layer) is not torch.nn.Linear:
-        return layer(x)
-    rows, compiled, y = x.numel() // x.shape[-1], in_compiled_cpu_graph(x), None
+        return layer(x) if residual is None else residual + layer(x)
+    rows = x.numel() // x.shape[-1]
+    wide = in_float32(x, rows)
+    dtype = torch.float32 if wide else x.dtype
+    if rows > 1 and layer.bias is None and cpu_ops.products_usable(x, layer.weight, dtype):
+        # A prompt's product: the tiles ask the cache for the next panel of weights as they go, where oneDNN waits for
+        # weights the experts' stream pushed out of the caches (Zen 4 VM, 402 rows, the caches flushed: bfloat16
+        # 388-398 against 352-376 GFLOP/s, float32 199-206 against 191-202; as fast with the weights in the caches).
+        fused = residual is not None and dtype == x.dtype and residual.shape == (*x.shape[:-1], layer.out_features)
+        y = torch.ops.moebench_cpu.linear_panels(x.reshape(rows, -1).to(dtype), cpu_ops.packed_for(layer.weight, dtype),
+                                                 residual.reshape(rows, -1) if fused else None)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if residual is None or fused else residual + y
+    y = _linear(layer, x, rows, dtype)
+    return y if residual is None else residual + y
+
+
+def _linear(layer: torch.nn.Linear, x: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    compiled, y = in_compiled_cpu_graph(x), None
     if rows == 1 and not torch.compiler.is_exporting() and cpu_ops.usable(x, layer.weight):
         # One C++ loop of dot products, at the memory's speed: in compiled decode steps, and eagerly (a prompt's LM
         # head: ~1 ms faster than oneDNN's product in bfloat16, ~0.4 ms in float32, on the Xeon VM). Exported
@@ -48,12 +67,10 @@ def linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.bias is not None:
             y = y + layer.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
-    wide = in_float32(x, rows)
-    dtype = torch.float32 if wide else x.dtype
     if onednn.usable(x, dtype):
         bias = None if layer.bias is None else layer.bias.to(dtype)
         return onednn.linear(x.to(dtype), onednn.packed(layer.weight, dtype), bias).to(x.dtype)
-    if not wide:
+    if dtype == x.dtype:
         return layer(x)
     bias = None if layer.bias is None else layer.bias.float()
     return F.linear(x.float(), layer.weight.float(), bias).to(x.dtype)

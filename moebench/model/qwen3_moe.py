@@ -217,8 +217,7 @@ class Attention(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)
         if self.o_kernel is not None and untouched(self.o_proj):
             return self.o_kernel(o, self.o_proj.weight, self.o_proj.bias, residual)
-        out = linear(self.o_proj, o)
-        return out if residual is None else residual + out
+        return linear(self.o_proj, o, residual)
 
 
 class DenseMLP(nn.Module):
@@ -240,8 +239,7 @@ class DenseMLP(nn.Module):
             gate, up = linear(self.gate_up_proj, x).chunk(2, dim=-1)
         if self.kernel is not None and untouched(self.down_proj):
             return self.kernel(F.silu(gate) * up, self.down_proj.weight, None, residual)
-        out = linear(self.down_proj, F.silu(gate) * up)  # (a row-parallel one runs the kernel when it holds it)
-        return out if residual is None else residual + out
+        return linear(self.down_proj, F.silu(gate) * up, residual)  # (a row-parallel one runs the kernel it holds)
 
 
 class Experts(nn.Module):
