@@ -97,10 +97,13 @@ def test_a_timed_request_leaves_the_objects_from_before_out_of_the_collectors_pa
     when it ends, by an error too."""
     import gc
 
-    from moebench.evaluation.benchmark import time_request
+    from moebench.evaluation.benchmark import frozen_gc, time_request
 
     class Engine:  # the engine's side of a timed request, recording the collector's state
-        device, sampling, frozen, collected = torch.device("cpu"), None, [], []
+        device, sampling = torch.device("cpu"), None
+
+        def __init__(self):
+            self.frozen, self.collected = [], []
 
         def prefill(self, ids, mask):
             self.frozen.append(gc.get_freeze_count())
@@ -126,6 +129,10 @@ def test_a_timed_request_leaves_the_objects_from_before_out_of_the_collectors_pa
     assert all(n >= 1 for n in engine.collected)  # each step's cycle collected inside
     with pytest.raises(RuntimeError, match="a step failed"):
         time_request(engine, ids, torch.ones_like(ids), 3, None)
+    assert gc.get_freeze_count() == 0
+    with frozen_gc():  # the harness timing the reference's own timed request: frozen until the outer one ends
+        time_request(Engine(), ids, torch.ones_like(ids), 2, None)
+        assert gc.get_freeze_count() > 1000
     assert gc.get_freeze_count() == 0
 
 

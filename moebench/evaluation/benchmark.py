@@ -23,12 +23,21 @@ def frozen_gc():
     transformers and Triton are imported). A full pass over them took ~155 ms on the Zen 4 VM, more than a whole
     moebench-speed prompt, and the allocations of a request's steps set one off now and then, on whichever timed
     prefill or decode step it fell: the harness process's Python, not the engine's speed. Objects made inside are
-    collected as before."""
-    gc.freeze()
+    collected as before. Nested (the harness's timing of the reference's own timed request), the outermost
+    freezes and unfreezes."""
+    global _frozen
+    if _frozen == 0:
+        gc.freeze()
+    _frozen += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        _frozen -= 1
+        if _frozen == 0:
+            gc.unfreeze()
+
+
+_frozen = 0  # frozen_gc's depth
 
 
 @dataclass
