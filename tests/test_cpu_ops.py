@@ -322,9 +322,28 @@ def test_linear_panels_on_bfloat16_pairs_and_with_a_residual_is_the_torch_produc
         torch.ops.moebench_cpu.linear_panels(x.float(), pairs)
 
 
-def test_a_prompt_s_products_run_on_panels_with_the_residual_add_fused(monkeypatch):
+def test_a_prompt_s_product_keeps_oneDNN_where_the_panels_are_fewer_than_the_threads_or_the_residual_differs():
+    layer = torch.nn.Linear(128, 128, bias=False)  # 2 panels
+    x = torch.randn(3, 7, 128)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_ops.products_usable(x, layer.weight, torch.float32) == (torch.ops.moebench_cpu.panel_width() == 64)
+        torch.set_num_threads(3)  # a thread would sit idle: linear_panels shares panels, not rows
+        assert not cpu_ops.products_usable(x, layer.weight, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    residual = torch.randn(3, 7, 128, dtype=torch.float64)  # another dtype: added after, as torch adds it
+    with torch.no_grad():
+        got = moe.linear(layer, x, residual)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, residual + x @ layer.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_s_products_run_on_panels_with_the_residual_add_fused(monkeypatch, one_thread):
     # The model's prompt (eager, CPU) runs its projections through linear_panels (the output projection with the
-    # residual add in it); its logits and cache are those of oneDNN's products to their summation order.
+    # residual add in it); its logits and cache are those of oneDNN's products to their summation order. (One
+    # thread: the tiny model's narrowest projections have 2 panels.)
     model = random_model(PRESETS["moebench-tiny"], seed=4)
     prompt = torch.randint(1, 200, (1, 21))
     for dtype in (torch.float32, torch.bfloat16):

@@ -134,6 +134,13 @@ def test_a_timed_request_leaves_the_objects_from_before_out_of_the_collectors_pa
         time_request(Engine(), ids, torch.ones_like(ids), 2, None)
         assert gc.get_freeze_count() > 1000
     assert gc.get_freeze_count() == 0
+    gc.freeze()  # a process that froze its objects itself: left frozen
+    try:
+        before = gc.get_freeze_count()
+        time_request(Engine(), ids, torch.ones_like(ids), 2, None)
+        assert gc.get_freeze_count() >= before
+    finally:
+        gc.unfreeze()
 
 
 def test_the_reference_runs_each_prompt_the_submission_runs_first_and_second_in_turn_while_it_is_paused():

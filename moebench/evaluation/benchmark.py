@@ -24,20 +24,23 @@ def frozen_gc():
     moebench-speed prompt, and the allocations of a request's steps set one off now and then, on whichever timed
     prefill or decode step it fell: the harness process's Python, not the engine's speed. Objects made inside are
     collected as before. Nested (the harness's timing of the reference's own timed request), the outermost
-    freezes and unfreezes."""
-    global _frozen
-    if _frozen == 0:
-        gc.freeze()
-    _frozen += 1
+    freezes and unfreezes; where the process froze objects itself (a submission's start-up, as vLLM's), it leaves
+    them as they are."""
+    global _depth, _owner
+    if _depth == 0:
+        _owner = gc.get_freeze_count() == 0
+        if _owner:
+            gc.freeze()
+    _depth += 1
     try:
         yield
     finally:
-        _frozen -= 1
-        if _frozen == 0:
+        _depth -= 1
+        if _depth == 0 and _owner:
             gc.unfreeze()
 
 
-_frozen = 0  # frozen_gc's depth
+_depth, _owner = 0, False  # frozen_gc's nesting, and whether its outermost froze
 
 
 @dataclass

@@ -155,9 +155,11 @@ def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> boo
     while compiling or exporting: the MAC count reads an exported graph's linears): float32 (float32 weights, or
     bfloat16 ones moe.in_float32 widens), or bfloat16 on AVX512-BF16 pairs (pair_panels_usable); with AVX-512's 6 x
     64 register tiles, the ones timed against oneDNN's products (the AVX2 build's 6 x 16 were not); N a multiple of
-    the panel width, K even."""
+    the panel width, K even, and a panel for every thread at least (linear_panels shares the panels among the
+    threads, not the rows: oneDNN keeps the narrow products of a many-core machine)."""
     return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and not torch.compiler.is_compiling()
             and torch.ops.moebench_cpu.panel_width() == 64 and w.shape[-2] % 64 == 0 and w.shape[-1] % 2 == 0
+            and w.shape[-2] // 64 >= torch.get_num_threads()
             and (dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
                  or dtype == torch.bfloat16 and pair_panels_usable(x)))
 

@@ -42,7 +42,8 @@ def linear(layer: torch.nn.Linear, x: torch.Tensor, residual: torch.Tensor | Non
         # A prompt's product: the tiles ask the cache for the next panel of weights as they go, where oneDNN waits for
         # weights the experts' stream pushed out of the caches (Zen 4 VM, 402 rows, the caches flushed: bfloat16
         # 388-398 against 352-376 GFLOP/s, float32 199-206 against 191-202; as fast with the weights in the caches).
-        fused = residual is not None and dtype == x.dtype and residual.shape == (*x.shape[:-1], layer.out_features)
+        fused = (residual is not None and dtype == x.dtype == residual.dtype
+                 and residual.shape == (*x.shape[:-1], layer.out_features))
         y = torch.ops.moebench_cpu.linear_panels(x.reshape(rows, -1).to(dtype), cpu_ops.packed_for(layer.weight, dtype),
                                                  residual.reshape(rows, -1) if fused else None)
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
