@@ -165,7 +165,7 @@ def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> boo
 
 
 def packed_for(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """w's panels for linear_panels' products in `dtype`: bfloat16 pairs, or float32."""
+    """w's panels for linear_panels' and moe_prompt's products in `dtype`: bfloat16 pairs, or float32."""
     return pair_panels(w) if dtype == torch.bfloat16 else panels(w)
 
 
@@ -180,11 +180,10 @@ def pair_panels(w: torch.Tensor) -> torch.Tensor:
 
 def panels(w: torch.Tensor) -> torch.Tensor:
     """w [E, N, K] -> [E, N / NB, K, NB] (w [N, K] -> [N / NB, K, NB]) in float32 (bfloat16 weights widened), for
-    linear_panels and moe_prompt: each
-    panel NB output columns, K rows of NB weights (NB: panel_width()), made once per weight, in huge pages where the
-    machine has them (moebench.engine.hugepages: a prompt streams every expert's weights once a layer). Float32 for
-    bfloat16 weights too: twice the memory of bfloat16 panels, but widened in the cache panel by panel a prompt's
-    experts ran 7-12% slower (Xeon VM)."""
+    linear_panels and moe_prompt: each panel NB output columns, K rows of NB weights (NB: panel_width()), made once
+    per weight, in huge pages where the machine has them (moebench.engine.hugepages: a prompt streams every expert's
+    weights once a layer). Float32 for bfloat16 weights too: twice the memory of bfloat16 panels, but widened in the
+    cache panel by panel a prompt's experts ran 7-12% slower (Xeon VM)."""
     def layout(w, E, N, K, nb):
         return w.view(E, N // nb, nb, K).transpose(2, 3)
     return derived(w, "panels", lambda w: _packed(w, layout, torch.float32))

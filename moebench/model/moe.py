@@ -147,8 +147,8 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
             dtype == torch.float32 or cpu_ops.pair_panels_usable(x)):
         # The same math in one C++ call: the sort, the products (weights in panels: float32, or bfloat16 pairs for
         # AVX512-BF16's dot products), silu, weighting and sum.
-        pack = cpu_ops.panels if dtype == torch.float32 else cpu_ops.pair_panels
-        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), pack(w_gate_up), pack(w_down))
+        w1, w2 = cpu_ops.packed_for(w_gate_up, dtype), cpu_ops.packed_for(w_down, dtype)
+        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), w1, w2)
     # Sort the T*k (token, expert) pairs by expert, then one grouped GEMM per projection.
     flat_ids = topk_ids.flatten()  # [T*k]
     order = flat_ids.argsort(stable=True)
