@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
 from moebench.evaluation import flops
-from moebench.model import cpu_ops, moe
+from moebench.model import cpu_ops, moe, qwen3_moe
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
 from moebench.model.qwen3_moe import Attention, Qwen3MoeForCausalLM, RMSNorm
@@ -95,6 +95,53 @@ def test_moe_route_decode_is_the_torch_moe_block(threads, dtype, norm_topk, D, I
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(RuntimeError, match="1 <= k <= E"):
         torch.ops.moebench_cpu.moe_route_decode(x, norm.weight, norm.eps, router, E + 1, norm_topk, w_gate_up, w_down)
+
+
+def chosen(ids, weights):
+    """Each row's (expert, weight) pairs in expert order: the choice, in whatever order its ties came."""
+    order = ids.argsort(-1)
+    return ids.gather(-1, order), weights.gather(-1, order)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_topk", [True, False])
+@pytest.mark.parametrize("T, D, E, k", [(37, 64, 8, 2), (9, 72, 6, 6), (402, 768, 32, 4), (6, 40, 5, 3)])
+def test_route_rows_is_the_routers_product_softmax_and_top_k(threads, dtype, norm_topk, T, D, E, k):
+    # (T 9 and 6, E 5 and 6, D 40 and 72: rows and experts past whole tiles of four, columns past whole vectors)
+    g = torch.Generator().manual_seed(T + D)
+    x, router = torch.randn(T, D, generator=g).to(dtype), (torch.randn(E, D, generator=g) / D**0.5).to(dtype)
+    ids, weights = torch.ops.moebench_cpu.route_rows(x, router, k, norm_topk)
+    assert ids.shape == weights.shape == (T, k) and ids.dtype == torch.long and weights.dtype == dtype
+    got, want = chosen(ids, weights), chosen(*route(F.linear(x.float(), router.float()).to(dtype), k, norm_topk))
+    assert torch.equal(got[0], want[0])
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(got[1], want[1], **tol)
+    with pytest.raises(RuntimeError, match="1 <= k <= E"):
+        torch.ops.moebench_cpu.route_rows(x, router, E + 1, norm_topk)
+    with pytest.raises(RuntimeError, match=r"route_rows: x \[T, D\] and router \[E, D\] of one dtype"):
+        torch.ops.moebench_cpu.route_rows(x, router[:, 1:], k, norm_topk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_rows_breaks_ties_as_torchs_top_k(threads, dtype):
+    # Small whole numbers: every product and sum exact in any order (the logits are torch's bit for bit), and many
+    # rows tie at the k-th expert, where torch's top-k often keeps another expert than the lower one. Those rows are
+    # chosen again by torch's softmax and top-k; the others' choice is clear-cut.
+    g = torch.Generator().manual_seed(0)
+    T, D, E, k = 300, 48, 16, 4
+    x, router = torch.randint(-2, 3, (T, D), generator=g).to(dtype), torch.randint(-1, 2, (E, D), generator=g).to(dtype)
+    logits = F.linear(x.float(), router.float()).to(dtype)
+    want = chosen(*route(logits, k, True))
+    lower_first = logits.float().argsort(dim=-1, descending=True, stable=True)[:, :k].sort(-1).values
+    assert (lower_first != want[0]).any(-1).sum() > T // 10  # the lower expert is often not torch's choice
+    got = chosen(*torch.ops.moebench_cpu.route_rows(x, router, k, True))
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], **(dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else {}))
+    with torch.no_grad():  # NaN logits (and infinite ones) are routed by torch too
+        x[3, 0] = float("nan")
+        ids, weights = torch.ops.moebench_cpu.route_rows(x, router, k, True)
+        want_ids, want_weights = route(F.linear(x.float(), router.float()).to(dtype), k, True)
+    assert torch.equal(ids[3], want_ids[3]) and weights[3].isnan().all() and want_weights[3].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -220,6 +267,20 @@ def test_a_prompt_s_attention_block_norms_and_rotates_in_cpp(monkeypatch):
     monkeypatch.setattr(Attention, "_rotates_in_cpp", lambda *a: False)
     torch.testing.assert_close(got, engine.prefill(prompt, torch.ones_like(prompt)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, (engine.cache.k, engine.cache.v), rtol=1e-5, atol=1e-5)
+
+
+def test_a_prompt_is_routed_in_one_cpp_call_as_by_the_torch_router(monkeypatch):
+    model = random_model(PRESETS["moebench-tiny"], seed=4)
+    prompt = torch.randint(1, 200, (1, 21))
+    engine = Engine(model, batch=1, max_len=32, compile=False)
+    with torch.profiler.profile() as prof:
+        got = engine.prefill(prompt, torch.ones_like(prompt))
+    names = [e.name for e in prof.events()]
+    assert names.count("moebench_cpu::route_rows") == model.config.num_hidden_layers and "aten::topk" not in names
+    monkeypatch.setattr(qwen3_moe, "route_tokens", lambda gate, x, k, norm: route(gate(x), k, norm))
+    with torch.profiler.profile() as prof:
+        torch.testing.assert_close(got, engine.prefill(prompt, torch.ones_like(prompt)), rtol=1e-5, atol=1e-5)
+    assert "moebench_cpu::route_rows" not in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -103,11 +103,12 @@ MATMUL_BY_NAME = {str(op): f for op, f in MATMUL_MACS.items()}
 
 # moebench's C++ CPU operators (moebench.model.cpu_ops, loaded at run time: keyed by name), counted as the library
 # operators they stand in for: a prompt's attention over every key, a product against a weight in panels or of one
-# row, the experts' products.
+# row, the router's product (with its softmax and top-k), the experts' products.
 CPU_OP_MACS = {
     "moebench_cpu::attend_block": _attention_macs,
     "moebench_cpu::linear_panels": lambda x, panels, *_: prod(_shape(x)[:-1]) * prod(_shape(panels)),  # (pairs too)
     "moebench_cpu::linear_row": lambda x, w: prod(_shape(x)[:-1]) * prod(_shape(w)),  # a prompt's LM head, eager
+    "moebench_cpu::route_rows": lambda x, router, *_: prod(_shape(x)[:-1]) * prod(_shape(router)),
     # A prompt's experts: each (token, expert) pair through one expert's gate, up and down products.
     "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down: prod(_shape(ids)) * (
         prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:])),

@@ -16,6 +16,12 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/index_copy.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/softmax.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/topk.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -26,6 +32,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -158,6 +165,18 @@ inline float hsum(__m256 v) {  // the 8 lanes' sum
 }
 #endif
 
+inline float vsum(vf v) {  // the W lanes' sum, as a tree (a chain of W adds is latency-bound)
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__)
+  return hsum((__m256)v);
+#else
+  float s = 0;
+  for (int l = 0; l < W; l++) s += v[l];
+  return s;
+#endif
+}
+
 // Dot products of n elements, the weights' row w against the activations x.
 inline float dot(const float* w, const float* x, int64_t n) {
   int64_t i = 0;
@@ -235,6 +254,58 @@ inline float dot(const uint16_t* w, const uint16_t* x, int64_t n) {
   return s;
 }
 
+// The dot products of R rows of x [R, n] with C rows of w [C, n] (rows n apart) into out[r * ldo + c]: R x C chains
+// of multiply-adds, each load of a weight serving R rows. (One row's products alone wait on each multiply-add's
+// latency and read the weights from L2 again for every row: a router's, ~3x slower.)
+template <int R, int C, typename T>
+inline void dot_tile(const T* x, const T* w, int64_t n, float* out, int64_t ldo) {
+  vf a[R][C] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    for (int c = 0; c < C; c++) {
+      const vf wv = vload_as(w + c * n + i);
+      for (int r = 0; r < R; r++) a[r][c] = vfma(vload_as(x + r * n + i), wv, a[r][c]);
+    }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) {
+      float s = vsum(a[r][c]);
+      for (int64_t j = i; j < n; j++) s += load(x + r * n + j) * load(w + c * n + j);
+      out[r * ldo + c] = s;
+    }
+}
+
+#ifdef __AVX512BF16__
+template <int R, int C>
+inline void dot_tile(const uint16_t* x, const uint16_t* w, int64_t n, float* out, int64_t ldo) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) a[r][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512bh xv[R];
+    for (int r = 0; r < R; r++) xv[r] = (__m512bh)_mm512_loadu_si512(x + r * n + i);
+    for (int c = 0; c < C; c++) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + c * n + i);
+      for (int r = 0; r < R; r++) a[r][c] = _mm512_dpbf16_ps(a[r][c], xv[r], wv);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) {
+      float s = _mm512_reduce_add_ps(a[r][c]);
+      for (int64_t j = i; j < n; j++) s += bf16_to_float(x[r * n + j]) * bf16_to_float(w[c * n + j]);
+      out[r * ldo + c] = s;
+    }
+}
+#endif
+
+// x [R, n] against every row of w [N, n] into out [R, N] (rows ldo apart), four weight rows at a time.
+template <int R, typename T>
+void dot_rows(const T* x, const T* w, int64_t N, int64_t n, float* out, int64_t ldo) {
+  int64_t c = 0;
+  for (; c + 4 <= N; c += 4) dot_tile<R, 4>(x, w + c * n, n, out + c, ldo);
+  for (; c < N; c++) dot_tile<R, 1>(x, w + c * n, n, out + c, ldo);
+}
+
 // Calls f(p) with p(tensor) giving the tensor's elements as uint16_t* (bfloat16) or float*, by t's dtype.
 template <typename F>
 void by_dtype(const at::Tensor& t, const char* op, F f) {
@@ -304,12 +375,19 @@ void moe(const T* x, const int64_t* ids, const T* weights, int64_t k, const T* w
 // times w -> T; the result as floats.
 template <typename T>
 void rms_norm(const T* x, const T* w, float eps, int64_t n, float* out) {
-  float lanes[16] = {}, sq = 0;  // 16 running sums (one vector's lanes), then their sum
+  vf a0 = {}, a1 = {};  // two vectors of running sums (one chain of FMAs would wait on each), then their lanes'
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; j++) lanes[j] += load(x + i + j) * load(x + i + j);
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const vf u = vload_as(x + i), v = vload_as(x + i + W);
+    a0 = vfma(u, u, a0);
+    a1 = vfma(v, v, a1);
+  }
+  for (; i + W <= n; i += W) {
+    const vf u = vload_as(x + i);
+    a0 = vfma(u, u, a0);
+  }
+  float sq = vsum(a0 + a1);
   for (; i < n; i++) sq += load(x + i) * load(x + i);
-  for (int j = 0; j < 16; j++) sq += lanes[j];
   const float r = 1.0f / std::sqrt(sq / n + eps);
   for (i = 0; i + W <= n; i += W) vstore(out + i, vround(vload_as(w + i) * vround(vload_as(x + i) * r, x), x));
   for (; i < n; i++) out[i] = round_to(load(w + i) * round_to(load(x + i) * r, x), x);
@@ -332,19 +410,63 @@ void normed(const T* x, const T* w, float eps, int64_t D, std::vector<float>& tm
   rms_norm_to(x, w, eps, D, tmp.data(), xn.data());
 }
 
+// e^x for x <= 0 on W lanes (0 where x is -inf; below -87 ~e^-87): 2^n by the exponent bits times a degree-6
+// polynomial of the reduced argument.
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+inline vf exp_nonpositive(vf x) {
+  const vf zero = {}, clamped = x > -87.0f ? x : zero - 87.0f;
+  const vf magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (clamped * 1.44269504088896341f + magic) - magic;
+  const vf f = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // x - n ln2, in two parts
+  vf p = zero + 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const vf scale = (vf)((__builtin_convertvector(n, vi) + 127) << 23);
+  return x == -INFINITY ? zero : p * scale;
+}
+
 // The router's choice for one token, as moebench.model.moe.route: logits [E] (already rounded to T) -> the k largest
 // softmax probabilities (float32) in descending order, ties to the lower expert, their ids, renormalised to sum 1
-// with norm_topk; weights rounded to T.
+// with norm_topk; weights rounded to T. Returns whether the choice is clear-cut: the k-th largest probability above
+// the next by more than 2^-20 of it (~8 float32 steps), every logit finite. Where it is not, which experts are
+// chosen may hang on how a tie is broken, or on an exp's last bit. (Ties among the chosen only order them.)
 template <typename T>
-void route(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* ids, T* weights) {
+bool route(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* ids, T* weights) {
+  thread_local std::vector<float> p;
+  thread_local std::vector<int64_t> order;
+  const int64_t m = std::min(k + 1, E);
+  p.resize(E);
+  order.resize(m);
   float top = -INFINITY, total = 0;
-  for (int64_t e = 0; e < E; e++) top = std::max(top, logits[e]);
-  std::vector<float> p(E);
-  for (int64_t e = 0; e < E; e++) total += p[e] = std::exp(logits[e] - top);
-  std::vector<int64_t> order(E);
-  for (int64_t e = 0; e < E; e++) order[e] = e;
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+  bool finite = true;
+  for (int64_t e = 0; e < E; e++) {
+    top = std::max(top, logits[e]);
+    finite &= std::isfinite(logits[e]);
+  }
+  int64_t e = 0;
+  if (finite) {  // W at a time (a NaN or infinity takes std::exp, whose answers keep it)
+    vf sum = {};
+    for (; e + W <= E; e += W) {
+      const vf v = exp_nonpositive(vload(logits + e) - top);
+      vstore(p.data() + e, v);
+      sum += v;
+    }
+    total = vsum(sum);
+  }
+  for (; e < E; e++) total += p[e] = std::exp(logits[e] - top);
+  int64_t n = 0;  // the m largest, by insertion: descending, ties to the lower expert (the one met first)
+  for (int64_t c = 0; c < E; c++) {
+    if (n == m && !(p[c] > p[order[m - 1]])) continue;
+    int64_t j = n < m ? n++ : m - 1;
+    for (; j > 0 && p[c] > p[order[j - 1]]; j--) order[j] = order[j - 1];
+    order[j] = c;
+  }
+  const bool apart = finite && (m == k || p[order[k]] < p[order[k - 1]] * (1.0f - 0x1p-20f));
   float chosen = 0;
   for (int64_t j = 0; j < k; j++) chosen += p[order[j]] / total;
   for (int64_t j = 0; j < k; j++) {
@@ -352,6 +474,7 @@ void route(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* i
     const float w = p[order[j]] / total;
     store(weights + j, norm_topk ? w / chosen : w);
   }
+  return apart;
 }
 
 // One token's MoE block with its norm and residual: xn = rms_norm(x), the router's product xn [D] . router [E, D],
@@ -437,30 +560,52 @@ at::Tensor linear_row(const at::Tensor& x_, const at::Tensor& w_) {
   return out;
 }
 
-// e^x for x <= 0 on W lanes (0 where x is -inf; below -87 ~e^-87): 2^n by the exponent bits times a degree-6
-// polynomial of the reduced argument.
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-
-inline vf exp_nonpositive(vf x) {
-  const vf zero = {}, clamped = x > -87.0f ? x : zero - 87.0f;
-  const vf magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vf n = (clamped * 1.44269504088896341f + magic) - magic;
-  const vf f = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // x - n ln2, in two parts
-  vf p = zero + 1.0f / 720;
-  p = p * f + 1.0f / 120;
-  p = p * f + 1.0f / 24;
-  p = p * f + 1.0f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const vf scale = (vf)((__builtin_convertvector(n, vi) + 127) << 23);
-  return x == -INFINITY ? zero : p * scale;
-}
-
-inline float vsum(vf v) {  // the W lanes' sum
-  float s = 0;
-  for (int l = 0; l < W; l++) s += v[l];
-  return s;
+// A prompt's routing, as moebench.model.moe.route(x @ router^T, k, norm_topk): x [T, D] (the normed hidden states)
+// and router [E, D] -> (ids [T, k] int64, weights [T, k] in x's dtype). Each row's logits are rounded to x's dtype,
+// then route() chooses; rows whose choice is not clear-cut (route's answer) are chosen again afterwards by torch's
+// own softmax and top-k on the same logits, so that a tie is broken as in the torch model (and transformers).
+std::tuple<at::Tensor, at::Tensor> route_rows(const at::Tensor& x_, const at::Tensor& router_, int64_t k,
+                                              bool norm_topk) {
+  TORCH_CHECK(x_.dim() == 2 && router_.dim() == 2 && router_.size(1) == x_.size(1) &&
+                  x_.scalar_type() == router_.scalar_type(),
+              "route_rows: x [T, D] and router [E, D] of one dtype");
+  const at::Tensor x = x_.contiguous(), router = router_.contiguous();
+  const int64_t T = x.size(0), D = x.size(1), E = router.size(0);
+  TORCH_CHECK(0 < k && k <= E, "route_rows: 1 <= k <= E experts per token");
+  auto ids = at::empty({T, k}, x.options().dtype(at::kLong)), weights = at::empty({T, k}, x.options());
+  auto logits = at::empty({T, E}, x.options().dtype(at::kFloat));
+  std::vector<char> unclear(T);
+  by_dtype(x, "route_rows", [&](auto p) {
+    const auto *px = p(x), *pr = p(router);
+    auto* pw = p(weights);
+    float* pl = logits.data_ptr<float>();
+    int64_t* pi = ids.data_ptr<int64_t>();
+#pragma omp parallel for schedule(static)
+    for (int64_t t0 = 0; t0 < T; t0 += 4) {  // four tokens at a time
+      const int64_t rows = std::min<int64_t>(4, T - t0);
+      if (rows == 4) {
+        dot_rows<4>(px + t0 * D, pr, E, D, pl + t0 * E, E);
+      } else {
+        for (int64_t t = t0; t < t0 + rows; t++) dot_rows<1>(px + t * D, pr, E, D, pl + t * E, E);
+      }
+      for (int64_t t = t0; t < t0 + rows; t++) {
+        for (int64_t e = 0; e < E; e++) pl[t * E + e] = round_to(pl[t * E + e], pw);
+        unclear[t] = !route(pl + t * E, E, k, norm_topk, pi + t * k, pw + t * k);
+      }
+    }
+  });
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < T; t++)
+    if (unclear[t]) rows.push_back(t);
+  if (!rows.empty()) {  // moebench.model.moe.route's operations
+    auto at_rows = at::empty({static_cast<int64_t>(rows.size())}, ids.options());
+    std::memcpy(at_rows.data_ptr<int64_t>(), rows.data(), rows.size() * sizeof(int64_t));
+    auto [w, i] = at::topk(at::softmax(logits.index_select(0, at_rows), -1), k);
+    if (norm_topk) w = w.div(w.sum(-1, true));
+    ids.index_copy_(0, at_rows, i);
+    weights.index_copy_(0, at_rows, w.to(x.scalar_type()));
+  }
+  return {ids, weights};
 }
 
 // The dot product of a cache row k [hd] (T) with q [hd] (float32).
@@ -1401,6 +1546,7 @@ TORCH_LIBRARY(moebench_cpu, m) {
         "Tensor k_norm, float eps, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, "
         "Tensor slot, Tensor mask, float scale, Tensor wo) -> Tensor");
   m.def("linear_row(Tensor x, Tensor w) -> Tensor");
+  m.def("route_rows(Tensor x, Tensor router, int k, bool norm_topk) -> (Tensor, Tensor)");
   m.def("rms_norm_rows(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("qk_norm_rope(Tensor q, Tensor k, Tensor v, Tensor q_norm, Tensor k_norm, float eps, Tensor cos, Tensor sin, "
         "Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slots) -> Tensor");
@@ -1415,6 +1561,7 @@ TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {
   m.impl("moe_decode", &moe_decode);
   m.impl("moe_route_decode", &moe_route_decode);
   m.impl("linear_row", &linear_row);
+  m.impl("route_rows", &route_rows);
   m.impl("rms_norm_rows", &rms_norm_rows);
   m.impl("qk_norm_rope", &qk_norm_rope);
   m.impl("attend_row", &attend_row);

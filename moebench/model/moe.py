@@ -89,6 +89,16 @@ def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool) -> tuple[to
     return ids, weights.to(router_logits.dtype)
 
 
+def route_tokens(gate: torch.nn.Linear, x: torch.Tensor, k: int, norm_topk_prob: bool):
+    """route(linear(gate, x), k, norm_topk_prob): outside compiled and exported graphs on the CPU in one C++ call
+    (cpu_ops' route_rows: the router's products, softmax and top-k; where the choice hangs on a tie, torch's own
+    softmax and top-k), else in torch. Layers other than a plain nn.Linear run their own forward."""
+    if (type(gate) is torch.nn.Linear and gate.bias is None and not torch.compiler.is_compiling()
+            and cpu_ops.usable(x, gate.weight)):
+        return torch.ops.moebench_cpu.route_rows(x, gate.weight, k, norm_topk_prob)
+    return route(linear(gate, x), k, norm_topk_prob)
+
+
 def _grouped_mm_supported(x: torch.Tensor, w_down: torch.Tensor) -> bool:
     # torch's grouped GEMM runs any float dtype on the CPU, on CUDA only bfloat16 (sm90+), and in a compiled graph
     # (whose shape checks insist on bfloat16) only bfloat16; every operand's rows must be 16-byte aligned.

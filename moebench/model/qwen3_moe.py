@@ -9,7 +9,7 @@ from torch import nn
 
 from moebench.model import cpu_ops
 from moebench.model.config import Qwen3MoeConfig
-from moebench.model.moe import experts_forward, in_compiled_cpu_graph, linear, route
+from moebench.model.moe import experts_forward, in_compiled_cpu_graph, linear, route_tokens
 from moebench.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # Legend: B batch, T input columns, S cache slots in use, D hidden, H/Hkv query/key-value heads, hd head dim.
@@ -314,7 +314,7 @@ class SparseMoE(nn.Module):
         if self.router_kernel is not None and untouched(self.gate):
             ids, weights = self.router_kernel(flat, self.gate.weight, self.k, self.norm_topk_prob)
         else:
-            ids, weights = route(linear(self.gate, flat), self.k, self.norm_topk_prob)
+            ids, weights = route_tokens(self.gate, flat, self.k, self.norm_topk_prob)
         fused_add = residual is not None and self.fuse_residual  # __init__ made sure an expert kernel runs
         res = residual.reshape(B * T, D) if fused_add else None
         if self.quantized_kernel is not None:
