@@ -181,9 +181,9 @@ def test_attention_decode_is_the_torch_attention_block(threads, dtype, H, Hkv, h
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B, T, H, Hkv, hd", [(1, 13, 4, 2, 16), (2, 5, 6, 6, 16), (1, 9, 4, 2, 64)])
+@pytest.mark.parametrize("B, T, H, Hkv, hd", [(1, 13, 4, 2, 16), (2, 5, 6, 6, 16), (1, 9, 4, 2, 64), (1, 7, 2, 1, 128)])
 def test_qk_norm_rope_is_the_torch_model_s_norms_rotation_and_cache_write(threads, dtype, B, T, H, Hkv, hd):
-    # hd 16: the scalar rotation (half a head is less than a vector); 64: the vectorised one
+    # hd 16: the scalar rotation (half a head is less than a vector); 64 and 128: whole heads in registers
     g = torch.Generator().manual_seed(T)
     L, layer, slots = 3, 2, T + 7
     qkv = torch.randn(B, T, (H + 2 * Hkv) * hd, generator=g).to(dtype)

@@ -740,10 +740,31 @@ at::Tensor attend_row(const at::Tensor& q, const at::Tensor& keys, const at::Ten
 }
 
 
+// norm_rope of a head of V vectors (hd = V W, V even) in registers, the same operations in the same order as below
+// (below, the normed head goes through memory between the two halves' rotations).
+template <int V, typename T>
+void norm_rope_in_registers(const T* x, const T* w, float eps, const T* cos, const T* sin, T* out) {
+  vf y[V], a0 = {}, a1 = {};
+  for (int v = 0; v < V; v += 2) {
+    y[v] = vload_as(x + v * W);
+    y[v + 1] = vload_as(x + (v + 1) * W);
+    a0 = vfma(y[v], y[v], a0);
+    a1 = vfma(y[v + 1], y[v + 1], a1);
+  }
+  const float r = 1.0f / std::sqrt(vsum(a0 + a1) / (V * W) + eps);
+  for (int v = 0; v < V; v++) y[v] = vround(vload_as(w + v * W) * vround(y[v] * r, x), x);
+  for (int v = 0; v < V; v++) {
+    const vf rot = v < V / 2 ? -y[v + V / 2] : y[v - V / 2];
+    vstore_to(out + v * W, vround(y[v] * vload_as(cos + v * W), out) + vround(rot * vload_as(sin + v * W), out));
+  }
+}
+
 // A head's RMSNorm then rotary embedding, rounded as the torch model rounds each operation (T: the weights' dtype):
 // n = x * rsqrt(mean(x^2) + eps) -> T, y = w * n -> T, out = (y * cos -> T) + (rotate_half(y) * sin -> T) -> T.
 template <typename T>
 void norm_rope(const T* x, const T* w, float eps, const T* cos, const T* sin, int64_t hd, float* y, T* out) {
+  if (hd == 4 * W) return norm_rope_in_registers<4>(x, w, eps, cos, sin, out);
+  if (hd == 8 * W) return norm_rope_in_registers<8>(x, w, eps, cos, sin, out);
   rms_norm(x, w, eps, hd, y);
   const int64_t half = hd / 2;
   if (half % W == 0) {  // in vectors: each one's lanes all in one half
