@@ -451,10 +451,18 @@ def test_moe_prompt_is_the_experts_math(threads, dtype, T, D, I, E, k):
     want = prompt_experts(x, ids, weights, w_gate_up, w_down)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(got.double(), want, **tol)
+    residual = torch.randn(T, D, generator=g).to(dtype)  # the MoE block's residual add, fused: residual + got
+    panels = cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down)
+    assert torch.equal(torch.ops.moebench_cpu.moe_prompt(x, ids, weights, *panels, residual), residual + got)
+    with pytest.raises(RuntimeError, match=r"moe_prompt: residual \[T, D\] in x's dtype"):
+        torch.ops.moebench_cpu.moe_prompt(x, ids, weights, *panels, residual[1:])
     if dtype == torch.float32:  # (bfloat16 only where moe.in_float32 widens it: the test below)
         with torch.profiler.profile() as prof:
-            assert torch.equal(experts_forward(x, w_gate_up, w_down, ids, weights), got)
-        assert "moebench_cpu::moe_prompt" in {e.name for e in prof.events()}
+            plain, added = experts_forward(x, w_gate_up, w_down, ids, weights), \
+                experts_forward(x, w_gate_up, w_down, ids, weights, residual)
+        names = [e.name for e in prof.events()]
+        assert names.count("moebench_cpu::moe_prompt") == 2 and "aten::add" not in names
+        assert torch.equal(plain, got) and torch.equal(added, residual + got)
 
 
 def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
@@ -493,8 +501,10 @@ def test_moe_prompt_on_bfloat16_pairs_is_the_experts_math(threads, monkeypatch, 
     torch.testing.assert_close(got.double(), want, rtol=1e-2, atol=2e-2)
     wide = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, cpu_ops.panels(w_gate_up), cpu_ops.panels(w_down))
     assert (got.double() - want).norm() < 1.5 * (wide.double() - want).norm() + 1e-3
+    residual = torch.randn(T, D, generator=g).bfloat16()
     with torch.profiler.profile() as prof:
         assert torch.equal(experts_forward(x, w_gate_up, w_down, ids, weights), got)
+        assert torch.equal(experts_forward(x, w_gate_up, w_down, ids, weights, residual), residual + got)
     assert "moebench_cpu::moe_prompt" in {e.name for e in prof.events()}
     with pytest.raises(RuntimeError, match="bfloat16 panels of pairs"):  # (a float32 x takes float32 panels)
         torch.ops.moebench_cpu.moe_prompt(x.float(), ids, weights.float(), *pairs)

@@ -110,7 +110,7 @@ CPU_OP_MACS = {
     "moebench_cpu::linear_row": lambda x, w: prod(_shape(x)[:-1]) * prod(_shape(w)),  # a prompt's LM head, eager
     "moebench_cpu::route_rows": lambda x, router, *_: prod(_shape(x)[:-1]) * prod(_shape(router)),
     # A prompt's experts: each (token, expert) pair through one expert's gate, up and down products.
-    "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down: prod(_shape(ids)) * (
+    "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down, *_: prod(_shape(ids)) * (
         prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:])),
 }
 

@@ -32,6 +32,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -1443,7 +1444,7 @@ inline vf silu_times(vf g, vf u) {
 
 template <typename T, typename P>
 void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t* ids, const T* weights,
-                     const P* gate_up, const P* down, int64_t E, int64_t I, T* out) {
+                     const P* gate_up, const P* down, int64_t E, int64_t I, const T* residual, T* out) {
   const int64_t pairs = Tn * k, P1 = I / NB, P2 = D / NB;
   std::vector<int64_t> start(E + 1, 0), order(pairs), pos(pairs), experts(E);
   for (int64_t i = 0; i < pairs; i++) {
@@ -1508,6 +1509,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
       for (int64_t d = 0; d < D; d += W) {
         vf acc = {};
         for (int64_t j = 0; j < k; j++) acc += vload_as(ys + at[j] * D + d);
+        if (residual) acc = vround(acc, out) + vload_as(residual + t * D + d);  // (as residual + the rounded sum)
         vstore_to(out + t * D + d, acc);
       }
     }
@@ -1519,7 +1521,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
 // with bfloat16 panels of pairs instead, gate_up [E, 2I / NB, D / 2, NB, 2] and down [E, D / NB, I / 2, NB, 2]
 // (bf16_panels()): its rows and silu(gate) * up stay bfloat16, as the library's products take them.
 at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
-                      const at::Tensor& gate_up_, const at::Tensor& down_) {
+                      const at::Tensor& gate_up_, const at::Tensor& down_, const std::optional<at::Tensor>& residual_) {
   TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
                   ids_.size(1) <= 64 && ids_.scalar_type() == at::kLong && weights_.scalar_type() == x_.scalar_type(),
               "moe_prompt: x [T, D], ids [T, k] int64 (k <= 64), weights [T, k] in x's dtype");
@@ -1536,8 +1538,11 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
               "], I a multiple of ", NB, " (or, for a bfloat16 x, bfloat16 panels of pairs [E, 2I / ", NB, ", D / 2, ",
               NB, ", 2] and [E, D / ", NB, ", I / 2, ", NB, ", 2])");
   TORCH_CHECK(!pairs || BF16_PANELS, "moe_prompt: bfloat16 panels need AVX512-BF16");
+  TORCH_CHECK(!residual_ || (residual_->sizes() == x_.sizes() && residual_->scalar_type() == x_.scalar_type()),
+              "moe_prompt: residual [T, D] in x's dtype");
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),
                    gate_up = gate_up_.contiguous(), down = down_.contiguous();
+  const at::Tensor residual = residual_ ? residual_->contiguous() : at::Tensor();
   auto out = at::empty_like(x);
   const int64_t E = gate_up.size(0), I = down.size(2) * half;
   if (pairs) {
@@ -1546,12 +1551,14 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
                     reinterpret_cast<const uint16_t*>(weights.data_ptr<at::BFloat16>()),
                     reinterpret_cast<const uint16_t*>(gate_up.data_ptr<at::BFloat16>()),
                     reinterpret_cast<const uint16_t*>(down.data_ptr<at::BFloat16>()), E, I,
+                    residual.defined() ? reinterpret_cast<const uint16_t*>(residual.data_ptr<at::BFloat16>()) : nullptr,
                     reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
     return out;
   }
   by_dtype(x, "moe_prompt", [&](auto p) {
     moe_prompt_impl(p(x), x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(), p(weights),
-                    gate_up.data_ptr<float>(), down.data_ptr<float>(), E, I, p(out));
+                    gate_up.data_ptr<float>(), down.data_ptr<float>(), E, I,
+                    residual.defined() ? p(residual) : nullptr, p(out));
   });
   return out;
 }
@@ -1573,7 +1580,8 @@ TORCH_LIBRARY(moebench_cpu, m) {
         "Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slots) -> Tensor");
   m.def("attend_block(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
   m.def("linear_panels(Tensor x, Tensor panels, Tensor? residual=None) -> Tensor");
-  m.def("moe_prompt(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("moe_prompt(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, Tensor? residual=None) -> "
+        "Tensor");
   m.def("panel_width() -> int", &panel_width);
   m.def("bf16_panels() -> bool", &bf16_panels);
 }

@@ -128,29 +128,36 @@ def _expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     return mlp
 
 
-def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
+def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
     """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I] -> [T, D].
 
-    out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]."""
+    out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t, j]; with residual
+    [T, D], residual + out (the add fused into the C++ prompt operator where it runs)."""
+    out, added = _experts(x, w_gate_up, w_down, topk_ids, topk_weights, residual)
+    return out if residual is None or added else residual + out
+
+
+def _experts(x, w_gate_up, w_down, topk_ids, topk_weights, residual) -> tuple[torch.Tensor, bool]:
+    """experts_forward's result, and whether the residual is added in."""
     T, D = x.shape
     E, k = w_gate_up.shape[0], topk_ids.shape[1]
     exporting = torch.compiler.is_exporting()
     if T == 1 and torch.compiler.is_compiling() and not exporting:
         if cpu_ops.usable(x, w_gate_up):  # the k experts in one C++ operator, at the memory's speed
-            return torch.ops.moebench_cpu.moe_decode(x, topk_ids, topk_weights.to(x.dtype), w_gate_up, w_down)
+            return torch.ops.moebench_cpu.moe_decode(x, topk_ids, topk_weights.to(x.dtype), w_gate_up, w_down), False
         # One token, in a compiled graph: gather the k experts; the compiler fuses the gather into the products.
         ids, w = topk_ids[0], topk_weights[0]
         gate, up = (w_gate_up[ids] * x[0][None, None, :]).sum(-1).chunk(2, dim=-1)  # [k, I] each
         h = F.silu(gate) * up
         y = (w_down[ids] * h[:, None, :]).sum(-1)  # [k, D]
-        return (y * w[:, None]).sum(0, keepdim=True).to(x.dtype)
+        return (y * w[:, None]).sum(0, keepdim=True).to(x.dtype), False
     if T == 1 and not exporting:
         # One token (batch-1 decode): read only its k experts' weights, as NxDI's selective loading does.
         mlp = _expert_mlp(x, w_gate_up, w_down, x.dtype)
         out = torch.zeros_like(x)
         for e, w in zip(topk_ids[0].tolist(), topk_weights[0]):
             out += mlp(x, e) * w
-        return out
+        return out, False
     wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
     dtype = torch.float32 if wide else x.dtype
     if not exporting and cpu_ops.experts_usable(x, w_gate_up, w_down, topk_ids) and (
@@ -158,7 +165,9 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
         # The same math in one C++ call: the sort, the products (weights in panels: float32, or bfloat16 pairs for
         # AVX512-BF16's dot products), silu, weighting and sum.
         w1, w2 = cpu_ops.packed_for(w_gate_up, dtype), cpu_ops.packed_for(w_down, dtype)
-        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), w1, w2)
+        fused = residual is not None and residual.dtype == x.dtype and residual.shape == x.shape
+        return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), w1, w2,
+                                                 residual if fused else None), fused
     # Sort the T*k (token, expert) pairs by expert, then one grouped GEMM per projection.
     flat_ids = topk_ids.flatten()  # [T*k]
     order = flat_ids.argsort(stable=True)
@@ -189,4 +198,4 @@ def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights):
                 start += n
     # In place: a new [T*k, D] buffer is mostly page faults (~1 ms for moebench-speed's float32 prompt).
     ys.mul_(topk_weights.flatten()[order, None])
-    return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+    return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype)), False

@@ -323,8 +323,10 @@ class SparseMoE(nn.Module):
                                         e.down_proj_q, e.down_proj_scale, ids, weights, self.bound, x_scale, res)
         elif self.experts_kernel is not None:
             out = self.experts_kernel(flat, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, res)
-        else:
-            out = experts_forward(flat, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
+        else:  # (the residual added in the C++ prompt operator where it runs)
+            flat_res = None if residual is None else residual.reshape(B * T, D)
+            out = experts_forward(flat, self.experts.gate_up_proj, self.experts.down_proj, ids, weights, flat_res)
+            return out.view(B, T, D)
         out = out.view(B, T, D)
         return residual + out if residual is not None and not fused_add else out
 
