@@ -32,6 +32,7 @@
 #include <array>
 #include <bit>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -1116,8 +1117,11 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
   constexpr bool BF16_DOTS = BF16_PANELS && std::is_same_v<T, uint16_t>;
   const bool pairs = BF16_DOTS && hd % 2 == 0;
   const int64_t widened = pairs ? 0 : B * Hkv * Sp, paired = pairs ? B * Hkv * Sp : 0;
-  std::vector<float> kt(widened * hd), vp(widened * hdp);  // keys transposed, values padded: float32
-  std::vector<uint16_t> kp(paired * hd), vq(paired * hdp);
+  // Keys transposed, values padded: float32 (every element written below, no zeros first).
+  const auto kt = std::make_unique_for_overwrite<float[]>(widened * hd);
+  const auto vp = std::make_unique_for_overwrite<float[]>(widened * hdp);
+  const auto kp = std::make_unique_for_overwrite<uint16_t[]>(paired * hd);  // (the same: every element written)
+  const auto vq = std::make_unique_for_overwrite<uint16_t[]>(paired * hdp);
   std::vector<int64_t> lo(B * nq), hi(B * nq);  // the key range each block of queries sees (multiples of KB)
   std::vector<int64_t> ends(B * Tq);             // each query's: one past its last seen key, rounded up to W
   auto m = [&](int64_t b, int64_t t, int64_t j) { return mask[b * ms[0] + t * ms[2] + j * ms[3]]; };
@@ -1128,20 +1132,29 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
       const T *kh = k + bg / Hkv * ks[0] + bg % Hkv * ks[1], *vh = v + bg / Hkv * vs[0] + bg % Hkv * vs[1];
       if constexpr (BF16_DOTS) {
         if (pairs) {
-          uint16_t *kpg = kp.data() + bg * hd * Sp, *vqg = vq.data() + bg * Sp * hdp;
-          for (int64_t j = 0; j < S; j++)  // each key's hd / 2 pairs, one 32-bit copy each (the rest: zeros)
+          uint16_t *kpg = kp.get() + bg * hd * Sp, *vqg = vq.get() + bg * Sp * hdp;
+          for (int64_t j = 0; j < S; j++)  // each key's hd / 2 pairs, one 32-bit copy each
             for (int64_t d = 0; d < hd; d += 2) std::memcpy(kpg + (d / 2 * Sp + j) * 2, kh + j * ks[2] + d, 4);
-          for (int64_t j = 0; j < S; j += 2)  // rows j and j + 1 side by side (after the last: zeros)
-            interleave(vh + j * vs[2], j + 1 < S ? vh + (j + 1) * vs[2] : nullptr, hd, vqg + j / 2 * hdp * 2);
+          for (int64_t d = 0; d < hd; d += 2)  // (zeros past the last key)
+            std::fill(kpg + (d / 2 * Sp + S) * 2, kpg + (d / 2 * Sp + Sp) * 2, uint16_t{0});
+          for (int64_t j = 0; j < Sp; j += 2) {  // rows j and j + 1 side by side (zeros past the last and past hd)
+            uint16_t* row = vqg + j / 2 * hdp * 2;
+            const int64_t n = j < S ? hd : 0;
+            if (n) interleave(vh + j * vs[2], j + 1 < S ? vh + (j + 1) * vs[2] : nullptr, hd, row);
+            std::fill(row + 2 * n, row + 2 * hdp, uint16_t{0});
+          }
           continue;
         }
       }
-      float *ktg = kt.data() + bg * hd * Sp, *vpg = vp.data() + bg * Sp * hdp;
-      for (int64_t j = 0; j < Sp; j++)
-        for (int64_t d = 0; d < hd; d++) {
-          ktg[d * Sp + j] = j < S ? load(kh + j * ks[2] + d) : 0.0f;
-          vpg[j * hdp + d] = j < S ? load(vh + j * vs[2] + d) : 0.0f;
-        }
+      float *ktg = kt.get() + bg * hd * Sp, *vpg = vp.get() + bg * Sp * hdp;
+      for (int64_t j0 = 0; j0 < Sp; j0 += W)  // W keys at a time: their rows stay in L1 while each d's W are written
+        for (int64_t d = 0; d < hd; d++)
+          for (int64_t j = j0; j < j0 + W; j++) ktg[d * Sp + j] = j < S ? load(kh + j * ks[2] + d) : 0.0f;
+      for (int64_t j = 0; j < Sp; j++) {  // (zeros past the last key and past hd)
+        const int64_t n = j < S ? hd : 0;
+        for (int64_t d = 0; d < n; d++) vpg[j * hdp + d] = load(vh + j * vs[2] + d);
+        std::fill(vpg + j * hdp + n, vpg + (j + 1) * hdp, 0.0f);
+      }
     }
 #pragma omp for schedule(static)
     for (int64_t bq = 0; bq < B * nq; bq++) {
@@ -1191,7 +1204,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         if (pairs) {
           for (int64_t r = 0; r < MQ; r++)
             for (int64_t d = 0; d < hd; d++) qp[r * hd + d] = r < rows ? qh[r * qs[2] + d] : 0;
-          const uint16_t* kpg = kp.data() + (b * Hkv + g) * hd * Sp;
+          const uint16_t* kpg = kp.get() + (b * Hkv + g) * hd * Sp;
           for (int64_t r = 0; r < rows_qk; r += QK_R)
             for (int64_t j = j0, e = tile_end(r, QK_R, KB); j < e; j += KB)
               tile_bf16<QK_R, KB / 16>(qp.data() + r * hd, hd, hd, kpg + j * 2, Sp, nullptr, 0,
@@ -1202,7 +1215,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
       if (!pairs) {
         for (int64_t r = 0; r < MQ; r++)
           for (int64_t d = 0; d < hd; d++) qb[r * hd + d] = r < rows ? load(qh + r * qs[2] + d) * scale : 0.0f;
-        const float* ktg = kt.data() + (b * Hkv + g) * hd * Sp;
+        const float* ktg = kt.get() + (b * Hkv + g) * hd * Sp;
         for (int64_t r = 0; r < rows_qk; r += QK_R)
           for (int64_t j = j0, e = tile_end(r, QK_R, KB); j < e; j += KB)
             tile<QK_R, 2>(qb.data() + r * hd, hd, ktg + j, Sp, nullptr, 0, sc.data() + r * Sp + j, Sp);
@@ -1251,14 +1264,14 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         }
         if constexpr (BF16_DOTS) {
           if (pairs) {
-            const uint16_t* vqg = vq.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
+            const uint16_t* vqg = vq.get() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
             for (int64_t c = 0; c < hdp; c += PV_C)
               tile_bf16<PV_R, PV_C / 16>(pp.data() + r * Sp + j0, Sp, keys, vqg + c * 2, hdp, nullptr, 0,
                                          ob.data() + r * hdp + c, hdp);
           }
         }
         if (!pairs) {
-          const float* vpg = vp.data() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
+          const float* vpg = vp.get() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
           for (int64_t c = 0; c < hdp; c += PV_C)
             value_tile<PV_R>(sc.data() + r * Sp + j0, Sp, vpg + c, hdp, keys, ob.data() + r * hdp + c);
         }
