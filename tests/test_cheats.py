@@ -142,16 +142,18 @@ def test_a_pickle_from_the_submission_never_runs_in_the_harness():
 
 
 def test_patching_the_clock_does_not_change_the_measured_latency():
-    code, out, err = evaluate("patch_clock")
+    runs = ("--benchmark-runs", "6")  # (two runs' p99 is their slower one: a loaded machine's spike)
+    code, out, err = evaluate("patch_clock", *runs)
     assert code == 0, out + err
     cheat = report()
-    code, out, err = invoke("--mode", "evaluate_single", *RUN)  # the honest template
+    code, out, err = invoke("--mode", "evaluate_single", *RUN, *runs)  # the honest template
     assert code == 0, out + err
     honest = report()
     # The patch was live in the submission's process: its own (informational) timings shrank a hundredfold...
     assert cheat["context_encoding_model"]["latency_ms_p50"] < cheat["e2e_model"]["latency_ms_p50"] / 20
-    # ...but the scored latency is the harness's, from its own process.
-    assert cheat["e2e_model"]["latency_ms_p99"] > 0.3 * honest["e2e_model"]["latency_ms_p99"]
+    # ...but the scored latency is the harness's, from its own process: not a hundredth of the honest run's.
+    for stat in ("latency_ms_p50", "latency_ms_p99"):
+        assert cheat["e2e_model"][stat] > 0.1 * honest["e2e_model"][stat], stat
 
 
 def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded():
