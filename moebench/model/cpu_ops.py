@@ -38,6 +38,9 @@ from moebench.model.derived import derived
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 LOADED = False  # set by load(); read while tracing (a plain global, not a call Dynamo would trace)
+# The build's panel width and whether it has bfloat16 panels (set by load(): read on every prompt's product, where a
+# call of the operators' own functions costs microseconds)
+PANEL_WIDTH, BF16_PANELS = 0, False
 
 
 def _cpu_flags() -> str:
@@ -59,7 +62,7 @@ def _flags() -> list[str]:
 @functools.cache
 def load() -> bool:
     """Loads the operators (built first when this machine has none cached): True when they are there."""
-    global LOADED
+    global LOADED, PANEL_WIDTH, BF16_PANELS
     if os.environ.get("MOEBENCH_CPU_OPS", "1") == "0" or sys.platform != "linux":
         return False
     from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -90,6 +93,7 @@ def load() -> bool:
     torch.library.register_fake("moebench_cpu::attend_row")(_attend_row_fake)
     torch.library.register_fake("moebench_cpu::attention_decode")(_attention_decode_fake)
     torch.library.register_fake("moebench_cpu::attend_block")(_attend_block_fake)
+    PANEL_WIDTH, BF16_PANELS = torch.ops.moebench_cpu.panel_width(), torch.ops.moebench_cpu.bf16_panels()
     LOADED = True
     return True
 
@@ -131,14 +135,14 @@ def panels_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     w [E, N, K] (packed once into float32 panels) here: eagerly (not while compiling or exporting), on the CPU, N a
     multiple of the panel width."""
     return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and x.dtype in (torch.float32, torch.bfloat16)
-            and not torch.compiler.is_compiling() and w.shape[-2] % torch.ops.moebench_cpu.panel_width() == 0)
+            and not torch.compiler.is_compiling() and w.shape[-2] % PANEL_WIDTH == 0)
 
 
 def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor) -> bool:
     """True when moe_prompt computes a prompt's experts here (as panels_usable says for both weights, the experts'
     intermediate size I a multiple of the panel width: gate's and up's panels pair up; ids [T, k] int64, k <= 64)."""
     return (panels_usable(x, w_gate_up) and panels_usable(x, w_down) and ids.dtype == torch.int64
-            and ids.shape[-1] <= 64 and w_down.shape[-1] % torch.ops.moebench_cpu.panel_width() == 0)
+            and ids.shape[-1] <= 64 and w_down.shape[-1] % PANEL_WIDTH == 0)
 
 
 AMX = torch.cpu._is_amx_tile_supported()
@@ -147,7 +151,7 @@ AMX = torch.cpu._is_amx_tile_supported()
 def pair_panels_usable(x: torch.Tensor) -> bool:
     """True when moe_prompt takes bfloat16 panels of pairs for x's rows here (x bfloat16; AVX512-BF16, and no AMX,
     whose tiles carry oneDNN's bfloat16 products far faster than vdpbf16ps)."""
-    return LOADED and x.dtype == torch.bfloat16 and torch.ops.moebench_cpu.bf16_panels() and not AMX
+    return LOADED and x.dtype == torch.bfloat16 and BF16_PANELS and not AMX
 
 
 def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -158,7 +162,7 @@ def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> boo
     the panel width, K even, and a panel for every thread at least (linear_panels shares the panels among the
     threads, not the rows: oneDNN keeps the narrow products of a many-core machine)."""
     return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and not torch.compiler.is_compiling()
-            and torch.ops.moebench_cpu.panel_width() == 64 and w.shape[-2] % 64 == 0 and w.shape[-1] % 2 == 0
+            and PANEL_WIDTH == 64 and w.shape[-2] % 64 == 0 and w.shape[-1] % 2 == 0
             and w.shape[-2] // 64 >= torch.get_num_threads()
             and (dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
                  or dtype == torch.bfloat16 and pair_panels_usable(x)))
@@ -193,7 +197,7 @@ def _packed(w: torch.Tensor, layout, dtype: torch.dtype) -> torch.Tensor:
     """w [E, N, K] (or [N, K]: one) laid out as layout(w, E, N, K, NB) gives, copied into a buffer of `dtype` (huge
     pages where the machine has them and the buffer is large enough)."""
     E, N, K = w.shape if w.dim() == 3 else (1, *w.shape)
-    view = layout(w, E, N, K, torch.ops.moebench_cpu.panel_width())
+    view = layout(w, E, N, K, PANEL_WIDTH)
     nbytes = w.numel() * dtype.itemsize
     huge = hugepages.SUPPORTED and nbytes >= hugepages.MIN_BYTES
     out = hugepages.empty(nbytes) if huge else torch.empty(nbytes, dtype=torch.uint8)
