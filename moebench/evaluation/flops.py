@@ -112,6 +112,9 @@ CPU_OP_MACS = {
     # A prompt's experts: each (token, expert) pair through one expert's gate, up and down products.
     "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down, *_: prod(_shape(ids)) * (
         prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:])),
+    # A prompt's MoE block: the router's product, then k experts a token.
+    "moebench_cpu::moe_block_prompt": lambda x, norm, eps, router, k, norm_topk, gate_up, down: prod(_shape(x)[:-1]) * (
+        prod(_shape(router)) + k * (prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:]))),
 }
 
 

@@ -138,11 +138,11 @@ def panels_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and w.shape[-2] % PANEL_WIDTH == 0)
 
 
-def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor) -> bool:
+def experts_usable(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, k: int) -> bool:
     """True when moe_prompt computes a prompt's experts here (as panels_usable says for both weights, the experts'
-    intermediate size I a multiple of the panel width: gate's and up's panels pair up; ids [T, k] int64, k <= 64)."""
-    return (panels_usable(x, w_gate_up) and panels_usable(x, w_down) and ids.dtype == torch.int64
-            and ids.shape[-1] <= 64 and w_down.shape[-1] % PANEL_WIDTH == 0)
+    intermediate size I a multiple of the panel width: gate's and up's panels pair up; k <= 64 experts a token)."""
+    return (panels_usable(x, w_gate_up) and panels_usable(x, w_down) and k <= 64
+            and w_down.shape[-1] % PANEL_WIDTH == 0)
 
 
 AMX = torch.cpu._is_amx_tile_supported()

@@ -128,6 +128,16 @@ def _expert_mlp(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     return mlp
 
 
+def prompt_experts_dtype(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, k: int):
+    """The dtype of the panels with which the C++ operator moe_prompt computes a prompt's experts here (x [T, D], T >
+    1, k experts a token; eager, on the CPU): float32, or bfloat16 pairs; None where the torch code computes them."""
+    T, E = x.shape[0], w_gate_up.shape[0]
+    if T == 1 or torch.compiler.is_exporting() or not cpu_ops.experts_usable(x, w_gate_up, w_down, k):
+        return None
+    dtype = torch.float32 if in_float32(x, T * k // E) else x.dtype
+    return dtype if dtype == torch.float32 or cpu_ops.pair_panels_usable(x) else None
+
+
 def experts_forward(x, w_gate_up, w_down, topk_ids, topk_weights, residual=None):
     """x [T, D], w_gate_up [E, 2I, D] (gate rows first), w_down [E, D, I] -> [T, D].
 
@@ -160,8 +170,7 @@ def _experts(x, w_gate_up, w_down, topk_ids, topk_weights, residual) -> tuple[to
         return out, False
     wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
     dtype = torch.float32 if wide else x.dtype
-    if not exporting and cpu_ops.experts_usable(x, w_gate_up, w_down, topk_ids) and (
-            dtype == torch.float32 or cpu_ops.pair_panels_usable(x)):
+    if topk_ids.dtype == torch.int64 and prompt_experts_dtype(x, w_gate_up, w_down, k) is not None:
         # The same math in one C++ call: the sort, the products (weights in panels: float32, or bfloat16 pairs for
         # AVX512-BF16's dot products), silu, weighting and sum.
         w1, w2 = cpu_ops.packed_for(w_gate_up, dtype), cpu_ops.packed_for(w_down, dtype)

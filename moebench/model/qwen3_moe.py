@@ -9,7 +9,7 @@ from torch import nn
 
 from moebench.model import cpu_ops
 from moebench.model.config import Qwen3MoeConfig
-from moebench.model.moe import experts_forward, in_compiled_cpu_graph, linear, route_tokens
+from moebench.model.moe import experts_forward, in_compiled_cpu_graph, linear, prompt_experts_dtype, route_tokens
 from moebench.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # Legend: B batch, T input columns, S cache slots in use, D hidden, H/Hkv query/key-value heads, hd head dim.
@@ -296,10 +296,28 @@ class SparseMoE(nn.Module):
                 and type(self.gate) is nn.Linear and self.gate.bias is None and cpu_ops.usable(flat, self.gate.weight)
                 and cpu_ops.usable(flat, self.experts.gate_up_proj))
 
+    def _block_in_cpp(self, flat: torch.Tensor, norm: RMSNorm | None) -> torch.dtype | None:
+        """The experts' panels' dtype where a prompt's whole MoE block (the norm, the routing, the experts and the
+        residual add) runs as one C++ call: many rows, eagerly on the CPU without autograd, with the reference's own
+        norm, router and experts (no kernels); else None."""
+        if flat.shape[0] == 1 or not untouched(norm) or torch.compiler.is_compiling() or torch.is_grad_enabled():
+            return None
+        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel, self.norm_quantize, norm.kernel)
+        if (any(k is not None for k in kernels) or type(self.gate) is not nn.Linear or self.gate.bias is not None
+                or not cpu_ops.usable(flat, self.gate.weight) or not cpu_ops.usable(flat, norm.weight)):
+            return None
+        return prompt_experts_dtype(flat, self.experts.gate_up_proj, self.experts.down_proj, self.k)
+
     def forward(self, x, norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
         """x [B, T, D] -> [B, T, D]; norm and residual as in Attention.forward."""
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
+        if residual is x and (dtype := self._block_in_cpp(flat, norm)) is not None:
+            # A prompt on the CPU: the norm, the routing (route_rows), the experts and the residual add (moe_prompt)
+            # in one C++ call (moebench.model.cpu_ops), what the lines below do in three.
+            w1, w2 = (cpu_ops.packed_for(w, dtype) for w in (self.experts.gate_up_proj, self.experts.down_proj))
+            return torch.ops.moebench_cpu.moe_block_prompt(flat, norm.weight, norm.eps, self.gate.weight, self.k,
+                                                           self.norm_topk_prob, w1, w2).view(B, T, D)
         if residual is x and self._routed_in_cpp(flat, norm):
             # One token in a compiled CPU step: the norm, the router's product, softmax, top-k, the experts and the
             # residual add in one C++ call (moebench.model.cpu_ops).
