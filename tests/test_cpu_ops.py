@@ -17,9 +17,10 @@ from torch._dynamo.utils import counters
 from moebench.engine.generator import Engine
 from moebench.evaluation import flops
 from moebench.model import cpu_ops, moe, qwen3_moe
+from moebench.model.loader import build_model, open_model
 from moebench.model.moe import experts_forward, route
 from moebench.model.presets import PRESETS, random_model
-from moebench.model.qwen3_moe import Attention, Qwen3MoeForCausalLM, RMSNorm
+from moebench.model.qwen3_moe import Attention, ModelOptions, Qwen3MoeForCausalLM, RMSNorm
 from moebench.model.rope import apply_rope, rope_cos_sin
 
 
@@ -256,7 +257,9 @@ def test_the_operators_round_to_bfloat16_bit_for_bit_as_torch_at_the_edges(threa
 
 
 def test_a_prompt_s_attention_block_norms_and_rotates_in_cpp(monkeypatch):
-    # The model's prompt (eager, CPU) calls qk_norm_rope; its logits and cache are those of the torch operations.
+    # The model's prompt (eager, CPU), its attention block one operator at a time, calls qk_norm_rope; its logits and
+    # cache are those of the torch operations.
+    monkeypatch.setattr(Attention, "_block_in_cpp", lambda *a: False)
     model = random_model(PRESETS["moebench-tiny"], seed=3)
     prompt = torch.randint(1, 200, (1, 21))
     engine = Engine(model, batch=1, max_len=32, compile=False)
@@ -267,6 +270,35 @@ def test_a_prompt_s_attention_block_norms_and_rotates_in_cpp(monkeypatch):
     monkeypatch.setattr(Attention, "_rotates_in_cpp", lambda *a: False)
     torch.testing.assert_close(got, engine.prefill(prompt, torch.ones_like(prompt)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache, (engine.cache.k, engine.cache.v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_prompt_s_attention_block_runs_in_one_cpp_call_as_its_five(monkeypatch, one_thread, dtype, fused):
+    # The norm, the q, k and v projections (fused or not), the q/k norms and rotation with the cache's write, the
+    # attention and the output projection with the residual add in attention_block_prompt: bit for bit what the
+    # five operators give one by one, logits and cache, for two rows with left padding. (One thread: the tiny
+    # model's narrowest projections have 2 panels.)
+    if not cpu_ops.products_usable(torch.empty(2, 128, dtype=dtype), torch.empty(128, 128, dtype=dtype), dtype):
+        pytest.skip("this CPU's prompt products do not run on panels in this dtype")
+    model = build_model(Qwen3MoeForCausalLM, open_model(None), ModelOptions(fused_qkv=fused), dtype, "cpu")
+    engine = Engine(model, batch=2, max_len=40, compile=False)
+    prompt = torch.randint(1, 200, (2, 33), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    with torch.profiler.profile() as prof:
+        got = engine.prefill(prompt, mask, every_column=True)
+    names = [e.name for e in prof.events()]
+    assert names.count("moebench_cpu::attention_block_prompt") == len(model.model.layers)
+    assert "moebench_cpu::qk_norm_rope" not in names
+    cache = engine.cache.k.clone(), engine.cache.v.clone()
+    monkeypatch.setattr(Attention, "_block_in_cpp", lambda *a: False)
+    with torch.profiler.profile() as prof:
+        want = engine.prefill(prompt, mask, every_column=True)
+    names = [e.name for e in prof.events()]
+    assert names.count("moebench_cpu::attend_block") == len(model.model.layers)
+    assert "moebench_cpu::attention_block_prompt" not in names
+    assert torch.equal(got, want) and torch.equal(cache[0], engine.cache.k) and torch.equal(cache[1], engine.cache.v)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -415,7 +447,8 @@ def test_a_prompt_s_product_keeps_oneDNN_where_the_panels_are_fewer_than_the_thr
 def test_a_prompt_s_products_run_on_panels_with_the_residual_add_fused(monkeypatch, one_thread):
     # The model's prompt (eager, CPU) runs its projections through linear_panels (the output projection with the
     # residual add in it); its logits and cache are those of oneDNN's products to their summation order. (One
-    # thread: the tiny model's narrowest projections have 2 panels.)
+    # thread: the tiny model's narrowest projections have 2 panels. The attention block one operator at a time.)
+    monkeypatch.setattr(Attention, "_block_in_cpp", lambda *a: False)
     model = random_model(PRESETS["moebench-tiny"], seed=4)
     prompt = torch.randint(1, 200, (1, 21))
     for dtype in (torch.float32, torch.bfloat16):
@@ -783,6 +816,7 @@ def test_the_warm_up_compiles_the_graph_later_steps_run(one_thread):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eager_prefill_calls_attend_block_and_agrees_with_the_library(monkeypatch, dtype):
+    monkeypatch.setattr(Attention, "_block_in_cpp", lambda *a: False)  # (one operator at a time)
     engine = Engine(random_model(PRESETS["moebench-tiny"], seed=6, dtype=dtype), batch=2, max_len=40)
     prompt = torch.randint(1, 200, (2, 33), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(prompt)

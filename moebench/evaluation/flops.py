@@ -31,6 +31,15 @@ def _attention_macs(q, k, *_):
     return 2 * B * H * L * S * d
 
 
+def _attention_block_macs(x, norm, norm_eps, qkv, q_norm, k_norm, eps, cos, sin, cache_k, cache_v, layer, slots, mask,
+                          scale, wo):
+    """moebench_cpu::attention_block_prompt: the q, k, v and output projections of x's rows (each panel tensor holds
+    its weight's N K elements), and the attention over the mask's S keys (the output projection's K = H d)."""
+    rows, hd_total = prod(_shape(x)[:-1]), prod(_shape(wo)) // _shape(x)[-1]
+    projections = sum(prod(_shape(p)) for p in qkv) + prod(_shape(wo))
+    return rows * projections + 2 * rows * _shape(mask)[-1] * hd_total
+
+
 def _matmul_macs(a, b, *_):
     """torch.matmul with broadcasting: every output element is a dot product over a's last dim."""
     A, B = _shape(a), _shape(b)
@@ -112,6 +121,7 @@ CPU_OP_MACS = {
     # A prompt's experts: each (token, expert) pair through one expert's gate, up and down products.
     "moebench_cpu::moe_prompt": lambda x, ids, weights, gate_up, down, *_: prod(_shape(ids)) * (
         prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:])),
+    "moebench_cpu::attention_block_prompt": _attention_block_macs,
     # A prompt's MoE block: the router's product, then k experts a token.
     "moebench_cpu::moe_block_prompt": lambda x, norm, eps, router, k, norm_topk, gate_up, down: prod(_shape(x)[:-1]) * (
         prod(_shape(router)) + k * (prod(_shape(gate_up)[1:]) + prod(_shape(down)[1:]))),

@@ -1576,6 +1576,37 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   return out;
 }
 
+// A prompt's whole attention block with its norm and residual (eager, CPU), one call for Attention.forward's five
+// (the norm, the projections, qk_norm_rope, attend_block, the output projection with the residual add): x [B, T, D],
+// the q, k and v projections' panels (one fused [q; k; v] or three), the cache's slots, mask and rotation as those
+// operators take them; wo: the output projection's panels.
+at::Tensor attention_block_prompt(const at::Tensor& x, const at::Tensor& norm, double norm_eps,
+                                  const std::vector<at::Tensor>& qkv, const at::Tensor& q_norm,
+                                  const at::Tensor& k_norm, double eps, const at::Tensor& cos, const at::Tensor& sin,
+                                  at::Tensor& cache_k, at::Tensor& cache_v, int64_t layer, const at::Tensor& slots,
+                                  const at::Tensor& mask, double scale, const at::Tensor& wo) {
+  TORCH_CHECK(x.dim() == 3 && (qkv.size() == 1 || qkv.size() == 3) && cache_k.dim() == 5 && mask.dim() == 4,
+              "attention_block_prompt: x [B, T, D], the panels of [q; k; v] or of q, k and v, caches [L, B, Hkv, "
+              "slots, hd], mask [B, 1, T, S]");
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(2), Nkv = cache_k.size(2) * cache_k.size(4);
+  const at::Tensor xn = rms_norm_rows(x, norm, norm_eps).view({B * T, D});
+  at::Tensor q, k, v;
+  if (qkv.size() == 1) {
+    const at::Tensor y = linear_panels(xn, qkv[0], std::nullopt).view({B, T, -1});
+    const int64_t Nq = y.size(2) - 2 * Nkv;
+    q = y.narrow(2, 0, Nq), k = y.narrow(2, Nq, Nkv), v = y.narrow(2, Nq + Nkv, Nkv);
+  } else {
+    q = linear_panels(xn, qkv[0], std::nullopt).view({B, T, -1});
+    k = linear_panels(xn, qkv[1], std::nullopt).view({B, T, -1});
+    v = linear_panels(xn, qkv[2], std::nullopt).view({B, T, -1});
+  }
+  const at::Tensor rotated = qk_norm_rope(q, k, v, q_norm, k_norm, eps, cos, sin, cache_k, cache_v, layer, slots);
+  const int64_t S = mask.size(3);
+  const at::Tensor o = attend_block(rotated, cache_k.select(0, layer).narrow(2, 0, S),
+                                    cache_v.select(0, layer).narrow(2, 0, S), mask, scale);
+  return linear_panels(o.transpose(1, 2).reshape({B * T, -1}), wo, x.reshape({B * T, D})).view({B, T, D});
+}
+
 // A prompt's whole MoE block with its norm and residual (eager, CPU): x + experts(rms_norm(x)), routed as route_rows
 // routes, in one call for SparseMoE.forward's three (between operators the Python of the block ran on caches the
 // experts' weights had just swept: ~0.1 ms a layer). gate_up and down: moe_prompt's panels.
@@ -1606,6 +1637,9 @@ TORCH_LIBRARY(moebench_cpu, m) {
   m.def("linear_panels(Tensor x, Tensor panels, Tensor? residual=None) -> Tensor");
   m.def("moe_prompt(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, Tensor? residual=None) -> "
         "Tensor");
+  m.def("attention_block_prompt(Tensor x, Tensor norm, float norm_eps, Tensor[] qkv, Tensor q_norm, Tensor k_norm, "
+        "float eps, Tensor cos, Tensor sin, Tensor(a!) cache_k, Tensor(b!) cache_v, int layer, Tensor slots, "
+        "Tensor mask, float scale, Tensor wo) -> Tensor");
   m.def("moe_block_prompt(Tensor x, Tensor norm, float eps, Tensor router, int k, bool norm_topk, Tensor gate_up, "
         "Tensor down) -> Tensor");
   m.def("panel_width() -> int", &panel_width);
@@ -1625,4 +1659,5 @@ TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {
   m.impl("linear_panels", &linear_panels);
   m.impl("moe_prompt", &moe_prompt);
   m.impl("moe_block_prompt", &moe_block_prompt);
+  m.impl("attention_block_prompt", &attention_block_prompt);
 }

@@ -9,7 +9,8 @@ from torch import nn
 
 from moebench.model import cpu_ops
 from moebench.model.config import Qwen3MoeConfig
-from moebench.model.moe import experts_forward, in_compiled_cpu_graph, linear, prompt_experts_dtype, route_tokens
+from moebench.model.moe import (experts_forward, in_compiled_cpu_graph, in_float32, linear, prompt_experts_dtype,
+                                route_tokens)
 from moebench.model.rope import apply_rope, rope_cos_sin, rope_frequencies
 
 # Legend: B batch, T input columns, S cache slots in use, D hidden, H/Hkv query/key-value heads, hd head dim.
@@ -148,6 +149,24 @@ class Attention(nn.Module):
                 and self.q_norm.eps == self.k_norm.eps
                 and self.q_norm.weight.dtype == self.k_norm.weight.dtype == cos.dtype == q.dtype)
 
+    def _block_in_cpp(self, x: torch.Tensor, cos: torch.Tensor, step: StepInputs, cache: KVCache,
+                      norm: RMSNorm | None) -> bool:
+        """True where a prompt's whole attention block (the input norm, the projections, the q/k norms and rotation
+        with the cache's write, the attention, the output projection and the residual add) runs as one C++ call:
+        eagerly on the CPU without autograd, with the reference's own norm, projections and q/k norms (no kernels,
+        no biases), every product on panels in x's dtype, a boolean mask."""
+        if not untouched(norm) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        kernels = (self.qkv_kernel, self.kernel, self.decode_kernel, self.o_kernel, self.q_norm.kernel,
+                   self.k_norm.kernel, norm.kernel)
+        projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
+        return (all(k is None for k in kernels) and step.mask.dtype == torch.bool
+                and untouched(*projections, self.o_proj, self.q_norm, self.k_norm)
+                and all(p.bias is None for p in (*projections, self.o_proj))
+                and not in_float32(x, x.numel() // x.shape[-1]) and cpu_ops.usable(x, norm.weight)
+                and all(cpu_ops.products_usable(x, p.weight, x.dtype) for p in (*projections, self.o_proj))
+                and self._rotates_in_cpp(x, cos, cache))
+
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None):
         """x [B, T, D] -> attention output [B, T, D]. With `norm`, x is the layer's input and is normalised here
@@ -163,6 +182,14 @@ class Attention(nn.Module):
                 x.reshape(1, -1), norm.weight, norm.eps, wq, wk, wv, self.q_norm.weight, self.k_norm.weight,
                 self.q_norm.eps, cos.reshape(-1), sin.reshape(-1), cache.k, cache.v, self.layer, step.slots,
                 step.mask, self.hd**-0.5, self.o_proj.weight).view(B, T, -1)
+        if T > 1 and residual is x and self._block_in_cpp(x, cos, step, cache, norm):
+            # A prompt on the CPU: what the lines below do in five C++ calls (the norm, the projections on panels,
+            # qk_norm_rope, attend_block, the output projection with the residual add), in one.
+            projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
+            return torch.ops.moebench_cpu.attention_block_prompt(
+                x, norm.weight, norm.eps, [cpu_ops.packed_for(p.weight, x.dtype) for p in projections],
+                self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, cache.k, cache.v, self.layer,
+                step.slots, step.mask, self.hd**-0.5, cpu_ops.packed_for(self.o_proj.weight, x.dtype))
         use_qkv_kernel = (self.qkv_kernel is not None and untouched(self.qkv_proj, self.q_norm, self.k_norm)
                           and (norm is None or untouched(norm)))
         if use_qkv_kernel:
