@@ -1,9 +1,10 @@
 // moebench's CPU operators (moebench/model/cpu_ops.py builds this file on first use, with -march=native): those of
 // compiled decode steps, moebench_cpu::linear_row, moe_route_decode (one token's whole MoE block, its norm and
 // residual add included, in one parallel region), moe_decode (the experts alone), attention_decode (the same for the
-// attention block) and attend_row; for prompts (eager): attend_block (the attention of many queries), moe_prompt
-// (every expert), linear_panels (a prompt's projections, the residual add fused), qk_norm_rope and rms_norm_rows
-// (below).
+// attention block) and attend_row; for prompts (eager): attention_block_prompt and moe_block_prompt (a layer's two
+// blocks, one call each: norms and residual adds included), made of attend_block (the attention of many queries),
+// moe_prompt (every expert), route_rows (the router's products, softmax and top-k), linear_panels (a prompt's
+// projections, the residual add fused), qk_norm_rope and rms_norm_rows, each callable alone too (below).
 //
 // Inductor compiles each one-row product as a loop of multiply-adds with one horizontal sum per weight row, and in
 // bfloat16 it converts every weight and activation element to float32 first: in cache that reads ~80 GB/s on this

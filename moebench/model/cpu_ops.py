@@ -8,8 +8,11 @@ head), moebench_cpu::qk_norm_rope (q/k norms, rotation and the cache's write), m
 of many rows) and, for experts computed in float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens
 them), moebench_cpu::moe_prompt (all of a prompt's experts in one call, each weight packed in float32 panels:
 `panels`; bfloat16 experts kept in bfloat16 too where the CPU has AVX512-BF16, their weights in bfloat16 panels of
-pairs: `pair_panels`) and moebench_cpu::linear_panels (a prompt's projections, their weights packed the same way:
-float32 panels, or bfloat16 pairs; the output projection's residual add fused in).
+pairs: `pair_panels`), moebench_cpu::linear_panels (a prompt's projections, their weights packed the same way:
+float32 panels, or bfloat16 pairs; the output projection's residual add fused in) and moebench_cpu::route_rows (the
+router's products, softmax and top-k; a row whose choice hangs on a tie goes to torch's top-k); and a layer's two
+blocks each in one call, made of those: moebench_cpu::attention_block_prompt and moebench_cpu::moe_block_prompt
+(the Python between the operators ran on caches the experts' weights had just swept: ~3% of a prompt).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16 decode
 ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the library's
