@@ -170,10 +170,11 @@ def _experts(x, w_gate_up, w_down, topk_ids, topk_weights, residual) -> tuple[to
         return out, False
     wide = in_float32(x, T * k // E) and not exporting  # each expert's weights upcast in the loop below
     dtype = torch.float32 if wide else x.dtype
-    if topk_ids.dtype == torch.int64 and prompt_experts_dtype(x, w_gate_up, w_down, k) is not None:
+    panels = prompt_experts_dtype(x, w_gate_up, w_down, k) if topk_ids.dtype == torch.int64 else None
+    if panels is not None:
         # The same math in one C++ call: the sort, the products (weights in panels: float32, or bfloat16 pairs for
         # AVX512-BF16's dot products), silu, weighting and sum.
-        w1, w2 = cpu_ops.packed_for(w_gate_up, dtype), cpu_ops.packed_for(w_down, dtype)
+        w1, w2 = cpu_ops.packed_for(w_gate_up, panels), cpu_ops.packed_for(w_down, panels)
         fused = residual is not None and residual.dtype == x.dtype and residual.shape == x.shape
         return torch.ops.moebench_cpu.moe_prompt(x, topk_ids, topk_weights.to(x.dtype), w1, w2,
                                                  residual if fused else None), fused
