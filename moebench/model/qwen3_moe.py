@@ -128,17 +128,25 @@ class Attention(nn.Module):
         self.decode_kernel = kernel_of(opts, "flash_decoding", "flash_decoding", "flash_decode")
         self.o_kernel = kernel_of(opts, "o_proj", "linear", "linear")
 
-    def _attends_in_cpp(self, x: torch.Tensor, step: StepInputs, norm: RMSNorm | None) -> bool:
-        """True in a compiled CPU graph with the reference's own input norm, projections and q/k norms (no kernels,
-        no biases), a boolean mask, and the C++ operators loaded (moebench.model.cpu_ops)."""
+    def _projections(self) -> tuple[nn.Module, ...]:
+        return (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
+
+    def _reference_block(self, step: StepInputs, norm: RMSNorm | None) -> bool:
+        """True with the reference's own input norm, projections and q/k norms (no kernels, no biases, one eps) and
+        a boolean mask: what a C++ operator doing the whole block takes in their place."""
         if not untouched(norm):  # the reference's own input norm (not None, not a submission's)
             return False
         kernels = (self.qkv_kernel, self.kernel, self.decode_kernel, self.o_kernel, self.q_norm.kernel,
                    self.k_norm.kernel, norm.kernel)
-        projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
-        return (all(k is None for k in kernels) and in_compiled_cpu_graph(x) and step.mask.dtype == torch.bool
+        projections = self._projections()
+        return (all(k is None for k in kernels) and step.mask.dtype == torch.bool
                 and untouched(*projections, self.o_proj, self.q_norm, self.k_norm)
-                and all(p.bias is None for p in (*projections, self.o_proj)) and self.q_norm.eps == self.k_norm.eps
+                and all(p.bias is None for p in (*projections, self.o_proj)) and self.q_norm.eps == self.k_norm.eps)
+
+    def _attends_in_cpp(self, x: torch.Tensor, step: StepInputs, norm: RMSNorm | None) -> bool:
+        """True in a compiled CPU graph with the reference's own block (_reference_block) and the C++ operators
+        loaded (moebench.model.cpu_ops)."""
+        return (in_compiled_cpu_graph(x) and self._reference_block(step, norm)
                 and cpu_ops.usable(x, self.o_proj.weight))
 
     def _rotates_in_cpp(self, q: torch.Tensor, cos: torch.Tensor, cache: KVCache) -> bool:
@@ -155,16 +163,10 @@ class Attention(nn.Module):
         with the cache's write, the attention, the output projection and the residual add) runs as one C++ call:
         eagerly on the CPU without autograd, with the reference's own norm, projections and q/k norms (no kernels,
         no biases), every product on panels in x's dtype, a boolean mask."""
-        if not untouched(norm) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not self._reference_block(step, norm):
             return False
-        kernels = (self.qkv_kernel, self.kernel, self.decode_kernel, self.o_kernel, self.q_norm.kernel,
-                   self.k_norm.kernel, norm.kernel)
-        projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
-        return (all(k is None for k in kernels) and step.mask.dtype == torch.bool
-                and untouched(*projections, self.o_proj, self.q_norm, self.k_norm)
-                and all(p.bias is None for p in (*projections, self.o_proj))
-                and not in_float32(x, x.numel() // x.shape[-1]) and cpu_ops.usable(x, norm.weight)
-                and all(cpu_ops.products_usable(x, p.weight, x.dtype) for p in (*projections, self.o_proj))
+        return (not in_float32(x, x.numel() // x.shape[-1]) and cpu_ops.usable(x, norm.weight)
+                and all(cpu_ops.products_usable(x, p.weight, x.dtype) for p in (*self._projections(), self.o_proj))
                 and self._rotates_in_cpp(x, cos, cache))
 
     def forward(self, x, cos, sin, step: StepInputs, cache: KVCache, norm: RMSNorm | None = None,
@@ -185,9 +187,8 @@ class Attention(nn.Module):
         if T > 1 and residual is x and self._block_in_cpp(x, cos, step, cache, norm):
             # A prompt on the CPU: what the lines below do in five C++ calls (the norm, the projections on panels,
             # qk_norm_rope, attend_block, the output projection with the residual add), in one.
-            projections = (self.qkv_proj,) if self.fused else (self.q_proj, self.k_proj, self.v_proj)
             return torch.ops.moebench_cpu.attention_block_prompt(
-                x, norm.weight, norm.eps, [cpu_ops.packed_for(p.weight, x.dtype) for p in projections],
+                x, norm.weight, norm.eps, [cpu_ops.packed_for(p.weight, x.dtype) for p in self._projections()],
                 self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, cache.k, cache.v, self.layer,
                 step.slots, step.mask, self.hd**-0.5, cpu_ops.packed_for(self.o_proj.weight, x.dtype))
         use_qkv_kernel = (self.qkv_kernel is not None and untouched(self.qkv_proj, self.q_norm, self.k_norm)
@@ -313,25 +314,27 @@ class SparseMoE(nn.Module):
         if self.quantized_kernel is not None and type(self).forward is SparseMoE.forward:
             self.experts.quantize(self.qdtype)
 
-    def _routed_in_cpp(self, flat: torch.Tensor, norm: RMSNorm | None) -> bool:
-        """True for one token in a compiled CPU graph with the reference's own norm, router and experts (no kernels)
-        and the C++ operators loaded (moebench.model.cpu_ops)."""
+    def _reference_block(self, flat: torch.Tensor, norm: RMSNorm | None) -> bool:
+        """True with the reference's own norm, router (no bias) and experts (no kernels), the C++ operators taking
+        flat's rows and the router's weight: what a C++ operator doing the whole block takes in their place."""
         if not untouched(norm):  # the reference's own input norm (not None, not a submission's)
             return False
-        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel, norm.kernel)
-        return (flat.shape[0] == 1 and all(k is None for k in kernels) and in_compiled_cpu_graph(flat)
-                and type(self.gate) is nn.Linear and self.gate.bias is None and cpu_ops.usable(flat, self.gate.weight)
+        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel, self.norm_quantize, norm.kernel)
+        return (all(k is None for k in kernels) and type(self.gate) is nn.Linear and self.gate.bias is None
+                and cpu_ops.usable(flat, self.gate.weight))
+
+    def _routed_in_cpp(self, flat: torch.Tensor, norm: RMSNorm | None) -> bool:
+        """True for one token in a compiled CPU graph with the reference's own block (_reference_block) and the
+        C++ operators loaded (moebench.model.cpu_ops)."""
+        return (flat.shape[0] == 1 and in_compiled_cpu_graph(flat) and self._reference_block(flat, norm)
                 and cpu_ops.usable(flat, self.experts.gate_up_proj))
 
     def _block_in_cpp(self, flat: torch.Tensor, norm: RMSNorm | None) -> torch.dtype | None:
         """The experts' panels' dtype where a prompt's whole MoE block (the norm, the routing, the experts and the
         residual add) runs as one C++ call: many rows, eagerly on the CPU without autograd, with the reference's own
         norm, router and experts (no kernels); else None."""
-        if flat.shape[0] == 1 or not untouched(norm) or torch.compiler.is_compiling() or torch.is_grad_enabled():
-            return None
-        kernels = (self.router_kernel, self.experts_kernel, self.quantized_kernel, self.norm_quantize, norm.kernel)
-        if (any(k is not None for k in kernels) or type(self.gate) is not nn.Linear or self.gate.bias is not None
-                or not cpu_ops.usable(flat, self.gate.weight) or not cpu_ops.usable(flat, norm.weight)):
+        if (flat.shape[0] == 1 or torch.compiler.is_compiling() or torch.is_grad_enabled()
+                or not self._reference_block(flat, norm) or not cpu_ops.usable(flat, norm.weight)):
             return None
         return prompt_experts_dtype(flat, self.experts.gate_up_proj, self.experts.down_proj, self.k)
 
