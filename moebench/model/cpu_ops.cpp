@@ -133,6 +133,26 @@ inline void vstore_to(uint16_t* p, vf v) {
   const vh h = bf16_halves(v);
   std::memcpy(p, &h, sizeof h);
 }
+// vstore_to without reading the lines first, bypassing the caches (p: W elements' bytes aligned); the stores are
+// ordered with other threads' reads only after an _mm_sfence().
+inline void vstream_to(float* p, vf v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  _mm256_stream_ps(p, (__m256)v);
+#else
+  vstore(p, v);
+#endif
+}
+inline void vstream_to(uint16_t* p, vf v) {
+#if defined(__AVX512F__)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), (__m256i)bf16_halves(v));
+#elif defined(__AVX__)
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), (__m128i)bf16_halves(v));
+#else
+  vstore_to(p, v);
+#endif
+}
 inline vf vload_as(const float* p) { return vload(p); }  // W elements as floats (bfloat16 widened)
 inline vf vload_as(const uint16_t* p) {  // (GCC's own widening of a vector: a scalar loop, as for bytes below)
 #if defined(__AVX512F__)
@@ -1472,8 +1492,8 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
   std::stable_sort(experts.begin(), experts.end(),
                    [&](int64_t a, int64_t b) { return start[a + 1] - start[a] > start[b + 1] - start[b]; });
   thread_local std::vector<T> ys_;  // each pair's weighted output (rounded to x's dtype), in the sorted order
-  ys_.resize(pairs * D);
-  T* ys = ys_.data();
+  ys_.resize(pairs * D + 64 / sizeof(T));  // (rows from a 64-byte boundary: the streaming stores below need it)
+  T* ys = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(ys_.data()) + 63) & ~uintptr_t{63});
   const int64_t bytes = NB * static_cast<int64_t>(sizeof(P)), lines1 = D * bytes / 64, lines2 = I * bytes / 64;
 #pragma omp parallel
   {
@@ -1510,10 +1530,11 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
           tile_rows(h.data() + r * I, rows, I, panel, ahead_of(next, l0), l1 - l0, g, NB);
           for (int64_t j = 0; j < rows; j++) {
             const vf wr = vf{} + load(weights + order[s + r + j]);
-            for (int c = 0; c < NB; c += W) vstore_to(ye + (r + j) * D + p * NB + c, vload(g + j * NB + c) * wr);
+            for (int c = 0; c < NB; c += W) vstream_to(ye + (r + j) * D + p * NB + c, vload(g + j * NB + c) * wr);
           }
         });
       }
+      _mm_sfence();  // (the streaming stores before the sum's reads, on the other threads too)
     }
 #pragma omp for
     for (int64_t t = 0; t < Tn; t++) {
