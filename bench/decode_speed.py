@@ -1,9 +1,9 @@
 """Batch-1 decode speed: moebench against Hugging Face transformers on the same checkpoint, in the same run.
 
 Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
-roofline: bandwidth (the fastest of four matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
-multiply-and-sum, the same with the matrix in huge pages as moebench's weights, and oneDNN's product with a packed
-matrix: the median of measurements between the runs) / bytes read per token, and the median share run by run
+roofline: bandwidth (the fastest of five matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
+multiply-and-sum, the same with the matrix in huge pages as moebench's weights, oneDNN's product with a packed
+matrix, and moebench's own C++ one-row product: the median of measurements between the runs) / bytes read per token, and the median share run by run
 against the reads beside each run (the bandwidth switches level within minutes on a shared machine); and moebench's
 framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both, each after a short untimed
@@ -131,8 +131,9 @@ def main():
             print(f"memory read, 1 GiB float32 (medians of {len(reads)}): matrix-vector {bw['matvec']:.1f} GB/s, the "
                   f"roofline's (torch.mv {bw['mv']:.1f}, compiled multiply-and-sum {bw['compiled']:.1f}, the same in "
                   f"huge pages {bw.get('compiled_hp', float('nan')):.1f}, oneDNN packed "
-                  f"{bw.get('onednn', float('nan')):.1f}; each run's {min(r['matvec'] for r in reads):.1f}-"
-                  f"{max(r['matvec'] for r in reads):.1f}); plain sum {bw['stream']:.1f}", flush=True)
+                  f"{bw.get('onednn', float('nan')):.1f}, moebench's {bw.get('moebench', float('nan')):.1f}; each "
+                  f"run's {min(r['matvec'] for r in reads):.1f}-{max(r['matvec'] for r in reads):.1f}); plain sum "
+                  f"{bw['stream']:.1f}", flush=True)
             step_s = 1 / statistics.median(a)
             overhead_s, recorded_step_s = decode_overhead_seconds(engine, prompt, args.tokens)
             bytes_per_token = source.config.active_parameters() * dtype.itemsize
