@@ -142,7 +142,7 @@ def main():
                        transformers_tok_s=statistics.median(b), moebench_best=max(a), transformers_best=max(b),
                        roofline_tok_s=roofline, bandwidth_gbs=bw["matvec"], mv_gbs=bw["mv"],
                        compiled_mv_gbs=bw["compiled"], compiled_hp_mv_gbs=bw.get("compiled_hp"),
-                       onednn_mv_gbs=bw.get("onednn"), stream_gbs=bw["stream"],
+                       onednn_mv_gbs=bw.get("onednn"), moebench_mv_gbs=bw.get("moebench"), stream_gbs=bw["stream"],
                        bandwidth_reads=reads,
                        bytes_per_token=bytes_per_token, step_ms=step_s * 1e3, overhead_ms=overhead_s * 1e3,
                        recorded_step_ms=recorded_step_s * 1e3,
