@@ -164,11 +164,6 @@ def test_route_rows_breaks_ties_in_cpp_as_torchs_top_k(threads, E, k):
     near[:, 1] = near[:, 0] + 2e-6
     got = chosen(*torch.ops.moebench_cpu.route_rows(torch.eye(64), near.t().contiguous(), k, True))  # logits: near
     assert torch.equal(got[0], chosen(*route(near, k, True))[0])
-    # NaN among a row's logits (a padding row's garbage, say): torch chooses, and nothing sorts NaNs in C++ (a sort
-    # of floats with NaNs among them has no order to keep, and may read past its ends).
-    router[2, 0] = router[5, 3] = float("nan")  # two experts' logits NaN in every row
-    got = chosen(*torch.ops.moebench_cpu.route_rows(x, router, k, True))
-    assert torch.equal(got[0], chosen(*route(F.linear(x, router), k, True))[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -511,12 +511,12 @@ bool route_as_torch(const float* logits, int64_t E, int64_t k, bool norm_topk, i
   using pair = std::pair<float, int64_t>;
   thread_local std::vector<float> sorted;
   thread_local std::vector<pair> q;
-  for (int64_t e = 0; e < E; e++)
-    if (!std::isfinite(logits[e])) return false;  // (first: a NaN would break std::sort's ordering, and its bounds)
   sorted.assign(logits, logits + E);
   std::sort(sorted.begin(), sorted.end());
-  for (int64_t e = 1; e < E; e++)
-    if (sorted[e] != sorted[e - 1] && sorted[e] - sorted[e - 1] <= 0x1p-16f) return false;
+  for (int64_t e = 0; e < E; e++) {
+    if (!std::isfinite(sorted[e]) || (e > 0 && sorted[e] != sorted[e - 1] && sorted[e] - sorted[e - 1] <= 0x1p-16f))
+      return false;
+  }
   q.resize(E);
   for (int64_t e = 0; e < E; e++) q[e] = {logits[e], e};
   const auto greater = [](const pair& a, const pair& b) { return a.first > b.first; };
