@@ -1,11 +1,11 @@
 """Batch-1 decode speed: moebench against Hugging Face transformers on the same checkpoint, in the same run.
 
-Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read
-roofline: bandwidth (the fastest of five matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled
-multiply-and-sum, the same with the matrix in huge pages as moebench's weights, oneDNN's product with a packed
-matrix, and moebench's own C++ one-row product: the median of measurements between the runs) / bytes read per token, and the median share run by run
-against the reads beside each run (the bandwidth switches level within minutes on a shared machine); and moebench's
-framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
+Prints tokens/s (prefill excluded) for each engine, their ratio, and each one's share of the memory-read roofline:
+bandwidth (the fastest of five matrix-vector reads of a 1 GiB float32 matrix, torch.mv, a compiled multiply-and-sum,
+the same with the matrix in huge pages as moebench's weights, oneDNN's product with a packed matrix, and moebench's
+own C++ one-row product: the median of measurements between the runs) / bytes read per token, and the median share
+run by run against the reads beside each run (the bandwidth switches level within minutes on a shared machine); and
+moebench's framework overhead per decode step: the step's time minus the time its kernels compute (profiled).
 Runs are interleaved (moebench, transformers, moebench, ...) so machine noise hits both, each after a short untimed
 run of the same engine (steady-state decoding, warm caches for both); medians are quoted.
 
