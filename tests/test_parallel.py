@@ -282,3 +282,16 @@ def _fail_on_rank_1(rank, world):
 def test_run_parallel_reports_a_failing_rank():
     with pytest.raises(RankFailed, match="(?s)rank 1.*KeyError: 'rank one broke'"):
         run_parallel(_fail_on_rank_1, 2)
+
+
+def _return_early_on_rank_1(rank, world):
+    if rank == 1:
+        return "rank one gave up"  # and leaves the group: rank 0's collective is broken
+    dist.barrier()
+    return rank
+
+
+def test_run_parallel_names_a_rank_that_returned_while_another_waited():
+    with pytest.raises(RankFailed, match="(?s)rank 0.*--- rank 1 ---\nhad returned 'rank one gave up'") as e:
+        run_parallel(_return_early_on_rank_1, 2, timeout=60)
+    assert [r for r, _ in e.value.errors] == [0] and e.value.ended == {1: "rank one gave up"}

@@ -452,9 +452,10 @@ class RankFailed(RuntimeError):
     """A rank started by run_parallel raised; the message holds the tracebacks, `errors` the (rank, traceback)
     pairs, first cause first."""
 
-    def __init__(self, message: str, errors: list = (), rank0=None):
+    def __init__(self, message: str, errors: list = (), rank0=None, ended: dict | None = None):
         super().__init__(message)
         self.errors, self.rank0 = list(errors), rank0  # rank0: rank 0's result, where it came with the failures
+        self.ended = dict(ended or {})  # {rank: result} of the other ranks that had returned: often the cause
 
 
 def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
@@ -464,7 +465,7 @@ def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
         out = fn(rank, world, *args)
         # Plain pickle bytes: torch's queue would pass tensors through shared memory that dies with this process.
-        results.put((rank, None, pickle.dumps(out) if rank == 0 else None))
+        results.put((rank, None, pickle.dumps(out)))
     except BaseException:
         results.put((rank, traceback.format_exc(), None))
     finally:
@@ -478,7 +479,8 @@ RANK0_GRACE = 10.0  # s
 def run_parallel(fn, world: int, *args, timeout: float | None = None):
     """Runs fn(rank, world, *args) in `world` fresh CPU processes joined by a gloo group on 127.0.0.1, and returns
     rank 0's result. fn must be importable (module level); results must pickle. A rank that raises (or dies) ends
-    the run: the others are stopped and RankFailed carries the failing ranks' tracebacks."""
+    the run: the others are stopped and RankFailed carries the failing ranks' tracebacks, and the results of ranks
+    that had returned meanwhile (a rank that leaves the group early breaks the collectives of those still in it)."""
     # The store lives here, on a port the OS picks: no race for a "free" port between processes.
     store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
@@ -486,7 +488,7 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
     procs = [ctx.Process(target=_worker, args=(r, world, store.port, fn, args, results)) for r in range(world)]
     for p in procs:
         p.start()
-    done, errors, value = set(), [], None
+    done, errors, value, ended = set(), [], None, {}
     waited = 0.0
     try:
         while len(done) < world and not errors:
@@ -518,8 +520,12 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
                         errors.append((r, e))
                     elif r == 0:
                         value = pickle.loads(data)
+                    else:
+                        ended[r] = pickle.loads(data)
             elif rank == 0:
                 value = pickle.loads(data)
+            else:
+                ended[rank] = pickle.loads(data)
     finally:
         for p in procs:
             if errors:
@@ -530,5 +536,6 @@ def run_parallel(fn, world: int, *args, timeout: float | None = None):
                 p.join()
     if errors:
         text = "".join(f"--- rank {r} ---\n{e}" for r, e in errors)
-        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}", errors, value)
+        text += "".join(f"--- rank {r} ---\nhad returned {v!r}\n" for r, v in sorted(ended.items()))
+        raise RankFailed(f"{len(errors)} rank(s) of {world} failed:\n{text}", errors, value, ended)
     return value

@@ -5,7 +5,6 @@ moebench starts the ranks itself (gloo on 127.0.0.1 on the CPU), or joins the gr
 --nproc-per-node N` launch (NCCL on GPUs)."""
 
 import io
-import os
 import sys
 
 import torch
@@ -29,7 +28,7 @@ def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
                             f"{run.tp_degree} (moebench's own ranks are CPU processes)")
     check_shardable(open_source(run).config, run.tp_degree)  # before any process starts; writes the embedded model
     try:
-        return run_parallel(_rank_main, run.tp_degree, argv)
+        return run_parallel(_started_rank, run.tp_degree, argv)
     except RankFailed as e:
         rank, first = e.errors[0]
         last = [line for line in first.splitlines() if line.strip()][-1]
@@ -39,7 +38,8 @@ def run_tensor_parallel(run: RunConfig, argv: list[str] | None) -> int:
             raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank}: "
                                 f"{last.split('moebench: error: ', 1)[1]}") from None
         print(first, file=sys.stderr, end="")  # the first cause, in full; the others mostly follow from it
-        raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank} failed: {last}") from None
+        early = "".join(f"; rank {r} had ended before ({why})" for r, why in sorted(e.ended.items()))
+        raise MoebenchError(f"--tp-degree {run.tp_degree}: rank {rank} failed: {last}{early}") from None
 
 
 def _rank_main(rank: int, world: int, argv: list[str]) -> int:
@@ -47,14 +47,28 @@ def _rank_main(rank: int, world: int, argv: list[str]) -> int:
     quiet, and a user error only they meet becomes their failure, so the launcher can name it."""
     from moebench.cli.main import main
 
+    return main(argv) if rank == 0 else _quiet_main(argv)[0]
+
+
+def _started_rank(rank: int, world: int, argv: list[str]) -> int | str:
+    """_rank_main in a rank that run_parallel started. Another rank returns its exit code and last line: where it
+    ended while rank 0 went on (a failure that only it met, its collectives left unmatched), that is the cause."""
     if rank == 0:
-        return main(argv)
-    sys.stdout, sys.stderr = open(os.devnull, "w"), io.StringIO()
+        return _rank_main(rank, world, argv)
+    code, last = _quiet_main(argv)
+    return f"exit code {code}" + (f": {last}" if last else "")
+
+
+def _quiet_main(argv: list[str]) -> tuple[int, str]:
+    """main() printing nothing: (its exit code, its last lines of output); an exit code other than 0 or 1 raises."""
+    from moebench.cli.main import main
+
+    sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
     code = main(argv)
     if code not in (0, 1):
         lines = sys.stderr.getvalue().strip().splitlines() or [f"exit code {code}"]
         raise RuntimeError(lines[-1])
-    return code
+    return code, " | ".join(line.strip() for line in sys.stdout.getvalue().strip().splitlines()[-3:])
 
 
 def parallelize(model: torch.nn.Module, run: RunConfig) -> torch.nn.Module:
