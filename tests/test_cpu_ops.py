@@ -145,6 +145,32 @@ def test_route_rows_breaks_ties_as_torchs_top_k(threads, dtype):
     assert torch.equal(ids[3], want_ids[3]) and weights[3].isnan().all() and want_weights[3].isnan().all()
 
 
+@pytest.mark.parametrize("E, k", [(8, 2), (32, 4), (128, 8), (128, 2), (64, 3)])
+def test_route_rows_breaks_ties_in_cpp_as_torchs_top_k(threads, E, k):
+    # Ties at the k-th expert in many rows (whole-number logits), so that the choice hangs on how torch's top-k breaks
+    # them (std::nth_element, or std::partial_sort where 64 k <= E: the last two cases). route_rows makes that choice
+    # itself (route_as_torch); torch's softmax and top-k only take the rows it cannot order safely.
+    g = torch.Generator().manual_seed(E + k)
+    T, D = 500, 6
+    x, router = torch.randint(-2, 3, (T, D), generator=g).float(), torch.randint(-1, 2, (E, D), generator=g).float()
+    logits = F.linear(x, router)
+    lower_first = logits.argsort(dim=-1, descending=True, stable=True)[:, :k].sort(-1).values
+    got, want = chosen(*torch.ops.moebench_cpu.route_rows(x, router, k, True)), chosen(*route(logits, k, True))
+    assert (lower_first != want[0]).any(-1).sum() > T // 20  # ties that torch's top-k breaks otherwise
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-5)
+    # Two different logits closer than 2^-16 (their probabilities may round alike): torch's softmax and top-k choose.
+    near = logits[:64].clone()
+    near[:, 1] = near[:, 0] + 2e-6
+    got = chosen(*torch.ops.moebench_cpu.route_rows(torch.eye(64), near.t().contiguous(), k, True))  # logits: near
+    assert torch.equal(got[0], chosen(*route(near, k, True))[0])
+    # NaN among a row's logits (a padding row's garbage, say): torch chooses, and nothing sorts NaNs in C++ (a sort
+    # of floats with NaNs among them has no order to keep, and may read past its ends).
+    router[2, 0] = router[5, 3] = float("nan")  # two experts' logits NaN in every row
+    got = chosen(*torch.ops.moebench_cpu.route_rows(x, router, k, True))
+    assert torch.equal(got[0], chosen(*route(F.linear(x, router), k, True))[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, Hkv, hd, S, slot", [(4, 2, 16, 9, 6), (6, 6, 8, 5, 4), (8, 2, 32, 40, 0)])
 def test_attention_decode_is_the_torch_attention_block(threads, dtype, H, Hkv, hd, S, slot):

@@ -500,6 +500,44 @@ bool route(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* i
   return apart;
 }
 
+// For a row route() found not clear-cut: the choice torch's CPU top-k makes of its softmax probabilities (of
+// (value, index) pairs, std::nth_element on "greater" then the first k - 1 sorted, or std::partial_sort where 64 k
+// <= E: which of tied experts it keeps hangs on that algorithm's steps alone), made here on the logits, which order
+// the experts as their probabilities do (ties included) where no two different logits lie within 2^-16 of each other:
+// their exps then differ by far more than a rounding. False where that does not hold or a logit is not finite (the
+// caller has torch's own softmax and top-k choose then); else the ids in torch's order, weights as route()'s.
+template <typename T>
+bool route_as_torch(const float* logits, int64_t E, int64_t k, bool norm_topk, int64_t* ids, T* weights) {
+  using pair = std::pair<float, int64_t>;
+  thread_local std::vector<float> sorted;
+  thread_local std::vector<pair> q;
+  for (int64_t e = 0; e < E; e++)
+    if (!std::isfinite(logits[e])) return false;  // (first: a NaN would break std::sort's ordering, and its bounds)
+  sorted.assign(logits, logits + E);
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t e = 1; e < E; e++)
+    if (sorted[e] != sorted[e - 1] && sorted[e] - sorted[e - 1] <= 0x1p-16f) return false;
+  q.resize(E);
+  for (int64_t e = 0; e < E; e++) q[e] = {logits[e], e};
+  const auto greater = [](const pair& a, const pair& b) { return a.first > b.first; };
+  if (k * 64 <= E) {
+    std::partial_sort(q.begin(), q.begin() + k, q.end(), greater);
+  } else {
+    std::nth_element(q.begin(), q.begin() + k - 1, q.end(), greater);
+    std::sort(q.begin(), q.begin() + k - 1, greater);
+  }
+  const float top = sorted[E - 1];
+  float total = 0, chosen = 0;
+  for (int64_t e = 0; e < E; e++) total += std::exp(logits[e] - top);
+  for (int64_t j = 0; j < k; j++) chosen += std::exp(q[j].first - top) / total;
+  for (int64_t j = 0; j < k; j++) {
+    ids[j] = q[j].second;
+    const float w = std::exp(q[j].first - top) / total;
+    store(weights + j, norm_topk ? w / chosen : w);
+  }
+  return true;
+}
+
 // One token's MoE block with its norm and residual: xn = rms_norm(x), the router's product xn [D] . router [E, D],
 // route(), then x + experts(xn), in one parallel region (in Inductor's graph: a norm, the router's product, softmax,
 // top-k, the experts and the add).
@@ -585,8 +623,10 @@ at::Tensor linear_row(const at::Tensor& x_, const at::Tensor& w_) {
 
 // A prompt's routing, as moebench.model.moe.route(x @ router^T, k, norm_topk): x [T, D] (the normed hidden states)
 // and router [E, D] -> (ids [T, k] int64, weights [T, k] in x's dtype). Each row's logits are rounded to x's dtype,
-// then route() chooses; rows whose choice is not clear-cut (route's answer) are chosen again afterwards by torch's
-// own softmax and top-k on the same logits, so that a tie is broken as in the torch model (and transformers).
+// then route() chooses; a row whose choice is not clear-cut (route's answer) is chosen again as torch's top-k chooses
+// (route_as_torch), so that a tie is broken as in the torch model (and transformers), or, where the logits cannot
+// stand in for the probabilities there, afterwards by torch's own softmax and top-k on the same logits. (Those
+// operators for a few rows cost ~0.15 ms a layer in a prompt, run from memory after the experts.)
 std::tuple<at::Tensor, at::Tensor> route_rows(const at::Tensor& x_, const at::Tensor& router_, int64_t k,
                                               bool norm_topk) {
   TORCH_CHECK(x_.dim() == 2 && router_.dim() == 2 && router_.size(1) == x_.size(1) &&
@@ -613,7 +653,8 @@ std::tuple<at::Tensor, at::Tensor> route_rows(const at::Tensor& x_, const at::Te
       }
       for (int64_t t = t0; t < t0 + rows; t++) {
         for (int64_t e = 0; e < E; e++) pl[t * E + e] = round_to(pl[t * E + e], pw);
-        unclear[t] = !route(pl + t * E, E, k, norm_topk, pi + t * k, pw + t * k);
+        unclear[t] = !route(pl + t * E, E, k, norm_topk, pi + t * k, pw + t * k) &&
+                     !route_as_torch(pl + t * E, E, k, norm_topk, pi + t * k, pw + t * k);
       }
     }
   });
