@@ -1,6 +1,7 @@
 """The confinement's plan (what the submission's process will see) and the publishing of what it compiled; the
 whole confinement runs in tests/test_cheats.py (forge_records, as root)."""
 
+import dataclasses
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +48,7 @@ def test_the_view_holds_the_module_its_python_helpers_the_model_and_nothing_else
     finally:
         confine.discard(view)
     reused, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "ab" * 32, [], tmp_path / "traced_model", True)
+    confine.discard(reused)
     assert reused.stage is None  # --skip-compile: the folder itself, read only
     assert [w for _, p, w in reused.binds if p == str(tmp_path / "traced_model")] == [False] or \
         not (tmp_path / "traced_model").exists()
@@ -83,13 +85,30 @@ def test_each_evaluation_has_a_user_of_its_own_whose_processes_are_paused_and_th
         assert eventually(left[0].pid, "S")
         confine.discard(one)
         assert left[0].wait(10) == -9 and left[1].poll() is None
-        again, _ = confine.plan(USER_RUN, tmp_path / "qwen.py", "cd" * 32, [], tmp_path / "c", False)
-        assert again.uid == one.uid  # released
-        confine.discard(again)
+        assert one.lock == -1 and _free(one.uid)  # released (another evaluation may take it from now on)
+        # a view discarded twice kills nothing the second time: its user may be another evaluation's by then
+        confine.discard(dataclasses.replace(two, lock=-1))
+        time.sleep(0.2)
+        assert left[1].poll() is None
     finally:
         confine.discard(one)
         confine.discard(two)
     assert left[1].wait(10) == -9
+
+
+def _free(uid: int) -> bool:
+    """Whether no evaluation holds the sandbox user uid (its lock file can be taken, and is given back at once)."""
+    import fcntl
+    import tempfile
+
+    fd = os.open(Path(tempfile.gettempdir(), "moebench-sandbox", f"user-{uid}.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def test_publishing_copies_moebench_files_and_folders_never_links_or_other_files(tmp_path):

@@ -278,10 +278,13 @@ def paused(view: View | None, pid: int | None):
 
 
 def discard(view: View | None) -> None:
-    """The evaluation is over: every process of its user is killed, its staging folder removed, the user released."""
+    """The evaluation is over: every process of its user is killed, its staging folder removed, the user released.
+    Once only: a view discarded before no longer holds its user, which another evaluation may hold now (a second
+    call killed that one's submission)."""
     if view is None:
         return
-    signal_all(view.uid, signal.SIGKILL)
+    if view.lock >= 0:
+        signal_all(view.uid, signal.SIGKILL)
     if view.stage is not None:
         shutil.rmtree(view.stage, ignore_errors=True)
     if view.lock >= 0:
