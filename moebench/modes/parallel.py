@@ -51,8 +51,8 @@ def _rank_main(rank: int, world: int, argv: list[str]) -> int:
 
 
 def _started_rank(rank: int, world: int, argv: list[str]) -> int | str:
-    """_rank_main in a rank that run_parallel started. Another rank returns its exit code and last line: where it
-    ended while rank 0 went on (a failure that only it met, its collectives left unmatched), that is the cause."""
+    """_rank_main in a rank that run_parallel started. Another rank returns its exit code and last lines of output:
+    where it ended while rank 0 went on (a failure only it met, its collectives left unmatched), they hold the cause."""
     if rank == 0:
         return _rank_main(rank, world, argv)
     code, last = _quiet_main(argv)
