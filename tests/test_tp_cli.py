@@ -84,6 +84,25 @@ def test_a_broken_submission_over_two_ranks_is_one_line(capfd):
     assert "import failed: ImportError: cannot import name 'NoSuchNameForTests'" in line and "rank 1" not in line
 
 
+@pytest.mark.usefixtures("in_tmp")
+def test_a_rank_that_ended_before_rank_0_failed_is_named(monkeypatch, capsys):
+    """A failure only rank 1 met ends it quietly (it prints nothing), and rank 0's next collective breaks: the line
+    names rank 1's end, where the cause is."""
+    from moebench.engine import parallel as engine_parallel
+
+    broken = "Traceback (most recent call last):\nRuntimeError: [pair.cc:553] Connection closed by peer\n"
+    why = "exit code 1: evaluation failed: the submission's process died during the FLOP count (exit code -9)"
+
+    def ranks(fn, world, argv):  # as run_parallel ends then
+        raise engine_parallel.RankFailed("1 rank(s) of 2 failed", [(0, broken)], None, {1: why})
+
+    monkeypatch.setattr(engine_parallel, "run_parallel", ranks)
+    assert main(["--mode", "validate", "--tp-degree", "2", "--seq-len", "16"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("moebench: error: --tp-degree 2: rank 0 failed: RuntimeError: [pair.cc:553] Connection closed by "
+                    f"peer; rank 1 had ended before ({why})")
+
+
 def test_parallel_only_flags_note_that_one_process_ignores_them():
     _, notes = parse_args(["--mode", "validate", "--vocab-parallel", "--rpl-reduce-dtype", "float32"])
     assert any("--vocab-parallel has no effect with --tp-degree 1" in n for n in notes)
