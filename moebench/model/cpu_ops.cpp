@@ -529,11 +529,13 @@ bool route_as_torch(const float* logits, int64_t E, int64_t k, bool norm_topk, i
   const float top = sorted[E - 1];
   float total = 0, chosen = 0;
   for (int64_t e = 0; e < E; e++) total += std::exp(logits[e] - top);
-  for (int64_t j = 0; j < k; j++) chosen += std::exp(q[j].first - top) / total;
+  for (int64_t j = 0; j < k; j++) {  // the chosen logits become their probabilities
+    q[j].first = std::exp(q[j].first - top) / total;
+    chosen += q[j].first;
+  }
   for (int64_t j = 0; j < k; j++) {
     ids[j] = q[j].second;
-    const float w = std::exp(q[j].first - top) / total;
-    store(weights + j, norm_topk ? w / chosen : w);
+    store(weights + j, norm_topk ? q[j].first / chosen : q[j].first);
   }
   return true;
 }

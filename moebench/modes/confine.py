@@ -281,15 +281,13 @@ def discard(view: View | None) -> None:
     """The evaluation is over: every process of its user is killed, its staging folder removed, the user released.
     Once only: a view discarded before no longer holds its user, which another evaluation may hold now (a second
     call killed that one's submission)."""
-    if view is None:
+    if view is None or view.lock < 0:  # (discarded already)
         return
-    if view.lock >= 0:
-        signal_all(view.uid, signal.SIGKILL)
+    signal_all(view.uid, signal.SIGKILL)
     if view.stage is not None:
         shutil.rmtree(view.stage, ignore_errors=True)
-    if view.lock >= 0:
-        os.close(view.lock)
-        view.lock = -1
+    os.close(view.lock)
+    view.lock = -1
 
 
 # ---- in the child, before anything of the submission runs ----
