@@ -438,7 +438,12 @@ void normed(const T* x, const T* w, float eps, int64_t D, std::vector<float>& tm
 typedef int32_t vi __attribute__((vector_size(W * 4)));
 
 inline vf exp_nonpositive(vf x) {
-  const vf zero = {}, clamped = x > -87.0f ? x : zero - 87.0f;
+  const vf zero = {};
+#if defined(__AVX512F__)
+  const vf clamped = (vf)_mm512_max_ps((__m512)x, _mm512_set1_ps(-87.0f));  // (NaN: -87, as the comparison below)
+#else
+  const vf clamped = x > -87.0f ? x : zero - 87.0f;
+#endif
   const vf magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const vf n = (clamped * 1.44269504088896341f + magic) - magic;
   const vf f = (clamped - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // x - n ln2, in two parts
@@ -449,8 +454,13 @@ inline vf exp_nonpositive(vf x) {
   p = p * f + 0.5f;
   p = p * f + 1.0f;
   p = p * f + 1.0f;
+#if defined(__AVX512F__)  // p * 2^n in one instruction (exact, as the product below: n >= -126)
+  return (vf)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ), (__m512)p,
+                                    (__m512)n);
+#else
   const vf scale = (vf)((__builtin_convertvector(n, vi) + 127) << 23);
   return x == -INFINITY ? zero : p * scale;
+#endif
 }
 
 // The router's choice for one token, as moebench.model.moe.route: logits [E] (already rounded to T) -> the k largest
