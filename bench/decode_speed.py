@@ -52,12 +52,13 @@ def decode_overhead_seconds(engine, prompt, n_tokens, rounds=3) -> tuple[float, 
 
 
 def moebench_decode(engine, prompt, n_tokens) -> float:
-    """Tokens/s of greedy decode steps after the prefill."""
-    tok = engine.prefill(prompt, torch.ones_like(prompt)).argmax(-1)
+    """Tokens/s of greedy decode steps after the prefill, each token chosen as the harness's timed requests choose
+    it (engine.pick)."""
+    tok = engine.pick(engine.prefill(prompt, torch.ones_like(prompt)))
     with frozen_gc():  # as the harness times requests
         start = time.perf_counter()
         for _ in range(n_tokens):
-            tok = engine.decode(tok).argmax(-1)
+            tok = engine.pick(engine.decode(tok))
         return n_tokens / (time.perf_counter() - start)
 
 

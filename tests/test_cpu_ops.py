@@ -363,6 +363,39 @@ def test_linear_row_matches_f_linear(threads, dtype, N, K):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 15, 16, 17, 50, 32000])
+def test_argmax_rows_chooses_as_torchs_argmax(dtype, V):
+    """The first of a row's largest, or its first NaN; ties (small whole numbers), -inf rows, a column view."""
+    g = torch.Generator().manual_seed(V)
+    rows = [torch.randn(V, generator=g), torch.randint(-3, 3, (V,), generator=g).float(), torch.full((V,), -torch.inf),
+            torch.full((V,), 2.0)]
+    for at in {0, V // 2, V - 1}:  # NaNs: one, or two with the largest before them
+        nan = torch.randint(-3, 3, (V,), generator=g).float()
+        nan[at], nan[-1] = float("nan"), float("nan")
+        rows += [nan]
+    x = torch.stack(rows).to(dtype)
+    for logits in (x, torch.cat([x, x], 1)[:, :V]):  # (rows V apart and 2V apart)
+        assert torch.equal(torch.ops.moebench_cpu.argmax_rows(logits), logits.argmax(-1))
+    with pytest.raises(RuntimeError, match=r"argmax_rows: x \[B, V\], V > 0"):
+        torch.ops.moebench_cpu.argmax_rows(torch.zeros(2, 0))
+
+
+def test_greedy_decoding_chooses_with_argmax_rows(one_thread):
+    model = random_model(PRESETS["moebench-tiny"], seed=3, dtype=torch.float32)
+    engine = Engine(model, batch=2, max_len=16)
+    assert engine.argmax == torch.ops.moebench_cpu.argmax_rows.default
+    prompt = torch.tensor([[5, 17, 42, 9], [1, 2, 3, 4]])
+    with torch.profiler.profile() as prof:
+        tokens, scores = engine.greedy(prompt, torch.ones_like(prompt), 4)
+    assert sum(e.name == "moebench_cpu::argmax_rows" for e in prof.events()) == 4
+    assert torch.equal(tokens, scores.argmax(-1).T)
+    logits = torch.zeros(2, 8)
+    logits[:, 3], logits[1, 6] = 1.0, 0.5
+    banning = Engine(model, batch=2, max_len=16, banned=(3,))  # a banned choice: chosen again from the scores
+    assert engine.pick(logits).tolist() == [3, 3] and banning.pick(logits).tolist() == [0, 6]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, H, Hkv, S, hd", [(1, 4, 2, 7, 64), (2, 6, 3, 40, 24), (1, 12, 4, 130, 128)])
 def test_attend_row_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, S, hd):

@@ -220,6 +220,7 @@ class Engine:
         self.cpp_wrapper = compile and self.device.type == "cpu" and not (dist.is_available() and dist.is_initialized())
         if self.device.type == "cpu":
             cpu_ops.load()  # products, experts and attention in C++ (moebench.model.cpu_ops) if it builds
+        self.argmax = cpu_ops.argmax_of(self.device)  # greedy decoding's choice: logits [B, V] -> [B]
         if compile:
             self._decode_step = self._compiled()
 
@@ -462,9 +463,9 @@ class Engine:
         """The greedy choice: logits [B, V] -> token ids [B], never a banned one. The argmax of the scores, taken
         from the logits unless it is banned (rare): a copy with the ids at -inf costs a decode step ~1.5% on the CPU,
         the check ~0.3% (the timed path syncs the device every step anyway)."""
-        tokens = logits.argmax(-1)
+        tokens = self.argmax(logits)
         if self.banned and any(t in self.banned for t in tokens.tolist()):
-            tokens = self.scores(logits).argmax(-1)
+            tokens = self.argmax(self.scores(logits))
         return tokens
 
     def greedy(self, input_ids, attention_mask, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -472,10 +473,10 @@ class Engine:
         float32 scores [N, B, V]: the raw logits with the banned ids at -inf, as the original's scores after its
         min_new_tokens processor)."""
         scores = [self.scores(self.prefill(input_ids, attention_mask))]
-        tokens = [scores[-1].argmax(-1)]
+        tokens = [self.argmax(scores[-1])]
         for _ in range(new_tokens - 1):
             scores.append(self.scores(self.decode(tokens[-1])))
-            tokens.append(scores[-1].argmax(-1))
+            tokens.append(self.argmax(scores[-1]))
         return torch.stack(tokens, 1).cpu(), torch.stack(scores).float().cpu()
 
     def generate(self, input_ids, attention_mask, max_new_tokens: int, min_new_tokens: int = 0,
