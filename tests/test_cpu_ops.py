@@ -442,6 +442,28 @@ def test_attend_block_matches_sdpa_on_cache_views(threads, dtype, B, H, Hkv, T, 
         assert torch.equal(got[0, :, 0], torch.zeros_like(got[0, :, 0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_attend_block_takes_any_mask(threads, dtype, strided):
+    """Each row's own random keys (some rows none, one the first key alone, one the last alone), the mask's bytes in
+    a row or every other byte of a wider one: each row's seen range found wherever it lies."""
+    B, H, Hkv, T, S, hd = 2, 4, 2, 61, 75, 32
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, H, T, hd, generator=g).to(dtype)
+    keys, values = (torch.randn(B, Hkv, S, hd, generator=g).to(dtype) for _ in range(2))
+    wide = torch.rand(B, 1, T, 2 * S, generator=g) < torch.rand(B, 1, T, 1, generator=g) * 0.3
+    mask = wide[..., ::2] if strided else wide[..., :S].clone()
+    mask[0, 0, 3:9] = False
+    mask[1, 0, 5], mask[1, 0, 6] = False, False
+    mask[1, 0, 5, 0], mask[1, 0, 6, S - 1] = True, True
+    got = torch.ops.moebench_cpu.attend_block(q, keys, values, mask, hd**-0.5)
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=hd**-0.5,
+                                          enable_gqa=True).nan_to_num(0.0)  # (a row without keys: zeros)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    assert not got[0, :, 3:9].any()
+
+
 @pytest.mark.parametrize("M, N, K", [(1, 64, 48), (7, 128, 40), (9, 64, 21), (50, 768, 384)])
 def test_linear_panels_matches_f_linear(threads, M, N, K):
     g = torch.Generator().manual_seed(M)
