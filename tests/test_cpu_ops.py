@@ -375,7 +375,7 @@ def test_argmax_rows_chooses_as_torchs_argmax(dtype, V):
         nan[at], nan[-1] = float("nan"), float("nan")
         rows += [nan]
     x = torch.stack(rows).to(dtype)
-    for logits in (x, torch.cat([x, x], 1)[:, :V]):  # (rows V apart and 2V apart)
+    for logits in (x, torch.cat([x, x], 1)[:, :V], x.T.contiguous().T):  # (rows V apart, 2V apart, columns apart)
         assert torch.equal(torch.ops.moebench_cpu.argmax_rows(logits), logits.argmax(-1))
     with pytest.raises(RuntimeError, match=r"argmax_rows: x \[B, V\], V > 0"):
         torch.ops.moebench_cpu.argmax_rows(torch.zeros(2, 0))

@@ -676,11 +676,11 @@ int64_t argmax_row(const T* x, int64_t V) {
 at::Tensor argmax_rows(const at::Tensor& x_) {
   TORCH_CHECK(x_.dim() == 2 && x_.size(1) > 0, "argmax_rows: x [B, V], V > 0");
   if (x_.scalar_type() != at::kFloat && x_.scalar_type() != at::kBFloat16) return x_.argmax(1);  // (other dtypes)
-  const at::Tensor x = x_.contiguous();
+  const at::Tensor x = x_.stride(1) == 1 ? x_ : x_.contiguous();  // (rows apart: a prompt's last positions)
   auto out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   by_dtype(x, "argmax_rows", [&](auto p) {
     const auto* px = p(x);
-    for (int64_t b = 0; b < x.size(0); b++) out.data_ptr<int64_t>()[b] = argmax_row(px + b * x.size(1), x.size(1));
+    for (int64_t b = 0; b < x.size(0); b++) out.data_ptr<int64_t>()[b] = argmax_row(px + b * x.stride(0), x.size(1));
   });
   return out;
 }
