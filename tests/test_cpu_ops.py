@@ -369,13 +369,18 @@ def test_argmax_rows_chooses_as_torchs_argmax(dtype, V):
     """The first of a row's largest, or its first NaN; ties (small whole numbers), -inf rows, a column view."""
     g = torch.Generator().manual_seed(V)
     rows = [torch.randn(V, generator=g), torch.randint(-3, 3, (V,), generator=g).float(), torch.full((V,), -torch.inf),
-            torch.full((V,), 2.0)]
+            torch.full((V,), 2.0), torch.arange(V).float(), torch.arange(V).float().flip(0)]  # (largest last, first)
+    for at in {0, V // 2, V - 1}:  # +inf; a zero and a negative zero tied
+        inf, zeros = torch.randn(V, generator=g) - 10, torch.full((V,), -1.0)
+        inf[at], zeros[at], zeros[-1] = torch.inf, -0.0, 0.0
+        rows += [inf, zeros]
     for at in {0, V // 2, V - 1}:  # NaNs: one, or two with the largest before them
         nan = torch.randint(-3, 3, (V,), generator=g).float()
         nan[at], nan[-1] = float("nan"), float("nan")
         rows += [nan]
     x = torch.stack(rows).to(dtype)
-    for logits in (x, torch.cat([x, x], 1)[:, :V], x.T.contiguous().T):  # (rows V apart, 2V apart, columns apart)
+    views = (x, torch.cat([x, x], 1)[:, :V], x.T.contiguous().T, x[4:5].expand(3, V))  # (rows V, 2V, 0 apart; columns)
+    for logits in views:
         assert torch.equal(torch.ops.moebench_cpu.argmax_rows(logits), logits.argmax(-1))
     with pytest.raises(RuntimeError, match=r"argmax_rows: x \[B, V\], V > 0"):
         torch.ops.moebench_cpu.argmax_rows(torch.zeros(2, 0))
@@ -456,6 +461,8 @@ def test_attend_block_takes_any_mask(threads, dtype, strided):
     mask[0, 0, 3:9] = False
     mask[1, 0, 5], mask[1, 0, 6] = False, False
     mask[1, 0, 5, 0], mask[1, 0, 6, S - 1] = True, True
+    mask[1, 0, 48:] = False  # a block of queries (48 rows) whose keys are those of two rows, one key each
+    mask[1, 0, 50, 2], mask[1, 0, 52, S - 4] = True, True
     got = torch.ops.moebench_cpu.attend_block(q, keys, values, mask, hd**-0.5)
     want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=hd**-0.5,
                                           enable_gqa=True).nan_to_num(0.0)  # (a row without keys: zeros)

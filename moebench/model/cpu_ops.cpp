@@ -454,7 +454,7 @@ inline vf exp_nonpositive(vf x) {
   p = p * f + 0.5f;
   p = p * f + 1.0f;
   p = p * f + 1.0f;
-#if defined(__AVX512F__)  // p * 2^n in one instruction (exact, as the product below: n >= -126)
+#if defined(__AVX512F__)  // p * 2^n in one instruction (exact, as the product below, for x <= 0: -126 <= n <= 0)
   return (vf)_mm512_maskz_scalef_ps(_mm512_cmp_ps_mask((__m512)x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ), (__m512)p,
                                     (__m512)n);
 #else
