@@ -98,6 +98,12 @@ def both(*setups):
     return setup
 
 
+def link(name: str, to: str):
+    def setup(tmp: Path) -> None:
+        (tmp / name).symlink_to(to)
+    return setup
+
+
 def write_file(name: str, content: bytes):
     def damage(tmp: Path) -> None:
         (tmp / name).write_bytes(content)
@@ -210,6 +216,27 @@ CASES = [
          "argument --team-id: '../esc' would not name a file in the working folder"),
     case("qwen-missing-py-file", nothing, ["--mode", "validate", "--seq-len", "16", "--qwen", "my_qwen.py"],
          "--qwen my_qwen.py: file not found"),
+    # found before the long work (after it, the score was lost): the records file a link to nothing or a loop
+    case("records-a-link-loop", link("moebench-tiny_score_records.csv", "moebench-tiny_score_records.csv"),
+         ["--mode", "evaluate_single", "--seq-len", "16", "--benchmark-runs", "1"],
+         "moebench-tiny_score_records.csv: a link to nothing, or a loop of links"),
+    case("records-jsonl-a-link-to-nothing", link("moebench-tiny_score_records.jsonl", "/nonexistent/x"),
+         ["--mode", "evaluate_single", "--seq-len", "16", "--benchmark-runs", "1"],
+         "moebench-tiny_score_records.jsonl: a link to nothing"),
+    case("team-id-too-long", nothing, ["--mode", "evaluate_single", "--team-id", "t" * 250],
+         "argument --team-id: 250 characters: too long for a file name"),
+    case("member-id-not-utf8", nothing, ["--mode", "evaluate_single", "--member-id", "m\udce9"],
+         "--member-id: 'm\\udce9' is not UTF-8 text"),
+    case("prompt-not-utf8", nothing, [*GENERATE, "--prompt", "caf\udce9"], "--prompt: 'caf\\udce9' is not UTF-8 text"),
+    case("phase-time-limit-huge", nothing, ["--mode", "validate", "--phase-time-limit", "1e300"],
+         "argument --phase-time-limit: must be <= 1e+06, got 1e300"),
+    case("base-throughput-tiny", nothing, ["--mode", "evaluate_single", "--base-throughput", "1e-300"],
+         "argument --base-throughput: must be >= 1e-06, got 1e-300"),
+    case("base-latency-huge", nothing, ["--mode", "evaluate_single", "--base-latency", "1e308"],
+         "argument --base-latency: must be <= 1e+09, got 1e308"),
+    # a contestant's exception of several lines, on one line
+    case("qwen-raises-lines-at-import", write_file("m.py", b"raise RuntimeError('first\\nsecond\\nthird')\n"),
+         ["--mode", "validate", "--seq-len", "16", "--qwen", "m.py"], "RuntimeError: first; second; third"),
 ]
 
 

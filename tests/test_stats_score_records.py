@@ -313,6 +313,25 @@ def test_append_after_missing_final_newline(tmp_path):
     assert [r["team_id"] for r in read_records(path)] == ["a", "b"]
 
 
+def test_a_full_disk_leaves_the_records_as_they_were(tmp_path, monkeypatch):
+    """A write that fails part way (no space left) is cut back off: no torn row, one clear error."""
+    from moebench.evaluation import records
+
+    path = tmp_path / "r.csv"
+    append_record(path, record_row("a", "1", SCORE))
+    before = path.read_bytes()
+    write = os.write
+
+    def half_then_full(fd, data):
+        write(fd, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(records.os, "write", half_then_full)
+    with pytest.raises(MoebenchError, match="r.csv: No space left on device; the file is as it was"):
+        append_record(path, record_row("b", "2", SCORE))
+    assert path.read_bytes() == before
+
+
 def _append_rows(path, worker, start):
     start.wait()
     for i in range(25):

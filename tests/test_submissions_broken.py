@@ -69,6 +69,7 @@ def test_the_submission_process_ends_by_itself_and_leaves_no_semaphore_behind(ca
     ("broken_exit", ["import failed", "SystemExit"]),
     ("broken_no_class", ["Qwen3MoeForCausalLM"]),
     ("broken_shape", ["shape", "4095"]),
+    ("broken_int_logits", ["logits of dtype torch.int64", "floating-point"]),
     ("broken_forward", ["forward failed", "RuntimeError", "broken on purpose"]),
 ])
 def test_broken_submission_is_one_line_naming_the_file(name, words, capsys):

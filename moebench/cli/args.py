@@ -49,8 +49,8 @@ def parse_tol_map(text: str) -> dict:
     return {k: (float(v[0]), float(v[1])) for k, v in value.items()}
 
 
-def _number(kind, low, strict: bool):
-    """A parser for numbers of `kind` above `low` (strict) or at least `low`."""
+def _number(kind, low, strict: bool, high=None):
+    """A parser for numbers of `kind` above `low` (strict) or at least `low`, and at most `high` (when given)."""
     def parse(text):
         try:
             value = kind(text)
@@ -61,6 +61,8 @@ def _number(kind, low, strict: bool):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text}")
         return value
     parse.__name__ = f"{kind.__name__}"
     return parse
@@ -86,7 +88,13 @@ def _file_part(text):
     """A name that goes into a file name in the working folder (the team's records): no folder in it."""
     if "/" in text or "\0" in text:
         raise argparse.ArgumentTypeError(f"{text!r} would not name a file in the working folder (no '/' in it)")
+    if len(text.encode("utf-8", "surrogateescape")) > 128:
+        raise argparse.ArgumentTypeError(f"{len(text)} characters: too long for a file name (at most 128 bytes)")
     return text
+
+
+# A score's base (latency in ms, throughput in tokens/s): bounded, so that no score overflows to inf.
+_BASE = _number(float, 1e-6, strict=False, high=1e9)
 
 
 def opt(default, help, *, flags=(), type=None, choices=None, bool_flag=False, append=False, many=False,
@@ -110,9 +118,9 @@ class RunConfig:
                                   "(the guide's name; alias --enable-kernels)",
                            flags=("--enable-nki", "--enable-kernels"), bool_flag=True, modes=BUILDS)
     base_latency: float = opt(None, "baseline end-to-end p99 latency in ms for the score (default: the reference "
-                                    "measured on this machine)", type=positive(float), modes=SCORED)
+                                    "measured on this machine)", type=_BASE, modes=SCORED)
     base_throughput: float = opt(None, "baseline throughput in tokens/s for the score (default: measured)",
-                                 type=positive(float), modes=SCORED)
+                                 type=_BASE, modes=SCORED)
     team_id: str = opt(None, "team identifier; names the score-records CSV", type=_file_part, modes=SCORED)
     member_id: str = opt(None, "team member identifier, stored in the score records", modes=SCORED)
     isolation: str = opt("user", "user: the submission runs in its own process, as an unprivileged user in a private "
@@ -122,7 +130,7 @@ class RunConfig:
                          modes=VALIDATING)
     phase_time_limit: float = opt(3600.0, "seconds the submission may take for each phase (load and compile, "
                                           "validation, benchmark, FLOP count) before it is stopped and fails",
-                                  type=positive(float), modes=VALIDATING)
+                                  type=_number(float, 0, strict=True, high=1e6), modes=VALIDATING)
     audit_pairs: int = opt(5, "caching audit: pairs of (fresh prompt, repeated prompt) timed after the benchmark, "
                               "and as many again when every repeated run was over 10%% faster; flagged when it is "
                               "in both rounds (0: no audit)",
@@ -291,9 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     """Command line -> (RunConfig, notes to print). Unsupported values raise MoebenchError."""
     given = vars(build_parser().parse_args(argv))
+    for name, value in given.items():  # (bytes that are not UTF-8 reach Python as surrogates)
+        for text in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(text, str) and not _utf8(text):
+                raise MoebenchError(f"--{name.replace('_', '-')}: {text!r} is not UTF-8 text")
     for name in ("prompt", "context_encoding_buckets", "token_generation_buckets"):
         if name in given:
             given[name] = tuple(given[name])

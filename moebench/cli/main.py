@@ -18,6 +18,11 @@ def run_mode(run) -> int:
     return modes[run.mode](run)
 
 
+def one_line(message: str) -> str:
+    """A message on one line: its lines (a contestant's exception may have several) joined by "; "."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note, file=sys.stderr)
         return run_mode(run)
     except MoebenchError as e:
-        print(f"moebench: error: {e}", file=sys.stderr)
+        print(f"moebench: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("moebench: interrupted", file=sys.stderr)

@@ -84,16 +84,22 @@ def check_records_file(path: Path) -> None:
     if not writes_files():
         return
     for p in (Path(path), Path(path).with_suffix(".jsonl")):
-        if not p.exists():
-            if why := _folder_problem(p):
-                raise MoebenchError(f"cannot append a record to {p}: {why}")
-            continue
-        if not p.is_file() or not os.access(p, os.W_OK):
-            raise MoebenchError(f"cannot append a record to {p}: {'not a file' if not p.is_file() else 'not writable'}")
-        if p.suffix == ".csv" and p.stat().st_size:
-            with open(p, "rb") as f:
-                if _header_of(f.read(4096)) != RECORD_COLUMNS:
-                    raise _not_records(p)
+        try:
+            if not p.exists():
+                if p.is_symlink():  # (to nothing, or a loop)
+                    raise MoebenchError(f"cannot append a record to {p}: a link to nothing, or a loop of links")
+                if why := _folder_problem(p):
+                    raise MoebenchError(f"cannot append a record to {p}: {why}")
+                continue
+            if not p.is_file() or not os.access(p, os.W_OK):
+                raise MoebenchError(f"cannot append a record to {p}: "
+                                    f"{'not a file' if not p.is_file() else 'not writable'}")
+            if p.suffix == ".csv" and p.stat().st_size:
+                with open(p, "rb") as f:
+                    if _header_of(f.read(4096)) != RECORD_COLUMNS:
+                        raise _not_records(p)
+        except OSError as e:  # (a name too long, say)
+            raise MoebenchError(f"cannot append a record to {p}: {e.strerror}") from None
 
 
 IN_TURN = "reference measured now, alternating with the submission on the same prompts"  # a base's origin
@@ -168,10 +174,18 @@ def _locked_append(path: Path, line: bytes, header: bytes, check) -> None:
                 check(fd, path)
             # a hand-edited (or torn) file may lack its final newline; add one instead of gluing two lines together
             data = line if os.pread(fd, 1, size - 1) == b"\n" else b"\n" + line
-        written = os.write(fd, data)
-        while written < len(data):  # a short write on a regular file is rare (full disk); finish under the lock
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write on a regular file is rare (full disk); finish under the lock
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError as e:  # a full disk, say: the file as it was, no torn line left
+            try:
+                os.ftruncate(fd, size)
+                kept = "the file is as it was"
+            except OSError:
+                kept = f"what follows its first {size} bytes may be a torn line"
+            raise MoebenchError(f"cannot append a record to {path}: {e.strerror}; {kept}") from None
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -84,3 +84,5 @@ def check_logits(sub: Submission, logits, batch: int, vocab: int) -> None:
         raise sub.fail(f"forward returned {type(logits).__name__}, expected the logits tensor")
     if logits.ndim != 3 or logits.shape[0] != batch or logits.shape[-1] != vocab:
         raise sub.fail(f"forward returned logits of shape {list(logits.shape)}, expected [{batch}, T, {vocab}]")
+    if not logits.is_floating_point():
+        raise sub.fail(f"forward returned logits of dtype {logits.dtype}, expected a floating-point tensor")
