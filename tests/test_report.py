@@ -237,6 +237,30 @@ def test_the_leaderboards_counts_are_the_databases_it_ranks(tmp_path):
     assert "from 3 evaluations in 2 record files" in out_html.read_text()
 
 
+def test_a_malformed_score_record_is_one_line_and_a_null_score_is_left_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = record("alpha", "ann", 1.5, "2026-11-01T10:00:00")
+    for field, value, words in (("provenance", "x", "score record 2: its provenance is 'x', not an object"),
+                                ("score", {**good["score"], "final_score": "high"},
+                                 "score record 2: its score's final_score is 'high', not a number"),
+                                ("provenance", {"module_sha256": 5}, "its provenance's module_sha256 is 5")):
+        path = write_jsonl(tmp_path / "alpha_m_score_records.jsonl", [good, {**good, field: value}])
+        for argv in (["leaderboard", path], ["report", "--records", path]):  # tracebacks before
+            code, out, err = invoke(*argv)
+            assert code == 2 and err.count("\n") == 1 and words in err, err
+    nulls = [{**good, "score": {**good["score"], "final_score": None}, "provenance": {"module_sha256": None}}, good]
+    write_jsonl(tmp_path / "alpha_m_score_records.jsonl", nulls)  # (a score that was not finite is written null)
+    code, out, err = invoke("report", "--records", tmp_path / "alpha_m_score_records.jsonl", "--out", "r.html")
+    assert code == 0, err
+    assert "final score over time" in (tmp_path / "r.html").read_text()
+    before = (tmp_path / "alpha_m_score_records.jsonl").read_bytes()
+    for argv in (["report", "--out", "alpha_m_score_records.jsonl"], ["leaderboard", "--out",  # a page over its input
+                 "alpha_m_score_records.jsonl"], ["leaderboard", "--db", "alpha_m_score_records.jsonl"]):
+        code, out, err = invoke(*argv)
+        assert code == 2 and err.count("\n") == 1 and "it is one of the files read" in err, err
+    assert (tmp_path / "alpha_m_score_records.jsonl").read_bytes() == before
+
+
 def test_bad_input_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = invoke("report")

@@ -39,6 +39,31 @@ def read_json(path: Path) -> dict:
     return data
 
 
+NUMBERS = ("final_score", "latency", "throughput", "flop_ratio", "base_latency", "base_throughput")  # or null
+TEXTS = {"provenance": ("module_sha256", "model", "device"), "base": ("origin",)}  # each a string or null
+
+
+def _not_a_record(r: dict) -> str | None:
+    """What makes a JSON line with a score object no score record moebench wrote, or None."""
+    for key in NUMBERS:
+        v = r["score"].get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            return f"its score's {key} is {v!r}, not a number"
+    for key in ("team_id", "member_id", "time", "error"):
+        if r.get(key) is not None and not isinstance(r[key], str):
+            return f"its {key} is {r[key]!r}, not a string"
+    for section, keys in TEXTS.items():
+        part = r.get(section)
+        if part is None:
+            continue
+        if not isinstance(part, dict):
+            return f"its {section} is {part!r}, not an object"
+        for key in keys:
+            if part.get(key) is not None and not isinstance(part[key], str):
+                return f"its {section}'s {key} is {part[key]!r}, not a string"
+    return None
+
+
 def read_records(path: Path) -> list[dict]:
     """The JSON-lines score records (read_json_records: a line torn by a writer killed mid-write is skipped). A
     file with lines but no score record (the records CSV, say) is refused: read as records it would show nothing."""
@@ -50,6 +75,10 @@ def read_records(path: Path) -> list[dict]:
     except OSError as e:
         raise MoebenchError(f"cannot read {path}: {e.strerror}") from None
     records = [r for r in lines if isinstance(r, dict) and isinstance(r.get("score"), dict)]
+    for i, r in enumerate(records):
+        if why := _not_a_record(r):
+            raise MoebenchError(f"{path}: score record {i + 1}: {why} (moebench writes no such record; move the file "
+                                "or mend that line)")
     if not records and (lines or torn):
         twin = f"; its JSON-lines twin is {path.with_suffix('.jsonl').name}" if path.suffix == ".csv" else ""
         raise MoebenchError(f"{path}: no JSON score record in it (moebench reads the *_score_records.jsonl "
@@ -169,12 +198,14 @@ def scores_section(records: list[dict]) -> str:
         who = r.get("team_id") or "(no team)"
         if r.get("member_id"):
             who += f" / {r['member_id']}"
-        series.setdefault(who, []).append(((t - first).total_seconds() / 86400, r["score"].get("final_score", 0.0)))
+        score = r["score"].get("final_score")
+        if score is not None:  # (null: a score that was not finite)
+            series.setdefault(who, []).append(((t - first).total_seconds() / 86400, score))
     plot = svg.lines(series, "final score over time", f"days since {first:%Y-%m-%d %H:%M}", "final score", points=True)
     rows = [[r.get("time"), r.get("team_id"), r.get("member_id"), r.get("prompt_index"),
              verdict(r),
              r["score"].get("latency"), r["score"].get("throughput"), r["score"].get("flop_ratio"),
-             r["score"].get("final_score"), (r.get("provenance") or {}).get("module_sha256", "")[:12]]
+             r["score"].get("final_score"), ((r.get("provenance") or {}).get("module_sha256") or "")[:12]]
             for r in records]
     return (f'<section><h2>Scores over time</h2><div class="plots">{plot}</div>'
             + table(["time", "team", "member", "prompt", "verdict", "latency ms", "throughput", "FLOP ratio",
