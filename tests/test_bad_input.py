@@ -234,6 +234,10 @@ CASES = [
          "argument --base-throughput: must be >= 1e-06, got 1e-300"),
     case("base-latency-huge", nothing, ["--mode", "evaluate_single", "--base-latency", "1e308"],
          "argument --base-latency: must be <= 1e+09, got 1e308"),
+    case("model-path-empty", nothing, [*GENERATE, "--model-path", ""], "--model-path: an empty path"),
+    case("compiled-model-path-empty", nothing, [*GENERATE, "--compiled-model-path", ""],
+         "--compiled-model-path: an empty path"),
+    case("prompts-txt-a-folder", folder("prompts.txt"), BASELINES, "prompts.txt: a folder is in its place"),
     # a contestant's exception of several lines, on one line
     case("qwen-raises-lines-at-import", write_file("m.py", b"raise RuntimeError('first\\nsecond\\nthird')\n"),
          ["--mode", "validate", "--seq-len", "16", "--qwen", "m.py"], "RuntimeError: first; second; third"),

@@ -163,6 +163,7 @@ def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded():
     assert "the evaluation scored 0: the submission did not finish load and compile within the time limit" in err
     row = records()[-1]
     assert float(row["final_score"]) == 0 and row["accuracy"] == "0"
+    assert row["base_latency"] == row["base_throughput"] == "100.0"  # the given bases (they were nan)
     jsonl = [json.loads(line) for line in Path(RECORDS).with_suffix(".jsonl").read_text().splitlines()]
     assert "time limit" in jsonl[-1]["error"]
 

@@ -314,6 +314,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
         for text in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(text, str) and not _utf8(text):
                 raise MoebenchError(f"--{name.replace('_', '-')}: {text!r} is not UTF-8 text")
+    for name in ("model_path", "compiled_model_path"):
+        if given.get(name) == "":
+            raise MoebenchError(f"--{name.replace('_', '-')}: an empty path; name a folder")
     for name in ("prompt", "context_encoding_buckets", "token_generation_buckets"):
         if name in given:
             given[name] = tuple(given[name])

@@ -327,6 +327,9 @@ def write_whole(path: Path, text: str) -> None:
 def read_prompts(path: Path) -> list[str]:
     """Prompts separated by one or more blank (empty or whitespace-only) lines; each stripped, inner newlines kept."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise MoebenchError(f"{path}: a {'folder' if path.is_dir() else 'non-file'} is in its place; evaluate_all and "
+                            "generate_accuracy_baselines read prompts from it")
     if not path.is_file():
         raise MoebenchError(f"{path.name} not found in {path.absolute().parent}: "
                             "evaluate_all and generate_accuracy_baselines need it")
