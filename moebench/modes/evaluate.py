@@ -173,12 +173,9 @@ def record_head(run: RunConfig, prompt: str, index: int | None) -> dict:
 def record_failure(run: RunConfig, sub, source, device, prompt: str, index: int | None, base: Base | None,
                    error: str) -> Score:
     """A failed evaluation (crash, hang, fault in the submission): score 0 in both records, with the reason."""
-    def given(value):  # (a base not measured yet: the flag's, where given)
-        return float("nan") if value is None else value
-
-    base_latency, base_throughput = (base.latency, base.throughput) if base else (given(run.base_latency),
-                                                                                  given(run.base_throughput))
-    score = Score(accuracy=0.0, base_latency=base_latency, base_throughput=base_throughput, latency=float("nan"),
+    if base is None:  # none measured yet: the flags' bases, where given
+        base = with_given(run, Base(float("nan"), float("nan"), "not measured"))
+    score = Score(accuracy=0.0, base_latency=base.latency, base_throughput=base.throughput, latency=float("nan"),
                   throughput=0.0, flop_ratio=0.0, reduced_latency=0.0, increased_throughput=0.0, final_score=0.0)
     path = records_path(Path.cwd(), run.team_id, record_model_name(source))
     append_record(path, record_row(run.team_id, run.member_id, score))

@@ -23,10 +23,10 @@ def _reports(folder: Path) -> list[Path]:
     return ([single] if single.is_file() else []) + numbered
 
 
-def _not_an_input(out: Path, inputs: list[Path]) -> None:
-    """--out may not name a file the page is made from (a records file would be replaced by the page)."""
+def _not_an_input(flag: str, out: Path, inputs: list[Path]) -> None:
+    """A file written (--out's page, --db) may not be one the page is made from (a records file would be replaced)."""
     if out.exists() and any(out.resolve() == Path(p).resolve() for p in inputs):
-        raise MoebenchError(f"--out {out}: it is one of the files read; the page would replace it")
+        raise MoebenchError(f"{flag} {out}: it is one of the files read; writing it would replace it")
 
 
 def _write(path: Path, text: str) -> None:
@@ -53,7 +53,7 @@ def report_main(argv: list[str]) -> int:
     if not reports and not records:
         raise MoebenchError(f"no benchmark report or score records in {Path.cwd()}; run an evaluate mode first, or "
                             "name them with --report / --records")
-    _not_an_input(args.out, [*reports, *records])
+    _not_an_input("--out", args.out, [*reports, *records])
     _write(args.out, build_report(reports, records))
     print(f"report: {args.out.resolve()} ({len(reports)} benchmark reports, {len(records)} record files)")
     return 0
@@ -78,8 +78,8 @@ def leaderboard_main(argv: list[str]) -> int:
             raise MoebenchError(f"{path}: no such file or folder")
     if not files:
         raise MoebenchError(f"no *_score_records.jsonl under {', '.join(map(str, args.paths or [Path.cwd()]))}")
-    _not_an_input(args.out, [*files, args.db])
-    _not_an_input(args.db, files)
+    _not_an_input("--out", args.out, [*files, args.db])
+    _not_an_input("--db", args.db, files)
     try:
         db = sqlite3.connect(args.db)
     except sqlite3.Error as e:
