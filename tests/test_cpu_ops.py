@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 
 from moebench.engine.generator import Engine
 from moebench.evaluation import flops
@@ -701,6 +702,53 @@ def test_compiled_decode_calls_the_operators_and_agrees_with_eager(one_thread, d
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     torch.testing.assert_close(logits, want_logits, **tol)
 
+
+
+def test_compiled_steps_call_the_decode_operators_through_their_c_entry_points(one_thread):
+    """Inductor's C++ wrapper calls each decode operator's C entry point (cpu_ops.C_SHIMS), its arguments in the
+    schema's order: the results are the eager calls', the profiler records the calls by name with their shapes, the
+    compiled graph is cached (a second compile reads it) and an operator's error is raised."""
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, hd, S, D, E, I = 4, 2, 8, 6, 32, 4, 16
+    x, mask = torch.randn(1, D, generator=g), torch.rand(1, 1, 1, S, generator=g) < 0.7
+    q, keys, values = torch.randn(2, H, 1, hd, generator=g), *torch.randn(2, 2, Hkv, S, hd, generator=g)
+    wq, wk, wv, wo = (torch.randn(n, m, generator=g) / m**0.5 for n, m in [(H * hd, D), (Hkv * hd, D), (Hkv * hd, D),
+                                                                           (D, H * hd)])
+    norm, q_norm, k_norm, router = torch.rand(D) + 0.5, torch.rand(hd) + 0.5, torch.rand(hd) + 0.5, torch.randn(E, D)
+    w_gate_up, w_down = torch.randn(E, 2 * I, D, generator=g) / D**0.5, torch.randn(E, D, I, generator=g) / I**0.5
+    cos, sin = torch.rand(hd, generator=g), torch.rand(hd, generator=g)
+    ops = torch.ops.moebench_cpu
+
+    def step(x, q, keys, values, mask, cache_k, cache_v):
+        a = ops.attention_decode(x, norm, 1e-6, wq, wk, wv, q_norm, k_norm, 1e-5, cos, sin, cache_k, cache_v, 1,
+                                 torch.tensor([2]), mask, hd**-0.5, wo)
+        m = ops.moe_route_decode(a, norm, 1e-6, router, 2, False, w_gate_up, w_down)
+        e = ops.moe_decode(m, torch.tensor([[3, 0]]), torch.tensor([[0.75, 0.25]]), w_gate_up, w_down)
+        return ops.linear_row(e, router), ops.attend_row(q, keys, values, mask.expand(2, 1, 1, S), 0.3)
+
+    def inputs():
+        return x, q, keys, values, mask, *torch.zeros(2, 3, 1, Hkv, S, hd)
+
+    want = step(*inputs())
+    compiled = torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})
+    got, (code,) = run_and_get_code(compiled, *inputs())
+    for name in cpu_ops.C_SHIMS:
+        assert f"aoti_torch_cpu_{name}(" in code
+    assert "aoti_torch_call_dispatcher" not in code
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        compiled(*inputs())
+    shapes = {e.name: e.input_shapes for e in prof.events() if e.name.startswith("moebench_cpu::")}
+    assert set(shapes) == {f"moebench_cpu::{name}" for name in cpu_ops.C_SHIMS}
+    assert shapes["moebench_cpu::linear_row"] == [[1, D], [E, D]]
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(step, fullgraph=True, options={"cpp_wrapper": True})(*inputs())
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1 and not counters["inductor"]["fxgraph_cache_bypass"]
+    with pytest.raises(RuntimeError, match="aoti_torch_cpu_moe_decode"):  # an expert id out of range
+        torch.compile(lambda x: ops.moe_decode(x, torch.tensor([[1, E]]), torch.ones(1, 2), w_gate_up, w_down),
+                      options={"cpp_wrapper": True})(x)
 
 def test_warm_decode_steps_call_their_compiled_code_and_each_engine_keeps_its_graph(one_thread):
     """Once a step of a kind ran through Dynamo, the next step checks the guards of its graph and, from then on, the

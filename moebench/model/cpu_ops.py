@@ -23,10 +23,12 @@ the experts' stream pushes them: Zen 4 VM); moe_prompt on bfloat16 pairs oneDNN'
 (~2.1x on a moebench-speed layer's, Zen 4 VM). Built on first use with the machine's C++ compiler for this CPU
 (-march=native: AVX512-BF16's dot products where the CPU has them), ~5 s, and kept in Inductor's cache folder (a
 confined submission's own: the only one it may write), keyed by the source, the compiler, torch and the CPU's flags.
-Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's loops and
-prompts the library's attention and oneDNN's products: the same math.
+Inductor's C++ wrapper calls the decode operators through their C entry points (C_SHIMS), not through the
+dispatcher. Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's
+loops and prompts the library's attention and oneDNN's products: the same math.
 """
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -98,8 +100,42 @@ def load() -> bool:
     torch.library.register_fake("moebench_cpu::attention_decode")(_attention_decode_fake)
     torch.library.register_fake("moebench_cpu::attend_block")(_attend_block_fake)
     PANEL_WIDTH, BF16_PANELS = torch.ops.moebench_cpu.panel_width(), torch.ops.moebench_cpu.bf16_panels()
+    # Inductor's C++ wrapper calls the decode operators through their C entry points (cpu_ops.cpp), which the graphs'
+    # libraries find once this one's symbols are global
+    ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
+    config = torch._inductor.config.aot_inductor
+    config.custom_ops_to_c_shims = CShims({**config.custom_ops_to_c_shims,
+                                           **{getattr(torch.ops.moebench_cpu, name).default: [_c_declaration(name)]
+                                              for name in C_SHIMS}})
     LOADED = True
     return True
+
+
+C_SHIMS = ("attend_row", "moe_decode", "moe_route_decode", "attention_decode", "linear_row")  # aoti_torch_cpu_<name>
+_C_TYPES = {"Tensor": "AtenTensorHandle", "float": "double", "int": "int64_t", "bool": "int32_t"}
+
+
+def _c_declaration(name: str) -> str:
+    """The C entry point of moebench_cpu::<name>, from its schema: Inductor calls it with the schema's arguments and
+    a pointer for each result."""
+    schema = getattr(torch.ops.moebench_cpu, name).default._schema
+    args = [_C_TYPES[str(a.type)] for a in schema.arguments] + ["AtenTensorHandle*"] * len(schema.returns)
+    return f"AOTITorchError aoti_torch_cpu_{name}({', '.join(args)})"
+
+
+class CShims(dict):
+    """Inductor's custom_ops_to_c_shims, pickled by the operators' names: Inductor pickles its config into the key of
+    its cache of compiled graphs, and an operator cannot be pickled (no graph would ever be cached)."""
+
+    def __reduce__(self):
+        return _c_shims, (tuple((op._schema.name, op._overloadname, decls) for op, decls in self.items()),)
+
+
+def _c_shims(items) -> CShims:
+    from torch._library.utils import lookup_op
+
+    load()
+    return CShims({lookup_op(f"{name}.{overload}"): decls for name, overload, decls in items})
 
 
 def _moe_decode_fake(x, ids, weights, w_gate_up, w_down):
