@@ -286,6 +286,19 @@ def test_flags_made_moot_by_another_flag_print_a_note(moot, flag, note):
     assert not any(f"{flag[0]} has no effect" in n for n in notes), notes
 
 
+
+@pytest.mark.parametrize("mode", ["generate", "validate", "evaluate_single", "evaluate_all"])
+def test_padding_flags_note_that_one_prompt_has_nothing_to_pad(mode):
+    """Each request of one prompt (evaluate_all's prompts run one at a time) pads nothing: --padding-side says so;
+    --pad-token-id too in generate (evaluation also keeps it out of its fresh prompts)."""
+    flags = ["--padding-side", "left", "--pad-token-id", "7"]
+    _, notes = parse_args(["--mode", mode, *flags])
+    assert any("--padding-side has no effect with one prompt" in n for n in notes), notes
+    assert any("--pad-token-id has no effect" in n for n in notes) == (mode == "generate"), notes
+    if mode in ("generate", "validate"):  # two prompts: both pad
+        _, notes = parse_args(["--mode", mode, "--prompt", "a", "--prompt", "b c", *flags])
+        assert not any("--pad" in n for n in notes), notes
+
 def test_no_audit_asked_under_isolation_none_needs_no_note():
     _, notes = parse_args(["--mode", "evaluate_single", "--isolation", "none", "--audit-pairs", "0"])
     assert not any("--audit-pairs" in n for n in notes), notes

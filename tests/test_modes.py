@@ -178,6 +178,17 @@ def test_baselines_of_fewer_new_tokens_are_what_evaluate_all_then_runs(tmp_path,
     assert code == 0, err
     assert "expected logits: stored" in out
     assert json.loads(Path("benchmark_report_0.json").read_text())["config"]["new_tokens"] == 2
+    # fewer new tokens asked for: not run (the base was timed over 2), and said; a base given replaces its number
+    code, out, err = invoke("--mode", "evaluate_all", "--benchmark-runs", "1", "--audit-pairs", "0",
+                            "--max-new-tokens", "1", "--base-latency", "50")
+    assert code == 0, err
+    assert "note: --max-new-tokens 1 has no effect: each prompt generates up to the Sequence Length of " \
+        "prompt_data_cpu.csv" in out
+    assert json.loads(Path("benchmark_report_0.json").read_text())["config"]["new_tokens"] == 2
+    assert "base 50.00 ms (latency given; throughput: prompt_data_cpu.csv)" in out
+    last = json.loads(Path(RECORDS).with_suffix(".jsonl").read_text().splitlines()[-1])["base"]
+    assert last == {"latency": 50.0, "throughput": float(row["Base throughput"]),
+                    "origin": "latency given; throughput: prompt_data_cpu.csv"}
 
 
 def test_evaluate_single_uses_the_stored_baseline_of_its_prompt(baselines, copy_of):

@@ -90,6 +90,23 @@ def test_a_leaderboard_database_of_an_older_schema_gains_the_base_columns(tmp_pa
     assert [(r[1], r[7], r[8]) for r in ranking(db)] == [("alpha", 20.0, "prompt_data_cpu.csv"), ("old", None, None)]
 
 
+
+@pytest.mark.parametrize("origin, shown", [
+    ("given", "given"),
+    ("reference measured now, alternating with the submission on the same prompts", "in turn"),
+    ("prompt_data_cpu.csv, prompt 2", "prompt_data_cpu.csv"),
+    ("latency given; throughput: reference measured now, alternating with the submission on the same prompts",
+     "latency given; throughput: in turn"),
+    ("throughput given; latency: prompt_data_cpu.csv, prompt 0", "throughput given; latency: prompt_data_cpu.csv"),
+])
+def test_the_leaderboard_says_where_each_base_came_from(tmp_path, origin, shown):
+    """One base given by a flag and the other measured (with_given's origin): both named, so scores group by it."""
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    a = write_jsonl(tmp_path / "a_m_score_records.jsonl", [
+        record("a", "", 1.0, "2026-11-01T10:00:00", base={"latency": 20.0, "throughput": 50.0, "origin": origin})])
+    assert load(db, [a]) == 1
+    assert ranking(db)[0][8] == shown
+
 def test_the_report_page_says_which_evaluations_were_not_checked():
     page = scores_section([record("t", "m", 1.0, "2026-11-01T10:00:00"),
                            record("t", "m", 2.0, "2026-11-01T11:00:00", accuracy_checked=False),

@@ -398,6 +398,10 @@ def combination_notes(run: RunConfig) -> list[str]:
         moot += [(n, "with --skip-accuracy") for n in ("tol_map", "divergence_difference_tol", "num_tokens_to_check")]
     if run.max_new_tokens is not None:
         moot.append(("max_length", "with --max-new-tokens, which sets the length"))
+    if run.mode not in ("generate", "validate") or len(run.prompts) == 1:  # (each prompt of a file runs alone)
+        moot.append(("padding_side", "with one prompt a request (nothing to pad)"))
+    if run.mode == "generate" and len(run.prompts) == 1:  # (elsewhere it also keeps the fresh prompts' tokens)
+        moot.append(("pad_token_id", "with one prompt (no row to pad, none finishing before another)"))
     if run.mode in VALIDATING and run.isolation == "none":  # (--audit-pairs 0 asks for no audit: nothing is lost)
         moot += [(n, "with --isolation none (the submission runs in this process, unchecked and unstopped)")
                  for n in ("audit_pairs", "phase_time_limit") if getattr(run, n)]

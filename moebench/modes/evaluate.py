@@ -124,8 +124,13 @@ def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, f
 
 
 def with_given(run: RunConfig, base: Base) -> Base:
-    """One of --base-latency and --base-throughput given: it replaces its measured number."""
-    return Base(run.base_latency or base.latency, run.base_throughput or base.throughput, base.origin)
+    """One of --base-latency and --base-throughput given: it replaces its measured number, and the origin says
+    which came from where ("latency given; throughput: <base's origin>")."""
+    if (run.base_latency is None) == (run.base_throughput is None):  # both given (the origin says so) or neither
+        return base
+    given, other = ("latency", "throughput") if run.base_latency is not None else ("throughput", "latency")
+    return Base(run.base_latency or base.latency, run.base_throughput or base.throughput,
+                f"{given} given; {other}: {base.origin}")
 
 
 def uncredited(flops: dict, mac_count: dict | None) -> None:
@@ -265,7 +270,8 @@ def run_evaluate_all(run: RunConfig) -> int:
         check_prompt_data(run, source, prompts, rows, data_path)
     # every prompt's request and stored expected logits checked before any long work
     runs = [run] * len(prompts) if rows is None else \
-        [dataclasses.replace(run, seq_len=row.seq_len) for row in rows]  # the file's sequence length is used
+        [dataclasses.replace(run, seq_len=row.seq_len, max_new_tokens=None, max_length=None)
+         for row in rows]  # the file's sequence length is used, as its bases were timed
     reqs = prompt_requests(runs, source, prompts, "prompts.txt")
     for i, (prompt_run, req) in enumerate(zip(runs, reqs)):
         wanted = expected_meta(prompt_run, source, req, dtype_of(run))
@@ -322,6 +328,10 @@ def check_prompt_data(run: RunConfig, source, prompts: list[str], rows: list[Pro
     if "seq_len" in run.explicit and any(r.seq_len != run.seq_len for r in rows):
         print(f"note: --seq-len {run.seq_len} has no effect: each prompt runs at the Sequence Length of "
               f"{data_path.name}")  # (stdout: an error found later stays the one stderr line)
+    for name in ("max_new_tokens", "max_length"):  # (a shorter run would be scored against bases timed longer)
+        if name in run.explicit:
+            print(f"note: --{name.replace('_', '-')} {getattr(run, name)} has no effect: each prompt generates up "
+                  f"to the Sequence Length of {data_path.name}, where its base was timed")
 
 
 def measure_prompt_data(run: RunConfig, source, prompts: list[str], reqs: list) -> list[PromptData]:

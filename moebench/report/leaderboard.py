@@ -19,9 +19,13 @@ COLUMNS = ["rank", "team", "member", "final score", "latency ms", "throughput", 
 
 def base_from(origin: str | None) -> str | None:
     """A record's base origin, short: given, in turn (timed alternating with the submission), reference measured
-    now (before it), or the prompt-data file."""
+    now (before it), or the prompt-data file; one number given, the other's ("latency given; throughput: in turn")."""
     if origin is None:
         return None
+    given, sep, other = origin.partition("; ")
+    if sep and given in ("latency given", "throughput given"):  # (with_given's form)
+        name, _, rest = other.partition(": ")
+        return f"{given}; {name}: {base_from(rest)}"
     return "in turn" if origin == IN_TURN else origin.split(",")[0]
 
 
