@@ -92,7 +92,8 @@ class ValidationReport:
         lines = [f"logit validation {'PASS' if self.passed else 'FAIL'}: {len(self.checks)} tokens checked "
                  f"({rows} rows, {self.calls} generate calls)"]
         for k, err in self.worst.items():
-            lines.append(f"  top-{'all' if k is None else k}: worst error {err:.4g} (rtol {self.tol_map[k][1]:g})")
+            lines.append(f"  top-{'all' if k is None else k}: worst error {err:.4g} (rtol {self.tol_map[k][1]:g}; "
+                         "the difference past atol over the largest expected logit: below 0, within atol)")
         lines.append(f"  max logit gap at a divergent token {self.max_gap:.4g} (tol {_tol_text(self.divergence_tol)})")
         lines.append(f"  tokens outside the tolerances: {self.failed} of {len(self.checks)} (allowed "
                      f"{self.allowed_fraction:.0%}: {allowed_misses(self.allowed_fraction, len(self.checks))})")
