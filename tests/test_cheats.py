@@ -289,6 +289,22 @@ def test_a_kernel_called_for_show_while_torch_does_the_work_earns_no_kernel_shar
     assert "of its kernel MACs (524,288) 0 are credited" in out
 
 
+
+def test_library_products_hidden_in_an_unregistered_op_count_as_the_library_s():
+    """The projections behind an op the submission does not register are out of the graphs' total, but not out of
+    the products that ran: the LM head kernel's credit is cut by them, and the op is named."""
+    code, out, err = evaluate("hidden_products", "--skip-accuracy")
+    assert code == 0, out + err
+    flops = report()["kernel_flops"]
+    assert flops["ops_not_registered"] == ["team_cheat::proj"]
+    assert "team_cheat::proj is in the graphs but is not a registered kernel (register_kernel)" in out
+    cut = flops["kernel_macs_cut"]
+    assert {c["submodel"] for c in cut} == {"context_encoding_model", "token_generation_model"}
+    for c in cut:  # the hidden products ran: the graph's kernel MACs credited only what they leave
+        hidden = c["library_macs_run"] - c["library_macs_in_graph"]
+        assert hidden > 0 and c["credited_kernel_macs_per_run"] == max(0, c["kernel_macs_per_run"] - hidden)
+    assert flops["kernel_macs"] < 0.6 * flops["by_op"]["team_cheat.head.default"]
+
 def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation():
     code, out, err = evaluate("malformed_start", "--skip-accuracy")
     assert code == 1, out + err

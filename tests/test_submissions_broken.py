@@ -70,6 +70,7 @@ def test_the_submission_process_ends_by_itself_and_leaves_no_semaphore_behind(ca
     ("broken_no_class", ["Qwen3MoeForCausalLM"]),
     ("broken_shape", ["shape", "4095"]),
     ("broken_int_logits", ["logits of dtype torch.int64", "floating-point"]),
+    ("broken_every_column", ["logits of shape [1, 2, 4096], expected [1, 1, 4096]", "step.last"]),
     ("broken_forward", ["forward failed", "RuntimeError", "broken on purpose"]),
 ])
 def test_broken_submission_is_one_line_naming_the_file(name, words, capsys):

@@ -15,8 +15,8 @@ from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
-from moebench.evaluation.flops import (LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs, describe,
-                                      described_macs, check_kernels, kernel_calls, request_macs, schema_of)
+from moebench.evaluation.flops import (LIBRARY_NAMESPACES, LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs,
+                                      check_kernels, describe, described_macs, kernel_calls, request_macs, schema_of)
 from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
@@ -149,7 +149,7 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
               if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
     # kernels that hand their products to the library, that compute them with torch's arithmetic, that ran, that
     # a compiled step calls fewer times than its graph holds them
-    calling, in_torch, ran, targets, not_compiled = {}, {}, set(), set(), {}
+    calling, in_torch, ran, targets, not_compiled, unregistered = {}, {}, set(), set(), {}, set()
     for g in described:
         found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
         if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) and
@@ -166,7 +166,11 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         if not (ran_library is None or (type(ran_library) is int and 0 <= ran_library < 2**62)):
             raise BadCount("the MACs of the library products run are not described as a whole number")
         listed = g.get("nodes") if isinstance(g.get("nodes"), list) else []
-        targets |= {node[0] for node in listed if isinstance(node, list) and node and isinstance(node[0], str)}
+        ops = [node for node in listed if isinstance(node, list) and len(node) == 3 and isinstance(node[0], str)]
+        targets |= {node[0] for node in ops}
+        # the submission's own ops that declare no MACs (not registered kernels): what they compute goes uncounted
+        unregistered |= {schema_of(t) for t, _, declared in ops
+                         if declared is None and schema_of(t).partition("::")[0] not in LIBRARY_NAMESPACES}
         not_compiled.update(_not_compiled(listed, g.get("kernel_calls_compiled")))
         calling.update(found)
         in_torch.update(computing)
@@ -192,7 +196,8 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
     not_run = {k for g in counted for k in g.macs.uncredited if k in targets - ran}
     not_compiled = {k: v for k, v in not_compiled.items() if k not in {*calling, *in_torch, *not_run}}
     return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_computing_in_torch": in_torch,
-            "kernels_not_run": sorted(not_run), "kernels_not_compiled": not_compiled, "kernel_macs_cut": cut}
+            "kernels_not_run": sorted(not_run), "kernels_not_compiled": not_compiled, "kernel_macs_cut": cut,
+            "ops_not_registered": sorted(unregistered)}
 
 
 def _not_compiled(nodes: list, calls) -> dict:

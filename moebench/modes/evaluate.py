@@ -124,9 +124,11 @@ def choose_base(run: RunConfig, source, req, device, dtype, base: Base | None, f
 
 
 def with_given(run: RunConfig, base: Base) -> Base:
-    """One of --base-latency and --base-throughput given: it replaces its measured number, and the origin says
-    which came from where ("latency given; throughput: <base's origin>")."""
-    if (run.base_latency is None) == (run.base_throughput is None):  # both given (the origin says so) or neither
+    """--base-latency and --base-throughput replace the numbers they give; the origin says where each came from
+    ("given", or "latency given; throughput: <base's origin>" where only one is given)."""
+    if run.base_latency is not None and run.base_throughput is not None:
+        return Base(run.base_latency, run.base_throughput, "given")
+    if run.base_latency is None and run.base_throughput is None:
         return base
     given, other = ("latency", "throughput") if run.base_latency is not None else ("throughput", "latency")
     return Base(run.base_latency or base.latency, run.base_throughput or base.throughput,

@@ -9,5 +9,6 @@ class Qwen3MoeForCausalLM(Reference):
     def forward(self, input_ids, step, cache):
         logits = super().forward(input_ids, step, cache)
         vocab = torch.arange(logits.shape[-1], device=logits.device)
-        noise = torch.sin(vocab * 12.9898 + step.positions[..., None] * 78.233)  # pseudo-random in [-1, 1]
+        positions = step.positions[:, -logits.shape[1]:]  # (one column where step.last asks for one)
+        noise = torch.sin(vocab * 12.9898 + positions[..., None] * 78.233)  # pseudo-random in [-1, 1]
         return logits + 0.05 * logits.abs().amax(-1, keepdim=True) * noise
