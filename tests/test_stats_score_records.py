@@ -16,6 +16,7 @@ from moebench.evaluation.records import (PROMPT_DATA_HEADER, RECORD_COLUMNS, Pro
                                          prompt_data_path, read_prompt_data, read_prompts, read_records,
                                          record_row, records_path, write_prompt_data)
 from moebench.evaluation.score import compute_score
+from moebench.modes.evaluate import score_text
 from moebench.evaluation.stats import percentile, submodel_report, summarize
 
 # x0..x19, sorted; the tests feed them shuffled.
@@ -48,6 +49,10 @@ def test_summarize():
     with pytest.raises(ValueError):
         summarize([])
 
+
+
+def test_a_score_below_a_thousandth_is_printed_in_significant_digits_not_as_zero():
+    assert [score_text(x) for x in (0.0, 7.35e-06, 0.0123456, 1.23456)] == ["0.0000", "7.350e-06", "0.0123", "1.2346"]
 
 def test_submodel_report_keys_percentiles_and_types():
     r = submodel_report([v / 1000 for v in SHUFFLED], tokens_per_run=640, batch=1, n_runs=20)

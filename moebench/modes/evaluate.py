@@ -224,6 +224,12 @@ def print_flops(flops: dict) -> None:
         print(f"  {line}")
 
 
+def score_text(score: float) -> str:
+    """A score to 4 decimals; one above 0 but below 0.001 (a very slow submission) in 4 significant digits, not
+    as 0.0000."""
+    return f"{score:.3e}" if 0 < abs(score) < 1e-3 else f"{score:.4f}"
+
+
 def print_summary(s: Score, checked: bool, passed: bool, problems: list[str], base: Base, report_path: Path,
                   records: Path) -> None:
     """passed: the logit validation's verdict; problems: what flagged the run (its accuracy is then counted 0)."""
@@ -236,7 +242,7 @@ def print_summary(s: Score, checked: bool, passed: bool, problems: list[str], ba
     print(f"reduced latency:      {s.reduced_latency:.4f}")
     print(f"increased throughput: {s.increased_throughput:.4f}")
     print(f"kernel FLOP ratio:    {s.flop_ratio:.4f}")
-    print(f"final score:          {s.final_score:.4f}")
+    print(f"final score:          {score_text(s.final_score)}")
     print(f"report: {report_path}")
     print(f"records: {records}")
 
@@ -296,7 +302,7 @@ def run_evaluate_all(run: RunConfig) -> int:
         total += score.final_score
         if why is not None:
             failed.append(f"prompt {i}: {why}")
-    print(f"total score ({len(prompts)} prompts): {total:.4f}")
+    print(f"total score ({len(prompts)} prompts): {score_text(total)}")
     if failed:
         raise CheckFailed(f"{len(failed)} of {len(prompts)} prompts scored 0 ({'; '.join(failed)})")
     return 0
