@@ -198,7 +198,8 @@ def test_a_malformed_description_of_the_graphs_is_refused_in_one_line():
                 [{**cte, "library_macs_run": -1}, tkg], [{**cte, "library_macs_run": 1.5}, tkg],
                 [{**cte, "library_macs_run": True}, tkg], [cte, {**tkg, "kernel_calls_compiled": [1]}],
                 [cte, {**tkg, "kernel_calls_compiled": {"team::head": -1}}],
-                [cte, {**tkg, "kernel_calls_compiled": {"team::head": True}}]):
+                [cte, {**tkg, "kernel_calls_compiled": {"team::head": True}}],
+                [{**cte, "kernels_registered": "team::head"}, tkg], [{**cte, "kernels_registered": [1]}, tkg]):
         with pytest.raises(SubmissionFault, match="^the kernel FLOP count failed: "):
             request_flops(run, req, bad)
 
@@ -226,6 +227,28 @@ def test_a_graphs_kernel_macs_are_credited_up_to_what_the_library_run_leaves(ran
         if ran_library is None else f"context_encoding_model bucket 4: its library products ran {ran_library:,} "
         f"MACs when it ran eagerly, 600 in its graph: of its kernel MACs (500) {credited:,} are credited"])
 
+
+def test_the_submission_s_own_ops_that_declare_no_macs_and_kernels_no_graph_calls_are_named():
+    """An op of the submission's that is not a registered kernel (no MACs declared) computes uncounted; a kernel it
+    registered that no graph holds never runs: each gets a line of the FLOP breakdown. The library's are not named."""
+    from types import SimpleNamespace
+
+    from moebench.modes.compiled import request_flops
+
+    x, w = {"shape": [1, 4, 10], "dtype": "float32"}, {"shape": [15, 10], "dtype": "float32"}
+    nodes = [["aten.linear.default", [x, w], None], ["team.proj.default", [x, w], None],
+             ["team.head.default", [x, w], 600], ["moebench_cpu.attend_row.default", [x, w], None]]
+    run = SimpleNamespace(enable_bucketing=False, seq_len=20)
+    req = SimpleNamespace(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    graphs = [{"submodel": s, "bucket": b, "nodes": nodes, "kernels_run": ["team.head.default"],
+               "library_macs_run": 600, "kernels_registered": ["team::head", "team::unused"]}
+              for s, b in (("context_encoding_model", 4), ("token_generation_model", 20))]
+    flops = request_flops(run, req, graphs)
+    assert flops["ops_not_registered"] == ["team::proj"] and flops["kernels_not_in_graphs"] == ["team::unused"]
+    assert uncredited_kernels(flops) == [
+        "team::proj is in the graphs but is not a registered kernel (register_kernel): its MACs are not counted, and "
+        "the library products it runs count as the library's",
+        "team::unused is registered (register_kernel) but in none of the request's graphs: the model never calls it"]
 
 @torch.library.custom_op("moebench_test::torch_inside", mutates_args=())
 def torch_inside(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

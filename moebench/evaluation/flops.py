@@ -692,7 +692,9 @@ def uncredited_kernels(flops: dict) -> list[str]:
             *(_cut_line(c) for c in flops.get("kernel_macs_cut") or []),
             *(f"{op} is in the graphs but is not a registered kernel (register_kernel): its MACs are not counted, "
               "and the library products it runs count as the library's"
-              for op in flops.get("ops_not_registered") or [])]
+              for op in flops.get("ops_not_registered") or []),
+            *(f"{k} is registered (register_kernel) but in none of the request's graphs: the model never calls it"
+              for k in flops.get("kernels_not_in_graphs") or [])]
 
 
 def _cut_line(c: dict) -> str:

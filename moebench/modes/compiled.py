@@ -15,8 +15,9 @@ from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
-from moebench.evaluation.flops import (LIBRARY_NAMESPACES, LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs,
-                                      check_kernels, describe, described_macs, kernel_calls, request_macs, schema_of)
+from moebench.evaluation.flops import (HARNESS_NAMESPACES, LIBRARY_NAMESPACES, LIBRARY_PRODUCTS, BadCount, GraphRuns,
+                                      RequestMacs, check_kernels, describe, described_macs, kernel_calls, request_macs,
+                                      schema_of)
 from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
 from moebench.model.loader import ModelSource, after_loading, construct
@@ -117,7 +118,9 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         keys = [(submodel, bucket) for submodel, bucket, _ in engine.graph_runs(req.input_ids.shape[1],
                                                                                  req.max_new_tokens)]
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
-    described = [{"submodel": s, "bucket": b, "nodes": describe(gm)} for (s, b), gm in zip(keys, graphs)]
+    registered = sorted(k for k in KERNELS if k.partition("::")[0] not in HARNESS_NAMESPACES)  # the submission's
+    described = [{"submodel": s, "bucket": b, "nodes": describe(gm), "kernels_registered": registered}
+                 for (s, b), gm in zip(keys, graphs)]
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
         check = check_kernels(model, req.input_ids, req.attention_mask, req.max_new_tokens, seq_len,
                               **buckets_of(run), cache=engine.cache)  # (the request's: no second cache)
@@ -149,7 +152,7 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
               if isinstance(g.get("submodel"), str) and type(g.get("bucket")) is int}
     # kernels that hand their products to the library, that compute them with torch's arithmetic, that ran, that
     # a compiled step calls fewer times than its graph holds them
-    calling, in_torch, ran, targets, not_compiled, unregistered = {}, {}, set(), set(), {}, set()
+    calling, in_torch, ran, targets, not_compiled, unregistered, registered = {}, {}, set(), set(), {}, set(), set()
     for g in described:
         found, run_here = g.get("calling_library", {}), g.get("kernels_run", [])
         if not (isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) and
@@ -162,6 +165,10 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
             raise BadCount("the kernels computing in torch are not described as {kernel: [elements, MACs]}")
         if not (isinstance(run_here, list) and all(isinstance(k, str) for k in run_here)):
             raise BadCount("the kernels that ran are not described as a list of their names")
+        own = g.get("kernels_registered", [])
+        if not (isinstance(own, list) and all(isinstance(k, str) for k in own)):
+            raise BadCount("the kernels registered are not described as a list of their names")
+        registered.update(own)
         ran_library = g.get("library_macs_run")  # the step's, run eagerly (check_kernels)
         if not (ran_library is None or (type(ran_library) is int and 0 <= ran_library < 2**62)):
             raise BadCount("the MACs of the library products run are not described as a whole number")
@@ -197,7 +204,8 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
     not_compiled = {k: v for k, v in not_compiled.items() if k not in {*calling, *in_torch, *not_run}}
     return {**RequestMacs(counted).report(), "kernels_calling_library": calling, "kernels_computing_in_torch": in_torch,
             "kernels_not_run": sorted(not_run), "kernels_not_compiled": not_compiled, "kernel_macs_cut": cut,
-            "ops_not_registered": sorted(unregistered)}
+            "ops_not_registered": sorted(unregistered),
+            "kernels_not_in_graphs": sorted(registered - {schema_of(t) for t in targets})}
 
 
 def _not_compiled(nodes: list, calls) -> dict:
