@@ -118,7 +118,9 @@ def described_graphs(artifacts: Artifacts, model, engine, req: Request, seq_len:
         keys = [(submodel, bucket) for submodel, bucket, _ in engine.graph_runs(req.input_ids.shape[1],
                                                                                  req.max_new_tokens)]
         graphs = [artifacts.graph((submodel, engine.batch, engine.max_len, bucket)) for submodel, bucket in keys]
-    registered = sorted(k for k in KERNELS if k.partition("::")[0] not in HARNESS_NAMESPACES)  # the submission's
+    # the kernels the submission's module registers (their formulas its own: not another module's of this process)
+    registered = sorted(k for k, kernel in KERNELS.items() if k.partition("::")[0] not in HARNESS_NAMESPACES
+                        and getattr(kernel.macs, "__module__", None) == type(model).__module__)
     described = [{"submodel": s, "bucket": b, "nodes": describe(gm), "kernels_registered": registered}
                  for (s, b), gm in zip(keys, graphs)]
     if any(schema_of(node[0]) in KERNELS for g in described for node in g["nodes"]):  # (none: nothing to check)
