@@ -78,14 +78,14 @@ def load_submission(name: str, folder: Path | None = None) -> Submission:
     return sub
 
 
-def check_logits(sub: Submission, logits, batch: int, vocab: int, columns: int | None = None) -> None:
-    """The forward contract: a float tensor [B, T, vocab]; T = `columns` where given (1 when step.last names the
-    column wanted)."""
+def check_logits(sub: Submission, logits, batch: int, vocab: int, columns: int) -> None:
+    """The forward contract: a float tensor [B, columns, vocab] (columns: 1 when step.last names the column wanted,
+    else input_ids' T)."""
     if not isinstance(logits, torch.Tensor):
         raise sub.fail(f"forward returned {type(logits).__name__}, expected the logits tensor")
     if logits.ndim != 3 or logits.shape[0] != batch or logits.shape[-1] != vocab:
         raise sub.fail(f"forward returned logits of shape {list(logits.shape)}, expected [{batch}, T, {vocab}]")
-    if columns is not None and logits.shape[1] != columns:
+    if logits.shape[1] != columns:
         why = "step.last names the one column wanted" if columns == 1 else "one for each column of input_ids"
         raise sub.fail(f"forward returned logits of shape {list(logits.shape)}, expected [{batch}, {columns}, "
                        f"{vocab}]: {why}")
