@@ -143,7 +143,7 @@ def test_a_timed_request_leaves_the_objects_from_before_out_of_the_collectors_pa
     try:
         before = gc.get_freeze_count()
         time_request(Engine(), ids, torch.ones_like(ids), 2, None)
-        assert gc.get_freeze_count() >= before
+        assert gc.get_freeze_count() > before // 2 > 500  # left frozen (frozen objects freed meanwhile leave it too)
     finally:
         gc.unfreeze()
 
