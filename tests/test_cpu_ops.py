@@ -487,9 +487,9 @@ def test_linear_panels_matches_f_linear(threads, M, N, K):
 
 @pytest.mark.parametrize("M, N, K", [(2, 64, 48), (13, 192, 128), (50, 768, 384)])
 def test_linear_panels_on_bfloat16_pairs_and_with_a_residual_is_the_torch_product(threads, M, N, K):
-    # bfloat16 x with bfloat16 panels of pairs (AVX512-BF16): float32 sums, each rounded once, as the library's
-    # bfloat16 product rounds them; with a residual, residual + the rounded product rounded again, as the model's
-    # `residual + linear(x)`. Float32 too (the residual's add exact there).
+    # bfloat16 x with bfloat16 panels of pairs (AVX512-BF16's dot products, or AMX tiles): float32 sums, each rounded
+    # once, as the library's bfloat16 product rounds them; with a residual, residual + the rounded product rounded
+    # again, as the model's `residual + linear(x)`. Float32 too (the residual's add exact there).
     g = torch.Generator().manual_seed(M)
     w, x, res = torch.randn(N, K, generator=g) / 8, torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
     got = torch.ops.moebench_cpu.linear_panels(x, cpu_ops.panels(w), res)
@@ -497,10 +497,15 @@ def test_linear_panels_on_bfloat16_pairs_and_with_a_residual_is_the_torch_produc
     count = flops.CPU_OP_MACS["moebench_cpu::linear_panels"]  # the MAC count's formula: the product's M N K
     assert count(x, cpu_ops.panels(w), res) == count(x, cpu_ops.panels(w)) == M * N * K
     if not cpu_ops.pair_panels_usable(torch.empty(0, dtype=torch.bfloat16)):
-        pytest.skip("this CPU has no AVX512-BF16, or has AMX (its bfloat16 products take oneDNN's)")
+        pytest.skip("this CPU has no AVX512-BF16, or has AMX and the build has no AMX tiles (oneDNN's then)")
     x, w, res = x.bfloat16(), w.bfloat16(), res.bfloat16()
     pairs = cpu_ops.pair_panels(w)
     assert pairs.shape == (N // 64, K // 2, 64, 2) and pairs is cpu_ops.pair_panels(w)  # packed once
+    if K % cpu_ops.PAIR_DEPTH:  # AMX tiles take K in steps of 32; such a product stays with oneDNN
+        assert not cpu_ops.products_usable(x, w, torch.bfloat16)
+        with pytest.raises(RuntimeError, match="with AMX: K a multiple of 32"):
+            torch.ops.moebench_cpu.linear_panels(x, pairs)
+        return
     exact = x.double() @ w.double().T  # float32 sums of exact products: within a few float32 roundings
     got = torch.ops.moebench_cpu.linear_panels(x, pairs)
     assert got.dtype == torch.bfloat16
@@ -616,9 +621,10 @@ def test_moe_prompt_rounds_to_bfloat16_as_torch(threads):
 @pytest.mark.parametrize("T, D, I, E, k", [(45, 64, 64, 8, 2), (70, 128, 64, 6, 3), (3, 64, 128, 5, 1)])
 def test_moe_prompt_on_bfloat16_pairs_is_the_experts_math(threads, monkeypatch, T, D, I, E, k):
     # With AVX512-BF16, a bfloat16 prompt's experts where its products stay bfloat16 (onednn.FAST_BF16): bfloat16
-    # panels of pairs and vdpbf16ps. Against float64, as close as the float32 panels' path; what experts_forward runs.
+    # panels of pairs and vdpbf16ps, or AMX tiles. Against float64, as close as the float32 panels' path; what
+    # experts_forward runs.
     if not cpu_ops.pair_panels_usable(torch.empty(0, dtype=torch.bfloat16)):
-        pytest.skip("this CPU has no AVX512-BF16, or has AMX (its bfloat16 experts take oneDNN's products)")
+        pytest.skip("this CPU has no AVX512-BF16, or has AMX and the build has no AMX tiles (oneDNN's then)")
     monkeypatch.setattr(moe, "SLOW_BF16_CPU", False)
     g = torch.Generator().manual_seed(T * k)
     x = torch.randn(T, D, generator=g).bfloat16()

@@ -26,6 +26,8 @@
 #include <ATen/ops/topk.h>
 #include <immintrin.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
@@ -1472,6 +1474,111 @@ at::Tensor attend_block(const at::Tensor& q, const at::Tensor& keys, const at::T
 constexpr int NB = W == 16 ? 4 * W : 2 * W;  // output columns of a panel
 constexpr int LR = 6;                        // rows of a register tile
 
+// ---- AMX tiles (Intel's Advanced Matrix Extensions) --------------------------------------------------------
+// On a core with AMX a bfloat16 product goes through its tile registers: one tdpbf16ps multiplies a 16 x 32 tile of
+// rows by a 32 x 16 tile of weights (pairs, the layout of tile_bf16's panels) into 16 x 16 float32 sums: 8192
+// multiply-adds an instruction, where a vdpbf16ps does 32 (and on Intel's cores at half the rate of float32 FMAs).
+// amx_tile computes up to AMX_ROWS rows against a whole panel of NB columns: two row tiles (A: tiles 4 and 5) by two
+// column tiles of weights (B: 6 and 7) into four tiles of sums (0-3), for each half of the panel in turn. K must be a
+// multiple of 32 (pair_depth()). The tiles' shapes (their rows) are the thread's configuration, loaded when a tile
+// of other rows comes; AmxTiles marks it unknown when a parallel region starts (the library's own AMX kernels load
+// theirs in between) and releases the tiles when it ends. The kernel must let the process use the tiles first
+// (amx_permitted: Linux's arch_prctl; the library asks the same).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+constexpr bool AMX_TILES = true;
+constexpr int64_t AMX_ROWS = 32;
+thread_local int64_t amx_rows = -1;  // the rows of the thread's loaded configuration (-1: unknown)
+
+bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return permitted;
+}
+
+struct AmxTiles {
+  AmxTiles() { amx_rows = -1; }
+  ~AmxTiles() {
+    if (amx_rows >= 0) _tile_release();
+    amx_rows = -1;
+  }
+};
+
+inline void amx_configure(int64_t rows) {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config = {};
+  const uint8_t r0 = static_cast<uint8_t>(std::min<int64_t>(rows, 16)), r1 = static_cast<uint8_t>(rows - r0);
+  config.palette = 1;
+  for (int t = 0; t < 8; t++) config.colsb[t] = 64;  // every tile's rows are 64 bytes
+  config.rows[0] = config.rows[1] = config.rows[4] = r0;  // sums and rows of the first row tile
+  config.rows[2] = config.rows[3] = config.rows[5] = r1;  // ... of the second (0: unused)
+  if (r1 == 0) config.colsb[2] = config.colsb[3] = config.colsb[5] = 0;
+  config.rows[6] = config.rows[7] = 16;  // weights: 16 rows of pairs
+  _tile_loadconfig(&config);
+  amx_rows = rows;
+}
+
+// out [rows, NB] (row stride os) = x [rows, K] (row stride xs) @ panel [K / 2, NB, 2], rows <= AMX_ROWS, asking the
+// L2 cache for `lines` lines from `ahead` over the steps (as tile_bf16).
+inline void amx_tile(const uint16_t* x, int64_t xs, int64_t rows, int64_t K, const uint16_t* w, const char* ahead,
+                     int64_t lines, float* out, int64_t os) {
+  if (rows != amx_rows) amx_configure(rows);
+  const bool two = rows > 16;
+  const int64_t steps = K / 32 * (NB / 32);  // a step: 32 of K for 32 columns
+  const uint64_t step = ahead != nullptr && steps > 0 ? (static_cast<uint64_t>(lines) << 16) / steps : 0;
+  uint64_t at = 0;
+  int64_t asked = 0;
+  for (int64_t c = 0; c < NB; c += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t k = 0; k < K; k += 32) {
+      if (ahead != nullptr)
+        for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
+          _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+      const uint16_t* b = w + (k / 2 * NB + c) * 2;  // 16 rows of pairs, each 16 columns' pairs (64 bytes)
+      _tile_loadd(6, b, NB * 4);
+      _tile_loadd(7, b + 32, NB * 4);
+      _tile_loadd(4, x + k, xs * 2);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, x + 16 * xs + k, xs * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, out + c, os * 4);
+    _tile_stored(1, out + c + 16, os * 4);
+    if (two) {
+      _tile_stored(2, out + 16 * os + c, os * 4);
+      _tile_stored(3, out + 16 * os + c + 16, os * 4);
+    }
+  }
+  for (; ahead != nullptr && asked < lines; asked++) _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+}
+#else
+constexpr bool AMX_TILES = false;
+constexpr int64_t AMX_ROWS = 1;
+bool amx_permitted() { return false; }
+struct AmxTiles {};
+
+inline void amx_tile(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const char*, int64_t, float*,
+                     int64_t) {  // (unreachable: every caller stands behind AMX_TILES)
+  TORCH_CHECK(false, "AMX tiles need AMX");
+}
+#endif
+
+// What K bfloat16 panels of pairs need to be a multiple of here: 2 (tile_bf16), 32 (AMX tiles); 0: none are taken.
+int64_t pair_depth() { return !BF16_PANELS ? 0 : !AMX_TILES ? 2 : amx_permitted() ? 32 : 0; }
+
 template <int... R>
 constexpr auto tiles(std::integer_sequence<int, R...>) {
   return std::array{tile<R + 1, NB / W>...};
@@ -1495,23 +1602,32 @@ constexpr auto row_tiles() {
 // tile. It asks the L2 cache for `lines` cache lines from `ahead` (its share of the next panel, or null): the tiles of
 // a panel spread the next one's reads from memory over the whole of its arithmetic (the first tile alone asking for
 // all of it stalled on the memory: ~75 against ~110 GFLOP/s a core on the Xeon VM).
-// P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16).
+// P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16; with
+// AMX, amx_tile and up to AMX_ROWS rows).
 template <typename P>
 void tile_rows(const P* x, int64_t rows, int64_t K, const P* panel, const char* ahead, int64_t lines, float* out,
                int64_t os) {
   static constexpr auto row_tile = row_tiles<P>();
   if constexpr (std::is_same_v<P, float>)
     row_tile[rows - 1](x, K, panel, NB, ahead, lines, out, os);
+  else if constexpr (AMX_TILES)
+    amx_tile(x, K, rows, K, panel, ahead, lines, out, os);
   else
     row_tile[rows - 1](x, K, K, panel, NB, ahead, lines, out, os);
 }
 
-// f(r, rows, l0, l1) for M rows in tiles of at most LR rows, as equal as can be (50 rows: five of 6 and four of 5,
-// not eight of 6 and one of 2: a tile of 2 rows has too few sums in flight to keep the multiply-add units busy), and
-// each tile's share [l0, l1) of `lines` cache lines to ask for.
-template <typename F>
+// The most rows tile_rows<P> takes, and the most any takes (its callers' buffers of sums).
+template <typename P>
+constexpr int64_t tile_rows_max = std::is_same_v<P, uint16_t> && AMX_TILES ? AMX_ROWS : LR;
+constexpr int64_t TILE_ROWS = std::max<int64_t>(LR, AMX_ROWS);
+
+// f(r, rows, l0, l1) for M rows in tiles of at most tile_rows_max<P> rows, as equal as can be (50 rows: five of 6 and
+// four of 5, not eight of 6 and one of 2: a tile of 2 rows has too few sums in flight to keep the multiply-add units
+// busy), and each tile's share [l0, l1) of `lines` cache lines to ask for.
+template <typename P, typename F>
 void row_tiles_of(int64_t M, int64_t lines, F f) {
-  const int64_t tiles_ = (M + LR - 1) / LR;
+  constexpr int64_t R = tile_rows_max<P>;
+  const int64_t tiles_ = (M + R - 1) / R;
   for (int64_t i = 0; i < tiles_; i++)
     f(M * i / tiles_, M * (i + 1) / tiles_ - M * i / tiles_, lines * i / tiles_, lines * (i + 1) / tiles_);
 }
@@ -1536,7 +1652,8 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const 
   TORCH_CHECK(pairs ? x_.scalar_type() == at::kBFloat16 && panels_.scalar_type() == at::kBFloat16
                     : x_.scalar_type() == at::kFloat && panels_.scalar_type() == at::kFloat,
               "linear_panels: float32, or bfloat16 x with bfloat16 panels of pairs");
-  TORCH_CHECK(!pairs || BF16_PANELS, "linear_panels: bfloat16 panels need AVX512-BF16");
+  TORCH_CHECK(!pairs || (pair_depth() > 0 && x_.size(1) % pair_depth() == 0),
+              "linear_panels: bfloat16 panels need AVX512-BF16 (with AMX: K a multiple of 32)");
   const at::Tensor x = x_.contiguous(), panels = panels_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = panels.size(0), N = P * NB;
   TORCH_CHECK(!residual_ || (residual_->dim() == 2 && residual_->size(0) == M && residual_->size(1) == N &&
@@ -1551,10 +1668,11 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const 
       // Each thread its share of the panels, in order: the next one is its own.
       const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
       const int64_t p0 = P * t / threads, p1 = P * (t + 1) / threads;
-      alignas(64) float g[LR * NB];  // a tile's sums
+      alignas(64) float g[TILE_ROWS * NB];  // a tile's sums
+      AmxTiles amx;
       for (int64_t p = p0; p < p1; p++) {
         const P_ *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
-        row_tiles_of(M, K * NB * static_cast<int64_t>(sizeof(P_)) / 64, [&](int64_t r, int64_t rows, int64_t l0,
+        row_tiles_of<P_>(M, K * NB * static_cast<int64_t>(sizeof(P_)) / 64, [&](int64_t r, int64_t rows, int64_t l0,
                                                                             int64_t l1) {
           tile_rows(xp + r * K, rows, K, panel, ahead_of(next, l0), l1 - l0, g, NB);
           for (int64_t j = 0; j < rows; j++) {
@@ -1584,8 +1702,7 @@ int64_t panel_width() { return NB; }
 // ---- Products of a few dozen bfloat16 rows on AVX512-BF16 (a bfloat16 prompt's experts) -----------------------
 // oneDNN's bfloat16 product of an expert's ~50 rows runs at 222-271 GFLOP/s on the Zen 4 VM, of the 427 its large
 // products reach. tile_rows<uint16_t> does it as for float32, with bfloat16 panels of pairs
-// ([N / NB, K / 2, NB, 2]) and tile_bf16: ~370.
-bool bf16_panels() { return BF16_PANELS; }
+// ([N / NB, K / 2, NB, 2]) and tile_bf16: ~370. With AMX, amx_tile on the same panels.
 
 // ---- A prompt's experts in one call (moe_prompt) ----------------------------------------------------------------
 // The MoE block's experts for T tokens, float32 arithmetic, as moebench.model.moe.experts_forward computes them with
@@ -1629,7 +1746,8 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
 #pragma omp parallel
   {
     thread_local std::vector<P> xe, h;  // (bfloat16 panels: the rows and silu(gate) * up in bfloat16)
-    alignas(64) float g[LR * NB], u[LR * NB];  // a tile's sums
+    alignas(64) float g[TILE_ROWS * NB], u[TILE_ROWS * NB];  // a tile's sums
+    AmxTiles amx;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < E; i++) {
       const int64_t e = experts[i], s = start[e], n = start[e + 1] - s;
@@ -1646,7 +1764,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
       for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q, a tile of rows at a time: h's columns q NB
         const P *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
         const P *next_gate = q + 1 < P1 ? gate + D * NB : w2, *next_up = q + 1 < P1 ? up + D * NB : nullptr;
-        row_tiles_of(n, lines1, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
+        row_tiles_of<P>(n, lines1, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
           tile_rows(xe.data() + r * D, rows, D, gate, ahead_of(next_gate, l0), l1 - l0, g, NB);
           tile_rows(xe.data() + r * D, rows, D, up, ahead_of(next_up, l0), l1 - l0, u, NB);
           for (int64_t j = 0; j < rows; j++)
@@ -1657,7 +1775,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
       T* ye = ys + s * D;
       for (int64_t p = 0; p < P2; p++) {  // the down product's panel p, each tile's rows times their pair's weight
         const P *panel = w2 + p * I * NB, *next = p + 1 < P2 ? panel + I * NB : nullptr;
-        row_tiles_of(n, lines2, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
+        row_tiles_of<P>(n, lines2, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
           tile_rows(h.data() + r * I, rows, I, panel, ahead_of(next, l0), l1 - l0, g, NB);
           for (int64_t j = 0; j < rows; j++) {
             const vf wr = vf{} + load(weights + order[s + r + j]);
@@ -1685,7 +1803,7 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
 // x [T, D] (float32 or bfloat16), ids [T, k] (int64), weights [T, k] (x's dtype), gate_up [E, 2I / NB, D, NB] and
 // down [E, D / NB, I, NB]: each expert's weights as float32 panels -> [T, D]. With AVX512-BF16 a bfloat16 x may come
 // with bfloat16 panels of pairs instead, gate_up [E, 2I / NB, D / 2, NB, 2] and down [E, D / NB, I / 2, NB, 2]
-// (bf16_panels()): its rows and silu(gate) * up stay bfloat16, as the library's products take them.
+// (pair_depth()): its rows and silu(gate) * up stay bfloat16, as the library's products take them.
 at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
                       const at::Tensor& gate_up_, const at::Tensor& down_, const std::optional<at::Tensor>& residual_) {
   TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
@@ -1703,7 +1821,8 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
               "moe_prompt: float32 panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
               "], I a multiple of ", NB, " (or, for a bfloat16 x, bfloat16 panels of pairs [E, 2I / ", NB, ", D / 2, ",
               NB, ", 2] and [E, D / ", NB, ", I / 2, ", NB, ", 2])");
-  TORCH_CHECK(!pairs || BF16_PANELS, "moe_prompt: bfloat16 panels need AVX512-BF16");
+  TORCH_CHECK(!pairs || (pair_depth() > 0 && x_.size(1) % pair_depth() == 0 && down_.size(2) * 2 % pair_depth() == 0),
+              "moe_prompt: bfloat16 panels need AVX512-BF16 (with AMX: D and I multiples of 32)");
   TORCH_CHECK(!residual_ || (residual_->sizes() == x_.sizes() && residual_->scalar_type() == x_.scalar_type()),
               "moe_prompt: residual [T, D] in x's dtype");
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),
@@ -1846,7 +1965,7 @@ TORCH_LIBRARY(moebench_cpu, m) {
   m.def("moe_block_prompt(Tensor x, Tensor norm, float eps, Tensor router, int k, bool norm_topk, Tensor gate_up, "
         "Tensor down) -> Tensor");
   m.def("panel_width() -> int", &panel_width);
-  m.def("bf16_panels() -> bool", &bf16_panels);
+  m.def("pair_depth() -> int", &pair_depth);
 }
 
 TORCH_LIBRARY_IMPL(moebench_cpu, CPU, m) {

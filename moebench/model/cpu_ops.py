@@ -44,9 +44,10 @@ from moebench.model.derived import derived
 
 SOURCE = Path(__file__).with_name("cpu_ops.cpp")
 LOADED = False  # set by load(); read while tracing (a plain global, not a call Dynamo would trace)
-# The build's panel width and whether it has bfloat16 panels (set by load(): read on every prompt's product, where a
-# call of the operators' own functions costs microseconds)
-PANEL_WIDTH, BF16_PANELS = 0, False
+# The build's panel width and what K its bfloat16 panels of pairs need to be a multiple of (0: it takes none; 32: AMX
+# tiles) (set by load(): read on every prompt's product, where a call of the operators' own functions costs
+# microseconds)
+PANEL_WIDTH, PAIR_DEPTH = 0, 0
 
 
 def _cpu_flags() -> str:
@@ -68,7 +69,7 @@ def _flags() -> list[str]:
 @functools.cache
 def load() -> bool:
     """Loads the operators (built first when this machine has none cached): True when they are there."""
-    global LOADED, PANEL_WIDTH, BF16_PANELS
+    global LOADED, PANEL_WIDTH, PAIR_DEPTH
     if os.environ.get("MOEBENCH_CPU_OPS", "1") == "0" or sys.platform != "linux":
         return False
     from torch._inductor.runtime.cache_dir_utils import cache_dir
@@ -99,7 +100,7 @@ def load() -> bool:
     torch.library.register_fake("moebench_cpu::attend_row")(_attend_row_fake)
     torch.library.register_fake("moebench_cpu::attention_decode")(_attention_decode_fake)
     torch.library.register_fake("moebench_cpu::attend_block")(_attend_block_fake)
-    PANEL_WIDTH, BF16_PANELS = torch.ops.moebench_cpu.panel_width(), torch.ops.moebench_cpu.bf16_panels()
+    PANEL_WIDTH, PAIR_DEPTH = torch.ops.moebench_cpu.panel_width(), torch.ops.moebench_cpu.pair_depth()
     # Inductor's C++ wrapper calls the decode operators through their C entry points (cpu_ops.cpp), which the graphs'
     # libraries find once this one's symbols are global
     ctypes.CDLL(str(path), mode=os.RTLD_GLOBAL | os.RTLD_NOLOAD)
@@ -200,9 +201,10 @@ AMX = torch.cpu._is_amx_tile_supported()
 
 
 def pair_panels_usable(x: torch.Tensor) -> bool:
-    """True when moe_prompt takes bfloat16 panels of pairs for x's rows here (x bfloat16; AVX512-BF16, and no AMX,
-    whose tiles carry oneDNN's bfloat16 products far faster than vdpbf16ps)."""
-    return LOADED and x.dtype == torch.bfloat16 and BF16_PANELS and not AMX
+    """True when moe_prompt takes bfloat16 panels of pairs for x's rows here (x bfloat16): on AMX tiles where the CPU
+    has them (a build without them leaves such a CPU's products to oneDNN's tiles, far faster than vdpbf16ps), else
+    on AVX512-BF16's dot products."""
+    return LOADED and x.dtype == torch.bfloat16 and PAIR_DEPTH > 0 and (PAIR_DEPTH == 32 or not AMX)
 
 
 def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -210,13 +212,13 @@ def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> boo
     while compiling or exporting: the MAC count reads an exported graph's linears): float32 (float32 weights, or
     bfloat16 ones moe.in_float32 widens), or bfloat16 on AVX512-BF16 pairs (pair_panels_usable); with AVX-512's 6 x
     64 register tiles, the ones timed against oneDNN's products (the AVX2 build's 6 x 16 were not); N a multiple of
-    the panel width, K even, and a panel for every thread at least (linear_panels shares the panels among the
+    the panel width, K even (bfloat16: a multiple of PAIR_DEPTH), and a panel for every thread at least (linear_panels shares the panels among the
     threads, not the rows: oneDNN keeps the narrow products of a many-core machine)."""
     return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and not torch.compiler.is_compiling()
             and PANEL_WIDTH == 64 and w.shape[-2] % 64 == 0 and w.shape[-1] % 2 == 0
             and w.shape[-2] // 64 >= torch.get_num_threads()
             and (dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
-                 or dtype == torch.bfloat16 and pair_panels_usable(x)))
+                 or dtype == torch.bfloat16 and pair_panels_usable(x) and w.shape[-1] % PAIR_DEPTH == 0))
 
 
 def packed_for(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
