@@ -485,7 +485,14 @@ def test_linear_panels_matches_f_linear(threads, M, N, K):
                                rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("M, N, K", [(2, 64, 48), (13, 192, 128), (50, 768, 384)])
+def pair_panels_shape(N, K):
+    """The shape of the bfloat16 panels of pairs of a weight [N, K] here: AMX tiles' order, or AVX512-BF16's pairs."""
+    if cpu_ops.PAIR_DEPTH == 32:
+        return N // 64, K // 32, 4, 16, 32
+    return N // 64, K // 2, 64, 2
+
+
+@pytest.mark.parametrize("M, N, K", [(2, 64, 48), (13, 192, 128), (50, 768, 384), (33, 128, 96)])
 def test_linear_panels_on_bfloat16_pairs_and_with_a_residual_is_the_torch_product(threads, M, N, K):
     # bfloat16 x with bfloat16 panels of pairs (AVX512-BF16's dot products, or AMX tiles): float32 sums, each rounded
     # once, as the library's bfloat16 product rounds them; with a residual, residual + the rounded product rounded
@@ -499,13 +506,11 @@ def test_linear_panels_on_bfloat16_pairs_and_with_a_residual_is_the_torch_produc
     if not cpu_ops.pair_panels_usable(torch.empty(0, dtype=torch.bfloat16)):
         pytest.skip("this CPU has no AVX512-BF16, or has AMX and the build has no AMX tiles (oneDNN's then)")
     x, w, res = x.bfloat16(), w.bfloat16(), res.bfloat16()
-    pairs = cpu_ops.pair_panels(w)
-    assert pairs.shape == (N // 64, K // 2, 64, 2) and pairs is cpu_ops.pair_panels(w)  # packed once
     if K % cpu_ops.PAIR_DEPTH:  # AMX tiles take K in steps of 32; such a product stays with oneDNN
         assert not cpu_ops.products_usable(x, w, torch.bfloat16)
-        with pytest.raises(RuntimeError, match="with AMX: K a multiple of 32"):
-            torch.ops.moebench_cpu.linear_panels(x, pairs)
         return
+    pairs = cpu_ops.pair_panels(w)
+    assert pairs.shape == pair_panels_shape(N, K) and pairs is cpu_ops.pair_panels(w)  # packed once
     exact = x.double() @ w.double().T  # float32 sums of exact products: within a few float32 roundings
     got = torch.ops.moebench_cpu.linear_panels(x, pairs)
     assert got.dtype == torch.bfloat16
@@ -632,8 +637,7 @@ def test_moe_prompt_on_bfloat16_pairs_is_the_experts_math(threads, monkeypatch, 
     w_down = (torch.randn(E, D, I, generator=g) / 8).bfloat16()
     ids, weights = torch.rand(T, E, generator=g).topk(k).indices, torch.rand(T, k, generator=g).bfloat16()
     pairs = cpu_ops.pair_panels(w_gate_up), cpu_ops.pair_panels(w_down)
-    nb = torch.ops.moebench_cpu.panel_width()
-    assert pairs[0].shape == (E, 2 * I // nb, D // 2, nb, 2) and pairs[1].shape == (E, D // nb, I // 2, nb, 2)
+    assert pairs[0].shape == (E, *pair_panels_shape(2 * I, D)) and pairs[1].shape == (E, *pair_panels_shape(D, I))
     got = torch.ops.moebench_cpu.moe_prompt(x, ids, weights, *pairs)
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
     want = prompt_experts(x, ids, weights, w_gate_up, w_down)

@@ -39,6 +39,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -1476,18 +1477,24 @@ constexpr int LR = 6;                        // rows of a register tile
 
 // ---- AMX tiles (Intel's Advanced Matrix Extensions) --------------------------------------------------------
 // On a core with AMX a bfloat16 product goes through its tile registers: one tdpbf16ps multiplies a 16 x 32 tile of
-// rows by a 32 x 16 tile of weights (pairs, the layout of tile_bf16's panels) into 16 x 16 float32 sums: 8192
-// multiply-adds an instruction, where a vdpbf16ps does 32 (and on Intel's cores at half the rate of float32 FMAs).
+// rows by a 32 x 16 tile of weights (pairs, as tile_bf16's) into 16 x 16 float32 sums: 8192 multiply-adds an
+// instruction, where a vdpbf16ps does 32 (and on Intel's cores at half the rate of float32 FMAs). Each operand is
+// loaded 1 KiB at a time: the weights are kept in tile order, each tile's 16 rows of 64 bytes one after another
+// (panels [N / NB, K / 32, NB / 16, 16, 32]: pair_panels in cpu_ops.py), and so are the rows moe_prompt gathers
+// (tiled_at); linear_panels loads its x's rows strided (a copy in tile order cost more than it saved). Against the
+// same tiles loaded strided from panels of pairs, a prompt's experts 1.14-1.18x faster (moebench-speed's layer, the
+// Emerald Rapids VM, in-process A/B).
 // amx_tile computes up to AMX_ROWS rows against a whole panel of NB columns: two row tiles (A: tiles 4 and 5) by two
-// column tiles of weights (B: 6 and 7) into four tiles of sums (0-3), for each half of the panel in turn. K must be a
-// multiple of 32 (pair_depth()). The tiles' shapes (their rows) are the thread's configuration, loaded when a tile
-// of other rows comes; AmxTiles marks it unknown when a parallel region starts (the library's own AMX kernels load
-// theirs in between) and releases the tiles when it ends. The kernel must let the process use the tiles first
-// (amx_permitted: Linux's arch_prctl; the library asks the same).
+// column tiles of weights (B: 6 and 7) into four tiles of sums (0-3), for each half of the panel in turn. Every tile
+// is 16 rows of 64 bytes: a last row tile of fewer rows computes the padding rows after them too (their sums unread),
+// so the configuration stays one; K must be a multiple of 32 (pair_depth()). AmxTiles loads the configuration when a
+// thread first computes in a parallel region (the library's own AMX kernels load theirs in between) and releases the
+// tiles when it ends. Linux must first let the process use the tiles (amx_permitted: arch_prctl; the library asks
+// the same).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 constexpr bool AMX_TILES = true;
 constexpr int64_t AMX_ROWS = 32;
-thread_local int64_t amx_rows = -1;  // the rows of the thread's loaded configuration (-1: unknown)
+thread_local bool amx_configured = false;
 
 bool amx_permitted() {
   static const bool permitted = [] {
@@ -1498,36 +1505,34 @@ bool amx_permitted() {
 }
 
 struct AmxTiles {
-  AmxTiles() { amx_rows = -1; }
+  AmxTiles() { amx_configured = false; }
   ~AmxTiles() {
-    if (amx_rows >= 0) _tile_release();
-    amx_rows = -1;
+    if (amx_configured) _tile_release();
+    amx_configured = false;
   }
 };
 
-inline void amx_configure(int64_t rows) {
+inline void amx_configure() {
   struct alignas(64) {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
   } config = {};
-  const uint8_t r0 = static_cast<uint8_t>(std::min<int64_t>(rows, 16)), r1 = static_cast<uint8_t>(rows - r0);
   config.palette = 1;
-  for (int t = 0; t < 8; t++) config.colsb[t] = 64;  // every tile's rows are 64 bytes
-  config.rows[0] = config.rows[1] = config.rows[4] = r0;  // sums and rows of the first row tile
-  config.rows[2] = config.rows[3] = config.rows[5] = r1;  // ... of the second (0: unused)
-  if (r1 == 0) config.colsb[2] = config.colsb[3] = config.colsb[5] = 0;
-  config.rows[6] = config.rows[7] = 16;  // weights: 16 rows of pairs
+  for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);
-  amx_rows = rows;
+  amx_configured = true;
 }
 
-// out [rows, NB] (row stride os) = x [rows, K] (row stride xs) @ panel [K / 2, NB, 2], rows <= AMX_ROWS, asking the
+// out [rows, NB] (row stride os; rows rounded up to 16) = x [rows, K] @ panel [K / 32, NB / 16, 16, 32], rows <=
+// AMX_ROWS, x in tile order (from the first of its row tiles) or row-major (`tiled` false: strided loads), asking the
 // L2 cache for `lines` lines from `ahead` over the steps (as tile_bf16).
-inline void amx_tile(const uint16_t* x, int64_t xs, int64_t rows, int64_t K, const uint16_t* w, const char* ahead,
+inline void amx_tile(const uint16_t* x, bool tiled, int64_t rows, int64_t K, const uint16_t* w, const char* ahead,
                      int64_t lines, float* out, int64_t os) {
-  if (rows != amx_rows) amx_configure(rows);
+  if (!amx_configured) amx_configure();
   const bool two = rows > 16;
+  const uint16_t* x1 = x + 16 * K;  // the second row tile (in either layout)
+  const int64_t step_a = tiled ? 16 : 1, stride_a = tiled ? 64 : K * 2;  // (a tile's 32 columns; its rows)
   const int64_t steps = K / 32 * (NB / 32);  // a step: 32 of K for 32 columns
   const uint64_t step = ahead != nullptr && steps > 0 ? (static_cast<uint64_t>(lines) << 16) / steps : 0;
   uint64_t at = 0;
@@ -1543,14 +1548,14 @@ inline void amx_tile(const uint16_t* x, int64_t xs, int64_t rows, int64_t K, con
       if (ahead != nullptr)
         for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
           _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
-      const uint16_t* b = w + (k / 2 * NB + c) * 2;  // 16 rows of pairs, each 16 columns' pairs (64 bytes)
-      _tile_loadd(6, b, NB * 4);
-      _tile_loadd(7, b + 32, NB * 4);
-      _tile_loadd(4, x + k, xs * 2);
+      const uint16_t* b = w + (k / 32 * (NB / 16) + c / 16) * 512;
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + 512, 64);
+      _tile_loadd(4, x + k * step_a, stride_a);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       if (two) {
-        _tile_loadd(5, x + 16 * xs + k, xs * 2);
+        _tile_loadd(5, x1 + k * step_a, stride_a);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
@@ -1570,11 +1575,16 @@ constexpr int64_t AMX_ROWS = 1;
 bool amx_permitted() { return false; }
 struct AmxTiles {};
 
-inline void amx_tile(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, const char*, int64_t, float*,
+inline void amx_tile(const uint16_t*, bool, int64_t, int64_t, const uint16_t*, const char*, int64_t, float*,
                      int64_t) {  // (unreachable: every caller stands behind AMX_TILES)
   TORCH_CHECK(false, "AMX tiles need AMX");
 }
 #endif
+
+// Element (r, c) of a matrix [M, K] in tile order: tile (r / 16, c / 32) at (r / 16 K / 32 + c / 32) 512.
+inline int64_t tiled_at(int64_t r, int64_t c, int64_t K) {
+  return (r / 16 * (K / 32) + c / 32) * 512 + r % 16 * 32 + c % 32;
+}
 
 // What K bfloat16 panels of pairs need to be a multiple of here: 2 (tile_bf16), 32 (AMX tiles); 0: none are taken.
 int64_t pair_depth() { return !BF16_PANELS ? 0 : !AMX_TILES ? 2 : amx_permitted() ? 32 : 0; }
@@ -1598,36 +1608,55 @@ constexpr auto row_tiles() {
     return tiles_bf16(std::make_integer_sequence<int, LR>{});
 }
 
-// out [rows, NB] (row stride os) = x [rows, K] (row stride K) @ panel [K, NB], in float32, rows <= LR: one register
-// tile. It asks the L2 cache for `lines` cache lines from `ahead` (its share of the next panel, or null): the tiles of
-// a panel spread the next one's reads from memory over the whole of its arithmetic (the first tile alone asking for
-// all of it stalled on the memory: ~75 against ~110 GFLOP/s a core on the Xeon VM).
-// P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2] (tile_bf16; with
-// AMX, amx_tile and up to AMX_ROWS rows).
+// out [rows, NB] (row stride os) = x [rows, K] (row stride K; with AMX tiles in tile order where `tiled`) @ panel
+// [K, NB], in float32, rows <= LR: one register tile. It asks the L2 cache for `lines` cache lines from `ahead` (its
+// share of the next panel, or null): the tiles of a panel spread the next one's reads from memory over the whole of
+// its arithmetic (the first tile alone asking for all of it stalled on the memory: ~75 against ~110 GFLOP/s a core on
+// the Xeon VM). P: float, or (with AVX512-BF16) uint16_t for bfloat16 rows and panels of pairs [K / 2, NB, 2]
+// (tile_bf16; with AMX, amx_tile: the panels in tile order, up to AMX_ROWS rows).
 template <typename P>
-void tile_rows(const P* x, int64_t rows, int64_t K, const P* panel, const char* ahead, int64_t lines, float* out,
-               int64_t os) {
+constexpr bool TILED = std::is_same_v<P, uint16_t> && AMX_TILES;
+
+template <typename P>
+void tile_rows(const P* x, bool tiled, int64_t rows, int64_t K, const P* panel, const char* ahead, int64_t lines,
+               float* out, int64_t os) {
   static constexpr auto row_tile = row_tiles<P>();
   if constexpr (std::is_same_v<P, float>)
     row_tile[rows - 1](x, K, panel, NB, ahead, lines, out, os);
-  else if constexpr (AMX_TILES)
-    amx_tile(x, K, rows, K, panel, ahead, lines, out, os);
+  else if constexpr (TILED<P>)
+    amx_tile(x, tiled, rows, K, panel, ahead, lines, out, os);
   else
     row_tile[rows - 1](x, K, K, panel, NB, ahead, lines, out, os);
 }
 
-// The most rows tile_rows<P> takes, and the most any takes (its callers' buffers of sums).
-template <typename P>
-constexpr int64_t tile_rows_max = std::is_same_v<P, uint16_t> && AMX_TILES ? AMX_ROWS : LR;
+// The rows of sums tile_rows may store (its callers' buffers): LR, or with AMX AMX_ROWS.
 constexpr int64_t TILE_ROWS = std::max<int64_t>(LR, AMX_ROWS);
 
-// f(r, rows, l0, l1) for M rows in tiles of at most tile_rows_max<P> rows, as equal as can be (50 rows: five of 6 and
-// four of 5, not eight of 6 and one of 2: a tile of 2 rows has too few sums in flight to keep the multiply-add units
-// busy), and each tile's share [l0, l1) of `lines` cache lines to ask for.
+// Where element (r, c) of rows [M, K] is in the buffers tile_rows<P> takes, and the rows such a buffer needs room for.
+template <typename P>
+inline int64_t element_at(int64_t r, int64_t c, int64_t K) {
+  return TILED<P> ? tiled_at(r, c, K) : r * K + c;
+}
+
+template <typename P>
+inline int64_t rows_room(int64_t M) {
+  return TILED<P> ? (M + 15) / 16 * 16 : M;
+}
+
+// f(r, rows, l0, l1) for M rows in tiles of at most LR rows, as equal as can be (50 rows: five of 6 and four of 5,
+// not eight of 6 and one of 2: a tile of 2 rows has too few sums in flight to keep the multiply-add units busy), and
+// each tile's share [l0, l1) of `lines` cache lines to ask for. With AMX tiles (TILED<P>): AMX_ROWS rows at a time
+// from row 0.
 template <typename P, typename F>
 void row_tiles_of(int64_t M, int64_t lines, F f) {
-  constexpr int64_t R = tile_rows_max<P>;
-  const int64_t tiles_ = (M + R - 1) / R;
+  if constexpr (TILED<P>) {
+    for (int64_t r = 0; r < M; r += AMX_ROWS) {
+      const int64_t end = std::min(r + AMX_ROWS, M);
+      f(r, end - r, lines * r / M, lines * end / M);
+    }
+    return;
+  }
+  const int64_t tiles_ = (M + LR - 1) / LR;
   for (int64_t i = 0; i < tiles_; i++)
     f(M * i / tiles_, M * (i + 1) / tiles_ - M * i / tiles_, lines * i / tiles_, lines * (i + 1) / tiles_);
 }
@@ -1638,20 +1667,48 @@ inline const char* ahead_of(const P* next, int64_t l0) {
   return next != nullptr ? reinterpret_cast<const char*>(next) + l0 * 64 : nullptr;
 }
 
+// The shape of a weight [N, K]'s panels here: float32 [N / NB, K, NB], or bfloat16 panels of pairs [N / NB, K / 2, NB,
+// 2] (tile_bf16), with AMX tiles in their order [N / NB, K / 32, NB / 16, 16, 32].
+std::vector<int64_t> panels_shape(bool pairs, int64_t N, int64_t K) {
+  if (!pairs) return {N / NB, K, NB};
+  if (AMX_TILES) return {N / NB, K / 32, NB / 16, 16, 32};
+  return {N / NB, K / 2, NB, 2};
+}
+// ... as text, for the panels of [N, K]
+std::string pairs_shape(const std::string& N, const std::string& K) {
+  const std::string nb = std::to_string(NB);
+  return AMX_TILES ? "[" + N + " / " + nb + ", " + K + " / 32, " + std::to_string(NB / 16) + ", 16, 32]"
+                   : "[" + N + " / " + nb + ", " + K + " / 2, " + nb + ", 2]";
+}
+
+// Room for n elements from a 64-byte boundary in v (each of the tiles' rows whole cache lines), kept for the next call.
+template <typename P>
+P* aligned_room(std::vector<P>& v, int64_t n) {
+  v.resize(n + 64 / sizeof(P));
+  return reinterpret_cast<P*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t{63});
+}
+
+// Copies row r of x [., K] to `to`, where element_at<P> puts it.
+template <typename P, typename T>
+inline void copy_row(const T* x, int64_t r, int64_t K, P* to) {
+  if constexpr (TILED<P>)
+    for (int64_t c = 0; c < K; c += 32) std::memcpy(to + tiled_at(r, c, K), x + c, 64);
+  else
+    for (int64_t c = 0; c < K; c++) to[r * K + c] = std::is_same_v<P, float> ? load(x + c) : x[c];
+}
+
 // x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32. With AVX512-BF16, a bfloat16 x
 // with bfloat16 panels of pairs [N / NB, K / 2, NB, 2] instead -> out [M, N] in bfloat16 (sums in float32, each
 // rounded once, as oneDNN's bfloat16 products round them). With `residual` [M, N] (x's dtype): residual + the
 // product, the product rounded first, as the torch model's `residual + linear(x)`.
 at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const std::optional<at::Tensor>& residual_) {
-  const bool pairs = panels_.dim() == 4;
-  const int64_t half = pairs ? 2 : 1;  // the panels' K as stored: K / 2 rows of pairs
-  TORCH_CHECK(x_.dim() == 2 && panels_.dim() == 3 + pairs && panels_.size(1) * half == x_.size(1) &&
-                  panels_.size(2) == NB && (!pairs || panels_.size(3) == 2),
-              "linear_panels: x [M, K], panels [N / ", NB, ", K, ", NB, "] (or, bfloat16 pairs, [N / ", NB,
-              ", K / 2, ", NB, ", 2])");
-  TORCH_CHECK(pairs ? x_.scalar_type() == at::kBFloat16 && panels_.scalar_type() == at::kBFloat16
-                    : x_.scalar_type() == at::kFloat && panels_.scalar_type() == at::kFloat,
-              "linear_panels: float32, or bfloat16 x with bfloat16 panels of pairs");
+  const bool pairs = panels_.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(pairs ? x_.scalar_type() == at::kBFloat16 : x_.scalar_type() == at::kFloat && panels_.scalar_type() ==
+                  at::kFloat, "linear_panels: float32, or bfloat16 x with bfloat16 panels of pairs");
+  TORCH_CHECK(x_.dim() == 2 && panels_.dim() >= 1 &&
+                  panels_.sizes() == panels_shape(pairs, panels_.size(0) * NB, x_.size(1)),
+              "linear_panels: x [M, K], panels [N / ", NB, ", K, ", NB, "] (or, bfloat16 pairs, ",
+              pairs_shape("N", "K"), ")");
   TORCH_CHECK(!pairs || (pair_depth() > 0 && x_.size(1) % pair_depth() == 0),
               "linear_panels: bfloat16 panels need AVX512-BF16 (with AMX: K a multiple of 32)");
   const at::Tensor x = x_.contiguous(), panels = panels_.contiguous();
@@ -1663,6 +1720,9 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const 
   auto out = at::empty({M, N}, x.options());
   auto run = [&](auto xp, auto wp, auto rp, auto op) {
     using P_ = std::remove_cv_t<std::remove_pointer_t<decltype(wp)>>;
+    // AMX tiles read 16 rows at a time: rows past the last whole AMX_ROWS come from a copy with room for them
+    // (x's own rows as they are, the tiles' loads strided: a copy of x in tile order cost more than it saved).
+    const int64_t whole = TILED<P_> ? M / AMX_ROWS * AMX_ROWS : M;
 #pragma omp parallel
     {
       // Each thread its share of the panels, in order: the next one is its own.
@@ -1670,11 +1730,14 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const 
       const int64_t p0 = P * t / threads, p1 = P * (t + 1) / threads;
       alignas(64) float g[TILE_ROWS * NB];  // a tile's sums
       AmxTiles amx;
+      thread_local std::vector<P_> last_;
+      P_* last = whole < M ? aligned_room(last_, AMX_ROWS * K) : nullptr;
+      if (last != nullptr) std::copy(xp + whole * K, xp + M * K, last);
       for (int64_t p = p0; p < p1; p++) {
         const P_ *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
         row_tiles_of<P_>(M, K * NB * static_cast<int64_t>(sizeof(P_)) / 64, [&](int64_t r, int64_t rows, int64_t l0,
                                                                             int64_t l1) {
-          tile_rows(xp + r * K, rows, K, panel, ahead_of(next, l0), l1 - l0, g, NB);
+          tile_rows(r < whole ? xp + r * K : last, false, rows, K, panel, ahead_of(next, l0), l1 - l0, g, NB);
           for (int64_t j = 0; j < rows; j++) {
             const int64_t at = (r + j) * N + p * NB;
             for (int64_t c = 0; c < NB; c += W) {
@@ -1740,43 +1803,37 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
   std::stable_sort(experts.begin(), experts.end(),
                    [&](int64_t a, int64_t b) { return start[a + 1] - start[a] > start[b + 1] - start[b]; });
   thread_local std::vector<T> ys_;  // each pair's weighted output (rounded to x's dtype), in the sorted order
-  ys_.resize(pairs * D + 64 / sizeof(T));  // (rows from a 64-byte boundary: the streaming stores below need it)
-  T* ys = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(ys_.data()) + 63) & ~uintptr_t{63});
+  T* ys = aligned_room(ys_, pairs * D);  // (rows from a 64-byte boundary: the streaming stores below need it)
   const int64_t bytes = NB * static_cast<int64_t>(sizeof(P)), lines1 = D * bytes / 64, lines2 = I * bytes / 64;
 #pragma omp parallel
   {
-    thread_local std::vector<P> xe, h;  // (bfloat16 panels: the rows and silu(gate) * up in bfloat16)
+    thread_local std::vector<P> xe_, h_;  // (bfloat16 panels: the rows and silu(gate) * up in bfloat16)
     alignas(64) float g[TILE_ROWS * NB], u[TILE_ROWS * NB];  // a tile's sums
     AmxTiles amx;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < E; i++) {
       const int64_t e = experts[i], s = start[e], n = start[e + 1] - s;
       if (n == 0) continue;
-      xe.resize(n * D), h.resize(n * I);
-      for (int64_t r = 0; r < n; r++)
-        for (int64_t d = 0; d < D; d++) {
-          if constexpr (std::is_same_v<P, float>)
-            xe[r * D + d] = load(x + order[s + r] / k * D + d);
-          else
-            xe[r * D + d] = x[order[s + r] / k * D + d];
-        }
+      P *xe = aligned_room(xe_, rows_room<P>(n) * D), *h = aligned_room(h_, rows_room<P>(n) * I);
+      for (int64_t r = 0; r < n; r++) copy_row(x + order[s + r] / k * D, r, D, xe);
       const P *w1 = gate_up + e * 2 * I * D, *w2 = down + e * D * I;
       for (int64_t q = 0; q < P1; q++) {  // gate's panel q and up's panel q, a tile of rows at a time: h's columns q NB
         const P *gate = w1 + q * D * NB, *up = w1 + (q + P1) * D * NB;
         const P *next_gate = q + 1 < P1 ? gate + D * NB : w2, *next_up = q + 1 < P1 ? up + D * NB : nullptr;
         row_tiles_of<P>(n, lines1, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
-          tile_rows(xe.data() + r * D, rows, D, gate, ahead_of(next_gate, l0), l1 - l0, g, NB);
-          tile_rows(xe.data() + r * D, rows, D, up, ahead_of(next_up, l0), l1 - l0, u, NB);
+          tile_rows(xe + element_at<P>(r, 0, D), TILED<P>, rows, D, gate, ahead_of(next_gate, l0), l1 - l0, g, NB);
+          tile_rows(xe + element_at<P>(r, 0, D), TILED<P>, rows, D, up, ahead_of(next_up, l0), l1 - l0, u, NB);
           for (int64_t j = 0; j < rows; j++)
-            for (int c = 0; c < NB; c += W)
-              vstore_to(h.data() + (r + j) * I + q * NB + c, silu_times(vload(g + j * NB + c), vload(u + j * NB + c)));
+            for (int c = 0; c < NB; c += W)  // (W columns: contiguous in tile order too)
+              vstore_to(h + element_at<P>(r + j, q * NB + c, I),
+                        silu_times(vload(g + j * NB + c), vload(u + j * NB + c)));
         });
       }
       T* ye = ys + s * D;
       for (int64_t p = 0; p < P2; p++) {  // the down product's panel p, each tile's rows times their pair's weight
         const P *panel = w2 + p * I * NB, *next = p + 1 < P2 ? panel + I * NB : nullptr;
         row_tiles_of<P>(n, lines2, [&](int64_t r, int64_t rows, int64_t l0, int64_t l1) {
-          tile_rows(h.data() + r * I, rows, I, panel, ahead_of(next, l0), l1 - l0, g, NB);
+          tile_rows(h + element_at<P>(r, 0, I), TILED<P>, rows, I, panel, ahead_of(next, l0), l1 - l0, g, NB);
           for (int64_t j = 0; j < rows; j++) {
             const vf wr = vf{} + load(weights + order[s + r + j]);
             for (int c = 0; c < NB; c += W) vstream_to(ye + (r + j) * D + p * NB + c, vload(g + j * NB + c) * wr);
@@ -1809,27 +1866,27 @@ at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Te
   TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
                   ids_.size(1) <= 64 && ids_.scalar_type() == at::kLong && weights_.scalar_type() == x_.scalar_type(),
               "moe_prompt: x [T, D], ids [T, k] int64 (k <= 64), weights [T, k] in x's dtype");
-  const bool pairs = gate_up_.dim() == 5;
-  const int64_t half = pairs ? 2 : 1;  // the panels' K as stored: K / 2 rows of pairs
-  TORCH_CHECK(gate_up_.dim() == 4 + pairs && down_.dim() == 4 + pairs && gate_up_.size(0) == down_.size(0) &&
-                  gate_up_.size(2) * half == x_.size(1) && gate_up_.size(3) == NB && down_.size(3) == NB &&
-                  down_.size(1) * NB == x_.size(1) && gate_up_.size(1) * NB == 2 * down_.size(2) * half &&
-                  down_.size(2) * half % NB == 0 && down_.size(2) > 0 &&
-                  gate_up_.scalar_type() == (pairs ? at::kBFloat16 : at::kFloat) &&
-                  down_.scalar_type() == gate_up_.scalar_type() && (!pairs || (gate_up_.size(4) == 2 &&
-                  down_.size(4) == 2 && x_.scalar_type() == at::kBFloat16)),
+  const bool pairs = gate_up_.scalar_type() == at::kBFloat16;
+  const int64_t E = gate_up_.dim() > 0 ? gate_up_.size(0) : 0, D = x_.size(1);
+  const int64_t I = E > 0 && D > 0 ? down_.numel() / (E * D) : 0;
+  auto each_expert = [&](int64_t N, int64_t K) {
+    std::vector<int64_t> shape = panels_shape(pairs, N, K);
+    shape.insert(shape.begin(), E);
+    return shape;
+  };
+  TORCH_CHECK(I > 0 && I % NB == 0 && D % NB == 0 && down_.scalar_type() == gate_up_.scalar_type() &&
+                  (pairs ? x_.scalar_type() == at::kBFloat16 : gate_up_.scalar_type() == at::kFloat) &&
+                  gate_up_.sizes() == each_expert(2 * I, D) && down_.sizes() == each_expert(D, I),
               "moe_prompt: float32 panels gate_up [E, 2I / ", NB, ", D, ", NB, "] and down [E, D / ", NB, ", I, ", NB,
-              "], I a multiple of ", NB, " (or, for a bfloat16 x, bfloat16 panels of pairs [E, 2I / ", NB, ", D / 2, ",
-              NB, ", 2] and [E, D / ", NB, ", I / 2, ", NB, ", 2])");
-  TORCH_CHECK(!pairs || (pair_depth() > 0 && x_.size(1) % pair_depth() == 0 && down_.size(2) * 2 % pair_depth() == 0),
-              "moe_prompt: bfloat16 panels need AVX512-BF16 (with AMX: D and I multiples of 32)");
+              "], I a multiple of ", NB, " (or, for a bfloat16 x, bfloat16 panels of pairs ",
+              pairs_shape("E, 2I", "D"), " and ", pairs_shape("E, D", "I"), ")");
+  TORCH_CHECK(!pairs || pair_depth() > 0, "moe_prompt: bfloat16 panels need AVX512-BF16");
   TORCH_CHECK(!residual_ || (residual_->sizes() == x_.sizes() && residual_->scalar_type() == x_.scalar_type()),
               "moe_prompt: residual [T, D] in x's dtype");
   const at::Tensor x = x_.contiguous(), ids = ids_.contiguous(), weights = weights_.contiguous(),
                    gate_up = gate_up_.contiguous(), down = down_.contiguous();
   const at::Tensor residual = residual_ ? residual_->contiguous() : at::Tensor();
   auto out = at::empty_like(x);
-  const int64_t E = gate_up.size(0), I = down.size(2) * half;
   if (pairs) {
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     moe_prompt_impl(xp, x.size(0), x.size(1), ids.size(1), ids.data_ptr<int64_t>(),

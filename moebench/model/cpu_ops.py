@@ -212,8 +212,8 @@ def products_usable(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> boo
     while compiling or exporting: the MAC count reads an exported graph's linears): float32 (float32 weights, or
     bfloat16 ones moe.in_float32 widens), or bfloat16 on AVX512-BF16 pairs (pair_panels_usable); with AVX-512's 6 x
     64 register tiles, the ones timed against oneDNN's products (the AVX2 build's 6 x 16 were not); N a multiple of
-    the panel width, K even (bfloat16: a multiple of PAIR_DEPTH), and a panel for every thread at least (linear_panels shares the panels among the
-    threads, not the rows: oneDNN keeps the narrow products of a many-core machine)."""
+    the panel width, K even (bfloat16: a multiple of PAIR_DEPTH), and a panel for every thread at least (linear_panels
+    shares the panels among the threads, not the rows: oneDNN keeps the narrow products of a many-core machine)."""
     return (LOADED and x.device.type == "cpu" and x.dtype == w.dtype and not torch.compiler.is_compiling()
             and PANEL_WIDTH == 64 and w.shape[-2] % 64 == 0 and w.shape[-1] % 2 == 0
             and w.shape[-2] // 64 >= torch.get_num_threads()
@@ -229,10 +229,21 @@ def packed_for(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def pair_panels(w: torch.Tensor) -> torch.Tensor:
     """w [E, N, K] bfloat16 -> [E, N / NB, K / 2, NB, 2], for moe_prompt and linear_panels with AVX512-BF16 (w [N, K]
     -> [N / NB, K / 2, NB, 2]): each panel NB output columns, the weights of rows 2p and 2p + 1 of each column side by
-    side (one vdpbf16ps operand), made once per weight, in huge pages where the machine has them."""
+    side (one vdpbf16ps operand), made once per weight, in huge pages where the machine has them. With AMX tiles
+    (PAIR_DEPTH 32) the same pairs in the tiles' order, [E, N / NB, K / 32, NB / 16, 16, 32]: each 1 KiB tile 16 rows
+    of pairs for 16 columns, a panel's tiles K first."""
     def layout(w, E, N, K, nb):
+        if PAIR_DEPTH == 32:
+            return w.view(E, N // nb, nb // 16, 16, K // 32, 16, 2).permute(0, 1, 4, 2, 5, 3, 6)
         return w.view(E, N // nb, nb, K // 2, 2).permute(0, 1, 3, 2, 4)
-    return derived(w, "pair_panels", lambda w: _packed(w, layout, torch.bfloat16))
+
+    def pack(w):
+        packed = _packed(w, layout, torch.bfloat16)
+        if PAIR_DEPTH != 32:
+            return packed
+        N, K = w.shape[-2:]
+        return packed.view(*w.shape[:-2], N // PANEL_WIDTH, K // 32, PANEL_WIDTH // 16, 16, 32)
+    return derived(w, "pair_panels", pack)
 
 
 def panels(w: torch.Tensor) -> torch.Tensor:
