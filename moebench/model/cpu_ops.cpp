@@ -1138,6 +1138,152 @@ void tile_bf16(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, cons
 }
 #endif
 
+// ---- AMX tiles (Intel's Advanced Matrix Extensions) --------------------------------------------------------
+// On a core with AMX a bfloat16 product goes through its tile registers: one tdpbf16ps multiplies a 16 x 32 tile of
+// rows by a 32 x 16 tile of weights (pairs, as tile_bf16's) into 16 x 16 float32 sums: 8192 multiply-adds an
+// instruction, where a vdpbf16ps does 32 (and on Intel's cores at half the rate of float32 FMAs). Each operand is
+// loaded 1 KiB at a time: the weights are kept in tile order, each tile's 16 rows of 64 bytes one after another
+// (panels [N / NB, K / 32, NB / 16, 16, 32]: pair_panels in cpu_ops.py), and so are the rows moe_prompt gathers
+// (tiled_at); linear_panels loads its x's rows strided (a copy in tile order cost more than it saved). Against the
+// same tiles loaded strided from panels of pairs, a prompt's experts 1.14-1.18x faster (moebench-speed's layer, the
+// Emerald Rapids VM, in-process A/B).
+// amx_tile computes up to AMX_ROWS rows against a whole panel of NB columns: two row tiles (A: tiles 4 and 5) by two
+// column tiles of weights (B: 6 and 7) into four tiles of sums (0-3), for each half of the panel in turn. Every tile
+// is 16 rows of 64 bytes: a last row tile of fewer rows computes the padding rows after them too (their sums unread),
+// so the configuration stays one; K must be a multiple of 32 (pair_depth()). AmxTiles loads the configuration when a
+// thread first computes in a parallel region (the library's own AMX kernels load theirs in between) and releases the
+// tiles when it ends. Linux must first let the process use the tiles (amx_permitted: arch_prctl; the library asks
+// the same).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+constexpr bool AMX_TILES = true;
+constexpr int64_t AMX_ROWS = 32;
+thread_local bool amx_configured = false;
+
+bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return permitted;
+}
+
+struct AmxTiles {
+  AmxTiles() { amx_configured = false; }
+  ~AmxTiles() {
+    if (amx_configured) _tile_release();
+    amx_configured = false;
+  }
+};
+
+inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config = {};
+  config.palette = 1;
+  for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+  amx_configured = true;
+}
+
+// out [rows, C] (row stride os; rows rounded up to 16) = x [rows, K] @ panel [K / 32, C / 16, 16, 32] (C: NB), rows
+// <= AMX_ROWS, x in tile order (from the first of its row tiles) or row-major (`tiled` false: strided loads), asking
+// the L2 cache for `lines` lines from `ahead` over the steps (as tile_bf16).
+template <int C>
+inline void amx_tile(const uint16_t* x, bool tiled, int64_t rows, int64_t K, const uint16_t* w, const char* ahead,
+                     int64_t lines, float* out, int64_t os) {
+  if (!amx_configured) amx_configure();
+  const bool two = rows > 16;
+  const uint16_t* x1 = x + 16 * K;  // the second row tile (in either layout)
+  const int64_t step_a = tiled ? 16 : 1, stride_a = tiled ? 64 : K * 2;  // (a tile's 32 columns; its rows)
+  const int64_t steps = K / 32 * (C / 32);  // a step: 32 of K for 32 columns
+  const uint64_t step = ahead != nullptr && steps > 0 ? (static_cast<uint64_t>(lines) << 16) / steps : 0;
+  uint64_t at = 0;
+  int64_t asked = 0;
+  for (int64_t c = 0; c < C; c += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    for (int64_t k = 0; k < K; k += 32) {
+      if (ahead != nullptr)
+        for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
+          _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+      const uint16_t* b = w + (k / 32 * (C / 16) + c / 16) * 512;
+      _tile_loadd(6, b, 64);
+      _tile_loadd(7, b + 512, 64);
+      _tile_loadd(4, x + k * step_a, stride_a);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if (two) {
+        _tile_loadd(5, x1 + k * step_a, stride_a);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, out + c, os * 4);
+    _tile_stored(1, out + c + 16, os * 4);
+    if (two) {
+      _tile_stored(2, out + 16 * os + c, os * 4);
+      _tile_stored(3, out + 16 * os + c + 16, os * 4);
+    }
+  }
+  for (; ahead != nullptr && asked < lines; asked++) _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
+}
+
+// c [M, N] (row stride ldc) = a [M, K] (row stride lda) @ b, b as pairs: row p (stride 2 ldb) holds the weights of k =
+// 2p and 2p + 1 of each column side by side (tile_bf16's layout); M and N multiples of 16, K of 32. Attention's two
+// products: 16 rows at a time, two column tiles at a time.
+inline void amx_product(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
+                        int64_t M, int64_t N, int64_t K) {
+  if (!amx_configured) amx_configure();
+  for (int64_t m = 0; m < M; m += 16)
+    for (int64_t n = 0; n < N; n += 32) {
+      const bool two = n + 16 < N;
+      _tile_zero(0);
+      _tile_zero(1);
+      for (int64_t k = 0; k < K; k += 32) {
+        _tile_loadd(4, a + m * lda + k, lda * 2);
+        _tile_loadd(6, b + (k / 2 * ldb + n) * 2, ldb * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        if (two) {
+          _tile_loadd(7, b + (k / 2 * ldb + n + 16) * 2, ldb * 4);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+      }
+      _tile_stored(0, c + m * ldc + n, ldc * 4);
+      if (two) _tile_stored(1, c + m * ldc + n + 16, ldc * 4);
+    }
+}
+#else
+constexpr bool AMX_TILES = false;
+constexpr int64_t AMX_ROWS = 1;
+bool amx_permitted() { return false; }
+struct AmxTiles {};
+
+template <int C>
+inline void amx_tile(const uint16_t*, bool, int64_t, int64_t, const uint16_t*, const char*, int64_t, float*,
+                     int64_t) {  // (unreachable: every caller stands behind AMX_TILES)
+  TORCH_CHECK(false, "AMX tiles need AMX");
+}
+
+inline void amx_product(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, int64_t, int64_t,
+                        int64_t) {  // (as amx_tile)
+  TORCH_CHECK(false, "AMX tiles need AMX");
+}
+#endif
+
+// Element (r, c) of a matrix [M, K] in tile order: tile (r / 16, c / 32) at (r / 16 K / 32 + c / 32) 512.
+inline int64_t tiled_at(int64_t r, int64_t c, int64_t K) {
+  return (r / 16 * (K / 32) + c / 32) * 512 + r % 16 * 32 + c % 32;
+}
+
+// What K bfloat16 panels of pairs need to be a multiple of here: 2 (tile_bf16), 32 (AMX tiles); 0: none are taken.
+int64_t pair_depth() { return !BF16_PANELS ? 0 : !AMX_TILES ? 2 : amx_permitted() ? 32 : 0; }
+
 // ---- Attention of many queries (context encoding) -------------------------------------------------------------
 // The library's CPU flash attention runs its tiles through MKL (~160 GFLOP/s on the Zen 5 VM for a 402-token
 // prompt, counting every key; half of them are masked). Here each work item is one head's block of MQ queries
@@ -1275,6 +1421,8 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
   // attention rounds them for its second product; the scale applied to the scores.
   constexpr bool BF16_DOTS = BF16_PANELS && std::is_same_v<T, uint16_t>;
   const bool pairs = BF16_DOTS && hd % 2 == 0;
+  // ... with AMX, both products on its tiles (amx_product), 16 rows at a time
+  const bool amx = pairs && AMX_TILES && hd % 32 == 0 && pair_depth() == 32;
   const int64_t widened = pairs ? 0 : B * Hkv * Sp, paired = pairs ? B * Hkv * Sp : 0;
   // Keys transposed, values padded: float32 (every element written below, no zeros first).
   const auto kt = std::make_unique_for_overwrite<float[]>(widened * hd);
@@ -1332,6 +1480,7 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
     }
     std::vector<float> qb(MQ * hd), sc(MQ * Sp), ob(MQ * hdp), total(MQ);
     std::vector<uint16_t> qp(pairs ? MQ * hd : 0), pp(pairs ? MQ * Sp : 0);  // (pairs: q's rows, the probabilities)
+    AmxTiles tiles;
     // Items: (query block, batch row, head), the last query blocks (the most keys, when causal) first. Each tile of
     // rows takes the keys up to its rows' last (a causal block's diagonal: about half its keys), each row's softmax
     // its own, the probabilities past them zeros.
@@ -1360,10 +1509,15 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
           for (int64_t r = 0; r < MQ; r++)
             for (int64_t d = 0; d < hd; d++) qp[r * hd + d] = r < rows ? qh[r * qs[2] + d] : 0;
           const uint16_t* kpg = kp.get() + (b * Hkv + g) * hd * Sp;
-          for (int64_t r = 0; r < rows_qk; r += QK_R)
-            for (int64_t j = j0, e = tile_end(r, QK_R, KB); j < e; j += KB)
-              tile_bf16<QK_R, KB / 16>(qp.data() + r * hd, hd, hd, kpg + j * 2, Sp, nullptr, 0,
-                                       sc.data() + r * Sp + j, Sp);
+          if (amx)
+            for (int64_t r = 0; r < rows; r += 16)
+              amx_product(qp.data() + r * hd, hd, kpg + j0 * 2, Sp, sc.data() + r * Sp + j0, Sp, 16,
+                          tile_end(r, 16, KB) - j0, hd);
+          else
+            for (int64_t r = 0; r < rows_qk; r += QK_R)
+              for (int64_t j = j0, e = tile_end(r, QK_R, KB); j < e; j += KB)
+                tile_bf16<QK_R, KB / 16>(qp.data() + r * hd, hd, hd, kpg + j * 2, Sp, nullptr, 0,
+                                         sc.data() + r * Sp + j, Sp);
           post = scale;
         }
       }
@@ -1404,21 +1558,25 @@ void attend_many(const T* q, const T* k, const T* v, const bool* mask, int64_t B
         for (int l = 0; l < W; l++) sum += sum_w[l];
         total[r] = sum;
       }
-      const int64_t rows_pv = (rows + PV_R - 1) / PV_R * PV_R;
-      for (int64_t r = 0; r < rows_pv; r += PV_R) {
-        const int64_t e = tile_end(r, PV_R, W), keys = e - j0;
+      // The weighted sums of the values: PV_R rows a tile (with AMX 16, their keys rounded up to 32, AMX's steps)
+      const int64_t tile_r = amx ? 16 : PV_R, rows_pv = (rows + tile_r - 1) / tile_r * tile_r;
+      for (int64_t r = 0; r < rows_pv; r += tile_r) {
+        const int64_t e = tile_end(r, tile_r, amx ? 32 : W), keys = e - j0;
         if (keys == 0) {
-          std::fill(ob.data() + r * hdp, ob.data() + (r + PV_R) * hdp, 0.0f);
+          std::fill(ob.data() + r * hdp, ob.data() + (r + tile_r) * hdp, 0.0f);
           continue;
         }
-        for (int64_t i = r; i < r + PV_R; i++) {  // zeros from each row's last key to the tile's
+        for (int64_t i = r; i < r + tile_r; i++) {  // zeros from each row's last key to the tile's
           if (pairs)
             std::fill(pp.data() + i * Sp + end[i], pp.data() + i * Sp + e, uint16_t{0});
           else
             std::fill(sc.data() + i * Sp + end[i], sc.data() + i * Sp + e, 0.0f);
         }
         if constexpr (BF16_DOTS) {
-          if (pairs) {
+          if (amx) {
+            amx_product(pp.data() + r * Sp + j0, Sp, vq.get() + (b * Hkv + g) * Sp * hdp + j0 * hdp, hdp,
+                        ob.data() + r * hdp, hdp, 16, hdp, keys);
+          } else if (pairs) {
             const uint16_t* vqg = vq.get() + (b * Hkv + g) * Sp * hdp + j0 * hdp;
             for (int64_t c = 0; c < hdp; c += PV_C)
               tile_bf16<PV_R, PV_C / 16>(pp.data() + r * Sp + j0, Sp, keys, vqg + c * 2, hdp, nullptr, 0,
@@ -1475,119 +1633,6 @@ at::Tensor attend_block(const at::Tensor& q, const at::Tensor& keys, const at::T
 constexpr int NB = W == 16 ? 4 * W : 2 * W;  // output columns of a panel
 constexpr int LR = 6;                        // rows of a register tile
 
-// ---- AMX tiles (Intel's Advanced Matrix Extensions) --------------------------------------------------------
-// On a core with AMX a bfloat16 product goes through its tile registers: one tdpbf16ps multiplies a 16 x 32 tile of
-// rows by a 32 x 16 tile of weights (pairs, as tile_bf16's) into 16 x 16 float32 sums: 8192 multiply-adds an
-// instruction, where a vdpbf16ps does 32 (and on Intel's cores at half the rate of float32 FMAs). Each operand is
-// loaded 1 KiB at a time: the weights are kept in tile order, each tile's 16 rows of 64 bytes one after another
-// (panels [N / NB, K / 32, NB / 16, 16, 32]: pair_panels in cpu_ops.py), and so are the rows moe_prompt gathers
-// (tiled_at); linear_panels loads its x's rows strided (a copy in tile order cost more than it saved). Against the
-// same tiles loaded strided from panels of pairs, a prompt's experts 1.14-1.18x faster (moebench-speed's layer, the
-// Emerald Rapids VM, in-process A/B).
-// amx_tile computes up to AMX_ROWS rows against a whole panel of NB columns: two row tiles (A: tiles 4 and 5) by two
-// column tiles of weights (B: 6 and 7) into four tiles of sums (0-3), for each half of the panel in turn. Every tile
-// is 16 rows of 64 bytes: a last row tile of fewer rows computes the padding rows after them too (their sums unread),
-// so the configuration stays one; K must be a multiple of 32 (pair_depth()). AmxTiles loads the configuration when a
-// thread first computes in a parallel region (the library's own AMX kernels load theirs in between) and releases the
-// tiles when it ends. Linux must first let the process use the tiles (amx_permitted: arch_prctl; the library asks
-// the same).
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-constexpr bool AMX_TILES = true;
-constexpr int64_t AMX_ROWS = 32;
-thread_local bool amx_configured = false;
-
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return permitted;
-}
-
-struct AmxTiles {
-  AmxTiles() { amx_configured = false; }
-  ~AmxTiles() {
-    if (amx_configured) _tile_release();
-    amx_configured = false;
-  }
-};
-
-inline void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } config = {};
-  config.palette = 1;
-  for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
-  _tile_loadconfig(&config);
-  amx_configured = true;
-}
-
-// out [rows, NB] (row stride os; rows rounded up to 16) = x [rows, K] @ panel [K / 32, NB / 16, 16, 32], rows <=
-// AMX_ROWS, x in tile order (from the first of its row tiles) or row-major (`tiled` false: strided loads), asking the
-// L2 cache for `lines` lines from `ahead` over the steps (as tile_bf16).
-inline void amx_tile(const uint16_t* x, bool tiled, int64_t rows, int64_t K, const uint16_t* w, const char* ahead,
-                     int64_t lines, float* out, int64_t os) {
-  if (!amx_configured) amx_configure();
-  const bool two = rows > 16;
-  const uint16_t* x1 = x + 16 * K;  // the second row tile (in either layout)
-  const int64_t step_a = tiled ? 16 : 1, stride_a = tiled ? 64 : K * 2;  // (a tile's 32 columns; its rows)
-  const int64_t steps = K / 32 * (NB / 32);  // a step: 32 of K for 32 columns
-  const uint64_t step = ahead != nullptr && steps > 0 ? (static_cast<uint64_t>(lines) << 16) / steps : 0;
-  uint64_t at = 0;
-  int64_t asked = 0;
-  for (int64_t c = 0; c < NB; c += 32) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if (two) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int64_t k = 0; k < K; k += 32) {
-      if (ahead != nullptr)
-        for (const int64_t to = static_cast<int64_t>((at += step) >> 16); asked < to; asked++)
-          _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
-      const uint16_t* b = w + (k / 32 * (NB / 16) + c / 16) * 512;
-      _tile_loadd(6, b, 64);
-      _tile_loadd(7, b + 512, 64);
-      _tile_loadd(4, x + k * step_a, stride_a);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if (two) {
-        _tile_loadd(5, x1 + k * step_a, stride_a);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, out + c, os * 4);
-    _tile_stored(1, out + c + 16, os * 4);
-    if (two) {
-      _tile_stored(2, out + 16 * os + c, os * 4);
-      _tile_stored(3, out + 16 * os + c + 16, os * 4);
-    }
-  }
-  for (; ahead != nullptr && asked < lines; asked++) _mm_prefetch(ahead + asked * 64, _MM_HINT_T1);
-}
-#else
-constexpr bool AMX_TILES = false;
-constexpr int64_t AMX_ROWS = 1;
-bool amx_permitted() { return false; }
-struct AmxTiles {};
-
-inline void amx_tile(const uint16_t*, bool, int64_t, int64_t, const uint16_t*, const char*, int64_t, float*,
-                     int64_t) {  // (unreachable: every caller stands behind AMX_TILES)
-  TORCH_CHECK(false, "AMX tiles need AMX");
-}
-#endif
-
-// Element (r, c) of a matrix [M, K] in tile order: tile (r / 16, c / 32) at (r / 16 K / 32 + c / 32) 512.
-inline int64_t tiled_at(int64_t r, int64_t c, int64_t K) {
-  return (r / 16 * (K / 32) + c / 32) * 512 + r % 16 * 32 + c % 32;
-}
-
-// What K bfloat16 panels of pairs need to be a multiple of here: 2 (tile_bf16), 32 (AMX tiles); 0: none are taken.
-int64_t pair_depth() { return !BF16_PANELS ? 0 : !AMX_TILES ? 2 : amx_permitted() ? 32 : 0; }
 
 template <int... R>
 constexpr auto tiles(std::integer_sequence<int, R...>) {
@@ -1624,7 +1669,7 @@ void tile_rows(const P* x, bool tiled, int64_t rows, int64_t K, const P* panel, 
   if constexpr (std::is_same_v<P, float>)
     row_tile[rows - 1](x, K, panel, NB, ahead, lines, out, os);
   else if constexpr (TILED<P>)
-    amx_tile(x, tiled, rows, K, panel, ahead, lines, out, os);
+    amx_tile<NB>(x, tiled, rows, K, panel, ahead, lines, out, os);
   else
     row_tile[rows - 1](x, K, K, panel, NB, ahead, lines, out, os);
 }
