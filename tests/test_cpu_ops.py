@@ -4,6 +4,7 @@ the experts over the threads; compiled decode steps and eager prefills call them
 keeps Inductor's loops and the library's attention."""
 
 import copy
+import ctypes
 import itertools
 import os
 import subprocess
@@ -483,6 +484,20 @@ def test_linear_panels_matches_f_linear(threads, M, N, K):
         w.mul_(2)  # an in-place change: packed again
     torch.testing.assert_close(torch.ops.moebench_cpu.linear_panels(x, cpu_ops.panels(w)[1]), x @ w[1].T,
                                rtol=1e-5, atol=1e-4)
+
+
+def test_a_cpu_with_amx_takes_its_tiles_where_linux_lets_the_process_use_them():
+    # AMX's tiles carry a bfloat16 prompt's products (oneDNN's per-product calls: ~1.6x slower on the Xeon VM), unless
+    # Linux refuses the process its tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), asked here
+    # again): then oneDNN's, and no bfloat16 panels.
+    if not cpu_ops.AMX:
+        pytest.skip("this CPU has no AMX")
+    permitted = ctypes.CDLL(None, use_errno=True).syscall(158, 0x1023, 18) == 0  # (158: arch_prctl on x86-64)
+    assert cpu_ops.PAIR_DEPTH == (32 if permitted else 0)
+    x, w = torch.randn(402, 768).bfloat16(), torch.randn(768, 768).bfloat16()
+    assert cpu_ops.products_usable(x, w, torch.bfloat16) == permitted
+    assert (moe.prompt_experts_dtype(x, torch.empty(8, 128, 768).bfloat16(), torch.empty(8, 768, 64).bfloat16(), 2)
+            == (torch.bfloat16 if permitted else None))
 
 
 def pair_panels_shape(N, K):
