@@ -408,9 +408,14 @@ def test_prompt_longer_than_max_context_length_stops(capsys):
 
 
 def new_tokens(capsys, in_tmp, *argv) -> int:
+    return generated(capsys, in_tmp, *argv)[0]
+
+
+def generated(capsys, in_tmp, *argv) -> tuple[int, str]:
+    """(the new tokens, the output) of a greedy run."""
     code, out, err = run(capsys, *FAST, "--do-sample", "false", "--output-logits", *argv)
     assert code == 0, err
-    return saved_logits(out, in_tmp).shape[0]
+    return saved_logits(out, in_tmp).shape[0], out
 
 
 def test_max_new_tokens_gives_exactly_that_many(capsys, in_tmp):
@@ -418,7 +423,28 @@ def test_max_new_tokens_gives_exactly_that_many(capsys, in_tmp):
 
 
 def test_max_new_tokens_is_capped_by_seq_len(capsys, in_tmp):
-    assert new_tokens(capsys, in_tmp, "--seq-len", prompt_len() + 2, "--max-new-tokens", 10) == 2
+    n = prompt_len()
+    new, out = generated(capsys, in_tmp, "--seq-len", n + 2, "--max-new-tokens", 10)
+    note = f"note: --max-new-tokens 10 is capped by --seq-len {n + 2}: 2 new tokens after the {n}-token prompt"
+    assert new == 2 and note in out.splitlines()
+    new, out = generated(capsys, in_tmp, "--seq-len", n + 2, "--max-length", n + 5)
+    assert new == 2 and f"note: --max-length {n + 5} is capped by --seq-len {n + 2}: 2 new tokens" in out
+    new, out = generated(capsys, in_tmp, "--seq-len", n + 5, "--max-new-tokens", 5)
+    assert new == 5 and "is capped by" not in out
+
+
+def test_prompts_of_a_file_capped_alike_get_one_note(capsys):
+    from moebench.modes.setup import open_source, prompt_requests
+
+    run, _ = parse_args(["--mode", "validate", "--seq-len", "24", "--max-new-tokens", "50"])
+    source = open_source(run)
+    prompts = ["The capital of France is", "The capital of France is", "The capital of France is a city"]
+    reqs = prompt_requests([run] * 3, source, prompts, "prompts.txt")
+    lengths = [r.input_ids.shape[1] for r in reqs]
+    assert [r.max_new_tokens for r in reqs] == [24 - n for n in lengths] and lengths[0] < lengths[2]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "is capped by" in line]
+    assert notes == [f"note: --max-new-tokens 50 is capped by --seq-len 24: {24 - n} new tokens after the {n}-token "
+                     "prompt" for n in (lengths[0], lengths[2])]
 
 
 def test_default_new_tokens_fill_seq_len(capsys, in_tmp):

@@ -91,8 +91,9 @@ def eos_ids_of(source: ModelSource) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Request:
-    """The length rules of CONTRACTS.md: --seq-len is the total; new tokens = seq_len - prompt unless capped."""
+def make_request(run: RunConfig, source: ModelSource, prompts: list[str], notes: list[str] | None = None) -> Request:
+    """The length rules of CONTRACTS.md: --seq-len is the total; new tokens = seq_len - prompt unless capped. A note
+    where --seq-len caps the length asked for: printed, or added to `notes` (once each)."""
     tok = source.tokenizer
     pad_id = run.pad_token_id
     if pad_id is None:
@@ -126,13 +127,20 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
         raise MoebenchError(f"the prompt is {T} tokens: the largest token-generation bucket ({top}) leaves no room "
                             "for a new token")
     if run.max_new_tokens is not None:
-        new, min_new = min(run.max_new_tokens, room), 0
+        wanted, asked = run.max_new_tokens, f"--max-new-tokens {run.max_new_tokens}"
     elif run.max_length is not None:
         if run.max_length <= T:
             raise MoebenchError(f"--max-length {run.max_length} leaves no room after the {T}-token prompt")
-        new, min_new = min(run.max_length, run.seq_len) - T, 0
+        wanted, asked = run.max_length - T, f"--max-length {run.max_length}"
     else:
-        new = min_new = room
+        wanted, asked = room, None
+    new, min_new = min(wanted, room), 0 if asked else room
+    if new < wanted:  # (the KV cache holds --seq-len tokens: CONTRACTS.md's cap)
+        note = f"note: {asked} is capped by --seq-len {run.seq_len}: {new} new tokens after the {T}-token prompt"
+        if notes is None:
+            print(note)
+        elif note not in notes:
+            notes.append(note)
     if top is not None and T + new > top:  # generating past the largest bucket: no graph for it, as in NxDI
         raise MoebenchError(f"the largest token-generation bucket ({top}) holds the {T}-token prompt and {top - T} "
                             f"new tokens, not the {new} asked for; add a bucket of {T + new} or ask for fewer tokens "
@@ -143,10 +151,12 @@ def make_request(run: RunConfig, source: ModelSource, prompts: list[str]) -> Req
 def prompt_requests(runs: list[RunConfig], source: ModelSource, prompts: list[str], where: str) -> list[Request]:
     """The request of each prompt of a prompts file (runs[i] its run), all made before any long work so a prompt
     that does not fit stops the mode before it measures or writes anything; the error names the prompt."""
-    reqs = []
+    reqs, notes = [], []
     for i, (run, prompt) in enumerate(zip(runs, prompts)):
         try:
-            reqs.append(make_request(run, source, [prompt]))
+            reqs.append(make_request(run, source, [prompt], notes))
         except MoebenchError as e:
             raise MoebenchError(f"{where}, prompt {i}: {e}") from None
+    for note in notes:
+        print(note)
     return reqs
