@@ -1633,7 +1633,6 @@ at::Tensor attend_block(const at::Tensor& q, const at::Tensor& keys, const at::T
 constexpr int NB = W == 16 ? 4 * W : 2 * W;  // output columns of a panel
 constexpr int LR = 6;                        // rows of a register tile
 
-
 template <int... R>
 constexpr auto tiles(std::integer_sequence<int, R...>) {
   return std::array{tile<R + 1, NB / W>...};
@@ -1743,8 +1742,8 @@ inline void copy_row(const T* x, int64_t r, int64_t K, P* to) {
 }
 
 // x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32. With AVX512-BF16, a bfloat16 x
-// with bfloat16 panels of pairs [N / NB, K / 2, NB, 2] instead -> out [M, N] in bfloat16 (sums in float32, each
-// rounded once, as oneDNN's bfloat16 products round them). With `residual` [M, N] (x's dtype): residual + the
+// with bfloat16 panels of pairs [N / NB, K / 2, NB, 2] instead (with AMX tiles in their order: panels_shape) -> out
+// [M, N] in bfloat16 (sums in float32, each rounded once, as oneDNN's bfloat16 products round them). With `residual` [M, N] (x's dtype): residual + the
 // product, the product rounded first, as the torch model's `residual + linear(x)`.
 at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const std::optional<at::Tensor>& residual_) {
   const bool pairs = panels_.scalar_type() == at::kBFloat16;
@@ -1781,7 +1780,7 @@ at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const 
       for (int64_t p = p0; p < p1; p++) {
         const P_ *panel = wp + p * K * NB, *next = p + 1 < p1 ? panel + K * NB : nullptr;
         row_tiles_of<P_>(M, K * NB * static_cast<int64_t>(sizeof(P_)) / 64, [&](int64_t r, int64_t rows, int64_t l0,
-                                                                            int64_t l1) {
+                                                                                int64_t l1) {
           tile_rows(r < whole ? xp + r * K : last, false, rows, K, panel, ahead_of(next, l0), l1 - l0, g, NB);
           for (int64_t j = 0; j < rows; j++) {
             const int64_t at = (r + j) * N + p * NB;
@@ -1810,7 +1809,7 @@ int64_t panel_width() { return NB; }
 // ---- Products of a few dozen bfloat16 rows on AVX512-BF16 (a bfloat16 prompt's experts) -----------------------
 // oneDNN's bfloat16 product of an expert's ~50 rows runs at 222-271 GFLOP/s on the Zen 4 VM, of the 427 its large
 // products reach. tile_rows<uint16_t> does it as for float32, with bfloat16 panels of pairs
-// ([N / NB, K / 2, NB, 2]) and tile_bf16: ~370. With AMX, amx_tile on the same panels.
+// ([N / NB, K / 2, NB, 2]) and tile_bf16: ~370. With AMX, amx_tile on the same pairs in tile order.
 
 // ---- A prompt's experts in one call (moe_prompt) ----------------------------------------------------------------
 // The MoE block's experts for T tokens, float32 arithmetic, as moebench.model.moe.experts_forward computes them with
@@ -1904,8 +1903,9 @@ void moe_prompt_impl(const T* x, int64_t Tn, int64_t D, int64_t k, const int64_t
 
 // x [T, D] (float32 or bfloat16), ids [T, k] (int64), weights [T, k] (x's dtype), gate_up [E, 2I / NB, D, NB] and
 // down [E, D / NB, I, NB]: each expert's weights as float32 panels -> [T, D]. With AVX512-BF16 a bfloat16 x may come
-// with bfloat16 panels of pairs instead, gate_up [E, 2I / NB, D / 2, NB, 2] and down [E, D / NB, I / 2, NB, 2]
-// (pair_depth()): its rows and silu(gate) * up stay bfloat16, as the library's products take them.
+// with bfloat16 panels of pairs instead, gate_up [E, 2I / NB, D / 2, NB, 2] and down [E, D / NB, I / 2, NB, 2] (with
+// AMX tiles in their order: panels_shape; pair_depth()): its rows and silu(gate) * up stay bfloat16, as the library's
+// products take them.
 at::Tensor moe_prompt(const at::Tensor& x_, const at::Tensor& ids_, const at::Tensor& weights_,
                       const at::Tensor& gate_up_, const at::Tensor& down_, const std::optional<at::Tensor>& residual_) {
   TORCH_CHECK(x_.dim() == 2 && ids_.dim() == 2 && ids_.size(0) == x_.size(0) && weights_.sizes() == ids_.sizes() &&
