@@ -1743,8 +1743,8 @@ inline void copy_row(const T* x, int64_t r, int64_t K, P* to) {
 
 // x [M, K] @ w [N, K]^T, w given as panels [N / NB, K, NB] -> out [M, N]; float32. With AVX512-BF16, a bfloat16 x
 // with bfloat16 panels of pairs [N / NB, K / 2, NB, 2] instead (with AMX tiles in their order: panels_shape) -> out
-// [M, N] in bfloat16 (sums in float32, each rounded once, as oneDNN's bfloat16 products round them). With `residual` [M, N] (x's dtype): residual + the
-// product, the product rounded first, as the torch model's `residual + linear(x)`.
+// [M, N] in bfloat16 (sums in float32, each rounded once, as oneDNN's bfloat16 products round them). With `residual`
+// [M, N] (x's dtype): residual + the product, the product rounded first, as the torch model's `residual + linear(x)`.
 at::Tensor linear_panels(const at::Tensor& x_, const at::Tensor& panels_, const std::optional<at::Tensor>& residual_) {
   const bool pairs = panels_.scalar_type() == at::kBFloat16;
   TORCH_CHECK(pairs ? x_.scalar_type() == at::kBFloat16 : x_.scalar_type() == at::kFloat && panels_.scalar_type() ==
