@@ -113,6 +113,8 @@ def test_evaluate_with_buckets_reports_each_graph(capsys, in_tmp):
                                            "tokens, not the 17 asked for"),  # (it generated 5, silently)
     (["--token-generation-buckets", "12", "--max-new-tokens", "6"], "and 5 new tokens, not the 6 asked for"),
     (["--token-generation-buckets", "64"], "bucket 64 is larger than --seq-len 24"),
+    (["--context-encoding-buckets", "8", "16", "--max-context-length", "12"],
+     "--context-encoding-buckets: bucket 16 is larger than --max-context-length 12, the longest prompt"),
 ])
 def test_requests_that_fit_no_bucket_stop_with_one_line(capsys, flags, words):
     code, out, err = run_cli(capsys, "--mode", "generate", "--enable-bucketing", "--seq-len", "24",

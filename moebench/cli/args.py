@@ -378,6 +378,11 @@ def check(run: RunConfig) -> list[str]:
             notes.append(f"note: --{name.replace('_', '-')} has no effect without --enable-bucketing")
     if run.max_context_length is not None and run.max_context_length >= run.seq_len:
         raise MoebenchError(f"--max-context-length {run.max_context_length} must be below --seq-len {run.seq_len}")
+    sizes = run.context_encoding_buckets
+    if sizes and run.max_context_length is not None and max(sizes) > run.max_context_length:
+        # (as NxDI: the largest context-encoding bucket is the longest prompt's, --max-context-length)
+        raise MoebenchError(f"--context-encoding-buckets: bucket {max(sizes)} is larger than --max-context-length "
+                            f"{run.max_context_length}, the longest prompt")
     if run.top_p > 1:
         raise MoebenchError(f"--top-p {run.top_p} must be in (0, 1]")
     if any(not p.strip() for p in run.prompt):
