@@ -8,12 +8,13 @@ head), moebench_cpu::qk_norm_rope (q/k norms, rotation and the cache's write), m
 of many rows) and, for experts computed in float32 (float32 weights, or bfloat16 ones where moe.in_float32 widens
 them), moebench_cpu::moe_prompt (all of a prompt's experts in one call, each weight packed in float32 panels:
 `panels`; bfloat16 experts kept in bfloat16 too where the CPU has AVX512-BF16 or AMX, their weights in bfloat16
-panels of pairs: `pair_panels`, in AMX tiles' order where its tiles take them), moebench_cpu::linear_panels (a prompt's projections, their weights packed the same way:
-float32 panels, or bfloat16 pairs; the output projection's residual add fused in) and moebench_cpu::route_rows (the
-router's products, softmax and top-k; a row whose choice hangs on a tie goes to torch's top-k); greedy decoding's
-argmax of the logits (moebench_cpu::argmax_rows, eagerly: argmax_of); and a layer's two
-blocks each in one call, made of those: moebench_cpu::attention_block_prompt and moebench_cpu::moe_block_prompt
-(the Python between the operators ran on caches the experts' weights had just swept: ~3% of a prompt).
+panels of pairs: `pair_panels`, in AMX tiles' order where its tiles take them), moebench_cpu::linear_panels (a
+prompt's projections, their weights packed the same way: float32 panels, or bfloat16 pairs; the output projection's
+residual add fused in) and moebench_cpu::route_rows (the router's products, softmax and top-k; a row whose choice
+hangs on a tie goes to torch's top-k); greedy decoding's argmax of the logits (moebench_cpu::argmax_rows, eagerly:
+argmax_of); and a layer's two blocks each in one call, made of those: moebench_cpu::attention_block_prompt and
+moebench_cpu::moe_block_prompt (the Python between the operators ran on caches the experts' weights had just swept:
+~3% of a prompt).
 
 The decode operators replace what Inductor would compile from the model's torch code (moebench-speed bfloat16 decode
 ~1.2x faster where the memory is fast, the embedded model's ~1.5x at 640 cache slots); attend_block the library's
@@ -21,12 +22,12 @@ flash attention (~3x faster for a 402-token prompt); linear_panels oneDNN's prod
 in float32; a prompt's projections as fast with their weights in the caches, 2-10% faster with them pushed out, as
 the experts' stream pushes them: Zen 4 VM); moe_prompt on bfloat16 pairs oneDNN's bfloat16 products of the experts
 (~2.1x on a moebench-speed layer's, Zen 4 VM); with AMX, its tiles carry a bfloat16 prompt's products, attention's
-too (the whole prompt 136 -> 58-90 ms on the Xeon VM). Built on first use with the machine's C++ compiler for this CPU
-(-march=native: AVX512-BF16's dot products and AMX's tiles where the CPU has them), ~5 s, and kept in Inductor's cache folder (a
-confined submission's own: the only one it may write), keyed by the source, the compiler, torch and the CPU's flags.
-Inductor's C++ wrapper calls the decode operators through their C entry points (C_SHIMS), not through the
-dispatcher. Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's
-loops and prompts the library's attention and oneDNN's products: the same math.
+too (the whole prompt 136 -> 58-90 ms on the Xeon VM). Built on first use with the machine's C++ compiler for this
+CPU (-march=native: AVX512-BF16's dot products and AMX's tiles where the CPU has them), ~5 s, and kept in Inductor's
+cache folder (a confined submission's own: the only one it may write), keyed by the source, the compiler, torch and
+the CPU's flags. Inductor's C++ wrapper calls the decode operators through their C entry points (C_SHIMS), not
+through the dispatcher. Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep
+Inductor's loops and prompts the library's attention and oneDNN's products: the same math.
 """
 
 import ctypes
