@@ -1175,6 +1175,8 @@ struct AmxTiles {
   }
 };
 
+// (ldtilecfg by inline assembly that reads the whole 64 bytes: GCC 12's _tile_loadconfig tells the compiler that it
+// reads 8, and a build that inlined it dropped the stores of the rows and widths as dead: SIGILL at the first tile.)
 inline void amx_configure() {
   struct alignas(64) {
     uint8_t palette, start_row, reserved[14];
@@ -1183,7 +1185,7 @@ inline void amx_configure() {
   } config = {};
   config.palette = 1;
   for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
-  _tile_loadconfig(&config);
+  asm volatile("ldtilecfg %0" : : "m"(config));
   amx_configured = true;
 }
 
