@@ -1176,7 +1176,11 @@ struct AmxTiles {
 };
 
 // (ldtilecfg by inline assembly that reads the whole 64 bytes: GCC 12's _tile_loadconfig tells the compiler that it
-// reads 8, and a build that inlined it dropped the stores of the rows and widths as dead: SIGILL at the first tile.)
+// reads 8, and a build that inlined it dropped the stores of the rows and widths as dead: SIGILL at the first tile.
+// Its _tile_loadd declares no memory read at all: tiles_read() tells the compiler, before a product's first load, that
+// memory is read, so that the stores of the rows before it are neither moved past the loads nor dropped.)
+inline void tiles_read() { asm volatile("" : : : "memory"); }
+
 inline void amx_configure() {
   struct alignas(64) {
     uint8_t palette, start_row, reserved[14];
@@ -1196,6 +1200,7 @@ template <int C>
 inline void amx_tile(const uint16_t* x, bool tiled, int64_t rows, int64_t K, const uint16_t* w, const char* ahead,
                      int64_t lines, float* out, int64_t os) {
   if (!amx_configured) amx_configure();
+  tiles_read();
   const bool two = rows > 16;
   const uint16_t* x1 = x + 16 * K;  // the second row tile (in either layout)
   const int64_t step_a = tiled ? 16 : 1, stride_a = tiled ? 64 : K * 2;  // (a tile's 32 columns; its rows)
@@ -1242,6 +1247,7 @@ inline void amx_tile(const uint16_t* x, bool tiled, int64_t rows, int64_t K, con
 inline void amx_product(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float* c, int64_t ldc,
                         int64_t M, int64_t N, int64_t K) {
   if (!amx_configured) amx_configure();
+  tiles_read();
   for (int64_t m = 0; m < M; m += 16)
     for (int64_t n = 0; n < N; n += 32) {
       const bool two = n + 16 < N;
