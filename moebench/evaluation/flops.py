@@ -229,6 +229,11 @@ LIBRARY_NAMESPACES = (*HARNESS_NAMESPACES, "_c10d_functional", "c10d", "c10d_fun
                       "inductor", "profiler", "debugprims", "rngprims", "higher_order")
 
 
+def library_op(name: str) -> bool:
+    """True for an op ("namespace::name") of the library or the harness, not of the submission."""
+    return name.partition("::")[0] in LIBRARY_NAMESPACES
+
+
 # Torch's arithmetic, element by element: the aten ops tagged pointwise or reduction (copies and selections aside),
 # the _foreach_ ops, the arithmetic prims, the norms and pools that scale and sum, and the ops that sum rows they
 # gather (an accumulating index_put too). A kernel whose own code runs at least this share of its formula's MACs in
@@ -328,7 +333,7 @@ class _LibraryProducts(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
-        if func is self.kernel or name.partition("::")[0] not in LIBRARY_NAMESPACES:
+        if func is self.kernel or not library_op(name):
             out = _below_python(self, func, args, kwargs)
             if out is not None:
                 return out[0]
@@ -353,8 +358,8 @@ class _KernelsCallingLibrary(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func._schema.name
         if name not in KERNELS:
-            if name.partition("::")[0] not in LIBRARY_NAMESPACES:  # the submission's own op, not registered: the
-                out = _below_python(self, func, args, kwargs)  # library products it runs are seen (and counted)
+            if not library_op(name):  # the submission's own op, not registered: the library products it runs
+                out = _below_python(self, func, args, kwargs)  # are seen (and counted)
                 if out is not None:
                     return out[0]
             self.library_macs += _library_macs(func, args, kwargs)

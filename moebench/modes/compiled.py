@@ -15,8 +15,8 @@ from moebench.engine.artifacts import Artifacts, Fingerprint, config_hash, load_
 from moebench.engine.parallel import writes_files
 from moebench.evaluation.expected import weights_hash
 from moebench.engine.generator import graph_runs
-from moebench.evaluation.flops import (HARNESS_NAMESPACES, LIBRARY_NAMESPACES, LIBRARY_PRODUCTS, BadCount, GraphRuns,
-                                      RequestMacs, check_kernels, describe, described_macs, kernel_calls, request_macs,
+from moebench.evaluation.flops import (HARNESS_NAMESPACES, LIBRARY_PRODUCTS, BadCount, GraphRuns, RequestMacs,
+                                      check_kernels, describe, described_macs, kernel_calls, library_op, request_macs,
                                       schema_of)
 from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
@@ -179,7 +179,7 @@ def _request_flops(run: RunConfig, req: Request, described: list) -> dict:
         targets |= {node[0] for node in ops}
         # the submission's own ops that declare no MACs (not registered kernels): what they compute goes uncounted
         unregistered |= {schema_of(t) for t, _, declared in ops
-                         if declared is None and schema_of(t).partition("::")[0] not in LIBRARY_NAMESPACES}
+                         if declared is None and not library_op(schema_of(t))}
         not_compiled.update(_not_compiled(listed, g.get("kernel_calls_compiled")))
         calling.update(found)
         in_torch.update(computing)
