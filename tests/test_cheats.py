@@ -74,6 +74,37 @@ def test_the_caching_audit_confirms_a_faster_round_with_a_second_and_alternates_
     assert len(outputs) == 3 * rounds  # every fresh answer is checked
 
 
+def _audit_on_a_rank(rank, world):
+    """checked_benchmark's audit on this rank, with a clock by which only rank 0's repeated prompts are faster: the
+    number of requests every rank made."""
+    import torch
+    from torch import distributed as dist
+
+    from moebench.evaluation import checked
+
+    ids, clock, calls = torch.arange(1, 7).reshape(1, 6), [0.0], [0]
+
+    def request(x, mask, n):
+        calls[0] += 1
+        clock[0] += 0.050 if rank == 0 and torch.equal(x, ids) else 0.100
+        return torch.zeros(1, n, dtype=torch.int64), {"ttft": 0.0, "context": 0.0, "steps": [0.0]}
+
+    checked.time.perf_counter = lambda: clock[0]
+    audit = checked.checked_benchmark(request, ids, torch.ones_like(ids), 2, 1, 0, 3, 50, (0,), 8)[2]
+    counts = [None] * world
+    dist.all_gather_object(counts, (calls[0], len(audit.rounds), audit.flagged))
+    return counts
+
+
+def test_tensor_parallel_ranks_run_the_audits_second_round_together():
+    """Each rank's harness times its own submission process, but a request is answered by all of them together:
+    the second round runs on every rank when rank 0's first was faster (a rank that stopped after one round left
+    the other's submission waiting on a collective: a flaky failure of the two-rank CLI tests)."""
+    from moebench.engine.parallel import run_parallel
+
+    assert run_parallel(_audit_on_a_rank, 2, timeout=120) == [(13, 2, True), (13, 2, False)]
+
+
 def test_replaying_stale_outputs_fails_the_check_of_the_timed_runs():
     code, out, err = evaluate("stale_output")
     assert code == 1, out + err

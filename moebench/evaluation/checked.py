@@ -131,7 +131,10 @@ def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs:
     audit = Audit()
     if reference is not None and audit_pairs:  # the audit's first fresh request is not the one after a pause
         timed(fresh())
-    while audit_pairs and len(audit.rounds) < AUDIT_ROUNDS and all(map(audit.faster, audit.rounds)):
+    # Whether another round runs is rank 0's finding on every rank: over tensor-parallel ranks each request is
+    # answered by all the ranks' submissions together, and a rank that stopped while another went on left that
+    # one's submission waiting on a collective (each rank's clock finds its own pairs faster or not).
+    while audit_pairs and len(audit.rounds) < AUDIT_ROUNDS and shared_value(all(map(audit.faster, audit.rounds))):
         audit.rounds.append([])
         for i in range(audit_pairs):  # which goes first alternates (on across rounds): the order favours neither
             ids, fresh_first = fresh(), (i + (len(audit.rounds) - 1) * audit_pairs + seed) % 2 == 0
