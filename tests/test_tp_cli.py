@@ -85,6 +85,17 @@ def test_a_broken_submission_over_two_ranks_is_one_line(capfd):
 
 
 @pytest.mark.usefixtures("in_tmp")
+def test_a_records_file_only_rank_0_checks_stops_every_rank_with_its_line(capfd):
+    """Rank 0 writes the files and checks them before the long work; the other ranks stop with its error (they went
+    on alone and broke at their next collective: a traceback and a line blaming rank 1)."""
+    Path("moebench-tiny_score_records.csv").write_text("not,a,records,header\n")
+    assert main(["--mode", "evaluate_single", "--tp-degree", "2", *SHORT]) == 2
+    line = error_line(capfd.readouterr().err)
+    assert "moebench-tiny_score_records.csv is not a moebench score-record file" in line and "rank 1" not in line
+    assert Path("moebench-tiny_score_records.csv").read_text() == "not,a,records,header\n"
+
+
+@pytest.mark.usefixtures("in_tmp")
 def test_a_rank_that_ended_before_rank_0_failed_is_named(monkeypatch, capsys):
     """A failure only rank 1 met ends it quietly (it prints nothing), and rank 0's next collective breaks: the line
     names rank 1's end, where the cause is."""

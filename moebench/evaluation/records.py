@@ -3,6 +3,7 @@
 import csv
 import json
 import fcntl
+import functools
 import io
 import math
 import os
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from moebench.engine.parallel import writes_files
+from moebench.engine.parallel import shared_value, writes_files
 from moebench.errors import MoebenchError
 from moebench.evaluation.score import Score
 
@@ -78,11 +79,28 @@ def _not_records(path: Path) -> MoebenchError:
                          "move or rename it, nothing was appended")
 
 
+def _found_by_rank_0(check):
+    """check(path) run where the files are written (rank 0 under tensor parallelism), its error raised on every
+    rank: a rank that went on alone would wait in the long work's collectives for ranks that had stopped."""
+
+    @functools.wraps(check)
+    def on_every_rank(path: Path) -> None:
+        why = None
+        if writes_files():
+            try:
+                check(path)
+            except MoebenchError as e:
+                why = str(e)
+        if (why := shared_value(why)) is not None:
+            raise MoebenchError(why)
+
+    return on_every_rank
+
+
+@_found_by_rank_0
 def check_records_file(path: Path) -> None:
     """What would stop append_record and append_json_record, found before an evaluation's long work: a folder
     that is missing or not writable, a file that cannot be written or is no score-record file."""
-    if not writes_files():
-        return
     for p in (Path(path), Path(path).with_suffix(".jsonl")):
         try:
             if not p.exists():
@@ -105,11 +123,10 @@ def check_records_file(path: Path) -> None:
 IN_TURN = "reference measured now, alternating with the submission on the same prompts"  # a base's origin
 
 
+@_found_by_rank_0
 def check_output_file(path: Path) -> None:
     """What would stop writing `path` whole (a new file in its folder, then renamed over it), found before the long
     work: a folder that is missing or not writable, a folder or other non-file in its place."""
-    if not writes_files():
-        return
     p = Path(path)
     if (p.exists() or p.is_symlink()) and not p.is_file():
         raise MoebenchError(f"cannot write {p}: {'a folder' if p.is_dir() else 'something other than a file'} is "
