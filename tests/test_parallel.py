@@ -272,6 +272,31 @@ def test_heads_that_do_not_split_are_a_clear_error(one_thread):
     assert not hasattr(model, "parallel")  # a refused call leaves the model as it was
 
 
+def _expected_on_a_rank(rank, world):
+    """contest.expected_logits with nothing stored, its reference standing in by one that answers the rank: what
+    each rank computed, and the logits it took."""
+    from types import SimpleNamespace
+
+    from moebench.modes import contest
+
+    computed = []
+    contest.expected_meta = lambda *args: None
+    contest.find_stored = lambda *args: None
+    contest.compute_expected = lambda *args: computed.append(rank) or torch.full((2,), float(rank))
+    req = SimpleNamespace(input_ids=None, attention_mask=None, max_new_tokens=2, eos_ids=())
+    source = SimpleNamespace(config=SimpleNamespace(vocab_size=4))
+    logits, _ = contest.expected_logits(SimpleNamespace(seq_len=8), source, req, "cpu", torch.float32, None, None)
+    out = [None] * world
+    dist.all_gather_object(out, (computed, logits.tolist()))
+    return out
+
+
+def test_rank_0_computes_the_expected_logits_and_every_rank_takes_them():
+    """Each rank's validation chooses from its expected tokens the requests the submission's ranks answer together:
+    one set of expected logits, rank 0's (two references on GPUs need not decode alike)."""
+    assert run_parallel(_expected_on_a_rank, 2, timeout=120) == [([0], [0.0, 0.0]), ([], [0.0, 0.0])]
+
+
 def _fail_on_rank_1(rank, world):
     if rank == 1:
         raise KeyError("rank one broke")

@@ -18,7 +18,7 @@ from moebench.evaluation.accuracy import (DEFAULT_DIVERGENCE_TOL, DEFAULT_FAILED
 from moebench.evaluation.benchmark import answer_request, benchmark_report, run_benchmark, time_request
 from moebench.evaluation.checked import banned_tokens, checked_benchmark, private_seed
 from moebench.evaluation.expected import ExpectedMeta, compute_expected, find_stored, load_expected, weights_hash
-from moebench.engine.parallel import writes_files
+from moebench.engine.parallel import shared_value, writes_files
 from moebench.engine.artifacts import Artifacts
 from moebench.evaluation.records import write_whole
 from moebench.evaluation.submission import Submission, check_logits
@@ -140,10 +140,15 @@ def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, d
         return stored, meta
     print("expected logits: computed by the reference model")
     # The reference runs in the submission's dtype (as the original's baseline model did), so honest
-    # rounding differences stay well inside the guide's tolerances.
-    logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
-                              device, req.eos_ids)
-    return logits, meta
+    # rounding differences stay well inside the guide's tolerances. Under tensor parallelism rank 0 computes them
+    # and the other ranks take its: from its expected tokens each rank's validation chooses the requests that the
+    # submission's ranks answer together, and two references on GPUs need not decode alike (their MoE sums run in
+    # a nondeterministic order).
+    logits = None
+    if writes_files():
+        logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
+                                  device, req.eos_ids)
+    return shared_value(logits), meta
 
 
 @dataclass
