@@ -297,6 +297,21 @@ def test_rank_0_computes_the_expected_logits_and_every_rank_takes_them():
     assert run_parallel(_expected_on_a_rank, 2, timeout=120) == [([0], [0.0, 0.0]), ([], [0.0, 0.0])]
 
 
+def _exit_code_under_torchrun(rank, world):
+    """The exit code of a rank that torchrun started, where main() answers 1 on rank 1 only (its own audit flagged)."""
+    from moebench.cli import main
+    from moebench.modes import parallel
+
+    main.main = lambda argv: rank
+    out = [None] * world
+    dist.all_gather_object(out, parallel._torchrun_rank(rank, world, []))
+    return out
+
+
+def test_every_rank_torchrun_started_exits_with_rank_0s_code():
+    assert run_parallel(_exit_code_under_torchrun, 2, timeout=120) == [0, 0]
+
+
 def _fail_on_rank_1(rank, world):
     if rank == 1:
         raise KeyError("rank one broke")
