@@ -165,16 +165,19 @@ def test_evaluate_all_on_the_baselines(baselines, copy_of):
 
 def test_baselines_of_fewer_new_tokens_are_what_evaluate_all_then_runs(tmp_path, monkeypatch):
     """generate_accuracy_baselines --max-new-tokens 2: prompt_data's Sequence Length is the prompt and the 2 tokens
-    timed and stored, so evaluate_all (without the flag) generates those 2, checked against the stored logits."""
+    timed and stored, so evaluate_all (without the flag) generates those 2, checked against the stored logits. The
+    buckets and --max-context-length given for --seq-len are capped to that shorter run (they stopped it, after the
+    expected logits were written)."""
     monkeypatch.chdir(tmp_path)
     Path("prompts.txt").write_text("Hello world\n")
-    code, out, err = invoke("--mode", "generate_accuracy_baselines", *TINY, "--max-new-tokens", 2)
+    fits_seq_len = ["--token-generation-buckets", "12", "20", "--max-context-length", "16"]
+    code, out, err = invoke("--mode", "generate_accuracy_baselines", *TINY, "--max-new-tokens", 2, *fits_seq_len)
     assert code == 0, err
     L = n_tokens("Hello world")
     with open("prompt_data_cpu.csv", newline="") as f:
         (row,) = csv.DictReader(f)
     assert (int(row["Context Length"]), int(row["Sequence Length"])) == (L, L + 2)
-    code, out, err = invoke("--mode", "evaluate_all", "--benchmark-runs", "1", "--audit-pairs", "0")
+    code, out, err = invoke("--mode", "evaluate_all", "--benchmark-runs", "1", "--audit-pairs", "0", *fits_seq_len)
     assert code == 0, err
     assert "expected logits: stored" in out
     assert json.loads(Path("benchmark_report_0.json").read_text())["config"]["new_tokens"] == 2

@@ -1,6 +1,5 @@
 """--mode evaluate_single and evaluate_all: accuracy, benchmark, kernel FLOP ratio, score, score record."""
 
-import dataclasses
 import sys
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -18,7 +17,7 @@ from moebench.evaluation.score import Score, compute_score
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, reference_request, write_json)
 from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of, SubmissionFault
-from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
+from moebench.modes.setup import at_seq_len, device_of, dtype_of, make_request, open_source, prompt_requests
 
 REPORT_FILE = "benchmark_report.json"
 
@@ -278,7 +277,7 @@ def run_evaluate_all(run: RunConfig) -> int:
         check_prompt_data(run, source, prompts, rows, data_path)
     # every prompt's request and stored expected logits checked before any long work
     runs = [run] * len(prompts) if rows is None else \
-        [dataclasses.replace(run, seq_len=row.seq_len, max_new_tokens=None, max_length=None)
+        [at_seq_len(run, row.seq_len, max_new_tokens=None, max_length=None)
          for row in rows]  # the file's sequence length is used, as its bases were timed
     reqs = prompt_requests(runs, source, prompts, "prompts.txt")
     for i, (prompt_run, req) in enumerate(zip(runs, reqs)):
@@ -292,7 +291,7 @@ def run_evaluate_all(run: RunConfig) -> int:
         print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")
         rows = measure_prompt_data(run, source, prompts, reqs)
         write_prompt_data(data_path, rows)  # (only rank 0 writes under tensor parallelism: use the rows in hand)
-        runs = [dataclasses.replace(run, seq_len=row.seq_len) for row in rows]
+        runs = [at_seq_len(run, row.seq_len) for row in rows]
     total, failed, artifacts = 0.0, [], None
     for i, (prompt, row, prompt_run) in enumerate(zip(prompts, rows, runs)):
         print(f"== prompt {i} ({row.context_length} tokens of context, sequence length {row.seq_len})")
@@ -349,7 +348,7 @@ def measure_prompt_data(run: RunConfig, source, prompts: list[str], reqs: list) 
     Sequence Length (its KV cache and buckets), as evaluate_all will time the submission."""
     device, dtype = device_of(run), dtype_of(run)
     lengths = [int(req.attention_mask.sum()) for req in reqs]
-    runs = [dataclasses.replace(run, seq_len=n + req.max_new_tokens) for n, req in zip(lengths, reqs)]
+    runs = [at_seq_len(run, n + req.max_new_tokens) for n, req in zip(lengths, reqs)]
     rows = []
     for i, (at, req) in enumerate(zip(runs, prompt_requests(runs, source, prompts, "prompts.txt"))):
         base = base_from_report(reference_benchmark(at, source, req, device, dtype), "measured")

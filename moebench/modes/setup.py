@@ -1,6 +1,6 @@
 """What every mode does first: pick the device and dtype, open the model, tokenize the prompts, fix the lengths."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -55,6 +55,19 @@ def buckets_of(run: RunConfig) -> dict:
     ctx = run.context_encoding_buckets or auto_buckets(run.max_context_length or run.seq_len)
     return dict(ctx_buckets=tuple(sorted(set(ctx))),
                 tkg_buckets=tuple(sorted(set(run.token_generation_buckets or auto_buckets(run.seq_len)))))
+
+
+def at_seq_len(run: RunConfig, seq_len: int, **changes) -> RunConfig:
+    """The run at another sequence length (a prompt's from prompt_data, or a baseline's prompt and new tokens),
+    its --max-context-length and bucket sizes capped to fit it: flags that fit --seq-len fit the run."""
+    longest = None if run.max_context_length is None else min(run.max_context_length, seq_len - 1)
+
+    def capped(sizes, cap):
+        return sizes and tuple(sorted({min(size, cap) for size in sizes}))
+
+    return replace(run, seq_len=seq_len, max_context_length=longest, **changes,
+                   context_encoding_buckets=capped(run.context_encoding_buckets, longest or seq_len),
+                   token_generation_buckets=capped(run.token_generation_buckets, seq_len))
 
 
 def on_device_sampling(run: RunConfig) -> OnDeviceSampling | None:
