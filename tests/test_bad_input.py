@@ -238,6 +238,9 @@ CASES = [
     case("compiled-model-path-empty", nothing, [*GENERATE, "--compiled-model-path", ""],
          "--compiled-model-path: an empty path"),
     case("prompts-txt-a-folder", folder("prompts.txt"), BASELINES, "prompts.txt: a folder is in its place"),
+    # a KV cache whose size does not fit 64 bits: torch says "overflow" (a TypeError or a RuntimeError)
+    *(case(f"seq-len-{n}", nothing, ["--mode", "generate", "--seq-len", str(n)],
+           f"--seq-len {n}: the KV cache needs") for n in (10 ** 17, 10 ** 20)),
     # a contestant's exception of several lines, on one line
     case("qwen-raises-lines-at-import", write_file("m.py", b"raise RuntimeError('first\\nsecond\\nthird')\n"),
          ["--mode", "validate", "--seq-len", "16", "--qwen", "m.py"], "RuntimeError: first; second; third"),

@@ -36,11 +36,11 @@ def run_generate(run: RunConfig) -> int:
     print(f"model: {source.name} ({source.config.num_parameters() / 1e6:.1f}M parameters, {run.torch_dtype}, "
           f"{device.type}), module: {sub.path}")
     compile = req.max_new_tokens >= COMPILE_FROM
-    if compile and not run.skip_compile:
-        print("compiling the decode step...", file=sys.stderr)
     # on-device greedy sampling bans EOS in its graph where every row gets max_new_tokens (generate does on the host)
     banned = req.eos_ids if req.min_new_tokens >= req.max_new_tokens else ()
     engine = make_engine(model, run, batch=len(prompts), compile=compile, banned=banned)
+    if compile and not run.skip_compile:
+        print("compiling the decode step...", file=sys.stderr)
     compile_step(run, artifacts, model, engine, req, source, compile_code=compile, started=started)
     sampling = SamplingParams(run.do_sample, run.temperature, run.top_k, run.top_p)
     generator = torch.Generator().manual_seed(run.seed)

@@ -87,8 +87,8 @@ def make_engine(model, run: RunConfig, batch: int, compile: bool, banned: tuple[
     try:
         return Engine(model, batch=batch, max_len=run.seq_len, compile=compile, sampling=on_device_sampling(run),
                       banned=banned, **buckets_of(run))
-    except (RuntimeError, MemoryError) as e:
-        if "alloc" not in str(e).lower() and not isinstance(e, MemoryError):
+    except (RuntimeError, MemoryError, TypeError) as e:  # (sizes past 64 bits: "overflow", a TypeError or not)
+        if not any(word in str(e).lower() for word in ("alloc", "overflow")) and not isinstance(e, MemoryError):
             raise
         cfg = model.config
         gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * run.seq_len * next(model.parameters()).itemsize / 1e9
