@@ -235,6 +235,43 @@ def test_a_prompt_too_long_stops_the_baselines_before_any_is_rewritten(baselines
     assert files() == before
 
 
+def test_baselines_stopped_before_the_end_leave_the_last_whole_runs_files(baselines, copy_of, monkeypatch):
+    """Stopped while it times the reference (Ctrl-C), a float32 run of generate_accuracy_baselines has written
+    nothing: the bfloat16 run's logits, metadata and bases stay together (its new logits beside the old bases
+    were scored by evaluate_all float32 against bases timed in bfloat16)."""
+    from moebench.modes import validate
+
+    folder = copy_of(baselines[0])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validate, "measure_prompt_data", interrupted)
+    code, out, err = invoke("--mode", "generate_accuracy_baselines", *TINY, "--torch-dtype", "float32")
+    assert code == 130 and "moebench: interrupted" in err
+    assert "prompt 2: " in out  # stopped after computing every prompt's expected logits
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_expected_logits_stopped_while_written_are_refused_not_trusted(baselines, copy_of, monkeypatch):
+    """save_expected removes the old metadata before it writes the logits: stopped there, what is left is logits no
+    metadata vouches for, refused by name (not new logits under another run's metadata)."""
+    from moebench.evaluation import expected
+
+    folder = copy_of(baselines[0])
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(expected, "write_whole", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        expected.save_expected(folder, 0, torch.zeros(1, 1, 4), None)
+    assert not (folder / "expected_logits_0.json").exists() and (folder / "expected_logits_0.pt").exists()
+    code, out, err = invoke("--mode", "evaluate_all", *TINY)
+    assert code == 2 and "expected_logits_0.pt has no metadata file expected_logits_0.json" in error_line(err), err
+
+
 def test_stored_logits_of_another_dtype_are_refused(baselines, copy_of):
     copy_of(baselines[0])
     code, out, err = invoke("--mode", "evaluate_all", *TINY, "--torch-dtype", "float32")

@@ -2,6 +2,7 @@
 refused when their metadata does not match what is being checked."""
 
 import hashlib
+import io
 import json
 import re
 import zipfile
@@ -75,19 +76,27 @@ def compute_expected(source: ModelSource, input_ids, attention_mask, new_tokens:
 
 
 def save_tensor(path: Path, tensor: torch.Tensor) -> None:
-    """torch.save; a failure (a full disk, a folder in its place) is one line naming the file."""
-    try:
-        torch.save(tensor, path)
-    except OSError as e:
-        raise MoebenchError(f"cannot write {path}: {e.strerror or e}") from None
+    """torch.save, written whole (write_whole); a failure (a full disk, a folder in its place) is one line naming
+    the file."""
+    data = io.BytesIO()
+    torch.save(tensor, data)
+    write_whole(path, data.getbuffer())
 
 
 def save_expected(folder: Path, i: int, logits: torch.Tensor, meta: ExpectedMeta) -> Path:
+    """expected_logits_{i}.pt and its .json, each written whole. An older .json goes first: a run stopped between
+    the two leaves logits that no metadata vouches for (refused, saying so), never new logits under the metadata of
+    another run (another dtype, say) that a later run might match."""
     path = folder / f"expected_logits_{i}.pt"
     if not writes_files():  # tensor parallelism: rank 0 writes
         return path
+    meta_path = path.with_suffix(".json")
+    try:
+        meta_path.unlink(missing_ok=True)
+    except OSError as e:
+        raise MoebenchError(f"cannot replace {meta_path}: {e.strerror or e}") from None
     save_tensor(path, logits.float().contiguous())
-    write_whole(folder / f"expected_logits_{i}.json", json.dumps(asdict(meta), indent=1))
+    write_whole(meta_path, json.dumps(asdict(meta), indent=1))
     return path
 
 

@@ -317,15 +317,15 @@ def write_prompt_data(path: Path, rows: list[PromptData]) -> None:
     write_whole(path, text)
 
 
-def write_whole(path: Path, text: str) -> None:
-    """`path` replaced by `text` at once (a temporary file in the same folder, fsync'd, then renamed over it): a
-    reader never sees half of it. A failure is one line naming the file."""
+def write_whole(path: Path, text: str | bytes | memoryview) -> None:
+    """`path` replaced by `text` (or bytes) at once (a temporary file in the same folder, fsync'd, then renamed over
+    it): a reader never sees half of it. A failure is one line naming the file."""
     path = Path(path)
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

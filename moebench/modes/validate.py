@@ -46,11 +46,15 @@ def run_generate_accuracy_baselines(run: RunConfig) -> int:
     for path in [folder / f"expected_logits_{i}{ext}" for i in range(len(prompts)) for ext in (".pt", ".json")]:
         check_output_file(path)
     check_output_file(data_path)
+    # Every file is written once all is computed: a run stopped before (Ctrl-C, a failure) leaves the files of the
+    # last whole run together, never new expected logits beside bases timed for other prompts or another dtype.
+    expected = []
     for i, req in enumerate(reqs):
-        logits, meta = expected_logits(run, source, req, device, dtype, None, folder / ".no-stored-logits")
-        path = save_expected(folder, i, logits, meta)
-        print(f"prompt {i}: {req.attention_mask.sum()} tokens, {logits.shape[0]} expected tokens -> {path.name}")
+        expected.append(expected_logits(run, source, req, device, dtype, None, folder / ".no-stored-logits"))
+        print(f"prompt {i}: {req.attention_mask.sum()} tokens, {expected[-1][0].shape[0]} expected tokens")
     rows = measure_prompt_data(run, source, prompts, reqs)
+    for i, (logits, meta) in enumerate(expected):
+        print(f"prompt {i}: expected logits -> {save_expected(folder, i, logits, meta).name}")
     write_prompt_data(data_path, rows)
     for r in rows:
         print(f"prompt {r.prompt_id}: base latency {r.base_latency:.2f} ms, base throughput "
