@@ -473,3 +473,22 @@ def test_main_py_driver_runs():
     assert proc.returncode == 0, proc.stderr
     assert f"Output 0: {DEFAULT_PROMPT}" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_is_the_harness_line_not_a_traceback_of_the_submissions_process(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group, the submission's process too: it leaves Ctrl-C to the
+    harness, which stops it (it printed the traceback of its KeyboardInterrupt, or of the pipe the harness had
+    closed)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-u", str(REPO / "main.py"), "--mode", "evaluate_single", "--seq-len",
+                             "20", "--benchmark-runs", "2", "--warmup-runs", "0"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("isolation: "):  # the submission's process is built, waiting for the harness's calls
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert "moebench-submission" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode != 130 or err.endswith("moebench: interrupted\n"), err

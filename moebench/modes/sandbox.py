@@ -12,6 +12,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -114,6 +115,15 @@ def _captured(fn, *args):
     return (*result[:2], out.getvalue(), err.getvalue(), *result[2:])
 
 
+def _replied(conn, reply) -> bool:
+    """Sends the parent a reply; False where it has gone (interrupted, say: its end of the pipe closed)."""
+    try:
+        _send(conn, reply)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
+
+
 def _close_inherited(conn) -> None:
     """Closes every descriptor but the standard ones and the pipe to the parent: the resource tracker's (through which
     a confined child could have the harness's tracker unlink shared memory as root) and the fork server's liveness
@@ -134,6 +144,7 @@ def _close_inherited(conn) -> None:
 def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, view, group) -> None:
     """Enters its confinement (where there is one), builds the submission (UnderTest) and serves the parent's calls
     until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the terminal's process group: the harness stops us
     _close_inherited(conn)
     os.environ.clear()  # the parent's environment now, not the fork server's from when it started
     os.environ.update(env)
@@ -178,8 +189,7 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
                 "uid": os.getuid()}
 
     reply = _captured(build)
-    _send(conn, reply)
-    if reply[0] != "ok":
+    if not _replied(conn, reply) or reply[0] != "ok":
         return
     under = built[0]
 
@@ -194,9 +204,8 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
             cmd, args = _receive(conn)
         except EOFError:
             return
-        if cmd == "stop":
+        if cmd == "stop" or not _replied(conn, _captured(handlers[cmd], *args)):
             return
-        _send(conn, _captured(handlers[cmd], *args))
 
 
 def _failure(e: BaseException) -> tuple:
