@@ -312,6 +312,20 @@ def test_every_rank_torchrun_started_exits_with_rank_0s_code():
     assert run_parallel(_exit_code_under_torchrun, 2, timeout=120) == [0, 0]
 
 
+def _out_of_step(rank, world):
+    from moebench.engine.parallel import shared_value
+
+    return shared_value(rank, "the port" if rank else "the seed")
+
+
+def test_a_rank_out_of_step_with_rank_0_stops_naming_both_values():
+    """A failure one rank met alone sends it on to the next prompt: its next broadcast pairs with another of the
+    other ranks. Each broadcast names its value, so that rank stops, rather than take a seed for a port."""
+    with pytest.raises(RankFailed, match="(?s)rank 1.*the ranks are out of step: rank 0 shared the seed where rank 1 "
+                                         "waited for the port"):
+        run_parallel(_out_of_step, 2, timeout=120)
+
+
 def _fail_on_rank_1(rank, world):
     if rank == 1:
         raise KeyError("rank one broke")

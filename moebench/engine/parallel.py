@@ -410,13 +410,19 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
     return model
 
 
-def shared_value(value):
-    """Rank 0's value on every rank of the default group; the value itself without tensor parallelism."""
+def shared_value(value, what: str):
+    """Rank 0's value on every rank of the default group; the value itself without tensor parallelism. `what` names
+    it: a rank that receives another (a rank that left a prompt early, its failure met by it alone, pairs its next
+    broadcast with another's of the others) stops, naming both, rather than take a seed for a port."""
     if not dist.is_initialized():
         return value
-    box = [value]
+    box = [(what, value)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    theirs, value = box[0]
+    if theirs != what:
+        raise RuntimeError(f"the ranks are out of step: rank 0 shared {theirs} where rank {dist.get_rank()} waited "
+                           f"for {what}")
+    return value
 
 
 # ---- starting ranks ----

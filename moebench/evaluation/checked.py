@@ -59,7 +59,7 @@ def banned_tokens(req, tokenizer) -> tuple[int, ...]:
 
 def private_seed() -> int:
     """The fresh prompts' seed: drawn by the harness (the submission cannot predict it), rank 0's on every rank."""
-    return shared_value(int.from_bytes(os.urandom(4), "little"))
+    return shared_value(int.from_bytes(os.urandom(4), "little"), "the fresh prompts' seed")
 
 
 def fresh_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int, banned: tuple[int, ...],
@@ -134,7 +134,8 @@ def checked_benchmark(request, input_ids, attention_mask, new_tokens: int, runs:
     # Whether another round runs is rank 0's finding on every rank: over tensor-parallel ranks each request is
     # answered by all the ranks' submissions together, and a rank that stopped while another went on left that
     # one's submission waiting on a collective (each rank's clock finds its own pairs faster or not).
-    while audit_pairs and len(audit.rounds) < AUDIT_ROUNDS and shared_value(all(map(audit.faster, audit.rounds))):
+    while audit_pairs and len(audit.rounds) < AUDIT_ROUNDS and \
+            shared_value(all(map(audit.faster, audit.rounds)), "whether the audit goes on"):
         audit.rounds.append([])
         for i in range(audit_pairs):  # which goes first alternates (on across rounds): the order favours neither
             ids, fresh_first = fresh(), (i + (len(audit.rounds) - 1) * audit_pairs + seed) % 2 == 0

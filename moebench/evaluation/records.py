@@ -91,7 +91,7 @@ def _found_by_rank_0(check):
                 check(path)
             except MoebenchError as e:
                 why = str(e)
-        if (why := shared_value(why)) is not None:
+        if (why := shared_value(why, f"the check of {Path(path).name}")) is not None:
             raise MoebenchError(why)
 
     return on_every_rank

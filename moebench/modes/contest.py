@@ -148,7 +148,7 @@ def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, d
     if writes_files():
         logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
                                   device, req.eos_ids)
-    return shared_value(logits), meta
+    return shared_value(logits, "the expected logits"), meta
 
 
 @dataclass

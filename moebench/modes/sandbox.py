@@ -428,7 +428,8 @@ class IsolatedSubmission:
             self.rank = dist.get_rank()
             if self.rank == 0:
                 self.store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
-            group = (self.rank, run.tp_degree, shared_value(self.store.port if self.store else None))
+            port = shared_value(self.store.port if self.store else None, "the submissions' group's port")
+            group = (self.rank, run.tp_degree, port)
         self.view, partial = confine.plan(run, module, hashlib.sha256(module.read_bytes()).hexdigest(), folders,
                                           self.artifacts, run.skip_compile, network=run.tp_degree > 1)
         self.box = None
