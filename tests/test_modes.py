@@ -207,6 +207,13 @@ def test_evaluate_single_uses_the_stored_baseline_of_its_prompt(baselines, copy_
     _, rows = read_csv(folder / RECORDS)
     assert float(rows[-1]["base_latency"]) == float(stored["Base latency"])
     assert float(rows[-1]["base_throughput"]) == float(stored["Base throughput"])
+    # a row of another Context Length was timed for another prompt: not this one's base (the reference is timed)
+    lines = (folder / "prompt_data_cpu.csv").read_text().splitlines(keepends=True)
+    cells = lines[2].split(",")
+    lines[2] = ",".join([cells[0], str(int(cells[1]) + 1), *cells[2:]])
+    (folder / "prompt_data_cpu.csv").write_text("".join(lines))
+    code, out, err = invoke("--mode", "evaluate_single", "--prompt", PROMPTS[1], *TINY)
+    assert code == 0 and "expected logits: stored" in out and "prompt_data_cpu.csv, prompt 1" not in out, out + err
 
 
 def test_stored_logits_of_other_weights_are_refused(baselines, copy_of):

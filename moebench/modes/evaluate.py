@@ -204,8 +204,8 @@ def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None
     stored = read_meta(folder / f"expected_logits_{i}.json")
     rows = {r.prompt_id: r for r in read_prompt_data(data_path)}
     if stored.mismatch(meta) or stored.base_mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or \
-            rows[i].seq_len != run.seq_len:
-        return None
+            (rows[i].context_length, rows[i].seq_len) != (sum(map(len, meta.prompt_ids)), run.seq_len):
+        return None  # (a row of another length was timed for another prompt)
     return Base(rows[i].base_latency, rows[i].base_throughput, f"{data_path.name}, prompt {i}")
 
 
