@@ -9,6 +9,8 @@ import time
 
 from tqdm import tqdm
 
+from moebench import interrupts
+
 PREFIX = "[progress] "  # every plain line starts so: easy to find in a log, or to leave out
 
 
@@ -22,6 +24,7 @@ class Progress:
         self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, leave=False) if tty else None
 
     def update(self, n: int = 1) -> None:
+        interrupts.check()  # a Ctrl-C that a garbage collector's callback dropped
         self.n += n
         if self.bar is not None:
             self.bar.update(n)

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from moebench.progress import Progress
 
 
@@ -72,3 +74,34 @@ def test_the_compile_step_counts_the_graphs_a_folder_already_holds(tmp_path):
     art.compile_graphs(SimpleNamespace(batch=1, max_len=64),
                        [("context_encoding_model", 16), ("token_generation_model", 64)], lambda: steps.append(1))
     assert len(steps) == 2
+
+
+def test_a_ctrl_c_that_a_garbage_collectors_callback_dropped_is_raised_at_the_next_update(capsys):
+    """Python runs the SIGINT handler wherever the main thread is; raised in a weakref's callback, its
+    KeyboardInterrupt is printed as "Exception ignored" and dropped (the mode went on to its end). While a mode runs
+    (interrupts.handled) it is remembered and raised at the next progress update, and not printed."""
+    import gc
+    import os
+    import signal
+    import weakref
+
+    from moebench import interrupts
+
+    class Thing:
+        pass
+
+    def callback(ref):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside the callback
+        for _ in range(1000):
+            pass
+
+    with interrupts.handled():
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+        gc.collect()
+        assert ref() is None
+        with pytest.raises(KeyboardInterrupt):
+            Progress(3, "work", file=io.StringIO()).update()
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again

@@ -4,6 +4,7 @@ import sys
 
 from torch import distributed as dist
 
+from moebench import interrupts
 from moebench.cli.args import parse_args
 from moebench.errors import MoebenchError
 
@@ -25,6 +26,11 @@ def one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    with interrupts.handled():
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     try:
         if argv and argv[0] in ("report", "leaderboard"):
             from moebench.report.cli import leaderboard_main, report_main
