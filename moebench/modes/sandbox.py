@@ -292,7 +292,11 @@ class Sandbox:
         except (OSError, EOFError) as e:  # the fork server gone, say
             raise SubmissionFault(f"the submission's process could not start ({type(e).__name__}: {e})") from None
         child_conn.close()  # only the child holds its end: a dead child reads as EOF here
-        self.started = self._answer("load and compile")
+        try:
+            self.started = self._answer("load and compile")
+        except BaseException:  # Ctrl-C, say: the caller never gets this object to stop the process
+            self.kill()
+            raise
 
     def call(self, phase: str, cmd: str, *args):
         try:
