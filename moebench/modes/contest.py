@@ -140,15 +140,13 @@ def expected_logits(run: RunConfig, source: ModelSource, req: Request, device, d
         return stored, meta
     print("expected logits: computed by the reference model")
     # The reference runs in the submission's dtype (as the original's baseline model did), so honest
-    # rounding differences stay well inside the guide's tolerances. Under tensor parallelism rank 0 computes them
-    # and the other ranks take its: from its expected tokens each rank's validation chooses the requests that the
-    # submission's ranks answer together, and two references on GPUs need not decode alike (their MoE sums run in
-    # a nondeterministic order).
-    logits = None
-    if writes_files():
-        logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
-                                  device, req.eos_ids)
-    return shared_value(logits, "the expected logits"), meta
+    # rounding differences stay well inside the guide's tolerances. Under tensor parallelism every rank takes rank
+    # 0's: from its expected tokens each rank's validation chooses the requests that the submission's ranks answer
+    # together, and two references on GPUs need not decode alike (their MoE sums run in a nondeterministic order).
+    # (Every rank computes them, so that none waits in the broadcast longer than the group's timeout.)
+    logits = compute_expected(source, req.input_ids, req.attention_mask, req.max_new_tokens, run.seq_len, dtype,
+                              device, req.eos_ids)
+    return shared_value(logits.cpu(), "the expected logits"), meta
 
 
 @dataclass
