@@ -26,16 +26,18 @@ def check() -> None:
 
 @contextlib.contextmanager
 def handled():
-    """Ctrl-C handled so while the block runs (in the main thread; elsewhere Python's own handling is kept)."""
+    """Ctrl-C handled so while the block runs, where Python's own handling is in place (the main thread; not where
+    SIGINT is ignored, as for a job a script started in the background)."""
     global _pending
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     _pending = False
     previous, hook = signal.signal(signal.SIGINT, _on_sigint), sys.unraisablehook
 
     def unraisable(u):
-        if not isinstance(u.exc_value, KeyboardInterrupt):  # (remembered: raised again by check())
+        if not (_pending and isinstance(u.exc_value, KeyboardInterrupt)):  # (remembered: check() raises it again)
             hook(u)
 
     sys.unraisablehook = unraisable

@@ -105,3 +105,17 @@ def test_a_ctrl_c_that_a_garbage_collectors_callback_dropped_is_raised_at_the_ne
             Progress(3, "work", file=io.StringIO()).update()
     assert "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A job a script started in the background ignores SIGINT: a mode run there keeps ignoring it."""
+    import signal
+
+    from moebench import interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.handled():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -49,7 +49,9 @@ def _main(argv: list[str]) -> int:
             return run_tensor_parallel(run, argv)  # the ranks run main() again, notes included
         for note in notes:
             print(note, file=sys.stderr)
-        return run_mode(run)
+        code = run_mode(run)
+        interrupts.check()  # a Ctrl-C dropped after the last progress update
+        return code
     except MoebenchError as e:
         print(f"moebench: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
