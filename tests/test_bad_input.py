@@ -241,6 +241,8 @@ CASES = [
     # a KV cache whose size does not fit 64 bits: torch says "overflow" (a TypeError or a RuntimeError)
     *(case(f"seq-len-{n}", nothing, ["--mode", "generate", "--seq-len", str(n)],
            f"--seq-len {n}: the KV cache needs") for n in (10 ** 17, 10 ** 20)),
+    case("seq-len-past-64-bits-in-the-baselines", write_file("prompts.txt", b"Hello world\n"),
+         [*BASELINES, "--seq-len", str(10 ** 17)], f"--seq-len {10 ** 17}: the KV cache needs"),
     # a contestant's exception of several lines, on one line
     case("qwen-raises-lines-at-import", write_file("m.py", b"raise RuntimeError('first\\nsecond\\nthird')\n"),
          ["--mode", "validate", "--seq-len", "16", "--qwen", "m.py"], "RuntimeError: first; second; third"),

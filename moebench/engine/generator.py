@@ -157,6 +157,16 @@ def graph_runs(ctx_buckets: tuple[int, ...], tkg_buckets: tuple[int, ...], max_l
     return runs + [("token_generation_model", S, buckets.count(S)) for S in dict.fromkeys(buckets)]
 
 
+def cache_too_large(e: BaseException, model, batch: int, seq_len: int) -> str | None:
+    """Why making an engine failed where its KV cache is too large (out of memory, or sizes past 64 bits: torch's
+    "overflow", a TypeError or a RuntimeError): the user's --seq-len, not a bug; else None."""
+    if not isinstance(e, MemoryError) and not any(word in str(e).lower() for word in ("alloc", "overflow")):
+        return None
+    cfg = model.config
+    gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * seq_len * next(model.parameters()).itemsize / 1e9
+    return f"--seq-len {seq_len}: the KV cache needs {gb:.1f} GB, more than is free"
+
+
 class Engine:
     """Runs one model over a batch: `prefill` (the whole prompt) then `decode` (one token per row per call).
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moebench.cli.args import RunConfig
-from moebench.engine.generator import Engine, auto_buckets
+from moebench.engine.generator import Engine, auto_buckets, cache_too_large
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams
 from moebench.errors import MoebenchError
 from moebench.model.loader import ModelSource, open_model
@@ -87,12 +87,10 @@ def make_engine(model, run: RunConfig, batch: int, compile: bool, banned: tuple[
     try:
         return Engine(model, batch=batch, max_len=run.seq_len, compile=compile, sampling=on_device_sampling(run),
                       banned=banned, **buckets_of(run))
-    except (RuntimeError, MemoryError, TypeError) as e:  # (sizes past 64 bits: "overflow", a TypeError or not)
-        if not any(word in str(e).lower() for word in ("alloc", "overflow")) and not isinstance(e, MemoryError):
+    except (RuntimeError, MemoryError, TypeError) as e:
+        if (why := cache_too_large(e, model, batch, run.seq_len)) is None:
             raise
-        cfg = model.config
-        gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * run.seq_len * next(model.parameters()).itemsize / 1e9
-        raise MoebenchError(f"--seq-len {run.seq_len}: the KV cache needs {gb:.1f} GB, more than is free") from None
+        raise MoebenchError(why) from None
 
 
 def eos_ids_of(source: ModelSource) -> tuple[int, ...]:
