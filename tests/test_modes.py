@@ -279,6 +279,19 @@ def test_expected_logits_stopped_while_written_are_refused_not_trusted(baselines
     assert code == 2 and "expected_logits_0.pt has no metadata file expected_logits_0.json" in error_line(err), err
 
 
+def test_bases_other_than_those_written_with_the_expected_logits_are_refused(baselines, copy_of):
+    """Each expected_logits_{i}.json names the base written with it: prompt data from another run beside it (one
+    stopped between the files, say) is refused by name, as evaluate_all would score against another run's bases."""
+    folder = copy_of(baselines[0])
+    lines = (folder / "prompt_data_cpu.csv").read_text().splitlines(keepends=True)
+    cells = lines[2].split(",")
+    lines[2] = ",".join([*cells[:3], repr(2 * float(cells[3])), *cells[4:]])
+    (folder / "prompt_data_cpu.csv").write_text("".join(lines))
+    code, out, err = invoke("--mode", "evaluate_all", *TINY)
+    assert code == 2 and "prompt_data_cpu.csv: prompt 1's base is " in error_line(err), err
+    assert "expected_logits_1.json): the two come from different runs" in error_line(err)
+
+
 def test_stored_logits_of_another_dtype_are_refused(baselines, copy_of):
     copy_of(baselines[0])
     code, out, err = invoke("--mode", "evaluate_all", *TINY, "--torch-dtype", "float32")

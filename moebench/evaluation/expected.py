@@ -48,6 +48,9 @@ class ExpectedMeta:
     moebench_version: str = __version__
     tp_degree: int = 1  # what the bases beside it were timed with (the logits do not depend on it)
     eos_ids: list = field(default_factory=list)  # the ids banned at every step (-inf in the scores): the EOS ids
+    # [latency ms, throughput] of the prompt_data row generate_accuracy_baselines wrote with it: a row that is not
+    # this comes from another run (one stopped between the files, or prompt data of other prompts or dtype)
+    base: list | None = None
 
     def mismatch(self, wanted: "ExpectedMeta") -> str | None:
         """What makes stored logits (self) unusable for `wanted`, or None."""
@@ -57,6 +60,13 @@ class ExpectedMeta:
         if self.new_tokens < wanted.new_tokens:
             return f"it holds {self.new_tokens} tokens, {wanted.new_tokens} are needed"
         return None
+
+    def other_base(self, row) -> str | None:
+        """Where a prompt_data row is not the one written with this metadata: the row's numbers and these."""
+        if self.base is None or self.base == [row.base_latency, row.base_throughput]:
+            return None
+        return (f"{row.base_latency:g} ms and {row.base_throughput:g} tokens/s, written with "
+                f"{self.base[0]:g} ms and {self.base[1]:g} tokens/s")
 
     def base_mismatch(self, wanted: "ExpectedMeta") -> str | None:
         """What makes the bases measured with these logits (self) unlike a run of `wanted`, or None."""

@@ -204,8 +204,9 @@ def stored_base(run: RunConfig, source, req, dtype, folder: Path) -> Base | None
     stored = read_meta(folder / f"expected_logits_{i}.json")
     rows = {r.prompt_id: r for r in read_prompt_data(data_path)}
     if stored.mismatch(meta) or stored.base_mismatch(meta) or stored.seq_len != run.seq_len or i not in rows or \
-            (rows[i].context_length, rows[i].seq_len) != (sum(map(len, meta.prompt_ids)), run.seq_len):
-        return None  # (a row of another length was timed for another prompt)
+            (rows[i].context_length, rows[i].seq_len) != (sum(map(len, meta.prompt_ids)), run.seq_len) or \
+            stored.other_base(rows[i]):
+        return None  # (a row of another length was timed for another prompt; one of other numbers in another run)
     return Base(rows[i].base_latency, rows[i].base_throughput, f"{data_path.name}, prompt {i}")
 
 
@@ -285,7 +286,7 @@ def run_evaluate_all(run: RunConfig) -> int:
         if not run.skip_accuracy:
             check_stored(folder, i, wanted, source.config.vocab_size)
         if rows is not None:
-            check_bases(folder, i, wanted, data_path)
+            check_bases(folder, i, wanted, data_path, rows[i])
     if rows is None:
         data_path = folder / f"prompt_data_{platform}.csv"
         print(f"{data_path.name} not found: measuring the reference on each prompt now and writing it")
@@ -307,16 +308,22 @@ def run_evaluate_all(run: RunConfig) -> int:
     return 0
 
 
-def check_bases(folder: Path, i: int, wanted, data_path: Path) -> None:
-    """A prompt's stored base against the run, where the expected logits written with it (by
+def check_bases(folder: Path, i: int, wanted, data_path: Path, row: PromptData) -> None:
+    """A prompt's stored base (row) against the run, where the expected logits written with it (by
     generate_accuracy_baselines) say how it was measured: another model, weights, dtype or --tp-degree is refused,
-    accuracy checked or not (prompt data from elsewhere, with no expected logits beside it, says nothing)."""
+    and a row other than the one written with them, accuracy checked or not (prompt data from elsewhere, with no
+    expected logits beside it, says nothing)."""
     meta_path = folder / f"expected_logits_{i}.json"
-    why = read_meta(meta_path).base_mismatch(wanted) if meta_path.is_file() else None
-    if why:
+    if not meta_path.is_file():
+        return
+    stored = read_meta(meta_path)
+    if why := stored.base_mismatch(wanted):
         raise MoebenchError(f"{data_path}: prompt {i}'s base was measured with {why} ({meta_path.name}, written "
                             "with it); a score compares like with like: regenerate them with --mode "
                             "generate_accuracy_baselines")
+    if why := stored.other_base(row):
+        raise MoebenchError(f"{data_path}: prompt {i}'s base is {why} ({meta_path.name}): the two come from "
+                            "different runs; regenerate them with --mode generate_accuracy_baselines")
 
 
 def check_prompt_data(run: RunConfig, source, prompts: list[str], rows: list[PromptData], data_path: Path) -> None:

@@ -1,5 +1,6 @@
 """--mode validate (logit validation of the submission) and --mode generate_accuracy_baselines."""
 
+from dataclasses import replace
 from pathlib import Path
 
 from moebench.cli.args import RunConfig
@@ -53,7 +54,8 @@ def run_generate_accuracy_baselines(run: RunConfig) -> int:
         expected.append(expected_logits(run, source, req, device, dtype, None, folder / ".no-stored-logits"))
         print(f"prompt {i}: {req.attention_mask.sum()} tokens, {expected[-1][0].shape[0]} expected tokens")
     rows = measure_prompt_data(run, source, prompts, reqs)
-    for i, (logits, meta) in enumerate(expected):
+    for i, ((logits, meta), row) in enumerate(zip(expected, rows)):  # each metadata names its base: a mix is refused
+        meta = replace(meta, base=[row.base_latency, row.base_throughput])
         print(f"prompt {i}: expected logits -> {save_expected(folder, i, logits, meta).name}")
     write_prompt_data(data_path, rows)
     for r in rows:
