@@ -121,7 +121,7 @@ def test_generate_accuracy_baselines_writes_logits_and_prompt_data(baselines):
         assert torch.isfinite(logits[..., 1:]).all() and bool((logits[..., 0] == float("-inf")).all())
         meta = json.loads((folder / f"expected_logits_{i}.json").read_text())
         assert set(meta) == {"model", "weights_hash", "prompt_ids", "dtype", "seq_len", "new_tokens",
-                             "moebench_version", "tp_degree", "eos_ids"}
+                             "moebench_version", "tp_degree", "eos_ids", "base"}
         assert meta["model"] == MODEL and meta["dtype"] == "bfloat16" and meta["tp_degree"] == 1
         assert meta["eos_ids"] == [0]
         assert meta["seq_len"] == 20 and meta["new_tokens"] == 20 - L
@@ -133,6 +133,8 @@ def test_generate_accuracy_baselines_writes_logits_and_prompt_data(baselines):
     for i, (row, prompt) in enumerate(zip(rows, PROMPTS)):
         assert [int(c) for c in row[:3]] == [i, n_tokens(prompt), 20]
         assert float(row[3]) > 0 and float(row[4]) > 0
+        # the base written beside each prompt's logits, named in their metadata
+        assert json.loads((folder / f"expected_logits_{i}.json").read_text())["base"] == [float(c) for c in row[3:]]
     assert "prompt data: " in out
 
 
