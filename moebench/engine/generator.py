@@ -16,6 +16,7 @@ from torch._inductor.exc import InductorError
 
 from moebench.engine import hugepages
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
+from moebench.errors import MoebenchError
 from moebench.model import cpu_ops
 from moebench.model.qwen3_moe import KVCache, StepInputs
 
@@ -157,14 +158,17 @@ def graph_runs(ctx_buckets: tuple[int, ...], tkg_buckets: tuple[int, ...], max_l
     return runs + [("token_generation_model", S, buckets.count(S)) for S in dict.fromkeys(buckets)]
 
 
-def cache_too_large(e: BaseException, model, batch: int, seq_len: int) -> str | None:
-    """Why making an engine failed where its KV cache is too large (out of memory, or sizes past 64 bits: torch's
-    "overflow", a TypeError or a RuntimeError): the user's --seq-len, not a bug; else None."""
-    if not isinstance(e, MemoryError) and not any(word in str(e).lower() for word in ("alloc", "overflow")):
-        return None
-    cfg = model.config
-    gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * seq_len * next(model.parameters()).itemsize / 1e9
-    return f"--seq-len {seq_len}: the KV cache needs {gb:.1f} GB, more than is free"
+def engine_for(model, batch: int, seq_len: int, **options) -> "Engine":
+    """Engine(model, batch, seq_len, ...); a KV cache too large to make (out of memory, or sizes past 64 bits:
+    torch's "overflow", a TypeError or a RuntimeError) is the user's --seq-len, not a bug: one line."""
+    try:
+        return Engine(model, batch=batch, max_len=seq_len, **options)
+    except (RuntimeError, MemoryError, TypeError) as e:
+        if not isinstance(e, MemoryError) and not any(word in str(e).lower() for word in ("alloc", "overflow")):
+            raise
+        cfg = model.config
+        gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * seq_len * next(model.parameters()).itemsize / 1e9
+        raise MoebenchError(f"--seq-len {seq_len}: the KV cache needs {gb:.1f} GB, more than is free") from None
 
 
 class Engine:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moebench import __version__
-from moebench.engine.generator import Engine, cache_too_large
+from moebench.engine.generator import engine_for
 from moebench.engine.parallel import writes_files
 from moebench.errors import MoebenchError
 from moebench.evaluation.records import write_whole
@@ -81,12 +81,7 @@ def compute_expected(source: ModelSource, input_ids, attention_mask, new_tokens:
     """Greedy decoding of the reference, no early stop: float32 scores [new_tokens, B, vocab], the raw logits with
     the `banned` ids (EOS) at -inf, as the original's scores after its min_new_tokens processor."""
     model = build_model(Qwen3MoeForCausalLM, source, ModelOptions(), dtype, device)
-    try:
-        engine = Engine(model, batch=input_ids.shape[0], max_len=seq_len, compile=new_tokens >= 64, banned=banned)
-    except (RuntimeError, MemoryError, TypeError) as e:
-        if (why := cache_too_large(e, model, input_ids.shape[0], seq_len)) is None:
-            raise
-        raise MoebenchError(why) from None
+    engine = engine_for(model, input_ids.shape[0], seq_len, compile=new_tokens >= 64, banned=banned)
     return engine.greedy(input_ids, attention_mask, new_tokens)[1]
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from moebench.cli.args import RunConfig
-from moebench.engine.generator import Engine, auto_buckets, cache_too_large
+from moebench.engine.generator import Engine, auto_buckets, engine_for
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams
 from moebench.errors import MoebenchError
 from moebench.model.loader import ModelSource, open_model
@@ -84,13 +84,8 @@ def make_engine(model, run: RunConfig, batch: int, compile: bool, banned: tuple[
     """The engine and its KV cache; a cache too large for memory is the user's --seq-len, not a bug. banned: the ids
     its greedy decoding never picks (the request's EOS ids where it gets exactly max_new_tokens, as the original's
     min_new_tokens = max_new_tokens)."""
-    try:
-        return Engine(model, batch=batch, max_len=run.seq_len, compile=compile, sampling=on_device_sampling(run),
-                      banned=banned, **buckets_of(run))
-    except (RuntimeError, MemoryError, TypeError) as e:
-        if (why := cache_too_large(e, model, batch, run.seq_len)) is None:
-            raise
-        raise MoebenchError(why) from None
+    return engine_for(model, batch, run.seq_len, compile=compile, sampling=on_device_sampling(run), banned=banned,
+                      **buckets_of(run))
 
 
 def eos_ids_of(source: ModelSource) -> tuple[int, ...]:
