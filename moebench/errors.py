@@ -11,3 +11,7 @@ class CheckFailed(MoebenchError):
     """A check ran and failed (validation, accuracy): exit code 1."""
 
     exit_code = 1
+
+
+class SubmissionFault(CheckFailed):
+    """The submission crashed, hung past its time limit or raised while being evaluated: a failed evaluation."""

@@ -326,6 +326,36 @@ def test_a_rank_out_of_step_with_rank_0_stops_naming_both_values():
         run_parallel(_out_of_step, 2, timeout=120)
 
 
+def _prompts_with_failures(rank, world):
+    """Three prompts' worth of evaluate_prompt's steps: on prompt 0 rank 1's submission fails alone before a
+    checkpoint rank 0 goes on to; on prompt 1 both fail, alike; prompt 2 goes through. What each rank recorded."""
+    from moebench.engine.parallel import agreed_failure, every_value, shared_value
+    from moebench.errors import SubmissionFault
+
+    outcomes = []
+    for prompt in range(3):
+        failure, seen = None, []
+        try:
+            if (rank, prompt) == (1, 0) or prompt == 1:
+                raise SubmissionFault("its answer came past the time limit")
+            seen.append(shared_value(10 * prompt + rank, "the fresh prompts' seed"))
+            seen.append(every_value(rank, "the MAC counts"))
+        except SubmissionFault as e:
+            failure = e
+        failure = agreed_failure(failure)
+        outcomes.append((failure and str(failure), seen))
+    return _gathered(outcomes, world)
+
+
+def test_a_failure_one_rank_meets_alone_is_every_ranks_and_the_next_prompt_runs_in_step():
+    """A failure one rank meets alone sends it to the prompt's end, where it waits: the others learn of it at their
+    next checkpoint (rather than pair it with another collective) and every rank records the same outcome."""
+    want = [("rank 1: its answer came past the time limit", []),
+            ("ranks 0, 1: its answer came past the time limit", []),
+            (None, [20, [0, 1]])]
+    assert run_parallel(_prompts_with_failures, 2, timeout=120) == [want, want]
+
+
 def _fail_on_rank_1(rank, world):
     if rank == 1:
         raise KeyError("rank one broke")

@@ -15,6 +15,7 @@ from moebench.cli.main import main
 from moebench.errors import MoebenchError
 from tests.conftest import error_line
 
+SUBMISSIONS = Path(__file__).parent / "submissions"
 SHORT = ["--seq-len", "16", "--prompt", "Hello there", "--torch-dtype", "float32", "--benchmark-runs", "1",
          "--warmup-runs", "0", "--base-latency", "100", "--base-throughput", "100"]
 
@@ -35,6 +36,23 @@ def test_evaluate_single_over_two_ranks(capfd, in_tmp):
     assert report["e2e_model"]["runs"] == 1
     check = report["checks"]["mac_count"]  # the ranks' MACs summed against the sharded reference's summed
     assert (check["ranks"], check["factor"], check["share_cap"]) == (2, 1.0, 0.0)
+
+
+@pytest.mark.usefixtures("in_tmp")
+def test_a_failure_one_rank_meets_alone_fails_the_evaluation_on_every_rank(capfd, in_tmp, monkeypatch):
+    """Rank 1's kernel formula alone is broken: its FLOP count fails while rank 0's passes (no collective between
+    them there). Rank 0 learns of it at its next checkpoint, rather than go on into the MAC counts' collective; the
+    evaluation fails on both, naming rank 1 and why, and is recorded once."""
+    monkeypatch.setenv("BROKEN_MACS", "-1")
+    monkeypatch.setenv("BROKEN_MACS_RANK", "1")
+    code = main(["--mode", "evaluate_single", "--tp-degree", "2", "--qwen", str(SUBMISSIONS / "broken_macs.py"),
+                 "--team-id", "tp", "--skip-accuracy", "--audit-pairs", "0", *SHORT])
+    out, err = capfd.readouterr()
+    assert code == 1, out + err
+    assert "evaluation failed: rank 1: the kernel FLOP count failed: broken_macs.head.default: its MAC count -" in out
+    assert "out of step" not in out + err
+    rows = list(csv.DictReader((in_tmp / "tp_moebench-tiny_score_records.csv").open()))
+    assert [r["final_score"] for r in rows] == ["0.0"]
 
 
 @pytest.mark.usefixtures("in_tmp")

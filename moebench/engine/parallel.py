@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from moebench.errors import MoebenchError
+from moebench.errors import MoebenchError, SubmissionFault
 from moebench.model.qwen3_moe import Attention, DenseMLP, SparseMoE, untouched
 
 # Legend: N ranks, r this rank, H/Hkv query/key-value heads, hd head dim, D hidden, I intermediate, V vocab, E experts.
@@ -410,19 +410,62 @@ def shard_model(model: nn.Module, rank: int, world: int, group=None, vocab_paral
     return model
 
 
+class FailedOnAnotherRank(SubmissionFault):
+    """This rank's evaluation stops because another rank's failed (a fault that rank met alone: its call ended past
+    the time limit where this rank's ended inside it, say)."""
+
+
+_OUTCOME = "the prompt's outcome"
+
+
+def _in_step(what: str, value) -> list:
+    """Every rank's value, the ranks' checkpoint: each names what it shares (a rank whose collective pairs with
+    another of the others stops, naming both, rather than take a seed for a port), and a rank that met a failure
+    alone, waiting in agreed_failure, is seen here by the others: they raise FailedOnAnotherRank and join it."""
+    entries = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, (what, value, None))
+    for r, (theirs, _, failure) in enumerate(entries):
+        if theirs == _OUTCOME and failure is not None:
+            raise FailedOnAnotherRank(f"rank {r}: {failure}")
+    odd = next((r for r, (theirs, _, _) in enumerate(entries) if theirs != entries[0][0]), None)
+    if odd is not None:
+        raise RuntimeError(f"the ranks are out of step: rank 0 shared {entries[0][0]} where rank {odd} waited for "
+                           f"{entries[odd][0]}")
+    return [v for _, v, _ in entries]
+
+
 def shared_value(value, what: str):
-    """Rank 0's value on every rank of the default group; the value itself without tensor parallelism. `what` names
-    it: a rank that receives another (a rank that left a prompt early, its failure met by it alone, pairs its next
-    broadcast with another's of the others) stops, naming both, rather than take a seed for a port."""
+    """Rank 0's value on every rank of the default group (a checkpoint: _in_step); the value itself without tensor
+    parallelism. `what` names it."""
     if not dist.is_initialized():
         return value
-    box = [(what, value)]
-    dist.broadcast_object_list(box, src=0)
-    theirs, value = box[0]
-    if theirs != what:
-        raise RuntimeError(f"the ranks are out of step: rank 0 shared {theirs} where rank {dist.get_rank()} waited "
-                           f"for {what}")
-    return value
+    return _in_step(what, value if dist.get_rank() == 0 else None)[0]
+
+
+def every_value(value, what: str) -> list:
+    """Every rank's value, in rank order (a checkpoint: _in_step); [value] without tensor parallelism."""
+    return _in_step(what, value) if dist.is_initialized() else [value]
+
+
+def agreed_failure(error: SubmissionFault | None) -> SubmissionFault | None:
+    """The end of a prompt on every rank: None where every rank's evaluation went through, else one SubmissionFault
+    naming each rank that failed on its own and why, so that every rank records the same outcome and starts the
+    next prompt in step. A rank that failed alone waits here until the others, told at their next checkpoint
+    (evaluate_prompt has one after each of the submission's calls, before the reference's collectives), come too."""
+    if not dist.is_initialized():
+        return error
+    own = None if error is None or isinstance(error, FailedOnAnotherRank) else str(error)
+    while True:
+        entries = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, (_OUTCOME, None, own))
+        if all(what == _OUTCOME for what, _, _ in entries):
+            break
+    ranks = {}  # each failure's text: the ranks that met it
+    for r, (_, _, failure) in enumerate(entries):
+        if failure is not None:
+            ranks.setdefault(failure, []).append(str(r))
+    return SubmissionFault("; ".join(f"rank{'s' * (len(rs) > 1)} {', '.join(rs)}: {failure}"
+                                     for failure, rs in ranks.items())) if ranks else None
 
 
 # ---- starting ranks ----

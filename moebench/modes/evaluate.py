@@ -6,7 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from moebench.cli.args import RunConfig
-from moebench.engine.parallel import writes_files
+from moebench.engine.parallel import agreed_failure, shared_value, writes_files
 from moebench.errors import CheckFailed, MoebenchError
 from moebench.evaluation.records import (IN_TURN, PromptData, append_json_record, append_record, check_output_file,
                                          check_records_file, prompt_data_path, read_prompt_data, read_prompts,
@@ -44,11 +44,14 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, [prompt])
     isolated = isolation(run)
-    under = None
+    under, failure = None, None
     try:
         # the submission first: a broken module fails before any long work
         under = IsolatedSubmission(run, source, req, extend) if isolated else \
             UnderTest(run, sub, source, device, dtype, req, artifacts)
+        # (under tensor parallelism, after each of the submission's calls every rank checks that none failed alone
+        # before the reference's collectives: agreed_failure)
+        shared_value(None, "the submission built")
         expected = None
         if not run.skip_accuracy:
             expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
@@ -57,6 +60,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         accuracy, checked, v, problems = 1.0, False, None, []
         if expected is not None:
             v = under.validate(expected, req, source.tokenizer)
+            shared_value(None, "the validation")
             print_validation(v)
             accuracy, checked = float(v.report.passed), True
         if base is None:  # timed with the submission, request by request (a shared machine's drift slows both)
@@ -66,17 +70,20 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             report = under.benchmark(req)
         report["accuracy"] = v.report.plot_data() if v is not None else None
         report["kernel_flops"] = flops = under.kernel_flops(req)
+        shared_value(None, "the FLOP count")
         report["compile"] = under.compile if isolated else under.artifacts.summary()
         if isolated:
             report["checks"] = checks = under.finish(device, dtype)
             problems = check_problems(checks)
             uncredited(flops, checks.get("mac_count"))
     except SubmissionFault as e:
-        print(f"evaluation failed: {e}")
-        return record_failure(run, sub, source, device, prompt, index, base, str(e)), None, str(e)
+        failure = e
     finally:
         if isolated and under is not None:
-            under.close()
+            under.close()  # (before the ranks agree: another rank's submission may wait on this one's)
+    if (failure := agreed_failure(failure)) is not None:
+        print(f"evaluation failed: {failure}")
+        return record_failure(run, sub, source, device, prompt, index, base, str(failure)), None, str(failure)
     for problem in problems:
         print(f"evaluation flagged: {problem}")
     reasons = [] if accuracy else ["the accuracy check failed"]

@@ -20,12 +20,8 @@ from pathlib import Path
 
 import torch
 
-from moebench.engine.parallel import shared_value
-from moebench.errors import CheckFailed, MoebenchError
-
-
-class SubmissionFault(CheckFailed):
-    """The submission crashed, hung past its time limit or raised while being evaluated: a failed evaluation."""
+from moebench.engine.parallel import every_value, shared_value
+from moebench.errors import MoebenchError, SubmissionFault
 
 
 # Messages are plain data: None, bools, numbers, strings, lists, tuples, dicts with string keys and tensors, sent as
@@ -378,14 +374,6 @@ def isolation(run) -> bool:
     return True
 
 
-def _barrier() -> None:
-    """Every rank here (the harness's own group) before any goes on; nothing without tensor parallelism."""
-    from torch import distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
     """A timed request's answer, (tokens [batch, new_tokens] of the vocabulary, the submission's own timings), or a
     SubmissionFault: fewer tokens than asked for would be timed, scored and spot-checked as the whole request."""
@@ -528,9 +516,9 @@ class IsolatedSubmission:
         """paused() with the ranks in step: no rank's clock starts before every rank's submission is stopped, or
         after only some were continued (each rank's helper takes its own time)."""
         with self.paused():
-            _barrier()
+            shared_value(None, "every rank's submission paused")
             yield
-        _barrier()
+        shared_value(None, "every rank's submission continued")
 
     def finish(self, device, dtype) -> dict:
         """Stops the submission's process, then checks every timed output with the reference (built now, so that
@@ -559,12 +547,8 @@ class IsolatedSubmission:
             counted, _ = request_macs(ref, req.input_ids, req.attention_mask, req.max_new_tokens, self.run.seq_len,
                                       **buckets_of(self.run))
             macs = [flops["total_macs"], flops["kernel_macs"], counted.total.total]
-            if self.run.tp_degree > 1:  # a rank's graphs hold its shard of the work: the ranks' counts summed
-                from torch import distributed as dist
-
-                summed = torch.tensor(macs, dtype=torch.int64)
-                dist.all_reduce(summed)
-                macs = summed.tolist()
+            # a rank's graphs hold its shard of the work: the ranks' counts summed
+            macs = [sum(counts) for counts in zip(*every_value(macs, "the MAC counts"))]
             checks["mac_count"] = credibility({"total_macs": macs[0], "kernel_macs": macs[1]}, macs[2],
                                               self.run.tp_degree)
         return checks

@@ -4,12 +4,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from moebench.cli.args import RunConfig
+from moebench.engine.parallel import agreed_failure, shared_value
 from moebench.errors import CheckFailed
 from moebench.evaluation.expected import save_expected
 from moebench.evaluation.records import check_output_file, read_prompts, write_prompt_data
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
-from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of
+from moebench.modes.sandbox import IsolatedSubmission, SubmissionFault, isolation, submission_of
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 
@@ -21,14 +22,20 @@ def run_validate(run: RunConfig) -> int:
     device, dtype = device_of(run), dtype_of(run)
     req = make_request(run, source, run.prompts)
     isolated = isolation(run)
-    # the submission first: a broken module fails before any long work
-    under = IsolatedSubmission(run, source, req) if isolated else UnderTest(run, sub, source, device, dtype, req)
+    under, failure = None, None
     try:
+        # the submission first: a broken module fails before any long work
+        under = IsolatedSubmission(run, source, req) if isolated else UnderTest(run, sub, source, device, dtype, req)
+        shared_value(None, "the submission built")  # (every rank's, before the reference runs: agreed_failure)
         expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
         v = under.validate(expected, req, source.tokenizer)
+    except SubmissionFault as e:
+        failure = e
     finally:
-        if isolated:
+        if isolated and under is not None:
             under.close()
+    if (failure := agreed_failure(failure)) is not None:
+        raise failure
     print_validation(v)
     if not v.report.passed:
         raise CheckFailed("validation failed")

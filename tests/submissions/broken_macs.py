@@ -2,7 +2,8 @@
 formula that gives a negative count (BROKEN_MACS=nan: not a number): the harness refuses the count, a failed,
 recorded evaluation in one line (before: a traceback and no record). BROKEN_MACS=1 is honest; 1000 inflates the
 count: the kernel share is then not credited; 1.9 inflates it within the 2x check: the share is then capped at the
-honest one."""
+honest one. BROKEN_MACS_RANK=r: under tensor parallelism only rank r's formula is broken (a failure that rank
+meets alone)."""
 
 import os
 
@@ -25,7 +26,15 @@ def _(x, weight):
 
 
 MACS = float(os.environ.get("BROKEN_MACS", "-1"))
-register_kernel("broken_macs::head", macs=lambda x, w: MACS * x.shape[0] * x.shape[1] * x.shape[2] * w.shape[0])
+ON_RANK = os.environ.get("BROKEN_MACS_RANK")
+
+
+def macs(x, w):
+    broken = ON_RANK is None or torch.distributed.get_rank() == int(ON_RANK)
+    return (MACS if broken else 1) * x.shape[0] * x.shape[1] * x.shape[2] * w.shape[0]
+
+
+register_kernel("broken_macs::head", macs=macs)
 
 
 class Head(torch.nn.Linear):
