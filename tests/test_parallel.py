@@ -344,16 +344,19 @@ def _prompts_with_failures(rank, world):
             failure = e
         failure = agreed_failure(failure)
         outcomes.append((failure and str(failure), seen))
-    return _gathered(outcomes, world)
+    waits = dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout  # for a collective's other ranks
+    return _gathered(outcomes, world), waits
 
 
 def test_a_failure_one_rank_meets_alone_is_every_ranks_and_the_next_prompt_runs_in_step():
     """A failure one rank meets alone sends it to the prompt's end, where it waits: the others learn of it at their
-    next checkpoint (rather than pair it with another collective) and every rank records the same outcome."""
+    next checkpoint (rather than pair it with another collective) and every rank records the same outcome. It
+    waits longer than the others' submissions may take (--phase-time-limit a call, an hour by default)."""
     want = [("rank 1: its answer came past the time limit", []),
             ("ranks 0, 1: its answer came past the time limit", []),
             (None, [20, [0, 1]])]
-    assert run_parallel(_prompts_with_failures, 2, timeout=120) == [want, want]
+    outcomes, waits = run_parallel(_prompts_with_failures, 2, timeout=120)
+    assert outcomes == [want, want] and waits.total_seconds() == 24 * 3600
 
 
 def _fail_on_rank_1(rank, world):

@@ -26,6 +26,7 @@ import queue
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -439,7 +440,10 @@ def shared_value(value, what: str):
     parallelism. `what` names it."""
     if not dist.is_initialized():
         return value
-    return _in_step(what, value if dist.get_rank() == 0 else None)[0]
+    _in_step(what, None)
+    box = [value]  # (broadcast, in step now: an all-gather would move the expected logits once per rank)
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def every_value(value, what: str) -> list:
@@ -479,6 +483,12 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+# How long a rank waits in a collective for the others: they may be waiting on their submissions (each call up to
+# --phase-time-limit), and a rank whose submission failed alone waits at the prompt's end until they come
+# (agreed_failure). A rank that dies is seen at once: run_parallel watches the processes, as torchrun's agent does.
+RANKS_WAIT = timedelta(days=1)
+
+
 def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
     """Joins the process group that torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; LOCAL_RANK
     picks the GPU): NCCL when CUDA is there, else gloo. Returns (rank, world, this rank's device)."""
@@ -493,7 +503,7 @@ def init_from_env(backend: str | None = None) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, timeout=RANKS_WAIT)
     return rank, world, device
 
 
@@ -511,7 +521,7 @@ def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the ranks share the cores
         store = dist.TCPStore("127.0.0.1", port, is_master=False)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=RANKS_WAIT)
         out = fn(rank, world, *args)
         # Plain pickle bytes: torch's queue would pass tensors through shared memory that dies with this process.
         results.put((rank, None, pickle.dumps(out)))
