@@ -39,20 +39,25 @@ def test_evaluate_single_over_two_ranks(capfd, in_tmp):
 
 
 @pytest.mark.usefixtures("in_tmp")
-def test_a_failure_one_rank_meets_alone_fails_the_evaluation_on_every_rank(capfd, in_tmp, monkeypatch):
+def test_a_failure_one_rank_meets_alone_fails_the_prompt_on_every_rank_and_the_next_runs(capfd, in_tmp,
+                                                                                           monkeypatch):
     """Rank 1's kernel formula alone is broken: its FLOP count fails while rank 0's passes (no collective between
     them there). Rank 0 learns of it at its next checkpoint, rather than go on into the MAC counts' collective; the
-    evaluation fails on both, naming rank 1 and why, and is recorded once."""
+    prompt fails on both, naming rank 1 and why, is recorded once, and evaluate_all's next prompt runs in step
+    (before: rank 0 met rank 1's next prompt in a collective, a traceback, and no second prompt)."""
     monkeypatch.setenv("BROKEN_MACS", "-1")
     monkeypatch.setenv("BROKEN_MACS_RANK", "1")
-    code = main(["--mode", "evaluate_single", "--tp-degree", "2", "--qwen", str(SUBMISSIONS / "broken_macs.py"),
-                 "--team-id", "tp", "--skip-accuracy", "--audit-pairs", "0", *SHORT])
+    (in_tmp / "prompts.txt").write_text("Hello there\n\nWhat is two\n")
+    short = SHORT[:SHORT.index("--prompt")] + SHORT[SHORT.index("--prompt") + 2:]
+    code = main(["--mode", "evaluate_all", "--tp-degree", "2", "--qwen", str(SUBMISSIONS / "broken_macs.py"),
+                 "--team-id", "tp", "--skip-accuracy", "--audit-pairs", "0", *short])
     out, err = capfd.readouterr()
     assert code == 1, out + err
-    assert "evaluation failed: rank 1: the kernel FLOP count failed: broken_macs.head.default: its MAC count -" in out
-    assert "out of step" not in out + err
+    why = "rank 1: the kernel FLOP count failed: broken_macs.head.default: its MAC count -"
+    assert out.count(f"evaluation failed: {why}") == 2 and "== prompt 1" in out and "out of step" not in out + err
+    assert f"2 of 2 prompts scored 0 (prompt 0: {why}" in err
     rows = list(csv.DictReader((in_tmp / "tp_moebench-tiny_score_records.csv").open()))
-    assert [r["final_score"] for r in rows] == ["0.0"]
+    assert [r["final_score"] for r in rows] == ["0.0", "0.0"]
 
 
 @pytest.mark.usefixtures("in_tmp")
