@@ -36,6 +36,7 @@ from torch._dynamo.utils import counters
 
 from moebench.engine.generator import Engine
 from moebench.kernels import common, tuning
+from moebench.model.loader import rope_on
 from moebench.model.presets import PRESETS
 from moebench.model.qwen3_moe import KERNEL_BLOCKS, ModelOptions, Qwen3MoeForCausalLM
 
@@ -54,7 +55,7 @@ def random_model(cfg, options: ModelOptions, device, seed: int = 0) -> Qwen3MoeF
             else:
                 t = (torch.randn(p.shape, generator=g, device=device, dtype=torch.bfloat16) * 0.02)
             setattr(module, name, torch.nn.Parameter(t, requires_grad=False))
-    return model.eval()
+    return rope_on(model.eval(), device)  # (its decode steps compile before any prefill ran)
 
 
 def hf_model(cfg, device, experts: str):

@@ -6,14 +6,16 @@ __version__ = "0.2.0"
 def _triton_interpreter_without_cuda() -> None:
     """Without CUDA, Triton kernels can only run in Triton's interpreter, and Triton fixes that choice early
     (any import of triton, e.g. by another library, before TRITON_INTERPRET is set makes kernels defined later
-    unlaunchable on the CPU). So set it first thing; with CUDA it is left alone. Inductor's CPU code is C++ and
-    does not read it."""
+    unlaunchable on the CPU). So set it first thing ("0" with CUDA). Inductor's CPU code is C++ and does not read
+    it. Where it is set, CUDA is not asked about: asking starts the GPU driver, and a submission's process, spawned
+    from the harness's (with its environment), imports moebench before it closes the descriptors it inherited, which
+    would close the driver's too."""
     import os
 
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 
 _triton_interpreter_without_cuda()

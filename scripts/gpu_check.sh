@@ -4,7 +4,8 @@
 # launches (their fastest options written to tuned.json), the decode benchmark with those options (the kernels against
 # plain torch on the same weights, transformers side by side, then the full-size model, with programmatic dependent
 # launch off and on), and the kernel tests compiled on the GPU (not interpreted). Each part has its own time
-# limit, so one that hangs leaves the others their time. Results go under ${OUT:-gpu_results}/.
+# limit, so one that hangs leaves the others their time; last, evaluate_single of the embedded model on the GPU (its
+# submission in a process of its own). Results go under ${OUT:-gpu_results}/.
 # Usage: bash scripts/gpu_check.sh     (on a machine with CUDA, torch, triton and pytest; moebench runs from the tree)
 set -uo pipefail
 out="${OUT:-gpu_results}"
@@ -32,3 +33,10 @@ timeout "${TESTS_S:-100}" "$py" -m pytest -q -p no:cacheprovider "${workers[@]}"
     tests/test_quantized_moe.py tests/test_pdl.py >"$out/kernel_tests.txt" 2>&1
 echo "kernel tests: exit $?"
 tail -25 "$out/kernel_tests.txt"
+# The harness end to end on the GPU: evaluate_single of the embedded model, its submission in a process of its own
+# (spawned where there is CUDA, the GPU driver started anew there), validated, timed and counted.
+mkdir -p "$out/evaluate"
+(cd "$out/evaluate" && timeout "${EVAL_S:-120}" "$py" "$OLDPWD/main.py" --mode evaluate_single --seq-len 64 \
+    --benchmark-runs 3 --warmup-runs 1) >"$out/evaluate.txt" 2>&1
+echo "evaluate_single on the GPU: exit $?"
+tail -15 "$out/evaluate.txt"

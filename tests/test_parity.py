@@ -79,6 +79,21 @@ def test_compiled_decode_equals_eager(dtype):
     torch.testing.assert_close(runs[1], runs[0], atol=atol, rtol=0 if dtype == torch.bfloat16 else 1e-5)
 
 
+def test_the_rope_frequencies_go_where_the_weights_go():
+    """A plain float32 attribute (a buffer would be rounded by a cast to bfloat16), which loading passes by: moved
+    with the weights (the meta device stands in for a GPU), so that a compiled decode step that runs before any
+    prefill finds it there."""
+    from moebench.model.loader import rope_on
+    from moebench.model.presets import EMBEDDED
+
+    model = build_model(Qwen3MoeForCausalLM, open_model(f"preset:{EMBEDDED}"), ModelOptions(), torch.bfloat16, "cpu")
+    assert model.inv_freq.dtype == torch.float32 and model.inv_freq.device.type == "cpu"
+    assert rope_on(model, torch.device("meta")) is model and model.inv_freq.device.type == "meta"
+    assert model.inv_freq.dtype == torch.float32
+    plain = torch.nn.Linear(2, 2)
+    assert rope_on(plain, "meta") is plain and not hasattr(plain, "inv_freq")
+
+
 def test_compiled_decode_falls_back_to_the_python_wrapper():
     """Where Inductor's C++ wrapper cannot call an operator of the step, the step compiles again with the Python
     wrapper and gives the eager step's logits; any other compile error still surfaces."""

@@ -36,6 +36,40 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
 
 
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    environ = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_process_whose_environment_says_where_triton_runs_does_not_ask_for_cuda_on_import():
+    """Asking starts the GPU driver (its descriptors open): a spawned submission process imports moebench before
+    it closes what it inherited. The harness's import writes the answer into the environment its children get."""
+    asked = ("import torch\ntorch.cuda.is_available = lambda: (_ for _ in ()).throw(AssertionError('asked'))\n"
+             "import moebench, os\nprint(os.environ['TRITON_INTERPRET'])")
+    done = _python(asked, TRITON_INTERPRET="0")
+    assert done.returncode == 0 and done.stdout.split() == ["0"], done.stderr
+    done = _python("import moebench, os\nprint(os.environ['TRITON_INTERPRET'])")  # unset: decided here, on the CPU
+    assert done.returncode == 0 and done.stdout.split() == ["1"], done.stderr
+
+
+def test_a_submission_process_keeps_the_gpu_drivers_descriptors_and_closes_the_rest(tmp_path):
+    """_close_inherited keeps the driver's files (/dev/nvidia*; /dev/null stands in for them here) and the pipe."""
+    code = f"""
+import os
+from moebench.modes import sandbox
+sandbox.DRIVER_FILES = ("/dev/null",)
+r, w = os.pipe()
+driver, other = os.open("/dev/null", os.O_RDONLY), os.open({str(tmp_path / "f")!r}, os.O_CREAT | os.O_RDONLY)
+sandbox._close_inherited(type("Conn", (), {{"fileno": lambda self: r}})())
+print(sorted(fd for fd in (r, w, driver, other) if os.path.exists(f"/proc/self/fd/{{fd}}")) == sorted((r, driver)))
+"""
+    done = _python(code)
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stdout + done.stderr
+
+
 def test_a_moebench_folder_in_the_working_folder_does_not_stand_in_for_the_harness(in_tmp):
     """The submission's processes run the harness's moebench, not a `moebench` folder in the working folder (another
     checkout's: the fork server once imported it first), while the contestant's own modules beside qwen.py still

@@ -56,10 +56,19 @@ def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: to
         if model_cls is not Qwen3MoeForCausalLM or options != ModelOptions():
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
                                 "default options runs on it")
-        return random_model(source.config, seed=0, dtype=dtype, device=device)
+        return rope_on(random_model(source.config, seed=0, dtype=dtype, device=device), device)
     model = construct(model_cls, source, options)
     load_weights(model, source.weights_dir, dtype, device)
-    return after_loading(model).eval()
+    return rope_on(after_loading(model).eval(), device)
+
+
+def rope_on(model: torch.nn.Module, device) -> torch.nn.Module:
+    """The RoPE frequencies on the weights' device: a plain float32 attribute (not a buffer, which a cast to bfloat16
+    would round), so loading passes it by. The first forward moved it; a compiled decode step that ran first would
+    take the CPU tensor as an input, and under CUDA graphs not be captured, then recompile once it moved."""
+    if isinstance(getattr(model, "inv_freq", None), torch.Tensor):
+        model.inv_freq = model.inv_freq.to(device)
+    return model
 
 
 def construct(model_cls, source: ModelSource, options: ModelOptions) -> torch.nn.Module:

@@ -120,15 +120,24 @@ def _replied(conn, reply) -> bool:
     return True
 
 
+DRIVER_FILES = ("/dev/nvidia",)  # the GPU driver's: kept open (_close_inherited)
+
+
 def _close_inherited(conn) -> None:
     """Closes every descriptor but the standard ones and the pipe to the parent: the resource tracker's (through which
     a confined child could have the harness's tracker unlink shared memory as root) and the fork server's liveness
-    pipe (a byte written there stops the server, and with it the harness's view of whether this process lives)."""
+    pipe (a byte written there stops the server, and with it the harness's view of whether this process lives).
+    The GPU driver's stay: importing moebench asked whether CUDA is there, which opened them (/dev/nvidiactl, ...),
+    and the driver goes on using them."""
     from multiprocessing import forkserver, resource_tracker
 
     keep = {0, 1, 2, conn.fileno()}
     for fd in map(int, os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ()):
-        if fd not in keep:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own descriptor, already gone
+            continue
+        if fd not in keep and not target.startswith(DRIVER_FILES):
             try:
                 os.close(fd)
             except OSError:  # the listing's own descriptor, already gone
