@@ -218,3 +218,35 @@ def test_a_preset_built_in_memory_refuses_a_submission_before_drawing_its_weight
         (Qwen3MoeForCausalLM, ModelOptions(fused_qkv=True))
     with pytest.raises(MoebenchError, match="preset qwen3-30b-a3b has no checkpoint on disk"):
         loader.build_model(cls, source, options, torch.bfloat16, "cpu")
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB. GPU 0 has a total capacity of 79.19 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_weights_that_do_not_fit_the_devices_memory_are_one_line_with_what_to_do(error, monkeypatch):
+    """A full-size model on one GPU: the harness's reference and the submission's process each load a copy; the
+    line says how big the weights are and that stored expected logits and bases let evaluate_all do without the
+    reference's copy."""
+    from moebench.errors import MoebenchError
+    from moebench.model import loader
+    from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
+
+    source = loader.open_model(None)
+    gb = sum(p.numel() for p in loader.construct(Qwen3MoeForCausalLM, source, ModelOptions()).parameters()) * 2 / 1e9
+
+    def fails(*args):
+        raise error
+
+    monkeypatch.setattr(loader, "_build_model", fails)
+    with pytest.raises(MoebenchError) as e:
+        loader.build_model(Qwen3MoeForCausalLM, source, ModelOptions(), torch.bfloat16, "cuda")
+    first = str(error).splitlines()[0]
+    assert str(e.value) == (
+        f"moebench-tiny: its weights ({gb:.3g} GB in bfloat16) do not fit in the free cuda memory ({first}); "
+        "evaluations hold two copies at once, the reference's and the submission's process's: store the expected "
+        "logits and bases first (--mode generate_accuracy_baselines), which evaluate_all then reads")
+    monkeypatch.setattr(loader, "_build_model", lambda *args: (_ for _ in ()).throw(RuntimeError("a shape bug")))
+    with pytest.raises(RuntimeError, match="a shape bug"):  # not about memory: a bug, as it is
+        loader.build_model(Qwen3MoeForCausalLM, source, ModelOptions(), torch.bfloat16, "cuda")

@@ -51,7 +51,24 @@ def open_model(model_path: str | None) -> ModelSource:
 
 
 def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: torch.dtype, device) -> torch.nn.Module:
-    """Construct `model_cls(config, options)` on the meta device and load the weights into it."""
+    """Construct `model_cls(config, options)` on the meta device and load the weights into it. Weights that do not
+    fit the device's free memory are one line."""
+    try:
+        return _build_model(model_cls, source, options, dtype, device)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and \
+                "can't allocate memory" not in text:  # (torch's CPU allocator's words)
+            raise
+        gb = sum(p.numel() for p in construct(model_cls, source, options).parameters()) * dtype.itemsize / 1e9
+        raise MoebenchError(
+            f"{source.name}: its weights ({gb:.3g} GB in {str(dtype).removeprefix('torch.')}) do not fit in the free "
+            f"{torch.device(device).type} memory ({text}); evaluations hold two copies at once, the reference's and "
+            "the submission's process's: store the expected logits and bases first (--mode "
+            "generate_accuracy_baselines), which evaluate_all then reads") from None
+
+
+def _build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: torch.dtype, device):
     if source.weights_dir is None:  # refused before the weights are drawn (a large preset's take minutes)
         if model_cls is not Qwen3MoeForCausalLM or options != ModelOptions():
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
