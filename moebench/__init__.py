@@ -3,7 +3,7 @@
 __version__ = "0.2.0"
 
 
-def _triton_interpreter_without_cuda() -> None:
+def _where_triton_runs() -> None:
     """Without CUDA, Triton kernels can only run in Triton's interpreter, and Triton fixes that choice early
     (any import of triton, e.g. by another library, before TRITON_INTERPRET is set makes kernels defined later
     unlaunchable on the CPU). So set it first thing ("0" with CUDA). Inductor's CPU code is C++ and does not read
@@ -18,4 +18,4 @@ def _triton_interpreter_without_cuda() -> None:
         os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 
-_triton_interpreter_without_cuda()
+_where_triton_runs()

@@ -4,15 +4,15 @@
 # launches (their fastest options written to tuned.json), the decode benchmark with those options (the kernels against
 # plain torch on the same weights, transformers side by side, then the full-size model, with programmatic dependent
 # launch off and on), and the kernel tests compiled on the GPU (not interpreted). Each part has its own time
-# limit, so one that hangs leaves the others their time; last, evaluate_single of the embedded model on the GPU (its
-# submission in a process of its own). Results go under ${OUT:-gpu_results}/.
+# limit, so one that hangs leaves the others their time. Last, evaluate_single of the embedded model on the GPU, its
+# submission in a process of its own. Results go under ${OUT:-gpu_results}/.
 # Usage: bash scripts/gpu_check.sh     (on a machine with CUDA, torch, triton and pytest; moebench runs from the tree)
 set -uo pipefail
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 py="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TRITON_INTERPRET=0  # the tests default to the interpreter when it is unset: compiled kernels here
+export TRITON_INTERPRET=0  # compiled kernels (as moebench's import sets it where CUDA is; said here for the tests)
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" \
     | tee "$out/device.txt" || exit 2
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv >>"$out/device.txt" 2>&1

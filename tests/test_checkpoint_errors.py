@@ -4,6 +4,7 @@ never a traceback."""
 import json
 import shutil
 import stat
+from dataclasses import replace
 
 import pytest
 import torch
@@ -222,13 +223,14 @@ def test_a_preset_built_in_memory_refuses_a_submission_before_drawing_its_weight
 
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB. GPU 0 has a total capacity of 79.19 GiB"),
+    RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
                  "to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"),
 ])
 def test_weights_that_do_not_fit_the_devices_memory_are_one_line_with_what_to_do(error, monkeypatch):
     """A full-size model on one GPU: the harness's reference and the submission's process each load a copy; the
     line says how big the weights are and that stored expected logits and bases let evaluate_all do without the
-    reference's copy."""
+    reference's copy. Only the loading is read so: an error of the module's own code stays its own."""
     from moebench.errors import MoebenchError
     from moebench.model import loader
     from moebench.model.qwen3_moe import ModelOptions, Qwen3MoeForCausalLM
@@ -236,17 +238,28 @@ def test_weights_that_do_not_fit_the_devices_memory_are_one_line_with_what_to_do
     source = loader.open_model(None)
     gb = sum(p.numel() for p in loader.construct(Qwen3MoeForCausalLM, source, ModelOptions()).parameters()) * 2 / 1e9
 
-    def fails(*args):
+    def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(loader, "_build_model", fails)
-    with pytest.raises(MoebenchError) as e:
+    monkeypatch.setattr(loader, "load_weights", fails)
+    monkeypatch.setattr(loader, "random_model", fails)
+    for weights in (source.weights_dir, None):  # a checkpoint's, a preset's drawn
+        with pytest.raises(MoebenchError) as e:
+            loader.build_model(Qwen3MoeForCausalLM, replace(source, weights_dir=weights), ModelOptions(),
+                               torch.bfloat16, "cuda")
+        assert str(e.value) == (
+            f"moebench-tiny: its weights ({gb:.3g} GB in bfloat16) do not fit in the free cuda memory "
+            f"({str(error).splitlines()[0]}). The evaluation modes hold the reference's copy beside the submission "
+            "process's, unless evaluate_all reads stored expected logits and bases: --mode "
+            "generate_accuracy_baselines stores them holding one copy")
+
+    class Broken(Qwen3MoeForCausalLM):
+        def after_loading(self):
+            raise MemoryError("its own")
+
+    monkeypatch.setattr(loader, "load_weights", lambda *args: (_ for _ in ()).throw(RuntimeError("a shape bug")))
+    with pytest.raises(RuntimeError, match="a shape bug"):  # not about memory: as it is
         loader.build_model(Qwen3MoeForCausalLM, source, ModelOptions(), torch.bfloat16, "cuda")
-    first = str(error).splitlines()[0]
-    assert str(e.value) == (
-        f"moebench-tiny: its weights ({gb:.3g} GB in bfloat16) do not fit in the free cuda memory ({first}); "
-        "evaluations hold two copies at once, the reference's and the submission's process's: store the expected "
-        "logits and bases first (--mode generate_accuracy_baselines), which evaluate_all then reads")
-    monkeypatch.setattr(loader, "_build_model", lambda *args: (_ for _ in ()).throw(RuntimeError("a shape bug")))
-    with pytest.raises(RuntimeError, match="a shape bug"):  # not about memory: a bug, as it is
-        loader.build_model(Qwen3MoeForCausalLM, source, ModelOptions(), torch.bfloat16, "cuda")
+    monkeypatch.setattr(loader, "load_weights", lambda *args: None)
+    with pytest.raises(MemoryError, match="its own"):  # the module's own code, after the loading
+        loader.build_model(Broken, source, ModelOptions(), torch.bfloat16, "cpu")

@@ -351,7 +351,7 @@ def _prompts_with_failures(rank, world):
 def test_a_failure_one_rank_meets_alone_is_every_ranks_and_the_next_prompt_runs_in_step():
     """A failure one rank meets alone sends it to the prompt's end, where it waits: the others learn of it at their
     next checkpoint (rather than pair it with another collective) and every rank records the same outcome. It
-    waits longer than the others' submissions may take (--phase-time-limit a call, an hour by default)."""
+    waits a day, not gloo's 30 minutes: one of the others' calls may take an hour (--phase-time-limit)."""
     want = [("rank 1: its answer came past the time limit", []),
             ("ranks 0, 1: its answer came past the time limit", []),
             (None, [20, [0, 1]])]

@@ -86,7 +86,15 @@ def test_the_rope_frequencies_go_where_the_weights_go():
     from moebench.model.loader import rope_on
     from moebench.model.presets import EMBEDDED
 
-    model = build_model(Qwen3MoeForCausalLM, open_model(f"preset:{EMBEDDED}"), ModelOptions(), torch.bfloat16, "cpu")
+    from moebench.model import loader
+
+    moved = []
+    spy = (lambda model, device: moved.append((type(model).__name__, device)) or rope_on(model, device))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loader, "rope_on", spy)
+        model = build_model(Qwen3MoeForCausalLM, open_model(f"preset:{EMBEDDED}"), ModelOptions(), torch.bfloat16,
+                            "cpu")
+    assert moved == [("Qwen3MoeForCausalLM", "cpu")]
     assert model.inv_freq.dtype == torch.float32 and model.inv_freq.device.type == "cpu"
     assert rope_on(model, torch.device("meta")) is model and model.inv_freq.device.type == "meta"
     assert model.inv_freq.dtype == torch.float32

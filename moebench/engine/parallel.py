@@ -455,7 +455,8 @@ def agreed_failure(error: SubmissionFault | None) -> SubmissionFault | None:
     """The end of a prompt on every rank: None where every rank's evaluation went through, else one SubmissionFault
     naming each rank that failed on its own and why, so that every rank records the same outcome and starts the
     next prompt in step. A rank that failed alone waits here until the others, told at their next checkpoint
-    (evaluate_prompt has one after each of the submission's calls, before the reference's collectives), come too."""
+    (evaluate_prompt has them after the build, the validation and the FLOP count, and before each of the reference's
+    collectives), come too."""
     if not dist.is_initialized():
         return error
     own = None if error is None or isinstance(error, FailedOnAnotherRank) else str(error)
@@ -485,7 +486,9 @@ def launched_by_torchrun() -> bool:
 
 # How long a rank waits in a collective for the others: they may be waiting on their submissions (each call up to
 # --phase-time-limit), and a rank whose submission failed alone waits at the prompt's end until they come
-# (agreed_failure). A rank that dies is seen at once: run_parallel watches the processes, as torchrun's agent does.
+# (agreed_failure): a day (gloo's default, 30 minutes, is less than one call may take; 24 calls of a whole hour
+# between two checkpoints would still outlast it). A rank that dies is seen at once: run_parallel watches the
+# processes, as torchrun's agent does; a true deadlock (a bug) waits the day out.
 RANKS_WAIT = timedelta(days=1)
 
 

@@ -1,5 +1,6 @@
 """Opens a model directory (or a built-in preset) and builds a model class from it."""
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,30 +54,37 @@ def open_model(model_path: str | None) -> ModelSource:
 def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: torch.dtype, device) -> torch.nn.Module:
     """Construct `model_cls(config, options)` on the meta device and load the weights into it. Weights that do not
     fit the device's free memory are one line."""
-    try:
-        return _build_model(model_cls, source, options, dtype, device)
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and \
-                "can't allocate memory" not in text:  # (torch's CPU allocator's words)
-            raise
-        gb = sum(p.numel() for p in construct(model_cls, source, options).parameters()) * dtype.itemsize / 1e9
-        raise MoebenchError(
-            f"{source.name}: its weights ({gb:.3g} GB in {str(dtype).removeprefix('torch.')}) do not fit in the free "
-            f"{torch.device(device).type} memory ({text}); evaluations hold two copies at once, the reference's and "
-            "the submission's process's: store the expected logits and bases first (--mode "
-            "generate_accuracy_baselines), which evaluate_all then reads") from None
-
-
-def _build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: torch.dtype, device):
     if source.weights_dir is None:  # refused before the weights are drawn (a large preset's take minutes)
         if model_cls is not Qwen3MoeForCausalLM or options != ModelOptions():
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
                                 "default options runs on it")
-        return rope_on(random_model(source.config, seed=0, dtype=dtype, device=device), device)
+        with _fitting(source, dtype, device, construct(model_cls, source, options)):
+            model = random_model(source.config, seed=0, dtype=dtype, device=device)
+        return rope_on(model, device)
     model = construct(model_cls, source, options)
-    load_weights(model, source.weights_dir, dtype, device)
+    with _fitting(source, dtype, device, model):
+        load_weights(model, source.weights_dir, dtype, device)
     return rope_on(after_loading(model).eval(), device)
+
+
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's words, and torch's CPU allocator's
+
+
+@contextlib.contextmanager
+def _fitting(source: ModelSource, dtype: torch.dtype, device, structure: torch.nn.Module):
+    """Loading `structure`'s weights: an allocation that fails is one line, with their size."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not any(w in text for w in OUT_OF_MEMORY):
+            raise
+        gb = sum(p.numel() for p in structure.parameters()) * dtype.itemsize / 1e9
+        raise MoebenchError(
+            f"{source.name}: its weights ({gb:.3g} GB in {str(dtype).removeprefix('torch.')}) do not fit in the free "
+            f"{torch.device(device).type} memory ({text}). The evaluation modes hold the reference's copy beside the "
+            "submission process's, unless evaluate_all reads stored expected logits and bases: --mode "
+            "generate_accuracy_baselines stores them holding one copy") from None
 
 
 def rope_on(model: torch.nn.Module, device) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from moebench.evaluation.flops import (HARNESS_NAMESPACES, LIBRARY_PRODUCTS, Bad
                                       schema_of)
 from moebench.kernels.registry import KERNELS, load_builtin_kernels
 from moebench.progress import Progress
-from moebench.model.loader import ModelSource, after_loading, construct
+from moebench.model.loader import ModelSource, after_loading, construct, rope_on
 from moebench.modes.parallel import parallelize
 from moebench.modes.sandbox import SubmissionFault
 from moebench.modes.setup import Request, buckets_of, on_device_sampling
@@ -61,7 +61,7 @@ def build_from_shards(model_cls, source: ModelSource, options, run: RunConfig, p
     and sharded as when it was saved), then every tensor read from the file."""
     model = parallelize(after_loading(construct(model_cls, source, options)), run)
     load_sharded_checkpoint(model, path, device)
-    return model.eval()
+    return rope_on(model.eval(), device)
 
 
 def compiled_buckets(engine, req: Request) -> list[tuple[str, int]]:

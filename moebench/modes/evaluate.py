@@ -49,8 +49,8 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         # the submission first: a broken module fails before any long work
         under = IsolatedSubmission(run, source, req, extend) if isolated else \
             UnderTest(run, sub, source, device, dtype, req, artifacts)
-        # (under tensor parallelism, after each of the submission's calls every rank checks that none failed alone
-        # before the reference's collectives: agreed_failure)
+        # (under tensor parallelism every rank checks that none failed alone before the reference's collectives:
+        # after the build, the validation and the FLOP count, and around each of the reference's timed requests)
         shared_value(None, "the submission built")
         expected = None
         if not run.skip_accuracy:

@@ -127,8 +127,9 @@ def _close_inherited(conn) -> None:
     """Closes every descriptor but the standard ones and the pipe to the parent: the resource tracker's (through which
     a confined child could have the harness's tracker unlink shared memory as root) and the fork server's liveness
     pipe (a byte written there stops the server, and with it the harness's view of whether this process lives).
-    The GPU driver's stay: importing moebench asked whether CUDA is there, which opened them (/dev/nvidiactl, ...),
-    and the driver goes on using them."""
+    The GPU driver's stay, should it have started before (asking whether CUDA is there starts it; moebench's import
+    does not ask where the harness's environment says, which is what keeps the driver's other descriptors, if any,
+    out of this)."""
     from multiprocessing import forkserver, resource_tracker
 
     keep = {0, 1, 2, conn.fileno()}

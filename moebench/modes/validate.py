@@ -5,12 +5,12 @@ from pathlib import Path
 
 from moebench.cli.args import RunConfig
 from moebench.engine.parallel import agreed_failure, shared_value
-from moebench.errors import CheckFailed
+from moebench.errors import CheckFailed, SubmissionFault
 from moebench.evaluation.expected import save_expected
 from moebench.evaluation.records import check_output_file, read_prompts, write_prompt_data
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
-from moebench.modes.sandbox import IsolatedSubmission, SubmissionFault, isolation, submission_of
+from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 
