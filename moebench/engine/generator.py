@@ -18,6 +18,7 @@ from moebench.engine import hugepages
 from moebench.engine.sampling import OnDeviceSampling, SamplingParams, on_device_sample, sample
 from moebench.errors import MoebenchError
 from moebench.model import cpu_ops
+from moebench.model.loader import out_of_memory
 from moebench.model.qwen3_moe import KVCache, StepInputs
 
 
@@ -164,7 +165,7 @@ def engine_for(model, batch: int, seq_len: int, **options) -> "Engine":
     try:
         return Engine(model, batch=batch, max_len=seq_len, **options)
     except (RuntimeError, MemoryError, TypeError) as e:
-        if not isinstance(e, MemoryError) and not any(word in str(e).lower() for word in ("alloc", "overflow")):
+        if not out_of_memory(e) and "overflow" not in str(e).lower():
             raise
         cfg = model.config
         gb = 2 * cfg.num_hidden_layers * batch * cfg.kv_size * seq_len * next(model.parameters()).itemsize / 1e9

@@ -419,12 +419,18 @@ class FailedOnAnotherRank(SubmissionFault):
 _OUTCOME = "the prompt's outcome"
 
 
+def _gathered(what: str, value, failure: str | None) -> list[tuple]:
+    """Every rank's (what, value, failure), in rank order."""
+    entries = [None] * dist.get_world_size()
+    dist.all_gather_object(entries, (what, value, failure))
+    return entries
+
+
 def _in_step(what: str, value) -> list:
     """Every rank's value, the ranks' checkpoint: each names what it shares (a rank whose collective pairs with
     another of the others stops, naming both, rather than take a seed for a port), and a rank that met a failure
     alone, waiting in agreed_failure, is seen here by the others: they raise FailedOnAnotherRank and join it."""
-    entries = [None] * dist.get_world_size()
-    dist.all_gather_object(entries, (what, value, None))
+    entries = _gathered(what, value, None)
     for r, (theirs, _, failure) in enumerate(entries):
         if theirs == _OUTCOME and failure is not None:
             raise FailedOnAnotherRank(f"rank {r}: {failure}")
@@ -460,11 +466,9 @@ def agreed_failure(error: SubmissionFault | None) -> SubmissionFault | None:
     if not dist.is_initialized():
         return error
     own = None if error is None or isinstance(error, FailedOnAnotherRank) else str(error)
-    while True:
-        entries = [None] * dist.get_world_size()
-        dist.all_gather_object(entries, (_OUTCOME, None, own))
-        if all(what == _OUTCOME for what, _, _ in entries):
-            break
+    entries = _gathered(_OUTCOME, None, own)
+    while not all(what == _OUTCOME for what, _, _ in entries):
+        entries = _gathered(_OUTCOME, None, own)
     ranks = {}  # each failure's text: the ranks that met it
     for r, (_, _, failure) in enumerate(entries):
         if failure is not None:

@@ -58,28 +58,33 @@ def build_model(model_cls, source: ModelSource, options: ModelOptions, dtype: to
         if model_cls is not Qwen3MoeForCausalLM or options != ModelOptions():
             raise MoebenchError(f"preset {source.name} has no checkpoint on disk; only the reference model with "
                                 "default options runs on it")
-        with _fitting(source, dtype, device, construct(model_cls, source, options)):
+        with _fitting(source, dtype, device, lambda: construct(model_cls, source, options)):
             model = random_model(source.config, seed=0, dtype=dtype, device=device)
         return rope_on(model, device)
     model = construct(model_cls, source, options)
-    with _fitting(source, dtype, device, model):
+    with _fitting(source, dtype, device, lambda: model):
         load_weights(model, source.weights_dir, dtype, device)
     return rope_on(after_loading(model).eval(), device)
 
 
-OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's words, and torch's CPU allocator's
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed: MemoryError, torch's OutOfMemoryError, or a RuntimeError in the
+    words of CUDA ("out of memory") or of torch's CPU allocator ("can't allocate memory")."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or isinstance(e, RuntimeError) and \
+        any(words in str(e) for words in ("out of memory", "can't allocate memory"))
 
 
 @contextlib.contextmanager
-def _fitting(source: ModelSource, dtype: torch.dtype, device, structure: torch.nn.Module):
-    """Loading `structure`'s weights: an allocation that fails is one line, with their size."""
+def _fitting(source: ModelSource, dtype: torch.dtype, device, structure):
+    """Loading the weights of `structure()` (the model on the meta device): an allocation that fails is one line,
+    with their size."""
     try:
         yield
-    except (MemoryError, RuntimeError) as e:  # (torch.OutOfMemoryError is a RuntimeError)
-        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and not any(w in text for w in OUT_OF_MEMORY):
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
             raise
-        gb = sum(p.numel() for p in structure.parameters()) * dtype.itemsize / 1e9
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        gb = sum(p.numel() for p in structure().parameters()) * dtype.itemsize / 1e9
         raise MoebenchError(
             f"{source.name}: its weights ({gb:.3g} GB in {str(dtype).removeprefix('torch.')}) do not fit in the free "
             f"{torch.device(device).type} memory ({text}). The evaluation modes hold the reference's copy beside the "

@@ -134,15 +134,13 @@ def _close_inherited(conn) -> None:
 
     keep = {0, 1, 2, conn.fileno()}
     for fd in map(int, os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else ()):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # the listing's own descriptor, already gone
+        if fd in keep:
             continue
-        if fd not in keep and not target.startswith(DRIVER_FILES):
-            try:
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith(DRIVER_FILES):
                 os.close(fd)
-            except OSError:  # the listing's own descriptor, already gone
-                pass
+        except OSError:  # the listing's own descriptor, already gone
+            pass
     resource_tracker._resource_tracker._fd = None  # one of the child's own, should it ever need one
     forkserver._forkserver._forkserver_alive_fd = None
 
