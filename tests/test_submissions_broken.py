@@ -21,7 +21,8 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
     """Without CUDA the submission's processes fork from a server that started with the first of them: each one
     still gets the harness's environment as it is when that process starts, as a spawned one would, holds no tensor
     of the harness's in shared memory (its request came as bytes) and no descriptor but its pipe (not the resource
-    tracker's, not the fork server's)."""
+    tracker's, not the fork server's). Forked, it has the server's answers to Inductor's checks of the CPU's vector
+    sets and checks none itself (each took a compile and a Python process: ~2.6 s of every evaluation)."""
     from multiprocessing import connection
 
     import torch
@@ -35,6 +36,7 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         code, out, err = run(capsys, *FAST, "--qwen", SUBMISSIONS / "broken_env_echo.py")
         assert code == 2 and "Qwen3MoeForCausalLM" in error_line(err), err
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
+        assert ("vector sets checked: 0" in out) == forks, out
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

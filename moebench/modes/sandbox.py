@@ -145,6 +145,19 @@ def _close_inherited(conn) -> None:
     forkserver._forkserver._forkserver_alive_fd = None
 
 
+def _own_header_folder() -> None:
+    """The fork server's checks of the CPU's vector sets (moebench.modes.vector_sets) imported Inductor's codecache,
+    which fixed the folder of its precompiled C++ headers there, in the server's user's default cache folder: this
+    process takes its own user's, where the headers are kept from one evaluation to the next (a confined process's
+    is the module's cache folder, bound there), not built again in each (~7 s)."""
+    codecache = sys.modules.get("torch._inductor.codecache")
+    if codecache is not None and hasattr(codecache, "_HEADER_DIR"):
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        codecache._HEADER_DIR = os.path.join(default_cache_dir(), "precompiled_headers")
+        codecache._HEADER_LOCK_DIR = os.path.join(codecache._HEADER_DIR, "locks")
+
+
 def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, view, group) -> None:
     """Enters its confinement (where there is one), builds the submission (UnderTest) and serves the parent's calls
     until told to stop."""
@@ -162,6 +175,7 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
         except OSError as e:  # no mount namespaces here (a container without CAP_SYS_ADMIN, say)
             partial = f"the kernel refused a private view of the filesystem ({e}), so the submission runs as " \
                       "this same user and could read this user's files"
+    _own_header_folder()
     if group is not None:  # --tp-degree N: the N submission processes form their own group, apart from the ranks'
         from datetime import timedelta
 
@@ -221,9 +235,10 @@ def _failure(e: BaseException) -> tuple:
 
 # ---- the parent's side ----
 
-# What the submission's process imports before it reads the submission: the fork server imports it once.
+# What the submission's process imports before it reads the submission: the fork server imports it once (and
+# makes Inductor's checks of the CPU's vector sets there: moebench.modes.vector_sets).
 PRELOAD = ("moebench.modes.sandbox", "moebench.modes.confine", "moebench.modes.contest", "moebench.modes.setup",
-           "moebench.evaluation.benchmark", "moebench.evaluation.submission")
+           "moebench.evaluation.benchmark", "moebench.evaluation.submission", "moebench.modes.vector_sets")
 
 
 def _start_method():
