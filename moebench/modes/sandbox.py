@@ -236,9 +236,11 @@ def _failure(e: BaseException) -> tuple:
 # ---- the parent's side ----
 
 # What the submission's process imports before it reads the submission: the fork server imports it once (and
-# makes Inductor's checks of the CPU's vector sets there: moebench.modes.vector_sets).
+# makes Inductor's checks of the CPU's vector sets there: moebench.modes.vector_sets). Inductor's compile_fx too,
+# which the compile step imports (~1.1 s).
 PRELOAD = ("moebench.modes.sandbox", "moebench.modes.confine", "moebench.modes.contest", "moebench.modes.setup",
-           "moebench.evaluation.benchmark", "moebench.evaluation.submission", "moebench.modes.vector_sets")
+           "moebench.evaluation.benchmark", "moebench.evaluation.submission", "moebench.modes.vector_sets",
+           "torch._inductor.compile_fx")
 
 
 def _start_method():
