@@ -22,11 +22,13 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
     still gets the harness's environment as it is when that process starts, as a spawned one would, holds no tensor
     of the harness's in shared memory (its request came as bytes) and no descriptor but its pipe (not the resource
     tracker's, not the fork server's). Forked, it has the server's answers to Inductor's checks of the CPU's vector
-    sets and checks none itself (each took a compile and a Python process: ~2.6 s of every evaluation)."""
+    sets and checks none itself (each took a compile and a Python process: ~2.6 s of every evaluation), and has
+    moebench's C++ CPU operators loaded from the harness's cache (a confined one built them in its own)."""
     from multiprocessing import connection
 
     import torch
 
+    from moebench.model import cpu_ops
     from moebench.modes.sandbox import _start_method
 
     forks = not torch.cuda.is_available() and not connection.arbitrary_address("AF_UNIX").startswith("\0")
@@ -37,6 +39,7 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         assert code == 2 and "Qwen3MoeForCausalLM" in error_line(err), err
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
         assert ("vector sets checked: 0" in out) == forks, out
+        assert ("C++ CPU operators loaded: True" in out) == (forks and cpu_ops.load()), out
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -146,7 +146,7 @@ def _close_inherited(conn) -> None:
 
 
 def _own_header_folder() -> None:
-    """The fork server's checks of the CPU's vector sets (moebench.modes.vector_sets) imported Inductor's codecache,
+    """The fork server's checks of the CPU's vector sets (moebench.modes.fork_server) imported Inductor's codecache,
     which fixed the folder of its precompiled C++ headers there, in the server's user's default cache folder: this
     process takes its own user's, where the headers are kept from one evaluation to the next (a confined process's
     is the module's cache folder, bound there), not built again in each (~7 s)."""
@@ -235,11 +235,11 @@ def _failure(e: BaseException) -> tuple:
 
 # ---- the parent's side ----
 
-# What the submission's process imports before it reads the submission: the fork server imports it once (and
-# makes Inductor's checks of the CPU's vector sets there: moebench.modes.vector_sets). Inductor's compile_fx too,
-# which the compile step imports (~1.1 s).
+# What the submission's process imports before it reads the submission: the fork server imports it once, and then
+# moebench.modes.fork_server (the checks of the CPU's vector sets, the C++ CPU operators). Inductor's compile_fx
+# too, which the compile step imports (~1.1 s).
 PRELOAD = ("moebench.modes.sandbox", "moebench.modes.confine", "moebench.modes.contest", "moebench.modes.setup",
-           "moebench.evaluation.benchmark", "moebench.evaluation.submission", "moebench.modes.vector_sets",
+           "moebench.evaluation.benchmark", "moebench.evaluation.submission", "moebench.modes.fork_server",
            "torch._inductor.compile_fx")
 
 

@@ -1,6 +1,7 @@
 """Broken (no Qwen3MoeForCausalLM), but first prints MOEBENCH_TEST_ECHO as its process's environment holds it, the
 tensors in shared memory it can reach (the harness's own, were any passed to it that way) and the descriptors it
-holds beyond the standard ones, and how many of the CPU's vector sets it checks for Inductor."""
+holds beyond the standard ones, how many of the CPU's vector sets it checks for Inductor and whether moebench's C++
+CPU operators are there before it asks for them."""
 
 import gc
 import os
@@ -8,6 +9,8 @@ import warnings
 
 import torch
 import torch._inductor.cpu_vec_isa as vec_isa
+
+from moebench.model import cpu_ops
 
 print(f"echo: {os.environ.get('MOEBENCH_TEST_ECHO')}")
 with warnings.catch_warnings():  # isinstance on torch's deprecated aliases warns
@@ -19,3 +22,4 @@ checked = []  # Inductor's checks of the CPU's vector sets this process makes (n
 vec_isa.VecISA._probe_load = lambda self, path: checked.append(str(self)) or True
 bool(vec_isa.pick_vec_isa())
 print(f"vector sets checked: {len(checked)}")
+print(f"C++ CPU operators loaded: {cpu_ops.LOADED}")
