@@ -23,7 +23,8 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
     of the harness's in shared memory (its request came as bytes) and no descriptor but its pipe (not the resource
     tracker's, not the fork server's). Forked, it has the server's answers to Inductor's checks of the CPU's vector
     sets and checks none itself (each took a compile and a Python process: ~2.6 s of every evaluation), and has
-    moebench's C++ CPU operators loaded from the harness's cache (a confined one built them in its own)."""
+    moebench's C++ CPU operators loaded from the harness's cache (a confined one built them in its own) and Inductor's
+    compile_fx imported."""
     from multiprocessing import connection
 
     import torch
@@ -40,6 +41,7 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
         assert f"echo: {value}" in out and "shared tensors: 0" in out and "descriptors: 1" in out, out
         assert ("vector sets checked: 0" in out) == forks, out
         assert ("C++ CPU operators loaded: True" in out) == (forks and cpu_ops.load()), out
+        assert ("compile_fx imported: True" in out) == forks, out
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:

@@ -23,11 +23,13 @@ in float32; a prompt's projections as fast with their weights in the caches, 2-1
 the experts' stream pushes them: Zen 4 VM); moe_prompt on bfloat16 pairs oneDNN's bfloat16 products of the experts
 (~2.1x on a moebench-speed layer's, Zen 4 VM); with AMX, its tiles carry a bfloat16 prompt's products, attention's
 too (the whole prompt 136 -> 58-90 ms on the Xeon VM). Built on first use with the machine's C++ compiler for this
-CPU (-march=native: AVX512-BF16's dot products and AMX's tiles where the CPU has them), ~5 s, and kept in Inductor's
-cache folder (a confined submission's own: the only one it may write), keyed by the source, the compiler, torch and
-the CPU's flags. Inductor's C++ wrapper calls the decode operators through their C entry points (C_SHIMS), not
-through the dispatcher. Where they cannot be built (no compiler, say), or with MOEBENCH_CPU_OPS=0, decode steps keep
-Inductor's loops and prompts the library's attention and oneDNN's products: the same math.
+CPU (-march=native: AVX512-BF16's dot products and AMX's tiles where the CPU has them), ~26 s on 2 cores, and kept
+in Inductor's cache folder, keyed by the source, the compiler, torch and the CPU's flags: the harness's, whose fork
+server loads them for the submissions' processes it forks (moebench.modes.fork_server; a spawned one builds them in
+its own cache folder, a confined one's the only one it may write). Inductor's C++ wrapper calls the decode operators
+through their C entry points (C_SHIMS), not through the dispatcher. Where they cannot be built (no compiler, say), or
+with MOEBENCH_CPU_OPS=0, decode steps keep Inductor's loops and prompts the library's attention and oneDNN's
+products: the same math.
 """
 
 import ctypes

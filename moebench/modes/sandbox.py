@@ -146,10 +146,10 @@ def _close_inherited(conn) -> None:
 
 
 def _own_header_folder() -> None:
-    """The fork server's checks of the CPU's vector sets (moebench.modes.fork_server) imported Inductor's codecache,
-    which fixed the folder of its precompiled C++ headers there, in the server's user's default cache folder: this
-    process takes its own user's, where the headers are kept from one evaluation to the next (a confined process's
-    is the module's cache folder, bound there), not built again in each (~7 s)."""
+    """The fork server imported Inductor's codecache (PRELOAD), which fixed the folder of its precompiled C++ headers
+    there, in the server's user's default cache folder: this process takes its own user's, where the headers are kept
+    from one evaluation to the next (a confined process's is the module's cache folder, bound there), not built again
+    in each (~7 s)."""
     codecache = sys.modules.get("torch._inductor.codecache")
     if codecache is not None and hasattr(codecache, "_HEADER_DIR"):
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir

@@ -1,10 +1,11 @@
 """Broken (no Qwen3MoeForCausalLM), but first prints MOEBENCH_TEST_ECHO as its process's environment holds it, the
 tensors in shared memory it can reach (the harness's own, were any passed to it that way) and the descriptors it
 holds beyond the standard ones, how many of the CPU's vector sets it checks for Inductor and whether moebench's C++
-CPU operators are there before it asks for them."""
+CPU operators and Inductor's compile_fx are there before it asks for them."""
 
 import gc
 import os
+import sys
 import warnings
 
 import torch
@@ -23,3 +24,4 @@ vec_isa.VecISA._probe_load = lambda self, path: checked.append(str(self)) or Tru
 bool(vec_isa.pick_vec_isa())
 print(f"vector sets checked: {len(checked)}")
 print(f"C++ CPU operators loaded: {cpu_ops.LOADED}")
+print(f"compile_fx imported: {'torch._inductor.compile_fx' in sys.modules}")
