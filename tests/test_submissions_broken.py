@@ -22,9 +22,9 @@ def test_each_submission_process_starts_clean_with_the_environment_of_its_start(
     still gets the harness's environment as it is when that process starts, as a spawned one would, holds no tensor
     of the harness's in shared memory (its request came as bytes) and no descriptor but its pipe (not the resource
     tracker's, not the fork server's). Forked, it has the server's answers to Inductor's checks of the CPU's vector
-    sets and checks none itself (each took a compile and a Python process: ~2.6 s of every evaluation), and has
-    moebench's C++ CPU operators loaded from the harness's cache (a confined one built them in its own) and Inductor's
-    compile_fx imported."""
+    sets and checks none itself (each is a Python process loading a test library: ~2.6 s of every evaluation), and
+    has moebench's C++ CPU operators loaded from the harness's cache (a confined one built them in its own) and
+    Inductor's compile_fx imported."""
     from multiprocessing import connection
 
     import torch
