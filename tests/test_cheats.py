@@ -187,8 +187,9 @@ def test_patching_the_clock_does_not_change_the_measured_latency():
         assert cheat["e2e_model"][stat] > 0.1 * honest["e2e_model"][stat], stat
 
 
-def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded():
-    code, out, err = evaluate("hang_at_import", "--phase-time-limit", "3")
+@pytest.mark.parametrize("module", ["hang_at_import", "hang_in_build"])
+def test_a_hang_is_stopped_at_the_phase_time_limit_and_recorded(module):
+    code, out, err = evaluate(module, "--phase-time-limit", "3")
     assert code == 1, out + err
     assert "the submission did not finish load and compile within the time limit of 3 s" in out
     assert "the evaluation scored 0: the submission did not finish load and compile within the time limit" in err

@@ -1,6 +1,8 @@
 """Progress of long work: a bar on a terminal, plain lines with the time left in logs, silence for short work."""
 
+import contextlib
 import io
+import sys
 
 import pytest
 
@@ -74,6 +76,32 @@ def test_the_compile_step_counts_the_graphs_a_folder_already_holds(tmp_path):
     art.compile_graphs(SimpleNamespace(batch=1, max_len=64),
                        [("context_encoding_model", 16), ("token_generation_model", 64)], lambda: steps.append(1))
     assert len(steps) == 2
+
+
+def test_a_submission_process_sends_its_progress_lines_as_they_are_printed_and_the_harness_shows_them(capsys):
+    """The submission's process loads and compiles with its output kept for its reply, but for the progress lines:
+    each goes to the harness at once, which prints it while it waits (a minute's cold compile is not silent)."""
+    from multiprocessing import Pipe
+
+    from moebench.modes import sandbox
+
+    harness, child = Pipe()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), sandbox._progress_sent(child):
+        bar = Progress(3, "compile", unit="step", every=0, clock=Clock())
+        print("a warning", file=sys.stderr)
+        bar.update()
+        line = "[progress] compile: 1/3 steps (33%), 0 s, about 0 s left\n"
+        assert harness.poll(0) and (sent := sandbox._receive(harness)) == ("progress", line)
+        print("unfinished", end="", file=sys.stderr)
+    assert err.getvalue() == "a warning\nunfinished" and not harness.poll(0)  # the rest comes with the reply
+    for message in (sent, ("ok", 7, "out\n", err.getvalue())):
+        sandbox._send(child, message)
+    box = sandbox.Sandbox.__new__(sandbox.Sandbox)  # the harness's end, without a process behind it
+    box.conn, box.time_limit = harness, 5
+    assert box._answer("load and compile") == 7
+    out, printed = capsys.readouterr()
+    assert out == "out\n" and printed == line + "a warning\nunfinished"
 
 
 def test_a_ctrl_c_that_a_garbage_collectors_callback_dropped_is_raised_at_the_next_update(capsys):

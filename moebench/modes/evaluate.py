@@ -16,7 +16,7 @@ from moebench.evaluation.flops import uncredited_kernels
 from moebench.evaluation.score import Score, compute_score
 from moebench.modes.contest import (UnderTest, provenance, expected_logits, expected_meta, print_validation,
                                     record_model_name, reference_benchmark, reference_request, write_json)
-from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of, SubmissionFault
+from moebench.modes.sandbox import IsolatedSubmission, SubmissionFault, isolation, submission_of, while_compiling
 from moebench.modes.setup import at_seq_len, device_of, dtype_of, make_request, open_source, prompt_requests
 
 REPORT_FILE = "benchmark_report.json"
@@ -50,11 +50,12 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         under = IsolatedSubmission(run, source, req, extend) if isolated else \
             UnderTest(run, sub, source, device, dtype, req, artifacts)
         # (under tensor parallelism every rank checks that none failed alone before the reference's collectives:
-        # after the build, the validation and the FLOP count, and around each of the reference's timed requests)
+        # after the load and the build, the validation and the FLOP count, and around each of the reference's timed
+        # requests)
+        shared_value(None, "the submission loaded")
+        expected = while_compiling(under, device, lambda: None if run.skip_accuracy else
+                                   expected_logits(run, source, req, device, dtype, index, folder)[0])
         shared_value(None, "the submission built")
-        expected = None
-        if not run.skip_accuracy:
-            expected, _ = expected_logits(run, source, req, device, dtype, index, folder)
         # (in one process nothing of the submission runs beside the reference; in its own, it is timed in turn)
         base = choose_base(run, source, req, device, dtype, base, folder, measure=not isolated)
         accuracy, checked, v, problems = 1.0, False, None, []

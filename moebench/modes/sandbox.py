@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from moebench.engine.parallel import every_value, shared_value
 from moebench.errors import MoebenchError, SubmissionFault
+from moebench.progress import PREFIX
 
 
 # Messages are plain data: None, bools, numbers, strings, lists, tuples, dicts with string keys and tensors, sent as
@@ -99,6 +101,39 @@ def _receive(conn):
 
 
 # ---- the child ----
+
+class _LiveProgress:
+    """A stderr that sends the progress lines (moebench.progress) to the parent as they are printed, for it to show
+    while it waits, and writes the rest to `rest`."""
+
+    def __init__(self, conn, rest):
+        self.conn, self.rest, self.line = conn, rest, ""
+
+    def write(self, s: str) -> int:
+        self.line += s
+        while "\n" in self.line:
+            line, self.line = self.line.split("\n", 1)
+            if line.startswith(PREFIX):
+                _send(self.conn, (PROGRESS, line + "\n"))
+            else:
+                self.rest.write(line + "\n")
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _progress_sent(conn):
+    """While the child loads and compiles: its progress lines go to the parent at once; the rest of its stderr to
+    the stderr it had (which _captured keeps for the reply)."""
+    live = _LiveProgress(conn, sys.stderr)
+    try:
+        with contextlib.redirect_stderr(live):
+            yield
+    finally:
+        live.rest.write(live.line)
+
 
 def _captured(fn, *args):
     """fn(*args) with what it prints kept for the parent, which prints it in order with its own output."""
@@ -200,16 +235,21 @@ def _child_main(conn, run, request: bytes, cwd: str, env: dict, extend: bool, vi
     req = Request(*_decode(request))
     built = []
 
-    def build():
-        sub = load_submission(run.qwen)
-        built.append(UnderTest(run, sub, open_source(run), device_of(run), dtype_of(run), req, extend=extend))
-        return {"compile": built[0].artifacts.summary(), "module": str(sub.path), "partial": partial,
-                "uid": os.getuid()}
+    def load():  # first reply: the module imported (a broken one fails at once, before the parent's long work)
+        with _progress_sent(conn):
+            built.append(load_submission(run.qwen))
+        return {"module": str(built[0].path), "partial": partial, "uid": os.getuid()}
 
-    reply = _captured(build)
-    if not _replied(conn, reply) or reply[0] != "ok":
-        return
-    under = built[0]
+    def build():  # second: the model built and compiled (meanwhile, on the CPU, the parent computes its reference)
+        with _progress_sent(conn):
+            built.append(UnderTest(run, built[0], open_source(run), device_of(run), dtype_of(run), req, extend=extend))
+        return {"compile": built[1].artifacts.summary()}
+
+    for step in (load, build):
+        reply = _captured(step)
+        if not _replied(conn, reply) or reply[0] != "ok":
+            return
+    under = built[1]
 
     def request(ids, mask, new_tokens):
         return answer_request(under.engine, ids, mask, new_tokens)
@@ -293,8 +333,9 @@ _SERVER_START = threading.Lock()
 
 
 class Sandbox:
-    """The child process holding the submission. `call(phase, cmd, *args)` sends one request and waits at most
-    `time_limit` seconds for its answer."""
+    """The child process holding the submission. It starts by loading the module (`started`: the first reply) and
+    then builds and compiles (`compiled()`: the second), both within `time_limit` seconds of its start. `call(phase,
+    cmd, *args)` then sends one request and waits at most `time_limit` seconds for its answer."""
 
     def __init__(self, run, req, time_limit: float, extend: bool = False, view=None, group=None):
         self.time_limit = time_limit
@@ -313,11 +354,16 @@ class Sandbox:
         except (OSError, EOFError) as e:  # the fork server gone, say
             raise SubmissionFault(f"the submission's process could not start ({type(e).__name__}: {e})") from None
         child_conn.close()  # only the child holds its end: a dead child reads as EOF here
+        self.deadline = time.monotonic() + time_limit  # of the load and the compile together
         try:
-            self.started = self._answer("load and compile")
+            self.started = self._answer("load and compile", self.deadline)
         except BaseException:  # Ctrl-C, say: the caller never gets this object to stop the process
             self.kill()
             raise
+
+    def compiled(self):
+        """The second reply: the model built and compiled."""
+        return self._answer("load and compile", self.deadline)
 
     def call(self, phase: str, cmd: str, *args):
         try:
@@ -326,19 +372,14 @@ class Sandbox:
             self._died(phase)
         return self._answer(phase)
 
-    def _answer(self, phase: str):
-        if not self.conn.poll(self.time_limit):
-            self.kill()
-            raise SubmissionFault(f"the submission did not finish {phase} within the time limit of "
-                                  f"{self.time_limit:g} s (--phase-time-limit); it was stopped")
-        try:
-            reply = _receive(self.conn)
-        except (EOFError, OSError):
-            self._died(phase)
-        except Exception as e:  # noqa: BLE001  anything but plain data is refused by weights_only
-            self.kill()
-            raise SubmissionFault(f"the submission's process sent something other than data during {phase} "
-                                  f"({type(e).__name__})") from None
+    def _answer(self, phase: str, deadline: float | None = None):
+        deadline = time.monotonic() + self.time_limit if deadline is None else deadline
+        while True:
+            reply = self._message(phase, deadline)
+            if not (isinstance(reply, tuple) and len(reply) == 2 and reply[0] == PROGRESS
+                    and isinstance(reply[1], str)):
+                break
+            print(reply[1], end="", file=sys.stderr, flush=True)  # the child's compile, say, as it goes
         if not (isinstance(reply, tuple) and len(reply) in (4, 5) and reply[0] in ("ok", "user", "fault")
                 and all(isinstance(x, str) for x in reply[1 if reply[0] != "ok" else 2:])):
             self.kill()
@@ -354,6 +395,20 @@ class Sandbox:
         print(reply[4], file=sys.stderr, end="")  # the submission's own traceback, for its author
         self.kill()
         raise SubmissionFault(f"the submission failed during {phase}: {value}")
+
+    def _message(self, phase: str, deadline: float):
+        if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+            self.kill()
+            raise SubmissionFault(f"the submission did not finish {phase} within the time limit of "
+                                  f"{self.time_limit:g} s (--phase-time-limit); it was stopped")
+        try:
+            return _receive(self.conn)
+        except (EOFError, OSError):
+            self._died(phase)
+        except Exception as e:  # noqa: BLE001  anything but plain data is refused by weights_only
+            self.kill()
+            raise SubmissionFault(f"the submission's process sent something other than data during {phase} "
+                                  f"({type(e).__name__})") from None
 
     def _died(self, phase: str):
         self.process.join(5)
@@ -423,6 +478,23 @@ def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
     return tokens, {"ttft": ttft, "context": context, "steps": steps.tolist()}
 
 
+def while_compiling(under, device, work):
+    """work() (the reference's expected logits), on the CPU while an isolated submission's process builds and
+    compiles its model (the 2 cores share the two; the compile is not timed), on a GPU after it, so that the compile
+    (its kernels' autotuning, say) has the GPU to itself. The submission is compiled when it returns."""
+    if not isinstance(under, IsolatedSubmission):  # --isolation none: built in this process already
+        return work()
+    if device.type != "cpu":
+        under.compiled()
+    value = work()
+    under.compiled()
+    return value
+
+
+PROGRESS = "progress"  # a message of the child's before its reply: a progress line to print now
+MALFORMED_START = "the submission's process sent a malformed reply during load and compile"
+
+
 class IsolatedSubmission:
     """UnderTest's interface (validate, benchmark, kernel_flops) with the submission in a Sandbox: the parent draws
     the fresh prompts, holds the clock, and afterwards checks every timed output against the reference."""
@@ -458,9 +530,8 @@ class IsolatedSubmission:
             self.box = Sandbox(run, req, run.phase_time_limit, extend, self.view, group)
             started = self.box.started
             if not (isinstance(started, dict) and isinstance(started.get("partial"), str)
-                    and isinstance(started.get("compile"), dict) and type(started.get("uid")) is int):
-                raise SubmissionFault("the submission's process sent a malformed reply during load and compile")
-            confine.publish(self.view, self.artifacts, self.rank)  # where a compile in one process puts it
+                    and type(started.get("uid")) is int):
+                raise SubmissionFault(MALFORMED_START)
         except BaseException:
             if self.box is not None:  # a process left running would hold the harness's exit
                 self.box.kill()
@@ -481,12 +552,28 @@ class IsolatedSubmission:
                   "logits, the records or this user's files), " + ("with no network" if run.tp_degree == 1 else
                                                                     "with the host's loopback for its ranks' group")
                   + "; the clock, the reference and the records stay in the harness's")
-        self.compile = self.box.started["compile"]
+        self.compile = None
         self.outputs, self.audit, self.flops, self.eos_ids = [], None, None, ()
+
+    def compiled(self) -> None:
+        """Waits for the model's build and compile, which the submission's process goes on with once its module is
+        loaded (what the harness does meanwhile is the caller's: the reference's expected logits, on the CPU); the
+        calls below wait for it first."""
+        from moebench.modes import confine
+
+        if self.compile is not None:
+            return
+        reply = self.box.compiled()
+        if not (isinstance(reply, dict) and isinstance(reply.get("compile"), dict)):
+            self.box.kill()
+            raise SubmissionFault(MALFORMED_START)
+        confine.publish(self.view, self.artifacts, self.rank)  # where a compile in one process puts it
+        self.compile = reply["compile"]
 
     def validate(self, expected, req, tokenizer):
         from moebench.modes.contest import validate_submission
 
+        self.compiled()
         return validate_submission(self.run, lambda ids, mask, n: self.box.call("validation", "greedy", ids, mask, n),
                                    expected, req, tokenizer)
 
@@ -497,6 +584,7 @@ class IsolatedSubmission:
         from moebench.evaluation.checked import banned_tokens, checked_benchmark, private_seed
         from moebench.modes.contest import progress
 
+        self.compiled()
         run = self.run
         banned = banned_tokens(req, self.source.tokenizer)
         bar = progress(run.benchmark_runs, "benchmark submission" + " and reference, in turn" * bool(reference))
@@ -527,6 +615,7 @@ class IsolatedSubmission:
         child could change any count made in its own process)."""
         from moebench.modes.compiled import request_flops
 
+        self.compiled()
         self.flops = request_flops(self.run, req, self.box.call("the FLOP count", "graphs")), req
         return self.flops[0]
 

@@ -10,7 +10,7 @@ from moebench.evaluation.expected import save_expected
 from moebench.evaluation.records import check_output_file, read_prompts, write_prompt_data
 from moebench.modes.contest import UnderTest, expected_logits, print_validation
 from moebench.modes.evaluate import measure_prompt_data
-from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of
+from moebench.modes.sandbox import IsolatedSubmission, isolation, submission_of, while_compiling
 from moebench.modes.setup import device_of, dtype_of, make_request, open_source, prompt_requests
 
 
@@ -26,8 +26,10 @@ def run_validate(run: RunConfig) -> int:
     try:
         # the submission first: a broken module fails before any long work
         under = IsolatedSubmission(run, source, req) if isolated else UnderTest(run, sub, source, device, dtype, req)
-        shared_value(None, "the submission built")  # (every rank's, before the reference runs: agreed_failure)
-        expected, _ = expected_logits(run, source, req, device, dtype, None, Path.cwd())
+        shared_value(None, "the submission loaded")  # (every rank's, before the reference runs: agreed_failure)
+        expected = while_compiling(under, device, lambda: expected_logits(run, source, req, device, dtype, None,
+                                                                          Path.cwd())[0])
+        shared_value(None, "the submission built")
         v = under.validate(expected, req, source.tokenizer)
     except SubmissionFault as e:
         failure = e
