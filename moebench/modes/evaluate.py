@@ -53,11 +53,17 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         # after the load and the build, the validation and the FLOP count, and around each of the reference's timed
         # requests)
         shared_value(None, "the submission loaded")
-        expected = while_compiling(under, device, lambda: None if run.skip_accuracy else
-                                   expected_logits(run, source, req, device, dtype, index, folder)[0])
+
+        def reference():  # what the harness's reference does before the submission's first call
+            expected = None if run.skip_accuracy else \
+                expected_logits(run, source, req, device, dtype, index, folder)[0]
+            # (in one process nothing of the submission runs beside the reference; in its own, it is timed in turn:
+            # its engine compiled now)
+            chosen = choose_base(run, source, req, device, dtype, base, folder, measure=not isolated)
+            return expected, chosen, reference_request(run, source, req, device, dtype) if chosen is None else None
+
+        expected, base, timed_reference = while_compiling(under, device, reference)
         shared_value(None, "the submission built")
-        # (in one process nothing of the submission runs beside the reference; in its own, it is timed in turn)
-        base = choose_base(run, source, req, device, dtype, base, folder, measure=not isolated)
         accuracy, checked, v, problems = 1.0, False, None, []
         if expected is not None:
             v = under.validate(expected, req, source.tokenizer)
@@ -65,7 +71,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             print_validation(v)
             accuracy, checked = float(v.report.passed), True
         if base is None:  # timed with the submission, request by request (a shared machine's drift slows both)
-            report = under.benchmark(req, reference_request(run, source, req, device, dtype))
+            report = under.benchmark(req, timed_reference)
             base = with_given(run, base_from_report(report["reference"], IN_TURN))
         else:
             report = under.benchmark(req)

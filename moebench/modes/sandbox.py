@@ -479,9 +479,10 @@ def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
 
 
 def while_compiling(under, device, work):
-    """work() (the reference's expected logits), on the CPU while an isolated submission's process builds and
-    compiles its model (the 2 cores share the two; the compile is not timed), on a GPU after it, so that the compile
-    (its kernels' autotuning, say) has the GPU to itself. The submission is compiled when it returns."""
+    """work() (the reference's expected logits, its compiled engine), on the CPU while an isolated submission's
+    process builds and compiles its model (the 2 cores share the two; the compile is not timed), on a GPU after it,
+    so that the compile (its kernels' autotuning, say) has the GPU to itself. The submission is compiled when it
+    returns."""
     if not isinstance(under, IsolatedSubmission):  # --isolation none: built in this process already
         return work()
     if device.type != "cpu":
@@ -557,8 +558,8 @@ class IsolatedSubmission:
 
     def compiled(self) -> None:
         """Waits for the model's build and compile, which the submission's process goes on with once its module is
-        loaded (what the harness does meanwhile is the caller's: the reference's expected logits, on the CPU); the
-        calls below wait for it first."""
+        loaded (what the harness does meanwhile is the caller's: while_compiling); the calls below wait for it
+        first."""
         from moebench.modes import confine
 
         if self.compile is not None:
