@@ -3,9 +3,12 @@
 import contextlib
 import io
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from moebench.errors import SubmissionFault
 from moebench.progress import Progress
 
 
@@ -98,10 +101,20 @@ def test_a_submission_process_sends_its_progress_lines_as_they_are_printed_and_t
     for message in (sent, ("ok", 7, "out\n", err.getvalue())):
         sandbox._send(child, message)
     box = sandbox.Sandbox.__new__(sandbox.Sandbox)  # the harness's end, without a process behind it
-    box.conn, box.time_limit = harness, 5
-    assert box._answer("load and compile") == 7
+    box.conn, box.time_limit, box.process = harness, 5, SimpleNamespace(is_alive=lambda: False)
+    assert box._answer("load and compile", time.monotonic() + 5) == 7
     out, printed = capsys.readouterr()
     assert out == "out\n" and printed == line + "a warning\nunfinished"
+    # only before the start's replies, and never past the time limit: a child that floods the pipe is stopped
+    for message in [sent] * 3:
+        sandbox._send(child, message)
+    with pytest.raises(SubmissionFault, match="did not finish load and compile within the time limit"):
+        box._answer("load and compile", time.monotonic() - 1)
+    assert capsys.readouterr().err == ""  # none of its lines printed past the deadline
+    box.conn, child = Pipe()  # (stopped, it closed its end)
+    sandbox._send(child, sent)
+    with pytest.raises(SubmissionFault, match="malformed reply during benchmark"):
+        box._answer("benchmark")
 
 
 def test_a_ctrl_c_that_a_garbage_collectors_callback_dropped_is_raised_at_the_next_update(capsys):

@@ -50,8 +50,8 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
         under = IsolatedSubmission(run, source, req, extend) if isolated else \
             UnderTest(run, sub, source, device, dtype, req, artifacts)
         # (under tensor parallelism every rank checks that none failed alone before the reference's collectives:
-        # after the load and the build, the validation and the FLOP count, and around each of the reference's timed
-        # requests)
+        # after the load and the build (while_compiling), the validation and the FLOP count, and around each of the
+        # reference's timed requests)
         shared_value(None, "the submission loaded")
 
         def reference():  # what the harness's reference does before the submission's first call
@@ -63,7 +63,6 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             return expected, chosen, reference_request(run, source, req, device, dtype) if chosen is None else None
 
         expected, base, timed_reference = while_compiling(under, device, reference)
-        shared_value(None, "the submission built")
         accuracy, checked, v, problems = 1.0, False, None, []
         if expected is not None:
             v = under.validate(expected, req, source.tokenizer)
@@ -72,6 +71,7 @@ def evaluate_prompt(run: RunConfig, sub, source, prompt: str, index: int | None,
             accuracy, checked = float(v.report.passed), True
         if base is None:  # timed with the submission, request by request (a shared machine's drift slows both)
             report = under.benchmark(req, timed_reference)
+            timed_reference = None  # (freed: finish builds a reference of its own)
             base = with_given(run, base_from_report(report["reference"], IN_TURN))
         else:
             report = under.benchmark(req)

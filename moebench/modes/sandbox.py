@@ -102,12 +102,16 @@ def _receive(conn):
 
 # ---- the child ----
 
-class _LiveProgress:
+class _LiveProgress(io.TextIOBase):
     """A stderr that sends the progress lines (moebench.progress) to the parent as they are printed, for it to show
     while it waits, and writes the rest to `rest`."""
 
     def __init__(self, conn, rest):
+        super().__init__()
         self.conn, self.rest, self.line = conn, rest, ""
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, s: str) -> int:
         self.line += s
@@ -118,9 +122,6 @@ class _LiveProgress:
             else:
                 self.rest.write(line + "\n")
         return len(s)
-
-    def flush(self) -> None:
-        pass
 
 
 @contextlib.contextmanager
@@ -361,9 +362,10 @@ class Sandbox:
             self.kill()
             raise
 
-    def compiled(self):
-        """The second reply: the model built and compiled."""
-        return self._answer("load and compile", self.deadline)
+    def compiled(self, grace: float = 0.0):
+        """The second reply: the model built and compiled. grace: seconds the harness's own work took meanwhile
+        (added to the limit: that work shared the CPU with the compile, and kept the harness from reading)."""
+        return self._answer("load and compile", self.deadline + grace)
 
     def call(self, phase: str, cmd: str, *args):
         try:
@@ -373,13 +375,17 @@ class Sandbox:
         return self._answer(phase)
 
     def _answer(self, phase: str, deadline: float | None = None):
+        """The reply to the last call, or to the start (given its `deadline`: then progress lines may come first,
+        each printed as it comes, one line of at most 300 characters, the deadline holding between them)."""
+        progress = deadline is not None
         deadline = time.monotonic() + self.time_limit if deadline is None else deadline
         while True:
             reply = self._message(phase, deadline)
-            if not (isinstance(reply, tuple) and len(reply) == 2 and reply[0] == PROGRESS
+            if not (progress and isinstance(reply, tuple) and len(reply) == 2 and reply[0] == PROGRESS
                     and isinstance(reply[1], str)):
                 break
-            print(reply[1], end="", file=sys.stderr, flush=True)  # the child's compile, say, as it goes
+            line = reply[1].splitlines()[0][:300] if reply[1].strip() else ""
+            print(line.rstrip(), file=sys.stderr, flush=True)  # the child's compile, say, as it goes
         if not (isinstance(reply, tuple) and len(reply) in (4, 5) and reply[0] in ("ok", "user", "fault")
                 and all(isinstance(x, str) for x in reply[1 if reply[0] != "ok" else 2:])):
             self.kill()
@@ -397,7 +403,7 @@ class Sandbox:
         raise SubmissionFault(f"the submission failed during {phase}: {value}")
 
     def _message(self, phase: str, deadline: float):
-        if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline or not self.conn.poll(max(0.0, deadline - time.monotonic())):
             self.kill()
             raise SubmissionFault(f"the submission did not finish {phase} within the time limit of "
                                   f"{self.time_limit:g} s (--phase-time-limit); it was stopped")
@@ -481,14 +487,19 @@ def _timed_reply(reply, batch: int, new_tokens: int, vocab: int):
 def while_compiling(under, device, work):
     """work() (the reference's expected logits, its compiled engine), on the CPU while an isolated submission's
     process builds and compiles its model (the 2 cores share the two; the compile is not timed), on a GPU after it,
-    so that the compile (its kernels' autotuning, say) has the GPU to itself. The submission is compiled when it
-    returns."""
+    so that the compile (its kernels' autotuning, say) has the GPU to itself. The compile's time limit is extended
+    by work()'s time. The submission is compiled when it returns, on every rank (a checkpoint, before the
+    reference's collectives on a GPU)."""
     if not isinstance(under, IsolatedSubmission):  # --isolation none: built in this process already
         return work()
     if device.type != "cpu":
         under.compiled()
+        shared_value(None, "the submission built")  # (before the reference's collectives: agreed_failure)
+        return work()
+    start = time.monotonic()
     value = work()
-    under.compiled()
+    under.compiled(grace=time.monotonic() - start)
+    shared_value(None, "the submission built")
     return value
 
 
@@ -556,7 +567,7 @@ class IsolatedSubmission:
         self.compile = None
         self.outputs, self.audit, self.flops, self.eos_ids = [], None, None, ()
 
-    def compiled(self) -> None:
+    def compiled(self, grace: float = 0.0) -> None:
         """Waits for the model's build and compile, which the submission's process goes on with once its module is
         loaded (what the harness does meanwhile is the caller's: while_compiling); the calls below wait for it
         first."""
@@ -564,7 +575,7 @@ class IsolatedSubmission:
 
         if self.compile is not None:
             return
-        reply = self.box.compiled()
+        reply = self.box.compiled(grace)
         if not (isinstance(reply, dict) and isinstance(reply.get("compile"), dict)):
             self.box.kill()
             raise SubmissionFault(MALFORMED_START)

@@ -29,7 +29,6 @@ def run_validate(run: RunConfig) -> int:
         shared_value(None, "the submission loaded")  # (every rank's, before the reference runs: agreed_failure)
         expected = while_compiling(under, device, lambda: expected_logits(run, source, req, device, dtype, None,
                                                                           Path.cwd())[0])
-        shared_value(None, "the submission built")
         v = under.validate(expected, req, source.tokenizer)
     except SubmissionFault as e:
         failure = e
