@@ -337,8 +337,9 @@ def test_library_products_hidden_in_an_unregistered_op_count_as_the_library_s():
         assert hidden > 0 and c["credited_kernel_macs_per_run"] == max(0, c["kernel_macs_per_run"] - hidden)
     assert flops["kernel_macs"] < 0.6 * flops["by_op"]["team_cheat.head.default"]
 
-def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation():
-    code, out, err = evaluate("malformed_start", "--skip-accuracy")
+@pytest.mark.parametrize("module", ["malformed_start", "malformed_compiled"])
+def test_a_malformed_answer_to_the_load_and_compile_step_fails_the_evaluation(module):
+    code, out, err = evaluate(module, "--skip-accuracy")
     assert code == 1, out + err
     assert "evaluation failed: the submission's process sent a malformed reply during load and compile" in out
     assert float(records()[-1]["final_score"]) == 0
