@@ -384,8 +384,8 @@ class Sandbox:
             if not (progress and isinstance(reply, tuple) and len(reply) == 2 and reply[0] == PROGRESS
                     and isinstance(reply[1], str)):
                 break
-            line = reply[1].splitlines()[0][:300] if reply[1].strip() else ""
-            print(line.rstrip(), file=sys.stderr, flush=True)  # the child's compile, say, as it goes
+            line = (reply[1].splitlines() or [""])[0][:300].rstrip()
+            print(line, file=sys.stderr, flush=True)  # the child's compile, say, as it goes
         if not (isinstance(reply, tuple) and len(reply) in (4, 5) and reply[0] in ("ok", "user", "fault")
                 and all(isinstance(x, str) for x in reply[1 if reply[0] != "ok" else 2:])):
             self.kill()
